@@ -1,0 +1,117 @@
+//! Pieces every subcommand shares: logging, the stackerfile arguments, substitutions,
+//! and printing diagnostics.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use farm_stackerfile::{Diagnostic, Substitutions};
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FARM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Which stackerfile to read, and the substitutions to apply to it.
+#[derive(Debug, Clone, Args)]
+pub struct StackerfileArgs {
+    /// The stackerfile [default: stacker.yaml]
+    #[arg(value_name = "FILE", conflicts_with = "stacker_file")]
+    pub file: Option<PathBuf>,
+
+    /// The stackerfile (stacker's spelling of FILE)
+    #[arg(short = 'f', long = "stacker-file", value_name = "FILE")]
+    pub stacker_file: Option<PathBuf>,
+
+    /// Replace ${{NAME}} in the stackerfiles with VALUE (repeatable; VALUE may contain
+    /// '=' and ','). Wins over --substitute-file.
+    #[arg(long = "substitute", value_name = "NAME=VALUE")]
+    pub substitute: Vec<String>,
+
+    /// A YAML file of NAME: VALUE substitutions.
+    #[arg(long = "substitute-file", value_name = "FILE")]
+    pub substitute_file: Option<PathBuf>,
+}
+
+impl StackerfileArgs {
+    pub fn path(&self) -> PathBuf {
+        self.stacker_file
+            .clone()
+            .or_else(|| self.file.clone())
+            .unwrap_or_else(|| PathBuf::from("stacker.yaml"))
+    }
+
+    /// The substitution set: --substitute, then --substitute-file, then built-ins.
+    pub fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
+        let mut subs = Substitutions::default();
+        for arg in &self.substitute {
+            subs.cli.push(Substitutions::parse_cli(arg)?);
+        }
+        if let Some(file) = &self.substitute_file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading --substitute-file {}", file.display()))?;
+            subs.file = Substitutions::parse_file(&text)
+                .with_context(|| format!("in --substitute-file {}", file.display()))?;
+        }
+        subs.builtins = layout.builtins();
+        Ok(subs)
+    }
+}
+
+/// Where farm keeps its state and output on this machine.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub state_dir: PathBuf,
+    pub pool: PathBuf,
+    pub output: PathBuf,
+}
+
+impl Layout {
+    pub fn new(state_dir: Option<PathBuf>, pool: Option<PathBuf>, output: Option<PathBuf>) -> Self {
+        let state_dir = state_dir.unwrap_or_else(default_state_dir);
+        Layout {
+            pool: pool.unwrap_or_else(|| state_dir.join("pool")),
+            output: output.unwrap_or_else(|| PathBuf::from("oci")),
+            state_dir,
+        }
+    }
+
+    /// stacker's built-in substitutions, with farm's meanings: the pool holds the root
+    /// filesystems, the state dir is farm's `.stacker`, the output is the OCI layout.
+    fn builtins(&self) -> Vec<(String, String)> {
+        let abs = |p: &Path| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string()
+        };
+        vec![
+            ("STACKER_ROOTFS_DIR".into(), abs(&self.pool)),
+            ("STACKER_STACKER_DIR".into(), abs(&self.state_dir)),
+            ("STACKER_OCI_DIR".into(), abs(&self.output)),
+            ("STACKER_WORK_DIR".into(), abs(&self.state_dir)),
+        ]
+    }
+}
+
+/// `$XDG_DATA_HOME/farm`, else `~/.local/share/farm`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("farm");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(h).join(".local/share/farm");
+    }
+    PathBuf::from(".farm")
+}
+
+/// Print diagnostics to stderr, one block each.
+pub fn print_diagnostics(diags: &[Diagnostic]) {
+    for d in diags {
+        eprintln!("{d}");
+    }
+}

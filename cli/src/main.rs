@@ -1,0 +1,48 @@
+//! `farm`: build OCI images from stackerfiles, rootless, on one machine or on a farm.
+//!
+//! This binary is the user's door: it parses arguments, runs the embedded coordinator and
+//! worker when no coordinator is configured, and shows progress. The language lives in
+//! `farm-stackerfile`, planning and scheduling in `farm-coordinator`, building in
+//! `farm-worker`; nothing here duplicates them.
+
+mod cmd;
+mod common;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Build OCI images from stackerfiles, rootless, on one machine or on a build farm.
+///
+/// farm reads the stackerfiles you already use with stacker (layers with `from`,
+/// `imports`, `run`, ...) and turns them into a DAG of image builds.
+#[derive(Debug, Parser)]
+#[command(name = "farm", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    after_help = "Start with `farm plan stacker.yaml` to see what would be built.\n\
+Set FARM_LOG=debug for detailed logs."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Plan(cmd::plan::PlanArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    common::init_logging();
+    let result = match cli.command {
+        Command::Plan(args) => cmd::plan::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Loading a stackerfile and its prerequisites (recursively, relative to the file that
+//! names them) into one list of layers, with the file DAG checked for cycles.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use crate::diag::{Diagnostic, Pos, Reporter, Severity, SourceMap};
+use crate::model::Layer;
+use crate::parse::{ParsedFile, parse_file};
+use crate::subst::{Substitutions, substitute};
+use crate::yaml;
+
+/// Reads stackerfiles. The default reads the local filesystem; the CLI and the
+/// coordinator can supply files from elsewhere (uploaded, fetched over http).
+pub trait FileSource {
+    fn read(&self, path: &Path) -> std::io::Result<String>;
+    /// A stable identity for a path (to find the same file reached by two routes).
+    fn identity(&self, path: &Path) -> PathBuf {
+        normalize(path)
+    }
+}
+
+/// Reads from the local filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalFiles;
+
+impl FileSource for LocalFiles {
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+    fn identity(&self, path: &Path) -> PathBuf {
+        std::fs::canonicalize(path).unwrap_or_else(|_| normalize(path))
+    }
+}
+
+/// One loaded stackerfile.
+#[derive(Debug, Clone)]
+pub struct LoadedFile {
+    /// The path as the loader reached it (the entry file as given, prerequisites joined
+    /// onto the directory of the file that names them).
+    pub path: PathBuf,
+    /// The text after substitution (what stacker records in the stacker_yaml annotation).
+    pub substituted: String,
+    /// Indexes (into [`Loaded::files`]) of its direct prerequisites.
+    pub prerequisites: Vec<usize>,
+}
+
+/// All files and layers loaded together.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// Files in load order: every file after all of its prerequisites.
+    pub files: Vec<LoadedFile>,
+    /// Layers in load order, each with the index of its file.
+    pub layers: Vec<(usize, Layer)>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Errors from loading or planning: every problem found, in file order.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", render(.diagnostics))]
+pub struct PlanError {
+    pub diagnostics: Vec<Diagnostic>,
+    /// Warnings found on the way, for the caller to show as well.
+    pub warnings: Vec<Diagnostic>,
+}
+
+fn render(diags: &[Diagnostic]) -> String {
+    diags
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Lexically normalise a path (`a/./b/../c` -> `a/c`) without touching the filesystem.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+struct Loader<'s> {
+    source: &'s dyn FileSource,
+    subs: &'s Substitutions,
+    loaded: Loaded,
+    errors: Vec<Diagnostic>,
+    /// identity -> index in loaded.files (once finished)
+    done: HashMap<PathBuf, usize>,
+    /// files being loaded (for cycle detection), with their display paths
+    stack: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Load `entry` and, recursively, its prerequisites.
+pub fn load(
+    entry: &Path,
+    subs: &Substitutions,
+    source: &dyn FileSource,
+) -> Result<Loaded, PlanError> {
+    let mut loader = Loader {
+        source,
+        subs,
+        loaded: Loaded::default(),
+        errors: Vec::new(),
+        done: HashMap::new(),
+        stack: Vec::new(),
+    };
+    loader.load_file(entry, None);
+    if loader.errors.is_empty() {
+        loader.check_duplicates();
+    }
+    if loader.errors.is_empty() {
+        Ok(loader.loaded)
+    } else {
+        Err(PlanError {
+            diagnostics: loader.errors,
+            warnings: loader.loaded.warnings,
+        })
+    }
+}
+
+impl Loader<'_> {
+    /// Load one file; `named_by` is (file, position) of the prerequisite entry naming it.
+    fn load_file(&mut self, path: &Path, named_by: Option<(&Path, Pos)>) -> Option<usize> {
+        let display = normalize(path);
+        let id = self.source.identity(path);
+        if let Some(&i) = self.done.get(&id) {
+            return Some(i);
+        }
+        if let Some(start) = self.stack.iter().position(|(sid, _)| *sid == id) {
+            let mut cycle: Vec<String> = self.stack[start..]
+                .iter()
+                .map(|(_, d)| d.display().to_string())
+                .collect();
+            cycle.push(display.display().to_string());
+            let (file, pos) = named_by.map_or((display.clone(), Pos::default()), |(f, p)| {
+                (f.to_path_buf(), p)
+            });
+            self.errors.push(Diagnostic {
+                severity: Severity::Error,
+                file,
+                pos,
+                layer: None,
+                message: format!("prerequisite cycle: {}", cycle.join(" -> ")),
+                help: Some("prerequisites must form a DAG; remove one of these entries".into()),
+            });
+            return None;
+        }
+        let text = match self.source.read(path) {
+            Ok(t) => t,
+            Err(e) => {
+                let (file, pos, what) = match named_by {
+                    Some((f, p)) => (f.to_path_buf(), p, "prerequisite "),
+                    None => (display.clone(), Pos::default(), ""),
+                };
+                let help = if e.kind() == std::io::ErrorKind::NotFound {
+                    Some(match named_by {
+                        Some(_) => "prerequisite paths are relative to the file that names them"
+                            .to_string(),
+                        None => "pass the stackerfile as an argument or with -f FILE".to_string(),
+                    })
+                } else {
+                    None
+                };
+                self.errors.push(Diagnostic {
+                    severity: Severity::Error,
+                    file,
+                    pos,
+                    layer: None,
+                    message: format!("cannot read {what}stackerfile {}: {e}", display.display()),
+                    help,
+                });
+                return None;
+            }
+        };
+        self.stack.push((id.clone(), display.clone()));
+
+        let (substituted, map, problems) = substitute(&text, self.subs);
+        let mut diags = Vec::new();
+        for p in problems {
+            diags.push(Diagnostic {
+                severity: if p.warning {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                },
+                file: display.clone(),
+                pos: map.pos_original(p.at),
+                layer: None,
+                message: p.message,
+                help: p.help,
+            });
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let parsed = if diags.iter().any(|d| d.severity == Severity::Error) {
+            ParsedFile::default()
+        } else {
+            self.parse(&substituted, &map, &display, &dir, &mut diags)
+        };
+        let failed = diags.iter().any(|d| d.severity == Severity::Error);
+        for d in diags {
+            match d.severity {
+                Severity::Error => self.errors.push(d),
+                Severity::Warning => self.loaded.warnings.push(d),
+            }
+        }
+
+        let mut prereqs = Vec::new();
+        if !failed {
+            for p in &parsed.prerequisites {
+                if let Some(i) = self.load_file(&p.path, Some((&display, p.pos))) {
+                    if !prereqs.contains(&i) {
+                        prereqs.push(i);
+                    }
+                }
+            }
+        }
+        self.stack.pop();
+        let index = self.loaded.files.len();
+        self.loaded.files.push(LoadedFile {
+            path: display,
+            substituted,
+            prerequisites: prereqs,
+        });
+        self.done.insert(id, index);
+        for layer in parsed.layers {
+            self.loaded.layers.push((index, layer));
+        }
+        Some(index)
+    }
+
+    fn parse(
+        &self,
+        text: &str,
+        map: &SourceMap,
+        display: &Path,
+        dir: &Path,
+        diags: &mut Vec<Diagnostic>,
+    ) -> ParsedFile {
+        let root = match yaml::parse(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let help = e.related.map(|r| {
+                    let p = map.pos(r);
+                    format!(
+                        "the first one is at {}:{}:{}",
+                        display.display(),
+                        p.line,
+                        p.col
+                    )
+                });
+                diags.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: display.to_path_buf(),
+                    pos: map.pos(e.at),
+                    layer: None,
+                    message: format!("YAML: {}", e.message),
+                    help,
+                });
+                return ParsedFile::default();
+            }
+        };
+        let mut rep = Reporter {
+            file: display,
+            map,
+            out: diags,
+        };
+        parse_file(root.as_ref(), dir, &mut rep)
+    }
+
+    fn check_duplicates(&mut self) {
+        let mut seen: HashMap<&str, &Layer> = HashMap::new();
+        for (_, layer) in &self.loaded.layers {
+            if let Some(first) = seen.get(layer.name.as_str()) {
+                let same_file = first.file == layer.file;
+                self.errors.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: layer.file.clone(),
+                    pos: layer.pos,
+                    layer: Some(layer.name.clone()),
+                    message: if same_file {
+                        format!(
+                            "layer '{}' is defined twice in {}",
+                            layer.name,
+                            layer.file.display()
+                        )
+                    } else {
+                        format!(
+                            "layer '{}' is defined in both {} and {}",
+                            layer.name,
+                            first.file.display(),
+                            layer.file.display()
+                        )
+                    },
+                    help: Some(format!(
+                        "the first definition is at {}:{}:{}; layer names must be unique \
+                         across a stackerfile and its prerequisites",
+                        first.file.display(),
+                        first.pos.line,
+                        first.pos.col
+                    )),
+                });
+            } else {
+                seen.insert(&layer.name, layer);
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The typed form of a stackerfile layer, after substitution and validation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::diag::Pos;
+
+/// One layer (one image) of a stackerfile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    pub name: String,
+    /// The stackerfile it was defined in (as the loader was given it).
+    pub file: PathBuf,
+    /// Directory that relative paths of this layer resolve against.
+    pub dir: PathBuf,
+    pub pos: Pos,
+    pub from: Base,
+    /// Where `from` is written (for errors about the base).
+    pub from_pos: Pos,
+    pub imports: Vec<Import>,
+    /// True when the deprecated `import` key was used: files appear under `/stacker/`.
+    pub legacy_import: bool,
+    /// The `run` script, list items joined by newlines.
+    pub run: Option<String>,
+    pub cmd: Option<Vec<String>>,
+    pub entrypoint: Option<Vec<String>>,
+    pub full_command: Option<Vec<String>>,
+    pub environment: BTreeMap<String, String>,
+    pub build_env: BTreeMap<String, String>,
+    /// Anchored regexes; `None` means stacker's default list.
+    pub build_env_passthrough: Option<Vec<String>>,
+    pub volumes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub generate_labels: Option<String>,
+    pub working_dir: Option<String>,
+    pub runtime_user: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+    pub build_only: bool,
+    pub binds: Vec<Bind>,
+    pub overlay_dirs: Vec<OverlayDir>,
+    pub os: Option<String>,
+    pub arch: Option<String>,
+}
+
+/// Default `build_env_passthrough` (stacker's): proxies, TERM, SOURCE_DATE_EPOCH.
+pub const DEFAULT_PASSTHROUGH: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "NO_PROXY",
+    "TERM",
+    "SOURCE_DATE_EPOCH",
+];
+
+/// The PATH added to the image config when neither the base nor the layer sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `from`: what a layer starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Base {
+    /// `docker://host[:port]/repo:tag` or `...@sha256:...`.
+    Docker {
+        url: String,
+        insecure: bool,
+    },
+    /// A local OCI layout `path:tag`, kept as written: the split between path and tag
+    /// needs the filesystem (the tag may contain `:`), so the engine does it.
+    Oci {
+        url: String,
+    },
+    /// A tarball that, with the `run` changes, forms one layer.
+    Tar {
+        source: Source,
+    },
+    /// Another layer of this file or a prerequisite.
+    Built {
+        tag: String,
+    },
+    Scratch,
+}
+
+impl Base {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Base::Docker { .. } => "docker",
+            Base::Oci { .. } => "oci",
+            Base::Tar { .. } => "tar",
+            Base::Built { .. } => "built",
+            Base::Scratch => "scratch",
+        }
+    }
+}
+
+/// Where an import or tar base comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A local path: `written` as in the file, `path` resolved against the file's directory.
+    Local {
+        written: String,
+        path: PathBuf,
+    },
+    Http {
+        url: String,
+    },
+    /// `stacker://LAYER/PATH`: a path inside another layer's result.
+    Layer {
+        layer: String,
+        path: String,
+    },
+}
+
+impl Source {
+    /// The layer this source depends on, if any.
+    pub fn layer(&self) -> Option<&str> {
+        match self {
+            Source::Layer { layer, .. } => Some(layer),
+            _ => None,
+        }
+    }
+
+    /// The source as written in the stackerfile.
+    pub fn written(&self) -> String {
+        match self {
+            Source::Local { written, .. } => written.clone(),
+            Source::Http { url } => url.clone(),
+            Source::Layer { layer, path } => format!("stacker://{layer}/{path}"),
+        }
+    }
+}
+
+/// One entry of `imports`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Import {
+    pub source: Source,
+    /// Lower-case sha256 hex, when given.
+    pub hash: Option<String>,
+    /// Absolute path in the image; `None`: only under `/stacker/imports` during `run`.
+    pub dest: Option<String>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub pos: Pos,
+}
+
+/// A host path bind-mounted during `run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The source as written.
+    pub written: String,
+    pub source: PathBuf,
+    pub dest: String,
+}
+
+/// A directory whose contents form an extra layer at `dest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayDir {
+    pub written: String,
+    pub source: PathBuf,
+    pub dest: String,
+}
+
+impl Layer {
+    /// Names of the layers this one needs built first: its `built` base and every
+    /// `stacker://` reference (imports and tar base URL), in order, without repeats.
+    pub fn dependencies(&self) -> Vec<&str> {
+        let base = match &self.from {
+            Base::Built { tag } => Some(tag.as_str()),
+            Base::Tar { source } => source.layer(),
+            _ => None,
+        };
+        let mut out: Vec<&str> = Vec::new();
+        for name in base
+            .into_iter()
+            .chain(self.imports.iter().filter_map(|i| i.source.layer()))
+        {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+}
