@@ -40,3 +40,6 @@ pub const BUILTIN_SUBSTITUTIONS: &[&str] = &[
     "STACKER_OCI_DIR",
     "STACKER_WORK_DIR",
 ];
+
+#[cfg(test)]
+mod tests;

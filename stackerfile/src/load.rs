@@ -78,11 +78,14 @@ pub fn normalize(path: &Path) -> PathBuf {
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
                 }
-            }
+                // `/..` is `/`; a leading `..` must stay.
+                Some(Component::RootDir) => {}
+                _ => out.push(".."),
+            },
             other => out.push(other.as_os_str()),
         }
     }
@@ -203,7 +206,7 @@ impl Loader<'_> {
                 help: p.help,
             });
         }
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = display.parent().map(Path::to_path_buf).unwrap_or_default();
         let parsed = if diags.iter().any(|d| d.severity == Severity::Error) {
             ParsedFile::default()
         } else {
@@ -220,10 +223,10 @@ impl Loader<'_> {
         let mut prereqs = Vec::new();
         if !failed {
             for p in &parsed.prerequisites {
-                if let Some(i) = self.load_file(&p.path, Some((&display, p.pos))) {
-                    if !prereqs.contains(&i) {
-                        prereqs.push(i);
-                    }
+                if let Some(i) = self.load_file(&p.path, Some((&display, p.pos)))
+                    && !prereqs.contains(&i)
+                {
+                    prereqs.push(i);
                 }
             }
         }
@@ -315,6 +318,25 @@ impl Loader<'_> {
             } else {
                 seen.insert(&layer.name, layer);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn normalize_keeps_leading_parents() {
+        for (a, b) in [
+            ("../../x/y.yaml", "../../x/y.yaml"),
+            ("a/../../b", "../b"),
+            ("a/./b/../c", "a/c"),
+            ("/../a", "/a"),
+            ("./", "."),
+        ] {
+            assert_eq!(normalize(Path::new(a)), PathBuf::from(b), "{a}");
         }
     }
 }

@@ -255,8 +255,9 @@ impl Cx<'_, '_> {
                 "from" => {
                     from_seen = true;
                     layer.from_pos = self.rep.at(v.at);
-                    if let Some(base) = self.from(v) {
+                    if let Some((base, at)) = self.from(v) {
                         layer.from = base;
+                        layer.from_pos = self.rep.at(at);
                     }
                 }
                 "imports" => {
@@ -296,8 +297,9 @@ impl Cx<'_, '_> {
                 "os" | "arch" => {
                     let s = self.string(key, v);
                     if s.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                        // An empty value has no position of its own: point at the key.
                         self.err(
-                            v.at,
+                            if v.is_null() { k.at } else { v.at },
                             format!("'{key}' must not be empty"),
                             Some(if key == "os" {
                                 "for example: os: linux".into()
@@ -363,7 +365,8 @@ impl Cx<'_, '_> {
         ok.then_some(layer)
     }
 
-    fn from(&mut self, node: &Node) -> Option<Base> {
+    /// The base, and where its reference (url or tag value) is written.
+    fn from(&mut self, node: &Node) -> Option<(Base, usize)> {
         let Kind::Map(entries) = &node.kind else {
             self.wrong_type(
                 "from",
@@ -383,7 +386,7 @@ impl Cx<'_, '_> {
             match key {
                 "type" => type_node = Some(v),
                 "url" => url = self.string("from.url", v).map(|s| (s, v.at)),
-                "tag" => tag = self.string("from.tag", v).map(|s| (s, v)),
+                "tag" => tag = self.string("from.tag", v).map(|s| (s, v.at)),
                 "insecure" => insecure = self.boolean("from.insecure", v).unwrap_or(false),
                 other => {
                     let help = match suggest(other, FROM_KEYS.iter().copied()) {
@@ -446,23 +449,23 @@ impl Cx<'_, '_> {
                     );
                     return None;
                 }
-                Some(Base::Docker { url, insecure })
+                Some((Base::Docker { url, insecure }, url_at))
             }
             "oci" => {
                 ignored(&["url"], self);
-                let (url, _) = need_url(self, url, "path/to/layout:tag")?;
-                Some(Base::Oci { url })
+                let (url, url_at) = need_url(self, url, "path/to/layout:tag")?;
+                Some((Base::Oci { url }, url_at))
             }
             "tar" => {
                 ignored(&["url"], self);
                 let (url, url_at) = need_url(self, url, "rootfs.tar.gz")?;
                 let source = self.source(&url, url_at)?;
-                Some(Base::Tar { source })
+                Some((Base::Tar { source }, url_at))
             }
             "built" => {
                 ignored(&["tag"], self);
                 match tag {
-                    Some((t, _)) if !t.is_empty() => Some(Base::Built { tag: t }),
+                    Some((t, at)) if !t.is_empty() => Some((Base::Built { tag: t }, at)),
                     _ => {
                         self.err(
                             node.at,
@@ -477,7 +480,7 @@ impl Cx<'_, '_> {
             }
             "scratch" => {
                 ignored(&[], self);
-                Some(Base::Scratch)
+                Some((Base::Scratch, node.at))
             }
             other => {
                 let help = match suggest(other, FROM_TYPES.iter().copied()) {

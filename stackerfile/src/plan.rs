@@ -242,10 +242,9 @@ fn visibility(files: &[LoadedFile]) -> Vec<Vec<bool>> {
     for f in 0..n {
         visible[f][f] = true;
         for &p in &files[f].prerequisites {
-            for g in 0..n {
-                if visible[p][g] {
-                    visible[f][g] = true;
-                }
+            let from_p = visible[p].clone();
+            for (seen, via) in visible[f].iter_mut().zip(from_p) {
+                *seen |= via;
             }
         }
     }

@@ -219,15 +219,19 @@ impl MarkedEventReceiver for Builder {
                         entries,
                         ..
                     }) => match merge_and_check(entries) {
+                        // A block mapping's start marker sits after its first key; the key
+                        // itself is where a reader looks.
                         Ok(entries) => (
                             Node {
+                                at: entries.first().map_or(at, |(k, _)| k.at.min(at)),
                                 kind: Kind::Map(entries),
-                                at,
                             },
                             anchor,
                         ),
                         Err(e) => {
-                            self.fail(e.at, e.message);
+                            if self.error.is_none() {
+                                self.error = Some(e);
+                            }
                             return;
                         }
                     },
@@ -345,6 +349,18 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn block_mappings_start_at_their_first_key() {
+        let text = "a:\n  - k: 1\n    j: 2\nb:\n  type: x\n";
+        let n = root(text);
+        let Kind::Seq(items) = &n.get("a").unwrap().kind else {
+            panic!()
+        };
+        assert_eq!(&text[items[0].at..items[0].at + 1], "k");
+        let b = n.get("b").unwrap();
+        assert_eq!(&text[b.at..b.at + 4], "type");
     }
 
     #[test]
