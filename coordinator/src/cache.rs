@@ -1,0 +1,305 @@
+//! Cache keys and the action cache.
+//!
+//! A layer's key covers everything that decides its result: the canonical definition
+//! (`farm-stackerfile`), the base (the base layer's own key for `built`, the tarball's
+//! digest for `tar`, the manifest digest for `oci`/`docker`), the content digest of every
+//! import (with or without `dest`, `stacker://` included) and `overlay_dirs` entry,
+//! `SOURCE_DATE_EPOCH`, the platform, the values of passthrough variables that reach the
+//! build, and the compression (it changes blob digests). stacker misses `dest` imports and
+//! `stacker://` contents; farm does not.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// Bump when the key's composition changes.
+const KEY_VERSION: u32 = 1;
+
+/// What a layer's base contributes to its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "id", rename_all = "lowercase")]
+pub enum BaseKey {
+    Scratch,
+    /// The base layer's cache key.
+    Built(String),
+    /// The tarball's content digest.
+    Tar(String),
+    /// The manifest digest of a local OCI layout's image.
+    Oci(String),
+    /// The manifest digest a registry tag resolved to.
+    Docker(String),
+}
+
+/// Everything that enters a layer's cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyInputs {
+    pub definition_digest: String,
+    pub base: BaseKey,
+    /// Content digests, in import order.
+    pub imports: Vec<String>,
+    pub overlay_dirs: Vec<String>,
+    pub source_date_epoch: Option<String>,
+    /// `os/arch`.
+    pub platform: String,
+    /// Passthrough variables that reach `run`, with their values.
+    pub passthrough: BTreeMap<String, String>,
+    pub compression: String,
+}
+
+impl KeyInputs {
+    /// `sha256:<hex>` of the inputs.
+    pub fn key(&self) -> String {
+        #[derive(Serialize)]
+        struct Versioned<'a> {
+            version: u32,
+            inputs: &'a KeyInputs,
+        }
+        let json = serde_json::to_vec(&Versioned {
+            version: KEY_VERSION,
+            inputs: self,
+        })
+        .expect("strings and maps always serialise");
+        format!("sha256:{}", hex::encode(Sha256::digest(&json)))
+    }
+}
+
+/// One layer blob of a cached result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedBlob {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    /// sha256 of the uncompressed tar.
+    pub diff_id: String,
+}
+
+/// A built layer (an image without its manifest, which is assembled per build because
+/// its annotations name the build's stackerfile).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedLayer {
+    pub config_digest: String,
+    pub config_size: u64,
+    /// All layers of the image, base first.
+    pub layers: Vec<CachedBlob>,
+    /// ChainID of the image's root filesystem (the pool keeps chains by it).
+    pub chain_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("action cache {path}: {source}")]
+    Db { path: String, source: sqlx::Error },
+    #[error("action cache entry {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// The action cache: cache key -> built layer, in SQLite (restart loses nothing; several
+/// processes may share it: WAL mode and a busy timeout).
+#[derive(Debug, Clone)]
+pub struct ActionCache {
+    pool: SqlitePool,
+    path: String,
+}
+
+impl ActionCache {
+    pub async fn open(path: &Path) -> Result<Self, CacheError> {
+        let shown = path.display().to_string();
+        let db = |source| CacheError::Db {
+            path: shown.clone(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{shown}"))
+            .map_err(db)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(db)?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS action_cache (
+                key TEXT PRIMARY KEY,
+                value TEXT NOT NULL,
+                created INTEGER NOT NULL,
+                last_used INTEGER NOT NULL
+            )",
+        )
+        .execute(&pool)
+        .await
+        .map_err(db)?;
+        Ok(ActionCache { pool, path: shown })
+    }
+
+    fn err(&self, source: sqlx::Error) -> CacheError {
+        CacheError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<CachedLayer>, CacheError> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM action_cache WHERE key = ?1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        let Some((value,)) = row else {
+            return Ok(None);
+        };
+        sqlx::query("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")
+            .bind(key)
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        serde_json::from_str(&value)
+            .map(Some)
+            .map_err(|source| CacheError::Corrupt {
+                key: key.to_string(),
+                source,
+            })
+    }
+
+    pub async fn put(&self, key: &str, value: &CachedLayer) -> Result<(), CacheError> {
+        let json = serde_json::to_string(value).expect("plain data always serialises");
+        sqlx::query(
+            "INSERT INTO action_cache (key, value, created, last_used) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value, last_used = excluded.last_used",
+        )
+        .bind(key)
+        .bind(json)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, key: &str) -> Result<(), CacheError> {
+        sqlx::query("DELETE FROM action_cache WHERE key = ?1")
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub async fn len(&self) -> Result<u64, CacheError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM action_cache")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
+    }
+
+    /// Remove every entry (`farm clean`, `--no-cache` does not need this).
+    pub async fn clear(&self) -> Result<(), CacheError> {
+        sqlx::query("DELETE FROM action_cache")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> KeyInputs {
+        KeyInputs {
+            definition_digest: "sha256:aa".into(),
+            base: BaseKey::Scratch,
+            imports: vec!["sha256:11".into()],
+            overlay_dirs: vec![],
+            source_date_epoch: None,
+            platform: "linux/amd64".into(),
+            passthrough: BTreeMap::new(),
+            compression: "gzip".into(),
+        }
+    }
+
+    #[test]
+    fn every_input_changes_the_key() {
+        let k = inputs().key();
+        assert!(k.starts_with("sha256:") && k.len() == 71);
+        assert_eq!(inputs().key(), k);
+        let mut variants = Vec::new();
+        let mut i = inputs();
+        i.definition_digest = "sha256:bb".into();
+        variants.push(i);
+        let mut i = inputs();
+        i.base = BaseKey::Built("sha256:aa".into());
+        variants.push(i);
+        let mut i = inputs();
+        i.base = BaseKey::Tar("sha256:aa".into());
+        variants.push(i);
+        let mut i = inputs();
+        i.imports = vec!["sha256:12".into()];
+        variants.push(i);
+        let mut i = inputs();
+        i.overlay_dirs = vec!["sha256:12".into()];
+        variants.push(i);
+        let mut i = inputs();
+        i.source_date_epoch = Some("0".into());
+        variants.push(i);
+        let mut i = inputs();
+        i.platform = "linux/arm64".into();
+        variants.push(i);
+        let mut i = inputs();
+        i.passthrough.insert("TERM".into(), "xterm".into());
+        variants.push(i);
+        let mut i = inputs();
+        i.compression = "zstd".into();
+        variants.push(i);
+        let keys: Vec<String> = variants.iter().map(KeyInputs::key).collect();
+        for (n, key) in keys.iter().enumerate() {
+            assert_ne!(key, &k, "variant {n}");
+            assert!(!keys[..n].contains(key), "variant {n} collides");
+        }
+    }
+
+    #[tokio::test]
+    async fn cache_round_trip_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("cache.db");
+        let value = CachedLayer {
+            config_digest: "sha256:cc".into(),
+            config_size: 10,
+            layers: vec![CachedBlob {
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                digest: "sha256:dd".into(),
+                size: 5,
+                diff_id: "sha256:ee".into(),
+            }],
+            chain_id: "sha256:ee".into(),
+        };
+        {
+            let c = ActionCache::open(&path).await.unwrap();
+            assert_eq!(c.get("k").await.unwrap(), None);
+            c.put("k", &value).await.unwrap();
+            c.put("k", &value).await.unwrap();
+            assert_eq!(c.len().await.unwrap(), 1);
+        }
+        let c = ActionCache::open(&path).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(value));
+        c.remove("k").await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), None);
+    }
+}

@@ -1,0 +1,252 @@
+//! Pinning local inputs to content digests: import files and directories, tarballs,
+//! `overlay_dirs`. These digests enter cache keys, so a changed import always rebuilds
+//! (stacker issues 70 and 55) and an unchanged one never does, whatever its mtime.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+/// Errors pinning an input.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("import '{written}': {path} does not exist")]
+    Missing { written: String, path: PathBuf },
+    #[error("import '{written}': cannot read {path}: {source}")]
+    Io {
+        written: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "import '{written}' resolves to {resolved}, outside the build context {context}; \
+         imports must stay inside the directory tree you build from (pass \
+         --allow-outside-context to allow it)"
+    )]
+    OutsideContext {
+        written: String,
+        resolved: PathBuf,
+        context: PathBuf,
+    },
+    #[error("import '{written}': hash mismatch: expected sha256:{expected}, got sha256:{actual}")]
+    HashMismatch {
+        written: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("import '{written}': 'hash' applies to files, but {path} is a directory")]
+    HashOnDirectory { written: String, path: PathBuf },
+}
+
+/// What a local path is, with its content digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedPath {
+    /// The path after resolving symlinks (what will be copied).
+    pub resolved: PathBuf,
+    pub is_dir: bool,
+    /// `sha256:<hex>`: of the bytes for a file; of a canonical listing for a directory.
+    pub digest: String,
+    /// For a file, the sha256 hex of its bytes (what `hash:` is compared against).
+    pub file_sha256: Option<String>,
+    pub bytes: u64,
+}
+
+/// Pin a local import: check it exists and stays inside `context` (when given), check
+/// `hash` (files), and compute its content digest.
+pub fn pin_local(
+    written: &str,
+    path: &Path,
+    context: Option<&Path>,
+    expected_hash: Option<&str>,
+) -> Result<PinnedPath, InputError> {
+    let io_err = |source: io::Error| InputError::Io {
+        written: written.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let resolved = match fs::canonicalize(path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(InputError::Missing {
+                written: written.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    if let Some(context) = context {
+        let context = fs::canonicalize(context).map_err(io_err)?;
+        if !resolved.starts_with(&context) {
+            return Err(InputError::OutsideContext {
+                written: written.to_string(),
+                resolved,
+                context,
+            });
+        }
+    }
+    let meta = fs::metadata(&resolved).map_err(io_err)?;
+    if meta.is_dir() {
+        if expected_hash.is_some() {
+            return Err(InputError::HashOnDirectory {
+                written: written.to_string(),
+                path: resolved,
+            });
+        }
+        let (digest, bytes) = tree_digest(&resolved).map_err(io_err)?;
+        return Ok(PinnedPath {
+            resolved,
+            is_dir: true,
+            digest,
+            file_sha256: None,
+            bytes,
+        });
+    }
+    let (hex, bytes) = file_sha256(&resolved).map_err(io_err)?;
+    if let Some(expected) = expected_hash
+        && !expected.eq_ignore_ascii_case(&hex)
+    {
+        return Err(InputError::HashMismatch {
+            written: written.to_string(),
+            expected: expected.to_ascii_lowercase(),
+            actual: hex,
+        });
+    }
+    Ok(PinnedPath {
+        resolved,
+        is_dir: false,
+        // The mode matters too: an import is copied with it.
+        digest: format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(
+                format!("file {:o} {hex}", meta.permissions().mode() & 0o7777).as_bytes()
+            ))
+        ),
+        file_sha256: Some(hex),
+        bytes,
+    })
+}
+
+/// sha256 hex of a file's bytes, and its size.
+pub fn file_sha256(path: &Path) -> io::Result<(String, u64)> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((hex::encode(h.finalize()), total))
+}
+
+/// Digest of a directory tree: every entry's relative path, type, permission bits, and
+/// content (file bytes, symlink target), in sorted order. Ownership and mtimes are not
+/// part of it: imports are copied as root unless uid/gid say otherwise, and a fresh
+/// checkout must hit the cache.
+pub fn tree_digest(root: &Path) -> io::Result<(String, u64)> {
+    let mut listing = Sha256::new();
+    let mut bytes = 0u64;
+    walk(root, Path::new(""), &mut listing, &mut bytes)?;
+    Ok((format!("sha256:{}", hex::encode(listing.finalize())), bytes))
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut Sha256, bytes: &mut u64) -> io::Result<()> {
+    let dir = root.join(rel);
+    let mut names: Vec<_> = fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    for name in names {
+        let rel_path = rel.join(&name);
+        let full = root.join(&rel_path);
+        let meta = fs::symlink_metadata(&full)?;
+        let mode = meta.mode() & 0o7777;
+        let ft = meta.file_type();
+        let shown = rel_path.to_string_lossy();
+        if ft.is_symlink() {
+            let target = fs::read_link(&full)?;
+            out.update(format!("l {mode:o} {shown}\0{}\n", target.display()).as_bytes());
+        } else if ft.is_dir() {
+            out.update(format!("d {mode:o} {shown}\n").as_bytes());
+            walk(root, &rel_path, out, bytes)?;
+        } else if ft.is_file() {
+            let (hex, n) = file_sha256(&full)?;
+            *bytes += n;
+            out.update(format!("f {mode:o} {shown}\0{hex}\n").as_bytes());
+        } else {
+            out.update(format!("o {mode:o} {shown}\0{}\n", meta.rdev()).as_bytes());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn file_digest_and_hash_check() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("a.txt");
+        fs::write(&f, "test").unwrap();
+        let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let p = pin_local("a.txt", &f, Some(d.path()), Some(&sha.to_uppercase())).unwrap();
+        assert_eq!(p.file_sha256.as_deref(), Some(sha));
+        assert!(!p.is_dir);
+        let e = pin_local("a.txt", &f, None, Some(&"0".repeat(64))).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("got sha256:{sha}")), "{msg}");
+        assert!(msg.contains("expected sha256:0000"), "{msg}");
+    }
+
+    #[test]
+    fn tree_digest_follows_content_not_mtime() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("t");
+        fs::create_dir_all(t.join("sub")).unwrap();
+        fs::write(t.join("sub/x"), "1").unwrap();
+        symlink("../nowhere", t.join("dangling")).unwrap();
+        let (a, _) = tree_digest(&t).unwrap();
+        // rewrite identical content: same digest
+        fs::write(t.join("sub/x"), "1").unwrap();
+        assert_eq!(tree_digest(&t).unwrap().0, a);
+        fs::write(t.join("sub/x"), "2").unwrap();
+        let (b, _) = tree_digest(&t).unwrap();
+        assert_ne!(a, b);
+        fs::set_permissions(t.join("sub/x"), fs::Permissions::from_mode(0o700)).unwrap();
+        assert_ne!(tree_digest(&t).unwrap().0, b);
+        fs::remove_file(t.join("dangling")).unwrap();
+        symlink("../elsewhere", t.join("dangling")).unwrap();
+        assert_ne!(tree_digest(&t).unwrap().0, b);
+    }
+
+    #[test]
+    fn outside_context_and_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let ctx = d.path().join("ctx");
+        fs::create_dir(&ctx).unwrap();
+        fs::write(d.path().join("secret"), "x").unwrap();
+        symlink("../secret", ctx.join("link")).unwrap();
+        let e = pin_local("link", &ctx.join("link"), Some(&ctx), None).unwrap_err();
+        assert!(matches!(e, InputError::OutsideContext { .. }), "{e}");
+        let e = pin_local("../secret", &ctx.join("../secret"), Some(&ctx), None).unwrap_err();
+        assert!(matches!(e, InputError::OutsideContext { .. }), "{e}");
+        assert!(pin_local("../secret", &ctx.join("../secret"), None, None).is_ok());
+        let e = pin_local("nope", &ctx.join("nope"), Some(&ctx), None).unwrap_err();
+        assert!(e.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn hash_on_a_directory_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let e = pin_local("d", d.path(), None, Some(&"a".repeat(64))).unwrap_err();
+        assert!(matches!(e, InputError::HashOnDirectory { .. }));
+    }
+}
