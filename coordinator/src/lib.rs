@@ -4,6 +4,9 @@
 //! coordinator is the source of truth), pin every input to a digest, compute cache keys
 //! from canonical layer definitions and answer hits from the action cache, schedule ready
 //! layers onto workers with leases and heartbeats, keep state in SQLite, and stream
-//! events and logs to every watcher. Today it re-exports the planner that the CLI's
-//! `farm plan` uses, so that there is one planning code path from the start.
+//! events and logs to every watcher.
+
+pub mod cache;
+pub mod inputs;
+
 pub use farm_stackerfile::{Plan, PlanOptions};
