@@ -6,7 +6,9 @@
 //! layers onto workers with leases and heartbeats, keep state in SQLite, and stream
 //! events and logs to every watcher.
 
+pub mod build;
 pub mod cache;
 pub mod inputs;
+pub mod output;
 
 pub use farm_stackerfile::{Plan, PlanOptions};

@@ -1,0 +1,635 @@
+//! Running a plan: pin inputs, compute cache keys in dependency order, answer hits from
+//! the action cache, and hand the rest to an [`Executor`] as soon as their dependencies
+//! are built, at most `jobs` at a time. A failing layer fails its dependents; independent
+//! layers finish.
+//!
+//! `farm build` runs this with the in-process worker engine as the executor; the farm's
+//! remote workers plug in behind the same trait.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use farm_image::{BlobStore, Digest, OciLayout};
+use farm_stackerfile::{Base, Layer, Plan, Source};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::cache::{ActionCache, BaseKey, CachedBlob, CachedLayer, KeyInputs};
+use crate::inputs::{InputError, pin_local};
+
+/// The base a worker starts a layer from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobBase {
+    Scratch,
+    /// An image whose blobs are in the blob store (a built layer or an OCI layout image).
+    Image(CachedLayer),
+    /// A tarball in the blob store; its contents and the `run` changes form one layer.
+    Tar { digest: String },
+}
+
+/// One import, pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobImport {
+    /// File or directory on this machine.
+    pub path: PathBuf,
+    /// Name under `/stacker/imports` (the source's basename).
+    pub name: String,
+    pub is_dir: bool,
+    /// The source was written with a trailing `/` ("its contents").
+    pub contents_only: bool,
+    pub dest: Option<String>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub digest: String,
+}
+
+/// A layer to build.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub layer: Layer,
+    pub cache_key: String,
+    pub base: JobBase,
+    pub imports: Vec<JobImport>,
+    /// The complete environment of `run`.
+    pub env: Vec<(String, String)>,
+    pub source_date_epoch: Option<u64>,
+    pub compression: String,
+}
+
+/// Builds layers. Implemented by the worker engine (in process) and, later, by the
+/// farm's remote workers.
+pub trait Executor: Send + Sync + 'static {
+    fn execute(
+        &self,
+        job: Job,
+        events: EventSender,
+    ) -> impl Future<Output = Result<CachedLayer, String>> + Send;
+}
+
+/// What happens during a build, for progress displays and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Started { layer: String },
+    Log { layer: String, line: String },
+    Cached { layer: String },
+    Built { layer: String, duration: Duration },
+    Failed { layer: String, error: String },
+    Skipped { layer: String, because: String },
+}
+
+/// Where events go.
+#[derive(Debug, Clone)]
+pub struct EventSender(mpsc::UnboundedSender<Event>);
+
+impl EventSender {
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (EventSender(tx), rx)
+    }
+
+    pub fn send(&self, event: Event) {
+        // A watcher that went away must not stop the build.
+        let _ = self.0.send(event);
+    }
+
+    pub fn log(&self, layer: &str, line: impl Into<String>) {
+        self.send(Event::Log {
+            layer: layer.to_string(),
+            line: line.into(),
+        });
+    }
+}
+
+/// Options of one build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub jobs: usize,
+    pub no_cache: bool,
+    pub compression: String,
+    /// The caller's environment, for `build_env_passthrough`.
+    pub caller_env: Vec<(String, String)>,
+    /// Imports must resolve inside this directory (None: anywhere).
+    pub context: Option<PathBuf>,
+    pub platform: String,
+}
+
+/// How one layer ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Built {
+        result: CachedLayer,
+        cached: bool,
+        duration: Duration,
+    },
+    Failed(String),
+    Skipped(String),
+}
+
+/// The result of a build: one outcome per layer of the plan, in plan order.
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    pub outcomes: Vec<Outcome>,
+}
+
+impl BuildReport {
+    pub fn succeeded(&self) -> bool {
+        self.outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Built { .. }))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("layer '{layer}': {source}")]
+    Input { layer: String, source: InputError },
+    #[error("layer '{layer}': {message}")]
+    Unsupported { layer: String, message: String },
+    #[error("layer '{layer}': base {what}: {source}")]
+    Base {
+        layer: String,
+        what: String,
+        source: farm_image::Error,
+    },
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("blob store: {0}")]
+    Blobs(#[from] farm_image::Error),
+}
+
+/// The environment of `run`: passthrough variables of the caller (stacker's default
+/// list unless the layer gives its own regexes), then `build_env`, then
+/// `STACKER_LAYER_NAME`. Returns the variables and the passthrough part (for the key).
+pub fn run_environment(
+    layer: &Layer,
+    caller_env: &[(String, String)],
+) -> (Vec<(String, String)>, BTreeMap<String, String>) {
+    let patterns: Vec<String> = layer.build_env_passthrough.clone().unwrap_or_else(|| {
+        farm_stackerfile::DEFAULT_PASSTHROUGH
+            .iter()
+            .map(|s| regex_escape(s))
+            .collect()
+    });
+    let regexes: Vec<regex::Regex> = patterns
+        .iter()
+        .filter_map(|p| regex::Regex::new(&format!("^(?:{p})$")).ok())
+        .collect();
+    let mut passthrough = BTreeMap::new();
+    for (k, v) in caller_env {
+        if regexes.iter().any(|r| r.is_match(k)) {
+            passthrough.insert(k.clone(), v.clone());
+        }
+    }
+    let mut env: BTreeMap<String, String> = passthrough.clone();
+    env.entry("PATH".into())
+        .or_insert_with(|| farm_stackerfile::DEFAULT_PATH.to_string());
+    for (k, v) in &layer.build_env {
+        env.insert(k.clone(), v.clone());
+    }
+    env.insert("STACKER_LAYER_NAME".into(), layer.name.clone());
+    (env.into_iter().collect(), passthrough)
+}
+
+fn regex_escape(s: &str) -> String {
+    regex::escape(s)
+}
+
+/// Run `plan` with `executor`, reporting progress to `events`.
+pub async fn run_build<E: Executor>(
+    plan: &Plan,
+    blobs: &BlobStore,
+    cache: &ActionCache,
+    executor: Arc<E>,
+    options: &BuildOptions,
+    events: EventSender,
+) -> Result<BuildReport, BuildError> {
+    let n = plan.layers.len();
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+    let mut keys: Vec<Option<String>> = vec![None; n];
+    let mut started = vec![false; n];
+    let mut running: JoinSet<(usize, Instant, Result<CachedLayer, String>)> = JoinSet::new();
+    let jobs = options.jobs.max(1);
+
+    loop {
+        // Start every layer whose dependencies are done, in plan order, up to `jobs`.
+        let mut progressed = false;
+        for i in 0..n {
+            if started[i] || running.len() >= jobs {
+                continue;
+            }
+            let deps = &plan.layers[i].depends_on;
+            if deps.iter().any(|&d| outcomes[d].is_none()) {
+                continue;
+            }
+            started[i] = true;
+            progressed = true;
+            let name = plan.layers[i].layer.name.clone();
+            if let Some(&d) = deps
+                .iter()
+                .find(|&&d| !matches!(outcomes[d], Some(Outcome::Built { .. })))
+            {
+                let because = format!(
+                    "'{}' did not build",
+                    plan.layers[d].layer.name
+                );
+                events.send(Event::Skipped {
+                    layer: name,
+                    because: because.clone(),
+                });
+                outcomes[i] = Some(Outcome::Skipped(because));
+                continue;
+            }
+            let job = match prepare(plan, i, &outcomes, &keys, blobs, options).await {
+                Ok(job) => job,
+                Err(e) => {
+                    let msg = e.to_string();
+                    events.send(Event::Failed {
+                        layer: name,
+                        error: msg.clone(),
+                    });
+                    outcomes[i] = Some(Outcome::Failed(msg));
+                    continue;
+                }
+            };
+            keys[i] = Some(job.cache_key.clone());
+            let cacheable = job.layer.binds.is_empty() && !options.no_cache;
+            if cacheable
+                && let Some(hit) = cache.get(&job.cache_key).await?
+                && blobs_present(blobs, &hit).await?
+            {
+                events.send(Event::Cached { layer: name });
+                outcomes[i] = Some(Outcome::Built {
+                    result: hit,
+                    cached: true,
+                    duration: Duration::ZERO,
+                });
+                continue;
+            }
+            events.send(Event::Started { layer: name });
+            let executor = executor.clone();
+            let ev = events.clone();
+            running.spawn(async move {
+                let t = Instant::now();
+                let r = executor.execute(job, ev).await;
+                (i, t, r)
+            });
+        }
+        if progressed {
+            continue;
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        let (i, t, result) = match done {
+            Ok(r) => r,
+            Err(e) => {
+                // A panicking executor task: find which layer it was and fail it.
+                let i = (0..n)
+                    .find(|&i| started[i] && outcomes[i].is_none())
+                    .unwrap_or(0);
+                (i, Instant::now(), Err(format!("internal error: {e}")))
+            }
+        };
+        let name = plan.layers[i].layer.name.clone();
+        match result {
+            Ok(result) => {
+                let duration = t.elapsed();
+                if plan.layers[i].layer.binds.is_empty()
+                    && let Some(key) = &keys[i]
+                {
+                    cache.put(key, &result).await?;
+                }
+                events.send(Event::Built {
+                    layer: name,
+                    duration,
+                });
+                outcomes[i] = Some(Outcome::Built {
+                    result,
+                    cached: false,
+                    duration,
+                });
+            }
+            Err(error) => {
+                events.send(Event::Failed {
+                    layer: name,
+                    error: error.clone(),
+                });
+                outcomes[i] = Some(Outcome::Failed(error));
+            }
+        }
+    }
+    Ok(BuildReport {
+        outcomes: outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::Skipped("not reached".into())))
+            .collect(),
+    })
+}
+
+async fn blobs_present(blobs: &BlobStore, layer: &CachedLayer) -> Result<bool, BuildError> {
+    for d in std::iter::once(&layer.config_digest).chain(layer.layers.iter().map(|l| &l.digest)) {
+        let Ok(digest) = Digest::parse(d) else {
+            return Ok(false);
+        };
+        if !blobs.exists(&digest).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Pin a layer's inputs and compute its cache key.
+async fn prepare(
+    plan: &Plan,
+    i: usize,
+    outcomes: &[Option<Outcome>],
+    keys: &[Option<String>],
+    blobs: &BlobStore,
+    options: &BuildOptions,
+) -> Result<Job, BuildError> {
+    let planned = &plan.layers[i];
+    let layer = &planned.layer;
+    let name = layer.name.clone();
+    let (base, base_key) = match &layer.from {
+        Base::Scratch => (JobBase::Scratch, BaseKey::Scratch),
+        Base::Built { tag } => {
+            let d = plan.index_of(tag).expect("the plan resolved every dependency");
+            let Some(Outcome::Built { result, .. }) = &outcomes[d] else {
+                unreachable!("dependencies are built before their dependents")
+            };
+            let key = keys[d].clone().unwrap_or_default();
+            (JobBase::Image(result.clone()), BaseKey::Built(key))
+        }
+        Base::Tar { source } => match source {
+            Source::Local { written, path } => {
+                let pinned = pin_local(written, path, options.context.as_deref(), None)
+                    .map_err(|source| BuildError::Input {
+                        layer: name.clone(),
+                        source,
+                    })?;
+                let digest = store_file(blobs, &pinned.resolved)
+                    .await
+                    .map_err(|source| BuildError::Base {
+                        layer: name.clone(),
+                        what: format!("tarball {written}"),
+                        source,
+                    })?;
+                (
+                    JobBase::Tar {
+                        digest: digest.clone(),
+                    },
+                    BaseKey::Tar(digest),
+                )
+            }
+            other => {
+                return Err(BuildError::Unsupported {
+                    layer: name,
+                    message: format!(
+                        "tar base '{}': only local tarballs are supported by this version",
+                        other.written()
+                    ),
+                });
+            }
+        },
+        Base::Oci { url } => {
+            let image = import_oci(blobs, &layer.dir, url, &options.platform)
+                .await
+                .map_err(|source| BuildError::Base {
+                    layer: name.clone(),
+                    what: format!("oci {url}"),
+                    source,
+                })?;
+            let key = BaseKey::Oci(image.1);
+            (JobBase::Image(image.0), key)
+        }
+        Base::Docker { url, .. } => {
+            return Err(BuildError::Unsupported {
+                layer: name,
+                message: format!(
+                    "docker base '{url}': registry bases are not supported by this version; \
+                     copy the image to an OCI layout (skopeo copy {url} oci:DIR:TAG) and \
+                     use 'type: oci'"
+                ),
+            });
+        }
+    };
+    let mut imports = Vec::new();
+    for import in &layer.imports {
+        let Source::Local { written, path } = &import.source else {
+            return Err(BuildError::Unsupported {
+                layer: name,
+                message: format!(
+                    "import '{}': only local imports are supported by this version",
+                    import.source.written()
+                ),
+            });
+        };
+        let pinned = pin_local(
+            written,
+            path,
+            options.context.as_deref(),
+            import.hash.as_deref(),
+        )
+        .map_err(|source| BuildError::Input {
+            layer: name.clone(),
+            source,
+        })?;
+        let trimmed = written.trim_end_matches('/');
+        imports.push(JobImport {
+            name: Path::new(trimmed)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| trimmed.to_string()),
+            contents_only: written.ends_with('/'),
+            is_dir: pinned.is_dir,
+            path: pinned.resolved,
+            dest: import.dest.clone(),
+            mode: import.mode,
+            uid: import.uid,
+            gid: import.gid,
+            digest: pinned.digest,
+        });
+    }
+    let (env, passthrough) = run_environment(layer, &options.caller_env);
+    let source_date_epoch = passthrough
+        .get("SOURCE_DATE_EPOCH")
+        .or_else(|| layer.build_env.get("SOURCE_DATE_EPOCH"))
+        .cloned();
+    let key = KeyInputs {
+        definition_digest: planned.definition_digest.clone(),
+        base: base_key,
+        imports: imports.iter().map(|i| i.digest.clone()).collect(),
+        overlay_dirs: Vec::new(),
+        source_date_epoch: source_date_epoch.clone(),
+        platform: options.platform.clone(),
+        passthrough,
+        compression: options.compression.clone(),
+    }
+    .key();
+    Ok(Job {
+        layer: layer.clone(),
+        cache_key: key,
+        base,
+        imports,
+        env,
+        source_date_epoch: source_date_epoch.and_then(|s| s.trim().parse().ok()),
+        compression: options.compression.clone(),
+    })
+}
+
+/// Put a local file into the blob store (streaming), returning its digest.
+async fn store_file(blobs: &BlobStore, path: &Path) -> Result<String, farm_image::Error> {
+    let info = blobs.put_file(path).await?;
+    Ok(info.digest.to_string())
+}
+
+/// Copy an image of a local OCI layout (`path:tag`, the tag may contain `:`) into the
+/// blob store. Returns it as a cached layer and its manifest digest.
+async fn import_oci(
+    blobs: &BlobStore,
+    dir: &Path,
+    url: &str,
+    platform: &str,
+) -> Result<(CachedLayer, String), farm_image::Error> {
+    let (layout_path, tag) = split_oci_url(dir, url);
+    let layout = OciLayout::open(&layout_path).await?;
+    let (os, arch) = platform.split_once('/').unwrap_or(("linux", platform));
+    let (manifest_desc, manifest) = layout.manifest(&tag, Some((os, arch))).await?;
+    let config = layout.config(&manifest).await?;
+    let mut layers = Vec::new();
+    let diff_ids = config.rootfs().diff_ids();
+    for (n, l) in manifest.layers().iter().enumerate() {
+        let digest = Digest::parse(l.digest().as_ref())?;
+        layout.blobs().copy_to(&digest, blobs).await?;
+        layers.push(CachedBlob {
+            media_type: l.media_type().to_string(),
+            digest: digest.to_string(),
+            size: l.size(),
+            diff_id: diff_ids.get(n).cloned().unwrap_or_default(),
+        });
+    }
+    let config_digest = Digest::parse(manifest.config().digest().as_ref())?;
+    layout.blobs().copy_to(&config_digest, blobs).await?;
+    let chain_id = chain_id(layers.iter().map(|l| l.diff_id.as_str()));
+    Ok((
+        CachedLayer {
+            config_digest: config_digest.to_string(),
+            config_size: manifest.config().size(),
+            layers,
+            chain_id,
+        },
+        manifest_desc.digest().to_string(),
+    ))
+}
+
+/// `path:tag` of an OCI layout: split at the first `:` after which the path exists
+/// (the tag itself may contain `:`); relative paths resolve against `dir`.
+pub fn split_oci_url(dir: &Path, url: &str) -> (PathBuf, String) {
+    let url = url.strip_prefix("oci:").unwrap_or(url);
+    for (i, _) in url.match_indices(':') {
+        let path = dir.join(&url[..i]);
+        if path.join("index.json").exists() {
+            return (path, url[i + 1..].to_string());
+        }
+    }
+    match url.split_once(':') {
+        Some((p, t)) => (dir.join(p), t.to_string()),
+        None => (dir.join(url), "latest".to_string()),
+    }
+}
+
+/// The ChainID of a sequence of diff_ids (OCI image spec: ChainID(L0) = DiffID(L0),
+/// ChainID(L0|..|Ln) = sha256(ChainID(L0|..|Ln-1) + " " + DiffID(Ln))). The empty chain
+/// is the digest of the empty string.
+pub fn chain_id<'a>(diff_ids: impl IntoIterator<Item = &'a str>) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut chain: Option<String> = None;
+    for d in diff_ids {
+        chain = Some(match chain {
+            None => d.to_string(),
+            Some(c) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{c} {d}").as_bytes()))
+            ),
+        });
+    }
+    chain.unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(b""))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_spec() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        assert_eq!(chain_id([a.as_str()]), a);
+        let ab = chain_id([a.as_str(), b.as_str()]);
+        use sha2::{Digest as _, Sha256};
+        assert_eq!(
+            ab,
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{a} {b}").as_bytes()))
+            )
+        );
+        assert_ne!(chain_id([b.as_str(), a.as_str()]), ab);
+    }
+
+    #[test]
+    fn passthrough_defaults_and_regexes() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("s.yaml");
+        std::fs::write(
+            &f,
+            "a:\n  from: {type: scratch}\n  build_env: {X: '1'}\n\
+             b:\n  from: {type: scratch}\n  build_env_passthrough: ['CI_.*']\n",
+        )
+        .unwrap();
+        let plan = Plan::load(&f, &Default::default(), &farm_stackerfile::LocalFiles).unwrap();
+        let caller: Vec<(String, String)> = [
+            ("http_proxy", "p"),
+            ("TERM", "xterm"),
+            ("HOME", "/root"),
+            ("CI_JOB", "7"),
+            ("XCI_JOB", "no"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let (env, pass) = run_environment(&plan.layers[0].layer, &caller);
+        let env: BTreeMap<_, _> = env.into_iter().collect();
+        assert_eq!(env["http_proxy"], "p");
+        assert_eq!(env["TERM"], "xterm");
+        assert_eq!(env["X"], "1");
+        assert_eq!(env["STACKER_LAYER_NAME"], "a");
+        assert!(env.contains_key("PATH"));
+        assert!(!env.contains_key("HOME") && !env.contains_key("CI_JOB"));
+        assert_eq!(pass.len(), 2);
+        let (env, _) = run_environment(&plan.layers[1].layer, &caller);
+        let env: BTreeMap<_, _> = env.into_iter().collect();
+        assert_eq!(env["CI_JOB"], "7");
+        assert!(!env.contains_key("XCI_JOB"), "anchored");
+        assert!(!env.contains_key("TERM"), "own list replaces the default");
+    }
+
+    #[test]
+    fn oci_urls_split_where_the_layout_exists() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("lay:out")).unwrap();
+        std::fs::write(d.path().join("lay:out/index.json"), "{}").unwrap();
+        assert_eq!(
+            split_oci_url(d.path(), "lay:out:v1:2"),
+            (d.path().join("lay:out"), "v1:2".to_string())
+        );
+        assert_eq!(
+            split_oci_url(d.path(), "plain:tag"),
+            (d.path().join("plain"), "tag".to_string())
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! The output of a build: one manifest per tagged layer (with stacker's annotations),
+//! written with its blobs into an OCI image layout. Manifests are assembled per build
+//! because their annotations carry the build's stackerfile; the cached part (config and
+//! layers) is shared.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use farm_image::oci::{
+    Descriptor, DescriptorBuilder, ImageManifest, ImageManifestBuilder, MediaType,
+};
+use farm_image::{BlobStore, Digest, OciLayout, to_canonical_json};
+use farm_stackerfile::Plan;
+
+use crate::cache::CachedLayer;
+
+/// Annotation namespace stacker uses by default.
+pub const DEFAULT_ANNOTATION_NAMESPACE: &str = "io.stackeroci";
+
+fn descriptor(media_type: MediaType, digest: &str, size: u64) -> farm_image::Result<Descriptor> {
+    let digest = Digest::parse(digest)?;
+    Ok(DescriptorBuilder::default()
+        .media_type(media_type)
+        .digest(digest.to_oci())
+        .size(size)
+        .build()?)
+}
+
+/// The manifest of a built layer's image.
+pub fn manifest_for(
+    result: &CachedLayer,
+    annotations: &BTreeMap<String, String>,
+) -> farm_image::Result<ImageManifest> {
+    let config = descriptor(
+        MediaType::ImageConfig,
+        &result.config_digest,
+        result.config_size,
+    )?;
+    let layers = result
+        .layers
+        .iter()
+        .map(|l| descriptor(MediaType::from(l.media_type.as_str()), &l.digest, l.size))
+        .collect::<farm_image::Result<Vec<_>>>()?;
+    let mut m = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(config)
+        .layers(layers);
+    if !annotations.is_empty() {
+        m = m.annotations(annotations.clone().into_iter().collect::<std::collections::HashMap<_, _>>());
+    }
+    Ok(m.build()?)
+}
+
+/// The manifest annotations of layer `i`: its own `annotations` plus stacker's
+/// `<ns>.stacker.stacker_yaml` (the file after substitution), `<ns>.stacker.git_version`
+/// (git describe of the file's directory, when it is in a repository) and
+/// `<ns>.stacker.stacker_version`.
+pub fn manifest_annotations(plan: &Plan, i: usize, namespace: &str) -> BTreeMap<String, String> {
+    let planned = &plan.layers[i];
+    let file = &plan.files[planned.file];
+    let mut a = planned.layer.annotations.clone();
+    a.insert(
+        format!("{namespace}.stacker.stacker_yaml"),
+        file.substituted.clone(),
+    );
+    a.insert(
+        format!("{namespace}.stacker.stacker_version"),
+        format!("farm {}", env!("CARGO_PKG_VERSION")),
+    );
+    if let Some(g) = git_describe(&planned.layer.dir) {
+        a.insert(format!("{namespace}.stacker.git_version"), g);
+    }
+    a
+}
+
+fn git_describe(dir: &Path) -> Option<String> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["describe", "--always", "--dirty"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// One image to tag in the output.
+#[derive(Debug, Clone)]
+pub struct OutputImage {
+    pub tag: String,
+    pub result: CachedLayer,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Store each image's manifest in `blobs`, copy its blobs into the OCI layout at `dir`
+/// (created if missing) and point its tag at it. Returns (tag, manifest digest).
+/// All blobs are in place before any tag moves, and index.json is replaced atomically.
+pub async fn write_layout(
+    blobs: &BlobStore,
+    dir: &Path,
+    images: &[OutputImage],
+) -> farm_image::Result<Vec<(String, String)>> {
+    let layout = if dir.join("index.json").exists() {
+        OciLayout::open(dir).await?
+    } else {
+        OciLayout::create(dir).await?
+    };
+    let mut tagged = Vec::new();
+    for image in images {
+        let manifest = manifest_for(&image.result, &image.annotations)?;
+        let bytes = to_canonical_json(&manifest)?;
+        let size = bytes.len() as u64;
+        let info = blobs.put(bytes.into()).await?;
+        let digest = info.digest.to_string();
+        for d in std::iter::once(&image.result.config_digest)
+            .chain(image.result.layers.iter().map(|l| &l.digest))
+            .chain(std::iter::once(&digest))
+        {
+            blobs.copy_to(&Digest::parse(d)?, layout.blobs()).await?;
+        }
+        tagged.push((
+            image.tag.clone(),
+            descriptor(MediaType::ImageManifest, &digest, size)?,
+        ));
+    }
+    let mut out = Vec::new();
+    for (tag, desc) in tagged {
+        layout.set_tag(&tag, &desc).await?;
+        out.push((tag, desc.digest().to_string()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,45 @@
+//! farm-image: everything farm knows about OCI content, and nothing about scheduling.
+//!
+//! - [`Digest`]: validated `sha256:<hex>` digests and hashing I/O adapters.
+//! - [`BlobStore`]: a content-addressed, create-only blob store over `object_store`
+//!   (`file://`, `memory://`, `s3://`, `gs://`, `az://`), laid out like an OCI layout's
+//!   `blobs/` directory, with digest verification on read.
+//! - [`write_layer_tar`]: a deterministic OCI layer tar from a directory, either an
+//!   overlay upper directory (whiteouts and opaque directories become OCI `.wh.` files)
+//!   or a whole directory.
+//! - [`apply_layer`]: safe extraction of a (plain, gzip or zstd) layer into a directory,
+//!   applying OCI whiteouts, never writing outside the target.
+//! - [`export_dir`] / [`export_tar_stream`]: the one-pass export pipeline
+//!   (tar -> diff_id -> parallel compression -> blob digest -> streaming upload).
+//! - [`OciLayout`]: OCI image layout directories (index.json, tags, platform selection)
+//!   and [`to_canonical_json`] for byte-reproducible manifests and configs.
+//!
+//! Nothing here knows about namespaces or scheduling: callers run [`write_layer_tar`]
+//! and [`apply_layer`] inside the build's user namespace when ownership matters.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod apply;
+mod compress;
+mod digest;
+mod error;
+mod export;
+mod layout;
+mod store;
+mod tarwrite;
+mod transfer;
+
+pub use apply::{ApplyOptions, ApplyStats, apply_layer};
+pub use compress::{Compression, Compressor, Format, decompress, detect};
+pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
+pub use error::{Error, Result};
+pub use export::{ExportOptions, ExportedLayer, encode_layer, export_dir, export_tar_stream};
+pub use layout::{OciLayout, REF_NAME_ANNOTATION, select_platform, to_canonical_json};
+pub use store::{
+    BlobInfo, BlobReader, BlobStore, BlobStream, BlobWriter, MAX_CONCURRENT_PARTS, PART_SIZE,
+};
+pub use tarwrite::{LayerTarOptions, TarStats, write_layer_tar};
+
+/// Re-export of the `oci-spec` image types used in this crate's API.
+pub use oci_spec::image as oci;

@@ -1,0 +1,724 @@
+//! A content-addressed blob store over `object_store`.
+//!
+//! Blobs live at `<prefix>/blobs/sha256/<hex>`, so a `file://` store is laid out like the
+//! `blobs/` directory of an OCI image layout. Writes are create-only and nothing is ever
+//! named by a digest until its bytes are complete and hashed to that digest: small blobs
+//! are buffered, hashed and put with [`PutMode::Create`]; large ones are uploaded (multipart)
+//! under a staging name and renamed into place only after the digest is known. An
+//! existing blob is success. Reads verify the digest as the bytes stream past.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher as _};
+use std::io::{self, Read};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use tracing::{debug, warn};
+
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, Result};
+
+/// Part size of multipart uploads (also the threshold below which a blob is put in one
+/// request). S3 allows at most 10,000 parts, so this bounds a blob at about 80 GiB.
+pub const PART_SIZE: usize = 8 << 20;
+/// Parts uploaded concurrently by one writer; with [`PART_SIZE`] this bounds the memory a
+/// writer holds at about 40 MiB.
+pub const MAX_CONCURRENT_PARTS: usize = 4;
+
+const STAGING_DIR: &str = ".farm-staging";
+
+/// A content-addressed blob store. Cheap to clone.
+#[derive(Clone)]
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore").field("url", &self.url).finish()
+    }
+}
+
+/// A stored blob's digest and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// sha256 of the content.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl BlobStore {
+    /// Open a store from a URL:
+    /// - `file:///abs/path`: a local directory (created if missing); blobs at
+    ///   `/abs/path/blobs/sha256/<hex>`
+    /// - `memory://`: a fresh in-memory store (each call gives a new, empty one)
+    /// - `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`: cloud
+    ///   stores configured from the usual environment variables (`AWS_*`,
+    ///   `GOOGLE_*`, `AZURE_*`)
+    /// - `http(s)://host/prefix`: a WebDAV-style HTTP store
+    pub fn from_url(url: &str) -> Result<Self> {
+        let bad = |reason: String| Error::InvalidStoreUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        let path_prefix = || -> Result<String> {
+            let p = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
+            Ok(p.to_string())
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
+            "file" => {
+                if parsed
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
+                    return Err(bad("file:// URLs must not name a host".into()));
+                }
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|()| bad("not an absolute local path".into()))?;
+                return Self::local(&dir);
+            }
+            "memory" => return Ok(Self::in_memory()),
+            "s3" | "s3a" => {
+                let s = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()?;
+                (Arc::new(s), path_prefix()?)
+            }
+            "gs" => {
+                let s = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .build()?;
+                (Arc::new(s), path_prefix()?)
+            }
+            "az" | "azure" | "abfs" | "abfss" | "adl" => {
+                let s = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .build()?;
+                (Arc::new(s), path_prefix()?)
+            }
+            "http" | "https" => {
+                let base = &parsed[..url::Position::BeforePath];
+                let s = object_store::http::HttpBuilder::new()
+                    .with_url(base)
+                    .build()?;
+                (Arc::new(s), path_prefix()?)
+            }
+            other => return Err(bad(format!("unsupported scheme {other:?}"))),
+        };
+        Ok(BlobStore {
+            store,
+            prefix,
+            url: url.to_string(),
+        })
+    }
+
+    /// A store in a local directory (created if missing).
+    pub fn local(dir: &std::path::Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            context: format!("creating blob store directory {}", dir.display()),
+            source,
+        })?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?
+            .with_automatic_cleanup(true);
+        Ok(BlobStore {
+            store: Arc::new(fs),
+            prefix: String::new(),
+            url: format!("file://{}", dir.display()),
+        })
+    }
+
+    /// A fresh, empty in-memory store.
+    pub fn in_memory() -> Self {
+        BlobStore {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: String::new(),
+            url: "memory://".into(),
+        }
+    }
+
+    /// Wrap an existing object store; blobs go under `prefix` (may be empty).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+        BlobStore {
+            store,
+            prefix: prefix.trim_matches('/').to_string(),
+            url: format!("custom:{prefix}"),
+        }
+    }
+
+    /// The URL (or description) this store was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying object store (for tests and tools; writing to it directly bypasses
+    /// every guarantee of this type).
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn path(&self, rel: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(rel)
+        } else {
+            Path::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// The object path of a blob.
+    pub fn blob_path(&self, digest: &Digest) -> Path {
+        self.path(&digest.blob_path())
+    }
+
+    /// Whether the blob exists.
+    pub async fn exists(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.size(digest).await?.is_some())
+    }
+
+    /// The blob's size, or `None` when it does not exist.
+    pub async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
+        match self.store.head(&self.blob_path(digest)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Store `data` under its digest (create-only; an existing blob is success).
+    pub async fn put(&self, data: Bytes) -> Result<BlobInfo> {
+        let digest = Digest::of(&data);
+        let size = data.len() as u64;
+        self.put_named(&digest, data).await?;
+        Ok(BlobInfo { digest, size })
+    }
+
+    /// Store `data`, refusing it unless it hashes to `expected`.
+    pub async fn put_verified(&self, expected: &Digest, data: Bytes) -> Result<BlobInfo> {
+        let actual = Digest::of(&data);
+        if &actual != expected {
+            return Err(Error::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let size = data.len() as u64;
+        self.put_named(expected, data).await?;
+        Ok(BlobInfo {
+            digest: actual,
+            size,
+        })
+    }
+
+    /// Put bytes already known to hash to `digest`.
+    async fn put_named(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        let path = self.blob_path(digest);
+        let payload = PutPayload::from_bytes(data);
+        match self
+            .store
+            .put_opts(&path, payload.clone(), PutMode::Create.into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                debug!(%digest, "blob already present");
+                Ok(())
+            }
+            Err(
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. },
+            ) => {
+                // The store cannot do conditional puts: check, then overwrite. Content is
+                // addressed by digest, so a racing writer writes the same bytes.
+                if !self.exists(digest).await? {
+                    self.store.put(&path, payload).await?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Start a streaming write of a blob whose digest is known only at the end.
+    pub fn writer(&self) -> BlobWriter {
+        BlobWriter {
+            store: self.clone(),
+            hasher: Hasher::new(),
+            pending: Vec::new(),
+            pending_len: 0,
+            upload: None,
+        }
+    }
+
+    /// Read a blob as a stream of chunks. The digest is checked as the bytes pass: the
+    /// last item is an [`Error::DigestMismatch`] when the stored content is corrupt, so a
+    /// consumer must treat everything it read as untrusted until the stream has ended
+    /// without error.
+    pub async fn get(&self, digest: &Digest) -> Result<BlobStream> {
+        let res = match self.store.get(&self.blob_path(digest)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::BlobNotFound(digest.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(BlobStream {
+            inner: res.into_stream(),
+            hasher: Some(Hasher::new()),
+            expected: digest.clone(),
+        })
+    }
+
+    /// Read a whole (small) blob into memory, verified.
+    pub async fn get_bytes(&self, digest: &Digest) -> Result<Bytes> {
+        let mut s = self.get(digest).await?;
+        let mut parts = Vec::new();
+        while let Some(chunk) = s.next().await {
+            parts.push(chunk?);
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().unwrap_or_default());
+        }
+        Ok(Bytes::from(parts.concat()))
+    }
+
+    /// A blocking [`Read`] over a verified blob, for synchronous consumers such as
+    /// [`crate::apply_layer`]. Must be called from within a tokio runtime; the returned
+    /// reader must be used outside async context (e.g. in `spawn_blocking`). A digest
+    /// mismatch surfaces as an `InvalidData` read error at the end.
+    pub async fn reader(&self, digest: &Digest) -> Result<BlobReader> {
+        let mut stream = self.get(digest).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let item = item.map_err(io::Error::from);
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(BlobReader {
+            rx,
+            current: Bytes::new(),
+            done: false,
+        })
+    }
+
+    fn staging_path(&self) -> Path {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            h.write_u128(t.as_nanos());
+        }
+        let a = h.finish();
+        let b = RandomState::new().hash_one(a);
+        self.path(&format!("{STAGING_DIR}/{a:016x}{b:016x}"))
+    }
+
+    /// Give a completely uploaded, verified staging object its digest name.
+    async fn promote(&self, staging: &Path, digest: &Digest) -> Result<()> {
+        let target = self.blob_path(digest);
+        match self.store.rename_if_not_exists(staging, &target).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                debug!(%digest, "blob already present");
+                self.delete_quietly(staging).await;
+                Ok(())
+            }
+            Err(
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. },
+            ) => {
+                // No atomic create-only copy here (e.g. S3 without a copy-if-not-exists
+                // configuration): the content is addressed by its digest, so a copy that
+                // races another writer of the same blob writes identical bytes.
+                let res = if self.exists(digest).await? {
+                    Ok(())
+                } else {
+                    self.store.copy(staging, &target).await.map_err(Error::from)
+                };
+                self.delete_quietly(staging).await;
+                res
+            }
+            Err(e) => {
+                self.delete_quietly(staging).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn delete_quietly(&self, path: &Path) {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => warn!(%path, error = %e, "could not delete staging object"),
+        }
+    }
+}
+
+/// A verified stream of a blob's bytes; see [`BlobStore::get`].
+pub struct BlobStream {
+    inner: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    hasher: Option<Hasher>,
+    expected: Digest,
+}
+
+impl Stream for BlobStream {
+    type Item = Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.hasher.is_none() {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_next_unpin(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(chunk))) => {
+                if let Some(h) = this.hasher.as_mut() {
+                    h.update(&chunk);
+                }
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.hasher = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                let (actual, _) = this.hasher.take().unwrap_or_default().finish();
+                if actual == this.expected {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(Error::DigestMismatch {
+                        expected: this.expected.clone(),
+                        actual,
+                    })))
+                }
+            }
+        }
+    }
+}
+
+/// A blocking reader over a verified blob; see [`BlobStore::reader`].
+pub struct BlobReader {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+    done: bool,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.current = b,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                None => {
+                    self.done = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// A streaming blob upload whose digest is computed from the bytes written.
+///
+/// Up to [`PART_SIZE`] bytes are buffered; a blob that stays below that is put in one
+/// create-only request at [`BlobWriter::finish`]. A larger one becomes a multipart
+/// upload to a staging name (memory bounded by [`MAX_CONCURRENT_PARTS`] parts in flight)
+/// that is renamed to `blobs/sha256/<hex>` only once complete. Dropping the writer
+/// without finishing leaves no blob (an incomplete multipart upload may remain on some
+/// cloud stores until their lifecycle rules clean it up).
+pub struct BlobWriter {
+    store: BlobStore,
+    hasher: Hasher,
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    upload: Option<(Path, WriteMultipart)>,
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.hasher.len()
+    }
+
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.hasher.is_empty()
+    }
+
+    /// Append bytes; waits when too many parts are in flight (back-pressure).
+    pub async fn write(&mut self, data: Bytes) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.hasher.update(&data);
+        if let Some((_, up)) = self.upload.as_mut() {
+            up.wait_for_capacity(MAX_CONCURRENT_PARTS).await?;
+            up.put(data);
+            return Ok(());
+        }
+        self.pending_len += data.len();
+        self.pending.push(data);
+        if self.pending_len >= PART_SIZE {
+            let staging = self.store.staging_path();
+            let mp = self.store.store.put_multipart(&staging).await?;
+            let mut up = WriteMultipart::new_with_chunk_size(mp, PART_SIZE);
+            for b in self.pending.drain(..) {
+                up.put(b);
+            }
+            self.pending_len = 0;
+            self.upload = Some((staging, up));
+        }
+        Ok(())
+    }
+
+    /// Complete the blob and name it by its digest.
+    pub async fn finish(self) -> Result<BlobInfo> {
+        self.finish_inner(None).await
+    }
+
+    /// Complete the blob, but only name it if it hashes to `expected`; otherwise nothing
+    /// is stored and a [`Error::DigestMismatch`] is returned.
+    pub async fn finish_expecting(self, expected: &Digest) -> Result<BlobInfo> {
+        self.finish_inner(Some(expected)).await
+    }
+
+    async fn finish_inner(self, expected: Option<&Digest>) -> Result<BlobInfo> {
+        let BlobWriter {
+            store,
+            hasher,
+            pending,
+            upload,
+            ..
+        } = self;
+        let (digest, size) = hasher.finish();
+        if let Some(expected) = expected
+            && expected != &digest
+        {
+            if let Some((staging, up)) = upload {
+                let _ = up.abort().await;
+                store.delete_quietly(&staging).await;
+            }
+            return Err(Error::DigestMismatch {
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
+        match upload {
+            None => {
+                let data = if pending.len() == 1 {
+                    pending.into_iter().next().unwrap_or_default()
+                } else {
+                    Bytes::from(pending.concat())
+                };
+                store.put_named(&digest, data).await?;
+            }
+            Some((staging, up)) => {
+                up.finish().await?;
+                store.promote(&staging, &digest).await?;
+            }
+        }
+        Ok(BlobInfo { digest, size })
+    }
+
+    /// Give up: nothing is stored.
+    pub async fn abort(self) {
+        if let Some((staging, up)) = self.upload {
+            let _ = up.abort().await;
+            self.store.delete_quietly(&staging).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u8) -> Bytes {
+        Bytes::from(
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    async fn stores() -> Vec<(BlobStore, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("store").display());
+        vec![
+            (BlobStore::from_url(&url).unwrap(), Some(dir)),
+            (BlobStore::from_url("memory://").unwrap(), None),
+        ]
+    }
+
+    #[tokio::test]
+    async fn put_get_exists_create_only() {
+        for (store, _dir) in stores().await {
+            let d = data(1000, 1);
+            let info = store.put(d.clone()).await.unwrap();
+            assert_eq!(info.digest, Digest::of(&d));
+            assert!(store.exists(&info.digest).await.unwrap());
+            assert_eq!(store.size(&info.digest).await.unwrap(), Some(1000));
+            // Second put of the same content is success, not an error.
+            assert_eq!(store.put(d.clone()).await.unwrap(), info);
+            assert_eq!(store.get_bytes(&info.digest).await.unwrap(), d);
+            // Missing blob.
+            let missing = Digest::of(b"missing");
+            assert!(!store.exists(&missing).await.unwrap());
+            assert!(matches!(
+                store.get(&missing).await,
+                Err(Error::BlobNotFound(_))
+            ));
+            // put_verified refuses wrong content.
+            assert!(matches!(
+                store.put_verified(&missing, d.clone()).await,
+                Err(Error::DigestMismatch { .. })
+            ));
+            assert!(!store.exists(&missing).await.unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn create_only_never_overwrites() {
+        for (store, _dir) in stores().await {
+            let d = data(100, 2);
+            let digest = Digest::of(&d);
+            // Plant different bytes under the digest name, then "put" the real content:
+            // the existing object is kept (create-only), and reading detects corruption.
+            store
+                .object_store()
+                .put(
+                    &store.blob_path(&digest),
+                    Bytes::from_static(b"evil").into(),
+                )
+                .await
+                .unwrap();
+            store.put(d.clone()).await.unwrap();
+            let err = store.get_bytes(&digest).await.unwrap_err();
+            assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn verify_on_read_detects_corruption() {
+        for (store, dir) in stores().await {
+            let d = data(3 * PART_SIZE + 123, 3);
+            let digest = Digest::of(&d);
+            let mut w = store.writer();
+            for chunk in d.chunks(1 << 20) {
+                w.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+            }
+            let info = w.finish().await.unwrap();
+            assert_eq!(info.digest, digest);
+            assert_eq!(info.size, d.len() as u64);
+            assert_eq!(store.get_bytes(&digest).await.unwrap(), d);
+            // Corrupt one byte in place.
+            let mut bad = d.to_vec();
+            bad[PART_SIZE + 7] ^= 0xff;
+            match &dir {
+                Some(dir) => {
+                    let p = dir.path().join("store").join(digest.blob_path());
+                    std::fs::write(&p, &bad).unwrap();
+                }
+                None => {
+                    store
+                        .object_store()
+                        .put(&store.blob_path(&digest), Bytes::from(bad).into())
+                        .await
+                        .unwrap();
+                }
+            }
+            let err = store.get_bytes(&digest).await.unwrap_err();
+            assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+            // The blocking reader reports it as InvalidData.
+            let mut r = store.reader(&digest).await.unwrap();
+            let res = tokio::task::spawn_blocking(move || {
+                let mut v = Vec::new();
+                r.read_to_end(&mut v)
+            })
+            .await
+            .unwrap();
+            assert_eq!(res.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        }
+    }
+
+    #[tokio::test]
+    async fn streaming_writer_small_large_and_expected() {
+        for (store, dir) in stores().await {
+            // Empty blob.
+            let info = store.writer().finish().await.unwrap();
+            assert_eq!(info.digest, Digest::of(b""));
+            assert_eq!(store.get_bytes(&info.digest).await.unwrap().len(), 0);
+            // Large blob with a wrong expectation: nothing stored.
+            let d = data(2 * PART_SIZE + 5, 4);
+            let mut w = store.writer();
+            w.write(d.clone()).await.unwrap();
+            let wrong = Digest::of(b"nope");
+            assert!(w.finish_expecting(&wrong).await.is_err());
+            assert!(!store.exists(&Digest::of(&d)).await.unwrap());
+            // Same blob twice: the second finish sees it exists and succeeds.
+            for _ in 0..2 {
+                let mut w = store.writer();
+                w.write(d.clone()).await.unwrap();
+                let info = w.finish_expecting(&Digest::of(&d)).await.unwrap();
+                assert_eq!(info.size, d.len() as u64);
+            }
+            // No staging debris left behind.
+            let listed: Vec<_> = store
+                .object_store()
+                .list(None)
+                .map(|m| m.unwrap().location.to_string())
+                .collect()
+                .await;
+            assert!(
+                listed.iter().all(|p| p.starts_with("blobs/sha256/")),
+                "{listed:?}"
+            );
+            if let Some(dir) = dir {
+                let staging = dir.path().join("store").join(STAGING_DIR);
+                let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+                assert_eq!(left, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn url_parsing() {
+        assert!(BlobStore::from_url("ftp://x/y").is_err());
+        assert!(BlobStore::from_url("not a url").is_err());
+        assert!(BlobStore::from_url("file://host/x").is_err());
+        let s = BlobStore::from_url("memory://").unwrap();
+        assert_eq!(
+            s.blob_path(&Digest::of(b"")).to_string(),
+            Digest::of(b"").blob_path()
+        );
+        // Cloud stores build without contacting anything.
+        let s3 = BlobStore::from_url("s3://bucket/some/prefix").unwrap();
+        assert_eq!(
+            s3.blob_path(&Digest::of(b"")).to_string(),
+            format!("some/prefix/{}", Digest::of(b"").blob_path())
+        );
+    }
+}

@@ -1,0 +1,321 @@
+//! Image assembly: the config and manifest of a built stacker layer, exactly as
+//! stackerfile.md says (inherited and extended Env/Labels/Volumes, Cmd/Entrypoint
+//! inherited unless set, `full_command`, history, diff_ids, manifest annotations).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use farm_stackerfile::{DEFAULT_PATH, Layer};
+use oci_spec::image::{
+    Arch, ConfigBuilder, HistoryBuilder, ImageConfiguration, ImageConfigurationBuilder, Os,
+    RootFsBuilder,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("building the image {what}: {source}")]
+    Spec {
+        what: &'static str,
+        source: oci_spec::OciSpecError,
+    },
+}
+
+fn spec(what: &'static str) -> impl FnOnce(oci_spec::OciSpecError) -> AssembleError {
+    move |source| AssembleError::Spec { what, source }
+}
+
+/// One layer blob added by this build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLayer {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    pub diff_id: String,
+    /// What produced it, for the history entry ("imports", "run", ...).
+    pub what: String,
+}
+
+/// The platform images are built for: the worker's, unless the layer says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+}
+
+impl Platform {
+    /// This machine's platform in OCI terms.
+    pub fn host() -> Self {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            "s390x" => "s390x",
+            "riscv64" => "riscv64",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            arch: arch.into(),
+        }
+    }
+
+    pub fn of(layer: &Layer, base: Option<&ImageConfiguration>) -> Self {
+        let host = Platform::host();
+        Platform {
+            os: layer
+                .os
+                .clone()
+                .or_else(|| base.map(|c| c.os().to_string()))
+                .unwrap_or(host.os),
+            arch: layer
+                .arch
+                .clone()
+                .or_else(|| base.map(|c| c.architecture().to_string()))
+                .unwrap_or(host.arch),
+        }
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.os, self.arch)
+    }
+}
+
+/// RFC 3339 time for `created`: `SOURCE_DATE_EPOCH` when set, else now.
+pub fn created_time(source_date_epoch: Option<u64>) -> String {
+    let t = match source_date_epoch {
+        Some(s) => std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+        None => std::time::SystemTime::now(),
+    };
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The config of the image a stacker layer produces on top of `base`.
+pub fn image_config(
+    layer: &Layer,
+    base: Option<&ImageConfiguration>,
+    new_layers: &[NewLayer],
+    generated_labels: &BTreeMap<String, String>,
+    created: &str,
+) -> Result<ImageConfiguration, AssembleError> {
+    let base_cfg = base.and_then(|b| b.config().clone());
+
+    // Env: the base's, with the layer's names replaced in place or appended (sorted).
+    let mut env: Vec<String> = base_cfg
+        .as_ref()
+        .and_then(|c| c.env().clone())
+        .unwrap_or_default();
+    for (k, v) in &layer.environment {
+        let entry = format!("{k}={v}");
+        match env.iter_mut().find(|e| e.split_once('=').map(|s| s.0) == Some(k)) {
+            Some(existing) => *existing = entry,
+            None => env.push(entry),
+        }
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+
+    let mut labels: BTreeMap<String, String> = base_cfg
+        .as_ref()
+        .and_then(|c| c.labels().clone())
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    labels.extend(layer.labels.clone());
+    labels.extend(generated_labels.clone());
+
+    let mut volumes: BTreeSet<String> = base_cfg
+        .as_ref()
+        .and_then(|c| c.volumes().clone())
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default();
+    volumes.extend(layer.volumes.iter().cloned());
+
+    let (entrypoint, cmd) = match &layer.full_command {
+        Some(full) => (Some(full.clone()), None),
+        None => (
+            layer
+                .entrypoint
+                .clone()
+                .or_else(|| base_cfg.as_ref().and_then(|c| c.entrypoint().clone())),
+            layer
+                .cmd
+                .clone()
+                .or_else(|| base_cfg.as_ref().and_then(|c| c.cmd().clone())),
+        ),
+    };
+
+    let mut cfg = ConfigBuilder::default().env(env);
+    if let Some(e) = entrypoint {
+        cfg = cfg.entrypoint(e);
+    }
+    if let Some(c) = cmd {
+        cfg = cfg.cmd(c);
+    }
+    if !labels.is_empty() {
+        cfg = cfg.labels(labels.into_iter().collect::<std::collections::HashMap<_, _>>());
+    }
+    if !volumes.is_empty() {
+        cfg = cfg.volumes(volumes.into_iter().collect::<Vec<_>>());
+    }
+    if let Some(w) = layer
+        .working_dir
+        .clone()
+        .or_else(|| base_cfg.as_ref().and_then(|c| c.working_dir().clone()))
+    {
+        cfg = cfg.working_dir(w);
+    }
+    if let Some(u) = layer
+        .runtime_user
+        .clone()
+        .or_else(|| base_cfg.as_ref().and_then(|c| c.user().clone()))
+    {
+        cfg = cfg.user(u);
+    }
+    if let Some(ports) = base_cfg.as_ref().and_then(|c| c.exposed_ports().clone()) {
+        cfg = cfg.exposed_ports(ports);
+    }
+    if let Some(sig) = base_cfg.as_ref().and_then(|c| c.stop_signal().clone()) {
+        cfg = cfg.stop_signal(sig);
+    }
+    let cfg = cfg.build().map_err(spec("config"))?;
+
+    let mut diff_ids: Vec<String> = base.map(|b| b.rootfs().diff_ids().clone()).unwrap_or_default();
+    let mut history = base.and_then(|b| b.history().clone()).unwrap_or_default();
+    for l in new_layers {
+        diff_ids.push(l.diff_id.clone());
+        history.push(
+            HistoryBuilder::default()
+                .created(created.to_string())
+                .created_by(format!("farm build: layer {} ({})", layer.name, l.what))
+                .build()
+                .map_err(spec("history"))?,
+        );
+    }
+    if new_layers.is_empty() {
+        history.push(
+            HistoryBuilder::default()
+                .created(created.to_string())
+                .created_by(format!("farm build: layer {} (no filesystem change)", layer.name))
+                .empty_layer(true)
+                .build()
+                .map_err(spec("history"))?,
+        );
+    }
+
+    let platform = Platform::of(layer, base);
+    ImageConfigurationBuilder::default()
+        .created(created.to_string())
+        .architecture(Arch::from(platform.arch.as_str()))
+        .os(Os::from(platform.os.as_str()))
+        .config(cfg)
+        .rootfs(
+            RootFsBuilder::default()
+                .typ("layers")
+                .diff_ids(diff_ids)
+                .build()
+                .map_err(spec("rootfs"))?,
+        )
+        .history(history)
+        .build()
+        .map_err(spec("configuration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use farm_stackerfile::{LocalFiles, Plan, PlanOptions};
+
+    fn layer(yaml: &str) -> Layer {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("stacker.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let p = Plan::load(&f, &PlanOptions::default(), &LocalFiles).unwrap();
+        p.layers.last().unwrap().layer.clone()
+    }
+
+    fn nl(n: u8) -> NewLayer {
+        NewLayer {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
+            size: 1,
+            diff_id: format!("sha256:{}", format!("{:02x}", n + 1).repeat(32)),
+            what: "run".into(),
+        }
+    }
+
+    #[test]
+    fn inheritance_and_extension() {
+        let base_layer = layer(
+            "b:\n  from: {type: scratch}\n  environment: {A: '1', PATH: /bin}\n  \
+             labels: {x: '1'}\n  volumes: [/v1]\n  cmd: /bin/base-cmd\n  entrypoint: /bin/ep\n  \
+             working_dir: /w\n  runtime_user: nobody\n",
+        );
+        let base = image_config(&base_layer, None, &[nl(1)], &BTreeMap::new(), "t").unwrap();
+        let child = layer(
+            "c:\n  from: {type: scratch}\n  environment: {A: '2', B: '3'}\n  labels: {y: '2'}\n  \
+             volumes: [/v2]\n  cmd: [run]\n",
+        );
+        let mut gen_labels = BTreeMap::new();
+        gen_labels.insert("g".to_string(), "z".to_string());
+        let cfg = image_config(&child, Some(&base), &[nl(3)], &gen_labels, "t").unwrap();
+        let c = cfg.config().clone().unwrap();
+        assert_eq!(
+            c.env().clone().unwrap(),
+            vec!["A=2".to_string(), "PATH=/bin".into(), "B=3".into()]
+        );
+        let labels = c.labels().clone().unwrap();
+        assert_eq!((labels["x"].as_str(), labels["y"].as_str(), labels["g"].as_str()), ("1", "2", "z"));
+        let mut vols = c.volumes().clone().unwrap();
+        vols.sort();
+        assert_eq!(vols, vec!["/v1", "/v2"]);
+        assert_eq!(c.cmd().clone().unwrap(), vec!["run"]);
+        assert_eq!(c.entrypoint().clone().unwrap(), vec!["/bin/ep"], "inherited");
+        assert_eq!(c.working_dir().as_deref(), Some("/w"));
+        assert_eq!(c.user().as_deref(), Some("nobody"));
+        assert_eq!(cfg.rootfs().diff_ids().len(), 2);
+        assert_eq!(cfg.history().as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn default_path_and_full_command_and_empty_layer() {
+        let l = layer("a:\n  from: {type: scratch}\n  full_command: /app --x\n  cmd: ignored\n");
+        let cfg = image_config(&l, None, &[], &BTreeMap::new(), "t").unwrap();
+        let c = cfg.config().clone().unwrap();
+        assert_eq!(c.env().clone().unwrap(), vec![format!("PATH={DEFAULT_PATH}")]);
+        assert_eq!(c.entrypoint().clone().unwrap(), vec!["/app", "--x"]);
+        assert_eq!(c.cmd(), &None);
+        let h = cfg.history().clone().unwrap();
+        assert_eq!(h[0].empty_layer(), Some(true));
+        assert!(cfg.rootfs().diff_ids().is_empty());
+    }
+
+    #[test]
+    fn platform_from_layer_base_or_host() {
+        let l = layer("a:\n  from: {type: scratch}\n  arch: arm64\n");
+        let cfg = image_config(&l, None, &[], &BTreeMap::new(), "t").unwrap();
+        assert_eq!(cfg.architecture().to_string(), "arm64");
+        assert_eq!(cfg.os().to_string(), "linux");
+        let l2 = layer("a:\n  from: {type: scratch}\n");
+        let cfg2 = image_config(&l2, Some(&cfg), &[], &BTreeMap::new(), "t").unwrap();
+        assert_eq!(cfg2.architecture().to_string(), "arm64", "inherited from the base");
+    }
+
+    #[test]
+    fn config_json_is_stable_and_sorted() {
+        let l = layer(
+            "a:\n  from: {type: scratch}\n  labels: {z: '1', a: '2', m: '3', q: '4', b: '5'}\n  \
+             volumes: [/z, /a, /m]\n",
+        );
+        let json = |l: &Layer| {
+            farm_image::to_canonical_json(&image_config(l, None, &[], &BTreeMap::new(), "t").unwrap())
+                .unwrap()
+        };
+        let first = json(&l);
+        for _ in 0..20 {
+            assert_eq!(json(&l), first);
+        }
+        let text = String::from_utf8(first).unwrap();
+        assert!(text.find("\"a\":\"2\"").unwrap() < text.find("\"z\":\"1\"").unwrap(), "{text}");
+        assert_eq!(created_time(Some(0)), "1970-01-01T00:00:00Z");
+    }
+}

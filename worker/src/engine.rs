@@ -1,0 +1,648 @@
+//! The build engine: one stacker layer, rootless, from its base to its image config.
+//!
+//! 1. Materialise the base chain in the pool: each OCI layer chain is extracted once, as
+//!    a read-only snapshot of its parent plus one layer, keyed by ChainID.
+//! 2. Each `dest` import becomes its own layer on top (staged as container root, so its
+//!    mode and owner are exact).
+//! 3. `run` executes in the sandbox on a rootless overlay whose lower layer is the chain;
+//!    the upper directory is then exactly the change, so capturing it costs what the
+//!    change costs, never a walk of the whole rootfs.
+//! 4. The change is exported in one streaming pass (tar -> diff_id -> compression ->
+//!    blob digest -> blob store), and applied to a snapshot of the base to form the new
+//!    chain for later builds.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use farm_coordinator::build::{EventSender, Executor, Job, JobBase, JobImport, chain_id};
+use farm_coordinator::cache::{CachedBlob, CachedLayer};
+use farm_image::oci::ImageConfiguration;
+use farm_image::{BlobStore, Compression, Digest, ExportOptions, export_tar_stream};
+
+use crate::assemble::{self, NewLayer};
+use crate::ops::{self, ApplyArgs, RemoveArgs, StageArgs, WriteTarArgs};
+use crate::pool::{Begin, ChainHandle, ChainId, Deleter, Pool, PoolError, WorkspaceOptions};
+use crate::sandbox::{Bind, CancelToken, Rootfs, SandboxSpec, ScriptStatus};
+use crate::userns::Userns;
+
+/// An empty tar (two zero blocks): a change with no entries.
+const EMPTY_TAR_SIZE: u64 = 1024;
+/// Lines of script output kept for the error message of a failed run.
+const TAIL_LINES: usize = 25;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Image(#[from] farm_image::Error),
+    #[error(transparent)]
+    Userns(#[from] crate::userns::UsernsError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Assemble(#[from] assemble::AssembleError),
+    #[error("{what}: {message}")]
+    Step { what: String, message: String },
+    #[error("run failed ({status}); the last lines of its output:\n{tail}")]
+    RunFailed { status: String, tail: String },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn step(what: impl Into<String>) -> impl FnOnce(String) -> EngineError {
+    let what = what.into();
+    move |message| EngineError::Step { what, message }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub timeout: Option<Duration>,
+    pub compression_threads: usize,
+}
+
+/// Builds layers on one pool.
+pub struct Engine {
+    pool: Pool,
+    blobs: BlobStore,
+    userns: Userns,
+    options: EngineOptions,
+    cancel: CancelToken,
+}
+
+/// Deletes trees inside the user namespace (files of other container users cannot be
+/// removed from outside it).
+pub struct UsernsDeleter(pub Userns);
+
+impl Deleter for UsernsDeleter {
+    fn remove_tree(&self, path: &Path) -> std::io::Result<()> {
+        if !path.exists() {
+            return Ok(());
+        }
+        let cmd = self
+            .0
+            .op_command(ops::REMOVE_TREE, &RemoveArgs { path: path.into() })
+            .map_err(std::io::Error::other)?;
+        let mut child = cmd.spawn().map_err(std::io::Error::other)?;
+        let status = child.wait_blocking()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "removing {} in the user namespace failed ({status})",
+                path.display()
+            )))
+        }
+    }
+}
+
+impl Engine {
+    pub fn new(pool: Pool, blobs: BlobStore, userns: Userns, options: EngineOptions) -> Self {
+        Engine {
+            pool,
+            blobs,
+            userns,
+            options,
+            cancel: CancelToken::new(),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Cancel every build of this engine (Ctrl-C): sandboxes are killed.
+    pub fn cancel_all(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Build one layer.
+    pub async fn build(&self, job: &Job, events: &EventSender) -> Result<CachedLayer, EngineError> {
+        let name = job.layer.name.as_str();
+        let compression = parse_compression(&job.compression);
+
+        // 1. The base chain.
+        let (mut chain, mut layers, base_config) = match &job.base {
+            JobBase::Scratch => (self.empty_chain().await?, Vec::new(), None),
+            JobBase::Image(image) => {
+                let chain = self.materialise(&image.layers, events, name).await?;
+                let config: ImageConfiguration = serde_json::from_slice(
+                    &self.blobs.get_bytes(&Digest::parse(&image.config_digest)?).await?,
+                )
+                .map_err(|e| step("reading the base image config")(e.to_string()))?;
+                (chain, image.layers.clone(), Some(config))
+            }
+            JobBase::Tar { digest } => {
+                let chain = self.tar_chain(digest, events, name).await?;
+                (chain, Vec::new(), None)
+            }
+        };
+        let mut new_layers = Vec::new();
+
+        // 2. `dest` imports, each its own layer.
+        for (n, import) in job.imports.iter().enumerate() {
+            let Some(dest) = &import.dest else { continue };
+            events.log(name, format!("farm: import {} -> {dest}", import.path.display()));
+            let (staged, root) = self.stage_import(import, dest, &chain).await?;
+            let exported = self.export_dir(&root, false, &[], job, compression).await?;
+            if exported.tar_size > EMPTY_TAR_SIZE {
+                let blob = blob_of(&exported);
+                chain = self
+                    .extend_chain(&chain, &blob.diff_id, &root, false)
+                    .await?;
+                new_layers.push(NewLayer {
+                    media_type: blob.media_type.clone(),
+                    digest: blob.digest.clone(),
+                    size: blob.size,
+                    diff_id: blob.diff_id.clone(),
+                    what: format!("import {n}"),
+                });
+                layers.push(blob);
+            }
+            self.remove_workspace(staged).await;
+        }
+
+        // 3. `run` on an overlay over the chain, 4. capture and export the change.
+        let tar_base = matches!(job.base, JobBase::Tar { .. });
+        if let Some(script) = &job.layer.run {
+            let ws = self.overlay_workspace().await?;
+            let upper = ws.upper().expect("overlay workspace").to_path_buf();
+            let work = ws.work().expect("overlay workspace").to_path_buf();
+            let mount_dir = ws.path().join("mnt");
+            std::fs::create_dir_all(&mount_dir)
+                .map_err(|e| step("creating the sandbox mount point")(e.to_string()))?;
+            let mut spec = SandboxSpec::new(
+                Rootfs::Overlay {
+                    lower: vec![chain.rootfs().to_path_buf()],
+                    upper: upper.clone(),
+                    work,
+                },
+                &mount_dir,
+                script.clone(),
+            );
+            spec.env = job.env.clone();
+            spec.timeout = self.options.timeout;
+            let imports_dir = if job.layer.legacy_import {
+                "/stacker"
+            } else {
+                "/stacker/imports"
+            };
+            for import in &job.imports {
+                if import.dest.is_none() {
+                    spec.binds.push(Bind {
+                        source: import.path.clone(),
+                        dest: PathBuf::from(imports_dir).join(&import.name),
+                        readonly: true,
+                    });
+                }
+            }
+            let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+            let status = self
+                .userns
+                .run_sandbox(&spec, Some(&self.cancel), |line| {
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line.to_string());
+                    events.log(name, line);
+                })
+                .await;
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => {
+                    self.remove_workspace(ws).await;
+                    if self.cancel.is_cancelled() {
+                        return Err(EngineError::Cancelled);
+                    }
+                    return Err(e.into());
+                }
+            };
+            if !status.success() {
+                self.remove_workspace(ws).await;
+                return Err(EngineError::RunFailed {
+                    status: match status {
+                        ScriptStatus::Exited(c) => format!("exit code {c}"),
+                        ScriptStatus::Signaled(s) => format!("killed by signal {s}"),
+                    },
+                    tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+                });
+            }
+            let exclude = ["/stacker".to_string()];
+            if tar_base {
+                // The tarball and the run changes form one layer: the whole tree.
+                let full = self.pool_workspace_snapshot(&chain).await?;
+                let rootfs = full.rootfs().expect("snapshot workspace").to_path_buf();
+                self.apply_dir(&upper, &rootfs).await?;
+                self.remove_workspace(ws).await;
+                let exported = self.export_dir(&rootfs, false, &exclude, job, compression).await?;
+                let blob = blob_of(&exported);
+                chain = self.extend_chain_from(None, &blob.diff_id, &rootfs, false).await?;
+                self.remove_workspace(full).await;
+                new_layers.push(new_layer(&blob, "tar base + run"));
+                layers.push(blob);
+            } else {
+                let exported = self.export_dir(&upper, true, &exclude, job, compression).await?;
+                if exported.tar_size > EMPTY_TAR_SIZE {
+                    let blob = blob_of(&exported);
+                    chain = self.extend_chain(&chain, &blob.diff_id, &upper, true).await?;
+                    new_layers.push(new_layer(&blob, "run"));
+                    layers.push(blob);
+                } else {
+                    events.log(name, "farm: run changed nothing; no layer added");
+                }
+                self.remove_workspace(ws).await;
+            }
+        } else if tar_base {
+            let rootfs = chain.rootfs().to_path_buf();
+            let exported = self.export_dir(&rootfs, false, &[], job, compression).await?;
+            let blob = blob_of(&exported);
+            chain = self.extend_chain_from(None, &blob.diff_id, &rootfs, false).await?;
+            new_layers.push(new_layer(&blob, "tar base"));
+            layers.push(blob);
+        }
+
+        tracing::debug!(layer = name, chain = %chain.id(), "built");
+        drop(chain);
+
+        // 5. The image config.
+        let created = assemble::created_time(job.source_date_epoch);
+        let config = assemble::image_config(
+            &job.layer,
+            base_config.as_ref(),
+            &new_layers,
+            &BTreeMap::new(),
+            &created,
+        )?;
+        let bytes = farm_image::to_canonical_json(&config)?;
+        let size = bytes.len() as u64;
+        let info = self.blobs.put(bytes.into()).await?;
+        Ok(CachedLayer {
+            config_digest: info.digest.to_string(),
+            config_size: size,
+            chain_id: chain_id(layers.iter().map(|l| l.diff_id.as_str())),
+            layers,
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Pool) -> Result<T, PoolError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || f(pool))
+            .await
+            .map_err(|e| step("pool")(e.to_string()))?
+            .map_err(Into::into)
+    }
+
+    async fn empty_chain(&self) -> Result<ChainHandle, EngineError> {
+        let id = ChainId::parse(&chain_id(std::iter::empty::<&str>()))?;
+        let mapping = self.userns.mapping().clone();
+        self.blocking(move |pool| match pool.begin_chain(&id, None)? {
+            Begin::Exists(h) => Ok(h),
+            Begin::Create(pending) => {
+                let _ = mapping.make_owned_by_container_root(pending.rootfs());
+                pending.commit()
+            }
+        })
+        .await
+    }
+
+    /// The chain of `layers` (base first), extracting the missing ones.
+    async fn materialise(
+        &self,
+        layers: &[CachedBlob],
+        events: &EventSender,
+        name: &str,
+    ) -> Result<ChainHandle, EngineError> {
+        let mut chain = self.empty_chain().await?;
+        for (n, layer) in layers.iter().enumerate() {
+            let id = ChainId::parse(&chain_id(layers[..=n].iter().map(|l| l.diff_id.as_str())))?;
+            let parent = chain;
+            let begin = {
+                let id = id.clone();
+                self.blocking(move |pool| pool.begin_chain(&id, Some(&parent)))
+                    .await?
+            };
+            chain = match begin {
+                Begin::Exists(h) => h,
+                Begin::Create(pending) => {
+                    events.log(
+                        name,
+                        format!(
+                            "farm: extracting base layer {}/{} ({})",
+                            n + 1,
+                            layers.len(),
+                            short(&layer.digest)
+                        ),
+                    );
+                    let _ = self.userns.mapping().make_owned_by_container_root(pending.rootfs());
+                    let digest = Digest::parse(&layer.digest)?;
+                    let reader = self.blobs.reader(&digest).await?;
+                    self.apply_stream(reader, pending.rootfs()).await?;
+                    self.blocking(move |_| pending.commit()).await?
+                }
+            };
+        }
+        Ok(chain)
+    }
+
+    /// A tarball base as a chain of its own (keyed by the tarball's digest).
+    async fn tar_chain(
+        &self,
+        digest: &str,
+        events: &EventSender,
+        name: &str,
+    ) -> Result<ChainHandle, EngineError> {
+        use sha2::{Digest as _, Sha256};
+        let id = ChainId::parse(&format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("farm tar base {digest}").as_bytes()))
+        ))?;
+        let begin = {
+            let id = id.clone();
+            self.blocking(move |pool| pool.begin_chain(&id, None)).await?
+        };
+        match begin {
+            Begin::Exists(h) => Ok(h),
+            Begin::Create(pending) => {
+                events.log(name, format!("farm: unpacking tar base {}", short(digest)));
+                let _ = self.userns.mapping().make_owned_by_container_root(pending.rootfs());
+                let reader = self.blobs.reader(&Digest::parse(digest)?).await?;
+                self.apply_stream(reader, pending.rootfs()).await?;
+                self.blocking(move |_| pending.commit()).await
+            }
+        }
+    }
+
+    /// Pipe `reader` into the apply-layer op on `target`.
+    async fn apply_stream<R: Read + Send + 'static>(
+        &self,
+        mut reader: R,
+        target: &Path,
+    ) -> Result<(), EngineError> {
+        let mut cmd = self.userns.op_command(
+            ops::APPLY_LAYER,
+            &ApplyArgs {
+                target: target.to_path_buf(),
+            },
+        )?;
+        cmd.stdin(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn_async().await?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let feed = tokio::task::spawn_blocking(move || std::io::copy(&mut reader, &mut stdin));
+        let err = tokio::task::spawn_blocking(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let fed = feed.await.map_err(|e| step("applying a layer")(e.to_string()))?;
+        let status = child.wait().await.map_err(|e| step("applying a layer")(e.to_string()))?;
+        let err = err.await.unwrap_or_default();
+        if !status.success() {
+            return Err(step(format!("applying a layer to {}", target.display()))(
+                err.trim().to_string(),
+            ));
+        }
+        fed.map_err(|e| step("reading a layer blob")(e.to_string()))?;
+        Ok(())
+    }
+
+    /// A child chain: `parent` plus the tar of `dir`.
+    async fn extend_chain(
+        &self,
+        parent: &ChainHandle,
+        diff_id: &str,
+        dir: &Path,
+        overlay: bool,
+    ) -> Result<ChainHandle, EngineError> {
+        self.extend_chain_from(Some(parent), diff_id, dir, overlay).await
+    }
+
+    async fn extend_chain_from(
+        &self,
+        parent: Option<&ChainHandle>,
+        diff_id: &str,
+        dir: &Path,
+        overlay: bool,
+    ) -> Result<ChainHandle, EngineError> {
+        let id = match parent {
+            Some(p) => chain_id([p.id().as_str(), diff_id]),
+            None => diff_id.to_string(),
+        };
+        let id = ChainId::parse(&id)?;
+        let parent_id = parent.map(|p| p.id().clone());
+        let begin = self
+            .blocking(move |pool| {
+                // A handle of our own for the blocking thread (handles hold locks).
+                let parent = match &parent_id {
+                    Some(p) => pool.chain(p)?,
+                    None => None,
+                };
+                pool.begin_chain(&id, parent.as_ref())
+            })
+            .await?;
+        match begin {
+            Begin::Exists(h) => Ok(h),
+            Begin::Create(pending) => {
+                let _ = self.userns.mapping().make_owned_by_container_root(pending.rootfs());
+                let (tar, mut writer) = self.tar_process(dir, overlay, &["/stacker".into()], None).await?;
+                let out = writer.stdout.take().expect("piped");
+                self.apply_stream(out, pending.rootfs()).await?;
+                let status = writer.wait().await.map_err(|e| step("writing a layer tar")(e.to_string()))?;
+                if !status.success() {
+                    return Err(step("writing a layer tar")(tar));
+                }
+                self.blocking(move |_| pending.commit()).await
+            }
+        }
+    }
+
+    /// Apply an overlay upper dir onto a writable tree (for the tar-base case).
+    async fn apply_dir(&self, upper: &Path, target: &Path) -> Result<(), EngineError> {
+        let (what, mut writer) = self.tar_process(upper, true, &["/stacker".into()], None).await?;
+        let out = writer.stdout.take().expect("piped");
+        self.apply_stream(out, target).await?;
+        let status = writer.wait().await.map_err(|e| step("writing a layer tar")(e.to_string()))?;
+        if !status.success() {
+            return Err(step("writing a layer tar")(what));
+        }
+        Ok(())
+    }
+
+    /// Start the write-tar op for `dir`, stdout piped.
+    async fn tar_process(
+        &self,
+        dir: &Path,
+        overlay: bool,
+        exclude: &[String],
+        source_date_epoch: Option<u64>,
+    ) -> Result<(String, crate::userns::UsernsChild), EngineError> {
+        let mut cmd = self.userns.op_command(
+            ops::WRITE_TAR,
+            &WriteTarArgs {
+                dir: dir.to_path_buf(),
+                overlay,
+                exclude: exclude.to_vec(),
+                source_date_epoch,
+            },
+        )?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let child = cmd.spawn_async().await?;
+        Ok((format!("tar of {}", dir.display()), child))
+    }
+
+    /// Export the tar of `dir` to the blob store in one streaming pass.
+    async fn export_dir(
+        &self,
+        dir: &Path,
+        overlay: bool,
+        exclude: &[String],
+        job: &Job,
+        compression: Compression,
+    ) -> Result<farm_image::ExportedLayer, EngineError> {
+        let (what, mut child) = self
+            .tar_process(dir, overlay, exclude, job.source_date_epoch)
+            .await?;
+        let out = child.stdout.take().expect("piped");
+        let mut opts = ExportOptions::new(compression);
+        opts.threads = self.options.compression_threads;
+        let exported = export_tar_stream(&self.blobs, out, &opts).await;
+        let status = child.wait().await.map_err(|e| step("writing a layer tar")(e.to_string()))?;
+        if !status.success() {
+            return Err(step("capturing the layer")(what));
+        }
+        Ok(exported?)
+    }
+
+    async fn stage_import(
+        &self,
+        import: &JobImport,
+        dest: &str,
+        base: &ChainHandle,
+    ) -> Result<(crate::pool::Workspace, PathBuf), EngineError> {
+        let ws = self
+            .blocking(|pool| {
+                pool.workspace(WorkspaceOptions {
+                    overlay_dirs: false,
+                    snapshot_of: None,
+                })
+            })
+            .await?;
+        let root = ws.path().join("stage");
+        std::fs::create_dir_all(&root).map_err(|e| step("staging an import")(e.to_string()))?;
+        let _ = self.userns.mapping().make_owned_by_container_root(&root);
+        let args = StageArgs {
+            source: import.path.clone(),
+            source_is_dir: import.is_dir,
+            contents_only: import.contents_only,
+            name: import.name.clone(),
+            root: root.clone(),
+            dest: dest.to_string(),
+            mode: import.mode,
+            uid: import.uid,
+            gid: import.gid,
+            base_rootfs: Some(base.rootfs().to_path_buf()),
+        };
+        let mut cmd = self.userns.op_command(ops::STAGE_IMPORT, &args)?;
+        cmd.stderr(Stdio::piped());
+        let mut child = cmd.spawn_async().await?;
+        let mut stderr = child.stderr.take().expect("piped");
+        let status = child.wait().await.map_err(|e| step("staging an import")(e.to_string()))?;
+        if !status.success() {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            return Err(step(format!("import {}", import.path.display()))(s.trim().to_string()));
+        }
+        Ok((ws, root))
+    }
+
+    async fn overlay_workspace(&self) -> Result<crate::pool::Workspace, EngineError> {
+        let ws = self
+            .blocking(|pool| {
+                pool.workspace(WorkspaceOptions {
+                    overlay_dirs: true,
+                    snapshot_of: None,
+                })
+            })
+            .await?;
+        let m = self.userns.mapping();
+        for d in [ws.upper(), ws.work()].into_iter().flatten() {
+            let _ = m.make_owned_by_container_root(d);
+        }
+        Ok(ws)
+    }
+
+    async fn pool_workspace_snapshot(
+        &self,
+        chain: &ChainHandle,
+    ) -> Result<crate::pool::Workspace, EngineError> {
+        let id = chain.id().clone();
+        self.blocking(move |pool| {
+            let chain = pool.chain(&id)?;
+            pool.workspace(WorkspaceOptions {
+                overlay_dirs: false,
+                snapshot_of: chain.as_ref(),
+            })
+        })
+        .await
+    }
+
+    async fn remove_workspace(&self, ws: crate::pool::Workspace) {
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = ws.remove() {
+                tracing::warn!("removing a build workspace: {e}");
+            }
+        })
+        .await;
+    }
+}
+
+fn blob_of(e: &farm_image::ExportedLayer) -> CachedBlob {
+    CachedBlob {
+        media_type: e.media_type.to_string(),
+        digest: e.digest.to_string(),
+        size: e.size,
+        diff_id: e.diff_id.to_string(),
+    }
+}
+
+fn new_layer(b: &CachedBlob, what: &str) -> NewLayer {
+    NewLayer {
+        media_type: b.media_type.clone(),
+        digest: b.digest.clone(),
+        size: b.size,
+        diff_id: b.diff_id.clone(),
+        what: what.to_string(),
+    }
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+/// `gzip`, `zstd`, optionally with `:LEVEL`.
+pub fn parse_compression(s: &str) -> Compression {
+    let (kind, level) = s.split_once(':').unwrap_or((s, ""));
+    match kind {
+        "zstd" => Compression::Zstd {
+            level: level.parse().unwrap_or(3),
+        },
+        "none" => Compression::None,
+        _ => Compression::Gzip {
+            level: level.parse().unwrap_or(6),
+        },
+    }
+}
+
+impl Executor for Engine {
+    async fn execute(&self, job: Job, events: EventSender) -> Result<CachedLayer, String> {
+        self.build(&job, &events).await.map_err(|e| e.to_string())
+    }
+}

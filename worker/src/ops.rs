@@ -1,0 +1,265 @@
+//! Work that must run as container root inside the build's user namespace, because it
+//! reads or sets ownership in the container's id space: applying a layer to a chain,
+//! writing a layer tar of a directory, staging an import with its mode and owner, and
+//! removing trees that hold files of other container users.
+//!
+//! Each op is a [`NsFn`] run by the hidden entry point (`farm __farm-userns`); tar data
+//! flows through stdin/stdout pipes, so the parent never holds a layer in memory.
+
+use std::fs;
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use farm_image::{ApplyOptions, LayerTarOptions, apply_layer, write_layer_tar};
+use serde::{Deserialize, Serialize};
+
+use crate::userns::NsFn;
+
+type OpResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+pub const APPLY_LAYER: &str = "apply-layer";
+pub const WRITE_TAR: &str = "write-tar";
+pub const STAGE_IMPORT: &str = "stage-import";
+pub const REMOVE_TREE: &str = "remove-tree";
+
+/// The ops of the worker, for the hidden entry point.
+pub const OPS: &[(&str, NsFn)] = &[
+    (APPLY_LAYER, apply_layer_op),
+    (WRITE_TAR, write_tar_op),
+    (STAGE_IMPORT, stage_import_op),
+    (REMOVE_TREE, remove_tree_op),
+];
+
+/// Apply the layer on stdin (tar, gzip or zstd) to `target`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyArgs {
+    pub target: PathBuf,
+}
+
+fn apply_layer_op(arg: serde_json::Value) -> OpResult {
+    let args: ApplyArgs = serde_json::from_value(arg)?;
+    let stdin = BufReader::with_capacity(1 << 20, io::stdin());
+    apply_layer(stdin, &args.target, &ApplyOptions::default())?;
+    Ok(())
+}
+
+/// Write a layer tar of `dir` to stdout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteTarArgs {
+    pub dir: PathBuf,
+    /// Interpret overlay upper-dir conventions (whiteouts, opaque dirs).
+    pub overlay: bool,
+    pub exclude: Vec<String>,
+    pub source_date_epoch: Option<u64>,
+}
+
+fn write_tar_op(arg: serde_json::Value) -> OpResult {
+    let args: WriteTarArgs = serde_json::from_value(arg)?;
+    let mut opts = if args.overlay {
+        LayerTarOptions::overlay_upper()
+    } else {
+        LayerTarOptions::whole_dir()
+    };
+    for e in args.exclude {
+        opts = opts.exclude(e);
+    }
+    opts.source_date_epoch = args.source_date_epoch;
+    let out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
+    let (mut out, _) = write_layer_tar(&args.dir, &opts, out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Copy an import into a staging tree at `dest` (an absolute image path) below `root`,
+/// following stacker's trailing-slash rules, then apply `mode`/`uid`/`gid`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageArgs {
+    pub source: PathBuf,
+    pub source_is_dir: bool,
+    /// The source was written with a trailing `/`.
+    pub contents_only: bool,
+    /// Basename of the source.
+    pub name: String,
+    pub root: PathBuf,
+    pub dest: String,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// The rootfs the layer will land on: parent directories that exist there keep their
+    /// mode and owner in the staged tree (so `/tmp` stays 1777).
+    pub base_rootfs: Option<PathBuf>,
+}
+
+/// Where an import lands in the image, per stackerfile.md's trailing-slash table:
+/// `dir`->`/d` and `dir/`->`/d` and `dir/`->`/d/` give `/d/<contents>`; `dir`->`/d/` gives
+/// `/d/dir/<contents>`; `file`->`/files/` gives `/files/file`; `file`->`/x` gives `/x`.
+pub fn import_target(name: &str, is_dir: bool, contents_only: bool, dest: &str) -> String {
+    let dest_is_dir = dest.ends_with('/');
+    let base = dest.trim_end_matches('/');
+    let base = if base.is_empty() { "" } else { base };
+    if is_dir {
+        if dest_is_dir && !contents_only {
+            format!("{base}/{name}")
+        } else if base.is_empty() {
+            "/".to_string()
+        } else {
+            base.to_string()
+        }
+    } else if dest_is_dir {
+        format!("{base}/{name}")
+    } else {
+        base.to_string()
+    }
+}
+
+fn stage_import_op(arg: serde_json::Value) -> OpResult {
+    let a: StageArgs = serde_json::from_value(arg)?;
+    let target_in_image = import_target(&a.name, a.source_is_dir, a.contents_only, &a.dest);
+    let rel = relative(&target_in_image)?;
+    // Parent directories: mirror the base's where they exist.
+    let mut built = PathBuf::new();
+    let parents: Vec<_> = rel.parent().map(|p| p.components().collect()).unwrap_or_default();
+    for c in parents {
+        built.push(c);
+        let staged = a.root.join(&built);
+        if staged.exists() {
+            continue;
+        }
+        fs::create_dir(&staged)?;
+        let like = a
+            .base_rootfs
+            .as_ref()
+            .map(|b| b.join(&built))
+            .and_then(|p| fs::symlink_metadata(p).ok())
+            .filter(|m| m.is_dir());
+        match like {
+            Some(m) => {
+                fs::set_permissions(&staged, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+                std::os::unix::fs::lchown(&staged, Some(m.uid()), Some(m.gid()))?;
+            }
+            None => fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?,
+        }
+    }
+    let target = a.root.join(&rel);
+    if a.source_is_dir {
+        if !target.exists() {
+            fs::create_dir(&target)?;
+            let m = fs::metadata(&a.source)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        }
+        copy_dir(&a.source, &target)?;
+    } else {
+        fs::copy(&a.source, &target)?;
+    }
+    // Ownership: root unless uid/gid say otherwise; mode when given.
+    let uid = a.uid.unwrap_or(0);
+    let gid = a.gid.unwrap_or(0);
+    walk(&target, &mut |p, m| {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+        if let Some(mode) = a.mode
+            && !m.file_type().is_symlink()
+            && (!m.is_dir() || p == target)
+        {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn relative(image_path: &str) -> io::Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in Path::new(image_path).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("'{image_path}' leaves the image root"),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Copy a directory's contents, keeping symlinks as symlinks and modes.
+fn copy_dir(src: &Path, dst: &Path) -> io::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(src)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let from = e.path();
+        let to = dst.join(e.file_name());
+        let m = fs::symlink_metadata(&from)?;
+        let ft = m.file_type();
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+        } else if ft.is_dir() {
+            fs::create_dir(&to)?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            copy_dir(&from, &to)?;
+        } else if ft.is_file() {
+            fs::copy(&from, &to)?;
+        }
+    }
+    Ok(())
+}
+
+fn walk(path: &Path, f: &mut dyn FnMut(&Path, &fs::Metadata) -> io::Result<()>) -> io::Result<()> {
+    let m = fs::symlink_metadata(path)?;
+    if m.is_dir() {
+        for e in fs::read_dir(path)? {
+            walk(&e?.path(), f)?;
+        }
+    }
+    f(path, &m)
+}
+
+/// Remove a tree (files of any container user).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveArgs {
+    pub path: PathBuf,
+}
+
+fn remove_tree_op(arg: serde_json::Value) -> OpResult {
+    let a: RemoveArgs = serde_json::from_value(arg)?;
+    // Overlay work dirs are mode 000: open them up first.
+    let _ = walk(&a.path, &mut |p, m| {
+        if m.is_dir() {
+            let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o700));
+        }
+        Ok(())
+    });
+    match fs::remove_dir_all(&a.path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::import_target;
+
+    #[test]
+    fn trailing_slash_rules() {
+        // (name, is_dir, contents_only (source had '/'), dest) -> where it lands
+        let cases = [
+            ("dir", true, false, "/d", "/d"),
+            ("dir", true, true, "/d", "/d"),
+            ("dir", true, false, "/d/", "/d/dir"),
+            ("dir", true, true, "/d/", "/d"),
+            ("file", false, false, "/files/", "/files/file"),
+            ("file", false, false, "/x", "/x"),
+            ("dir", true, true, "/", "/"),
+        ];
+        for (name, is_dir, contents, dest, want) in cases {
+            assert_eq!(
+                import_target(name, is_dir, contents, dest),
+                want,
+                "{name} {is_dir} {contents} {dest}"
+            );
+        }
+    }
+}
