@@ -7,6 +7,7 @@
 
 mod cmd;
 mod common;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -30,13 +31,22 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Plan(cmd::plan::PlanArgs),
+    Build(cmd::build::BuildArgs),
+    Check(cmd::check::CheckArgs),
+    Setup(cmd::setup::SetupArgs),
 }
 
 fn main() -> ExitCode {
+    // Before anything starts a thread: `farm __farm-userns` is the process that runs
+    // inside a build's user namespace.
+    farm_worker::userns::run_hidden_entry_if_requested(farm_worker::userns::WORKER_OPS);
     let cli = Cli::parse();
     common::init_logging();
     let result = match cli.command {
         Command::Plan(args) => cmd::plan::run(args),
+        Command::Build(args) => cmd::build::run(args),
+        Command::Check(args) => cmd::check::run(args),
+        Command::Setup(args) => cmd::setup::run(args),
     };
     match result {
         Ok(code) => code,

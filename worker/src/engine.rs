@@ -80,21 +80,29 @@ pub struct UsernsDeleter(pub Userns);
 
 impl Deleter for UsernsDeleter {
     fn remove_tree(&self, path: &Path) -> std::io::Result<()> {
-        if !path.exists() {
+        // What the worker owns it removes itself (always, as real root); the rest is
+        // removed by container root.
+        if crate::pool::StdDeleter.remove_tree(path).is_ok() || !path.exists() {
             return Ok(());
         }
-        let cmd = self
+        let mut cmd = self
             .0
             .op_command(ops::REMOVE_TREE, &RemoveArgs { path: path.into() })
             .map_err(std::io::Error::other)?;
+        cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(std::io::Error::other)?;
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
         let status = child.wait_blocking()?;
         if status.success() {
             Ok(())
         } else {
             Err(std::io::Error::other(format!(
-                "removing {} in the user namespace failed ({status})",
-                path.display()
+                "removing {} in the user namespace failed ({status}): {}",
+                path.display(),
+                err.trim()
             )))
         }
     }

@@ -696,7 +696,7 @@ fn overlay_options(lower: &[PathBuf], upper: &Path, work: &Path) -> Result<Strin
         .collect::<Result<Vec<_>, _>>()?
         .join(":");
     Ok(format!(
-        "lowerdir={lowers},upperdir={},workdir={},userxattr,redirect_dir=off,metacopy=off",
+        "lowerdir={lowers},upperdir={},workdir={},userxattr",
         check(upper)?,
         check(work)?
     ))
@@ -1134,7 +1134,7 @@ mod tests {
             Path::new("/w"),
         )
         .unwrap();
-        assert_eq!(ok, "lowerdir=/a:/b,upperdir=/u,workdir=/w,userxattr,redirect_dir=off,metacopy=off");
+        assert_eq!(ok, "lowerdir=/a:/b,upperdir=/u,workdir=/w,userxattr");
         assert!(overlay_options(&["/a,b".into()], Path::new("/u"), Path::new("/w")).is_err());
         assert!(overlay_options(&[], Path::new("/u"), Path::new("/w")).is_err());
     }
