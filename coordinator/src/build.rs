@@ -27,7 +27,9 @@ pub enum JobBase {
     /// An image whose blobs are in the blob store (a built layer or an OCI layout image).
     Image(CachedLayer),
     /// A tarball in the blob store; its contents and the `run` changes form one layer.
-    Tar { digest: String },
+    Tar {
+        digest: String,
+    },
 }
 
 /// One import, pinned.
@@ -232,10 +234,7 @@ pub async fn run_build<E: Executor>(
                 .iter()
                 .find(|&&d| !matches!(outcomes[d], Some(Outcome::Built { .. })))
             {
-                let because = format!(
-                    "'{}' did not build",
-                    plan.layers[d].layer.name
-                );
+                let because = format!("'{}' did not build", plan.layers[d].layer.name);
                 events.send(Event::Skipped {
                     layer: name,
                     because: because.clone(),
@@ -357,7 +356,9 @@ async fn prepare(
     let (base, base_key) = match &layer.from {
         Base::Scratch => (JobBase::Scratch, BaseKey::Scratch),
         Base::Built { tag } => {
-            let d = plan.index_of(tag).expect("the plan resolved every dependency");
+            let d = plan
+                .index_of(tag)
+                .expect("the plan resolved every dependency");
             let Some(Outcome::Built { result, .. }) = &outcomes[d] else {
                 unreachable!("dependencies are built before their dependents")
             };
@@ -366,11 +367,12 @@ async fn prepare(
         }
         Base::Tar { source } => match source {
             Source::Local { written, path } => {
-                let pinned = pin_local(written, path, options.context.as_deref(), None)
-                    .map_err(|source| BuildError::Input {
+                let pinned = pin_local(written, path, options.context.as_deref(), None).map_err(
+                    |source| BuildError::Input {
                         layer: name.clone(),
                         source,
-                    })?;
+                    },
+                )?;
                 let digest = store_file(blobs, &pinned.resolved)
                     .await
                     .map_err(|source| BuildError::Base {

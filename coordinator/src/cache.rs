@@ -194,7 +194,7 @@ impl ActionCache {
         Ok(())
     }
 
-    pub async fn len(&self) -> Result<u64, CacheError> {
+    pub async fn entries(&self) -> Result<u64, CacheError> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM action_cache")
             .fetch_one(&self.pool)
             .await
@@ -295,7 +295,7 @@ mod tests {
             assert_eq!(c.get("k").await.unwrap(), None);
             c.put("k", &value).await.unwrap();
             c.put("k", &value).await.unwrap();
-            assert_eq!(c.len().await.unwrap(), 1);
+            assert_eq!(c.entries().await.unwrap(), 1);
         }
         let c = ActionCache::open(&path).await.unwrap();
         assert_eq!(c.get("k").await.unwrap(), Some(value));

@@ -48,7 +48,12 @@ pub fn manifest_for(
         .config(config)
         .layers(layers);
     if !annotations.is_empty() {
-        m = m.annotations(annotations.clone().into_iter().collect::<std::collections::HashMap<_, _>>());
+        m = m.annotations(
+            annotations
+                .clone()
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        );
     }
     Ok(m.build()?)
 }
