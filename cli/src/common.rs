@@ -19,7 +19,7 @@ pub fn init_logging() {
 /// Which stackerfile to read, and the substitutions to apply to it.
 #[derive(Debug, Clone, Args)]
 pub struct StackerfileArgs {
-    /// The stackerfile [default: stacker.yaml]
+    /// The stackerfile, a path or an http(s) URL [default: stacker.yaml]
     #[arg(value_name = "FILE", conflicts_with = "stacker_file")]
     pub file: Option<PathBuf>,
 
@@ -114,4 +114,31 @@ pub fn print_diagnostics(diags: &[Diagnostic]) {
     for d in diags {
         eprintln!("{d}");
     }
+}
+
+/// Load and plan a stackerfile given as a path or an http(s) URL.
+pub fn load_plan(
+    path: &Path,
+    options: &farm_stackerfile::PlanOptions,
+) -> anyhow::Result<Result<farm_stackerfile::Plan, farm_stackerfile::PlanError>> {
+    if !crate::remote::is_url(&path.to_string_lossy()) {
+        return Ok(farm_stackerfile::Plan::load(
+            path,
+            options,
+            &farm_stackerfile::LocalFiles,
+        ));
+    }
+    // Fetching needs a runtime of its own, on a thread where blocking is allowed.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the HTTP client")?;
+            let files = crate::remote::Files::new(rt.handle().clone());
+            Ok(farm_stackerfile::Plan::load(path, options, &files))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("fetching the stackerfile failed")))
+    })
 }

@@ -8,6 +8,7 @@
 mod cmd;
 mod common;
 mod progress;
+mod remote;
 
 use std::process::ExitCode;
 

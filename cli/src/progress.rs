@@ -79,7 +79,10 @@ impl Progress {
                         if let Some(bar) = bars.remove(&layer) {
                             bar.finish_and_clear();
                         }
-                        say(&mp, format!("[{layer}] built in {:.1}s", duration.as_secs_f64()));
+                        say(
+                            &mp,
+                            format!("[{layer}] built in {:.1}s", duration.as_secs_f64()),
+                        );
                         states.insert(layer, State::Built(duration));
                     }
                     Event::Failed { layer, error } => {

@@ -139,10 +139,9 @@ pub async fn write_layout(
             descriptor(MediaType::ImageManifest, &digest, size)?,
         ));
     }
-    let mut out = Vec::new();
-    for (tag, desc) in tagged {
-        layout.set_tag(&tag, &desc).await?;
-        out.push((tag, desc.digest().to_string()));
-    }
-    Ok(out)
+    layout.set_tags(&tagged).await?;
+    Ok(tagged
+        .into_iter()
+        .map(|(tag, desc)| (tag, desc.digest().to_string()))
+        .collect())
 }

@@ -201,53 +201,47 @@ impl OciLayout {
     /// its entries are kept sorted by tag so the file does not depend on the order in
     /// which tags were set.
     pub async fn set_tag(&self, tag: &str, manifest: &Descriptor) -> Result<()> {
-        if tag.is_empty() {
-            return Err(Error::Layout {
-                path: self.root.clone(),
-                reason: "empty tag".into(),
-            });
-        }
-        let digest = Digest::try_from(manifest.digest())?;
-        match self.blobs.size(&digest).await? {
-            Some(size) if size == manifest.size() => {}
-            Some(size) => {
-                return Err(Error::Layout {
-                    path: self.root.clone(),
-                    reason: format!(
-                        "descriptor for {digest} says {} bytes, blob has {size}",
-                        manifest.size()
-                    ),
-                });
-            }
-            None => return Err(Error::BlobNotFound(digest)),
-        }
-        let mut desc = manifest.clone();
-        let mut ann = desc.annotations().clone().unwrap_or_default();
-        ann.insert(REF_NAME_ANNOTATION.to_string(), tag.to_string());
-        desc.set_annotations(Some(ann));
-        let tag = tag.to_string();
-        self.update_index(move |manifests| {
-            manifests.retain(|d| tag_of(d) != Some(tag.as_str()));
-            manifests.push(desc);
-        })
-        .await
+        self.set_tags(&[(tag.to_string(), manifest.clone())]).await
     }
 
-    /// Remove `tag`; returns whether it existed. Blobs are left in place.
-    pub async fn remove_tag(&self, tag: &str) -> Result<bool> {
-        let tag = tag.to_string();
-        let found = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let f = found.clone();
+    /// Point several tags at once, in one atomic rewrite of index.json: either every
+    /// tag moves or none does. Each manifest must already be stored in the layout.
+    pub async fn set_tags(&self, tags: &[(String, Descriptor)]) -> Result<()> {
+        let mut entries = Vec::with_capacity(tags.len());
+        for (tag, manifest) in tags {
+            if tag.is_empty() {
+                return Err(Error::Layout {
+                    path: self.root.clone(),
+                    reason: "empty tag".into(),
+                });
+            }
+            let digest = Digest::try_from(manifest.digest())?;
+            match self.blobs.size(&digest).await? {
+                Some(size) if size == manifest.size() => {}
+                Some(size) => {
+                    return Err(Error::Layout {
+                        path: self.root.clone(),
+                        reason: format!(
+                            "descriptor for {digest} says {} bytes, blob has {size}",
+                            manifest.size()
+                        ),
+                    });
+                }
+                None => return Err(Error::BlobNotFound(digest)),
+            }
+            let mut desc = manifest.clone();
+            let mut ann = desc.annotations().clone().unwrap_or_default();
+            ann.insert(REF_NAME_ANNOTATION.to_string(), tag.clone());
+            desc.set_annotations(Some(ann));
+            entries.push((tag.clone(), desc));
+        }
         self.update_index(move |manifests| {
-            let before = manifests.len();
-            manifests.retain(|d| tag_of(d) != Some(tag.as_str()));
-            f.store(
-                manifests.len() != before,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            for (tag, desc) in entries {
+                manifests.retain(|d| tag_of(d) != Some(tag.as_str()));
+                manifests.push(desc);
+            }
         })
-        .await?;
-        Ok(found.load(std::sync::atomic::Ordering::Relaxed))
+        .await
     }
 
     async fn update_index<F>(&self, f: F) -> Result<()>

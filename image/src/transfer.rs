@@ -66,7 +66,10 @@ mod tests {
         assert_eq!(info.digest, Digest::of(b"hello blobs"));
         assert!(!b.exists(&info.digest).await.unwrap());
         a.copy_to(&info.digest, &b).await.unwrap();
-        assert_eq!(&b.get_bytes(&info.digest).await.unwrap()[..], b"hello blobs");
+        assert_eq!(
+            &b.get_bytes(&info.digest).await.unwrap()[..],
+            b"hello blobs"
+        );
         // idempotent
         a.copy_to(&info.digest, &b).await.unwrap();
     }

@@ -14,13 +14,12 @@ use farm_coordinator::output::{
 };
 use farm_coordinator::{Plan, PlanOptions};
 use farm_image::BlobStore;
-use farm_stackerfile::LocalFiles;
 use farm_worker::assemble::Platform;
 use farm_worker::engine::{Engine, EngineOptions, UsernsDeleter};
 use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
 
-use crate::common::{Layout, StackerfileArgs, print_diagnostics};
+use crate::common::{Layout, StackerfileArgs, load_plan, print_diagnostics};
 use crate::progress::Progress;
 
 /// Build the images of a stackerfile, rootless, on this machine.
@@ -34,7 +33,9 @@ use crate::progress::Progress;
 /// Needs a subordinate uid/gid range for your user (see `farm check`; `farm setup`
 /// makes one) and works best with the pool on btrfs.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  farm build\n  farm build -f app/stacker.yaml -o out --substitute VERSION=1.2\n  farm build --no-cache --compression zstd --jobs 4")]
+#[command(
+    after_help = "Examples:\n  farm build\n  farm build -f app/stacker.yaml -o out --substitute VERSION=1.2\n  farm build --no-cache --compression zstd --jobs 4"
+)]
 pub struct BuildArgs {
     #[command(flatten)]
     pub stackerfile: StackerfileArgs,
@@ -103,17 +104,25 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
 
 async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let layout = Layout::new(args.state_dir.clone(), args.pool.clone(), Some(args.output.clone()));
+    let layout = Layout::new(
+        args.state_dir.clone(),
+        args.pool.clone(),
+        Some(args.output.clone()),
+    );
     let options = PlanOptions {
         substitutions: args.stackerfile.substitutions(&layout)?,
     };
     let path = args.stackerfile.path();
-    let plan = match Plan::load(&path, &options, &LocalFiles) {
+    let plan = match load_plan(&path, &options)? {
         Ok(plan) => plan,
         Err(e) => {
             print_diagnostics(&e.warnings);
             print_diagnostics(&e.diagnostics);
-            eprintln!("farm build: {} error(s) in {}", e.diagnostics.len(), path.display());
+            eprintln!(
+                "farm build: {} error(s) in {}",
+                e.diagnostics.len(),
+                path.display()
+            );
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -169,7 +178,15 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
             }
         })
     };
-    let report = run_build(&plan, &blobs, &cache, engine.clone(), &build_options, events).await;
+    let report = run_build(
+        &plan,
+        &blobs,
+        &cache,
+        engine.clone(),
+        &build_options,
+        events,
+    )
+    .await;
     canceller.abort();
     let summary = progress.finish().await;
     let report = report?;
@@ -197,7 +214,10 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             Err(e) => {
-                eprintln!("farm build: writing the OCI layout {}: {e}", args.output.display());
+                eprintln!(
+                    "farm build: writing the OCI layout {}: {e}",
+                    args.output.display()
+                );
                 ok = false;
             }
         }
@@ -215,7 +235,11 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         if ok { "done" } else { "FAILED" },
         started.elapsed().as_secs_f64()
     );
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The directory tree imports must stay in: the common ancestor of every loaded

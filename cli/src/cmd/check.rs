@@ -38,7 +38,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             let ranges: Vec<String> = m
                 .uids
                 .iter()
-                .map(|r| format!("{}..{} -> {}", r.container, r.container + r.count - 1, r.host))
+                .map(|r| {
+                    format!(
+                        "{}..{} -> {}",
+                        r.container,
+                        r.container + r.count - 1,
+                        r.host
+                    )
+                })
                 .collect();
             println!("  ok: container uids {}", ranges.join(", "));
             match Userns::new(farm_worker::Entry::current_exe()?, m)

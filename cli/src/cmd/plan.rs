@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 use farm_coordinator::{Plan, PlanOptions};
-use farm_stackerfile::{Base, LocalFiles};
+use farm_stackerfile::Base;
 
-use crate::common::{Layout, StackerfileArgs, print_diagnostics};
+use crate::common::{Layout, StackerfileArgs, load_plan, print_diagnostics};
 
 /// Show what a stackerfile would build: layers, their bases and dependencies, in waves
 /// of layers that can build at the same time.
@@ -34,7 +34,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
         substitutions: args.stackerfile.substitutions(&layout)?,
     };
     let path = args.stackerfile.path();
-    let plan = match Plan::load(&path, &options, &LocalFiles) {
+    let plan = match load_plan(&path, &options)? {
         Ok(plan) => plan,
         Err(e) => {
             print_diagnostics(&e.warnings);

@@ -17,7 +17,9 @@ use crate::cmd::build::parse_size;
 /// btrfs, a loopback file (--image, default DIR.btrfs) of --size is formatted and
 /// mounted on DIR with user_subvol_rm_allowed.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  sudo farm setup --user alice --pool /var/lib/farm/alice --size 50G")]
+#[command(
+    after_help = "Example:\n  sudo farm setup --user alice --pool /var/lib/farm/alice --size 50G"
+)]
 pub struct SetupArgs {
     /// The user who will run builds
     #[arg(long)]
@@ -40,13 +42,25 @@ const RANGE: u64 = 65536;
 
 pub fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("farm setup must run as root (it edits /etc/subuid and mounts the pool); try: sudo farm setup --user {} --pool {}", args.user, args.pool.display());
+        bail!(
+            "farm setup must run as root (it edits /etc/subuid and mounts the pool); try: sudo farm setup --user {} --pool {}",
+            args.user,
+            args.pool.display()
+        );
     }
     let user = nix::unistd::User::from_name(&args.user)
         .context("looking the user up")?
-        .with_context(|| format!("no user named '{}' (create it first: useradd -m {})", args.user, args.user))?;
+        .with_context(|| {
+            format!(
+                "no user named '{}' (create it first: useradd -m {})",
+                args.user, args.user
+            )
+        })?;
 
-    for (file, flag) in [("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")] {
+    for (file, flag) in [
+        ("/etc/subuid", "--add-subuids"),
+        ("/etc/subgid", "--add-subgids"),
+    ] {
         let text = std::fs::read_to_string(file).unwrap_or_default();
         if has_range(&text, &args.user, user.uid.as_raw()) {
             println!("{file}: {} already has a range", args.user);
@@ -62,7 +76,11 @@ pub fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
         if !status.success() {
             bail!("usermod {flag} failed ({status})");
         }
-        println!("{file}: gave {} ids {start}..{}", args.user, start + RANGE - 1);
+        println!(
+            "{file}: gave {} ids {start}..{}",
+            args.user,
+            start + RANGE - 1
+        );
     }
 
     std::fs::create_dir_all(&args.pool)
@@ -89,7 +107,11 @@ pub fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
     }
     std::os::unix::fs::chown(&args.pool, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
         .with_context(|| format!("chown {} to {}", args.pool.display(), args.user))?;
-    println!("farm setup: done; as {} run: farm check --pool {}", args.user, args.pool.display());
+    println!(
+        "farm setup: done; as {} run: farm check --pool {}",
+        args.user,
+        args.pool.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -117,9 +139,14 @@ fn free_start(text: &str) -> u64 {
 
 fn make_loop_pool(image: &Path, dir: &Path, size: u64) -> anyhow::Result<()> {
     if !image.exists() {
-        let f = std::fs::File::create(image).with_context(|| format!("creating {}", image.display()))?;
-        f.set_len(size).with_context(|| format!("sizing {}", image.display()))?;
-        run_tool(Command::new("mkfs.btrfs").arg("-q").arg(image), "mkfs.btrfs (package btrfs-progs)")?;
+        let f = std::fs::File::create(image)
+            .with_context(|| format!("creating {}", image.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("sizing {}", image.display()))?;
+        run_tool(
+            Command::new("mkfs.btrfs").arg("-q").arg(image),
+            "mkfs.btrfs (package btrfs-progs)",
+        )?;
     }
     run_tool(
         Command::new("mount")
