@@ -244,6 +244,23 @@ impl OciLayout {
         .await
     }
 
+    /// Remove `tag`; returns whether it existed. Blobs are left in place.
+    pub async fn remove_tag(&self, tag: &str) -> Result<bool> {
+        let tag = tag.to_string();
+        let found = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = found.clone();
+        self.update_index(move |manifests| {
+            let before = manifests.len();
+            manifests.retain(|d| tag_of(d) != Some(tag.as_str()));
+            f.store(
+                manifests.len() != before,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        })
+        .await?;
+        Ok(found.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     async fn update_index<F>(&self, f: F) -> Result<()>
     where
         F: FnOnce(&mut Vec<Descriptor>) + Send + 'static,
