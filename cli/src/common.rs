@@ -27,6 +27,13 @@ pub struct StackerfileArgs {
     #[arg(short = 'f', long = "stacker-file", value_name = "FILE")]
     pub stacker_file: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub subs: SubstitutionArgs,
+}
+
+/// `--substitute` and `--substitute-file`.
+#[derive(Debug, Clone, Args)]
+pub struct SubstitutionArgs {
     /// Replace ${{NAME}} in the stackerfiles with VALUE (repeatable; VALUE may contain
     /// '=' and ','). Wins over --substitute-file.
     #[arg(long = "substitute", value_name = "NAME=VALUE")]
@@ -45,6 +52,12 @@ impl StackerfileArgs {
             .unwrap_or_else(|| PathBuf::from("stacker.yaml"))
     }
 
+    pub fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
+        self.subs.substitutions(layout)
+    }
+}
+
+impl SubstitutionArgs {
     /// The substitution set: --substitute, then --substitute-file, then built-ins.
     pub fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
         let mut subs = Substitutions::default();

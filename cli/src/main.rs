@@ -7,6 +7,7 @@
 
 mod cmd;
 mod common;
+mod local;
 mod progress;
 mod remote;
 
@@ -33,6 +34,11 @@ struct Cli {
 enum Command {
     Plan(cmd::plan::PlanArgs),
     Build(cmd::build::BuildArgs),
+    RecursiveBuild(cmd::build::RecursiveBuildArgs),
+    Grab(cmd::layers::GrabArgs),
+    Chroot(cmd::layers::ChrootArgs),
+    Inspect(cmd::layers::InspectArgs),
+    Clean(cmd::layers::CleanArgs),
     Check(cmd::check::CheckArgs),
     Setup(cmd::setup::SetupArgs),
 }
@@ -46,6 +52,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Build(args) => cmd::build::run(args),
+        Command::RecursiveBuild(args) => cmd::build::run_recursive(args),
+        Command::Grab(args) => cmd::layers::grab(args),
+        Command::Chroot(args) => cmd::layers::chroot(args),
+        Command::Inspect(args) => cmd::layers::inspect(args),
+        Command::Clean(args) => cmd::layers::clean(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Setup(args) => cmd::setup::run(args),
     };

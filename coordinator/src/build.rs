@@ -30,22 +30,48 @@ pub enum JobBase {
     Tar {
         digest: String,
     },
+    /// A tarball inside another layer's result (`stacker://LAYER/PATH`).
+    TarInLayer {
+        producer: CachedLayer,
+        path: String,
+    },
+}
+
+/// Where an import's content is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportSource {
+    /// A file or directory on this machine.
+    Local(PathBuf),
+    /// A blob in the store (an http download).
+    Blob { digest: String },
+    /// A path inside another layer's result (`stacker://LAYER/PATH`).
+    Layer { producer: CachedLayer, path: String },
 }
 
 /// One import, pinned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobImport {
-    /// File or directory on this machine.
-    pub path: PathBuf,
+    pub source: ImportSource,
     /// Name under `/stacker/imports` (the source's basename).
     pub name: String,
-    pub is_dir: bool,
     /// The source was written with a trailing `/` ("its contents").
     pub contents_only: bool,
     pub dest: Option<String>,
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// sha256 hex the content must have (checked by the worker for `stacker://`
+    /// sources; already checked for local files and downloads).
+    pub hash: Option<String>,
+    /// The digest that enters the cache key.
+    pub digest: String,
+}
+
+/// A directory whose contents become a layer at `dest` (`overlay_dirs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOverlayDir {
+    pub source: PathBuf,
+    pub dest: String,
     pub digest: String,
 }
 
@@ -56,6 +82,7 @@ pub struct Job {
     pub cache_key: String,
     pub base: JobBase,
     pub imports: Vec<JobImport>,
+    pub overlay_dirs: Vec<JobOverlayDir>,
     /// The complete environment of `run`.
     pub env: Vec<(String, String)>,
     pub source_date_epoch: Option<u64>,
@@ -107,7 +134,7 @@ impl EventSender {
 }
 
 /// Options of one build.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BuildOptions {
     pub jobs: usize,
     pub no_cache: bool,
@@ -117,6 +144,8 @@ pub struct BuildOptions {
     /// Imports must resolve inside this directory (None: anywhere).
     pub context: Option<PathBuf>,
     pub platform: String,
+    /// Downloads http(s) imports and tarballs into the blob store.
+    pub fetcher: crate::fetch::Fetcher,
 }
 
 /// How one layer ended.
@@ -156,6 +185,11 @@ pub enum BuildError {
         layer: String,
         what: String,
         source: farm_image::Error,
+    },
+    #[error("layer '{layer}': {source}")]
+    Fetch {
+        layer: String,
+        source: crate::fetch::FetchError,
     },
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
@@ -341,6 +375,35 @@ async fn blobs_present(blobs: &BlobStore, layer: &CachedLayer) -> Result<bool, B
     Ok(true)
 }
 
+/// The built result of layer `tag` (a dependency, so it is built) and its cache key.
+fn dependency<'a>(
+    plan: &Plan,
+    tag: &str,
+    outcomes: &'a [Option<Outcome>],
+    keys: &[Option<String>],
+) -> (&'a CachedLayer, String) {
+    let d = plan
+        .index_of(tag)
+        .expect("the plan resolved every dependency");
+    let Some(Outcome::Built { result, .. }) = &outcomes[d] else {
+        unreachable!("dependencies are built before their dependents")
+    };
+    (result, keys[d].clone().unwrap_or_default())
+}
+
+/// The digest standing for `path` inside a built layer's result: the result's layers
+/// determine its filesystem exactly, so this changes whenever the content can.
+fn layer_path_digest(producer_key: &str, producer: &CachedLayer, path: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    let layers: Vec<&str> = producer.layers.iter().map(|l| l.digest.as_str()).collect();
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(
+            format!("stacker:// {producer_key} {} {path}", layers.join(",")).as_bytes()
+        ))
+    )
+}
+
 /// Pin a layer's inputs and compute its cache key.
 async fn prepare(
     plan: &Plan,
@@ -353,26 +416,45 @@ async fn prepare(
     let planned = &plan.layers[i];
     let layer = &planned.layer;
     let name = layer.name.clone();
+    let input = |source: InputError| BuildError::Input {
+        layer: name.clone(),
+        source,
+    };
+    let platform = match (&layer.os, &layer.arch) {
+        (None, None) => options.platform.clone(),
+        (os, arch) => {
+            let (hos, harch) = options
+                .platform
+                .split_once('/')
+                .unwrap_or(("linux", options.platform.as_str()));
+            format!(
+                "{}/{}",
+                os.as_deref().unwrap_or(hos),
+                arch.as_deref().unwrap_or(harch)
+            )
+        }
+    };
+    if platform != options.platform && (layer.run.is_some() || layer.generate_labels.is_some()) {
+        return Err(BuildError::Unsupported {
+            layer: name,
+            message: format!(
+                "it runs commands for {platform}, but this worker is {}; farm does not \
+                 emulate other platforms (build it on a {platform} worker, or remove \
+                 'os'/'arch')",
+                options.platform
+            ),
+        });
+    }
     let (base, base_key) = match &layer.from {
         Base::Scratch => (JobBase::Scratch, BaseKey::Scratch),
         Base::Built { tag } => {
-            let d = plan
-                .index_of(tag)
-                .expect("the plan resolved every dependency");
-            let Some(Outcome::Built { result, .. }) = &outcomes[d] else {
-                unreachable!("dependencies are built before their dependents")
-            };
-            let key = keys[d].clone().unwrap_or_default();
+            let (result, key) = dependency(plan, tag, outcomes, keys);
             (JobBase::Image(result.clone()), BaseKey::Built(key))
         }
         Base::Tar { source } => match source {
             Source::Local { written, path } => {
-                let pinned = pin_local(written, path, options.context.as_deref(), None).map_err(
-                    |source| BuildError::Input {
-                        layer: name.clone(),
-                        source,
-                    },
-                )?;
+                let pinned =
+                    pin_local(written, path, options.context.as_deref(), None).map_err(input)?;
                 let digest = store_file(blobs, &pinned.resolved)
                     .await
                     .map_err(|source| BuildError::Base {
@@ -387,18 +469,29 @@ async fn prepare(
                     BaseKey::Tar(digest),
                 )
             }
-            other => {
-                return Err(BuildError::Unsupported {
-                    layer: name,
-                    message: format!(
-                        "tar base '{}': only local tarballs are supported by this version",
-                        other.written()
-                    ),
-                });
+            Source::Http { url } => {
+                let digest = fetch(options, &name, url, None).await?;
+                (
+                    JobBase::Tar {
+                        digest: digest.clone(),
+                    },
+                    BaseKey::Tar(digest),
+                )
+            }
+            Source::Layer { layer: tag, path } => {
+                let (producer, key) = dependency(plan, tag, outcomes, keys);
+                let digest = layer_path_digest(&key, producer, path);
+                (
+                    JobBase::TarInLayer {
+                        producer: producer.clone(),
+                        path: path.clone(),
+                    },
+                    BaseKey::Tar(digest),
+                )
             }
         },
         Base::Oci { url } => {
-            let image = import_oci(blobs, &layer.dir, url, &options.platform)
+            let image = import_oci(blobs, &layer.dir, url, &platform)
                 .await
                 .map_err(|source| BuildError::Base {
                     layer: name.clone(),
@@ -421,40 +514,95 @@ async fn prepare(
     };
     let mut imports = Vec::new();
     for import in &layer.imports {
-        let Source::Local { written, path } = &import.source else {
-            return Err(BuildError::Unsupported {
-                layer: name,
-                message: format!(
-                    "import '{}': only local imports are supported by this version",
-                    import.source.written()
-                ),
-            });
-        };
-        let pinned = pin_local(
-            written,
-            path,
-            options.context.as_deref(),
-            import.hash.as_deref(),
-        )
-        .map_err(|source| BuildError::Input {
-            layer: name.clone(),
-            source,
-        })?;
+        let written = import.source.written();
         let trimmed = written.trim_end_matches('/');
-        imports.push(JobImport {
-            name: Path::new(trimmed)
+        let name_of = |p: &str| {
+            Path::new(p)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| trimmed.to_string()),
+                .unwrap_or_else(|| "import".to_string())
+        };
+        let (source, digest, import_name) = match &import.source {
+            Source::Local { path, .. } => {
+                let pinned = pin_local(
+                    &written,
+                    path,
+                    options.context.as_deref(),
+                    import.hash.as_deref(),
+                )
+                .map_err(input)?;
+                (
+                    ImportSource::Local(pinned.resolved),
+                    pinned.digest,
+                    name_of(trimmed),
+                )
+            }
+            Source::Http { url } => {
+                let digest = fetch(options, &name, url, import.hash.as_deref()).await?;
+                let file = url
+                    .split(['?', '#'])
+                    .next()
+                    .unwrap_or(url)
+                    .trim_end_matches('/');
+                (
+                    ImportSource::Blob {
+                        digest: digest.clone(),
+                    },
+                    digest,
+                    name_of(file.rsplit('/').next().unwrap_or("download")),
+                )
+            }
+            Source::Layer { layer: tag, path } => {
+                let (producer, key) = dependency(plan, tag, outcomes, keys);
+                (
+                    ImportSource::Layer {
+                        producer: producer.clone(),
+                        path: path.clone(),
+                    },
+                    layer_path_digest(&key, producer, path),
+                    name_of(path.trim_end_matches('/')),
+                )
+            }
+        };
+        imports.push(JobImport {
+            source,
+            name: import_name,
             contents_only: written.ends_with('/'),
-            is_dir: pinned.is_dir,
-            path: pinned.resolved,
             dest: import.dest.clone(),
             mode: import.mode,
             uid: import.uid,
             gid: import.gid,
+            hash: import.hash.clone(),
+            digest,
+        });
+    }
+    let mut overlay_dirs = Vec::new();
+    for od in &layer.overlay_dirs {
+        let pinned =
+            pin_local(&od.written, &od.source, options.context.as_deref(), None).map_err(input)?;
+        if !pinned.is_dir {
+            return Err(BuildError::Unsupported {
+                layer: name,
+                message: format!("overlay_dirs source '{}' is not a directory", od.written),
+            });
+        }
+        overlay_dirs.push(JobOverlayDir {
+            source: pinned.resolved,
+            dest: od.dest.clone(),
             digest: pinned.digest,
         });
+    }
+    for bind in &layer.binds {
+        if !bind.source.exists() {
+            return Err(BuildError::Unsupported {
+                layer: name,
+                message: format!(
+                    "bind source '{}' ({}) does not exist on this worker",
+                    bind.written,
+                    bind.source.display()
+                ),
+            });
+        }
     }
     let (env, passthrough) = run_environment(layer, &options.caller_env);
     let source_date_epoch = passthrough
@@ -465,9 +613,9 @@ async fn prepare(
         definition_digest: planned.definition_digest.clone(),
         base: base_key,
         imports: imports.iter().map(|i| i.digest.clone()).collect(),
-        overlay_dirs: Vec::new(),
+        overlay_dirs: overlay_dirs.iter().map(|o| o.digest.clone()).collect(),
         source_date_epoch: source_date_epoch.clone(),
-        platform: options.platform.clone(),
+        platform,
         passthrough,
         compression: options.compression.clone(),
     }
@@ -477,10 +625,29 @@ async fn prepare(
         cache_key: key,
         base,
         imports,
+        overlay_dirs,
         env,
         source_date_epoch: source_date_epoch.and_then(|s| s.trim().parse().ok()),
         compression: options.compression.clone(),
     })
+}
+
+/// Download `url` into the blob store (or reuse it), returning its digest.
+async fn fetch(
+    options: &BuildOptions,
+    layer: &str,
+    url: &str,
+    hash: Option<&str>,
+) -> Result<String, BuildError> {
+    let fetched = options
+        .fetcher
+        .fetch(url, hash)
+        .await
+        .map_err(|source| BuildError::Fetch {
+            layer: layer.to_string(),
+            source,
+        })?;
+    Ok(fetched.digest.to_string())
 }
 
 /// Put a local file into the blob store (streaming), returning its digest.

@@ -145,3 +145,88 @@ pub async fn write_layout(
         .map(|(tag, desc)| (tag, desc.digest().to_string()))
         .collect())
 }
+
+/// The file in the state dir that remembers what the last build of each layer
+/// produced (for `farm grab`, `farm chroot`).
+const RESULTS_FILE: &str = "layers.json";
+
+/// Remember the results of a build, by layer name (merged with earlier builds).
+pub fn record_results(state_dir: &Path, results: &[(String, CachedLayer)]) -> std::io::Result<()> {
+    let path = state_dir.join(RESULTS_FILE);
+    let mut all: BTreeMap<String, CachedLayer> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for (name, r) in results {
+        all.insert(name.clone(), r.clone());
+    }
+    let tmp = state_dir.join(format!(".{RESULTS_FILE}.{}", std::process::id()));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// What the last build of layer `name` produced, if any.
+pub fn recorded_result(state_dir: &Path, name: &str) -> Option<CachedLayer> {
+    let all: BTreeMap<String, CachedLayer> =
+        serde_json::from_slice(&std::fs::read(state_dir.join(RESULTS_FILE)).ok()?).ok()?;
+    all.get(name).cloned()
+}
+
+/// Names of every recorded layer.
+pub fn recorded_layers(state_dir: &Path) -> Vec<String> {
+    std::fs::read(state_dir.join(RESULTS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<BTreeMap<String, CachedLayer>>(&b).ok())
+        .map(|m| m.into_keys().collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CachedBlob;
+
+    fn result(n: u8) -> CachedLayer {
+        CachedLayer {
+            config_digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
+            config_size: 2,
+            layers: vec![CachedBlob {
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                digest: format!("sha256:{}", "ab".repeat(32)),
+                size: 3,
+                diff_id: format!("sha256:{}", "cd".repeat(32)),
+            }],
+            chain_id: format!("sha256:{}", "cd".repeat(32)),
+        }
+    }
+
+    #[test]
+    fn results_are_remembered_and_merged() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(recorded_result(d.path(), "a"), None);
+        record_results(
+            d.path(),
+            &[("a".into(), result(1)), ("b".into(), result(2))],
+        )
+        .unwrap();
+        record_results(d.path(), &[("a".into(), result(3))]).unwrap();
+        assert_eq!(recorded_result(d.path(), "a"), Some(result(3)));
+        assert_eq!(recorded_result(d.path(), "b"), Some(result(2)));
+        assert_eq!(recorded_layers(d.path()), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn manifests_are_canonical_and_carry_annotations() {
+        let mut a = BTreeMap::new();
+        a.insert("z".to_string(), "1".to_string());
+        a.insert("a".to_string(), "2".to_string());
+        let m = manifest_for(&result(1), &a).unwrap();
+        let json = String::from_utf8(to_canonical_json(&m).unwrap()).unwrap();
+        assert!(json.contains("\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\""));
+        assert!(json.find("\"a\":\"2\"").unwrap() < json.find("\"z\":\"1\"").unwrap());
+        assert_eq!(m.layers().len(), 1);
+    }
+}

@@ -112,6 +112,16 @@ pub fn load(
     subs: &Substitutions,
     source: &dyn FileSource,
 ) -> Result<Loaded, PlanError> {
+    load_many(&[entry.to_path_buf()], subs, source)
+}
+
+/// Load several stackerfiles (and their prerequisites) together, as one set of layers
+/// (`farm recursive-build`). A file reached twice is loaded once.
+pub fn load_many(
+    entries: &[PathBuf],
+    subs: &Substitutions,
+    source: &dyn FileSource,
+) -> Result<Loaded, PlanError> {
     let mut loader = Loader {
         source,
         subs,
@@ -120,7 +130,9 @@ pub fn load(
         done: HashMap::new(),
         stack: Vec::new(),
     };
-    loader.load_file(entry, None);
+    for entry in entries {
+        loader.load_file(entry, None);
+    }
     if loader.errors.is_empty() {
         loader.check_duplicates();
     }

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::canonical::CanonicalLayer;
 use crate::diag::{Diagnostic, Pos, Severity, suggest};
-use crate::load::{FileSource, LoadedFile, PlanError, load};
+use crate::load::{FileSource, LoadedFile, PlanError};
 use crate::model::{Base, Layer};
 use crate::subst::Substitutions;
 
@@ -50,7 +50,16 @@ impl Plan {
         options: &PlanOptions,
         source: &dyn FileSource,
     ) -> Result<Plan, PlanError> {
-        let loaded = load(entry, &options.substitutions, source)?;
+        Self::load_many(&[entry.to_path_buf()], options, source)
+    }
+
+    /// Load several stackerfiles (and their prerequisites) and plan them as one DAG.
+    pub fn load_many(
+        entries: &[std::path::PathBuf],
+        options: &PlanOptions,
+        source: &dyn FileSource,
+    ) -> Result<Plan, PlanError> {
+        let loaded = crate::load::load_many(entries, &options.substitutions, source)?;
         let files = loaded.files;
         let warnings = loaded.warnings;
         let layers = loaded.layers;

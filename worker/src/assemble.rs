@@ -106,7 +106,10 @@ pub fn image_config(
         .unwrap_or_default();
     for (k, v) in &layer.environment {
         let entry = format!("{k}={v}");
-        match env.iter_mut().find(|e| e.split_once('=').map(|s| s.0) == Some(k)) {
+        match env
+            .iter_mut()
+            .find(|e| e.split_once('=').map(|s| s.0) == Some(k))
+        {
             Some(existing) => *existing = entry,
             None => env.push(entry),
         }
@@ -152,7 +155,11 @@ pub fn image_config(
         cfg = cfg.cmd(c);
     }
     if !labels.is_empty() {
-        cfg = cfg.labels(labels.into_iter().collect::<std::collections::HashMap<_, _>>());
+        cfg = cfg.labels(
+            labels
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        );
     }
     if !volumes.is_empty() {
         cfg = cfg.volumes(volumes.into_iter().collect::<Vec<_>>());
@@ -179,7 +186,9 @@ pub fn image_config(
     }
     let cfg = cfg.build().map_err(spec("config"))?;
 
-    let mut diff_ids: Vec<String> = base.map(|b| b.rootfs().diff_ids().clone()).unwrap_or_default();
+    let mut diff_ids: Vec<String> = base
+        .map(|b| b.rootfs().diff_ids().clone())
+        .unwrap_or_default();
     let mut history = base.and_then(|b| b.history().clone()).unwrap_or_default();
     for l in new_layers {
         diff_ids.push(l.diff_id.clone());
@@ -195,7 +204,10 @@ pub fn image_config(
         history.push(
             HistoryBuilder::default()
                 .created(created.to_string())
-                .created_by(format!("farm build: layer {} (no filesystem change)", layer.name))
+                .created_by(format!(
+                    "farm build: layer {} (no filesystem change)",
+                    layer.name
+                ))
                 .empty_layer(true)
                 .build()
                 .map_err(spec("history"))?,
@@ -264,12 +276,23 @@ mod tests {
             vec!["A=2".to_string(), "PATH=/bin".into(), "B=3".into()]
         );
         let labels = c.labels().clone().unwrap();
-        assert_eq!((labels["x"].as_str(), labels["y"].as_str(), labels["g"].as_str()), ("1", "2", "z"));
+        assert_eq!(
+            (
+                labels["x"].as_str(),
+                labels["y"].as_str(),
+                labels["g"].as_str()
+            ),
+            ("1", "2", "z")
+        );
         let mut vols = c.volumes().clone().unwrap();
         vols.sort();
         assert_eq!(vols, vec!["/v1", "/v2"]);
         assert_eq!(c.cmd().clone().unwrap(), vec!["run"]);
-        assert_eq!(c.entrypoint().clone().unwrap(), vec!["/bin/ep"], "inherited");
+        assert_eq!(
+            c.entrypoint().clone().unwrap(),
+            vec!["/bin/ep"],
+            "inherited"
+        );
         assert_eq!(c.working_dir().as_deref(), Some("/w"));
         assert_eq!(c.user().as_deref(), Some("nobody"));
         assert_eq!(cfg.rootfs().diff_ids().len(), 2);
@@ -281,7 +304,10 @@ mod tests {
         let l = layer("a:\n  from: {type: scratch}\n  full_command: /app --x\n  cmd: ignored\n");
         let cfg = image_config(&l, None, &[], &BTreeMap::new(), "t").unwrap();
         let c = cfg.config().clone().unwrap();
-        assert_eq!(c.env().clone().unwrap(), vec![format!("PATH={DEFAULT_PATH}")]);
+        assert_eq!(
+            c.env().clone().unwrap(),
+            vec![format!("PATH={DEFAULT_PATH}")]
+        );
         assert_eq!(c.entrypoint().clone().unwrap(), vec!["/app", "--x"]);
         assert_eq!(c.cmd(), &None);
         let h = cfg.history().clone().unwrap();
@@ -297,7 +323,11 @@ mod tests {
         assert_eq!(cfg.os().to_string(), "linux");
         let l2 = layer("a:\n  from: {type: scratch}\n");
         let cfg2 = image_config(&l2, Some(&cfg), &[], &BTreeMap::new(), "t").unwrap();
-        assert_eq!(cfg2.architecture().to_string(), "arm64", "inherited from the base");
+        assert_eq!(
+            cfg2.architecture().to_string(),
+            "arm64",
+            "inherited from the base"
+        );
     }
 
     #[test]
@@ -307,15 +337,20 @@ mod tests {
              volumes: [/z, /a, /m]\n",
         );
         let json = |l: &Layer| {
-            farm_image::to_canonical_json(&image_config(l, None, &[], &BTreeMap::new(), "t").unwrap())
-                .unwrap()
+            farm_image::to_canonical_json(
+                &image_config(l, None, &[], &BTreeMap::new(), "t").unwrap(),
+            )
+            .unwrap()
         };
         let first = json(&l);
         for _ in 0..20 {
             assert_eq!(json(&l), first);
         }
         let text = String::from_utf8(first).unwrap();
-        assert!(text.find("\"a\":\"2\"").unwrap() < text.find("\"z\":\"1\"").unwrap(), "{text}");
+        assert!(
+            text.find("\"a\":\"2\"").unwrap() < text.find("\"z\":\"1\"").unwrap(),
+            "{text}"
+        );
         assert_eq!(created_time(Some(0)), "1970-01-01T00:00:00Z");
     }
 }

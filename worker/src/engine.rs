@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use farm_coordinator::build::{EventSender, Executor, Job, JobBase, JobImport, chain_id};
+use farm_coordinator::build::{
+    EventSender, Executor, ImportSource, Job, JobBase, JobImport, chain_id,
+};
 use farm_coordinator::cache::{CachedBlob, CachedLayer};
 use farm_image::oci::ImageConfiguration;
 use farm_image::{BlobStore, Compression, Digest, ExportOptions, export_tar_stream};
@@ -132,14 +134,38 @@ impl Engine {
     pub async fn build(&self, job: &Job, events: &EventSender) -> Result<CachedLayer, EngineError> {
         let name = job.layer.name.as_str();
         let compression = parse_compression(&job.compression);
+        // Chains and workspaces this build reads from; held until it ends.
+        let mut held: Vec<ChainHandle> = Vec::new();
+        let mut scratch: Vec<crate::pool::Workspace> = Vec::new();
+        let result = self
+            .build_inner(job, events, name, compression, &mut held, &mut scratch)
+            .await;
+        for ws in scratch {
+            self.remove_workspace(ws).await;
+        }
+        drop(held);
+        result
+    }
 
+    async fn build_inner(
+        &self,
+        job: &Job,
+        events: &EventSender,
+        name: &str,
+        compression: Compression,
+        held: &mut Vec<ChainHandle>,
+        scratch: &mut Vec<crate::pool::Workspace>,
+    ) -> Result<CachedLayer, EngineError> {
         // 1. The base chain.
         let (mut chain, mut layers, base_config) = match &job.base {
             JobBase::Scratch => (self.empty_chain().await?, Vec::new(), None),
             JobBase::Image(image) => {
                 let chain = self.materialise(&image.layers, events, name).await?;
                 let config: ImageConfiguration = serde_json::from_slice(
-                    &self.blobs.get_bytes(&Digest::parse(&image.config_digest)?).await?,
+                    &self
+                        .blobs
+                        .get_bytes(&Digest::parse(&image.config_digest)?)
+                        .await?,
                 )
                 .map_err(|e| step("reading the base image config")(e.to_string()))?;
                 (chain, image.layers.clone(), Some(config))
@@ -148,133 +174,180 @@ impl Engine {
                 let chain = self.tar_chain(digest, events, name).await?;
                 (chain, Vec::new(), None)
             }
+            JobBase::TarInLayer { producer, path } => {
+                let producer_chain = self.materialise(&producer.layers, events, name).await?;
+                let found = self.inspect(producer_chain.rootfs(), path, false).await?;
+                let chain = self
+                    .tar_chain_from_file(&producer_chain, path, &found.resolved, events, name)
+                    .await?;
+                held.push(producer_chain);
+                (chain, Vec::new(), None)
+            }
         };
         let mut new_layers = Vec::new();
 
-        // 2. `dest` imports, each its own layer.
-        for (n, import) in job.imports.iter().enumerate() {
-            let Some(dest) = &import.dest else { continue };
-            events.log(name, format!("farm: import {} -> {dest}", import.path.display()));
-            let (staged, root) = self.stage_import(import, dest, &chain).await?;
-            let exported = self.export_dir(&root, false, &[], job, compression).await?;
+        // Where each import's content is on this machine.
+        let mut sources: Vec<PathBuf> = Vec::with_capacity(job.imports.len());
+        for import in &job.imports {
+            sources.push(
+                self.locate_import(import, events, name, held, scratch)
+                    .await?,
+            );
+        }
+
+        // 2. `dest` imports and `overlay_dirs`, each its own layer below the run layer.
+        let mut extra: Vec<(StageArgs, String)> = Vec::new();
+        for (import, source) in job.imports.iter().zip(&sources) {
+            if let Some(dest) = &import.dest {
+                events.log(name, format!("farm: import {} -> {dest}", import.name));
+                extra.push((
+                    StageArgs {
+                        source: source.clone(),
+                        contents_only: import.contents_only,
+                        name: import.name.clone(),
+                        root: PathBuf::new(),
+                        dest: dest.clone(),
+                        mode: import.mode,
+                        uid: import.uid,
+                        gid: import.gid,
+                        base_rootfs: None,
+                    },
+                    format!("import {}", import.name),
+                ));
+            }
+        }
+        for od in &job.overlay_dirs {
+            events.log(
+                name,
+                format!("farm: overlay_dir {} -> {}", od.source.display(), od.dest),
+            );
+            extra.push((
+                StageArgs {
+                    source: od.source.clone(),
+                    contents_only: true,
+                    name: String::new(),
+                    root: PathBuf::new(),
+                    dest: format!("{}/", od.dest.trim_end_matches('/')),
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                    base_rootfs: None,
+                },
+                format!("overlay_dir {}", od.dest),
+            ));
+        }
+        for (args, what) in extra {
+            let (staged, root) = self.stage(args, &chain).await?;
+            let exported = self.export_dir(&root, false, &[], job, compression).await;
+            let exported = match exported {
+                Ok(e) => e,
+                Err(e) => {
+                    self.remove_workspace(staged).await;
+                    return Err(e);
+                }
+            };
             if exported.tar_size > EMPTY_TAR_SIZE {
                 let blob = blob_of(&exported);
                 chain = self
                     .extend_chain(&chain, &blob.diff_id, &root, false)
                     .await?;
-                new_layers.push(NewLayer {
-                    media_type: blob.media_type.clone(),
-                    digest: blob.digest.clone(),
-                    size: blob.size,
-                    diff_id: blob.diff_id.clone(),
-                    what: format!("import {n}"),
-                });
+                new_layers.push(new_layer(&blob, &what));
                 layers.push(blob);
             }
             self.remove_workspace(staged).await;
         }
 
         // 3. `run` on an overlay over the chain, 4. capture and export the change.
-        let tar_base = matches!(job.base, JobBase::Tar { .. });
+        let tar_base = matches!(job.base, JobBase::Tar { .. } | JobBase::TarInLayer { .. });
+        let mut run_upper: Option<PathBuf> = None;
         if let Some(script) = &job.layer.run {
             let ws = self.overlay_workspace().await?;
             let upper = ws.upper().expect("overlay workspace").to_path_buf();
-            let work = ws.work().expect("overlay workspace").to_path_buf();
-            let mount_dir = ws.path().join("mnt");
-            std::fs::create_dir_all(&mount_dir)
-                .map_err(|e| step("creating the sandbox mount point")(e.to_string()))?;
-            let mut spec = SandboxSpec::new(
-                Rootfs::Overlay {
-                    lower: vec![chain.rootfs().to_path_buf()],
-                    upper: upper.clone(),
-                    work,
-                },
-                &mount_dir,
-                script.clone(),
-            );
-            spec.env = job.env.clone();
-            spec.timeout = self.options.timeout;
-            let imports_dir = if job.layer.legacy_import {
-                "/stacker"
-            } else {
-                "/stacker/imports"
-            };
-            for import in &job.imports {
-                if import.dest.is_none() {
-                    spec.binds.push(Bind {
-                        source: import.path.clone(),
-                        dest: PathBuf::from(imports_dir).join(&import.name),
-                        readonly: true,
-                    });
-                }
-            }
-            let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
-            let status = self
+            let spec = self.spec(
+                job,
+                &ws,
+                vec![chain.rootfs().to_path_buf()],
+                script,
+                &job.imports,
+                &sources,
+            )?;
+            scratch.push(ws);
+            self.run(&spec, events, name).await?;
+            run_upper = Some(upper);
+        }
+
+        // generate_labels runs in a throwaway copy of the result.
+        let mut labels = BTreeMap::new();
+        if let Some(script) = &job.layer.generate_labels {
+            let ws = self.overlay_workspace().await?;
+            let mut lower = Vec::new();
+            lower.extend(run_upper.clone());
+            lower.push(chain.rootfs().to_path_buf());
+            let labels_dir = ws.path().join("oci-labels");
+            std::fs::create_dir_all(&labels_dir)
+                .map_err(|e| step("creating the labels directory")(e.to_string()))?;
+            let _ = self
                 .userns
-                .run_sandbox(&spec, Some(&self.cancel), |line| {
-                    if tail.len() == TAIL_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line.to_string());
-                    events.log(name, line);
-                })
-                .await;
-            let status = match status {
-                Ok(s) => s,
-                Err(e) => {
-                    self.remove_workspace(ws).await;
-                    if self.cancel.is_cancelled() {
-                        return Err(EngineError::Cancelled);
-                    }
-                    return Err(e.into());
-                }
-            };
-            if !status.success() {
-                self.remove_workspace(ws).await;
-                return Err(EngineError::RunFailed {
-                    status: match status {
-                        ScriptStatus::Exited(c) => format!("exit code {c}"),
-                        ScriptStatus::Signaled(s) => format!("killed by signal {s}"),
-                    },
-                    tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
-                });
-            }
-            let exclude = ["/stacker".to_string()];
+                .mapping()
+                .make_owned_by_container_root(&labels_dir);
+            let mut spec = self.spec(job, &ws, lower, script, &job.imports, &sources)?;
+            spec.binds.push(Bind {
+                source: labels_dir.clone(),
+                dest: PathBuf::from("/stacker/oci-labels"),
+                readonly: false,
+            });
+            scratch.push(ws);
+            events.log(name, "farm: generate_labels");
+            self.run(&spec, events, name).await?;
+            labels = read_labels(&labels_dir)?;
+        }
+
+        let exclude = ["/stacker".to_string()];
+        if let Some(upper) = &run_upper {
             if tar_base {
                 // The tarball and the run changes form one layer: the whole tree.
                 let full = self.pool_workspace_snapshot(&chain).await?;
                 let rootfs = full.rootfs().expect("snapshot workspace").to_path_buf();
-                self.apply_dir(&upper, &rootfs).await?;
-                self.remove_workspace(ws).await;
-                let exported = self.export_dir(&rootfs, false, &exclude, job, compression).await?;
+                scratch.push(full);
+                self.apply_dir(upper, &rootfs).await?;
+                let exported = self
+                    .export_dir(&rootfs, false, &exclude, job, compression)
+                    .await?;
                 let blob = blob_of(&exported);
-                chain = self.extend_chain_from(None, &blob.diff_id, &rootfs, false).await?;
-                self.remove_workspace(full).await;
+                chain = self
+                    .extend_chain_from(None, &blob.diff_id, &rootfs, false)
+                    .await?;
                 new_layers.push(new_layer(&blob, "tar base + run"));
                 layers.push(blob);
             } else {
-                let exported = self.export_dir(&upper, true, &exclude, job, compression).await?;
+                let exported = self
+                    .export_dir(upper, true, &exclude, job, compression)
+                    .await?;
                 if exported.tar_size > EMPTY_TAR_SIZE {
                     let blob = blob_of(&exported);
-                    chain = self.extend_chain(&chain, &blob.diff_id, &upper, true).await?;
+                    chain = self
+                        .extend_chain(&chain, &blob.diff_id, upper, true)
+                        .await?;
                     new_layers.push(new_layer(&blob, "run"));
                     layers.push(blob);
                 } else {
                     events.log(name, "farm: run changed nothing; no layer added");
                 }
-                self.remove_workspace(ws).await;
             }
         } else if tar_base {
             let rootfs = chain.rootfs().to_path_buf();
-            let exported = self.export_dir(&rootfs, false, &[], job, compression).await?;
+            let exported = self
+                .export_dir(&rootfs, false, &[], job, compression)
+                .await?;
             let blob = blob_of(&exported);
-            chain = self.extend_chain_from(None, &blob.diff_id, &rootfs, false).await?;
+            chain = self
+                .extend_chain_from(None, &blob.diff_id, &rootfs, false)
+                .await?;
             new_layers.push(new_layer(&blob, "tar base"));
             layers.push(blob);
         }
-
         tracing::debug!(layer = name, chain = %chain.id(), "built");
-        drop(chain);
+        held.push(chain);
 
         // 5. The image config.
         let created = assemble::created_time(job.source_date_epoch);
@@ -282,7 +355,7 @@ impl Engine {
             &job.layer,
             base_config.as_ref(),
             &new_layers,
-            &BTreeMap::new(),
+            &labels,
             &created,
         )?;
         let bytes = farm_image::to_canonical_json(&config)?;
@@ -294,6 +367,280 @@ impl Engine {
             chain_id: chain_id(layers.iter().map(|l| l.diff_id.as_str())),
             layers,
         })
+    }
+
+    /// The sandbox spec of a script of `job` on an overlay of `lower` (top first).
+    fn spec(
+        &self,
+        job: &Job,
+        ws: &crate::pool::Workspace,
+        lower: Vec<PathBuf>,
+        script: &str,
+        imports: &[JobImport],
+        sources: &[PathBuf],
+    ) -> Result<SandboxSpec, EngineError> {
+        let mount_dir = ws.path().join("mnt");
+        std::fs::create_dir_all(&mount_dir)
+            .map_err(|e| step("creating the sandbox mount point")(e.to_string()))?;
+        let mut spec = SandboxSpec::new(
+            Rootfs::Overlay {
+                lower,
+                upper: ws.upper().expect("overlay workspace").to_path_buf(),
+                work: ws.work().expect("overlay workspace").to_path_buf(),
+            },
+            &mount_dir,
+            script.to_string(),
+        );
+        spec.env = job.env.clone();
+        spec.timeout = self.options.timeout;
+        let imports_dir = if job.layer.legacy_import {
+            "/stacker"
+        } else {
+            "/stacker/imports"
+        };
+        for (import, source) in imports.iter().zip(sources) {
+            if import.dest.is_none() {
+                spec.binds.push(Bind {
+                    source: source.clone(),
+                    dest: PathBuf::from(imports_dir).join(&import.name),
+                    readonly: true,
+                });
+            }
+        }
+        for b in &job.layer.binds {
+            spec.binds.push(Bind {
+                source: b.source.clone(),
+                dest: PathBuf::from(&b.dest),
+                readonly: false,
+            });
+        }
+        Ok(spec)
+    }
+
+    /// Run a sandbox, streaming its output; a failure carries the end of the output.
+    async fn run(
+        &self,
+        spec: &SandboxSpec,
+        events: &EventSender,
+        name: &str,
+    ) -> Result<(), EngineError> {
+        let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+        let status = self
+            .userns
+            .run_sandbox(spec, Some(&self.cancel), |line| {
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.to_string());
+                events.log(name, line);
+            })
+            .await;
+        let status = match status {
+            Ok(s) => s,
+            Err(_) if self.cancel.is_cancelled() => return Err(EngineError::Cancelled),
+            Err(e) => return Err(e.into()),
+        };
+        if !status.success() {
+            return Err(EngineError::RunFailed {
+                status: match status {
+                    ScriptStatus::Exited(c) => format!("exit code {c}"),
+                    ScriptStatus::Signaled(s) => format!("killed by signal {s}"),
+                },
+                tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Where an import's content is on this machine (inside a chain for `stacker://`,
+    /// a downloaded file for http).
+    async fn locate_import(
+        &self,
+        import: &JobImport,
+        events: &EventSender,
+        name: &str,
+        held: &mut Vec<ChainHandle>,
+        scratch: &mut Vec<crate::pool::Workspace>,
+    ) -> Result<PathBuf, EngineError> {
+        match &import.source {
+            ImportSource::Local(path) => Ok(path.clone()),
+            ImportSource::Blob { digest } => {
+                let ws = self
+                    .blocking(|pool| {
+                        pool.workspace(WorkspaceOptions {
+                            overlay_dirs: false,
+                            snapshot_of: None,
+                        })
+                    })
+                    .await?;
+                let dir = ws.path().join("download");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| step("staging a download")(e.to_string()))?;
+                let file = dir.join(&import.name);
+                let mut reader = self.blobs.reader(&Digest::parse(digest)?).await?;
+                let f2 = file.clone();
+                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    let mut out = std::fs::File::create(&f2)?;
+                    std::io::copy(&mut reader, &mut out)?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| step("staging a download")(e.to_string()))?
+                .map_err(|e| step(format!("staging download {}", import.name))(e.to_string()))?;
+                scratch.push(ws);
+                Ok(file)
+            }
+            ImportSource::Layer { producer, path } => {
+                let producer_chain = self.materialise(&producer.layers, events, name).await?;
+                let found = self
+                    .inspect(producer_chain.rootfs(), path, import.hash.is_some())
+                    .await?;
+                if let (Some(expected), Some(actual)) = (&import.hash, &found.sha256)
+                    && !expected.eq_ignore_ascii_case(actual)
+                {
+                    return Err(step(format!("import 'stacker://.../{path}'"))(format!(
+                        "hash mismatch: expected sha256:{expected}, got sha256:{actual}"
+                    )));
+                }
+                if import.hash.is_some() && found.is_dir {
+                    return Err(step(format!("import 'stacker://.../{path}'"))(
+                        "'hash' applies to files, but this is a directory".to_string(),
+                    ));
+                }
+                held.push(producer_chain);
+                Ok(found.resolved)
+            }
+        }
+    }
+
+    /// Resolve `path` inside `root` as container root.
+    async fn inspect(
+        &self,
+        root: &Path,
+        path: &str,
+        sha256: bool,
+    ) -> Result<ops::Inspected, EngineError> {
+        let mut cmd = self.userns.op_command(
+            ops::INSPECT_SOURCE,
+            &ops::InspectArgs {
+                root: root.to_path_buf(),
+                path: path.to_string(),
+                sha256,
+            },
+        )?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn_async().await?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let (o, e) = tokio::task::spawn_blocking(move || {
+            let mut o = String::new();
+            let mut e = String::new();
+            let _ = out.read_to_string(&mut o);
+            let _ = err.read_to_string(&mut e);
+            (o, e)
+        })
+        .await
+        .map_err(|e| step("reading a layer path")(e.to_string()))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| step("reading a layer path")(e.to_string()))?;
+        if !status.success() {
+            let msg = e
+                .trim()
+                .trim_start_matches("farm userns op failed: ")
+                .to_string();
+            return Err(step(format!("stacker:// path '{path}'"))(msg));
+        }
+        serde_json::from_str(o.trim()).map_err(|e| step("reading a layer path")(e.to_string()))
+    }
+
+    /// A shell (or `command`) in a throwaway copy of a built layer's filesystem, in the
+    /// same sandbox as builds, attached to this terminal (`farm chroot`).
+    pub async fn chroot(
+        &self,
+        image: &CachedLayer,
+        command: &[String],
+        env: Vec<(String, String)>,
+        events: &EventSender,
+    ) -> Result<ScriptStatus, EngineError> {
+        let chain = self.materialise(&image.layers, events, "chroot").await?;
+        let ws = self.overlay_workspace().await?;
+        let mount_dir = ws.path().join("mnt");
+        std::fs::create_dir_all(&mount_dir)
+            .map_err(|e| step("creating the sandbox mount point")(e.to_string()))?;
+        let command = if command.is_empty() {
+            "/bin/sh".to_string()
+        } else {
+            shell_words::join(command)
+        };
+        let mut spec = SandboxSpec::new(
+            Rootfs::Overlay {
+                lower: vec![chain.rootfs().to_path_buf()],
+                upper: ws.upper().expect("overlay workspace").to_path_buf(),
+                work: ws.work().expect("overlay workspace").to_path_buf(),
+            },
+            &mount_dir,
+            format!("#!/bin/sh\nexec {command}\n"),
+        );
+        spec.env = env;
+        spec.interactive = true;
+        let status = self
+            .userns
+            .run_sandbox(&spec, Some(&self.cancel), |_| {})
+            .await;
+        self.remove_workspace(ws).await;
+        drop(chain);
+        Ok(status?)
+    }
+
+    /// Copy the file at `path` of a built layer to `dest` (`farm grab`).
+    pub async fn grab(
+        &self,
+        image: &CachedLayer,
+        path: &str,
+        dest: &Path,
+        events: &EventSender,
+    ) -> Result<u64, EngineError> {
+        let chain = self.materialise(&image.layers, events, "grab").await?;
+        let mut cmd = self.userns.op_command(
+            ops::READ_FILE,
+            &ops::InspectArgs {
+                root: chain.rootfs().to_path_buf(),
+                path: path.to_string(),
+                sha256: false,
+            },
+        )?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn_async().await?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let dest2 = dest.to_path_buf();
+        let copied = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+            let mut f = std::fs::File::create(&dest2)?;
+            std::io::copy(&mut out, &mut f)
+        });
+        let errs = tokio::task::spawn_blocking(move || {
+            let mut e = String::new();
+            let _ = err.read_to_string(&mut e);
+            e
+        });
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| step("grab")(e.to_string()))?;
+        let copied = copied.await.map_err(|e| step("grab")(e.to_string()))?;
+        let errs = errs.await.unwrap_or_default();
+        if !status.success() {
+            let _ = std::fs::remove_file(dest);
+            return Err(step(format!("grab {path}"))(
+                errs.trim()
+                    .trim_start_matches("farm userns op failed: ")
+                    .to_string(),
+            ));
+        }
+        drop(chain);
+        copied.map_err(|e| step(format!("writing {}", dest.display()))(e.to_string()))
     }
 
     async fn blocking<T: Send + 'static>(
@@ -348,7 +695,10 @@ impl Engine {
                             short(&layer.digest)
                         ),
                     );
-                    let _ = self.userns.mapping().make_owned_by_container_root(pending.rootfs());
+                    let _ = self
+                        .userns
+                        .mapping()
+                        .make_owned_by_container_root(pending.rootfs());
                     let digest = Digest::parse(&layer.digest)?;
                     let reader = self.blobs.reader(&digest).await?;
                     self.apply_stream(reader, pending.rootfs()).await?;
@@ -373,15 +723,77 @@ impl Engine {
         ))?;
         let begin = {
             let id = id.clone();
-            self.blocking(move |pool| pool.begin_chain(&id, None)).await?
+            self.blocking(move |pool| pool.begin_chain(&id, None))
+                .await?
         };
         match begin {
             Begin::Exists(h) => Ok(h),
             Begin::Create(pending) => {
                 events.log(name, format!("farm: unpacking tar base {}", short(digest)));
-                let _ = self.userns.mapping().make_owned_by_container_root(pending.rootfs());
+                let _ = self
+                    .userns
+                    .mapping()
+                    .make_owned_by_container_root(pending.rootfs());
                 let reader = self.blobs.reader(&Digest::parse(digest)?).await?;
                 self.apply_stream(reader, pending.rootfs()).await?;
+                self.blocking(move |_| pending.commit()).await
+            }
+        }
+    }
+
+    /// A tarball found inside another layer's result, unpacked as a chain of its own.
+    async fn tar_chain_from_file(
+        &self,
+        producer: &ChainHandle,
+        path: &str,
+        file: &Path,
+        events: &EventSender,
+        name: &str,
+    ) -> Result<ChainHandle, EngineError> {
+        use sha2::{Digest as _, Sha256};
+        let id = ChainId::parse(&format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(
+                format!("farm tar base {} {path}", producer.id()).as_bytes()
+            ))
+        ))?;
+        let begin = {
+            let id = id.clone();
+            self.blocking(move |pool| pool.begin_chain(&id, None))
+                .await?
+        };
+        match begin {
+            Begin::Exists(h) => Ok(h),
+            Begin::Create(pending) => {
+                events.log(
+                    name,
+                    format!("farm: unpacking tar base stacker://.../{path}"),
+                );
+                let _ = self
+                    .userns
+                    .mapping()
+                    .make_owned_by_container_root(pending.rootfs());
+                let mut cmd = self.userns.op_command(
+                    ops::APPLY_LAYER,
+                    &ApplyArgs {
+                        target: pending.rootfs().to_path_buf(),
+                        source_file: Some(file.to_path_buf()),
+                    },
+                )?;
+                cmd.stderr(Stdio::piped());
+                let mut child = cmd.spawn_async().await?;
+                let mut stderr = child.stderr.take().expect("piped");
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|e| step("unpacking a tar base")(e.to_string()))?;
+                if !status.success() {
+                    let mut s = String::new();
+                    let _ = stderr.read_to_string(&mut s);
+                    return Err(step(format!("unpacking stacker://.../{path}"))(
+                        s.trim().to_string(),
+                    ));
+                }
                 self.blocking(move |_| pending.commit()).await
             }
         }
@@ -397,6 +809,7 @@ impl Engine {
             ops::APPLY_LAYER,
             &ApplyArgs {
                 target: target.to_path_buf(),
+                source_file: None,
             },
         )?;
         cmd.stdin(Stdio::piped()).stderr(Stdio::piped());
@@ -409,8 +822,13 @@ impl Engine {
             let _ = stderr.read_to_string(&mut s);
             s
         });
-        let fed = feed.await.map_err(|e| step("applying a layer")(e.to_string()))?;
-        let status = child.wait().await.map_err(|e| step("applying a layer")(e.to_string()))?;
+        let fed = feed
+            .await
+            .map_err(|e| step("applying a layer")(e.to_string()))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| step("applying a layer")(e.to_string()))?;
         let err = err.await.unwrap_or_default();
         if !status.success() {
             return Err(step(format!("applying a layer to {}", target.display()))(
@@ -429,7 +847,8 @@ impl Engine {
         dir: &Path,
         overlay: bool,
     ) -> Result<ChainHandle, EngineError> {
-        self.extend_chain_from(Some(parent), diff_id, dir, overlay).await
+        self.extend_chain_from(Some(parent), diff_id, dir, overlay)
+            .await
     }
 
     async fn extend_chain_from(
@@ -458,11 +877,19 @@ impl Engine {
         match begin {
             Begin::Exists(h) => Ok(h),
             Begin::Create(pending) => {
-                let _ = self.userns.mapping().make_owned_by_container_root(pending.rootfs());
-                let (tar, mut writer) = self.tar_process(dir, overlay, &["/stacker".into()], None).await?;
+                let _ = self
+                    .userns
+                    .mapping()
+                    .make_owned_by_container_root(pending.rootfs());
+                let (tar, mut writer) = self
+                    .tar_process(dir, overlay, &["/stacker".into()], None)
+                    .await?;
                 let out = writer.stdout.take().expect("piped");
                 self.apply_stream(out, pending.rootfs()).await?;
-                let status = writer.wait().await.map_err(|e| step("writing a layer tar")(e.to_string()))?;
+                let status = writer
+                    .wait()
+                    .await
+                    .map_err(|e| step("writing a layer tar")(e.to_string()))?;
                 if !status.success() {
                     return Err(step("writing a layer tar")(tar));
                 }
@@ -473,10 +900,15 @@ impl Engine {
 
     /// Apply an overlay upper dir onto a writable tree (for the tar-base case).
     async fn apply_dir(&self, upper: &Path, target: &Path) -> Result<(), EngineError> {
-        let (what, mut writer) = self.tar_process(upper, true, &["/stacker".into()], None).await?;
+        let (what, mut writer) = self
+            .tar_process(upper, true, &["/stacker".into()], None)
+            .await?;
         let out = writer.stdout.take().expect("piped");
         self.apply_stream(out, target).await?;
-        let status = writer.wait().await.map_err(|e| step("writing a layer tar")(e.to_string()))?;
+        let status = writer
+            .wait()
+            .await
+            .map_err(|e| step("writing a layer tar")(e.to_string()))?;
         if !status.success() {
             return Err(step("writing a layer tar")(what));
         }
@@ -521,17 +953,21 @@ impl Engine {
         let mut opts = ExportOptions::new(compression);
         opts.threads = self.options.compression_threads;
         let exported = export_tar_stream(&self.blobs, out, &opts).await;
-        let status = child.wait().await.map_err(|e| step("writing a layer tar")(e.to_string()))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| step("writing a layer tar")(e.to_string()))?;
         if !status.success() {
             return Err(step("capturing the layer")(what));
         }
         Ok(exported?)
     }
 
-    async fn stage_import(
+    /// Stage an import or overlay dir (as container root) in a fresh workspace; returns
+    /// it and the staging root to export.
+    async fn stage(
         &self,
-        import: &JobImport,
-        dest: &str,
+        mut args: StageArgs,
         base: &ChainHandle,
     ) -> Result<(crate::pool::Workspace, PathBuf), EngineError> {
         let ws = self
@@ -545,27 +981,25 @@ impl Engine {
         let root = ws.path().join("stage");
         std::fs::create_dir_all(&root).map_err(|e| step("staging an import")(e.to_string()))?;
         let _ = self.userns.mapping().make_owned_by_container_root(&root);
-        let args = StageArgs {
-            source: import.path.clone(),
-            source_is_dir: import.is_dir,
-            contents_only: import.contents_only,
-            name: import.name.clone(),
-            root: root.clone(),
-            dest: dest.to_string(),
-            mode: import.mode,
-            uid: import.uid,
-            gid: import.gid,
-            base_rootfs: Some(base.rootfs().to_path_buf()),
-        };
+        args.root = root.clone();
+        args.base_rootfs = Some(base.rootfs().to_path_buf());
         let mut cmd = self.userns.op_command(ops::STAGE_IMPORT, &args)?;
         cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn_async().await?;
         let mut stderr = child.stderr.take().expect("piped");
-        let status = child.wait().await.map_err(|e| step("staging an import")(e.to_string()))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| step("staging an import")(e.to_string()))?;
         if !status.success() {
             let mut s = String::new();
             let _ = stderr.read_to_string(&mut s);
-            return Err(step(format!("import {}", import.path.display()))(s.trim().to_string()));
+            self.remove_workspace(ws).await;
+            return Err(step(format!("import {}", args.source.display()))(
+                s.trim()
+                    .trim_start_matches("farm userns op failed: ")
+                    .to_string(),
+            ));
         }
         Ok((ws, root))
     }
@@ -609,6 +1043,28 @@ impl Engine {
         })
         .await;
     }
+}
+
+/// Labels written by generate_labels: one per file, named by the file, its content the
+/// value (without a trailing newline).
+fn read_labels(dir: &Path) -> Result<BTreeMap<String, String>, EngineError> {
+    let mut out = BTreeMap::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| step("reading generated labels")(e.to_string()))?;
+    for e in entries {
+        let e = e.map_err(|e| step("reading generated labels")(e.to_string()))?;
+        if !e.path().is_file() {
+            continue;
+        }
+        let value = std::fs::read_to_string(e.path()).map_err(|err| {
+            step(format!("reading label {}", e.file_name().to_string_lossy()))(err.to_string())
+        })?;
+        out.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            value.strip_suffix('\n').unwrap_or(&value).to_string(),
+        );
+    }
+    Ok(out)
 }
 
 fn blob_of(e: &farm_image::ExportedLayer) -> CachedBlob {

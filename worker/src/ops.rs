@@ -22,6 +22,8 @@ pub const APPLY_LAYER: &str = "apply-layer";
 pub const WRITE_TAR: &str = "write-tar";
 pub const STAGE_IMPORT: &str = "stage-import";
 pub const REMOVE_TREE: &str = "remove-tree";
+pub const INSPECT_SOURCE: &str = "inspect-source";
+pub const READ_FILE: &str = "read-file";
 
 /// The ops of the worker, for the hidden entry point.
 pub const OPS: &[(&str, NsFn)] = &[
@@ -29,18 +31,31 @@ pub const OPS: &[(&str, NsFn)] = &[
     (WRITE_TAR, write_tar_op),
     (STAGE_IMPORT, stage_import_op),
     (REMOVE_TREE, remove_tree_op),
+    (INSPECT_SOURCE, inspect_source_op),
+    (READ_FILE, read_file_op),
 ];
 
 /// Apply the layer on stdin (tar, gzip or zstd) to `target`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApplyArgs {
     pub target: PathBuf,
+    /// Read the layer from this file (as container root) instead of stdin.
+    #[serde(default)]
+    pub source_file: Option<PathBuf>,
 }
 
 fn apply_layer_op(arg: serde_json::Value) -> OpResult {
     let args: ApplyArgs = serde_json::from_value(arg)?;
-    let stdin = BufReader::with_capacity(1 << 20, io::stdin());
-    apply_layer(stdin, &args.target, &ApplyOptions::default())?;
+    match &args.source_file {
+        Some(f) => {
+            let file = BufReader::with_capacity(1 << 20, fs::File::open(f)?);
+            apply_layer(file, &args.target, &ApplyOptions::default())?;
+        }
+        None => {
+            let stdin = BufReader::with_capacity(1 << 20, io::stdin());
+            apply_layer(stdin, &args.target, &ApplyOptions::default())?;
+        }
+    }
     Ok(())
 }
 
@@ -76,7 +91,6 @@ fn write_tar_op(arg: serde_json::Value) -> OpResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageArgs {
     pub source: PathBuf,
-    pub source_is_dir: bool,
     /// The source was written with a trailing `/`.
     pub contents_only: bool,
     /// Basename of the source.
@@ -115,11 +129,15 @@ pub fn import_target(name: &str, is_dir: bool, contents_only: bool, dest: &str) 
 
 fn stage_import_op(arg: serde_json::Value) -> OpResult {
     let a: StageArgs = serde_json::from_value(arg)?;
-    let target_in_image = import_target(&a.name, a.source_is_dir, a.contents_only, &a.dest);
+    let source_is_dir = fs::metadata(&a.source)?.is_dir();
+    let target_in_image = import_target(&a.name, source_is_dir, a.contents_only, &a.dest);
     let rel = relative(&target_in_image)?;
     // Parent directories: mirror the base's where they exist.
     let mut built = PathBuf::new();
-    let parents: Vec<_> = rel.parent().map(|p| p.components().collect()).unwrap_or_default();
+    let parents: Vec<_> = rel
+        .parent()
+        .map(|p| p.components().collect())
+        .unwrap_or_default();
     for c in parents {
         built.push(c);
         let staged = a.root.join(&built);
@@ -142,7 +160,7 @@ fn stage_import_op(arg: serde_json::Value) -> OpResult {
         }
     }
     let target = a.root.join(&rel);
-    if a.source_is_dir {
+    if source_is_dir {
         if !target.exists() {
             fs::create_dir(&target)?;
             let m = fs::metadata(&a.source)?;
@@ -238,9 +256,149 @@ fn remove_tree_op(arg: serde_json::Value) -> OpResult {
     }
 }
 
+/// Resolve `path` inside the root filesystem `root` the way a process chrooted there
+/// would (absolute symlinks lead back into `root`, `..` stops at it), and describe it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InspectArgs {
+    pub root: PathBuf,
+    pub path: String,
+    /// Compute the sha256 of a file's bytes.
+    pub sha256: bool,
+}
+
+/// What [`INSPECT_SOURCE`] prints (one JSON object on stdout).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Inspected {
+    pub resolved: PathBuf,
+    pub is_dir: bool,
+    pub sha256: Option<String>,
+}
+
+/// `path` resolved inside `root`, following symlinks as if `root` were `/`.
+pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
+    let mut parts: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: Vec<std::ffi::OsString> = Path::new(path)
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            parts.pop();
+            continue;
+        }
+        let candidate: PathBuf = root.join(parts.iter().collect::<PathBuf>()).join(&part);
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(io::Error::other(format!("too many symlinks in '{path}'")));
+                }
+                let target = fs::read_link(&candidate)?;
+                if target.is_absolute() {
+                    parts.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(_) => parts.push(part),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("'{path}' does not exist in the layer ({e})"),
+                ));
+            }
+        }
+    }
+    Ok(root.join(parts.iter().collect::<PathBuf>()))
+}
+
+fn inspect_source_op(arg: serde_json::Value) -> OpResult {
+    use sha2::{Digest as _, Sha256};
+    let a: InspectArgs = serde_json::from_value(arg)?;
+    let resolved = resolve_in_root(&a.root, &a.path)?;
+    let m = fs::metadata(&resolved)?;
+    let sha256 = if a.sha256 && m.is_file() {
+        let mut h = Sha256::new();
+        let mut f = fs::File::open(&resolved)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = io::Read::read(&mut f, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Some(hex::encode(h.finalize()))
+    } else {
+        None
+    };
+    let out = Inspected {
+        resolved,
+        is_dir: m.is_dir(),
+        sha256,
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// Copy the file at `path` inside `root` (resolved as in the image) to stdout.
+fn read_file_op(arg: serde_json::Value) -> OpResult {
+    let a: InspectArgs = serde_json::from_value(arg)?;
+    let resolved = resolve_in_root(&a.root, &a.path)?;
+    if fs::metadata(&resolved)?.is_dir() {
+        return Err(format!("'{}' is a directory; name a file", a.path).into());
+    }
+    let mut out = io::stdout().lock();
+    io::copy(&mut fs::File::open(&resolved)?, &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::import_target;
+    use super::{import_target, resolve_in_root};
+
+    #[test]
+    fn resolution_stays_inside_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::write(root.join("usr/lib/f"), "x").unwrap();
+        std::os::unix::fs::symlink("/usr/lib", root.join("lib")).unwrap();
+        std::os::unix::fs::symlink("../../../../../etc", root.join("usr/up")).unwrap();
+        std::os::unix::fs::symlink("/", root.join("slash")).unwrap();
+        assert_eq!(
+            resolve_in_root(&root, "lib/f").unwrap(),
+            root.join("usr/lib/f")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "/slash/usr/lib/f").unwrap(),
+            root.join("usr/lib/f")
+        );
+        // climbing out stops at the root: /etc inside the root, which does not exist
+        assert!(resolve_in_root(&root, "usr/up/passwd").is_err());
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "inside").unwrap();
+        assert_eq!(
+            resolve_in_root(&root, "usr/up/passwd").unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(&root, "../../x/../usr/lib").unwrap(),
+            root.join("usr/lib")
+        );
+    }
 
     #[test]
     fn trailing_slash_rules() {

@@ -98,6 +98,10 @@ pub struct SandboxSpec {
     /// Kill the whole build after this long.
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// Give the script this process's stdin/stdout (a shell for `farm chroot`) instead
+    /// of no stdin and captured output.
+    #[serde(default)]
+    pub interactive: bool,
 }
 
 fn default_hostname() -> String {
@@ -114,6 +118,7 @@ impl SandboxSpec {
             binds: Vec::new(),
             hostname: default_hostname(),
             timeout: None,
+            interactive: false,
         }
     }
 }
@@ -281,12 +286,18 @@ impl Userns {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if spec.interactive {
+            cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit());
+        }
         let mut child = cmd.spawn_async().await?;
         let mut killer = KillOnDrop {
             pidfd: child.pidfd_clone()?,
             armed: true,
         };
-        let mut out = tokio::process::ChildStdout::from_std(child.stdout.take().expect("piped"))?;
+        let mut out = match child.stdout.take() {
+            Some(o) => Some(tokio::process::ChildStdout::from_std(o)?),
+            None => None,
+        };
         let mut err = tokio::process::ChildStderr::from_std(child.stderr.take().expect("piped"))?;
 
         let deadline = spec
@@ -297,7 +308,7 @@ impl Userns {
         let mut escalate_at = far;
         let mut drain_until = far;
         let mut status = None;
-        let (mut out_done, mut err_done) = (false, false);
+        let (mut out_done, mut err_done) = (out.is_none(), false);
         let mut line = Vec::new();
         let mut control = Vec::new();
         let mut obuf = vec![0u8; 16 * 1024];
@@ -314,7 +325,7 @@ impl Userns {
 
         while status.is_none() || !out_done || !err_done {
             tokio::select! {
-                n = out.read(&mut obuf), if !out_done => {
+                n = read_some(&mut out, &mut obuf), if !out_done => {
                     let n = n.unwrap_or(0);
                     if n == 0 {
                         out_done = true;
@@ -396,6 +407,17 @@ impl Userns {
                 stderr: diagnostics,
             })),
         }
+    }
+}
+
+/// Read from an optional pipe (none: end of stream).
+async fn read_some(
+    pipe: &mut Option<tokio::process::ChildStdout>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    match pipe {
+        Some(p) => p.read(buf).await,
+        None => Ok(0),
     }
 }
 
@@ -1088,7 +1110,11 @@ fn setup(spec: &SandboxSpec, warnings: &mut Vec<String>) -> Result<Command, Stri
     cmd.env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir("/")
-        .stdin(Stdio::null())
+        .stdin(if spec.interactive {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::inherit())
         .stderr(Stdio::from(out));
     sys::install_script_pre_exec(&mut cmd);

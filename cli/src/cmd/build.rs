@@ -1,25 +1,21 @@
 //! `farm build`: build a stackerfile's images on this machine, rootless.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use farm_coordinator::build::{BuildOptions, Outcome, run_build};
-use farm_coordinator::cache::ActionCache;
+use farm_coordinator::fetch::{FetchOptions, Fetcher};
 use farm_coordinator::output::{
-    DEFAULT_ANNOTATION_NAMESPACE, OutputImage, manifest_annotations, write_layout,
+    DEFAULT_ANNOTATION_NAMESPACE, OutputImage, manifest_annotations, record_results, write_layout,
 };
 use farm_coordinator::{Plan, PlanOptions};
-use farm_image::BlobStore;
 use farm_worker::assemble::Platform;
-use farm_worker::engine::{Engine, EngineOptions, UsernsDeleter};
-use farm_worker::pool::{Pool, PoolOptions};
-use farm_worker::{Entry, Userns};
 
-use crate::common::{Layout, StackerfileArgs, load_plan, print_diagnostics};
+use crate::common::{Layout, StackerfileArgs, SubstitutionArgs, load_plan, print_diagnostics};
+use crate::local::{Local, block_on};
 use crate::progress::Progress;
 
 /// Build the images of a stackerfile, rootless, on this machine.
@@ -40,6 +36,46 @@ pub struct BuildArgs {
     #[command(flatten)]
     pub stackerfile: StackerfileArgs,
 
+    #[command(flatten)]
+    pub flags: BuildFlags,
+}
+
+/// Build every stackerfile under a directory as one DAG (stacker's recursive-build).
+///
+/// Finds the files named PATTERN under DIR (recursively), loads them with their
+/// prerequisites, and builds all their layers together: independent layers of
+/// different files build at the same time.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  farm recursive-build -d images -p 'stacker*.yaml'")]
+pub struct RecursiveBuildArgs {
+    /// The directory to search
+    #[arg(
+        short = 'd',
+        long = "search-dir",
+        value_name = "DIR",
+        default_value = "."
+    )]
+    pub dir: PathBuf,
+
+    /// File name pattern (`*` and `?` wildcards)
+    #[arg(
+        short = 'p',
+        long = "stacker-file-pattern",
+        value_name = "PATTERN",
+        default_value = "stacker.yaml"
+    )]
+    pub pattern: String,
+
+    #[command(flatten)]
+    pub subs: SubstitutionArgs,
+
+    #[command(flatten)]
+    pub flags: BuildFlags,
+}
+
+/// Options of `farm build` and `farm recursive-build`.
+#[derive(Debug, Args)]
+pub struct BuildFlags {
     /// OCI layout to write the images to
     #[arg(short, long, value_name = "DIR", default_value = "oci")]
     pub output: PathBuf,
@@ -76,6 +112,10 @@ pub struct BuildArgs {
     /// Allow imports from outside the directory tree of the stackerfiles
     #[arg(long)]
     pub allow_outside_context: bool,
+
+    /// Refuse http(s) imports and tarballs without a `hash:`
+    #[arg(long)]
+    pub require_hash: bool,
 }
 
 /// `10G`, `500M`, `1024` (bytes).
@@ -95,19 +135,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(build(args))
-}
-
-async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
     let layout = Layout::new(
-        args.state_dir.clone(),
-        args.pool.clone(),
-        Some(args.output.clone()),
+        args.flags.state_dir.clone(),
+        args.flags.pool.clone(),
+        Some(args.flags.output.clone()),
     );
     let options = PlanOptions {
         substitutions: args.stackerfile.substitutions(&layout)?,
@@ -126,51 +157,117 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    print_diagnostics(&plan.warnings);
+    block_on(build(plan, layout, args.flags))?
+}
 
-    std::fs::create_dir_all(&layout.state_dir)
-        .with_context(|| format!("creating the state dir {}", layout.state_dir.display()))?;
-    let blobs = BlobStore::local(&layout.state_dir.join("blobs"))
-        .with_context(|| format!("opening the blob store in {}", layout.state_dir.display()))?;
-    let cache = ActionCache::open(&layout.state_dir.join("cache.db")).await?;
-    let userns = Userns::detect(Entry::current_exe()?)?;
-    let pool = {
-        let dir = layout.pool.clone();
-        let opts = PoolOptions::default().with_deleter(Arc::new(UsernsDeleter(userns.clone())));
-        tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
-            .await?
-            .with_context(|| format!("opening the pool {}", layout.pool.display()))?
+pub fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode> {
+    let layout = Layout::new(
+        args.flags.state_dir.clone(),
+        args.flags.pool.clone(),
+        Some(args.flags.output.clone()),
+    );
+    let options = PlanOptions {
+        substitutions: args.subs.substitutions(&layout)?,
     };
-    let jobs = args
+    let mut files = Vec::new();
+    find_files(&args.dir, &args.pattern, &mut files)
+        .with_context(|| format!("searching {}", args.dir.display()))?;
+    files.sort();
+    if files.is_empty() {
+        anyhow::bail!(
+            "no file named '{}' under {}",
+            args.pattern,
+            args.dir.display()
+        );
+    }
+    eprintln!("farm recursive-build: {} stackerfile(s)", files.len());
+    let plan = match Plan::load_many(&files, &options, &farm_stackerfile::LocalFiles) {
+        Ok(plan) => plan,
+        Err(e) => {
+            print_diagnostics(&e.warnings);
+            print_diagnostics(&e.diagnostics);
+            eprintln!("farm recursive-build: {} error(s)", e.diagnostics.len());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    block_on(build(plan, layout, args.flags))?
+}
+
+fn find_files(dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        let path = entry.path();
+        if ft.is_dir() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            find_files(&path, pattern, out)?;
+        } else if ft.is_file() && wildcard(pattern, &entry.file_name().to_string_lossy()) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// `*` and `?` matching of a whole file name.
+fn wildcard(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    print_diagnostics(&plan.warnings);
+    let local = Local::open(layout, flags.timeout.map(Duration::from_secs)).await?;
+    let jobs = flags
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let engine = Arc::new(Engine::new(
-        pool.clone(),
-        blobs.clone(),
-        userns,
-        EngineOptions {
-            timeout: args.timeout.map(Duration::from_secs),
-            compression_threads: 0,
-        },
-    ));
-    let context = if args.allow_outside_context {
+    let context = if flags.allow_outside_context {
         None
     } else {
         Some(context_dir(&plan))
     };
+    let fetcher = Fetcher::new(
+        local.blobs.clone(),
+        &local.layout.state_dir,
+        FetchOptions {
+            require_hash: flags.require_hash,
+            ..FetchOptions::default()
+        },
+    )
+    .await?;
     let build_options = BuildOptions {
         jobs,
-        no_cache: args.no_cache,
-        compression: args.compression.clone(),
+        no_cache: flags.no_cache,
+        compression: flags.compression.clone(),
         caller_env: std::env::vars().collect(),
         context,
         platform: Platform::host().key(),
+        fetcher,
     };
 
     let (events, rx) = farm_coordinator::build::EventSender::channel();
     let progress = Progress::start(&plan, rx);
     let canceller = {
-        let engine = engine.clone();
+        let engine = local.engine.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("farm: cancelling (Ctrl-C)");
@@ -180,9 +277,9 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     };
     let report = run_build(
         &plan,
-        &blobs,
-        &cache,
-        engine.clone(),
+        &local.blobs,
+        &local.cache,
+        local.engine.clone(),
         &build_options,
         events,
     )
@@ -191,6 +288,18 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let summary = progress.finish().await;
     let report = report?;
 
+    let built: Vec<(String, farm_coordinator::cache::CachedLayer)> = plan
+        .layers
+        .iter()
+        .zip(&report.outcomes)
+        .filter_map(|(l, o)| match o {
+            Outcome::Built { result, .. } => Some((l.layer.name.clone(), result.clone())),
+            _ => None,
+        })
+        .collect();
+    if let Err(e) = record_results(&local.layout.state_dir, &built) {
+        tracing::warn!("remembering the built layers: {e}");
+    }
     let mut ok = report.succeeded();
     if ok {
         let images: Vec<OutputImage> = plan
@@ -207,24 +316,24 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
                 _ => None,
             })
             .collect();
-        match write_layout(&blobs, &args.output, &images).await {
+        match write_layout(&local.blobs, &flags.output, &images).await {
             Ok(tags) => {
                 for (tag, digest) in &tags {
-                    println!("{}:{tag}  {digest}", args.output.display());
+                    println!("{}:{tag}  {digest}", flags.output.display());
                 }
             }
             Err(e) => {
                 eprintln!(
                     "farm build: writing the OCI layout {}: {e}",
-                    args.output.display()
+                    flags.output.display()
                 );
                 ok = false;
             }
         }
     }
-    if let Some(max) = args.pool_max_size {
-        let gc = tokio::task::spawn_blocking(move || pool.gc(max)).await?;
-        match gc {
+    if let Some(max) = flags.pool_max_size {
+        let pool = local.pool.clone();
+        match tokio::task::spawn_blocking(move || pool.gc(max)).await? {
             Ok(r) => tracing::info!(removed = r.removed.len(), "pool gc"),
             Err(e) => eprintln!("farm build: pool gc: {e}"),
         }
@@ -267,4 +376,27 @@ fn context_dir(plan: &Plan) -> PathBuf {
         }
     }
     common
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_size, wildcard};
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard("stacker.yaml", "stacker.yaml"));
+        assert!(!wildcard("stacker.yaml", "stacker.yml"));
+        assert!(wildcard("stacker*.yaml", "stacker-app.yaml"));
+        assert!(wildcard("*.yaml", "x.yaml"));
+        assert!(wildcard("s?.yaml", "s1.yaml"));
+        assert!(!wildcard("s?.yaml", "s12.yaml"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("lots").is_err());
+    }
 }

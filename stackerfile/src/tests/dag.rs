@@ -170,3 +170,31 @@ fn digest_changes_with_anything_that_affects_the_result() {
     // build_only decides tagging only
     assert_eq!(digest(&format!("{base}  build_only: true\n")), d0);
 }
+
+#[test]
+fn several_files_plan_as_one_dag() {
+    use super::MemFiles;
+    use std::path::PathBuf;
+    let files = MemFiles::with(&[
+        (
+            "a/stacker.yaml",
+            "config: {prerequisites: [../lib/stacker.yaml]}\na: {from: {type: built, tag: l}}\n",
+        ),
+        (
+            "b/stacker.yaml",
+            "config: {prerequisites: [../lib/stacker.yaml]}\nb: {from: {type: built, tag: l}}\n",
+        ),
+        ("lib/stacker.yaml", "l: {from: {type: scratch}}\n"),
+    ]);
+    let p = Plan::load_many(
+        &[
+            PathBuf::from("a/stacker.yaml"),
+            PathBuf::from("b/stacker.yaml"),
+        ],
+        &crate::PlanOptions::default(),
+        &files,
+    )
+    .unwrap();
+    assert_eq!(p.files.len(), 3, "the shared prerequisite is loaded once");
+    assert_eq!(names(&p), vec![vec!["l"], vec!["a", "b"]]);
+}

@@ -1,0 +1,67 @@
+//! The embedded engine of this machine: state dir, blob store, action cache, pool and
+//! the worker engine, opened the same way for every command that builds or reads
+//! built layers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use farm_coordinator::cache::ActionCache;
+use farm_image::BlobStore;
+use farm_worker::engine::{Engine, EngineOptions, UsernsDeleter};
+use farm_worker::pool::{Pool, PoolOptions};
+use farm_worker::{Entry, Userns};
+
+use crate::common::Layout;
+
+pub struct Local {
+    pub layout: Layout,
+    pub blobs: BlobStore,
+    pub cache: ActionCache,
+    pub pool: Pool,
+    pub engine: Arc<Engine>,
+}
+
+impl Local {
+    pub async fn open(layout: Layout, timeout: Option<Duration>) -> anyhow::Result<Local> {
+        std::fs::create_dir_all(&layout.state_dir)
+            .with_context(|| format!("creating the state dir {}", layout.state_dir.display()))?;
+        let blobs = BlobStore::local(&layout.state_dir.join("blobs"))
+            .with_context(|| format!("opening the blob store in {}", layout.state_dir.display()))?;
+        let cache = ActionCache::open(&layout.state_dir.join("cache.db")).await?;
+        let userns = Userns::detect(Entry::current_exe()?)?;
+        let pool = {
+            let dir: PathBuf = layout.pool.clone();
+            let opts = PoolOptions::default().with_deleter(Arc::new(UsernsDeleter(userns.clone())));
+            tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
+                .await?
+                .with_context(|| format!("opening the pool {}", layout.pool.display()))?
+        };
+        let engine = Arc::new(Engine::new(
+            pool.clone(),
+            blobs.clone(),
+            userns,
+            EngineOptions {
+                timeout,
+                compression_threads: 0,
+            },
+        ));
+        Ok(Local {
+            layout,
+            blobs,
+            cache,
+            pool,
+            engine,
+        })
+    }
+}
+
+/// Run an async command body on a fresh multi-threaded runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(runtime.block_on(f))
+}
