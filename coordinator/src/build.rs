@@ -146,6 +146,8 @@ pub struct BuildOptions {
     pub platform: String,
     /// Downloads http(s) imports and tarballs into the blob store.
     pub fetcher: crate::fetch::Fetcher,
+    /// Set to stop starting layers (Ctrl-C, cancel); running ones are the executor's.
+    pub cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How one layer ended.
@@ -264,6 +266,14 @@ pub async fn run_build<E: Executor>(
             started[i] = true;
             progressed = true;
             let name = plan.layers[i].layer.name.clone();
+            if options.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                events.send(Event::Skipped {
+                    layer: name,
+                    because: "the build was cancelled".into(),
+                });
+                outcomes[i] = Some(Outcome::Skipped("the build was cancelled".into()));
+                continue;
+            }
             if let Some(&d) = deps
                 .iter()
                 .find(|&&d| !matches!(outcomes[d], Some(Outcome::Built { .. })))

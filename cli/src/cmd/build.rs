@@ -262,15 +262,18 @@ async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<
         context,
         platform: Platform::host().key(),
         fetcher,
+        cancelled: Default::default(),
     };
 
     let (events, rx) = farm_coordinator::build::EventSender::channel();
     let progress = Progress::start(&plan, rx);
     let canceller = {
         let engine = local.engine.clone();
+        let cancelled = build_options.cancelled.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("farm: cancelling (Ctrl-C)");
+                cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
                 engine.cancel_all();
             }
         })
