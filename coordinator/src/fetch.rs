@@ -905,42 +905,26 @@ mod tests {
         let req = Req { headers };
         let n = requests.fetch_add(1, Ordering::SeqCst);
         seen.lock().unwrap().push(req.clone());
-        let (status, headers, declared, body): (u16, Vec<(&str, String)>, Option<usize>, &[u8]);
         let reply = handler(n, &req);
-        match &reply {
+        let (status, headers, declared, body) = match &reply {
             Reply::Full {
-                status: st,
-                headers: h,
-                body: b,
-            } => {
-                status = *st;
-                headers = h.clone();
-                if *st == 304 {
-                    declared = None;
-                    body = &[];
-                } else {
-                    declared = Some(b.len());
-                    body = b;
-                }
-            }
-            Reply::Short {
-                declared: d,
-                body: b,
-            }
-            | Reply::Long {
-                declared: d,
-                body: b,
-            } => {
-                status = 200;
-                headers = Vec::new();
-                declared = Some(*d);
-                body = b;
+                status: 304,
+                headers,
+                ..
+            } => (304, headers.clone(), None, &[][..]),
+            Reply::Full {
+                status,
+                headers,
+                body,
+            } => (*status, headers.clone(), Some(body.len()), &body[..]),
+            Reply::Short { declared, body } | Reply::Long { declared, body } => {
+                (200, Vec::new(), Some(*declared), &body[..])
             }
             Reply::Hang => {
                 std::future::pending::<()>().await;
                 return Ok(());
             }
-        }
+        };
         let mut out = format!("HTTP/1.1 {status} X\r\nConnection: close\r\n");
         if let Some(d) = declared {
             out.push_str(&format!("Content-Length: {d}\r\n"));
