@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::copy::{self, CopyStats, Reflink};
-use super::ioctl;
+use crate::sys::btrfs as ioctl;
 
 /// Which backend a pool uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::sys::stat::{Mode, SFlag};
 use nix::sys::time::TimeSpec;
 
-use super::ioctl;
+use crate::sys::btrfs as ioctl;
 
 /// What a copy did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

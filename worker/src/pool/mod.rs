@@ -62,8 +62,8 @@
 //! # Backends
 //! [`BackendKind::Btrfs`] when the directory is on btrfs: chains are subvolumes, a child
 //! chain or a workspace copy is a snapshot (O(1)), sealing sets the subvolume read-only.
-//! Implemented with a handful of btrfs ioctls through `nix` (in `ioctl.rs`, the only
-//! `unsafe` here) rather than the `btrfsutil` crate: the errno survives (ENOSPC must become
+//! Implemented with a handful of btrfs ioctls through `nix` (in [`crate::sys::btrfs`], with
+//! the crate's other `unsafe`) rather than the `btrfsutil` crate: the errno survives (ENOSPC must become
 //! [`PoolError::PoolFull`], EPERM must pick the fallback delete), there is no C library or
 //! bindgen/libclang to build, and nothing can panic inside a C-glue layer of an archived
 //! crate. [`BackendKind::Copy`] everywhere else: a snapshot is a recursive copy
@@ -92,7 +92,6 @@ mod backend;
 pub mod copy;
 mod error;
 mod fsinfo;
-mod ioctl;
 mod lock;
 mod meta;
 

@@ -1,6 +1,6 @@
-//! The only `unsafe` of the pool: btrfs ioctls and FICLONE, through `nix`'s ioctl macros.
+//! The pool's syscalls: btrfs ioctls and FICLONE, through `nix`'s ioctl macros.
 //!
-//! Why ioctls and not the `btrfsutil` crate: see the module docs of [`super`]. The kernel
+//! Why ioctls and not the `btrfsutil` crate: see the module docs of [`crate::pool`]. The kernel
 //! ABI used here (linux/btrfs.h, linux/fs.h) has been stable since Linux 3.x:
 //!
 //! | request | number | argument |

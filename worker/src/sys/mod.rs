@@ -3,6 +3,9 @@
 //! the fork/exec window), the `pre_exec` hooks, `fork`, signal handlers and xattrs.
 //!
 //! Every block says why it is sound. Everything here is small and does one syscall.
+//! [`btrfs`] holds the pool's ioctls (subvolumes, snapshots, FICLONE).
+
+pub mod btrfs;
 
 use std::ffi::{CString, OsStr};
 use std::io;
