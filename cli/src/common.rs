@@ -155,3 +155,41 @@ pub fn load_plan(
         .unwrap_or_else(|_| Err(anyhow::anyhow!("fetching the stackerfile failed")))
     })
 }
+
+/// Load and plan a stackerfile, printing warnings; on errors print them with a count
+/// line for `command` and return `None`.
+pub fn plan_or_report(
+    command: &str,
+    path: &Path,
+    options: &farm_stackerfile::PlanOptions,
+) -> anyhow::Result<Option<farm_stackerfile::Plan>> {
+    report_plan(
+        command,
+        &path.display().to_string(),
+        load_plan(path, options)?,
+    )
+}
+
+/// Print a plan's warnings, or its errors with a count line; the plan when there is one.
+pub fn report_plan(
+    command: &str,
+    what: &str,
+    plan: Result<farm_stackerfile::Plan, farm_stackerfile::PlanError>,
+) -> anyhow::Result<Option<farm_stackerfile::Plan>> {
+    match plan {
+        Ok(plan) => {
+            print_diagnostics(&plan.warnings);
+            Ok(Some(plan))
+        }
+        Err(e) => {
+            print_diagnostics(&e.warnings);
+            print_diagnostics(&e.diagnostics);
+            let n = e.diagnostics.len();
+            eprintln!(
+                "farm {command}: {n} error{} in {what}",
+                if n == 1 { "" } else { "s" }
+            );
+            Ok(None)
+        }
+    }
+}

@@ -10,11 +10,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqlitePool;
 
 /// Bump when the key's composition changes.
 const KEY_VERSION: u32 = 1;
@@ -115,17 +114,8 @@ impl ActionCache {
             path: shown.clone(),
             source,
         };
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{shown}"))
-            .map_err(db)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(db)?;
-        sqlx::query(
+        let pool = crate::db::open(
+            path,
             "CREATE TABLE IF NOT EXISTS action_cache (
                 key TEXT PRIMARY KEY,
                 value TEXT NOT NULL,
@@ -133,7 +123,6 @@ impl ActionCache {
                 last_used INTEGER NOT NULL
             )",
         )
-        .execute(&pool)
         .await
         .map_err(db)?;
         Ok(ActionCache { pool, path: shown })

@@ -35,7 +35,7 @@ use reqwest::header::{
     CONTENT_LENGTH, ETAG, HeaderMap, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RETRY_AFTER,
 };
 use reqwest::{StatusCode, Url};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqlitePool;
 use tracing::{debug, info, warn};
 
 /// The index file inside the state directory.
@@ -269,17 +269,8 @@ impl Fetcher {
             path: shown.clone(),
             source,
         };
-        let connect = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(connect)
-            .await
-            .map_err(db)?;
-        sqlx::query(
+        let pool = crate::db::open(
+            &path,
             "CREATE TABLE IF NOT EXISTS fetch_index (
                 url TEXT PRIMARY KEY,
                 digest TEXT NOT NULL,
@@ -290,7 +281,6 @@ impl Fetcher {
                 checked_at INTEGER NOT NULL
             )",
         )
-        .execute(&pool)
         .await
         .map_err(db)?;
         let client = reqwest::Client::builder()

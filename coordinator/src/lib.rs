@@ -8,6 +8,7 @@
 
 pub mod build;
 pub mod cache;
+pub mod db;
 pub mod fetch;
 pub mod inputs;
 pub mod output;

@@ -520,39 +520,16 @@ impl Engine {
         path: &str,
         sha256: bool,
     ) -> Result<ops::Inspected, EngineError> {
-        let mut cmd = self.userns.op_command(
-            ops::INSPECT_SOURCE,
-            &ops::InspectArgs {
-                root: root.to_path_buf(),
-                path: path.to_string(),
-                sha256,
-            },
-        )?;
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn_async().await?;
-        let mut out = child.stdout.take().expect("piped");
-        let mut err = child.stderr.take().expect("piped");
-        let (o, e) = tokio::task::spawn_blocking(move || {
-            let mut o = String::new();
-            let mut e = String::new();
-            let _ = out.read_to_string(&mut o);
-            let _ = err.read_to_string(&mut e);
-            (o, e)
-        })
-        .await
-        .map_err(|e| step("reading a layer path")(e.to_string()))?;
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| step("reading a layer path")(e.to_string()))?;
-        if !status.success() {
-            let msg = e
-                .trim()
-                .trim_start_matches("farm userns op failed: ")
-                .to_string();
-            return Err(step(format!("stacker:// path '{path}'"))(msg));
-        }
-        serde_json::from_str(o.trim()).map_err(|e| step("reading a layer path")(e.to_string()))
+        let args = ops::InspectArgs {
+            root: root.to_path_buf(),
+            path: path.to_string(),
+            sha256,
+        };
+        let what = format!("stacker:// path '{path}'");
+        let out = self
+            .op(ops::INSPECT_SOURCE, &args, None, None, &what)
+            .await?;
+        serde_json::from_slice(&out).map_err(|e| step(what)(e.to_string()))
     }
 
     /// A shell (or `command`) in a throwaway copy of a built layer's filesystem, in the
@@ -603,44 +580,84 @@ impl Engine {
         events: &EventSender,
     ) -> Result<u64, EngineError> {
         let chain = self.materialise(&image.layers, events, "grab").await?;
-        let mut cmd = self.userns.op_command(
-            ops::READ_FILE,
-            &ops::InspectArgs {
-                root: chain.rootfs().to_path_buf(),
-                path: path.to_string(),
-                sha256: false,
-            },
-        )?;
+        let args = ops::InspectArgs {
+            root: chain.rootfs().to_path_buf(),
+            path: path.to_string(),
+            sha256: false,
+        };
+        let file = std::fs::File::create(dest)
+            .map_err(|e| step(format!("creating {}", dest.display()))(e.to_string()))?;
+        let result = self
+            .op(
+                ops::READ_FILE,
+                &args,
+                None,
+                Some(Box::new(file)),
+                &format!("grab {path}"),
+            )
+            .await;
+        drop(chain);
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(dest);
+            return Err(e);
+        }
+        Ok(std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0))
+    }
+
+    /// Run a userns op to completion: `input` feeds its stdin, `output` takes its stdout
+    /// (collected and returned when `None`). A failure carries the op's own message.
+    async fn op<A: serde::Serialize>(
+        &self,
+        name: &str,
+        args: &A,
+        input: Option<Box<dyn Read + Send>>,
+        output: Option<Box<dyn std::io::Write + Send>>,
+        what: &str,
+    ) -> Result<Vec<u8>, EngineError> {
+        let mut cmd = self.userns.op_command(name, args)?;
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        if input.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
         let mut child = cmd.spawn_async().await?;
-        let mut out = child.stdout.take().expect("piped");
-        let mut err = child.stderr.take().expect("piped");
-        let dest2 = dest.to_path_buf();
-        let copied = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-            let mut f = std::fs::File::create(&dest2)?;
-            std::io::copy(&mut out, &mut f)
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let feed = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if let (Some(mut input), Some(mut stdin)) = (input, stdin) {
+                std::io::copy(&mut input, &mut stdin)?;
+            }
+            Ok(())
         });
-        let errs = tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut collected = Vec::new();
+            match output {
+                Some(mut sink) => {
+                    std::io::copy(&mut stdout, &mut sink)?;
+                    sink.flush()?;
+                }
+                None => {
+                    stdout.read_to_end(&mut collected)?;
+                }
+            }
+            Ok(collected)
+        });
+        let errors = tokio::task::spawn_blocking(move || {
             let mut e = String::new();
-            let _ = err.read_to_string(&mut e);
+            let _ = stderr.read_to_string(&mut e);
             e
         });
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| step("grab")(e.to_string()))?;
-        let copied = copied.await.map_err(|e| step("grab")(e.to_string()))?;
-        let errs = errs.await.unwrap_or_default();
+        let joined = |e: tokio::task::JoinError| step(what)(e.to_string());
+        let fed = feed.await.map_err(joined)?;
+        let status = child.wait().await.map_err(|e| step(what)(e.to_string()))?;
+        let out = read.await.map_err(joined)?;
+        let errors = errors.await.unwrap_or_default();
         if !status.success() {
-            let _ = std::fs::remove_file(dest);
-            return Err(step(format!("grab {path}"))(
-                errs.trim()
-                    .trim_start_matches("farm userns op failed: ")
-                    .to_string(),
-            ));
+            let msg = errors.trim().trim_start_matches("farm userns op failed: ");
+            return Err(step(what)(msg.to_string()));
         }
-        drop(chain);
-        copied.map_err(|e| step(format!("writing {}", dest.display()))(e.to_string()))
+        fed.map_err(|e| step(what)(format!("feeding input: {e}")))?;
+        out.map_err(|e| step(what)(format!("reading output: {e}")))
     }
 
     async fn blocking<T: Send + 'static>(
@@ -773,27 +790,12 @@ impl Engine {
                     .userns
                     .mapping()
                     .make_owned_by_container_root(pending.rootfs());
-                let mut cmd = self.userns.op_command(
-                    ops::APPLY_LAYER,
-                    &ApplyArgs {
-                        target: pending.rootfs().to_path_buf(),
-                        source_file: Some(file.to_path_buf()),
-                    },
-                )?;
-                cmd.stderr(Stdio::piped());
-                let mut child = cmd.spawn_async().await?;
-                let mut stderr = child.stderr.take().expect("piped");
-                let status = child
-                    .wait()
-                    .await
-                    .map_err(|e| step("unpacking a tar base")(e.to_string()))?;
-                if !status.success() {
-                    let mut s = String::new();
-                    let _ = stderr.read_to_string(&mut s);
-                    return Err(step(format!("unpacking stacker://.../{path}"))(
-                        s.trim().to_string(),
-                    ));
-                }
+                let args = ApplyArgs {
+                    target: pending.rootfs().to_path_buf(),
+                    source_file: Some(file.to_path_buf()),
+                };
+                let what = format!("unpacking stacker://.../{path}");
+                self.op(ops::APPLY_LAYER, &args, None, None, &what).await?;
                 self.blocking(move |_| pending.commit()).await
             }
         }
@@ -802,41 +804,17 @@ impl Engine {
     /// Pipe `reader` into the apply-layer op on `target`.
     async fn apply_stream<R: Read + Send + 'static>(
         &self,
-        mut reader: R,
+        reader: R,
         target: &Path,
     ) -> Result<(), EngineError> {
-        let mut cmd = self.userns.op_command(
-            ops::APPLY_LAYER,
-            &ApplyArgs {
-                target: target.to_path_buf(),
-                source_file: None,
-            },
-        )?;
-        cmd.stdin(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn_async().await?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let feed = tokio::task::spawn_blocking(move || std::io::copy(&mut reader, &mut stdin));
-        let err = tokio::task::spawn_blocking(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
-        });
-        let fed = feed
+        let args = ApplyArgs {
+            target: target.to_path_buf(),
+            source_file: None,
+        };
+        let what = format!("applying a layer to {}", target.display());
+        self.op(ops::APPLY_LAYER, &args, Some(Box::new(reader)), None, &what)
             .await
-            .map_err(|e| step("applying a layer")(e.to_string()))?;
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| step("applying a layer")(e.to_string()))?;
-        let err = err.await.unwrap_or_default();
-        if !status.success() {
-            return Err(step(format!("applying a layer to {}", target.display()))(
-                err.trim().to_string(),
-            ));
-        }
-        fed.map_err(|e| step("reading a layer blob")(e.to_string()))?;
-        Ok(())
+            .map(drop)
     }
 
     /// A child chain: `parent` plus the tar of `dir`.
@@ -983,23 +961,10 @@ impl Engine {
         let _ = self.userns.mapping().make_owned_by_container_root(&root);
         args.root = root.clone();
         args.base_rootfs = Some(base.rootfs().to_path_buf());
-        let mut cmd = self.userns.op_command(ops::STAGE_IMPORT, &args)?;
-        cmd.stderr(Stdio::piped());
-        let mut child = cmd.spawn_async().await?;
-        let mut stderr = child.stderr.take().expect("piped");
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| step("staging an import")(e.to_string()))?;
-        if !status.success() {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
+        let what = format!("import {}", args.source.display());
+        if let Err(e) = self.op(ops::STAGE_IMPORT, &args, None, None, &what).await {
             self.remove_workspace(ws).await;
-            return Err(step(format!("import {}", args.source.display()))(
-                s.trim()
-                    .trim_start_matches("farm userns op failed: ")
-                    .to_string(),
-            ));
+            return Err(e);
         }
         Ok((ws, root))
     }

@@ -14,7 +14,7 @@ use farm_coordinator::output::{
 use farm_coordinator::{Plan, PlanOptions};
 use farm_worker::assemble::Platform;
 
-use crate::common::{Layout, StackerfileArgs, SubstitutionArgs, load_plan, print_diagnostics};
+use crate::common::{Layout, StackerfileArgs, SubstitutionArgs, plan_or_report, report_plan};
 use crate::local::{Local, block_on};
 use crate::progress::Progress;
 
@@ -144,18 +144,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         substitutions: args.stackerfile.substitutions(&layout)?,
     };
     let path = args.stackerfile.path();
-    let plan = match load_plan(&path, &options)? {
-        Ok(plan) => plan,
-        Err(e) => {
-            print_diagnostics(&e.warnings);
-            print_diagnostics(&e.diagnostics);
-            eprintln!(
-                "farm build: {} error(s) in {}",
-                e.diagnostics.len(),
-                path.display()
-            );
-            return Ok(ExitCode::FAILURE);
-        }
+    let Some(plan) = plan_or_report("build", &path, &options)? else {
+        return Ok(ExitCode::FAILURE);
     };
     block_on(build(plan, layout, args.flags))?
 }
@@ -181,14 +171,10 @@ pub fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode> {
         );
     }
     eprintln!("farm recursive-build: {} stackerfile(s)", files.len());
-    let plan = match Plan::load_many(&files, &options, &farm_stackerfile::LocalFiles) {
-        Ok(plan) => plan,
-        Err(e) => {
-            print_diagnostics(&e.warnings);
-            print_diagnostics(&e.diagnostics);
-            eprintln!("farm recursive-build: {} error(s)", e.diagnostics.len());
-            return Ok(ExitCode::FAILURE);
-        }
+    let loaded = Plan::load_many(&files, &options, &farm_stackerfile::LocalFiles);
+    let what = format!("{} stackerfiles", files.len());
+    let Some(plan) = report_plan("recursive-build", &what, loaded)? else {
+        return Ok(ExitCode::FAILURE);
     };
     block_on(build(plan, layout, args.flags))?
 }
@@ -235,7 +221,6 @@ fn wildcard(pattern: &str, name: &str) -> bool {
 
 async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    print_diagnostics(&plan.warnings);
     let local = Local::open(layout, flags.timeout.map(Duration::from_secs)).await?;
     let jobs = flags
         .jobs

@@ -7,7 +7,7 @@ use clap::Args;
 use farm_coordinator::{Plan, PlanOptions};
 use farm_stackerfile::Base;
 
-use crate::common::{Layout, StackerfileArgs, load_plan, print_diagnostics};
+use crate::common::{Layout, StackerfileArgs, plan_or_report};
 
 /// Show what a stackerfile would build: layers, their bases and dependencies, in waves
 /// of layers that can build at the same time.
@@ -34,21 +34,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
         substitutions: args.stackerfile.substitutions(&layout)?,
     };
     let path = args.stackerfile.path();
-    let plan = match load_plan(&path, &options)? {
-        Ok(plan) => plan,
-        Err(e) => {
-            print_diagnostics(&e.warnings);
-            print_diagnostics(&e.diagnostics);
-            let n = e.diagnostics.len();
-            eprintln!(
-                "farm plan: {n} error{} in {}",
-                if n == 1 { "" } else { "s" },
-                path.display()
-            );
-            return Ok(ExitCode::FAILURE);
-        }
+    let Some(plan) = plan_or_report("plan", &path, &options)? else {
+        return Ok(ExitCode::FAILURE);
     };
-    print_diagnostics(&plan.warnings);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan.to_json())?);
     } else {
