@@ -52,6 +52,8 @@ pub enum ImportSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobImport {
     pub source: ImportSource,
+    /// The source as written in the stackerfile (for messages).
+    pub written: String,
     /// Name under `/stacker/imports` (the source's basename).
     pub name: String,
     /// The source was written with a trailing `/` ("its contents").
@@ -480,7 +482,15 @@ async fn prepare(
                 )
             }
             Source::Http { url } => {
-                let digest = fetch(options, &name, url, None).await?;
+                let fetched = options
+                    .fetcher
+                    .fetch_unpinnable(url)
+                    .await
+                    .map_err(|source| BuildError::Fetch {
+                        layer: name.clone(),
+                        source,
+                    })?;
+                let digest = fetched.digest.to_string();
                 (
                     JobBase::Tar {
                         digest: digest.clone(),
@@ -576,6 +586,7 @@ async fn prepare(
         };
         imports.push(JobImport {
             source,
+            written: written.clone(),
             name: import_name,
             contents_only: written.ends_with('/'),
             dest: import.dest.clone(),

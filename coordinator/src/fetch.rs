@@ -312,6 +312,22 @@ impl Fetcher {
         url: &str,
         expected_sha256: Option<&str>,
     ) -> Result<Fetched, FetchError> {
+        self.fetch_with(url, expected_sha256, self.inner.options.require_hash)
+            .await
+    }
+
+    /// Fetch an input the language gives no `hash:` for (a `tar` base URL):
+    /// `require_hash` does not apply.
+    pub async fn fetch_unpinnable(&self, url: &str) -> Result<Fetched, FetchError> {
+        self.fetch_with(url, None, false).await
+    }
+
+    async fn fetch_with(
+        &self,
+        url: &str,
+        expected_sha256: Option<&str>,
+        require_hash: bool,
+    ) -> Result<Fetched, FetchError> {
         let (parsed, shown) = parse_url(url)?;
         let key = shown.as_str();
         let expected = match expected_sha256 {
@@ -319,7 +335,7 @@ impl Fetcher {
                 url: shown.clone(),
                 hash: h.to_string(),
             })?),
-            None if self.inner.options.require_hash => {
+            None if require_hash => {
                 return Err(FetchError::HashRequired { url: shown });
             }
             None => None,

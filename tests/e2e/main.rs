@@ -1,4 +1,6 @@
 //! End-to-end tests: each runs the real `farm` binary.
 
+mod build;
 mod plan;
+mod semantics;
 mod util;

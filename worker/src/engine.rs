@@ -186,6 +186,26 @@ impl Engine {
         };
         let mut new_layers = Vec::new();
 
+        // A tar base and its run form one layer, unless `dest` imports or
+        // `overlay_dirs` must sit between them (each is its own layer below the run
+        // layer): then the tarball is a layer of its own and the run a diff above.
+        let mut tar_base = matches!(job.base, JobBase::Tar { .. } | JobBase::TarInLayer { .. });
+        let has_extra_layers =
+            job.imports.iter().any(|i| i.dest.is_some()) || !job.overlay_dirs.is_empty();
+        if tar_base && has_extra_layers {
+            let rootfs = chain.rootfs().to_path_buf();
+            let exported = self
+                .export_dir(&rootfs, false, &[], job, compression)
+                .await?;
+            let blob = blob_of(&exported);
+            chain = self
+                .extend_chain_from(None, &blob.diff_id, &rootfs, false)
+                .await?;
+            new_layers.push(new_layer(&blob, "tar base"));
+            layers.push(blob);
+            tar_base = false;
+        }
+
         // Where each import's content is on this machine.
         let mut sources: Vec<PathBuf> = Vec::with_capacity(job.imports.len());
         for import in &job.imports {
@@ -258,7 +278,6 @@ impl Engine {
         }
 
         // 3. `run` on an overlay over the chain, 4. capture and export the change.
-        let tar_base = matches!(job.base, JobBase::Tar { .. } | JobBase::TarInLayer { .. });
         let mut run_upper: Option<PathBuf> = None;
         if let Some(script) = &job.layer.run {
             let ws = self.overlay_workspace().await?;
@@ -498,12 +517,12 @@ impl Engine {
                 if let (Some(expected), Some(actual)) = (&import.hash, &found.sha256)
                     && !expected.eq_ignore_ascii_case(actual)
                 {
-                    return Err(step(format!("import 'stacker://.../{path}'"))(format!(
+                    return Err(step(format!("import '{}'", import.written))(format!(
                         "hash mismatch: expected sha256:{expected}, got sha256:{actual}"
                     )));
                 }
                 if import.hash.is_some() && found.is_dir {
-                    return Err(step(format!("import 'stacker://.../{path}'"))(
+                    return Err(step(format!("import '{}'", import.written))(
                         "'hash' applies to files, but this is a directory".to_string(),
                     ));
                 }
@@ -1011,7 +1030,7 @@ impl Engine {
 }
 
 /// Labels written by generate_labels: one per file, named by the file, its content the
-/// value (without a trailing newline).
+/// value (as stacker does: `echo v > f` gives "v\n").
 fn read_labels(dir: &Path) -> Result<BTreeMap<String, String>, EngineError> {
     let mut out = BTreeMap::new();
     let entries =
@@ -1024,10 +1043,7 @@ fn read_labels(dir: &Path) -> Result<BTreeMap<String, String>, EngineError> {
         let value = std::fs::read_to_string(e.path()).map_err(|err| {
             step(format!("reading label {}", e.file_name().to_string_lossy()))(err.to_string())
         })?;
-        out.insert(
-            e.file_name().to_string_lossy().into_owned(),
-            value.strip_suffix('\n').unwrap_or(&value).to_string(),
-        );
+        out.insert(e.file_name().to_string_lossy().into_owned(), value);
     }
     Ok(out)
 }

@@ -131,7 +131,16 @@ fn stage_import_op(arg: serde_json::Value) -> OpResult {
     let a: StageArgs = serde_json::from_value(arg)?;
     let source_is_dir = fs::metadata(&a.source)?.is_dir();
     let target_in_image = import_target(&a.name, source_is_dir, a.contents_only, &a.dest);
-    let rel = relative(&target_in_image)?;
+    let mut rel = relative(&target_in_image)?;
+    // A parent that is a symlink in the base (merged /usr: /lib -> usr/lib) is followed,
+    // as the image will resolve it: the file lands where the link points, and the link
+    // stays a link.
+    if let (Some(base), Some(parent), Some(file)) = (&a.base_rootfs, rel.parent(), rel.file_name())
+        && !parent.as_os_str().is_empty()
+    {
+        let real_parent = resolve_existing_in_root(base, parent)?;
+        rel = real_parent.join(file);
+    }
     // Parent directories: mirror the base's where they exist.
     let mut built = PathBuf::new();
     let parents: Vec<_> = rel
@@ -274,6 +283,29 @@ pub struct Inspected {
     pub sha256: Option<String>,
 }
 
+/// `rel` resolved inside `root` as far as it exists there (following symlinks as if
+/// `root` were `/`), with the part that does not exist appended unchanged; relative to
+/// `root`.
+pub fn resolve_existing_in_root(root: &Path, rel: &Path) -> io::Result<PathBuf> {
+    let parts: Vec<_> = rel.components().collect();
+    for cut in (0..=parts.len()).rev() {
+        let head: PathBuf = parts[..cut].iter().collect();
+        let Ok(resolved) = resolve_in_root(root, &head.to_string_lossy()) else {
+            continue;
+        };
+        if cut > 0 && !resolved.is_dir() {
+            continue;
+        }
+        let inside = resolved
+            .strip_prefix(root)
+            .unwrap_or(&resolved)
+            .to_path_buf();
+        let tail: PathBuf = parts[cut..].iter().collect();
+        return Ok(inside.join(tail));
+    }
+    Ok(rel.to_path_buf())
+}
+
 /// `path` resolved inside `root`, following symlinks as if `root` were `/`.
 pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
     let mut parts: Vec<std::ffi::OsString> = Vec::new();
@@ -368,6 +400,28 @@ fn read_file_op(arg: serde_json::Value) -> OpResult {
 #[cfg(test)]
 mod tests {
     use super::{import_target, resolve_in_root};
+
+    #[test]
+    fn existing_prefixes_resolve_through_links() {
+        use super::resolve_existing_in_root;
+        use std::path::{Path, PathBuf};
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+        assert_eq!(
+            resolve_existing_in_root(root, Path::new("lib")).unwrap(),
+            PathBuf::from("usr/lib")
+        );
+        assert_eq!(
+            resolve_existing_in_root(root, Path::new("lib/new/deeper")).unwrap(),
+            PathBuf::from("usr/lib/new/deeper")
+        );
+        assert_eq!(
+            resolve_existing_in_root(root, Path::new("opt/x")).unwrap(),
+            PathBuf::from("opt/x")
+        );
+    }
 
     #[test]
     fn resolution_stays_inside_the_root() {
