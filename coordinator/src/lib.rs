@@ -10,6 +10,7 @@ pub mod build;
 pub mod cache;
 pub mod db;
 pub mod fetch;
+pub mod grpc;
 pub mod inputs;
 pub mod output;
 

@@ -1,5 +1,23 @@
 //! farm-proto: `farm.proto` and the tonic/prost code generated from it.
 //!
-//! This crate holds no logic. The protocol (client API, blob API, the worker's
-//! bidirectional stream) is defined by the coordinator issue; until then the crate only
-//! reserves its place in the workspace so that the layout matches the design.
+//! This crate holds no logic: it only compiles the protocol (the client API `Farm`, the
+//! blob API `Blobs`, the workers' bidirectional `Workers` stream) into Rust types, client
+//! stubs and server traits, and exposes the encoded file descriptor set for gRPC
+//! reflection. Everything that gives those messages meaning lives in the coordinator,
+//! the worker and the CLI.
+//!
+//! The code is generated at build time by `tonic-prost-build` with a vendored `protoc`
+//! (set `PROTOC` to use another one).
+
+/// The `farm.v1` package: messages, `*_client` and `*_server` modules.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("farm.v1");
+}
+
+/// The encoded `FileDescriptorSet` of `farm.proto`, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("farm_descriptor");
+
+pub use v1::{
+    blobs_client, blobs_server, farm_client, farm_server, workers_client, workers_server,
+};

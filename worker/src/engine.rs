@@ -737,7 +737,17 @@ impl Engine {
                         .make_owned_by_container_root(pending.rootfs());
                     let digest = Digest::parse(&layer.digest)?;
                     let reader = self.blobs.reader(&digest).await?;
-                    self.apply_stream(reader, pending.rootfs()).await?;
+                    let mut pending = pending;
+                    let applied = self.apply_stream(reader, pending.rootfs()).await?;
+                    // The blob digest was verified as it was read; the uncompressed
+                    // content must be the layer the image config names.
+                    if !layer.diff_id.is_empty() && applied.diff_id != layer.diff_id {
+                        return Err(step(format!("base layer {}", layer.digest))(format!(
+                            "its content has diff_id {}, but the image config says {}",
+                            applied.diff_id, layer.diff_id
+                        )));
+                    }
+                    pending.set_layer_size(applied.tar_size);
                     self.blocking(move |_| pending.commit()).await?
                 }
             };
@@ -771,7 +781,9 @@ impl Engine {
                     .mapping()
                     .make_owned_by_container_root(pending.rootfs());
                 let reader = self.blobs.reader(&Digest::parse(digest)?).await?;
-                self.apply_stream(reader, pending.rootfs()).await?;
+                let mut pending = pending;
+                let applied = self.apply_stream(reader, pending.rootfs()).await?;
+                pending.set_layer_size(applied.tar_size);
                 self.blocking(move |_| pending.commit()).await
             }
         }
@@ -814,7 +826,11 @@ impl Engine {
                     source_file: Some(file.to_path_buf()),
                 };
                 let what = format!("unpacking stacker://.../{path}");
-                self.op(ops::APPLY_LAYER, &args, None, None, &what).await?;
+                let out = self.op(ops::APPLY_LAYER, &args, None, None, &what).await?;
+                let applied: ops::Applied =
+                    serde_json::from_slice(&out).map_err(|e| step(what)(e.to_string()))?;
+                let mut pending = pending;
+                pending.set_layer_size(applied.tar_size);
                 self.blocking(move |_| pending.commit()).await
             }
         }
@@ -825,15 +841,16 @@ impl Engine {
         &self,
         reader: R,
         target: &Path,
-    ) -> Result<(), EngineError> {
+    ) -> Result<ops::Applied, EngineError> {
         let args = ApplyArgs {
             target: target.to_path_buf(),
             source_file: None,
         };
         let what = format!("applying a layer to {}", target.display());
-        self.op(ops::APPLY_LAYER, &args, Some(Box::new(reader)), None, &what)
-            .await
-            .map(drop)
+        let out = self
+            .op(ops::APPLY_LAYER, &args, Some(Box::new(reader)), None, &what)
+            .await?;
+        serde_json::from_slice(&out).map_err(|e| step(what)(e.to_string()))
     }
 
     /// A child chain: `parent` plus the tar of `dir`.
@@ -882,7 +899,8 @@ impl Engine {
                     .tar_process(dir, overlay, &["/stacker".into()], None)
                     .await?;
                 let out = writer.stdout.take().expect("piped");
-                self.apply_stream(out, pending.rootfs()).await?;
+                let mut pending = pending;
+                let applied = self.apply_stream(out, pending.rootfs()).await?;
                 let status = writer
                     .wait()
                     .await
@@ -890,6 +908,8 @@ impl Engine {
                 if !status.success() {
                     return Err(step("writing a layer tar")(tar));
                 }
+                // Sized from the layer, so sealing never walks the whole rootfs.
+                pending.set_layer_size(applied.tar_size);
                 self.blocking(move |_| pending.commit()).await
             }
         }
@@ -901,7 +921,7 @@ impl Engine {
             .tar_process(upper, true, &["/stacker".into()], None)
             .await?;
         let out = writer.stdout.take().expect("piped");
-        self.apply_stream(out, target).await?;
+        self.apply_stream(out, target).await.map(drop)?;
         let status = writer
             .wait()
             .await

@@ -44,18 +44,34 @@ pub struct ApplyArgs {
     pub source_file: Option<PathBuf>,
 }
 
+/// What [`APPLY_LAYER`] prints (one JSON object on stdout).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Applied {
+    /// sha256 of the uncompressed tar: the layer's diff_id.
+    pub diff_id: String,
+    pub tar_size: u64,
+    /// Entries not applied (device nodes a rootless build cannot create).
+    pub skipped: u64,
+}
+
 fn apply_layer_op(arg: serde_json::Value) -> OpResult {
     let args: ApplyArgs = serde_json::from_value(arg)?;
-    match &args.source_file {
+    let stats = match &args.source_file {
         Some(f) => {
             let file = BufReader::with_capacity(1 << 20, fs::File::open(f)?);
-            apply_layer(file, &args.target, &ApplyOptions::default())?;
+            apply_layer(file, &args.target, &ApplyOptions::default())?
         }
         None => {
             let stdin = BufReader::with_capacity(1 << 20, io::stdin());
-            apply_layer(stdin, &args.target, &ApplyOptions::default())?;
+            apply_layer(stdin, &args.target, &ApplyOptions::default())?
         }
-    }
+    };
+    let applied = Applied {
+        diff_id: stats.diff_id.to_string(),
+        tar_size: stats.tar_size,
+        skipped: stats.skipped,
+    };
+    println!("{}", serde_json::to_string(&applied)?);
     Ok(())
 }
 

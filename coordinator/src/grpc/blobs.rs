@@ -1,0 +1,1117 @@
+//! The `Blobs` service: content-addressed blobs over gRPC, server and client side.
+//!
+//! The server ([`BlobService`]) fronts the coordinator's [`BlobStore`]. Uploads stream
+//! into [`BlobStore::writer`] and are named only once their bytes hash to the announced
+//! digest (and add up to the announced size); memory stays bounded by the writer's part
+//! buffers whatever the blob's size. Reads stream from [`BlobStore::get`], which verifies
+//! the digest as the bytes pass: corruption ends the stream with `DATA_LOSS`, never with
+//! a clean end after wrong or truncated data.
+//!
+//! The client helpers ([`find_missing`], [`upload_missing`], [`upload_blob`],
+//! [`upload_file`], [`download`]) are what the CLI and the workers use; build the client
+//! with [`client`] so that its message limits match the server's.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use farm_image::{BlobInfo, BlobStore, Digest};
+use farm_proto::v1::blobs_client::BlobsClient;
+use farm_proto::v1::blobs_server::{Blobs, BlobsServer};
+use farm_proto::v1::{
+    FindMissingRequest, FindMissingResponse, ReadChunk, ReadRequest, UploadChunk, UploadResponse,
+};
+use futures::{Stream, StreamExt, TryStreamExt};
+use tokio::io::AsyncReadExt;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+/// Bytes of blob data per `ReadChunk` / `UploadChunk` that this module sends.
+pub const CHUNK_SIZE: usize = 1 << 20;
+/// The largest chunk of blob data a peer may send in one message.
+pub const MAX_CHUNK_SIZE: usize = 4 << 20;
+/// The message size limit (both directions, server and [`client`]): a maximal chunk plus
+/// room for the digest and framing. A `FindMissing` request of that size holds about
+/// 55,000 digests; [`find_missing`] sends at most [`FIND_MISSING_BATCH`] at a time.
+pub const MAX_MESSAGE_SIZE: usize = MAX_CHUNK_SIZE + (64 << 10);
+/// Digests per `FindMissing` request sent by [`find_missing`].
+pub const FIND_MISSING_BATCH: usize = 10_000;
+/// Existence checks the server runs concurrently for one `FindMissing`.
+const FIND_MISSING_CONCURRENCY: usize = 16;
+/// Blobs [`upload_missing`] uploads concurrently.
+const UPLOAD_CONCURRENCY: usize = 4;
+
+// ---------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------
+
+/// The `Blobs` gRPC service over a blob store.
+#[derive(Clone, Debug)]
+pub struct BlobService {
+    store: BlobStore,
+}
+
+impl BlobService {
+    /// Serve `store`.
+    pub fn new(store: BlobStore) -> Self {
+        BlobService { store }
+    }
+
+    /// The store served.
+    pub fn store(&self) -> &BlobStore {
+        &self.store
+    }
+
+    /// The service ready for `tonic::transport::Server::add_service`, with message limits
+    /// of [`MAX_MESSAGE_SIZE`]; it accepts gzip and zstd compressed requests but answers
+    /// uncompressed (blobs are mostly compressed layers already).
+    pub fn into_server(self) -> BlobsServer<Self> {
+        BlobsServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest, Status> {
+    Digest::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// A store failure that is not the client's fault.
+fn internal(context: impl std::fmt::Display, e: farm_image::Error) -> Status {
+    warn!(error = %e, "blob store: {context}");
+    Status::internal(format!("blob store: {context}: {e}"))
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadChunk, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Blobs for BlobService {
+    async fn find_missing(
+        &self,
+        request: Request<FindMissingRequest>,
+    ) -> Result<Response<FindMissingResponse>, Status> {
+        let mut seen = HashSet::new();
+        let mut digests = Vec::new();
+        for s in &request.get_ref().digests {
+            let d = parse_digest(s)?;
+            if seen.insert(d.clone()) {
+                digests.push(d);
+            }
+        }
+        let present: Vec<bool> = futures::stream::iter(digests.clone())
+            .map(|d| {
+                let store = self.store.clone();
+                async move {
+                    store
+                        .exists(&d)
+                        .await
+                        .map_err(|e| internal(format_args!("checking {d}"), e))
+                }
+            })
+            .buffered(FIND_MISSING_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let missing: Vec<String> = digests
+            .iter()
+            .zip(present)
+            .filter(|(_, present)| !present)
+            .map(|(d, _)| d.to_string())
+            .collect();
+        debug!(
+            asked = digests.len(),
+            missing = missing.len(),
+            "find_missing"
+        );
+        Ok(Response::new(FindMissingResponse { missing }))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty upload: the first message must name digest and size")
+        })?;
+        let digest = parse_digest(&first.digest)?;
+        let size = first.size;
+        let existing = self
+            .store
+            .size(&digest)
+            .await
+            .map_err(|e| internal(format_args!("checking {digest}"), e))?;
+        if let Some(existing) = existing {
+            if existing != size {
+                return Err(Status::invalid_argument(format!(
+                    "upload of {digest}: size mismatch: expected {existing} (the stored blob), \
+                     got {size} (announced)"
+                )));
+            }
+            // Answer without reading the rest: dropping `chunks` makes the server end
+            // the HTTP/2 stream after the response (RST_STREAM NO_ERROR), which tells
+            // the client to stop sending; the client still gets this response.
+            debug!(%digest, size, "upload: already present");
+            return Ok(Response::new(UploadResponse {
+                digest: digest.to_string(),
+                size,
+                already_present: true,
+            }));
+        }
+
+        let mut writer = self.store.writer();
+        let received: Result<(), Status> = async {
+            let mut next = Some(first.data);
+            loop {
+                let data = match next.take() {
+                    Some(data) => data,
+                    None => match chunks.message().await? {
+                        None => break,
+                        Some(chunk) => {
+                            if !chunk.digest.is_empty() && chunk.digest != first.digest {
+                                return Err(Status::invalid_argument(format!(
+                                    "upload of {digest}: a later message names another \
+                                     digest {:?}",
+                                    chunk.digest
+                                )));
+                            }
+                            chunk.data
+                        }
+                    },
+                };
+                if writer.len() + data.len() as u64 > size {
+                    return Err(Status::invalid_argument(format!(
+                        "upload of {digest}: size mismatch: expected {size} bytes, got at \
+                         least {}; nothing was stored",
+                        writer.len() + data.len() as u64
+                    )));
+                }
+                writer
+                    .write(data)
+                    .await
+                    .map_err(|e| internal(format_args!("writing {digest}"), e))?;
+            }
+            if writer.len() != size {
+                return Err(Status::invalid_argument(format!(
+                    "upload of {digest}: size mismatch: expected {size} bytes, got {}; \
+                     nothing was stored",
+                    writer.len()
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(status) = received {
+            debug!(%digest, %status, "upload refused");
+            writer.abort().await;
+            return Err(status);
+        }
+        match writer.finish_expecting(&digest).await {
+            Ok(info) => {
+                info!(%digest, size = info.size, "blob uploaded");
+                Ok(Response::new(UploadResponse {
+                    digest: info.digest.to_string(),
+                    size: info.size,
+                    already_present: false,
+                }))
+            }
+            Err(farm_image::Error::DigestMismatch { expected, actual }) => {
+                debug!(%expected, %actual, "upload refused: digest mismatch");
+                Err(Status::invalid_argument(format!(
+                    "upload of {expected}: digest mismatch: expected {expected}, got \
+                     {actual}; nothing was stored"
+                )))
+            }
+            Err(e) => Err(internal(format_args!("storing {digest}"), e)),
+        }
+    }
+
+    type ReadStream = ReadStream;
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let digest = parse_digest(&request.get_ref().digest)?;
+        let blob = match self.store.get(&digest).await {
+            Ok(blob) => blob,
+            Err(farm_image::Error::BlobNotFound(_)) => {
+                return Err(Status::not_found(format!("blob {digest} not found")));
+            }
+            Err(e) => return Err(internal(format_args!("reading {digest}"), e)),
+        };
+        let chunks = rechunk(blob, CHUNK_SIZE).map(move |item| match item {
+            Ok(data) => Ok(ReadChunk { data }),
+            Err(farm_image::Error::DigestMismatch { expected, actual }) => {
+                warn!(%expected, %actual, "stored blob is corrupt");
+                Err(Status::data_loss(format!(
+                    "blob {expected} is corrupt in the coordinator's store (its content \
+                     hashes to {actual}); discard what was read"
+                )))
+            }
+            Err(e) => Err(internal(
+                format_args!("reading {digest} (discard what was read)"),
+                e,
+            )),
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+}
+
+/// Regroup a byte stream into pieces of exactly `size` bytes (the last one may be
+/// shorter), without copying pieces that are already large enough. An error is passed
+/// on at once (bytes held back are dropped: they are untrusted) and ends the stream.
+fn rechunk<S, E>(inner: S, size: usize) -> impl Stream<Item = Result<Bytes, E>> + Send
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: Send,
+{
+    struct State<S> {
+        inner: S,
+        head: Bytes,
+        buf: BytesMut,
+        done: bool,
+    }
+    let state = State {
+        inner,
+        head: Bytes::new(),
+        buf: BytesMut::new(),
+        done: false,
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if !st.head.is_empty() {
+                if st.buf.is_empty() && st.head.len() >= size {
+                    let piece = st.head.split_to(size);
+                    return Some((Ok(piece), st));
+                }
+                if st.buf.capacity() == 0 {
+                    st.buf.reserve(size);
+                }
+                let take = (size - st.buf.len()).min(st.head.len());
+                st.buf.extend_from_slice(&st.head.split_to(take));
+                if st.buf.len() == size {
+                    let piece = st.buf.split().freeze();
+                    return Some((Ok(piece), st));
+                }
+                continue;
+            }
+            if st.done {
+                if st.buf.is_empty() {
+                    return None;
+                }
+                let piece = st.buf.split().freeze();
+                return Some((Ok(piece), st));
+            }
+            match st.inner.next().await {
+                Some(Ok(bytes)) => st.head = bytes,
+                Some(Err(e)) => {
+                    st.done = true;
+                    st.buf.clear();
+                    return Some((Err(e), st));
+                }
+                None => st.done = true,
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------
+
+/// What can go wrong moving blobs to or from the coordinator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The coordinator refused or failed a call.
+    #[error("{call}: {code:?}: {}", status.message())]
+    Rpc {
+        /// The gRPC method.
+        call: &'static str,
+        /// Its status code (also in `status`).
+        code: tonic::Code,
+        /// The full status.
+        #[source]
+        status: Status,
+    },
+    /// The local blob store failed, or a blob did not match its digest.
+    #[error(transparent)]
+    Store(#[from] farm_image::Error),
+    /// A blob to upload is not in the local store.
+    #[error("blob {0} is not in the local store")]
+    NotLocal(Digest),
+    /// The coordinator answered something it should not have.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Reading a local file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, on which path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ClientError {
+    /// The gRPC status code, when the coordinator answered with an error.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn rpc(call: &'static str) -> impl FnOnce(Status) -> ClientError {
+    move |status| ClientError::Rpc {
+        call,
+        code: status.code(),
+        status,
+    }
+}
+
+/// A `Blobs` client on `channel` with the same message limits as the server.
+pub fn client(channel: Channel) -> BlobsClient<Channel> {
+    BlobsClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE)
+}
+
+/// Which of `digests` the coordinator lacks (each once, in the order given).
+pub async fn find_missing(
+    client: &mut BlobsClient<Channel>,
+    digests: &[Digest],
+) -> Result<Vec<Digest>, ClientError> {
+    let mut seen = HashSet::new();
+    let unique: Vec<&Digest> = digests.iter().filter(|d| seen.insert(*d)).collect();
+    let mut missing = Vec::new();
+    for batch in unique.chunks(FIND_MISSING_BATCH) {
+        let asked: HashSet<&Digest> = batch.iter().copied().collect();
+        let request = FindMissingRequest {
+            digests: batch.iter().map(|d| d.to_string()).collect(),
+        };
+        let answer = client
+            .find_missing(request)
+            .await
+            .map_err(rpc("FindMissing"))?
+            .into_inner();
+        for s in answer.missing {
+            let d = Digest::parse(&s).map_err(|e| {
+                ClientError::Protocol(format!("FindMissing answered an invalid digest: {e}"))
+            })?;
+            if !asked.contains(&d) {
+                return Err(ClientError::Protocol(format!(
+                    "FindMissing answered {d}, which was not asked for"
+                )));
+            }
+            missing.push(d);
+        }
+    }
+    Ok(missing)
+}
+
+/// Asks the coordinator which of `digests` it lacks and uploads those (a few at a time)
+/// from `local`, streaming. Returns how many blobs were uploaded.
+pub async fn upload_missing(
+    client: &mut BlobsClient<Channel>,
+    local: &BlobStore,
+    digests: &[Digest],
+) -> Result<usize, ClientError> {
+    let missing = find_missing(client, digests).await?;
+    let count = missing.len();
+    futures::stream::iter(missing)
+        .map(|digest| {
+            let mut client = client.clone();
+            async move { upload_blob(&mut client, local, &digest).await }
+        })
+        .buffer_unordered(UPLOAD_CONCURRENCY)
+        .try_for_each(|_| async { Ok(()) })
+        .await?;
+    Ok(count)
+}
+
+/// Upload one blob from `local`, streaming (without asking first whether the coordinator
+/// has it; it answers `already_present` then).
+pub async fn upload_blob(
+    client: &mut BlobsClient<Channel>,
+    local: &BlobStore,
+    digest: &Digest,
+) -> Result<UploadResponse, ClientError> {
+    let size = local
+        .size(digest)
+        .await?
+        .ok_or_else(|| ClientError::NotLocal(digest.clone()))?;
+    let blob = local.get(digest).await?;
+    let data = rechunk(blob, CHUNK_SIZE).map_err(ClientError::from);
+    send(client, digest, size, data).await
+}
+
+/// Hash the file at `path`, then upload it unless the coordinator has it already.
+/// Returns its digest. A file that changes while it is uploaded is refused by the
+/// coordinator (digest or size mismatch) and nothing is stored.
+pub async fn upload_file(
+    client: &mut BlobsClient<Channel>,
+    path: &Path,
+) -> Result<Digest, ClientError> {
+    let (digest, size) = hash_file(path).await?;
+    if find_missing(client, std::slice::from_ref(&digest))
+        .await?
+        .is_empty()
+    {
+        debug!(%digest, path = %path.display(), "upload_file: already present");
+        return Ok(digest);
+    }
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|source| ClientError::Io {
+            context: format!("opening {}", path.display()),
+            source,
+        })?;
+    let shown = path.display().to_string();
+    let data = futures::stream::try_unfold(file, move |mut file| {
+        let shown = shown.clone();
+        async move {
+            let mut buf = BytesMut::zeroed(CHUNK_SIZE);
+            let mut filled = 0;
+            while filled < CHUNK_SIZE {
+                let n = file
+                    .read(&mut buf[filled..])
+                    .await
+                    .map_err(|source| ClientError::Io {
+                        context: format!("reading {shown}"),
+                        source,
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                return Ok(None);
+            }
+            buf.truncate(filled);
+            Ok(Some((buf.freeze(), file)))
+        }
+    });
+    send(client, &digest, size, data).await?;
+    Ok(digest)
+}
+
+async fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
+    let owned = path.to_path_buf();
+    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, u64)> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(&owned)?;
+        let mut hasher = farm_image::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(hasher.finish())
+    })
+    .await
+    .map_err(|e| ClientError::Io {
+        context: format!("hashing {}", path.display()),
+        source: std::io::Error::other(e),
+    })?;
+    hashed.map_err(|source| ClientError::Io {
+        context: format!("hashing {}", path.display()),
+        source,
+    })
+}
+
+/// Send one blob: a first message naming digest and size, then the data. A local error
+/// ends the request stream early (so the coordinator refuses the short or wrong upload
+/// and stores nothing) and is what this returns.
+async fn send<S>(
+    client: &mut BlobsClient<Channel>,
+    digest: &Digest,
+    size: u64,
+    data: S,
+) -> Result<UploadResponse, ClientError>
+where
+    S: Stream<Item = Result<Bytes, ClientError>> + Send + 'static,
+{
+    let failure: Arc<Mutex<Option<ClientError>>> = Arc::default();
+    let slot = Arc::clone(&failure);
+    let header = UploadChunk {
+        digest: digest.to_string(),
+        size,
+        data: Bytes::new(),
+    };
+    let body =
+        futures::stream::once(async move { header }).chain(data.scan((), move |(), item| {
+            let next = match item {
+                Ok(data) => Some(UploadChunk {
+                    data,
+                    ..UploadChunk::default()
+                }),
+                Err(e) => {
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    None
+                }
+            };
+            futures::future::ready(next)
+        }));
+    let answer = client.upload(body).await;
+    if let Some(e) = failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
+        return Err(e);
+    }
+    let answer = answer.map_err(rpc("Upload"))?.into_inner();
+    if answer.digest != digest.to_string() || answer.size != size {
+        return Err(ClientError::Protocol(format!(
+            "Upload of {digest} ({size} bytes) answered {} ({} bytes)",
+            answer.digest, answer.size
+        )));
+    }
+    debug!(%digest, size, already_present = answer.already_present, "uploaded");
+    Ok(answer)
+}
+
+/// Download blob `digest` into `into`, streaming and verified (nothing is stored unless
+/// the bytes hash to `digest`). A blob `into` already has is not downloaded again.
+pub async fn download(
+    client: &mut BlobsClient<Channel>,
+    digest: &Digest,
+    into: &BlobStore,
+) -> Result<BlobInfo, ClientError> {
+    if let Some(size) = into.size(digest).await? {
+        return Ok(BlobInfo {
+            digest: digest.clone(),
+            size,
+        });
+    }
+    let mut chunks = client
+        .read(ReadRequest {
+            digest: digest.to_string(),
+        })
+        .await
+        .map_err(rpc("Read"))?
+        .into_inner();
+    let mut writer = into.writer();
+    loop {
+        let data = match chunks.message().await {
+            Ok(Some(chunk)) => chunk.data,
+            Ok(None) => break,
+            Err(status) => {
+                writer.abort().await;
+                return Err(rpc("Read")(status));
+            }
+        };
+        if let Err(e) = writer.write(data).await {
+            writer.abort().await;
+            return Err(e.into());
+        }
+    }
+    Ok(writer.finish_expecting(digest).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tonic::transport::Server;
+    use tonic::transport::server::TcpIncoming;
+
+    use super::*;
+
+    /// Every test runs under this bound.
+    async fn bounded<F: Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(120), f)
+            .await
+            .expect("test took longer than 120 s")
+    }
+
+    struct Served {
+        addr: SocketAddr,
+        shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            if let Some(tx) = self.shutdown.take() {
+                let _ = tx.send(());
+            }
+            self.task.abort();
+        }
+    }
+
+    async fn serve(store: BlobStore) -> Served {
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            Server::builder()
+                .add_service(BlobService::new(store).into_server())
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Served {
+            addr,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    async fn connect(s: &Served) -> BlobsClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        client(channel)
+    }
+
+    fn data(n: usize, seed: u8) -> Bytes {
+        let mut x = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
+        Bytes::from(
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// A raw Upload of `chunks`, announcing `digest` and `size`.
+    async fn raw_upload(
+        c: &mut BlobsClient<Channel>,
+        digest: &Digest,
+        size: u64,
+        payload: Bytes,
+    ) -> Result<UploadResponse, Status> {
+        let mut messages = vec![UploadChunk {
+            digest: digest.to_string(),
+            size,
+            data: Bytes::new(),
+        }];
+        let mut rest = payload;
+        while !rest.is_empty() {
+            let n = rest.len().min(CHUNK_SIZE);
+            messages.push(UploadChunk {
+                data: rest.split_to(n),
+                ..UploadChunk::default()
+            });
+        }
+        c.upload(futures::stream::iter(messages))
+            .await
+            .map(Response::into_inner)
+    }
+
+    /// Read a blob with the raw RPC: the chunks received, then the final status.
+    async fn raw_read(c: &mut BlobsClient<Channel>, digest: &str) -> (Vec<Bytes>, Option<Status>) {
+        let mut got = Vec::new();
+        let mut stream = match c
+            .read(ReadRequest {
+                digest: digest.into(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => return (got, Some(status)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => got.push(chunk.data),
+                Ok(None) => return (got, None),
+                Err(status) => return (got, Some(status)),
+            }
+        }
+    }
+
+    fn blob_files(dir: &Path) -> Vec<String> {
+        match std::fs::read_dir(dir.join("blobs/sha256")) {
+            Ok(entries) => entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn find_missing_reports_absent_and_rejects_invalid() {
+        bounded(async {
+            let store = BlobStore::in_memory();
+            let have = store.put(data(100, 1)).await.unwrap().digest;
+            let lack = Digest::of(b"not there");
+            let s = serve(store).await;
+            let mut c = connect(&s).await;
+
+            let answer = c
+                .find_missing(FindMissingRequest {
+                    digests: vec![have.to_string(), lack.to_string(), lack.to_string()],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(answer.missing, vec![lack.to_string()]);
+
+            let err = c
+                .find_missing(FindMissingRequest {
+                    digests: vec![have.to_string(), "sha256:nope".into()],
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains("sha256:nope"), "{}", err.message());
+
+            // The helper: each digest once, in order.
+            let got = find_missing(&mut c, &[lack.clone(), have.clone(), lack.clone()])
+                .await
+                .unwrap();
+            assert_eq!(got, vec![lack]);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn upload_then_read_back_small_and_large() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::local(&dir.path().join("remote")).unwrap();
+            let s = serve(store.clone()).await;
+            let mut c = connect(&s).await;
+
+            for (n, seed) in [(0usize, 1u8), (11, 2), (20_000_000, 3)] {
+                let payload = data(n, seed);
+                let digest = Digest::of(&payload);
+                let answer = raw_upload(&mut c, &digest, n as u64, payload.clone())
+                    .await
+                    .unwrap();
+                assert_eq!(answer.digest, digest.to_string());
+                assert_eq!(answer.size, n as u64);
+                assert!(!answer.already_present);
+                assert_eq!(store.size(&digest).await.unwrap(), Some(n as u64));
+
+                let (chunks, status) = raw_read(&mut c, &digest.to_string()).await;
+                assert!(status.is_none(), "{status:?}");
+                assert!(chunks.iter().all(|c| c.len() <= CHUNK_SIZE));
+                assert_eq!(chunks.len(), n.div_ceil(CHUNK_SIZE));
+                assert_eq!(Bytes::from(chunks.concat()), payload);
+
+                // The helper, into another store.
+                let local = BlobStore::in_memory();
+                let info = download(&mut c, &digest, &local).await.unwrap();
+                assert_eq!(info.size, n as u64);
+                assert_eq!(local.get_bytes(&digest).await.unwrap(), payload);
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn wrong_digest_or_size_is_refused_and_stores_nothing() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::local(dir.path()).unwrap();
+            let s = serve(store.clone()).await;
+            let mut c = connect(&s).await;
+
+            // Small (one put) and large (multipart to a staging name) blobs.
+            for n in [1000usize, 12 << 20] {
+                let payload = data(n, 4);
+                let claimed = Digest::of(b"something else");
+                let err = raw_upload(&mut c, &claimed, n as u64, payload.clone())
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.code(), tonic::Code::InvalidArgument);
+                let actual = Digest::of(&payload);
+                assert!(
+                    err.message().contains(&format!("expected {claimed}"))
+                        && err.message().contains(&format!("got {actual}")),
+                    "{}",
+                    err.message()
+                );
+                assert!(!store.exists(&claimed).await.unwrap());
+                assert!(!store.exists(&actual).await.unwrap());
+                assert_eq!(blob_files(dir.path()), Vec::<String>::new());
+
+                // Right digest, wrong announced size: too small, then too large.
+                for announced in [n as u64 - 1, n as u64 + 1] {
+                    let err = raw_upload(&mut c, &actual, announced, payload.clone())
+                        .await
+                        .unwrap_err();
+                    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+                    assert!(
+                        err.message().contains("size mismatch")
+                            && err.message().contains(&format!("expected {announced}")),
+                        "{}",
+                        err.message()
+                    );
+                    assert!(!store.exists(&actual).await.unwrap());
+                }
+            }
+            // Nothing left behind but (possibly empty) staging directories.
+            assert_eq!(blob_files(dir.path()), Vec::<String>::new());
+            let staging = dir.path().join(".farm-staging");
+            if staging.exists() {
+                assert_eq!(std::fs::read_dir(staging).unwrap().count(), 0);
+            }
+
+            // An empty stream and an invalid digest.
+            let err = c
+                .upload(futures::stream::iter(Vec::<UploadChunk>::new()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            let err = raw_upload_named(&mut c, "sha256:XYZ").await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains("sha256:XYZ"), "{}", err.message());
+        })
+        .await;
+    }
+
+    async fn raw_upload_named(
+        c: &mut BlobsClient<Channel>,
+        digest: &str,
+    ) -> Result<UploadResponse, Status> {
+        let msg = UploadChunk {
+            digest: digest.into(),
+            size: 1,
+            data: Bytes::from_static(b"x"),
+        };
+        c.upload(futures::stream::iter(vec![msg]))
+            .await
+            .map(Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn uploading_an_existing_blob_reports_already_present() {
+        bounded(async {
+            let store = BlobStore::in_memory();
+            let small = data(10, 5);
+            let large = data(9 << 20, 6);
+            let s = serve(store.clone()).await;
+            let mut c = connect(&s).await;
+            for payload in [small, large] {
+                let digest = store.put(payload.clone()).await.unwrap().digest;
+                let n = payload.len() as u64;
+                // The server answers after the first message; the rest is not read.
+                let answer = raw_upload(&mut c, &digest, n, payload.clone())
+                    .await
+                    .unwrap();
+                assert!(answer.already_present);
+                assert_eq!((answer.digest, answer.size), (digest.to_string(), n));
+                // A size that contradicts the stored blob is refused.
+                let err = raw_upload(&mut c, &digest, n + 1, payload.clone())
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            }
+            // The connection is still fine afterwards.
+            assert!(
+                find_missing(&mut c, &[Digest::of(b"x")])
+                    .await
+                    .unwrap()
+                    .len()
+                    == 1
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn reading_a_missing_blob_is_not_found() {
+        bounded(async {
+            let s = serve(BlobStore::in_memory()).await;
+            let mut c = connect(&s).await;
+            let digest = Digest::of(b"absent");
+            let (chunks, status) = raw_read(&mut c, &digest.to_string()).await;
+            assert!(chunks.is_empty());
+            let status = status.expect("an error");
+            assert_eq!(status.code(), tonic::Code::NotFound);
+            assert!(status.message().contains(&digest.to_string()));
+
+            let local = BlobStore::in_memory();
+            let err = download(&mut c, &digest, &local).await.unwrap_err();
+            assert_eq!(err.code(), Some(tonic::Code::NotFound));
+
+            let (_, status) = raw_read(&mut c, "md5:abc").await;
+            assert_eq!(status.unwrap().code(), tonic::Code::InvalidArgument);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_stored_blob_reaches_the_reader_as_an_error() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::from_url(&format!("file://{}", dir.path().display())).unwrap();
+            let s = serve(store.clone()).await;
+            let mut c = connect(&s).await;
+            for n in [100usize, 3 * CHUNK_SIZE + 5] {
+                let payload = data(n, 7);
+                let digest = store.put(payload.clone()).await.unwrap().digest;
+                // Same length, one byte flipped, in place.
+                let file = dir.path().join("blobs/sha256").join(digest.hex());
+                let mut bad = payload.to_vec();
+                bad[n / 2] ^= 0x55;
+                std::fs::write(&file, &bad).unwrap();
+
+                let (chunks, status) = raw_read(&mut c, &digest.to_string()).await;
+                let status = status.expect("the reader must see an error");
+                assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+                assert!(status.message().contains(&digest.to_string()));
+                let got: usize = chunks.iter().map(Bytes::len).sum();
+                assert!(got < n, "all {n} bytes were sent before the error");
+
+                let local = BlobStore::in_memory();
+                let err = download(&mut c, &digest, &local).await.unwrap_err();
+                assert_eq!(err.code(), Some(tonic::Code::DataLoss));
+                assert!(!local.exists(&digest).await.unwrap());
+
+                // Truncation is corruption too.
+                std::fs::write(&file, &payload[..n - 1]).unwrap();
+                let (_, status) = raw_read(&mut c, &digest.to_string()).await;
+                assert_eq!(status.unwrap().code(), tonic::Code::DataLoss);
+                std::fs::remove_file(&file).unwrap();
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn upload_missing_uploads_only_what_is_missing() {
+        bounded(async {
+            let remote = BlobStore::in_memory();
+            let local = BlobStore::in_memory();
+            let s = serve(remote.clone()).await;
+            let mut c = connect(&s).await;
+
+            let mut digests = Vec::new();
+            for (i, n) in [10usize, 5000, 3 << 20, 0].into_iter().enumerate() {
+                let payload = data(n, 10 + i as u8);
+                digests.push(local.put(payload).await.unwrap().digest);
+            }
+            // The remote has one of them already.
+            remote.put(data(5000, 11)).await.unwrap();
+
+            let uploaded = upload_missing(&mut c, &local, &digests).await.unwrap();
+            assert_eq!(uploaded, 3);
+            for d in &digests {
+                assert_eq!(
+                    remote.get_bytes(d).await.unwrap(),
+                    local.get_bytes(d).await.unwrap()
+                );
+            }
+            assert_eq!(upload_missing(&mut c, &local, &digests).await.unwrap(), 0);
+
+            // A digest the local store lacks.
+            let absent = Digest::of(b"nowhere");
+            let err = upload_missing(&mut c, &local, std::slice::from_ref(&absent))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, ClientError::NotLocal(ref d) if *d == absent),
+                "{err}"
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_local_blob_is_not_uploaded() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let local = BlobStore::local(dir.path()).unwrap();
+            let remote = BlobStore::in_memory();
+            let s = serve(remote.clone()).await;
+            let mut c = connect(&s).await;
+            let payload = data(2 * CHUNK_SIZE + 1, 20);
+            let digest = local.put(payload.clone()).await.unwrap().digest;
+            let mut bad = payload.to_vec();
+            bad[7] ^= 1;
+            std::fs::write(dir.path().join("blobs/sha256").join(digest.hex()), bad).unwrap();
+            let err = upload_missing(&mut c, &local, std::slice::from_ref(&digest))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ClientError::Store(farm_image::Error::DigestMismatch { .. })
+                ),
+                "{err}"
+            );
+            assert!(!remote.exists(&digest).await.unwrap());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn upload_file_hashes_then_uploads_if_missing() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let remote = BlobStore::in_memory();
+            let s = serve(remote.clone()).await;
+            let mut c = connect(&s).await;
+            for (name, n) in [
+                ("empty", 0usize),
+                ("small", 123),
+                ("big", 5 * CHUNK_SIZE + 3),
+            ] {
+                let payload = data(n, 30);
+                let path = dir.path().join(name);
+                std::fs::write(&path, &payload).unwrap();
+                let digest = upload_file(&mut c, &path).await.unwrap();
+                assert_eq!(digest, Digest::of(&payload));
+                assert_eq!(remote.get_bytes(&digest).await.unwrap(), payload);
+                // Again: found present, nothing sent.
+                assert_eq!(upload_file(&mut c, &path).await.unwrap(), digest);
+            }
+            let err = upload_file(&mut c, &dir.path().join("nope"))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ClientError::Io { .. }), "{err}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn rechunk_regroups_without_losing_bytes() {
+        bounded(async {
+            let pieces: Vec<Result<Bytes, ()>> = [0usize, 3, 10, 1, 0, 25, 4]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Ok(Bytes::from(vec![i as u8; n])))
+                .collect();
+            let all: Vec<u8> = pieces
+                .iter()
+                .flat_map(|p| p.as_ref().unwrap().to_vec())
+                .collect();
+            let out: Vec<Bytes> = rechunk(futures::stream::iter(pieces), 8)
+                .try_collect()
+                .await
+                .unwrap();
+            assert!(out[..out.len() - 1].iter().all(|b| b.len() == 8));
+            assert_eq!(out.concat(), all);
+
+            let with_error = futures::stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err(())]);
+            let out: Vec<Result<Bytes, ()>> = rechunk(with_error, 8).collect().await;
+            assert_eq!(out, vec![Err(())]);
+        })
+        .await;
+    }
+}

@@ -1,0 +1,10 @@
+//! The coordinator's gRPC services (see `proto/farm.proto`) and the client helpers that
+//! go with them, for the CLI and the workers.
+//!
+//! - [`blobs`]: the `Blobs` service over a [`farm_image::BlobStore`] ([`BlobService`]),
+//!   and [`blobs::upload_missing`], [`blobs::upload_file`], [`blobs::download`].
+
+pub mod blobs;
+
+pub use blobs::BlobService;
+pub use farm_proto::v1 as proto;
