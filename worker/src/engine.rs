@@ -890,6 +890,24 @@ impl Engine {
             .await?;
         match begin {
             Begin::Exists(h) => Ok(h),
+            Begin::Create(pending) if overlay => {
+                // A run's change: applied straight from the upper dir, file data shared
+                // by reflink on btrfs (no second tar of the change).
+                let args = ops::ApplyUpperArgs {
+                    upper: dir.to_path_buf(),
+                    target: pending.rootfs().to_path_buf(),
+                    exclude: vec!["stacker".into()],
+                };
+                let what = format!("applying the change to chain {}", pending.id());
+                let out = self.op(ops::APPLY_UPPER, &args, None, None, &what).await?;
+                let bytes = serde_json::from_slice::<serde_json::Value>(&out)
+                    .ok()
+                    .and_then(|v| v["bytes"].as_u64())
+                    .unwrap_or(0);
+                let mut pending = pending;
+                pending.set_layer_size(bytes);
+                self.blocking(move |_| pending.commit()).await
+            }
             Begin::Create(pending) => {
                 let _ = self
                     .userns
