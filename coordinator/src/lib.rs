@@ -13,5 +13,6 @@ pub mod fetch;
 pub mod grpc;
 pub mod inputs;
 pub mod output;
+pub mod server;
 
 pub use farm_stackerfile::{Plan, PlanOptions};
