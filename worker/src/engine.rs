@@ -194,12 +194,9 @@ impl Engine {
             job.imports.iter().any(|i| i.dest.is_some()) || !job.overlay_dirs.is_empty();
         if tar_base && has_extra_layers {
             let rootfs = chain.rootfs().to_path_buf();
-            let exported = self
-                .export_dir(&rootfs, false, &[], job, compression)
-                .await?;
-            let blob = blob_of(&exported);
-            chain = self
-                .extend_chain_from(None, &blob.diff_id, &rootfs, false)
+            let blob;
+            (chain, blob) = self
+                .whole_tree_layer(&rootfs, &[], job, compression)
                 .await?;
             new_layers.push(new_layer(&blob, "tar base"));
             layers.push(blob);
@@ -329,12 +326,9 @@ impl Engine {
                 let rootfs = full.rootfs().expect("snapshot workspace").to_path_buf();
                 scratch.push(full);
                 self.apply_dir(upper, &rootfs).await?;
-                let exported = self
-                    .export_dir(&rootfs, false, &exclude, job, compression)
-                    .await?;
-                let blob = blob_of(&exported);
-                chain = self
-                    .extend_chain_from(None, &blob.diff_id, &rootfs, false)
+                let blob;
+                (chain, blob) = self
+                    .whole_tree_layer(&rootfs, &exclude, job, compression)
                     .await?;
                 new_layers.push(new_layer(&blob, "tar base + run"));
                 layers.push(blob);
@@ -355,12 +349,9 @@ impl Engine {
             }
         } else if tar_base {
             let rootfs = chain.rootfs().to_path_buf();
-            let exported = self
-                .export_dir(&rootfs, false, &[], job, compression)
-                .await?;
-            let blob = blob_of(&exported);
-            chain = self
-                .extend_chain_from(None, &blob.diff_id, &rootfs, false)
+            let blob;
+            (chain, blob) = self
+                .whole_tree_layer(&rootfs, &[], job, compression)
                 .await?;
             new_layers.push(new_layer(&blob, "tar base"));
             layers.push(blob);
@@ -386,6 +377,24 @@ impl Engine {
             chain_id: chain_id(layers.iter().map(|l| l.diff_id.as_str())),
             layers,
         })
+    }
+
+    /// The whole tree at `rootfs` as one layer (a tar base), and the chain of it.
+    async fn whole_tree_layer(
+        &self,
+        rootfs: &Path,
+        exclude: &[String],
+        job: &Job,
+        compression: Compression,
+    ) -> Result<(ChainHandle, CachedBlob), EngineError> {
+        let exported = self
+            .export_dir(rootfs, false, exclude, job, compression)
+            .await?;
+        let blob = blob_of(&exported);
+        let chain = self
+            .extend_chain_from(None, &blob.diff_id, rootfs, false)
+            .await?;
+        Ok((chain, blob))
     }
 
     /// The sandbox spec of a script of `job` on an overlay of `lower` (top first).
@@ -935,19 +944,15 @@ impl Engine {
 
     /// Apply an overlay upper dir onto a writable tree (for the tar-base case).
     async fn apply_dir(&self, upper: &Path, target: &Path) -> Result<(), EngineError> {
-        let (what, mut writer) = self
-            .tar_process(upper, true, &["/stacker".into()], None)
-            .await?;
-        let out = writer.stdout.take().expect("piped");
-        self.apply_stream(out, target).await.map(drop)?;
-        let status = writer
-            .wait()
+        let args = ops::ApplyUpperArgs {
+            upper: upper.to_path_buf(),
+            target: target.to_path_buf(),
+            exclude: vec!["stacker".into()],
+        };
+        let what = format!("applying the change to {}", target.display());
+        self.op(ops::APPLY_UPPER, &args, None, None, &what)
             .await
-            .map_err(|e| step("writing a layer tar")(e.to_string()))?;
-        if !status.success() {
-            return Err(step("writing a layer tar")(what));
-        }
-        Ok(())
+            .map(drop)
     }
 
     /// Start the write-tar op for `dir`, stdout piped.
