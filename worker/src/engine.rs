@@ -748,6 +748,7 @@ impl Engine {
                     let reader = self.blobs.reader(&digest).await?;
                     let mut pending = pending;
                     let applied = self.apply_stream(reader, pending.rootfs()).await?;
+                    warn_skipped(events, name, &applied);
                     // The blob digest was verified as it was read; the uncompressed
                     // content must be the layer the image config names.
                     if !layer.diff_id.is_empty() && applied.diff_id != layer.diff_id {
@@ -792,6 +793,7 @@ impl Engine {
                 let reader = self.blobs.reader(&Digest::parse(digest)?).await?;
                 let mut pending = pending;
                 let applied = self.apply_stream(reader, pending.rootfs()).await?;
+                warn_skipped(events, name, &applied);
                 pending.set_layer_size(applied.tar_size);
                 self.blocking(move |_| pending.commit()).await
             }
@@ -1089,6 +1091,20 @@ fn read_labels(dir: &Path) -> Result<BTreeMap<String, String>, EngineError> {
         out.insert(e.file_name().to_string_lossy().into_owned(), value);
     }
     Ok(out)
+}
+
+/// Say so when a base layer had entries a rootless build cannot create (device nodes).
+fn warn_skipped(events: &EventSender, name: &str, applied: &ops::Applied) {
+    if applied.skipped > 0 {
+        events.log(
+            name,
+            format!(
+                "farm: {} device node(s) in the base were not created (a rootless build \
+                 cannot make them; /dev comes from the sandbox)",
+                applied.skipped
+            ),
+        );
+    }
 }
 
 fn blob_of(e: &farm_image::ExportedLayer) -> CachedBlob {
