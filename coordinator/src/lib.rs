@@ -14,5 +14,6 @@ pub mod grpc;
 pub mod inputs;
 pub mod output;
 pub mod server;
+pub mod state;
 
 pub use farm_stackerfile::{Plan, PlanOptions};

@@ -1,0 +1,1387 @@
+//! The coordinator's durable state: builds, their layers, leases (assignments of layers to
+//! workers), events, log lines and workers, in one SQLite database in the state dir.
+//!
+//! Every change is committed before the call returns, so a coordinator killed at any
+//! moment and restarted on the same file loses no build: [`StateStore::unfinished_builds`]
+//! lists what to resume, leases still held by workers stay in the `assignments` table
+//! until they are renewed by the reconnecting worker or found by [`StateStore::expired`].
+//!
+//! Times are unix milliseconds passed in by the caller (tests control them), except the
+//! creation time recorded by [`StateStore::create_build`].
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::Serialize;
+use sqlx::sqlite::SqlitePool;
+
+/// How many times a layer may be assigned before its build fails.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// A lost worker's layers go to another worker while this holds (`attempts < 3`).
+pub fn may_retry(attempts: u32) -> bool {
+    attempts < MAX_ATTEMPTS
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS builds (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layers (
+    build_id TEXT NOT NULL REFERENCES builds(id),
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    worker TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    cached INTEGER NOT NULL DEFAULT 0,
+    duration_ms INTEGER,
+    manifest_digest TEXT,
+    PRIMARY KEY (build_id, idx)
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    build_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    lease_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    released INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS assignments_active ON assignments (released, expires_ms);
+CREATE TABLE IF NOT EXISTS events (
+    build_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (build_id, seq)
+);
+CREATE TABLE IF NOT EXISTS logs (
+    build_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    layer TEXT NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (build_id, seq)
+);
+CREATE TABLE IF NOT EXISTS workers (
+    name TEXT PRIMARY KEY,
+    slots INTEGER NOT NULL,
+    platform TEXT NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+";
+
+/// A build's id: `b-<unix_ms>-<random hex>` (sorts by creation time).
+pub type BuildId = String;
+
+/// An assignment (one lease of one layer to one worker); unique across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AssignmentId(pub i64);
+
+impl fmt::Display for AssignmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a-{}", self.0)
+    }
+}
+
+impl FromStr for AssignmentId {
+    type Err = UnknownWord;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.strip_prefix("a-")
+            .and_then(|n| n.parse().ok())
+            .map(AssignmentId)
+            .ok_or_else(|| UnknownWord {
+                what: "assignment id",
+                word: s.to_string(),
+            })
+    }
+}
+
+/// A word that names no state (or a malformed id).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {word:?}")]
+pub struct UnknownWord {
+    pub what: &'static str,
+    pub word: String,
+}
+
+macro_rules! word_enum {
+    ($(#[$m:meta])* $name:ident, $what:literal { $($variant:ident => $word:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownWord;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($word => Ok($name::$variant),)+
+                    _ => Err(UnknownWord { what: $what, word: s.to_string() }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+word_enum!(
+    /// A build's state, as in the status JSON.
+    BuildState, "build state" {
+        Queued => "queued",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+);
+
+impl BuildState {
+    /// Succeeded, failed or cancelled: nothing more will happen.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            BuildState::Succeeded | BuildState::Failed | BuildState::Cancelled
+        )
+    }
+}
+
+word_enum!(
+    /// A layer's state, as in the status JSON.
+    LayerState, "layer state" {
+        Waiting => "waiting",
+        Running => "running",
+        Built => "built",
+        Cached => "cached",
+        Failed => "failed",
+        Skipped => "skipped",
+        Cancelled => "cancelled",
+    }
+);
+
+impl LayerState {
+    /// Built, cached, failed, skipped or cancelled.
+    pub fn is_finished(self) -> bool {
+        !matches!(self, LayerState::Waiting | LayerState::Running)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Db { path: String, source: sqlx::Error },
+    #[error("state database {path} is corrupt: {source}")]
+    Corrupt { path: String, source: UnknownWord },
+    #[error("no build {0}")]
+    NoBuild(String),
+    #[error("build {build} has no layer {idx}")]
+    NoLayer { build: String, idx: u32 },
+    #[error("no assignment {0}")]
+    NoAssignment(AssignmentId),
+}
+
+pub type Result<T, E = StateError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRow {
+    pub id: BuildId,
+    /// The submission as JSON.
+    pub spec_json: String,
+    pub state: BuildState,
+    /// Why the build failed.
+    pub error: Option<String>,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRow {
+    pub build_id: BuildId,
+    pub idx: u32,
+    pub name: String,
+    pub state: LayerState,
+    pub worker: Option<String>,
+    pub error: Option<String>,
+    pub attempts: u32,
+    /// The built layer (`cache::CachedLayer` as JSON) once built or cached.
+    pub result_json: Option<String>,
+    pub cached: bool,
+    pub duration_ms: Option<u64>,
+    pub manifest_digest: Option<String>,
+}
+
+/// An active lease of one layer to one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub assignment: AssignmentId,
+    pub build_id: BuildId,
+    pub idx: u32,
+    pub worker: String,
+    /// The layer's attempts so far, this one included.
+    pub attempts: u32,
+    pub expires_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRow {
+    pub name: String,
+    pub slots: u32,
+    pub platform: String,
+    pub last_seen_ms: i64,
+}
+
+/// The status JSON: `{"id","state","layers":[{"name","state","worker","cached","duration_ms","manifest_digest"}]}`
+/// (plus `error` where there is one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BuildStatus {
+    pub id: BuildId,
+    pub state: BuildState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub layers: Vec<LayerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerStatus {
+    pub name: String,
+    pub state: LayerState,
+    pub worker: Option<String>,
+    pub cached: bool,
+    pub duration_ms: Option<u64>,
+    pub manifest_digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+type BuildTuple = (String, String, String, Option<String>, i64);
+type LayerTuple = (
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+    Option<String>,
+    bool,
+    Option<i64>,
+    Option<String>,
+);
+type LeaseTuple = (i64, String, i64, String, i64, i64);
+
+macro_rules! build_cols {
+    () => {
+        "id, spec, state, error, created_ms"
+    };
+}
+macro_rules! layer_cols {
+    () => {
+        "build_id, idx, name, state, worker, error, attempts, result, cached, duration_ms, manifest_digest"
+    };
+}
+macro_rules! lease_select {
+    ($cond:literal) => {
+        concat!(
+            "SELECT a.id, a.build_id, a.idx, a.worker, a.expires_ms, l.attempts
+             FROM assignments a JOIN layers l ON l.build_id = a.build_id AND l.idx = a.idx
+             WHERE a.released = 0 AND ",
+            $cond,
+            " ORDER BY a.id"
+        )
+    };
+}
+
+/// The coordinator's state; cheap to clone (a shared connection pool).
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    pool: SqlitePool,
+    path: String,
+}
+
+impl StateStore {
+    /// Open (creating if missing) the state database at `path`.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let pool = crate::db::open(path, SCHEMA)
+            .await
+            .map_err(|source| StateError::Db {
+                path: shown.clone(),
+                source,
+            })?;
+        Ok(StateStore { pool, path: shown })
+    }
+
+    fn err(&self, source: sqlx::Error) -> StateError {
+        StateError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn word<T: FromStr<Err = UnknownWord>>(&self, s: &str) -> Result<T> {
+        s.parse().map_err(|source| StateError::Corrupt {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    // ---- builds ----
+
+    /// Record a new queued build with its layers (waiting, no attempts), atomically.
+    pub async fn create_build(&self, spec_json: &str, layer_names: &[String]) -> Result<BuildId> {
+        let now = unix_ms();
+        let id = format!("b-{now}-{:08x}", random_u32());
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        sqlx::query(
+            "INSERT INTO builds (id, spec, state, error, created_ms) VALUES (?1, ?2, ?3, NULL, ?4)",
+        )
+        .bind(&id)
+        .bind(spec_json)
+        .bind(BuildState::Queued.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        for (idx, name) in layer_names.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO layers (build_id, idx, name, state, attempts) VALUES (?1, ?2, ?3, ?4, 0)",
+            )
+            .bind(&id)
+            .bind(idx as i64)
+            .bind(name)
+            .bind(LayerState::Waiting.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(id)
+    }
+
+    fn build_row(&self, (id, spec_json, state, error, created_ms): BuildTuple) -> Result<BuildRow> {
+        Ok(BuildRow {
+            id,
+            spec_json,
+            state: self.word(&state)?,
+            error,
+            created_ms,
+        })
+    }
+
+    pub async fn build(&self, id: &str) -> Result<Option<BuildRow>> {
+        let row: Option<BuildTuple> = sqlx::query_as(concat!(
+            "SELECT ",
+            build_cols!(),
+            " FROM builds WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        row.map(|r| self.build_row(r)).transpose()
+    }
+
+    /// Every build, oldest first.
+    pub async fn list_builds(&self) -> Result<Vec<BuildRow>> {
+        let rows: Vec<BuildTuple> = sqlx::query_as(concat!(
+            "SELECT ",
+            build_cols!(),
+            " FROM builds ORDER BY created_ms, id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.into_iter().map(|r| self.build_row(r)).collect()
+    }
+
+    /// Queued and running builds, oldest first: what a restarted coordinator resumes.
+    pub async fn unfinished_builds(&self) -> Result<Vec<BuildRow>> {
+        let rows: Vec<BuildTuple> = sqlx::query_as(concat!(
+            "SELECT ",
+            build_cols!(),
+            " FROM builds WHERE state IN (?1, ?2) ORDER BY created_ms, id"
+        ))
+        .bind(BuildState::Queued.as_str())
+        .bind(BuildState::Running.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.into_iter().map(|r| self.build_row(r)).collect()
+    }
+
+    pub async fn set_build_state(&self, id: &str, state: BuildState) -> Result<()> {
+        let done = sqlx::query("UPDATE builds SET state = ?2 WHERE id = ?1")
+            .bind(id)
+            .bind(state.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StateError::NoBuild(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Mark the build failed, saying why.
+    pub async fn fail_build(&self, id: &str, reason: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE builds SET state = ?2, error = ?3 WHERE id = ?1")
+            .bind(id)
+            .bind(BuildState::Failed.as_str())
+            .bind(reason)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StateError::NoBuild(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Cancel an unfinished build: the build and its unfinished layers become cancelled
+    /// and their active leases are released. Returns the leases that were active (their
+    /// workers should be told to stop), or `None` if the build had already finished.
+    pub async fn cancel_build(&self, id: &str) -> Result<Option<Vec<Lease>>> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let done = sqlx::query("UPDATE builds SET state = ?2 WHERE id = ?1 AND state IN (?3, ?4)")
+            .bind(id)
+            .bind(BuildState::Cancelled.as_str())
+            .bind(BuildState::Queued.as_str())
+            .bind(BuildState::Running.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM builds WHERE id = ?1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+            return match exists {
+                Some(_) => Ok(None),
+                None => Err(StateError::NoBuild(id.to_string())),
+            };
+        }
+        sqlx::query("UPDATE layers SET state = ?2 WHERE build_id = ?1 AND state IN (?3, ?4)")
+            .bind(id)
+            .bind(LayerState::Cancelled.as_str())
+            .bind(LayerState::Waiting.as_str())
+            .bind(LayerState::Running.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<LeaseTuple> = sqlx::query_as(lease_select!("a.build_id = ?1"))
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        sqlx::query("UPDATE assignments SET released = 1 WHERE build_id = ?1 AND released = 0")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(Some(rows.into_iter().map(lease_row).collect()))
+    }
+
+    /// The status JSON's contents.
+    pub async fn status(&self, id: &str) -> Result<Option<BuildStatus>> {
+        let Some(build) = self.build(id).await? else {
+            return Ok(None);
+        };
+        let layers = self
+            .layers(id)
+            .await?
+            .into_iter()
+            .map(|l| LayerStatus {
+                name: l.name,
+                state: l.state,
+                worker: l.worker,
+                cached: l.cached,
+                duration_ms: l.duration_ms,
+                manifest_digest: l.manifest_digest,
+                error: l.error,
+            })
+            .collect();
+        Ok(Some(BuildStatus {
+            id: build.id,
+            state: build.state,
+            error: build.error,
+            layers,
+        }))
+    }
+
+    // ---- layers ----
+
+    /// Set a layer's state, worker and error (each replaced, `None` clears).
+    pub async fn set_layer_state(
+        &self,
+        build: &str,
+        idx: u32,
+        state: LayerState,
+        worker: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE layers SET state = ?3, worker = ?4, error = ?5 WHERE build_id = ?1 AND idx = ?2",
+        )
+        .bind(build)
+        .bind(i64::from(idx))
+        .bind(state.as_str())
+        .bind(worker)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StateError::NoLayer {
+                build: build.to_string(),
+                idx,
+            });
+        }
+        Ok(())
+    }
+
+    /// Record a layer's result; its state becomes `cached` or `built`, its error clears.
+    pub async fn layer_result(
+        &self,
+        build: &str,
+        idx: u32,
+        result_json: &str,
+        cached: bool,
+        duration_ms: u64,
+        manifest_digest: Option<&str>,
+    ) -> Result<()> {
+        let state = if cached {
+            LayerState::Cached
+        } else {
+            LayerState::Built
+        };
+        let done = sqlx::query(
+            "UPDATE layers SET state = ?3, result = ?4, cached = ?5, duration_ms = ?6,
+                manifest_digest = ?7, error = NULL
+             WHERE build_id = ?1 AND idx = ?2",
+        )
+        .bind(build)
+        .bind(i64::from(idx))
+        .bind(state.as_str())
+        .bind(result_json)
+        .bind(cached)
+        .bind(i64::try_from(duration_ms).unwrap_or(i64::MAX))
+        .bind(manifest_digest)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StateError::NoLayer {
+                build: build.to_string(),
+                idx,
+            });
+        }
+        Ok(())
+    }
+
+    /// A build's layers in plan order.
+    pub async fn layers(&self, build: &str) -> Result<Vec<LayerRow>> {
+        let rows: Vec<LayerTuple> = sqlx::query_as(concat!(
+            "SELECT ",
+            layer_cols!(),
+            " FROM layers WHERE build_id = ?1 ORDER BY idx"
+        ))
+        .bind(build)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(LayerRow {
+                    build_id: r.0,
+                    idx: r.1 as u32,
+                    name: r.2,
+                    state: self.word(&r.3)?,
+                    worker: r.4,
+                    error: r.5,
+                    attempts: r.6 as u32,
+                    result_json: r.7,
+                    cached: r.8,
+                    duration_ms: r.9.map(|d| d as u64),
+                    manifest_digest: r.10,
+                })
+            })
+            .collect()
+    }
+
+    // ---- leases ----
+
+    /// Lease layer `idx` of `build` to `worker` until `now + lease_ms`: the layer becomes
+    /// running on that worker and its attempts grow by one.
+    pub async fn assign(
+        &self,
+        build: &str,
+        idx: u32,
+        worker: &str,
+        lease_ms: u64,
+        now: i64,
+    ) -> Result<AssignmentId> {
+        let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX / 2);
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let done = sqlx::query(
+            "UPDATE layers SET attempts = attempts + 1, state = ?3, worker = ?4, error = NULL
+             WHERE build_id = ?1 AND idx = ?2",
+        )
+        .bind(build)
+        .bind(i64::from(idx))
+        .bind(LayerState::Running.as_str())
+        .bind(worker)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StateError::NoLayer {
+                build: build.to_string(),
+                idx,
+            });
+        }
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO assignments (build_id, idx, worker, lease_ms, expires_ms, released)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0) RETURNING id",
+        )
+        .bind(build)
+        .bind(i64::from(idx))
+        .bind(worker)
+        .bind(lease_ms)
+        .bind(now.saturating_add(lease_ms))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(AssignmentId(id))
+    }
+
+    /// A heartbeat from `worker`: every active lease it holds now expires at
+    /// `now + its lease`. Returns how many leases were renewed.
+    pub async fn renew(&self, worker: &str, now: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE assignments SET expires_ms = ?2 + lease_ms WHERE worker = ?1 AND released = 0",
+        )
+        .bind(worker)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Active leases whose expiry is at or before `now`, oldest assignment first.
+    pub async fn expired(&self, now: i64) -> Result<Vec<Lease>> {
+        let rows: Vec<LeaseTuple> = sqlx::query_as(lease_select!("a.expires_ms <= ?1"))
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows.into_iter().map(lease_row).collect())
+    }
+
+    /// Active leases held by `worker`.
+    pub async fn leases_of(&self, worker: &str) -> Result<Vec<Lease>> {
+        let rows: Vec<LeaseTuple> = sqlx::query_as(lease_select!("a.worker = ?1"))
+            .bind(worker)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows.into_iter().map(lease_row).collect())
+    }
+
+    /// One assignment, active or released (`None` if unknown). The bool is `true` while
+    /// the lease is active.
+    pub async fn assignment(&self, id: AssignmentId) -> Result<Option<(Lease, bool)>> {
+        let row: Option<(i64, String, i64, String, i64, i64, bool)> = sqlx::query_as(
+            "SELECT a.id, a.build_id, a.idx, a.worker, a.expires_ms, l.attempts, a.released = 0
+             FROM assignments a JOIN layers l ON l.build_id = a.build_id AND l.idx = a.idx
+             WHERE a.id = ?1",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(row.map(|(a, b, i, w, e, n, active)| (lease_row((a, b, i, w, e, n)), active)))
+    }
+
+    /// End a lease (result in, worker lost, cancelled). Returns `false` if it had already
+    /// been released, so a late result or a second expiry is noticed.
+    pub async fn release(&self, id: AssignmentId) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0")
+                .bind(id.0)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM assignments WHERE id = ?1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        match exists {
+            Some(_) => Ok(false),
+            None => Err(StateError::NoAssignment(id)),
+        }
+    }
+
+    // ---- events and logs ----
+
+    /// Append an event to a build's stream; returns its sequence number (1, 2, ... per
+    /// build, never reused, distinct under concurrent appends).
+    pub async fn append_event(&self, build: &str, json: &str) -> Result<u64> {
+        // One statement: SQLite takes the write lock before reading MAX(seq).
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO events (build_id, seq, json)
+             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM events WHERE build_id = ?1
+             RETURNING seq",
+        )
+        .bind(build)
+        .bind(json)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(seq as u64)
+    }
+
+    /// A build's events with a sequence number above `after`, in order.
+    pub async fn events_after(&self, build: &str, after: u64) -> Result<Vec<(u64, String)>> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, json FROM events WHERE build_id = ?1 AND seq > ?2 ORDER BY seq",
+        )
+        .bind(build)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows.into_iter().map(|(s, j)| (s as u64, j)).collect())
+    }
+
+    /// Append log lines of `layer` to a build, atomically; returns the last line's
+    /// sequence number (0 if `lines` is empty). Sequence numbers are per build.
+    pub async fn append_logs(&self, build: &str, layer: &str, lines: &[String]) -> Result<u64> {
+        if lines.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let mut last = 0;
+        for line in lines {
+            let (seq,): (i64,) = sqlx::query_as(
+                "INSERT INTO logs (build_id, seq, layer, line)
+                 SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3 FROM logs WHERE build_id = ?1
+                 RETURNING seq",
+            )
+            .bind(build)
+            .bind(layer)
+            .bind(line)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            last = seq as u64;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(last)
+    }
+
+    /// A build's log lines (of one layer, or all) with a sequence number above `after`:
+    /// `(seq, layer, line)` in order.
+    pub async fn logs(
+        &self,
+        build: &str,
+        layer: Option<&str>,
+        after: u64,
+    ) -> Result<Vec<(u64, String, String)>> {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT seq, layer, line FROM logs
+             WHERE build_id = ?1 AND seq > ?2 AND (?3 IS NULL OR layer = ?3) ORDER BY seq",
+        )
+        .bind(build)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(layer)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, l, line)| (s as u64, l, line))
+            .collect())
+    }
+
+    // ---- workers ----
+
+    /// A worker registered (or re-registered after a reconnect).
+    pub async fn upsert_worker(
+        &self,
+        name: &str,
+        slots: u32,
+        platform: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO workers (name, slots, platform, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET slots = excluded.slots,
+                platform = excluded.platform, last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(name)
+        .bind(i64::from(slots))
+        .bind(platform)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// A sign of life from `worker`; `false` if it never registered.
+    pub async fn worker_seen(&self, name: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE workers SET last_seen_ms = ?2 WHERE name = ?1")
+            .bind(name)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Every worker ever registered, by name.
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
+        let rows: Vec<(String, i64, String, i64)> =
+            sqlx::query_as("SELECT name, slots, platform, last_seen_ms FROM workers ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, slots, platform, last_seen_ms)| WorkerRow {
+                name,
+                slots: slots as u32,
+                platform,
+                last_seen_ms,
+            })
+            .collect())
+    }
+}
+
+fn lease_row((id, build_id, idx, worker, expires_ms, attempts): LeaseTuple) -> Lease {
+    Lease {
+        assignment: AssignmentId(id),
+        build_id,
+        idx: idx as u32,
+        worker,
+        attempts: attempts as u32,
+        expires_ms,
+    }
+}
+
+/// Now, in unix milliseconds.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn random_u32() -> u32 {
+    // std's RandomState is seeded randomly per process and advances per instance.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, StateStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::open(&d.path().join("state.db")).await.unwrap();
+        (d, s)
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn state_words_round_trip() {
+        for s in BuildState::ALL {
+            assert_eq!(s.as_str().parse::<BuildState>().unwrap(), *s);
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
+        }
+        for s in LayerState::ALL {
+            assert_eq!(s.as_str().parse::<LayerState>().unwrap(), *s);
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
+        }
+        assert!("done".parse::<BuildState>().is_err());
+        assert!("Waiting".parse::<LayerState>().is_err());
+        assert_eq!(
+            AssignmentId(42)
+                .to_string()
+                .parse::<AssignmentId>()
+                .unwrap(),
+            AssignmentId(42)
+        );
+        assert!("42".parse::<AssignmentId>().is_err());
+        assert!(may_retry(0) && may_retry(2) && !may_retry(3) && !may_retry(4));
+    }
+
+    #[tokio::test]
+    async fn builds_round_trip() {
+        let (_d, s) = store().await;
+        let a = s
+            .create_build(r#"{"file":"a"}"#, &names(&["base", "app"]))
+            .await
+            .unwrap();
+        let b = s.create_build("{}", &[]).await.unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("b-"));
+        let row = s.build(&a).await.unwrap().unwrap();
+        assert_eq!(row.spec_json, r#"{"file":"a"}"#);
+        assert_eq!(row.state, BuildState::Queued);
+        assert_eq!(row.error, None);
+        assert_eq!(s.build("b-nope").await.unwrap(), None);
+        let list: Vec<String> = s
+            .list_builds()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(list.len(), 2);
+        assert!(list.contains(&a) && list.contains(&b));
+
+        s.set_build_state(&a, BuildState::Running).await.unwrap();
+        s.fail_build(&b, "layer app: 3 attempts, worker w1 lost")
+            .await
+            .unwrap();
+        let bb = s.build(&b).await.unwrap().unwrap();
+        assert_eq!(bb.state, BuildState::Failed);
+        assert_eq!(
+            bb.error.as_deref(),
+            Some("layer app: 3 attempts, worker w1 lost")
+        );
+        let unfinished = s.unfinished_builds().await.unwrap();
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].id, a);
+        assert!(matches!(
+            s.set_build_state("b-nope", BuildState::Running).await,
+            Err(StateError::NoBuild(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn layers_round_trip_and_status() {
+        let (_d, s) = store().await;
+        let id = s
+            .create_build("{}", &names(&["base", "app", "extra"]))
+            .await
+            .unwrap();
+        let layers = s.layers(&id).await.unwrap();
+        assert_eq!(layers.len(), 3);
+        assert_eq!(layers[1].name, "app");
+        assert_eq!(layers[1].idx, 1);
+        assert!(
+            layers
+                .iter()
+                .all(|l| l.state == LayerState::Waiting && l.attempts == 0 && l.worker.is_none())
+        );
+
+        s.set_layer_state(&id, 0, LayerState::Running, Some("w1"), None)
+            .await
+            .unwrap();
+        s.layer_result(&id, 0, r#"{"x":1}"#, true, 12, Some("sha256:m0"))
+            .await
+            .unwrap();
+        s.layer_result(&id, 1, r#"{"x":2}"#, false, 3400, None)
+            .await
+            .unwrap();
+        s.set_layer_state(&id, 2, LayerState::Failed, Some("w2"), Some("exit 1"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.set_layer_state(&id, 9, LayerState::Running, None, None)
+                .await,
+            Err(StateError::NoLayer { idx: 9, .. })
+        ));
+        let layers = s.layers(&id).await.unwrap();
+        assert_eq!(layers[0].state, LayerState::Cached);
+        assert!(layers[0].cached);
+        assert_eq!(layers[0].worker.as_deref(), Some("w1"));
+        assert_eq!(layers[0].result_json.as_deref(), Some(r#"{"x":1}"#));
+        assert_eq!(layers[0].duration_ms, Some(12));
+        assert_eq!(layers[0].manifest_digest.as_deref(), Some("sha256:m0"));
+        assert_eq!(layers[1].state, LayerState::Built);
+        assert!(!layers[1].cached);
+        assert_eq!(layers[2].state, LayerState::Failed);
+        assert_eq!(layers[2].error.as_deref(), Some("exit 1"));
+
+        let status = serde_json::to_value(s.status(&id).await.unwrap().unwrap()).unwrap();
+        assert_eq!(
+            status,
+            serde_json::json!({
+                "id": id,
+                "state": "queued",
+                "layers": [
+                    {"name": "base", "state": "cached", "worker": "w1", "cached": true,
+                     "duration_ms": 12, "manifest_digest": "sha256:m0"},
+                    {"name": "app", "state": "built", "worker": null, "cached": false,
+                     "duration_ms": 3400, "manifest_digest": null},
+                    {"name": "extra", "state": "failed", "worker": "w2", "cached": false,
+                     "duration_ms": null, "manifest_digest": null, "error": "exit 1"},
+                ]
+            })
+        );
+        assert_eq!(s.status("b-nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn leases_expire_and_renew() {
+        let (_d, s) = store().await;
+        let id = s.create_build("{}", &names(&["a", "b"])).await.unwrap();
+        let a0 = s.assign(&id, 0, "w1", 10_000, 1_000).await.unwrap();
+        let a1 = s.assign(&id, 1, "w2", 10_000, 2_000).await.unwrap();
+        assert_ne!(a0, a1);
+        let l = &s.layers(&id).await.unwrap()[0];
+        assert_eq!(
+            (l.state, l.worker.as_deref(), l.attempts),
+            (LayerState::Running, Some("w1"), 1)
+        );
+
+        assert!(s.expired(10_999).await.unwrap().is_empty());
+        let e = s.expired(11_000).await.unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            e[0],
+            Lease {
+                assignment: a0,
+                build_id: id.clone(),
+                idx: 0,
+                worker: "w1".into(),
+                attempts: 1,
+                expires_ms: 11_000,
+            }
+        );
+        // A heartbeat from w1 at 9s pushes its lease to 19s; w2's stays at 12s.
+        assert_eq!(s.renew("w1", 9_000).await.unwrap(), 1);
+        assert_eq!(s.renew("nobody", 9_000).await.unwrap(), 0);
+        assert!(s.expired(11_000).await.unwrap().is_empty());
+        let e = s.expired(12_000).await.unwrap();
+        assert_eq!(e.iter().map(|l| l.assignment).collect::<Vec<_>>(), vec![a1]);
+        assert_eq!(s.leases_of("w1").await.unwrap()[0].expires_ms, 19_000);
+        let e = s.expired(20_000).await.unwrap();
+        assert_eq!(e.len(), 2);
+
+        assert!(s.release(a0).await.unwrap());
+        assert!(!s.release(a0).await.unwrap());
+        assert!(matches!(
+            s.release(AssignmentId(999)).await,
+            Err(StateError::NoAssignment(_))
+        ));
+        let e = s.expired(20_000).await.unwrap();
+        assert_eq!(e.iter().map(|l| l.assignment).collect::<Vec<_>>(), vec![a1]);
+        // Released leases are not renewed.
+        s.renew("w1", 30_000).await.unwrap();
+        let (lease, active) = s.assignment(a0).await.unwrap().unwrap();
+        assert!(!active);
+        assert_eq!(lease.expires_ms, 19_000);
+        assert!(s.assignment(a1).await.unwrap().unwrap().1);
+        assert_eq!(s.assignment(AssignmentId(999)).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn attempts_count_up_to_the_retry_limit() {
+        let (_d, s) = store().await;
+        let id = s.create_build("{}", &names(&["a"])).await.unwrap();
+        let mut now = 0;
+        let mut workers = Vec::new();
+        loop {
+            let w = format!("w{}", workers.len());
+            s.assign(&id, 0, &w, 10_000, now).await.unwrap();
+            workers.push(w);
+            now += 10_000;
+            let lost = s.expired(now).await.unwrap();
+            assert_eq!(lost.len(), 1);
+            let lease = &lost[0];
+            assert_eq!(lease.attempts as usize, workers.len());
+            assert!(s.release(lease.assignment).await.unwrap());
+            if !may_retry(lease.attempts) {
+                s.set_layer_state(&id, 0, LayerState::Failed, None, Some("lost"))
+                    .await
+                    .unwrap();
+                s.fail_build(&id, "layer a: worker lost 3 times")
+                    .await
+                    .unwrap();
+                break;
+            }
+            s.set_layer_state(&id, 0, LayerState::Waiting, None, None)
+                .await
+                .unwrap();
+        }
+        assert_eq!(workers, ["w0", "w1", "w2"]);
+        assert_eq!(s.layers(&id).await.unwrap()[0].attempts, 3);
+        assert_eq!(
+            s.build(&id).await.unwrap().unwrap().state,
+            BuildState::Failed
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_releases_leases() {
+        let (_d, s) = store().await;
+        let id = s
+            .create_build("{}", &names(&["a", "b", "c"]))
+            .await
+            .unwrap();
+        s.set_build_state(&id, BuildState::Running).await.unwrap();
+        s.layer_result(&id, 0, "{}", false, 1, None).await.unwrap();
+        let a1 = s.assign(&id, 1, "w1", 10_000, 0).await.unwrap();
+        let leases = s.cancel_build(&id).await.unwrap().unwrap();
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].assignment, a1);
+        assert_eq!(leases[0].worker, "w1");
+        let states: Vec<LayerState> = s
+            .layers(&id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.state)
+            .collect();
+        assert_eq!(
+            states,
+            [
+                LayerState::Built,
+                LayerState::Cancelled,
+                LayerState::Cancelled
+            ]
+        );
+        assert_eq!(
+            s.build(&id).await.unwrap().unwrap().state,
+            BuildState::Cancelled
+        );
+        assert!(s.expired(i64::MAX).await.unwrap().is_empty());
+        assert_eq!(s.cancel_build(&id).await.unwrap(), None);
+        assert!(matches!(
+            s.cancel_build("b-nope").await,
+            Err(StateError::NoBuild(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn events_are_sequenced_per_build() {
+        let (_d, s) = store().await;
+        let a = s.create_build("{}", &[]).await.unwrap();
+        let b = s.create_build("{}", &[]).await.unwrap();
+        assert_eq!(s.append_event(&a, r#"{"n":1}"#).await.unwrap(), 1);
+        assert_eq!(s.append_event(&a, r#"{"n":2}"#).await.unwrap(), 2);
+        assert_eq!(s.append_event(&b, r#"{"n":1}"#).await.unwrap(), 1);
+        assert_eq!(s.append_event(&a, r#"{"n":3}"#).await.unwrap(), 3);
+        assert_eq!(
+            s.events_after(&a, 0).await.unwrap(),
+            vec![
+                (1, r#"{"n":1}"#.to_string()),
+                (2, r#"{"n":2}"#.to_string()),
+                (3, r#"{"n":3}"#.to_string())
+            ]
+        );
+        assert_eq!(
+            s.events_after(&a, 2).await.unwrap(),
+            vec![(3, r#"{"n":3}"#.to_string())]
+        );
+        assert!(s.events_after(&a, 3).await.unwrap().is_empty());
+        assert_eq!(s.events_after(&b, 0).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_get_distinct_seqs() {
+        let (_d, s) = store().await;
+        let id = s.create_build("{}", &[]).await.unwrap();
+        let task = |s: StateStore, id: String, tag: &'static str| {
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..50 {
+                    seqs.push(
+                        s.append_event(&id, &format!(r#"{{"{tag}":{i}}}"#))
+                            .await
+                            .unwrap(),
+                    );
+                    s.append_logs(&id, tag, &[format!("{tag} {i}"), format!("{tag} {i}b")])
+                        .await
+                        .unwrap();
+                }
+                seqs
+            })
+        };
+        let t1 = task(s.clone(), id.clone(), "x");
+        let t2 = task(s.clone(), id.clone(), "y");
+        let mut all = t1.await.unwrap();
+        let mut second = t2.await.unwrap();
+        for seqs in [&all, &second] {
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "monotonic per task");
+        }
+        all.append(&mut second);
+        all.sort();
+        assert_eq!(all, (1..=100).collect::<Vec<u64>>());
+        let logs = s.logs(&id, None, 0).await.unwrap();
+        let seqs: Vec<u64> = logs.iter().map(|l| l.0).collect();
+        assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+        // A batch stays contiguous.
+        for pair in logs.chunks(2) {
+            assert_eq!(pair[0].1, pair[1].1);
+            assert_eq!(format!("{}b", pair[0].2), pair[1].2);
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_round_trip() {
+        let (_d, s) = store().await;
+        let id = s.create_build("{}", &names(&["a", "b"])).await.unwrap();
+        assert_eq!(s.append_logs(&id, "a", &[]).await.unwrap(), 0);
+        assert_eq!(
+            s.append_logs(&id, "a", &names(&["a1", "a2"]))
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(s.append_logs(&id, "b", &names(&["b1"])).await.unwrap(), 3);
+        s.append_logs(&id, "a", &names(&["a3"])).await.unwrap();
+        let t = |v: Vec<(u64, String, String)>| {
+            v.into_iter()
+                .map(|(s, l, x)| format!("{s}:{l}:{x}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            t(s.logs(&id, None, 0).await.unwrap()),
+            ["1:a:a1", "2:a:a2", "3:b:b1", "4:a:a3"]
+        );
+        assert_eq!(
+            t(s.logs(&id, Some("a"), 1).await.unwrap()),
+            ["2:a:a2", "4:a:a3"]
+        );
+        assert_eq!(t(s.logs(&id, Some("b"), 0).await.unwrap()), ["3:b:b1"]);
+        assert!(s.logs(&id, Some("c"), 0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn workers_round_trip() {
+        let (_d, s) = store().await;
+        s.upsert_worker("w2", 4, "linux/arm64", 100).await.unwrap();
+        s.upsert_worker("w1", 2, "linux/amd64", 200).await.unwrap();
+        assert!(s.worker_seen("w2", 300).await.unwrap());
+        assert!(!s.worker_seen("ghost", 300).await.unwrap());
+        s.upsert_worker("w1", 8, "linux/amd64", 400).await.unwrap();
+        assert_eq!(
+            s.workers().await.unwrap(),
+            vec![
+                WorkerRow {
+                    name: "w1".into(),
+                    slots: 8,
+                    platform: "linux/amd64".into(),
+                    last_seen_ms: 400
+                },
+                WorkerRow {
+                    name: "w2".into(),
+                    slots: 4,
+                    platform: "linux/arm64".into(),
+                    last_seen_ms: 300
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        let (running, done, a0) = {
+            let s = StateStore::open(&path).await.unwrap();
+            let running = s
+                .create_build(r#"{"r":1}"#, &names(&["a", "b"]))
+                .await
+                .unwrap();
+            let done = s.create_build("{}", &names(&["c"])).await.unwrap();
+            let queued = s.create_build("{}", &names(&["q"])).await.unwrap();
+            s.set_build_state(&running, BuildState::Running)
+                .await
+                .unwrap();
+            s.set_build_state(&done, BuildState::Succeeded)
+                .await
+                .unwrap();
+            let _ = queued;
+            s.layer_result(&running, 0, "{}", false, 5, Some("sha256:m"))
+                .await
+                .unwrap();
+            let a0 = s.assign(&running, 1, "w1", 10_000, 1_000).await.unwrap();
+            s.append_event(&running, r#"{"e":1}"#).await.unwrap();
+            s.append_logs(&running, "b", &names(&["hello"]))
+                .await
+                .unwrap();
+            s.upsert_worker("w1", 2, "linux/amd64", 1_000)
+                .await
+                .unwrap();
+            (running, done, a0)
+            // The store (and its pool) drops here, as when the process dies.
+        };
+        let s = StateStore::open(&path).await.unwrap();
+        let unfinished: Vec<(String, BuildState)> = s
+            .unfinished_builds()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.id, b.state))
+            .collect();
+        assert_eq!(unfinished.len(), 2);
+        assert!(unfinished.contains(&(running.clone(), BuildState::Running)));
+        assert!(!unfinished.iter().any(|(id, _)| id == &done));
+        assert_eq!(s.list_builds().await.unwrap().len(), 3);
+        assert_eq!(
+            s.build(&running).await.unwrap().unwrap().spec_json,
+            r#"{"r":1}"#
+        );
+        let layers = s.layers(&running).await.unwrap();
+        assert_eq!(layers[0].state, LayerState::Built);
+        assert_eq!(layers[0].manifest_digest.as_deref(), Some("sha256:m"));
+        assert_eq!(layers[1].state, LayerState::Running);
+        assert_eq!(layers[1].worker.as_deref(), Some("w1"));
+        assert_eq!(layers[1].attempts, 1);
+        // The reconnecting worker renews its lease; ids keep growing after a restart.
+        assert_eq!(s.renew("w1", 20_000).await.unwrap(), 1);
+        assert!(s.expired(29_999).await.unwrap().is_empty());
+        assert_eq!(s.expired(30_000).await.unwrap()[0].assignment, a0);
+        let a1 = s.assign(&running, 0, "w1", 10_000, 0).await.unwrap();
+        assert!(a1 > a0);
+        assert_eq!(s.append_event(&running, "{}").await.unwrap(), 2);
+        assert_eq!(s.logs(&running, None, 0).await.unwrap().len(), 1);
+        assert_eq!(s.workers().await.unwrap()[0].name, "w1");
+    }
+}
