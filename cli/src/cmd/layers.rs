@@ -228,7 +228,23 @@ pub fn clean(args: CleanArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let local = Local::open(args.state.layout(), None).await?;
         let pool = local.pool.clone();
-        let gc = tokio::task::spawn_blocking(move || pool.gc(0)).await??;
+        // Every chain, whatever its size (gc stops at a size limit, and the empty
+        // chain has size 0); a chain a running build holds is kept.
+        let (removed, kept) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
+                pool.gc(u64::MAX)?; // the leftovers of crashed builds
+                let (mut removed, mut kept) = (0, 0);
+                for chain in pool.list()? {
+                    match pool.remove_chain(&chain.id) {
+                        Ok(true) => removed += 1,
+                        Ok(false) => {}
+                        Err(farm_worker::pool::PoolError::InUse(_)) => kept += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok((removed, kept))
+            })
+            .await??;
         local.cache.clear().await?;
         drop(local.cache);
         let state = &local.layout.state_dir;
@@ -249,16 +265,12 @@ pub fn clean(args: CleanArgs) -> anyhow::Result<ExitCode> {
             }
         }
         println!(
-            "removed {} chain(s) from {} and the blobs and cache in {}",
-            gc.removed.len(),
+            "removed {removed} chain(s) from {} and the blobs and cache in {}",
             local.layout.pool.display(),
             state.display()
         );
-        if !gc.skipped_in_use.is_empty() {
-            println!(
-                "{} chain(s) in use by a running build were kept",
-                gc.skipped_in_use.len()
-            );
+        if kept > 0 {
+            println!("{kept} chain(s) in use by a running build were kept");
         }
         Ok(ExitCode::SUCCESS)
     })?
