@@ -211,7 +211,7 @@ pub fn run_environment(
     let patterns: Vec<String> = layer.build_env_passthrough.clone().unwrap_or_else(|| {
         farm_stackerfile::DEFAULT_PASSTHROUGH
             .iter()
-            .map(|s| regex_escape(s))
+            .map(|s| regex::escape(s))
             .collect()
     });
     let regexes: Vec<regex::Regex> = patterns
@@ -232,10 +232,6 @@ pub fn run_environment(
     }
     env.insert("STACKER_LAYER_NAME".into(), layer.name.clone());
     (env.into_iter().collect(), passthrough)
-}
-
-fn regex_escape(s: &str) -> String {
-    regex::escape(s)
 }
 
 /// Run `plan` with `executor`, reporting progress to `events`.
@@ -467,13 +463,14 @@ async fn prepare(
             Source::Local { written, path } => {
                 let pinned =
                     pin_local(written, path, options.context.as_deref(), None).map_err(input)?;
-                let digest = store_file(blobs, &pinned.resolved)
-                    .await
-                    .map_err(|source| BuildError::Base {
-                        layer: name.clone(),
-                        what: format!("tarball {written}"),
-                        source,
-                    })?;
+                let digest =
+                    store_file(blobs, &pinned)
+                        .await
+                        .map_err(|source| BuildError::Base {
+                            layer: name.clone(),
+                            what: format!("tarball {written}"),
+                            source,
+                        })?;
                 (
                     JobBase::Tar {
                         digest: digest.clone(),
@@ -671,10 +668,19 @@ async fn fetch(
     Ok(fetched.digest.to_string())
 }
 
-/// Put a local file into the blob store (streaming), returning its digest.
-async fn store_file(blobs: &BlobStore, path: &Path) -> Result<String, farm_image::Error> {
-    let info = blobs.put_file(path).await?;
-    Ok(info.digest.to_string())
+/// Put a pinned local file into the blob store unless it is there already (it was
+/// hashed when pinned), returning its digest.
+async fn store_file(
+    blobs: &BlobStore,
+    pinned: &crate::inputs::PinnedPath,
+) -> Result<String, farm_image::Error> {
+    if let Some(hex) = &pinned.file_sha256 {
+        let digest = Digest::from_hex(hex)?;
+        if blobs.exists(&digest).await? {
+            return Ok(digest.to_string());
+        }
+    }
+    Ok(blobs.put_file(&pinned.resolved).await?.digest.to_string())
 }
 
 /// Copy an image of a local OCI layout (`path:tag`, the tag may contain `:`) into the

@@ -3,7 +3,7 @@
 //! (stacker issues 70 and 55) and an unchanged one never does, whatever its mtime.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -130,19 +130,8 @@ pub fn pin_local(
 
 /// sha256 hex of a file's bytes, and its size.
 pub fn file_sha256(path: &Path) -> io::Result<(String, u64)> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((hex::encode(h.finalize()), total))
+    let (digest, size) = farm_image::Digest::of_file(path)?;
+    Ok((digest.hex().to_string(), size))
 }
 
 /// Digest of a directory tree: every entry's relative path, type, permission bits, and

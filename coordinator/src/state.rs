@@ -550,13 +550,7 @@ impl StateStore {
         .execute(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
-        if done.rows_affected() == 0 {
-            return Err(StateError::NoLayer {
-                build: build.to_string(),
-                idx,
-            });
-        }
-        Ok(())
+        layer_updated(&done, build, idx)
     }
 
     /// Record a layer's result; its state becomes `cached` or `built`, its error clears.
@@ -589,13 +583,7 @@ impl StateStore {
         .execute(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
-        if done.rows_affected() == 0 {
-            return Err(StateError::NoLayer {
-                build: build.to_string(),
-                idx,
-            });
-        }
-        Ok(())
+        layer_updated(&done, build, idx)
     }
 
     /// A build's layers in plan order.
@@ -911,6 +899,17 @@ fn random_u32() -> u32 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish() as u32
+}
+
+/// `NoLayer` when an update of layer (`build`, `idx`) touched no row.
+fn layer_updated(done: &sqlx::sqlite::SqliteQueryResult, build: &str, idx: u32) -> Result<()> {
+    if done.rows_affected() == 0 {
+        return Err(StateError::NoLayer {
+            build: build.to_string(),
+            idx,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -18,6 +18,13 @@ pub struct Digest {
 }
 
 impl Digest {
+    /// The digest and size of a file's bytes, read in one streaming pass.
+    pub fn of_file(path: &std::path::Path) -> io::Result<(Self, u64)> {
+        let file = io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+        let (_, digest, size) = HashingReader::new(file).drain_and_finish()?;
+        Ok((digest, size))
+    }
+
     /// The algorithm prefix, `sha256`.
     pub const ALGORITHM: &'static str = "sha256";
 
@@ -281,6 +288,14 @@ impl<R: BufRead> BufRead for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn of_file_matches_of_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"abc").unwrap();
+        assert_eq!(Digest::of_file(&f).unwrap(), (Digest::of(b"abc"), 3));
+    }
 
     const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 

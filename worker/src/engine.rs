@@ -493,14 +493,7 @@ impl Engine {
         match &import.source {
             ImportSource::Local(path) => Ok(path.clone()),
             ImportSource::Blob { digest } => {
-                let ws = self
-                    .blocking(|pool| {
-                        pool.workspace(WorkspaceOptions {
-                            overlay_dirs: false,
-                            snapshot_of: None,
-                        })
-                    })
-                    .await?;
+                let ws = self.workspace(false, None).await?;
                 let dir = ws.path().join("download");
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| step("staging a download")(e.to_string()))?;
@@ -1012,14 +1005,7 @@ impl Engine {
         mut args: StageArgs,
         base: &ChainHandle,
     ) -> Result<(crate::pool::Workspace, PathBuf), EngineError> {
-        let ws = self
-            .blocking(|pool| {
-                pool.workspace(WorkspaceOptions {
-                    overlay_dirs: false,
-                    snapshot_of: None,
-                })
-            })
-            .await?;
+        let ws = self.workspace(false, None).await?;
         let root = ws.path().join("stage");
         std::fs::create_dir_all(&root).map_err(|e| step("staging an import")(e.to_string()))?;
         let _ = self.userns.mapping().make_owned_by_container_root(&root);
@@ -1034,14 +1020,7 @@ impl Engine {
     }
 
     async fn overlay_workspace(&self) -> Result<crate::pool::Workspace, EngineError> {
-        let ws = self
-            .blocking(|pool| {
-                pool.workspace(WorkspaceOptions {
-                    overlay_dirs: true,
-                    snapshot_of: None,
-                })
-            })
-            .await?;
+        let ws = self.workspace(true, None).await?;
         let m = self.userns.mapping();
         for d in [ws.upper(), ws.work()].into_iter().flatten() {
             let _ = m.make_owned_by_container_root(d);
@@ -1053,11 +1032,24 @@ impl Engine {
         &self,
         chain: &ChainHandle,
     ) -> Result<crate::pool::Workspace, EngineError> {
-        let id = chain.id().clone();
+        self.workspace(false, Some(chain.id().clone())).await
+    }
+
+    /// A fresh workspace in the pool: overlay upper/work dirs, and/or a writable
+    /// snapshot of a chain.
+    async fn workspace(
+        &self,
+        overlay_dirs: bool,
+        snapshot_of: Option<ChainId>,
+    ) -> Result<crate::pool::Workspace, EngineError> {
         self.blocking(move |pool| {
-            let chain = pool.chain(&id)?;
+            // A handle of our own for the blocking thread (handles hold locks).
+            let chain = match &snapshot_of {
+                Some(id) => pool.chain(id)?,
+                None => None,
+            };
             pool.workspace(WorkspaceOptions {
-                overlay_dirs: false,
+                overlay_dirs,
                 snapshot_of: chain.as_ref(),
             })
         })

@@ -75,13 +75,14 @@ pub enum IdMapError {
 
 /// One parsed line of /etc/subuid or /etc/subgid.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct SubEntry {
-    owner: String,
-    start: u32,
-    count: u32,
+pub struct SubEntry {
+    pub owner: String,
+    pub start: u32,
+    pub count: u32,
 }
 
-fn parse_subid(text: &str) -> Vec<SubEntry> {
+/// The entries of /etc/subuid or /etc/subgid (`owner:start:count` lines).
+pub fn parse_subid(text: &str) -> Vec<SubEntry> {
     text.lines()
         .filter_map(|line| {
             let line = line.trim();

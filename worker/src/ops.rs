@@ -374,22 +374,11 @@ pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
 }
 
 fn inspect_source_op(arg: serde_json::Value) -> OpResult {
-    use sha2::{Digest as _, Sha256};
     let a: InspectArgs = serde_json::from_value(arg)?;
     let resolved = resolve_in_root(&a.root, &a.path)?;
     let m = fs::metadata(&resolved)?;
     let sha256 = if a.sha256 && m.is_file() {
-        let mut h = Sha256::new();
-        let mut f = fs::File::open(&resolved)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = io::Read::read(&mut f, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Some(hex::encode(h.finalize()))
+        Some(farm_image::Digest::of_file(&resolved)?.0.hex().to_string())
     } else {
         None
     };

@@ -6,6 +6,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use farm_worker::idmap::parse_subid;
 use farm_worker::pool::Pool;
 
 use crate::cmd::build::parse_size;
@@ -116,24 +117,16 @@ pub fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn has_range(text: &str, name: &str, uid: u32) -> bool {
-    text.lines().any(|l| {
-        let mut p = l.trim().split(':');
-        let owner = p.next().unwrap_or("");
-        let _start = p.next();
-        let count: u64 = p.next().and_then(|c| c.trim().parse().ok()).unwrap_or(0);
-        (owner == name || owner == uid.to_string()) && count >= RANGE
-    })
+    parse_subid(text)
+        .iter()
+        .any(|e| (e.owner == name || e.owner == uid.to_string()) && u64::from(e.count) >= RANGE)
 }
 
 /// The first id after every existing range, at least 100000.
 fn free_start(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| {
-            let mut p = l.trim().split(':').skip(1);
-            let start: u64 = p.next()?.trim().parse().ok()?;
-            let count: u64 = p.next()?.trim().parse().ok()?;
-            Some(start + count)
-        })
+    parse_subid(text)
+        .iter()
+        .map(|e| u64::from(e.start) + u64::from(e.count))
         .fold(100_000, u64::max)
 }
 

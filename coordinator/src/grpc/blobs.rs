@@ -504,26 +504,12 @@ pub async fn upload_file(
 
 async fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
     let owned = path.to_path_buf();
-    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, u64)> {
-        use std::io::Read;
-        let mut file = std::fs::File::open(&owned)?;
-        let mut hasher = farm_image::Hasher::new();
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => hasher.update(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(hasher.finish())
-    })
-    .await
-    .map_err(|e| ClientError::Io {
-        context: format!("hashing {}", path.display()),
-        source: std::io::Error::other(e),
-    })?;
+    let hashed = tokio::task::spawn_blocking(move || Digest::of_file(&owned))
+        .await
+        .map_err(|e| ClientError::Io {
+            context: format!("hashing {}", path.display()),
+            source: std::io::Error::other(e),
+        })?;
     hashed.map_err(|source| ClientError::Io {
         context: format!("hashing {}", path.display()),
         source,
