@@ -7,6 +7,7 @@
 
 mod cmd;
 mod common;
+mod embedded;
 mod local;
 mod progress;
 mod remote;
