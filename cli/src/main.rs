@@ -42,6 +42,8 @@ enum Command {
     Clean(cmd::layers::CleanArgs),
     Check(cmd::check::CheckArgs),
     Setup(cmd::setup::SetupArgs),
+    Coordinator(cmd::serve::CoordinatorArgs),
+    Worker(cmd::serve::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,7 +51,11 @@ fn main() -> ExitCode {
     // inside a build's user namespace.
     farm_worker::userns::run_hidden_entry_if_requested(farm_worker::userns::WORKER_OPS);
     let cli = Cli::parse();
-    common::init_logging();
+    // The daemons say what they do; commands only warn.
+    common::init_logging(match cli.command {
+        Command::Coordinator(_) | Command::Worker(_) => "info",
+        _ => "warn",
+    });
     let result = match cli.command {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Build(args) => cmd::build::run(args),
@@ -60,6 +66,8 @@ fn main() -> ExitCode {
         Command::Clean(args) => cmd::layers::clean(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Setup(args) => cmd::setup::run(args),
+        Command::Coordinator(args) => cmd::serve::coordinator(args),
+        Command::Worker(args) => cmd::serve::worker(args),
     };
     match result {
         Ok(code) => code,
