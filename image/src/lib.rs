@@ -32,6 +32,9 @@ mod store;
 mod tarwrite;
 mod transfer;
 
+#[cfg(test)]
+mod tests;
+
 pub use apply::{ApplyOptions, ApplyStats, apply_layer};
 pub use backend::StoreOptions;
 pub use compress::{Compression, Compressor, Format, decompress, detect};
