@@ -41,6 +41,7 @@ enum Command {
     Clean(cmd::layers::CleanArgs),
     Check(cmd::check::CheckArgs),
     Setup(cmd::setup::SetupArgs),
+    Publish(cmd::publish::PublishArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +60,7 @@ fn main() -> ExitCode {
         Command::Clean(args) => cmd::layers::clean(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Setup(args) => cmd::setup::run(args),
+        Command::Publish(args) => cmd::publish::run(args),
     };
     match result {
         Ok(code) => code,

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod grpc;
 pub mod inputs;
 pub mod output;
+pub mod registry;
 pub mod server;
 pub mod state;
 

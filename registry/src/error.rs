@@ -194,6 +194,18 @@ impl Ctx<'_> {
         match e {
             E::RequestError(r) => {
                 let text = chain(&r);
+                if let Some(status) = r.status() {
+                    // An HTTP status turned into an error (e.g. by a HEAD).
+                    return match status.as_u16() {
+                        401 => auth("the registry answered 401 Unauthorized".into()),
+                        403 => auth("the registry answered 403 Forbidden".into()),
+                        404 => not_found("repository, tag or blob", String::new()),
+                        _ => Error::Registry {
+                            registry: self.registry.to_string(),
+                            detail: text,
+                        },
+                    };
+                }
                 if looks_tls(&text) {
                     Error::Tls {
                         registry: self.registry.to_string(),

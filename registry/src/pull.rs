@@ -223,11 +223,14 @@ pub async fn pull(
     let auth = session.auth.to_oci();
 
     // Resolve the tag once: everything after this is by digest.
-    let (body, digest) = session
+    let (body, digest) = match session
         .client
         .pull_manifest_raw(&reference, &auth, ACCEPTED)
         .await
-        .map_err(|e| session.error(&image, e))?;
+    {
+        Ok(x) => x,
+        Err(e) => return Err(refine_not_found(&session, &image, session.error(&image, e)).await),
+    };
     let digest = verified_digest(&image, &body, &digest)?;
     let doc = parse_json(&image, "manifest", &body)?;
     let media_type = media_type_of(&doc);
@@ -358,6 +361,42 @@ pub async fn pull(
         downloaded_blobs,
         downloaded_bytes,
     })
+}
+
+/// A missing manifest: say whether the repository or the tag is missing (and which
+/// tags there are), from the tag list.
+async fn refine_not_found(session: &Session, image: &ImageRef, err: Error) -> Error {
+    let (Error::NotFound { .. }, Some(tag)) = (&err, &image.tag) else {
+        return err;
+    };
+    if image.digest.is_some() {
+        return err;
+    }
+    let listed = session
+        .client
+        .list_tags(&image.to_oci(), &session.auth.to_oci(), Some(50), None)
+        .await;
+    let repo = format!("{}/{}", image.registry, image.repository);
+    match listed {
+        Ok(list) if list.tags.is_empty() => Error::NotFound {
+            image: repo,
+            what: "repository (it has no tags)".into(),
+            detail: String::new(),
+        },
+        Ok(list) => Error::NotFound {
+            image: image.to_string(),
+            what: format!("tag '{tag}'"),
+            detail: format!("the repository has: {}", list.tags.join(", ")),
+        },
+        Err(e) => match session.error(image, e) {
+            Error::NotFound { .. } => Error::NotFound {
+                image: repo,
+                what: "repository".into(),
+                detail: String::new(),
+            },
+            _ => err,
+        },
+    }
 }
 
 fn verified_digest(image: &ImageRef, body: &Bytes, announced: &str) -> Result<Digest> {

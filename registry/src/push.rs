@@ -274,7 +274,7 @@ impl Pusher<'_> {
             Box::pin(self.push_doc(image, child, stats)).await?;
         }
         let mut unique = doc.blobs.clone();
-        unique.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        unique.sort_by_key(|a| a.0.to_string());
         unique.dedup();
         let outcomes: Vec<BlobOutcome> = futures::stream::iter(unique.iter())
             .map(|(d, size)| self.ensure_blob(image, d, *size))

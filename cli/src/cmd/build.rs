@@ -30,7 +30,7 @@ use crate::progress::Progress;
 /// makes one) and works best with the pool on btrfs.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  farm build\n  farm build -f app/stacker.yaml -o out --substitute VERSION=1.2\n  farm build --no-cache --compression zstd --jobs 4"
+    after_help = "Examples:\n  farm build\n  farm build -f app/stacker.yaml -o out --substitute VERSION=1.2\n  farm build --no-cache --compression zstd --jobs 4\n  farm build --push docker://registry.example.com/team --push-tag 1.2 --push-tag latest"
 )]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -116,6 +116,12 @@ pub struct BuildFlags {
     /// Refuse http(s) imports and tarballs without a `hash:`
     #[arg(long)]
     pub require_hash: bool,
+
+    #[command(flatten)]
+    pub push: super::publish::PushArgs,
+
+    #[command(flatten)]
+    pub registry: super::publish::RegistryArgs,
 }
 
 /// `10G`, `500M`, `1024` (bytes).
@@ -221,6 +227,17 @@ fn wildcard(pattern: &str, name: &str) -> bool {
 
 async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    let credentials = flags.registry.credentials()?;
+    if let Some(url) = &flags.push.push {
+        super::publish::PublishOptions {
+            url: url.clone(),
+            tags: flags.push.push_tags.clone(),
+            insecure: flags.push.push_insecure,
+            insecure_flag: "--push-insecure",
+            credentials: credentials.clone(),
+        }
+        .check()?;
+    }
     let local = Local::open(layout, flags.timeout.map(Duration::from_secs)).await?;
     let jobs = flags
         .jobs
@@ -248,6 +265,7 @@ async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<
         platform: Platform::host().key(),
         fetcher,
         cancelled: Default::default(),
+        registry: farm_coordinator::registry::RegistryBases::new(credentials.clone()),
     };
 
     let (events, rx) = farm_coordinator::build::EventSender::channel();
@@ -309,6 +327,13 @@ async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<
                 for (tag, digest) in &tags {
                     println!("{}:{tag}  {digest}", flags.output.display());
                 }
+                ok &= super::publish::push_after_build(
+                    &local.blobs,
+                    &tags,
+                    &flags.push,
+                    &credentials,
+                )
+                .await;
             }
             Err(e) => {
                 eprintln!(

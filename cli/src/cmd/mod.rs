@@ -3,4 +3,5 @@ pub mod build;
 pub mod check;
 pub mod layers;
 pub mod plan;
+pub mod publish;
 pub mod setup;
