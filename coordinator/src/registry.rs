@@ -1,20 +1,28 @@
 //! `from: {type: docker}` bases: pulled through farm-registry into the blob store. Each
-//! reference is resolved at most once per build (every layer on the same base shares
-//! the pull), and the manifest digest it resolved to is what enters cache keys.
+//! tag is resolved to a digest at most once per build (every layer on the same base,
+//! whatever its platform, sees the same image), each (digest, platform) is pulled once,
+//! and the image manifest digest is what enters cache keys.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use farm_image::BlobStore;
-use farm_registry::{ConnectOptions, Credentials, Platform};
+use farm_registry::{ConnectOptions, Credentials, ImageRef, Platform};
 use tokio::sync::OnceCell;
 
 use crate::build::chain_id;
 use crate::cache::{CachedBlob, CachedLayer};
 
 type Pulled = Result<(CachedLayer, String), String>;
-/// (url, insecure, platform) -> the one pull of it in this build.
-type Resolved = HashMap<(String, bool, String), Arc<OnceCell<Pulled>>>;
+type Once<T> = Arc<OnceCell<T>>;
+
+#[derive(Default)]
+struct Resolved {
+    /// (url, insecure) -> the reference pinned to a digest.
+    tags: HashMap<(String, bool), Once<Result<ImageRef, String>>>,
+    /// (pinned reference, insecure, platform) -> the pulled image.
+    images: HashMap<(String, bool, String), Once<Pulled>>,
+}
 
 /// Registry access for one build: credentials, and the bases resolved so far.
 #[derive(Clone, Default)]
@@ -31,6 +39,19 @@ impl std::fmt::Debug for RegistryBases {
     }
 }
 
+fn connect_options(insecure: bool) -> ConnectOptions {
+    ConnectOptions {
+        insecure,
+        tls_hint: if insecure {
+            "the registry's TLS fails even without certificate checks".into()
+        } else {
+            "for a registry with a self-signed certificate or plain http, add \
+             `insecure: true` to this layer's `from`"
+                .into()
+        },
+    }
+}
+
 impl RegistryBases {
     pub fn new(credentials: Credentials) -> Self {
         RegistryBases {
@@ -39,9 +60,15 @@ impl RegistryBases {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Resolved> {
+        self.resolved
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The image `url` for `platform`, in `blobs`, as a cached layer and its manifest
-    /// digest. The first caller for a (url, insecure, platform) pulls; the others wait
-    /// for it and share its result (or its error).
+    /// digest. The first caller for a tag resolves it and the first caller for a
+    /// (digest, platform) pulls; the others wait and share the result (or the error).
     pub async fn pull(
         &self,
         blobs: &BlobStore,
@@ -49,29 +76,31 @@ impl RegistryBases {
         insecure: bool,
         platform: &str,
     ) -> Result<(CachedLayer, String), String> {
-        let cell = {
-            let mut map = self
-                .resolved
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            map.entry((url.to_string(), insecure, platform.to_string()))
-                .or_default()
-                .clone()
-        };
+        let opts = connect_options(insecure);
+        let tag_cell = self
+            .lock()
+            .tags
+            .entry((url.to_string(), insecure))
+            .or_default()
+            .clone();
+        let pinned = tag_cell
+            .get_or_init(|| async {
+                farm_registry::resolve(url, &self.credentials, &opts)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .clone()?;
+        let cell = self
+            .lock()
+            .images
+            .entry((pinned.to_string(), insecure, platform.to_string()))
+            .or_default()
+            .clone();
         cell.get_or_init(|| async {
-            let opts = ConnectOptions {
-                insecure,
-                tls_hint: if insecure {
-                    "the registry's TLS fails even without certificate checks".into()
-                } else {
-                    "for a registry with a self-signed certificate or plain http, add \
-                     `insecure: true` to this layer's `from`"
-                        .into()
-                },
-            };
-            let image = farm_registry::pull(
+            let image = farm_registry::pull_ref(
                 blobs,
-                url,
+                &pinned,
                 &Platform::parse(platform),
                 &self.credentials,
                 &opts,

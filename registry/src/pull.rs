@@ -209,6 +209,36 @@ fn choose(image: &ImageRef, index: &Value, platform: &Platform) -> Result<(Diges
     }
 }
 
+/// Resolve `url` (`docker://...`) to what its tag names now: the same reference pinned
+/// to the manifest (or index) digest. A reference with a digest is returned as it is.
+pub async fn resolve(
+    url: &str,
+    credentials: &Credentials,
+    opts: &ConnectOptions,
+) -> Result<ImageRef> {
+    let image = ImageRef::parse(url)?;
+    if image.digest.is_some() {
+        return Ok(image);
+    }
+    let session = Session::connect(&image, credentials, opts).await?;
+    let digest = match session
+        .client
+        .fetch_manifest_digest(&image.to_oci(), &session.auth.to_oci())
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => return Err(refine_not_found(&session, &image, session.error(&image, e)).await),
+    };
+    let digest = Digest::parse(&digest).map_err(|e| Error::Registry {
+        registry: image.registry.clone(),
+        detail: format!("{image}: the registry answered digest {digest:?}: {e}"),
+    })?;
+    Ok(ImageRef {
+        digest: Some(digest.to_string()),
+        ..image
+    })
+}
+
 /// Pull `url` (`docker://...`) for `platform` into `blobs`.
 pub async fn pull(
     blobs: &BlobStore,
@@ -217,7 +247,18 @@ pub async fn pull(
     credentials: &Credentials,
     opts: &ConnectOptions,
 ) -> Result<PulledImage> {
-    let image = ImageRef::parse(url)?;
+    pull_ref(blobs, &ImageRef::parse(url)?, platform, credentials, opts).await
+}
+
+/// [`pull`] of a parsed reference (e.g. one [`resolve`] pinned to a digest).
+pub async fn pull_ref(
+    blobs: &BlobStore,
+    image: &ImageRef,
+    platform: &Platform,
+    credentials: &Credentials,
+    opts: &ConnectOptions,
+) -> Result<PulledImage> {
+    let image = image.clone();
     let session = Session::connect(&image, credentials, opts).await?;
     let reference = image.to_oci();
     let auth = session.auth.to_oci();

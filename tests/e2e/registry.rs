@@ -28,9 +28,15 @@ impl Registry {
     /// Start one (with htpasswd basic auth when `creds` is given); None (after saying
     /// why, or failing under CI=true) when the tools are missing.
     fn start(creds: Option<(&str, &str)>) -> Option<Registry> {
+        Self::start_with(creds, false)
+    }
+
+    /// With `tls`, the registry serves https with a self-signed certificate.
+    fn start_with(creds: Option<(&str, &str)>, tls: bool) -> Option<Registry> {
         for (tool, package) in [
             ("docker-registry", "docker-registry"),
             ("htpasswd", "apache2-utils"),
+            ("openssl", "openssl"),
         ] {
             if which(tool).is_none() {
                 return cannot_run(&format!("{tool} is missing (package {package})"));
@@ -59,6 +65,27 @@ impl Registry {
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: farm-e2e\n    path: {}\n",
                 dir.join("htpasswd").display()
+            ));
+        }
+        if tls {
+            sh(Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                ])
+                .args([
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                ])
+                .arg("-keyout")
+                .arg(dir.join("key.pem"))
+                .arg("-out")
+                .arg(dir.join("cert.pem")));
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display()
             ));
         }
         fs::write(dir.join("config.yml"), config).unwrap();
@@ -127,10 +154,15 @@ impl Registry {
             .count()
     }
 
-    /// How many times `repo:tag`'s manifest was fetched by tag.
+    /// How many times `repo:tag`'s manifest was asked for by tag (GET or HEAD).
     fn manifest_gets(&self, repo: &str, tag: &str) -> usize {
-        let needle = format!("\"GET /v2/{repo}/manifests/{tag} ");
-        self.log().lines().filter(|l| l.contains(&needle)).count()
+        let path = format!("/v2/{repo}/manifests/{tag} ");
+        self.log()
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("\"GET {path}")) || l.contains(&format!("\"HEAD {path}"))
+            })
+            .count()
     }
 
     /// skopeo's credential flag for `--src-creds`/`--dest-creds`/`--creds`.
@@ -545,4 +577,121 @@ fn registry_errors() {
     run.assert_failed();
     run.assert_stderr_contains("docker://");
     assert!(summary(&run.stderr).is_empty(), "{}", run.describe());
+}
+
+/// The host's OCI architecture name.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+#[test]
+fn registry_tls_and_multi_platform_index() {
+    let Some(e) = e2e() else { return };
+    let Some(r) = Registry::start_with(None, true) else {
+        return;
+    };
+    let t = TestDir::new(e, "registry-index", Who::User);
+
+    // A multi-platform index: the busybox manifest for this host, and the same image
+    // claimed for s390x (skopeo copies an index with --all).
+    let layout = t.join("multi");
+    copy_tree_exact(&e.busybox_oci, &layout);
+    let src = Oci::new(&layout);
+    let (digest, size) = {
+        let index = src.index();
+        let m = &index["manifests"][0];
+        (
+            m["digest"].as_str().unwrap().to_string(),
+            m["size"].as_u64().unwrap(),
+        )
+    };
+    let entry = |arch: &str| {
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest, "size": size,
+            "platform": {"os": "linux", "architecture": arch}
+        })
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry("s390x"), entry(host_arch())]
+    });
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let index_digest = sha256_hex(&bytes);
+    fs::write(layout.join("blobs/sha256").join(&index_digest), &bytes).unwrap();
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": format!("sha256:{index_digest}"), "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "multi"}
+    }]});
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    sh(Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:multi", layout.display()))
+        .arg(format!("docker://{}/multi:latest", r.host())));
+
+    let write = |insecure: bool, body: &str| {
+        let extra = if insecure { "\n    insecure: true" } else { "" };
+        t.write(
+            "stacker.yaml",
+            body.replace("URL", &format!("{}{extra}", r.url("multi:latest"))),
+        );
+    };
+    // A self-signed certificate without `insecure: true`: TLS fails, with the hint.
+    write(
+        false,
+        "img:\n  from:\n    type: docker\n    url: URL\n  run: 'true'\n",
+    );
+    let run = t.build(&[]);
+    run.assert_failed();
+    run.assert_stderr_contains("TLS to registry");
+    run.assert_stderr_contains("insecure: true");
+
+    // `insecure: true`: https without verification. The index gives this host's
+    // manifest for a layer that runs, and the s390x entry for `arch: s390x`.
+    write(
+        true,
+        "img:\n  from:\n    type: docker\n    url: URL\n  run: echo ok > /ok\n  \
+         full_command: [/bin/cat, /ok]\n\
+         other:\n  from:\n    type: docker\n    url: URL\n  arch: s390x\n",
+    );
+    let before = r.manifest_gets("multi", "latest");
+    let run = t.build(&[]);
+    run.assert_ok();
+    assert_eq!(
+        r.manifest_gets("multi", "latest"),
+        before + 1,
+        "two platforms of one tag, one resolution"
+    );
+    let oci = t.oci();
+    let busybox = Oci::new(&e.busybox_oci).layer_digests("busybox");
+    assert_eq!(oci.layer_digests("img")[0], busybox[0]);
+    assert_eq!(oci.config("other")["architecture"], "s390x");
+    assert_eq!(t.runc_run(&oci.dir, "img"), "ok\n");
+    // It was https: Go's TLS server logs plain http as "first record does not look
+    // like a TLS handshake", and farm's requests were answered.
+    let log = r.log();
+    assert!(!log.contains("does not look like a TLS handshake"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("/v2/multi/manifests/")
+            && l.contains("HTTP/2.0\" 200")
+            && l.contains("oci-client")),
+        "{log}"
+    );
+
+    // A platform the index lacks: the error lists what it has.
+    write(
+        true,
+        "img:\n  from:\n    type: docker\n    url: URL\n  arch: riscv64\n",
+    );
+    let run = t.build(&[]);
+    run.assert_failed();
+    run.assert_stderr_contains("no manifest for platform linux/riscv64");
+    run.assert_stderr_contains(&format!("linux/{}", host_arch()));
+    run.assert_stderr_contains("linux/s390x");
 }
