@@ -46,6 +46,7 @@ impl Embedded {
         layout: Layout,
         timeout: Option<Duration>,
         slots: usize,
+        registry: farm_registry::Credentials,
     ) -> anyhow::Result<Self> {
         let local = Local::open(layout, timeout).await?;
         let platform = Platform::host().key();
@@ -56,6 +57,7 @@ impl Embedded {
             platform: platform.clone(),
             builtins: local.layout.builtins(),
             resume: false,
+            registry,
         })
         .await
         .with_context(|| {

@@ -44,6 +44,7 @@ enum Command {
     Setup(cmd::setup::SetupArgs),
     Coordinator(cmd::serve::CoordinatorArgs),
     Worker(cmd::serve::WorkerArgs),
+    Publish(cmd::publish::PublishArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +69,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => cmd::setup::run(args),
         Command::Coordinator(args) => cmd::serve::coordinator(args),
         Command::Worker(args) => cmd::serve::worker(args),
+        Command::Publish(args) => cmd::publish::run(args),
     };
     match result {
         Ok(code) => code,

@@ -15,8 +15,14 @@ use farm_proto::v1::{
 };
 
 fn main() {
-    let n: usize = std::env::var("LAYERS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let n: usize = std::env::var("LAYERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run(n));
 }
 
@@ -25,7 +31,9 @@ fn stackerfile(n: usize) -> String {
     let mut y = String::new();
     for i in 0..n {
         if i < 100 {
-            y.push_str(&format!("l{i}:\n  from: {{type: scratch}}\n  run: echo {i}\n"));
+            y.push_str(&format!(
+                "l{i}:\n  from: {{type: scratch}}\n  run: echo {i}\n"
+            ));
         } else {
             y.push_str(&format!(
                 "l{i}:\n  from: {{type: built, tag: l{}}}\n  run: echo {i}\n",
@@ -60,6 +68,7 @@ async fn run(n: usize) {
         platform: "linux/amd64".into(),
         builtins: Vec::new(),
         resume: true,
+        registry: Default::default(),
     })
     .await
     .unwrap();
@@ -109,7 +118,10 @@ async fn run(n: usize) {
         allow_outside_context: true,
         inline: Default::default(),
     };
-    for round in ["cold (every layer dispatched)", "warm (every layer a cache hit)"] {
+    for round in [
+        "cold (every layer dispatched)",
+        "warm (every layer a cache hit)",
+    ] {
         let t = Instant::now();
         let (id, layers) = farm.submit(spec.clone()).await.unwrap();
         let planned = t.elapsed();

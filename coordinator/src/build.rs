@@ -181,6 +181,8 @@ pub struct BuildOptions {
     pub fetcher: crate::fetch::Fetcher,
     /// Set to stop starting layers (Ctrl-C, cancel); running ones are the executor's.
     pub cancelled: Arc<std::sync::atomic::AtomicBool>,
+    /// `docker` bases: credentials, and each reference resolved once per build.
+    pub registry: crate::registry::RegistryBases,
 }
 
 /// How one layer ended.
@@ -225,6 +227,12 @@ pub enum BuildError {
     Fetch {
         layer: String,
         source: crate::fetch::FetchError,
+    },
+    #[error("layer '{layer}': base {url}: {message}")]
+    Registry {
+        layer: String,
+        url: String,
+        message: String,
     },
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
@@ -549,15 +557,17 @@ async fn prepare(
             let key = BaseKey::Oci(image.1);
             (JobBase::Image(image.0), key)
         }
-        Base::Docker { url, .. } => {
-            return Err(BuildError::Unsupported {
-                layer: name,
-                message: format!(
-                    "docker base '{url}': registry bases are not supported by this version; \
-                     copy the image to an OCI layout (skopeo copy {url} oci:DIR:TAG) and \
-                     use 'type: oci'"
-                ),
-            });
+        Base::Docker { url, insecure } => {
+            let (image, digest) = options
+                .registry
+                .pull(blobs, url, *insecure, &platform)
+                .await
+                .map_err(|message| BuildError::Registry {
+                    layer: name.clone(),
+                    url: url.clone(),
+                    message,
+                })?;
+            (JobBase::Image(image), BaseKey::Docker(digest))
         }
     };
     let mut imports = Vec::new();

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod inputs;
 pub mod metrics;
 pub mod output;
+pub mod registry;
 pub mod server;
 pub mod state;
 

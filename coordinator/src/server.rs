@@ -87,6 +87,7 @@ mod tests {
             platform: "linux/amd64".into(),
             builtins: Vec::new(),
             resume: true,
+            registry: Default::default(),
         })
         .await
         .unwrap();

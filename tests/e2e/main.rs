@@ -2,5 +2,6 @@
 
 mod build;
 mod plan;
+mod registry;
 mod semantics;
 mod util;

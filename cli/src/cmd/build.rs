@@ -28,7 +28,7 @@ use crate::local::block_on;
 /// makes one) and works best with the pool on btrfs.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  farm build\n  farm build -f app/stacker.yaml -o out --substitute VERSION=1.2\n  farm build --no-cache --compression zstd --jobs 4"
+    after_help = "Examples:\n  farm build\n  farm build -f app/stacker.yaml -o out --substitute VERSION=1.2\n  farm build --no-cache --compression zstd --jobs 4\n  farm build --push docker://registry.example.com/team --push-tag 1.2 --push-tag latest"
 )]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -114,6 +114,12 @@ pub struct BuildFlags {
     /// Refuse http(s) imports and tarballs without a `hash:`
     #[arg(long)]
     pub require_hash: bool,
+
+    #[command(flatten)]
+    pub push: super::publish::PushArgs,
+
+    #[command(flatten)]
+    pub registry: super::publish::RegistryArgs,
 }
 
 /// `10G`, `500M`, `1024` (bytes).
@@ -239,10 +245,27 @@ async fn build(
     substitutions: farm_stackerfile::Substitutions,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    let credentials = flags.registry.credentials()?;
+    if let Some(url) = &flags.push.push {
+        super::publish::PublishOptions {
+            url: url.clone(),
+            tags: flags.push.push_tags.clone(),
+            insecure: flags.push.push_insecure,
+            insecure_flag: "--push-insecure",
+            credentials: credentials.clone(),
+        }
+        .check()?;
+    }
     let jobs = flags
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let embedded = Embedded::start(layout, flags.timeout.map(Duration::from_secs), jobs).await?;
+    let embedded = Embedded::start(
+        layout,
+        flags.timeout.map(Duration::from_secs),
+        jobs,
+        credentials.clone(),
+    )
+    .await?;
     let spec = Submission {
         stackerfiles: entries,
         context: Vec::new(),
@@ -286,6 +309,13 @@ async fn build(
                 for (tag, digest) in &tags {
                     println!("{}:{tag}  {digest}", flags.output.display());
                 }
+                ok &= super::publish::push_after_build(
+                    &local.blobs,
+                    &tags,
+                    &flags.push,
+                    &credentials,
+                )
+                .await;
             }
             Err(e) => {
                 eprintln!(

@@ -52,6 +52,10 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+
+    /// Credentials for registry bases (else the coordinator's auth files)
+    #[command(flatten)]
+    pub registry: super::publish::RegistryArgs,
 }
 
 /// Run a worker of a build farm.
@@ -113,6 +117,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             platform: Platform::host().key(),
             builtins: layout.builtins(),
             resume: true,
+            registry: args.registry.credentials()?,
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;

@@ -46,6 +46,9 @@ pub struct FarmConfig {
     /// Resume the state's unfinished builds (a coordinator); the embedded mode leaves
     /// them to whoever runs them.
     pub resume: bool,
+    /// Credentials for registry bases (`from: docker`): the coordinator's own, never
+    /// stored with a build.
+    pub registry: farm_registry::Credentials,
 }
 
 /// A file of an uploaded build context.
@@ -421,6 +424,7 @@ impl Inner {
             platform: self.config.platform.clone(),
             fetcher,
             cancelled: cancelled.clone(),
+            registry: crate::registry::RegistryBases::new(self.config.registry.clone()),
         };
         let (events, rx) = EventSender::channel();
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();

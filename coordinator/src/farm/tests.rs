@@ -168,6 +168,7 @@ async fn start(dir: &Path, lease_ms: u64) -> Farm {
         platform: "linux/amd64".into(),
         builtins: Vec::new(),
         resume: true,
+        registry: Default::default(),
     })
     .await
     .unwrap()

@@ -1,0 +1,246 @@
+//! `farm publish` and `farm build --push`: images to a registry, stacker's way
+//! (`docker://host/ns` gives `host/ns/<image>:<tag>`).
+//!
+//! [`publish_images`] is the one place that pushes; `farm publish --layout` feeds it the
+//! images of an OCI layout, `farm build --push` the images a build just tagged.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use farm_image::{BlobStore, Digest, OciLayout};
+use farm_registry::{ConnectOptions, Credentials, PushImage, PushOptions, PushTarget, Pushed};
+
+use crate::local::block_on;
+
+/// Credentials for registries (pulling `docker` bases and pushing).
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// User name for the registries this command talks to (with --registry-password).
+    /// Without them, the usual auth files are used: $REGISTRY_AUTH_FILE,
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json,
+    /// ~/.docker/config.json
+    #[arg(long, value_name = "USER", env = "FARM_REGISTRY_USERNAME")]
+    pub registry_username: Option<String>,
+
+    /// Password for --registry-username. Prefer $FARM_REGISTRY_PASSWORD or an auth file
+    /// (`skopeo login`, `docker login`): a command line is visible to other users
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "FARM_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    pub registry_password: Option<String>,
+}
+
+impl RegistryArgs {
+    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        Ok(Credentials::from_env(
+            self.registry_username.clone(),
+            self.registry_password.clone(),
+        )?)
+    }
+}
+
+/// `farm build --push ...`.
+#[derive(Debug, Clone, Args)]
+pub struct PushArgs {
+    /// After a successful build, push each image to URL (docker://HOST[:PORT]/NAMESPACE):
+    /// layer NAME goes to HOST[:PORT]/NAMESPACE/NAME:TAG. build_only layers are never
+    /// pushed
+    #[arg(long, value_name = "URL")]
+    pub push: Option<String>,
+
+    /// Tag the pushed images with TAG (repeatable) [default: latest]
+    #[arg(long = "push-tag", value_name = "TAG", requires = "push")]
+    pub push_tags: Vec<String>,
+
+    /// Allow --push to a registry over plain http or with an unverifiable certificate
+    #[arg(long, requires = "push")]
+    pub push_insecure: bool,
+}
+
+/// Push images to a registry, as stacker's publish does.
+///
+/// Every image tagged in the OCI layout (or only those given with --image) goes to
+/// HOST[:PORT]/NAMESPACE/IMAGE:TAG for each --tag (default: latest). Blobs the registry
+/// already has are not sent again, blobs shared by several images are uploaded once
+/// and mounted into the other repositories, and each manifest is pushed with its exact
+/// local bytes, so the registry's digest is the one in the layout. All blobs and
+/// manifests go first, the tags last: a failed publish moves no tag.
+///
+/// Credentials: --registry-username/--registry-password, else the usual auth files
+/// ($REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
+/// ~/.config/containers/auth.json, ~/.docker/config.json).
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+  farm build && farm publish --url docker://registry.example.com/team\n  \
+  farm publish --url docker://localhost:5000/dev --tag 1.2 --tag latest --image app --skip-tls\n  \
+  farm build --push docker://registry.example.com/team --push-tag 1.2   (build, then push)")]
+pub struct PublishArgs {
+    /// Where to push: docker://HOST[:PORT]/NAMESPACE
+    #[arg(long, value_name = "URL")]
+    pub url: String,
+
+    /// Tag to push each image under (repeatable) [default: latest]
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+
+    /// Allow plain http or an unverifiable TLS certificate
+    #[arg(long)]
+    pub skip_tls: bool,
+
+    /// Push only this image (a tag of the layout; repeatable) [default: all]
+    #[arg(long = "image", value_name = "NAME")]
+    pub images: Vec<String>,
+
+    /// The OCI layout holding the images (what `farm build -o` wrote)
+    #[arg(long, value_name = "DIR", default_value = "oci")]
+    pub layout: PathBuf,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to publish.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// `docker://HOST[:PORT]/NAMESPACE`.
+    pub url: String,
+    pub tags: Vec<String>,
+    pub insecure: bool,
+    /// The flag that allows an insecure registry, for the TLS error's hint.
+    pub insecure_flag: &'static str,
+    pub credentials: Credentials,
+}
+
+impl PublishOptions {
+    /// Check the URL and tags before anything is built or sent.
+    pub fn check(&self) -> anyhow::Result<PushTarget> {
+        let target = PushTarget::parse(&self.url)?;
+        for t in &self.tags {
+            farm_registry::check_tag(t)?;
+        }
+        Ok(target)
+    }
+}
+
+/// Push `images` (name, manifest digest) from `blobs`; prints one line per pushed tag
+/// on stdout (`REFERENCE  DIGEST`) and a summary on stderr.
+pub async fn publish_images(
+    blobs: &BlobStore,
+    images: &[(String, String)],
+    opts: &PublishOptions,
+) -> anyhow::Result<Vec<Pushed>> {
+    let target = opts.check()?;
+    let images = images
+        .iter()
+        .map(|(name, digest)| {
+            Ok(PushImage {
+                name: name.clone(),
+                manifest_digest: Digest::parse(digest)
+                    .with_context(|| format!("image '{name}': manifest digest"))?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let push_opts = PushOptions {
+        target: target.clone(),
+        tags: opts.tags.clone(),
+        connect: ConnectOptions {
+            insecure: opts.insecure,
+            tls_hint: if opts.insecure {
+                "the registry's TLS fails even without certificate checks".into()
+            } else {
+                format!(
+                    "for a registry with a self-signed certificate or plain http, add {}",
+                    opts.insecure_flag
+                )
+            },
+        },
+    };
+    let started = Instant::now();
+    let (pushed, stats) = farm_registry::push(blobs, &images, &push_opts, &opts.credentials)
+        .await
+        .with_context(|| format!("pushing to {target}"))?;
+    for p in &pushed {
+        println!("{}  {}", p.reference, p.digest);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mb = stats.uploaded_bytes as f64 / 1e6;
+    eprintln!(
+        "farm: pushed {} image(s) to {target} in {secs:.1}s: {} blob(s) uploaded ({mb:.1} MB, \
+         {:.0} MB/s), {} already there, {} mounted",
+        images.len(),
+        stats.uploaded,
+        if secs > 0.0 { mb / secs } else { 0.0 },
+        stats.skipped,
+        stats.mounted,
+    );
+    Ok(pushed)
+}
+
+/// `farm build --push`: push what the build tagged. Returns whether it worked (the
+/// error is printed).
+pub async fn push_after_build(
+    blobs: &BlobStore,
+    tagged: &[(String, String)],
+    push: &PushArgs,
+    credentials: &Credentials,
+) -> bool {
+    let Some(url) = &push.push else { return true };
+    let opts = PublishOptions {
+        url: url.clone(),
+        tags: push.push_tags.clone(),
+        insecure: push.push_insecure,
+        insecure_flag: "--push-insecure",
+        credentials: credentials.clone(),
+    };
+    match publish_images(blobs, tagged, &opts).await {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("farm build: --push failed: {e:#}");
+            false
+        }
+    }
+}
+
+pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let opts = PublishOptions {
+        url: args.url.clone(),
+        tags: args.tags.clone(),
+        insecure: args.skip_tls,
+        insecure_flag: "--skip-tls",
+        credentials: args.registry.credentials()?,
+    };
+    opts.check()?;
+    block_on(async move {
+        let layout = OciLayout::open(&args.layout)
+            .await
+            .with_context(|| format!("opening the OCI layout {}", args.layout.display()))?;
+        let tags = layout.tags().await?;
+        for wanted in &args.images {
+            if !tags.contains(wanted) {
+                anyhow::bail!(
+                    "no image '{wanted}' in {} (it has: {})",
+                    args.layout.display(),
+                    tags.join(", ")
+                );
+            }
+        }
+        let mut images = Vec::new();
+        for tag in &tags {
+            if args.images.is_empty() || args.images.contains(tag) {
+                let desc = layout.resolve(tag).await?;
+                images.push((tag.clone(), desc.digest().to_string()));
+            }
+        }
+        if images.is_empty() {
+            anyhow::bail!("no images in {}", args.layout.display());
+        }
+        publish_images(layout.blobs(), &images, &opts).await?;
+        Ok(ExitCode::SUCCESS)
+    })?
+}
