@@ -1,0 +1,305 @@
+//! `farm submit`: send a stackerfile's build to a coordinator (or, without one, build it
+//! in this process), show its progress, and optionally write the images.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Args;
+use farm_coordinator::PlanOptions;
+use farm_image::Digest;
+use farm_proto::v1::{BuildState, StatusRequest, SubmitRequest};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::client::{Client, CoordinatorArg, watch};
+use crate::common::{Layout, StackerfileArgs, plan_or_report};
+use crate::context::{BuildContext, collect};
+use crate::local::block_on;
+use crate::progress::Progress;
+use crate::states::{build_word, progress_event, status_json};
+
+/// Files uploaded at the same time.
+const UPLOADS: usize = 4;
+
+/// Build a stackerfile on a build farm (or in this process when no coordinator is set).
+///
+/// farm plans the stackerfile here first (errors are reported before anything is sent),
+/// then uploads the files the build reads (the stackerfiles, local imports, tar and OCI
+/// bases, overlay_dirs; only those the coordinator does not have yet) and submits the
+/// build. It shows each layer's progress and logs until the build ends and exits 0 only
+/// when it succeeded. Leaving (Ctrl-C, --detach, a lost connection) does not cancel the
+/// build: `farm status ID --wait` picks it up again, `farm cancel ID` stops it.
+///
+/// Without --coordinator or FARM_COORDINATOR, the build runs in this process with an
+/// embedded coordinator and worker, like `farm build`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+farm submit --coordinator 10.0.0.5:7070\n  \
+FARM_COORDINATOR=farm:7070 farm submit app/stacker.yaml -o out\n  \
+farm submit --detach --json --substitute VERSION=1.2   # prints {\"id\": ...}\n  \
+farm status ID --wait && farm pull ID -o out")]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub stackerfile: StackerfileArgs,
+
+    #[command(flatten)]
+    pub coordinator: CoordinatorArg,
+
+    /// After a successful build, write the images to this OCI layout (tagged with the
+    /// layer names)
+    #[arg(short, long, value_name = "DIR", conflicts_with = "detach")]
+    pub output: Option<PathBuf>,
+
+    /// Show progress and logs until the build ends (the default)
+    #[arg(long, conflicts_with = "detach")]
+    pub follow: bool,
+
+    /// Print the build id and return without waiting
+    #[arg(long)]
+    pub detach: bool,
+
+    /// Print the final status (with --detach: the id) as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// Rebuild every layer, ignoring cached results
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Layer compression
+    #[arg(long, value_name = "ALGO", default_value = "gzip", value_parser = ["gzip", "zstd"])]
+    pub compression: String,
+
+    /// Refuse http(s) imports and tarballs without a `hash:`
+    #[arg(long)]
+    pub require_hash: bool,
+
+    /// Allow imports from outside the directory tree of the stackerfiles (the context
+    /// sent then includes them)
+    #[arg(long)]
+    pub allow_outside_context: bool,
+}
+
+pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let Some(addr) = args.coordinator.address()? else {
+        return run_embedded_submit(args);
+    };
+    let started = Instant::now();
+    let layout = Layout::new(None, None, args.output.clone());
+    let subs = args.stackerfile.substitutions(&layout)?;
+    // Sent in precedence order for a last-wins reader: the file's, then --substitute.
+    let substitutions: Vec<String> = subs
+        .file
+        .iter()
+        .chain(&subs.cli)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let path = args.stackerfile.path();
+    let options = PlanOptions {
+        substitutions: subs,
+    };
+    let Some(plan) = plan_or_report("submit", &path, &options)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let context = collect(
+        &plan,
+        std::slice::from_ref(&path),
+        args.allow_outside_context,
+    )?;
+    let environment = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let request = SubmitRequest {
+        stackerfiles: context.stackerfiles.clone(),
+        context: context.to_proto(),
+        substitutions,
+        environment,
+        no_cache: args.no_cache,
+        compression: args.compression.clone(),
+        require_hash: args.require_hash,
+        allow_outside_context: args.allow_outside_context,
+    };
+    block_on(submit(addr, plan, context, request, args, started))?
+}
+
+/// The embedded mode (no coordinator configured): the lead wires this to
+/// `crate::cmd::build::run_embedded_submit` on main.
+fn run_embedded_submit(_args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("embedded mode: wired by the lead (pass --coordinator or set FARM_COORDINATOR)")
+}
+
+async fn submit(
+    addr: String,
+    plan: farm_coordinator::Plan,
+    context: BuildContext,
+    request: SubmitRequest,
+    args: SubmitArgs,
+    started: Instant,
+) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(&addr).await?;
+    upload_context(&mut client, &context).await?;
+
+    let submitted = match client.farm.submit(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            // The coordinator's rendered diagnostics.
+            eprintln!("{}", status.message().trim_end());
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(status) => return Err(client.error("Submit", "", status)),
+    };
+    let id = submitted.id;
+    if args.detach {
+        if args.json {
+            println!("{}", serde_json::json!({ "id": id }));
+        } else {
+            println!("{id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "farm submit: build {id} on {addr} ({} layers)",
+        submitted.layers.len()
+    );
+
+    let (events, rx) = farm_coordinator::build::EventSender::channel();
+    let progress = Progress::start(&plan, rx);
+    let watched = {
+        let watching = watch(&mut client, &id, |ev| {
+            if let Some(event) = progress_event(ev) {
+                events.send(event);
+            }
+        });
+        tokio::select! {
+            r = watching => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    };
+    drop(events);
+    let summary = progress.finish().await;
+    let Some(watched) = watched else {
+        eprintln!(
+            "farm submit: stopped watching; build {id} goes on at {addr} \
+             (`farm status {id} --wait`, `farm cancel {id}`)"
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let last = watched?;
+    let mut ok = last.kind
+        == Some(farm_proto::v1::build_event::Kind::Build(
+            BuildState::Succeeded as i32,
+        ));
+    eprintln!("{summary}");
+    if !last.error.is_empty() {
+        eprintln!("farm submit: {}", last.error);
+    }
+
+    if ok
+        && let Some(out) = &args.output
+        && let Err(e) = super::pull::pull(&mut client, &id, out).await
+    {
+        eprintln!(
+            "farm submit: writing the OCI layout {}: {e:#}",
+            out.display()
+        );
+        ok = false;
+    }
+    if args.json {
+        let status = client
+            .farm
+            .status(StatusRequest { id: id.clone() })
+            .await
+            .map_err(|s| client.error("Status", &id, s))?
+            .into_inner();
+        println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+    }
+    let state = match last.kind {
+        Some(farm_proto::v1::build_event::Kind::Build(s)) => build_word(s),
+        _ => "unknown",
+    };
+    eprintln!(
+        "farm submit: build {id} {state} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Upload the context's files that the coordinator lacks.
+async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::Result<()> {
+    let blobs = context.blobs();
+    let digests: Vec<Digest> = blobs.iter().map(|(_, d, _)| (*d).clone()).collect();
+    let missing = farm_coordinator::grpc::blobs::find_missing(&mut client.blobs, &digests)
+        .await
+        .with_context(|| format!("asking {} which files it lacks", client.addr))?;
+    let missing: HashSet<Digest> = missing.into_iter().collect();
+    let total: u64 = blobs.iter().map(|(_, _, n)| n).sum();
+    let to_send: Vec<(PathBuf, Digest, u64)> = blobs
+        .iter()
+        .filter(|(_, d, _)| missing.contains(*d))
+        .map(|(p, d, n)| (p.to_path_buf(), (*d).clone(), *n))
+        .collect();
+    let bytes: u64 = to_send.iter().map(|(_, _, n)| n).sum();
+    eprintln!(
+        "farm submit: context {} ({} files, {}); uploading {} ({})",
+        context.root.display(),
+        blobs.len(),
+        human_bytes(total),
+        to_send.len(),
+        human_bytes(bytes)
+    );
+    let blobs_client = client.blobs.clone();
+    futures::stream::iter(to_send)
+        .map(|(path, expected, _)| {
+            let mut c = blobs_client.clone();
+            async move {
+                let sent = farm_coordinator::grpc::blobs::upload_file(&mut c, &path)
+                    .await
+                    .with_context(|| format!("uploading {}", path.display()))?;
+                anyhow::ensure!(
+                    sent == expected,
+                    "{} changed while it was being submitted; submit again",
+                    path.display()
+                );
+                Ok(())
+            }
+        })
+        .buffer_unordered(UPLOADS)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 20), "5.0 MiB");
+    }
+}
