@@ -253,7 +253,94 @@ async fn watch_with(
 
 #[cfg(test)]
 mod tests {
+    use farm_proto::v1::build_event::Kind;
+    use farm_proto::v1::{BuildState, BuildStatus, LayerState};
+
     use super::*;
+    use crate::fake::{Fake, Script};
+
+    fn ev(seq: u64, kind: Kind) -> BuildEvent {
+        BuildEvent {
+            seq,
+            layer: "app".into(),
+            kind: Some(kind),
+            ..BuildEvent::default()
+        }
+    }
+
+    fn script() -> Script {
+        Script {
+            status: BuildStatus {
+                id: "b1".into(),
+                state: BuildState::Succeeded as i32,
+                ..BuildStatus::default()
+            },
+            events: vec![
+                ev(1, Kind::State(LayerState::LayerRunning as i32)),
+                ev(2, Kind::Log("hello".into())),
+                ev(3, Kind::Log("world".into())),
+                ev(4, Kind::State(LayerState::LayerBuilt as i32)),
+                ev(5, Kind::Build(BuildState::Succeeded as i32)),
+            ],
+            ..Script::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn watch_resumes_after_the_last_event_seen_when_the_stream_breaks() {
+        let fake = Fake::start(Script {
+            break_after: Some(2),
+            ..script()
+        })
+        .await;
+        let mut c = Client::connect(&fake.addr).await.unwrap();
+        let mut seen = Vec::new();
+        let last = watch(&mut c, "b1", |e| seen.push(e.seq)).await.unwrap();
+        assert_eq!(seen, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            crate::states::final_state(&last),
+            Some(BuildState::Succeeded as i32)
+        );
+        assert_eq!(fake.script.lock().unwrap().watched_from, [0, 2]);
+    }
+
+    #[tokio::test]
+    async fn watching_an_unknown_build_is_not_found() {
+        let fake = Fake::start(script()).await;
+        let mut c = Client::connect(&fake.addr).await.unwrap();
+        let e = watch(&mut c, "nope", |_| {}).await.unwrap_err();
+        assert_eq!(e.to_string(), format!("no build nope on {}", fake.addr));
+    }
+
+    #[tokio::test]
+    async fn a_watcher_gives_up_on_a_coordinator_that_stays_away() {
+        let fake = Fake::start(Script {
+            break_after: Some(1),
+            ..script()
+        })
+        .await;
+        let mut c = Client::connect(&fake.addr).await.unwrap();
+        let script = fake.script.clone();
+        // The coordinator goes away for good once the first event is out.
+        let mut fake = Some(fake);
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        let result = watch_with(&mut c, "b1", Duration::from_secs(1), &mut |e| {
+            seen.push(e.seq);
+            if let Some(f) = fake.take() {
+                drop(f);
+            }
+        })
+        .await;
+        let e = result.unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(15));
+        assert_eq!(seen, [1]);
+        assert!(
+            e.contains("gave up") && e.contains("farm status b1 --wait"),
+            "{e}"
+        );
+        assert_eq!(script.lock().unwrap().watched_from, [0]);
+    }
 
     #[test]
     fn addresses() {

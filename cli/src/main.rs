@@ -9,6 +9,8 @@ mod client;
 mod cmd;
 mod common;
 mod context;
+#[cfg(test)]
+mod fake;
 mod local;
 mod progress;
 mod remote;

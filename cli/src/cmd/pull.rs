@@ -136,3 +136,87 @@ async fn fetch_image(
         .size(info.size)
         .build()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use farm_proto::v1::{BuildState, BuildStatus, LayerState, LayerStatus};
+
+    use super::*;
+    use crate::fake::{Fake, Script};
+
+    /// The digest of `s`.
+    fn b(s: &str) -> farm_image::oci::Digest {
+        Digest::of(s.as_bytes()).to_oci()
+    }
+
+    /// A manifest (and its config and layer) in the fake's store; its digest.
+    async fn image(fake: &Fake, seed: &str) -> Digest {
+        let config = format!("{{\"seed\":\"{seed}\"}}");
+        let layer = format!("layer bytes of {seed}");
+        fake.store.put(config.clone().into()).await.unwrap();
+        fake.store.put(layer.clone().into()).await.unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": b(&config).to_string(), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": b(&layer).to_string(), "size": layer.len()}],
+        });
+        let body = serde_json::to_vec(&manifest).unwrap();
+        fake.store.put(body.into()).await.unwrap().digest
+    }
+
+    #[tokio::test]
+    async fn pull_writes_and_tags_every_tagged_image() {
+        let fake = Fake::start(Script::default()).await;
+        let app = image(&fake, "app").await;
+        let base = image(&fake, "base").await;
+        let layer = |name: &str, digest: &Digest, tagged: bool| LayerStatus {
+            name: name.into(),
+            state: LayerState::LayerBuilt as i32,
+            manifest_digest: digest.to_string(),
+            tagged,
+            ..LayerStatus::default()
+        };
+        fake.script.lock().unwrap().status = BuildStatus {
+            id: "b1".into(),
+            state: BuildState::Succeeded as i32,
+            layers: vec![layer("base", &base, false), layer("app", &app, true)],
+            ..BuildStatus::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("oci");
+        let mut c = Client::connect(&fake.addr).await.unwrap();
+        let tags = pull(&mut c, "b1", &out).await.unwrap();
+        assert_eq!(tags, [("app".to_string(), app.to_string())]);
+        let layout = OciLayout::open(&out).await.unwrap();
+        assert_eq!(layout.tags().await.unwrap(), ["app"]);
+        let desc = layout.resolve("app").await.unwrap();
+        assert_eq!(desc.digest().to_string(), app.to_string());
+        let (_, manifest) = layout.manifest("app", None).await.unwrap();
+        for d in std::iter::once(manifest.config().digest())
+            .chain(manifest.layers().iter().map(|l| l.digest()))
+        {
+            assert!(
+                layout
+                    .blobs()
+                    .exists(&Digest::try_from(d).unwrap())
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(!layout.blobs().exists(&base).await.unwrap());
+
+        // Again into the same layout: nothing changes; an unknown build is not found.
+        assert_eq!(pull(&mut c, "b1", &out).await.unwrap(), tags);
+        let e = pull(&mut c, "b2", &out).await.unwrap_err();
+        assert_eq!(e.to_string(), format!("no build b2 on {}", fake.addr));
+
+        // A manifest the store lacks is an error naming the image.
+        let missing = Digest::of(b"gone");
+        fake.script.lock().unwrap().status.layers = vec![layer("gone", &missing, true)];
+        let e = pull(&mut c, "b1", &out).await.unwrap_err();
+        assert!(format!("{e:#}").contains("image gone"), "{e:#}");
+    }
+}

@@ -230,8 +230,8 @@ async fn submit(
     })
 }
 
-/// Upload the context's files that the coordinator lacks.
-async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::Result<()> {
+/// Upload the context's files that the coordinator lacks; how many were sent.
+async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::Result<usize> {
     let blobs = context.blobs();
     let digests: Vec<Digest> = blobs.iter().map(|(_, d, _)| (*d).clone()).collect();
     let missing = farm_coordinator::grpc::blobs::find_missing(&mut client.blobs, &digests)
@@ -254,6 +254,7 @@ async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::
         human_bytes(bytes)
     );
     let blobs_client = client.blobs.clone();
+    let count = to_send.len();
     futures::stream::iter(to_send)
         .map(|(path, expected, _)| {
             let mut c = blobs_client.clone();
@@ -271,7 +272,8 @@ async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::
         })
         .buffer_unordered(UPLOADS)
         .try_for_each(|_| async { Ok(()) })
-        .await
+        .await?;
+    Ok(count)
 }
 
 fn human_bytes(n: u64) -> String {
@@ -293,7 +295,79 @@ fn human_bytes(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::human_bytes;
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::context::Entry;
+    use crate::fake::{Fake, Script};
+
+    fn file(dir: &std::path::Path, name: &str, content: &str) -> (String, Entry) {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        let entry = Entry::File {
+            source: path,
+            digest: Digest::of(content.as_bytes()),
+            size: content.len() as u64,
+            mode: 0o644,
+        };
+        (name.to_string(), entry)
+    }
+
+    #[tokio::test]
+    async fn only_missing_files_are_uploaded() {
+        let fake = Fake::start(Script::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let entries: BTreeMap<String, Entry> = [
+            file(dir.path(), "a", "already there"),
+            file(dir.path(), "b", "new"),
+            file(dir.path(), "c", "new"),
+        ]
+        .into_iter()
+        .collect();
+        let context = BuildContext {
+            root: dir.path().to_path_buf(),
+            entries,
+            stackerfiles: vec![],
+        };
+        fake.store.put("already there".into()).await.unwrap();
+        let mut c = Client::connect(&fake.addr).await.unwrap();
+        // "b" and "c" have the same content: one upload; "a" is there already.
+        assert_eq!(upload_context(&mut c, &context).await.unwrap(), 1);
+        assert_eq!(
+            fake.store.get_bytes(&Digest::of(b"new")).await.unwrap(),
+            "new"
+        );
+        assert_eq!(upload_context(&mut c, &context).await.unwrap(), 0);
+
+        // A file that changed after it was hashed is not submitted under a stale digest.
+        std::fs::write(dir.path().join("b"), "changed").unwrap();
+        let stale = BuildContext {
+            entries: [file(dir.path(), "d", "newer")]
+                .into_iter()
+                .map(|(k, e)| match e {
+                    Entry::File {
+                        source, size, mode, ..
+                    } => (
+                        k,
+                        Entry::File {
+                            source,
+                            digest: Digest::of(b"what it was"),
+                            size,
+                            mode,
+                        },
+                    ),
+                    other => (k, other),
+                })
+                .collect(),
+            ..context
+        };
+        let e = upload_context(&mut c, &stale).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("changed while it was being submitted"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn byte_counts() {
