@@ -95,7 +95,7 @@ impl Layout {
 
     /// stacker's built-in substitutions, with farm's meanings: the pool holds the root
     /// filesystems, the state dir is farm's `.stacker`, the output is the OCI layout.
-    fn builtins(&self) -> Vec<(String, String)> {
+    pub fn builtins(&self) -> Vec<(String, String)> {
         let abs = |p: &Path| {
             std::path::absolute(p)
                 .unwrap_or_else(|_| p.to_path_buf())

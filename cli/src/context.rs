@@ -9,9 +9,10 @@
 //! outside it is an error (the same rule as `farm build`) unless
 //! `--allow-outside-context`, which widens the root to include it.
 //!
-//! Entries of the request: a file has a digest; a symlink has a `symlink_target`; a
-//! directory has neither (so that empty directories and directory modes survive).
-//! `mode` holds the permission bits (`& 0o7777`).
+//! Entries of the request: a file has a digest; a symlink has a `symlink_target`.
+//! `mode` holds the permission bits (`& 0o7777`). Directories are collected but not
+//! sent: the coordinator makes every parent directory itself (mode 0755) and takes an
+//! entry without a `symlink_target` for a file, so an empty directory cannot travel yet.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -56,29 +57,25 @@ pub struct BuildContext {
 }
 
 impl BuildContext {
-    /// The entries as the protocol's `ContextFile`s, sorted by path.
+    /// The files and symlinks as the protocol's `ContextFile`s, sorted by path
+    /// (directories are implied by them; see the module documentation).
     pub fn to_proto(&self) -> Vec<ContextFile> {
         self.entries
             .iter()
-            .map(|(path, e)| match e {
-                Entry::File { digest, mode, .. } => ContextFile {
+            .filter_map(|(path, e)| match e {
+                Entry::File { digest, mode, .. } => Some(ContextFile {
                     path: path.clone(),
                     digest: digest.to_string(),
                     mode: *mode,
                     symlink_target: String::new(),
-                },
-                Entry::Dir { mode } => ContextFile {
-                    path: path.clone(),
-                    digest: String::new(),
-                    mode: *mode,
-                    symlink_target: String::new(),
-                },
-                Entry::Symlink { target } => ContextFile {
+                }),
+                Entry::Dir { .. } => None,
+                Entry::Symlink { target } => Some(ContextFile {
                     path: path.clone(),
                     digest: String::new(),
                     mode: 0o777,
                     symlink_target: target.clone(),
-                },
+                }),
             })
             .collect()
     }
@@ -464,8 +461,13 @@ mod tests {
             (link.digest.as_str(), link.symlink_target.as_str()),
             ("", "sub/a")
         );
-        let dir = proto.iter().find(|f| f.path == "tree/empty").unwrap();
-        assert!(dir.digest.is_empty() && dir.symlink_target.is_empty());
+        // Files and links only: directories are implied (and empty ones not sent yet).
+        assert!(
+            proto
+                .iter()
+                .all(|f| !f.digest.is_empty() || !f.symlink_target.is_empty())
+        );
+        assert_eq!(proto.len(), 7);
         // Five files, five distinct blobs.
         assert_eq!(c.blobs().len(), 5);
     }

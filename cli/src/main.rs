@@ -9,6 +9,7 @@ mod client;
 mod cmd;
 mod common;
 mod context;
+mod embedded;
 #[cfg(test)]
 mod fake;
 mod local;

@@ -65,6 +65,13 @@ impl Progress {
                         }
                         states.insert(layer, State::Running);
                     }
+                    Event::Assigned { layer, worker } => {
+                        if let Some(bar) = bars.get(&layer) {
+                            bar.set_message(format!("building on {worker}"));
+                        } else {
+                            say(&mp, format!("[{layer}] on worker {worker}"));
+                        }
+                    }
                     Event::Log { layer, line } => {
                         if let Some(bar) = bars.get(&layer) {
                             bar.set_message(line.clone());

@@ -42,6 +42,25 @@ pub fn url_of(path: &Path) -> Option<String> {
     None
 }
 
+/// Every stackerfile this process fetched, by URL: the embedded farm gets the same
+/// texts instead of fetching them again.
+static FETCHED: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+/// The fetched texts of `plan`'s files that are URLs, by URL.
+pub fn inline_texts(plan: &farm_stackerfile::Plan) -> std::collections::BTreeMap<String, String> {
+    let fetched = FETCHED.lock().ok();
+    let Some(map) = fetched.as_ref().and_then(|m| m.as_ref()) else {
+        return Default::default();
+    };
+    plan.files
+        .iter()
+        .filter_map(|f| {
+            let url = url_of(&f.path)?;
+            Some((url.clone(), map.get(&url)?.clone()))
+        })
+        .collect()
+}
+
 pub fn is_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
@@ -71,7 +90,10 @@ impl FileSource for Files {
             resp.text().await.map_err(std::io::Error::other)
         })?;
         if let Ok(mut m) = self.fetched.lock() {
-            m.insert(url, text.clone());
+            m.insert(url.clone(), text.clone());
+        }
+        if let Ok(mut m) = FETCHED.lock() {
+            m.get_or_insert_with(HashMap::new).insert(url, text.clone());
         }
         Ok(text)
     }

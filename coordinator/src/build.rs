@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use farm_image::{BlobStore, Digest, OciLayout};
 use farm_stackerfile::{Base, Layer, Plan, Source};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -21,7 +22,7 @@ use crate::cache::{ActionCache, BaseKey, CachedBlob, CachedLayer, KeyInputs};
 use crate::inputs::{InputError, pin_local};
 
 /// The base a worker starts a layer from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobBase {
     Scratch,
     /// An image whose blobs are in the blob store (a built layer or an OCI layout image).
@@ -38,10 +39,13 @@ pub enum JobBase {
 }
 
 /// Where an import's content is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ImportSource {
     /// A file or directory on this machine.
     Local(PathBuf),
+    /// A file or directory shipped as a tree in the blob store (a local input sent to a
+    /// worker on another machine; see `farm_image::tree`).
+    Tree { digest: String },
     /// A blob in the store (an http download).
     Blob { digest: String },
     /// A path inside another layer's result (`stacker://LAYER/PATH`).
@@ -49,7 +53,7 @@ pub enum ImportSource {
 }
 
 /// One import, pinned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobImport {
     pub source: ImportSource,
     /// The source as written in the stackerfile (for messages).
@@ -70,15 +74,19 @@ pub struct JobImport {
 }
 
 /// A directory whose contents become a layer at `dest` (`overlay_dirs`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobOverlayDir {
     pub source: PathBuf,
+    /// The directory as a tree in the blob store, for a worker on another machine
+    /// (it materialises the tree and sets `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<String>,
     pub dest: String,
     pub digest: String,
 }
 
-/// A layer to build.
-#[derive(Debug, Clone)]
+/// A layer to build (sent to remote workers as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub layer: Layer,
     pub cache_key: String,
@@ -89,6 +97,8 @@ pub struct Job {
     pub env: Vec<(String, String)>,
     pub source_date_epoch: Option<u64>,
     pub compression: String,
+    /// `os/arch` the layer must be built on.
+    pub platform: String,
 }
 
 /// Builds layers. Implemented by the worker engine (in process) and, later, by the
@@ -104,12 +114,33 @@ pub trait Executor: Send + Sync + 'static {
 /// What happens during a build, for progress displays and logs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Started { layer: String },
-    Log { layer: String, line: String },
-    Cached { layer: String },
-    Built { layer: String, duration: Duration },
-    Failed { layer: String, error: String },
-    Skipped { layer: String, because: String },
+    Started {
+        layer: String,
+    },
+    /// A worker took the layer.
+    Assigned {
+        layer: String,
+        worker: String,
+    },
+    Log {
+        layer: String,
+        line: String,
+    },
+    Cached {
+        layer: String,
+    },
+    Built {
+        layer: String,
+        duration: Duration,
+    },
+    Failed {
+        layer: String,
+        error: String,
+    },
+    Skipped {
+        layer: String,
+        because: String,
+    },
 }
 
 /// Where events go.
@@ -606,6 +637,7 @@ async fn prepare(
         }
         overlay_dirs.push(JobOverlayDir {
             source: pinned.resolved,
+            tree: None,
             dest: od.dest.clone(),
             digest: pinned.digest,
         });
@@ -633,7 +665,7 @@ async fn prepare(
         imports: imports.iter().map(|i| i.digest.clone()).collect(),
         overlay_dirs: overlay_dirs.iter().map(|o| o.digest.clone()).collect(),
         source_date_epoch: source_date_epoch.clone(),
-        platform,
+        platform: platform.clone(),
         passthrough,
         compression: options.compression.clone(),
     }
@@ -647,6 +679,7 @@ async fn prepare(
         env,
         source_date_epoch: source_date_epoch.and_then(|s| s.trim().parse().ok()),
         compression: options.compression.clone(),
+        platform,
     })
 }
 

@@ -9,9 +9,11 @@
 pub mod build;
 pub mod cache;
 pub mod db;
+pub mod farm;
 pub mod fetch;
 pub mod grpc;
 pub mod inputs;
+pub mod metrics;
 pub mod output;
 pub mod server;
 pub mod state;

@@ -1,16 +1,15 @@
-//! The coordinator's gRPC server: the services it offers today (the blob API), plus the
-//! standard gRPC health and reflection services, on one listener.
-//!
-//! The client API (`Farm`) and the workers' stream (`Workers`) join here as they are
-//! built; `farm.proto` already defines them.
+//! The coordinator's gRPC server: the client API (`Farm`), the workers' stream
+//! (`Workers`), the blob API (`Blobs`), plus the standard gRPC health and reflection
+//! services, on one listener; and the Prometheus metrics over HTTP on another.
 
 use std::future::Future;
 
-use farm_image::BlobStore;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::farm::Farm;
 use crate::grpc::blobs::BlobService;
+use crate::grpc::farm::FarmService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -23,13 +22,20 @@ pub enum ServerError {
 /// Serve on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    blobs: BlobStore,
+    farm: Farm,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<farm_proto::blobs_server::BlobsServer<BlobService>>()
         .await;
+    health
+        .set_serving::<farm_proto::farm_server::FarmServer<FarmService>>()
+        .await;
+    health
+        .set_serving::<farm_proto::workers_server::WorkersServer<FarmService>>()
+        .await;
+    let service = FarmService::new(farm.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(farm_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -37,10 +43,29 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(BlobService::new(blobs).into_server())
+        .add_service(BlobService::new(farm.blobs().clone()).into_server())
+        .add_service(service.clone().farm_server())
+        .add_service(service.workers_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// Serve `GET /metrics` (Prometheus text format) on `listener`.
+pub async fn serve_metrics(listener: TcpListener, farm: Farm) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let farm = farm.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    farm.metrics().render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
 }
 
 #[cfg(test)]
@@ -55,7 +80,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, store.clone(), async {
+        let farm = crate::farm::Farm::start(crate::farm::FarmConfig {
+            state_dir: d.path().join("state"),
+            blobs: store.clone(),
+            lease: Duration::from_secs(10),
+            platform: "linux/amd64".into(),
+            builtins: Vec::new(),
+            resume: true,
+        })
+        .await
+        .unwrap();
+        let server = tokio::spawn(serve(listener, farm, async {
             let _ = stopped.await;
         }));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -115,7 +115,7 @@ pub struct UnknownWord {
 macro_rules! word_enum {
     ($(#[$m:meta])* $name:ident, $what:literal { $($variant:ident => $word:literal),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
         #[serde(rename_all = "lowercase")]
         pub enum $name { $($variant),+ }
 
@@ -677,6 +677,30 @@ impl StateStore {
         Ok(done.rows_affected())
     }
 
+    /// Every active lease now expires at `now + its lease` (a restarted coordinator gives
+    /// workers one lease period to reconnect).
+    pub async fn renew_all(&self, now: i64) -> Result<u64> {
+        let done =
+            sqlx::query("UPDATE assignments SET expires_ms = ?1 + lease_ms WHERE released = 0")
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// The active lease of layer `idx` of `build`, if a worker holds it.
+    pub async fn active_lease(&self, build: &str, idx: u32) -> Result<Option<Lease>> {
+        let row: Option<LeaseTuple> =
+            sqlx::query_as(lease_select!("a.build_id = ?1 AND a.idx = ?2"))
+                .bind(build)
+                .bind(i64::from(idx))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(row.map(lease_row))
+    }
+
     /// Active leases whose expiry is at or before `now`, oldest assignment first.
     pub async fn expired(&self, now: i64) -> Result<Vec<Lease>> {
         let rows: Vec<LeaseTuple> = sqlx::query_as(lease_select!("a.expires_ms <= ?1"))
@@ -752,6 +776,28 @@ impl StateStore {
         .await
         .map_err(|e| self.err(e))?;
         Ok(seq as u64)
+    }
+
+    /// Append several events in one transaction; returns the last one's sequence number
+    /// (they are numbered consecutively).
+    pub async fn append_events(&self, build: &str, jsons: &[String]) -> Result<u64> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let mut last = 0;
+        for json in jsons {
+            let (seq,): (i64,) = sqlx::query_as(
+                "INSERT INTO events (build_id, seq, json)
+                 SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM events WHERE build_id = ?1
+                 RETURNING seq",
+            )
+            .bind(build)
+            .bind(json)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            last = seq as u64;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(last)
     }
 
     /// A build's events with a sequence number above `after`, in order.

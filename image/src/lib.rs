@@ -29,6 +29,7 @@ mod layout;
 mod store;
 mod tarwrite;
 mod transfer;
+mod tree;
 
 pub use apply::{ApplyOptions, ApplyStats, apply_layer};
 pub use compress::{Compression, Compressor, Format, decompress, detect};
@@ -40,6 +41,7 @@ pub use store::{
     BlobInfo, BlobReader, BlobStore, BlobStream, BlobWriter, MAX_CONCURRENT_PARTS, PART_SIZE,
 };
 pub use tarwrite::{LayerTarOptions, TarStats, write_layer_tar};
+pub use tree::{Tree, TreeEntry};
 
 /// Re-export of the `oci-spec` image types used in this crate's API.
 pub use oci_spec::image as oci;

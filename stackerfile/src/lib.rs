@@ -28,7 +28,7 @@ mod yaml;
 
 pub use canonical::{CanonicalBase, CanonicalImport, CanonicalLayer};
 pub use diag::{Diagnostic, Pos, Severity};
-pub use load::{FileSource, LoadedFile, LocalFiles, PlanError};
+pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize};
 pub use model::{Base, Bind, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, OverlayDir, Source};
 pub use plan::{Plan, PlanOptions, PlannedLayer};
 pub use subst::{SubstitutionInputError, Substitutions};

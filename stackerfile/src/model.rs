@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::diag::Pos;
 
 /// One layer (one image) of a stackerfile.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Layer {
     pub name: String,
     /// The stackerfile it was defined in (as the loader was given it).
@@ -60,7 +60,7 @@ pub const DEFAULT_PASSTHROUGH: &[&str] = &[
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// `from`: what a layer starts from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Base {
     /// `docker://host[:port]/repo:tag` or `...@sha256:...`.
     Docker {
@@ -96,7 +96,7 @@ impl Base {
 }
 
 /// Where an import or tar base comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Source {
     /// A local path: `written` as in the file, `path` resolved against the file's directory.
     Local {
@@ -133,7 +133,7 @@ impl Source {
 }
 
 /// One entry of `imports`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Import {
     pub source: Source,
     /// Lower-case sha256 hex, when given.
@@ -147,7 +147,7 @@ pub struct Import {
 }
 
 /// A host path bind-mounted during `run`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bind {
     /// The source as written.
     pub written: String,
@@ -156,7 +156,7 @@ pub struct Bind {
 }
 
 /// A directory whose contents form an extra layer at `dest`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OverlayDir {
     pub written: String,
     pub source: PathBuf,

@@ -5,7 +5,7 @@ use crate::diag::{SourceMap, pos_in};
 
 /// Where substitution values come from. Earlier sources win: `--substitute`, then
 /// `--substitute-file`, then the built-ins.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Substitutions {
     pub cli: Vec<(String, String)>,
     pub file: Vec<(String, String)>,

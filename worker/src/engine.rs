@@ -132,13 +132,38 @@ impl Engine {
 
     /// Build one layer.
     pub async fn build(&self, job: &Job, events: &EventSender) -> Result<CachedLayer, EngineError> {
+        self.build_cancellable(job, events, &self.cancel.child())
+            .await
+    }
+
+    /// A token that stops one build (and is stopped by [`cancel_all`](Self::cancel_all)).
+    pub fn job_cancel_token(&self) -> CancelToken {
+        self.cancel.child()
+    }
+
+    /// Build one layer; `cancel` (from [`job_cancel_token`](Self::job_cancel_token))
+    /// kills its sandbox.
+    pub async fn build_cancellable(
+        &self,
+        job: &Job,
+        events: &EventSender,
+        cancel: &CancelToken,
+    ) -> Result<CachedLayer, EngineError> {
         let name = job.layer.name.as_str();
         let compression = parse_compression(&job.compression);
         // Chains and workspaces this build reads from; held until it ends.
         let mut held: Vec<ChainHandle> = Vec::new();
         let mut scratch: Vec<crate::pool::Workspace> = Vec::new();
         let result = self
-            .build_inner(job, events, name, compression, &mut held, &mut scratch)
+            .build_inner(
+                job,
+                events,
+                name,
+                compression,
+                &mut held,
+                &mut scratch,
+                cancel,
+            )
             .await;
         for ws in scratch {
             self.remove_workspace(ws).await;
@@ -155,6 +180,7 @@ impl Engine {
         compression: Compression,
         held: &mut Vec<ChainHandle>,
         scratch: &mut Vec<crate::pool::Workspace>,
+        cancel: &CancelToken,
     ) -> Result<CachedLayer, EngineError> {
         // 1. The base chain.
         let (mut chain, mut layers, base_config) = match &job.base {
@@ -238,9 +264,13 @@ impl Engine {
                 name,
                 format!("farm: overlay_dir {} -> {}", od.source.display(), od.dest),
             );
+            let source = match &od.tree {
+                Some(tree) => self.materialise_tree(tree, "overlay", scratch).await?,
+                None => od.source.clone(),
+            };
             extra.push((
                 StageArgs {
-                    source: od.source.clone(),
+                    source,
                     contents_only: true,
                     name: String::new(),
                     root: PathBuf::new(),
@@ -288,7 +318,7 @@ impl Engine {
                 &sources,
             )?;
             scratch.push(ws);
-            self.run(&spec, events, name).await?;
+            self.run(&spec, events, name, cancel).await?;
             run_upper = Some(upper);
         }
 
@@ -314,7 +344,7 @@ impl Engine {
             });
             scratch.push(ws);
             events.log(name, "farm: generate_labels");
-            self.run(&spec, events, name).await?;
+            self.run(&spec, events, name, cancel).await?;
             labels = read_labels(&labels_dir)?;
         }
 
@@ -451,11 +481,12 @@ impl Engine {
         spec: &SandboxSpec,
         events: &EventSender,
         name: &str,
+        cancel: &CancelToken,
     ) -> Result<(), EngineError> {
         let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
         let status = self
             .userns
-            .run_sandbox(spec, Some(&self.cancel), |line| {
+            .run_sandbox(spec, Some(cancel), |line| {
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
                 }
@@ -465,7 +496,7 @@ impl Engine {
             .await;
         let status = match status {
             Ok(s) => s,
-            Err(_) if self.cancel.is_cancelled() => return Err(EngineError::Cancelled),
+            Err(_) if cancel.is_cancelled() => return Err(EngineError::Cancelled),
             Err(e) => return Err(e.into()),
         };
         if !status.success() {
@@ -480,6 +511,27 @@ impl Engine {
         Ok(())
     }
 
+    /// Write a tree from the blob store (a local input of a remote submission) into a
+    /// scratch workspace; returns its path.
+    async fn materialise_tree(
+        &self,
+        digest: &str,
+        file_name: &str,
+        scratch: &mut Vec<crate::pool::Workspace>,
+    ) -> Result<PathBuf, EngineError> {
+        let ws = self.workspace(false, None).await?;
+        let dir = ws.path().join("tree");
+        std::fs::create_dir_all(&dir).map_err(|e| step("staging an input")(e.to_string()))?;
+        let path = dir.join(file_name);
+        let result = self
+            .blobs
+            .materialize_tree(&Digest::parse(digest)?, &path)
+            .await;
+        scratch.push(ws);
+        result?;
+        Ok(path)
+    }
+
     /// Where an import's content is on this machine (inside a chain for `stacker://`,
     /// a downloaded file for http).
     async fn locate_import(
@@ -492,6 +544,9 @@ impl Engine {
     ) -> Result<PathBuf, EngineError> {
         match &import.source {
             ImportSource::Local(path) => Ok(path.clone()),
+            ImportSource::Tree { digest } => {
+                self.materialise_tree(digest, &import.name, scratch).await
+            }
             ImportSource::Blob { digest } => {
                 let ws = self.workspace(false, None).await?;
                 let dir = ws.path().join("download");

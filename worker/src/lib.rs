@@ -15,6 +15,7 @@
 //! * [`sys`] — the only `unsafe` code (syscalls nix lacks); its xattr readers are public
 //!   for layer capture.
 
+pub mod agent;
 pub mod assemble;
 pub mod engine;
 pub mod idmap;

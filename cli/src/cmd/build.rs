@@ -6,17 +6,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use farm_coordinator::build::{BuildOptions, Outcome, run_build};
-use farm_coordinator::fetch::{FetchOptions, Fetcher};
+use farm_coordinator::farm::Submission;
 use farm_coordinator::output::{
     DEFAULT_ANNOTATION_NAMESPACE, OutputImage, manifest_annotations, record_results, write_layout,
 };
 use farm_coordinator::{Plan, PlanOptions};
-use farm_worker::assemble::Platform;
 
 use crate::common::{Layout, StackerfileArgs, SubstitutionArgs, plan_or_report, report_plan};
-use crate::local::{Local, block_on};
-use crate::progress::Progress;
+use crate::embedded::Embedded;
+use crate::local::block_on;
 
 /// Build the images of a stackerfile, rootless, on this machine.
 ///
@@ -147,7 +145,14 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let Some(plan) = plan_or_report("build", &path, &options)? else {
         return Ok(ExitCode::FAILURE);
     };
-    block_on(build(plan, layout, args.flags))?
+    let entries = vec![path.display().to_string()];
+    block_on(build(
+        plan,
+        layout,
+        args.flags,
+        entries,
+        options.substitutions,
+    ))?
 }
 
 pub fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode> {
@@ -176,7 +181,14 @@ pub fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode> {
     let Some(plan) = report_plan("recursive-build", &what, loaded)? else {
         return Ok(ExitCode::FAILURE);
     };
-    block_on(build(plan, layout, args.flags))?
+    let entries = files.iter().map(|f| f.display().to_string()).collect();
+    block_on(build(
+        plan,
+        layout,
+        args.flags,
+        entries,
+        options.substitutions,
+    ))?
 }
 
 fn find_files(dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -219,89 +231,54 @@ fn wildcard(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<ExitCode> {
+async fn build(
+    plan: Plan,
+    layout: Layout,
+    flags: BuildFlags,
+    entries: Vec<String>,
+    substitutions: farm_stackerfile::Substitutions,
+) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let local = Local::open(layout, flags.timeout.map(Duration::from_secs)).await?;
     let jobs = flags
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let context = if flags.allow_outside_context {
-        None
-    } else {
-        Some(context_dir(&plan))
-    };
-    let fetcher = Fetcher::new(
-        local.blobs.clone(),
-        &local.layout.state_dir,
-        FetchOptions {
-            require_hash: flags.require_hash,
-            ..FetchOptions::default()
+    let embedded = Embedded::start(layout, flags.timeout.map(Duration::from_secs), jobs).await?;
+    let spec = Submission {
+        stackerfiles: entries,
+        context: Vec::new(),
+        substitutions: farm_stackerfile::Substitutions {
+            builtins: Vec::new(),
+            ..substitutions
         },
-    )
-    .await?;
-    let build_options = BuildOptions {
-        jobs,
+        environment: std::env::vars().collect(),
         no_cache: flags.no_cache,
         compression: flags.compression.clone(),
-        caller_env: std::env::vars().collect(),
-        context,
-        platform: Platform::host().key(),
-        fetcher,
-        cancelled: Default::default(),
+        require_hash: flags.require_hash,
+        allow_outside_context: flags.allow_outside_context,
+        inline: crate::remote::inline_texts(&plan),
     };
-
-    let (events, rx) = farm_coordinator::build::EventSender::channel();
-    let progress = Progress::start(&plan, rx);
-    let canceller = {
-        let engine = local.engine.clone();
-        let cancelled = build_options.cancelled.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("farm: cancelling (Ctrl-C)");
-                cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
-                engine.cancel_all();
-            }
-        })
-    };
-    let report = run_build(
-        &plan,
-        &local.blobs,
-        &local.cache,
-        local.engine.clone(),
-        &build_options,
-        events,
-    )
-    .await;
-    canceller.abort();
-    let summary = progress.finish().await;
-    let report = report?;
-
-    let built: Vec<(String, farm_coordinator::cache::CachedLayer)> = plan
-        .layers
-        .iter()
-        .zip(&report.outcomes)
-        .filter_map(|(l, o)| match o {
-            Outcome::Built { result, .. } => Some((l.layer.name.clone(), result.clone())),
-            _ => None,
-        })
-        .collect();
+    let (id, outcome) = embedded.run(&plan, spec).await?;
+    let local = &embedded.local;
+    let built = outcome.results.clone();
     if let Err(e) = record_results(&local.layout.state_dir, &built) {
         tracing::warn!("remembering the built layers: {e}");
     }
-    let mut ok = report.succeeded();
+    let mut ok = outcome.succeeded();
     if ok {
         let images: Vec<OutputImage> = plan
             .layers
             .iter()
             .enumerate()
             .filter(|(_, l)| !l.layer.build_only)
-            .filter_map(|(i, l)| match &report.outcomes[i] {
-                Outcome::Built { result, .. } => Some(OutputImage {
-                    tag: l.layer.name.clone(),
-                    result: result.clone(),
-                    annotations: manifest_annotations(&plan, i, DEFAULT_ANNOTATION_NAMESPACE),
-                }),
-                _ => None,
+            .filter_map(|(i, l)| {
+                built
+                    .iter()
+                    .find(|(n, _)| n == &l.layer.name)
+                    .map(|(_, result)| OutputImage {
+                        tag: l.layer.name.clone(),
+                        result: result.clone(),
+                        annotations: manifest_annotations(&plan, i, DEFAULT_ANNOTATION_NAMESPACE),
+                    })
             })
             .collect();
         match write_layout(&local.blobs, &flags.output, &images).await {
@@ -326,9 +303,12 @@ async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<
             Err(e) => eprintln!("farm build: pool gc: {e}"),
         }
     }
-    eprintln!("{summary}");
+    eprintln!("{}", outcome.summary);
+    if let (false, Some(e)) = (outcome.succeeded(), &outcome.error) {
+        eprintln!("farm build: {e}");
+    }
     eprintln!(
-        "farm build: {} in {:.1}s",
+        "farm build: {} in {:.1}s (build {id})",
         if ok { "done" } else { "FAILED" },
         started.elapsed().as_secs_f64()
     );
@@ -337,33 +317,6 @@ async fn build(plan: Plan, layout: Layout, flags: BuildFlags) -> anyhow::Result<
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// The directory tree imports must stay in: the common ancestor of every loaded
-/// stackerfile's directory.
-fn context_dir(plan: &Plan) -> PathBuf {
-    let dirs: Vec<PathBuf> = plan
-        .files
-        .iter()
-        .map(|f| {
-            let d = f.path.parent().map(PathBuf::from).unwrap_or_default();
-            let d = if d.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                d
-            };
-            std::fs::canonicalize(&d).unwrap_or(d)
-        })
-        .collect();
-    let mut common = dirs.first().cloned().unwrap_or_else(|| PathBuf::from("."));
-    for d in &dirs[1..] {
-        while !d.starts_with(&common) {
-            if !common.pop() {
-                break;
-            }
-        }
-    }
-    common
 }
 
 #[cfg(test)]

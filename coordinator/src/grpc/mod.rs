@@ -5,6 +5,7 @@
 //!   and [`blobs::upload_missing`], [`blobs::upload_file`], [`blobs::download`].
 
 pub mod blobs;
+pub mod farm;
 
 pub use blobs::BlobService;
 pub use farm_proto::v1 as proto;

@@ -1,0 +1,155 @@
+//! The embedded farm: a coordinator and one worker in this process, on the same code
+//! paths as `farm coordinator` and `farm worker` (the worker is attached through
+//! channels instead of gRPC and reads local files directly). `farm build` and `farm
+//! submit` without a coordinator run builds through it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use farm_coordinator::build::EventSender;
+use farm_coordinator::cache::CachedLayer;
+use farm_coordinator::farm::{EventKind, Farm, FarmConfig, FarmError, Submission};
+use farm_coordinator::state::BuildState;
+use farm_stackerfile::Plan;
+use farm_worker::agent::{self, AgentConfig, LocalDialer};
+use farm_worker::assemble::Platform;
+
+use crate::common::Layout;
+use crate::local::Local;
+use crate::progress::Progress;
+
+pub struct Embedded {
+    pub farm: Farm,
+    pub local: Local,
+    worker: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+/// How a build ended.
+pub struct Outcome {
+    pub state: BuildState,
+    pub error: Option<String>,
+    pub summary: String,
+    /// Built (or cached) layers by name.
+    pub results: Vec<(String, CachedLayer)>,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        self.state == BuildState::Succeeded
+    }
+}
+
+impl Embedded {
+    /// Open this machine's state, pool and engine, start the farm and attach the worker
+    /// with `slots` build slots.
+    pub async fn start(
+        layout: Layout,
+        timeout: Option<Duration>,
+        slots: usize,
+    ) -> anyhow::Result<Self> {
+        let local = Local::open(layout, timeout).await?;
+        let platform = Platform::host().key();
+        let farm = Farm::start(FarmConfig {
+            state_dir: local.layout.state_dir.clone(),
+            blobs: local.blobs.clone(),
+            lease: Duration::from_secs(30),
+            platform: platform.clone(),
+            builtins: local.layout.builtins(),
+            resume: false,
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "starting the embedded farm in {}",
+                local.layout.state_dir.display()
+            )
+        })?;
+        let worker = tokio::spawn(agent::run(
+            Some(local.engine.clone()),
+            AgentConfig {
+                name: format!("embedded-{}", std::process::id()),
+                slots: slots.max(1) as u32,
+                platform,
+                unavailable: None,
+                shares_files: true,
+                give_up_after: None,
+            },
+            LocalDialer(farm.clone()),
+        ));
+        Ok(Embedded {
+            farm,
+            local,
+            worker,
+        })
+    }
+
+    /// Submit `spec` and follow it to its end with the progress display; Ctrl-C
+    /// cancels it.
+    pub async fn run(&self, plan: &Plan, spec: Submission) -> anyhow::Result<(String, Outcome)> {
+        let (id, _) = match self.farm.submit(spec).await {
+            Ok(r) => r,
+            Err(FarmError::Plan(m)) => anyhow::bail!("{m}"),
+            Err(e) => return Err(e.into()),
+        };
+        let mut events = self.farm.watch(&id, 0).await?;
+        let (tx, rx) = EventSender::channel();
+        let progress = Progress::start(plan, rx);
+        let canceller = {
+            let farm = self.farm.clone();
+            let engine = self.local.engine.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("farm: cancelling (Ctrl-C)");
+                    let _ = farm.cancel(&id).await;
+                    engine.cancel_all();
+                }
+            })
+        };
+        let mut end = (
+            BuildState::Failed,
+            Some("the build's event stream ended early".to_string()),
+        );
+        while let Some((_, e)) = events.recv().await {
+            if let EventKind::Build(state) = e.kind {
+                end = (state, e.error);
+                break;
+            }
+            if let Some(ev) = e.to_progress() {
+                tx.send(ev);
+            }
+        }
+        canceller.abort();
+        drop(tx);
+        let summary = progress.finish().await;
+        let results = self
+            .farm
+            .state()
+            .layers(&id)
+            .await?
+            .into_iter()
+            .filter_map(|l| {
+                let r = serde_json::from_str(l.result_json.as_deref()?).ok()?;
+                Some((l.name, r))
+            })
+            .collect();
+        if let (BuildState::Failed, Some(e)) = &end {
+            tracing::debug!(build = %id, "failed: {e}");
+        }
+        Ok((
+            id,
+            Outcome {
+                state: end.0,
+                error: end.1,
+                summary,
+                results,
+            },
+        ))
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.worker.abort();
+    }
+}

@@ -1,0 +1,287 @@
+//! A build's event stream: what the build driver reports becomes layer states in the
+//! state store and numbered events that every watcher receives, live or replayed.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+
+use super::{FarmError, Inner};
+use crate::build::Event;
+use crate::state::{BuildState, LayerState};
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A layer's state changed.
+    Layer(LayerState),
+    /// A line of a layer's output (or farm's notes about it).
+    Log(String),
+    /// The build finished.
+    Build(BuildState),
+}
+
+/// One event of a build, as stored and streamed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub layer: String,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+impl StoredEvent {
+    fn layer(layer: String, state: LayerState) -> Self {
+        StoredEvent {
+            layer,
+            kind: EventKind::Layer(state),
+            worker: None,
+            error: None,
+            duration_ms: None,
+        }
+    }
+
+    pub fn finished(state: BuildState, error: Option<String>) -> Self {
+        StoredEvent {
+            layer: String::new(),
+            kind: EventKind::Build(state),
+            worker: None,
+            error,
+            duration_ms: None,
+        }
+    }
+
+    /// The build's last event.
+    pub fn is_final(&self) -> bool {
+        matches!(self.kind, EventKind::Build(_))
+    }
+}
+
+impl StoredEvent {
+    /// The progress display's event for this one (`None` for the build's end).
+    pub fn to_progress(&self) -> Option<Event> {
+        let layer = self.layer.clone();
+        Some(match &self.kind {
+            EventKind::Layer(LayerState::Running) => match &self.worker {
+                Some(worker) => Event::Assigned {
+                    layer,
+                    worker: worker.clone(),
+                },
+                None => Event::Started { layer },
+            },
+            EventKind::Layer(LayerState::Cached) => Event::Cached { layer },
+            EventKind::Layer(LayerState::Built) => Event::Built {
+                layer,
+                duration: std::time::Duration::from_millis(self.duration_ms.unwrap_or(0)),
+            },
+            EventKind::Layer(LayerState::Failed) => Event::Failed {
+                layer,
+                error: self.error.clone().unwrap_or_default(),
+            },
+            EventKind::Layer(LayerState::Skipped | LayerState::Cancelled) => Event::Skipped {
+                layer,
+                because: self.error.clone().unwrap_or_default(),
+            },
+            EventKind::Layer(LayerState::Waiting) | EventKind::Build(_) => return None,
+            EventKind::Log(line) => Event::Log {
+                layer,
+                line: line.clone(),
+            },
+        })
+    }
+}
+
+/// Turn the driver's events into stored events and layer states, in batches (a chatty
+/// build writes one transaction per batch, not per line).
+pub(super) async fn record(
+    inner: Arc<Inner>,
+    build: String,
+    names: Vec<String>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) {
+    let idx = |layer: &str| names.iter().position(|n| n == layer).map(|i| i as u32);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let mut stored = Vec::with_capacity(batch.len());
+        for event in batch {
+            let (e, state_change) = match event {
+                Event::Started { layer } => {
+                    inner.metrics.layer_queued();
+                    (StoredEvent::layer(layer, LayerState::Running), None)
+                }
+                Event::Assigned { layer, worker } => {
+                    let mut e = StoredEvent::layer(layer, LayerState::Running);
+                    e.worker = Some(worker);
+                    (e, None)
+                }
+                Event::Log { layer, line } => (
+                    StoredEvent {
+                        layer,
+                        kind: EventKind::Log(line),
+                        worker: None,
+                        error: None,
+                        duration_ms: None,
+                    },
+                    None,
+                ),
+                Event::Cached { layer } => {
+                    inner.metrics.cache_hit();
+                    let e = StoredEvent::layer(layer.clone(), LayerState::Cached);
+                    (e, Some((layer, LayerState::Cached, None)))
+                }
+                Event::Built { layer, duration } => {
+                    inner.metrics.layer_built(duration);
+                    let mut e = StoredEvent::layer(layer.clone(), LayerState::Built);
+                    e.duration_ms = Some(duration.as_millis() as u64);
+                    (e, None)
+                }
+                Event::Failed { layer, error } => {
+                    let mut e = StoredEvent::layer(layer.clone(), LayerState::Failed);
+                    e.error = Some(error.clone());
+                    (e, Some((layer, LayerState::Failed, Some(error))))
+                }
+                Event::Skipped { layer, because } => {
+                    let state = if because.contains("cancelled") {
+                        LayerState::Cancelled
+                    } else {
+                        LayerState::Skipped
+                    };
+                    let mut e = StoredEvent::layer(layer.clone(), state);
+                    e.error = Some(because.clone());
+                    (e, Some((layer, state, Some(because))))
+                }
+            };
+            if let Some((layer, state, error)) = state_change
+                && let Some(i) = idx(&layer)
+            {
+                let worker = None;
+                if let Err(err) = inner
+                    .state
+                    .set_layer_state(&build, i, state, worker, error.as_deref())
+                    .await
+                {
+                    tracing::error!(%build, "recording layer state: {err}");
+                }
+            }
+            stored.push(e);
+        }
+        inner.publish(&build, stored).await;
+    }
+}
+
+/// Events of `id` after `after`: stored ones, then live ones, ending with the build's
+/// final event.
+pub(super) async fn watch(
+    inner: Arc<Inner>,
+    id: &str,
+    after: u64,
+) -> Result<mpsc::Receiver<(u64, StoredEvent)>, FarmError> {
+    let Some(build) = inner.state.build(id).await? else {
+        return Err(FarmError::NotFound(id.to_string()));
+    };
+    // Subscribe before reading the store, so nothing falls between the two.
+    let mut live = inner.subscribe(id);
+    let (tx, rx) = mpsc::channel(1024);
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let mut last = after;
+        loop {
+            let stored = match inner.state.events_after(&id, last).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(build = %id, "reading events: {e}");
+                    return;
+                }
+            };
+            for (seq, json) in stored {
+                let Ok(event) = serde_json::from_str::<StoredEvent>(&json) else {
+                    continue;
+                };
+                last = seq;
+                let done = event.is_final();
+                if tx.send((seq, event)).await.is_err() || done {
+                    return;
+                }
+            }
+            let Some(rx) = live.as_mut() else {
+                // Not running here: the stored events were all there is. A finished
+                // build's last event is its final one; an unfinished one (resumed
+                // elsewhere) is re-read until it ends.
+                if build.state.is_finished() || tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                live = inner.subscribe(&id);
+                continue;
+            };
+            match rx.recv().await {
+                Ok(event) => {
+                    let (seq, e) = &*event;
+                    if *seq <= last {
+                        continue;
+                    }
+                    if *seq > last + 1 {
+                        // Missed some (published before the read above): re-read.
+                        continue;
+                    }
+                    last = *seq;
+                    let done = e.is_final();
+                    if tx.send((*seq, e.clone())).await.is_err() || done {
+                        return;
+                    }
+                    // Drain what is already queued without a store round trip.
+                    loop {
+                        match rx.try_recv() {
+                            Ok(event) => {
+                                let (seq, e) = &*event;
+                                if *seq <= last {
+                                    continue;
+                                }
+                                if *seq > last + 1 {
+                                    break;
+                                }
+                                last = *seq;
+                                let done = e.is_final();
+                                if tx.send((*seq, e.clone())).await.is_err() || done {
+                                    return;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => {
+                    // The build ended: read the rest from the store.
+                    let rest = inner
+                        .state
+                        .events_after(&id, last)
+                        .await
+                        .unwrap_or_default();
+                    for (seq, json) in rest {
+                        if let Ok(event) = serde_json::from_str::<StoredEvent>(&json) {
+                            let done = event.is_final();
+                            if tx.send((seq, event)).await.is_err() || done {
+                                return;
+                            }
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}

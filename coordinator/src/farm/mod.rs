@@ -1,0 +1,629 @@
+//! The farm: submissions become builds, builds run through [`run_build`] with the
+//! scheduler as executor, and every change is kept in the state store so a restarted
+//! coordinator picks up where it stopped.
+//!
+//! One code path for every mode: `farm coordinator` serves this over gRPC to remote
+//! workers and clients; `farm build` and `farm submit` without a coordinator run it in
+//! process with one embedded worker attached through channels.
+
+mod events;
+mod sched;
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use farm_image::{BlobStore, Digest, Tree, TreeEntry};
+use farm_stackerfile::{Plan, PlanOptions, Substitutions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::build::{BuildOptions, EventSender, Outcome, run_build};
+use crate::cache::{ActionCache, CachedLayer};
+use crate::fetch::{FetchOptions, Fetcher};
+use crate::output::{DEFAULT_ANNOTATION_NAMESPACE, manifest_annotations, manifest_for};
+use crate::state::{BuildId, BuildState, StateError, StateStore, unix_ms};
+
+pub use events::{EventKind, StoredEvent};
+pub use sched::{WorkerLink, WorkerView};
+
+/// How the farm runs.
+#[derive(Debug, Clone)]
+pub struct FarmConfig {
+    /// Holds `state.db`, `cache.db`, the fetch index and uploaded contexts.
+    pub state_dir: PathBuf,
+    pub blobs: BlobStore,
+    /// A worker that sends no heartbeat for this long loses its layers.
+    pub lease: Duration,
+    /// The platform of layers that name none (`os/arch`).
+    pub platform: String,
+    /// Built-in substitutions (stacker's STACKER_* names) for submissions.
+    pub builtins: Vec<(String, String)>,
+    /// Resume the state's unfinished builds (a coordinator); the embedded mode leaves
+    /// them to whoever runs them.
+    pub resume: bool,
+}
+
+/// A file of an uploaded build context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextFile {
+    pub path: String,
+    pub digest: String,
+    pub mode: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub symlink_target: String,
+}
+
+/// A build request, stored as the build's spec (so a restart can run it again).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submission {
+    /// The stackerfiles: paths on the coordinator's machine when `context` is empty (the
+    /// embedded mode), else paths relative to the uploaded context's root.
+    pub stackerfiles: Vec<String>,
+    #[serde(default)]
+    pub context: Vec<ContextFile>,
+    /// `--substitute` then `--substitute-file` values (built-ins are the farm's).
+    pub substitutions: Substitutions,
+    /// The submitter's environment, for `build_env_passthrough`.
+    pub environment: Vec<(String, String)>,
+    pub no_cache: bool,
+    pub compression: String,
+    pub require_hash: bool,
+    pub allow_outside_context: bool,
+    /// Texts of stackerfiles the submitter fetched itself (http(s) URLs), by path.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub inline: std::collections::BTreeMap<String, String>,
+}
+
+/// Reads submitted texts (by URL) first, then local files.
+struct SubmittedFiles(std::collections::BTreeMap<String, String>);
+
+impl SubmittedFiles {
+    /// The URL a path stands for: path normalisation folds `https://` into `https:/`.
+    fn key(path: &Path) -> String {
+        let s = path.to_string_lossy();
+        for scheme in ["http:", "https:"] {
+            if let Some(rest) = s.strip_prefix(scheme) {
+                return format!("{scheme}//{}", rest.trim_start_matches('/'));
+            }
+        }
+        s.into_owned()
+    }
+}
+
+impl farm_stackerfile::FileSource for SubmittedFiles {
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        match self.0.get(&Self::key(path)) {
+            Some(text) => Ok(text.clone()),
+            None if Self::key(path).contains("://") => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} was not fetched by the submitter", Self::key(path)),
+            )),
+            None => farm_stackerfile::LocalFiles.read(path),
+        }
+    }
+    fn identity(&self, path: &Path) -> PathBuf {
+        let key = Self::key(path);
+        if key.contains("://") {
+            PathBuf::from(key)
+        } else {
+            farm_stackerfile::LocalFiles.identity(path)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FarmError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("the stackerfiles have errors:\n{0}")]
+    Plan(String),
+    #[error("invalid submission: {0}")]
+    Invalid(String),
+    #[error("no build {0}")]
+    NotFound(String),
+    #[error("blob store: {0}")]
+    Blobs(#[from] farm_image::Error),
+    #[error("{0}")]
+    Fetch(#[from] crate::fetch::FetchError),
+}
+
+/// A build running in this process.
+struct Running {
+    cancelled: Arc<AtomicBool>,
+    events: broadcast::Sender<Arc<(u64, StoredEvent)>>,
+}
+
+pub(crate) struct Inner {
+    config: FarmConfig,
+    state: StateStore,
+    cache: ActionCache,
+    running: Mutex<HashMap<BuildId, Running>>,
+    sched: sched::Scheduler,
+    metrics: crate::metrics::Metrics,
+}
+
+/// The coordinator's core; cheap to clone.
+#[derive(Clone)]
+pub struct Farm {
+    inner: Arc<Inner>,
+}
+
+impl Farm {
+    /// Open the state in `config.state_dir`, resume unfinished builds and start the
+    /// scheduler.
+    pub async fn start(config: FarmConfig) -> Result<Farm, FarmError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            FarmError::Invalid(format!(
+                "creating the state dir {}: {e}",
+                config.state_dir.display()
+            ))
+        })?;
+        let state = StateStore::open(&config.state_dir.join("state.db")).await?;
+        let cache = ActionCache::open(&config.state_dir.join("cache.db")).await?;
+        if config.resume {
+            // Workers get one lease period to reconnect after a restart.
+            state.renew_all(unix_ms()).await?;
+        }
+        let inner = Arc::new_cyclic(|weak| Inner {
+            sched: sched::Scheduler::new(weak.clone(), config.lease),
+            config,
+            state,
+            cache,
+            running: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::default(),
+        });
+        sched::Scheduler::spawn_loops(&inner);
+        let farm = Farm { inner };
+        let unfinished = if farm.inner.config.resume {
+            farm.inner.state.unfinished_builds().await?
+        } else {
+            Vec::new()
+        };
+        for build in unfinished {
+            match serde_json::from_str::<Submission>(&build.spec_json) {
+                Ok(spec) => {
+                    tracing::info!(build = %build.id, "resuming build");
+                    farm.spawn_driver(build.id, spec);
+                }
+                Err(e) => {
+                    farm.inner
+                        .state
+                        .fail_build(&build.id, &format!("its stored request is unreadable: {e}"))
+                        .await?;
+                }
+            }
+        }
+        Ok(farm)
+    }
+
+    pub fn state(&self) -> &StateStore {
+        &self.inner.state
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.inner.config.blobs
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    /// Plan a submission (its errors come back as [`FarmError::Plan`]), record it and
+    /// start it. Returns the build id and the layer names in plan order.
+    pub async fn submit(&self, spec: Submission) -> Result<(BuildId, Vec<String>), FarmError> {
+        let plan = self.inner.plan(&spec).await?;
+        let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
+        let json = serde_json::to_string(&spec).map_err(|e| FarmError::Invalid(e.to_string()))?;
+        let id = self.inner.state.create_build(&json, &names).await?;
+        tracing::info!(build = %id, layers = names.len(), "build submitted");
+        self.spawn_driver(id.clone(), spec);
+        Ok((id, names))
+    }
+
+    fn spawn_driver(&self, id: BuildId, spec: Submission) {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let (events, _) = broadcast::channel(4096);
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                Running {
+                    cancelled: cancelled.clone(),
+                    events,
+                },
+            );
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let result = inner.drive(&id, spec, cancelled).await;
+            if let Err(e) = result {
+                tracing::error!(build = %id, "build failed: {e}");
+                let _ = inner.state.fail_build(&id, &e.to_string()).await;
+                inner
+                    .publish(
+                        &id,
+                        vec![StoredEvent::finished(
+                            BuildState::Failed,
+                            Some(e.to_string()),
+                        )],
+                    )
+                    .await;
+            }
+            inner.metrics.build_finished();
+            inner
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
+    }
+
+    /// Cancel a build: queued layers never start, running ones are stopped on their
+    /// workers. Returns the build's state afterwards.
+    pub async fn cancel(&self, id: &str) -> Result<BuildState, FarmError> {
+        let Some(build) = self.inner.state.build(id).await? else {
+            return Err(FarmError::NotFound(id.to_string()));
+        };
+        if build.state.is_finished() {
+            return Ok(build.state);
+        }
+        if let Some(r) = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            r.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.state.cancel_build(id).await?;
+        self.inner.sched.cancel_build(id).await;
+        Ok(BuildState::Cancelled)
+    }
+
+    /// Events of build `id` after `after_seq`: those stored, then live ones until the
+    /// build ends. `None` for an unknown build.
+    pub async fn watch(
+        &self,
+        id: &str,
+        after_seq: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<(u64, StoredEvent)>, FarmError> {
+        events::watch(self.inner.clone(), id, after_seq).await
+    }
+
+    /// Attach a worker through channels (the embedded worker; the gRPC service uses the
+    /// same call for remote ones).
+    pub fn connect_worker(&self) -> WorkerLink {
+        self.inner.sched.connect()
+    }
+
+    /// Workers that are or were connected.
+    pub async fn workers(&self) -> Result<Vec<WorkerView>, FarmError> {
+        self.inner.sched.workers().await
+    }
+}
+
+impl Inner {
+    /// Parse and plan a submission as the coordinator sees it.
+    async fn plan(&self, spec: &Submission) -> Result<Plan, FarmError> {
+        if spec.stackerfiles.is_empty() {
+            return Err(FarmError::Invalid("no stackerfile given".into()));
+        }
+        let root = self.context_root(spec).await?;
+        let files: Vec<PathBuf> = spec
+            .stackerfiles
+            .iter()
+            .map(|f| match &root {
+                Some(root) => root.join(f),
+                None => PathBuf::from(f),
+            })
+            .collect();
+        let mut substitutions = spec.substitutions.clone();
+        substitutions.builtins = self.config.builtins.clone();
+        let options = PlanOptions { substitutions };
+        let source = SubmittedFiles(spec.inline.clone());
+        let loaded =
+            tokio::task::spawn_blocking(move || Plan::load_many(&files, &options, &source))
+                .await
+                .map_err(|e| FarmError::Invalid(e.to_string()))?;
+        match loaded {
+            Ok(plan) => Ok(plan),
+            // Paths in an uploaded context are shown as the submitter wrote them.
+            Err(e) => Err(FarmError::Plan(match &root {
+                Some(root) => e.to_string().replace(&format!("{}/", root.display()), ""),
+                None => e.to_string(),
+            })),
+        }
+    }
+
+    /// Where an uploaded context lives on this machine (written once per distinct
+    /// context: resubmissions reuse it); `None` for the embedded mode.
+    async fn context_root(&self, spec: &Submission) -> Result<Option<PathBuf>, FarmError> {
+        if spec.context.is_empty() {
+            return Ok(None);
+        }
+        let mut files = spec.context.clone();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let listing = serde_json::to_vec(&files).map_err(|e| FarmError::Invalid(e.to_string()))?;
+        let id = Digest::of(&listing);
+        let dir = self.config.state_dir.join("contexts").join(id.hex());
+        if dir.exists() {
+            return Ok(Some(dir));
+        }
+        let tree = context_tree(&files)?;
+        let json = serde_json::to_vec(&tree).map_err(|e| FarmError::Invalid(e.to_string()))?;
+        let tree_digest = self.config.blobs.put(json.into()).await?.digest;
+        let tmp =
+            self.config
+                .state_dir
+                .join("contexts")
+                .join(format!(".tmp-{}-{}", id.hex(), unix_ms()));
+        std::fs::create_dir_all(tmp.parent().unwrap_or(Path::new("/")))
+            .map_err(|e| FarmError::Invalid(format!("creating {}: {e}", tmp.display())))?;
+        self.config
+            .blobs
+            .materialize_tree(&tree_digest, &tmp)
+            .await
+            .map_err(|e| match e {
+                farm_image::Error::BlobNotFound(d) => FarmError::Invalid(format!(
+                    "context file with digest {d} was not uploaded (upload it through Blobs first)"
+                )),
+                e => FarmError::Blobs(e),
+            })?;
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Someone else wrote the same context first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Ok(Some(dir))
+    }
+
+    /// Run one build to its end.
+    async fn drive(
+        self: &Arc<Self>,
+        id: &str,
+        spec: Submission,
+        cancelled: Arc<AtomicBool>,
+    ) -> Result<(), FarmError> {
+        self.state.set_build_state(id, BuildState::Running).await?;
+        let plan = self.plan(&spec).await?;
+        let root = self.context_root(&spec).await?;
+        let context = if spec.allow_outside_context {
+            None
+        } else {
+            Some(match &root {
+                Some(root) => root.clone(),
+                None => common_dir(&plan),
+            })
+        };
+        let fetcher = Fetcher::new(
+            self.config.blobs.clone(),
+            &self.config.state_dir,
+            FetchOptions {
+                require_hash: spec.require_hash,
+                ..FetchOptions::default()
+            },
+        )
+        .await?;
+        let options = BuildOptions {
+            jobs: usize::MAX,
+            no_cache: spec.no_cache,
+            compression: spec.compression.clone(),
+            caller_env: spec.environment.clone(),
+            context,
+            platform: self.config.platform.clone(),
+            fetcher,
+            cancelled: cancelled.clone(),
+        };
+        let (events, rx) = EventSender::channel();
+        let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
+        let recorder = tokio::spawn(events::record(self.clone(), id.to_string(), names, rx));
+        let executor = Arc::new(sched::FarmExecutor::new(self.clone(), id, &plan));
+        let report = run_build(
+            &plan,
+            &self.config.blobs,
+            &self.cache,
+            executor,
+            &options,
+            events,
+        )
+        .await;
+        let _ = recorder.await;
+        let report = report.map_err(|e| FarmError::Invalid(e.to_string()))?;
+
+        // Results: manifests (with the build's annotations) into the blob store.
+        for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
+            if let Outcome::Built {
+                result,
+                cached,
+                duration,
+            } = outcome
+            {
+                // Only images (not build_only layers) get a manifest: `tagged` in the
+                // status is "has a manifest digest".
+                let manifest = if planned.layer.build_only {
+                    None
+                } else {
+                    Some(
+                        store_manifest(
+                            &self.config.blobs,
+                            result,
+                            &manifest_annotations(&plan, i, DEFAULT_ANNOTATION_NAMESPACE),
+                        )
+                        .await?,
+                    )
+                };
+                let json =
+                    serde_json::to_string(result).map_err(|e| FarmError::Invalid(e.to_string()))?;
+                self.state
+                    .layer_result(
+                        id,
+                        i as u32,
+                        &json,
+                        *cached,
+                        duration.as_millis() as u64,
+                        manifest.as_deref(),
+                    )
+                    .await?;
+            }
+        }
+        let (state, error) = if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+            (BuildState::Cancelled, Some("cancelled".to_string()))
+        } else if report.succeeded() {
+            (BuildState::Succeeded, None)
+        } else {
+            let first = plan
+                .layers
+                .iter()
+                .zip(&report.outcomes)
+                .find_map(|(l, o)| match o {
+                    Outcome::Failed(e) => Some(format!("layer '{}': {e}", l.layer.name)),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "a layer did not build".to_string());
+            (BuildState::Failed, Some(first))
+        };
+        match state {
+            BuildState::Failed => {
+                self.state
+                    .fail_build(id, error.as_deref().unwrap_or_default())
+                    .await?
+            }
+            BuildState::Cancelled => {}
+            s => self.state.set_build_state(id, s).await?,
+        }
+        tracing::info!(build = %id, state = %state, "build finished");
+        self.publish(id, vec![StoredEvent::finished(state, error)])
+            .await;
+        Ok(())
+    }
+
+    /// Store events and send them to live watchers.
+    async fn publish(&self, id: &str, events: Vec<StoredEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let jsons: Vec<String> = events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap_or_default())
+            .collect();
+        let last = match self.state.append_events(id, &jsons).await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::error!(build = %id, "recording events: {e}");
+                return;
+            }
+        };
+        let first = last + 1 - events.len() as u64;
+        let sender = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|r| r.events.clone());
+        if let Some(sender) = sender {
+            for (n, e) in events.into_iter().enumerate() {
+                let _ = sender.send(Arc::new((first + n as u64, e)));
+            }
+        }
+    }
+
+    fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<Arc<(u64, StoredEvent)>>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|r| r.events.subscribe())
+    }
+}
+
+/// Store a built layer's manifest; returns its digest.
+pub async fn store_manifest(
+    blobs: &BlobStore,
+    result: &CachedLayer,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<String, FarmError> {
+    let manifest = manifest_for(result, annotations)?;
+    let bytes = farm_image::to_canonical_json(&manifest)?;
+    Ok(blobs.put(bytes.into()).await?.digest.to_string())
+}
+
+/// The tree of an uploaded context (parent directories added, paths checked).
+fn context_tree(files: &[ContextFile]) -> Result<Tree, FarmError> {
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut entries = Vec::new();
+    for f in files {
+        let p = Path::new(&f.path);
+        if f.path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(FarmError::Invalid(format!(
+                "context path {:?} must be relative, without '.' or '..'",
+                f.path
+            )));
+        }
+        let mut parent = p.parent();
+        while let Some(d) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_string_lossy().into_owned());
+            parent = d.parent();
+        }
+    }
+    for d in &dirs {
+        entries.push(TreeEntry::Dir {
+            path: d.clone(),
+            mode: 0o755,
+        });
+    }
+    for f in files {
+        if dirs.contains(&f.path) {
+            continue;
+        }
+        entries.push(if f.symlink_target.is_empty() {
+            TreeEntry::File {
+                path: f.path.clone(),
+                mode: match f.mode & 0o7777 {
+                    0 => 0o644,
+                    m => m,
+                },
+                digest: f.digest.clone(),
+                size: 0,
+            }
+        } else {
+            TreeEntry::Symlink {
+                path: f.path.clone(),
+                target: f.symlink_target.clone(),
+            }
+        });
+    }
+    Ok(Tree { entries })
+}
+
+/// The directory tree imports must stay in: the common ancestor of every loaded
+/// stackerfile's directory.
+pub fn common_dir(plan: &Plan) -> PathBuf {
+    let dirs: Vec<PathBuf> = plan
+        .files
+        .iter()
+        .map(|f| {
+            let d = f.path.parent().map(PathBuf::from).unwrap_or_default();
+            let d = if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            };
+            std::fs::canonicalize(&d).unwrap_or(d)
+        })
+        .collect();
+    let mut common = dirs.first().cloned().unwrap_or_else(|| PathBuf::from("."));
+    for d in dirs.iter().skip(1) {
+        while !d.starts_with(&common) {
+            if !common.pop() {
+                break;
+            }
+        }
+    }
+    common
+}

@@ -1,0 +1,354 @@
+//! The `Farm` (client API) and `Workers` (worker stream) gRPC services over a
+//! [`Farm`]. They translate; the farm decides.
+
+use std::pin::Pin;
+
+use farm_proto::farm_server::{Farm as FarmApi, FarmServer};
+use farm_proto::v1::{
+    self as proto, BuildEvent, CancelRequest, CancelResponse, ListRequest, ListResponse, LogLine,
+    LogsRequest, StatusRequest, SubmitRequest, SubmitResponse, WatchRequest, WorkerInfo,
+    WorkersRequest, WorkersResponse, build_event,
+};
+use farm_proto::workers_server::{Workers, WorkersServer};
+use farm_stackerfile::Substitutions;
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::farm::{ContextFile, EventKind, Farm, FarmError, StoredEvent, Submission};
+use crate::state::{BuildState, LayerState};
+
+/// Both services over one farm.
+#[derive(Clone)]
+pub struct FarmService {
+    farm: Farm,
+}
+
+impl FarmService {
+    pub fn new(farm: Farm) -> Self {
+        FarmService { farm }
+    }
+
+    pub fn farm_server(self) -> FarmServer<Self> {
+        FarmServer::new(self)
+    }
+
+    pub fn workers_server(self) -> WorkersServer<Self> {
+        WorkersServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+fn status_of(e: FarmError) -> Status {
+    match e {
+        FarmError::Plan(m) => Status::invalid_argument(m),
+        FarmError::Invalid(m) => Status::invalid_argument(m),
+        FarmError::NotFound(id) => Status::not_found(format!("no build {id}")),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+pub fn build_state(s: BuildState) -> proto::BuildState {
+    match s {
+        BuildState::Queued => proto::BuildState::Queued,
+        BuildState::Running => proto::BuildState::Running,
+        BuildState::Succeeded => proto::BuildState::Succeeded,
+        BuildState::Failed => proto::BuildState::Failed,
+        BuildState::Cancelled => proto::BuildState::Cancelled,
+    }
+}
+
+pub fn layer_state(s: LayerState) -> proto::LayerState {
+    match s {
+        LayerState::Waiting => proto::LayerState::LayerWaiting,
+        LayerState::Running => proto::LayerState::LayerRunning,
+        LayerState::Built => proto::LayerState::LayerBuilt,
+        LayerState::Cached => proto::LayerState::LayerCached,
+        LayerState::Failed => proto::LayerState::LayerFailed,
+        LayerState::Skipped => proto::LayerState::LayerSkipped,
+        LayerState::Cancelled => proto::LayerState::LayerCancelled,
+    }
+}
+
+fn event(seq: u64, e: StoredEvent) -> BuildEvent {
+    let kind = match e.kind {
+        EventKind::Layer(s) => build_event::Kind::State(layer_state(s) as i32),
+        EventKind::Log(l) => build_event::Kind::Log(l),
+        EventKind::Build(s) => build_event::Kind::Build(build_state(s) as i32),
+    };
+    BuildEvent {
+        seq,
+        layer: e.layer,
+        kind: Some(kind),
+        worker: e.worker.unwrap_or_default(),
+        error: e.error.unwrap_or_default(),
+        duration_ms: e.duration_ms.unwrap_or_default(),
+    }
+}
+
+/// A streamed event back in the farm's terms (for clients).
+pub fn stored_event(e: &BuildEvent) -> Option<StoredEvent> {
+    let kind = match e.kind.as_ref()? {
+        build_event::Kind::State(s) => {
+            EventKind::Layer(match proto::LayerState::try_from(*s).ok()? {
+                proto::LayerState::LayerWaiting => LayerState::Waiting,
+                proto::LayerState::LayerRunning => LayerState::Running,
+                proto::LayerState::LayerBuilt => LayerState::Built,
+                proto::LayerState::LayerCached => LayerState::Cached,
+                proto::LayerState::LayerFailed => LayerState::Failed,
+                proto::LayerState::LayerSkipped => LayerState::Skipped,
+                proto::LayerState::LayerCancelled => LayerState::Cancelled,
+                proto::LayerState::Unspecified => return None,
+            })
+        }
+        build_event::Kind::Log(l) => EventKind::Log(l.clone()),
+        build_event::Kind::Build(s) => {
+            EventKind::Build(match proto::BuildState::try_from(*s).ok()? {
+                proto::BuildState::Queued => BuildState::Queued,
+                proto::BuildState::Running => BuildState::Running,
+                proto::BuildState::Succeeded => BuildState::Succeeded,
+                proto::BuildState::Failed => BuildState::Failed,
+                proto::BuildState::Cancelled => BuildState::Cancelled,
+                proto::BuildState::Unspecified => return None,
+            })
+        }
+    };
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    Some(StoredEvent {
+        layer: e.layer.clone(),
+        kind,
+        worker: opt(&e.worker),
+        error: opt(&e.error),
+        duration_ms: (e.duration_ms > 0).then_some(e.duration_ms),
+    })
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FarmApi for FarmService {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let r = request.into_inner();
+        let mut substitutions = Substitutions::default();
+        for s in &r.substitutions {
+            substitutions.cli.push(
+                Substitutions::parse_cli(s).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            );
+        }
+        let compression = if r.compression.is_empty() {
+            "gzip".to_string()
+        } else {
+            r.compression
+        };
+        if !matches!(compression.split(':').next(), Some("gzip" | "zstd")) {
+            return Err(Status::invalid_argument(format!(
+                "compression {compression:?}: use gzip or zstd"
+            )));
+        }
+        let mut environment: Vec<(String, String)> = r.environment.into_iter().collect();
+        environment.sort();
+        let spec = Submission {
+            stackerfiles: r.stackerfiles,
+            context: r
+                .context
+                .into_iter()
+                .map(|c| ContextFile {
+                    path: c.path,
+                    digest: c.digest,
+                    mode: c.mode,
+                    symlink_target: c.symlink_target,
+                })
+                .collect(),
+            substitutions,
+            environment,
+            no_cache: r.no_cache,
+            compression,
+            require_hash: r.require_hash,
+            allow_outside_context: r.allow_outside_context,
+            inline: Default::default(),
+        };
+        if spec.context.is_empty() {
+            return Err(Status::invalid_argument(
+                "a remote submission needs its build context (the stackerfiles at least)",
+            ));
+        }
+        let (id, layers) = self.farm.submit(spec).await.map_err(status_of)?;
+        Ok(Response::new(SubmitResponse { id, layers }))
+    }
+
+    type WatchStream = Boxed<BuildEvent>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        let rx = self
+            .farm
+            .watch(&r.id, r.after_seq)
+            .await
+            .map_err(status_of)?;
+        let stream = ReceiverStream::new(rx).map(|(seq, e)| Ok(event(seq, e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<proto::BuildStatus>, Status> {
+        let id = request.into_inner().id;
+        status(&self.farm, &id).await.map(Response::new)
+    }
+
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let rows = self
+            .farm
+            .state()
+            .list_builds()
+            .await
+            .map_err(|e| status_of(e.into()))?;
+        let mut builds = Vec::new();
+        for row in rows {
+            builds.push(status(&self.farm, &row.id).await?);
+        }
+        Ok(Response::new(ListResponse { builds }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let state = self
+            .farm
+            .cancel(&request.into_inner().id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(CancelResponse {
+            state: build_state(state) as i32,
+        }))
+    }
+
+    type LogsStream = Boxed<LogLine>;
+
+    async fn logs(
+        &self,
+        request: Request<LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let r = request.into_inner();
+        let layer = r.layer;
+        let keep = move |e: &StoredEvent| layer.is_empty() || e.layer == layer;
+        let line = |e: StoredEvent| match e.kind {
+            EventKind::Log(line) => Some(Ok(LogLine {
+                layer: e.layer,
+                line,
+            })),
+            _ => None,
+        };
+        if r.follow {
+            let rx = self.farm.watch(&r.id, 0).await.map_err(status_of)?;
+            let stream = ReceiverStream::new(rx)
+                .filter(move |(_, e)| std::future::ready(keep(e)))
+                .filter_map(move |(_, e)| std::future::ready(line(e)));
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        if self
+            .farm
+            .state()
+            .build(&r.id)
+            .await
+            .map_err(|e| status_of(e.into()))?
+            .is_none()
+        {
+            return Err(Status::not_found(format!("no build {}", r.id)));
+        }
+        let events = self
+            .farm
+            .state()
+            .events_after(&r.id, 0)
+            .await
+            .map_err(|e| status_of(e.into()))?;
+        let lines: Vec<Result<LogLine, Status>> = events
+            .into_iter()
+            .filter_map(|(_, json)| serde_json::from_str::<StoredEvent>(&json).ok())
+            .filter(keep)
+            .filter_map(line)
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(lines))))
+    }
+
+    async fn workers(
+        &self,
+        _: Request<WorkersRequest>,
+    ) -> Result<Response<WorkersResponse>, Status> {
+        let workers = self.farm.workers().await.map_err(status_of)?;
+        Ok(Response::new(WorkersResponse {
+            workers: workers
+                .into_iter()
+                .map(|w| WorkerInfo {
+                    name: w.name,
+                    slots: w.slots,
+                    running: w.running,
+                    last_seen_unix_ms: w.last_seen_ms,
+                    platform: w.platform,
+                    unavailable: w.unavailable.unwrap_or_default(),
+                    connected: w.connected,
+                })
+                .collect(),
+        }))
+    }
+}
+
+async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
+    let state = farm.state();
+    let Some(build) = state.build(id).await.map_err(|e| status_of(e.into()))? else {
+        return Err(Status::not_found(format!("no build {id}")));
+    };
+    let layers = state.layers(id).await.map_err(|e| status_of(e.into()))?;
+    Ok(proto::BuildStatus {
+        id: build.id,
+        state: build_state(build.state) as i32,
+        error: build.error.unwrap_or_default(),
+        created_unix_ms: build.created_ms,
+        layers: layers
+            .into_iter()
+            .map(|l| proto::LayerStatus {
+                tagged: l.manifest_digest.is_some(),
+                name: l.name,
+                state: layer_state(l.state) as i32,
+                worker: l.worker.unwrap_or_default(),
+                cached: l.cached,
+                duration_ms: l.duration_ms.unwrap_or_default(),
+                manifest_digest: l.manifest_digest.unwrap_or_default(),
+                error: l.error.unwrap_or_default(),
+            })
+            .collect(),
+    })
+}
+
+#[tonic::async_trait]
+impl Workers for FarmService {
+    type ConnectStream = Boxed<proto::CoordinatorMessage>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::WorkerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let link = self.farm.connect_worker();
+        let tx = link.tx;
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = inbound.next().await {
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+            // Dropping `tx` tells the farm the worker is gone.
+        });
+        let outbound = UnboundedReceiverStream::new(link.rx).map(Ok);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}

@@ -1,0 +1,173 @@
+//! The coordinator's Prometheus metrics: queue depth, running layers, workers, cache
+//! hits and misses, retries, builds and layer durations.
+//!
+//! Written out by hand in the text exposition format: it is a handful of gauges and
+//! counters and one histogram, and the format is small and stable, so a metrics registry
+//! crate would add more than it saves.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the layer duration histogram.
+const BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    queue: AtomicU64,
+    running: AtomicU64,
+    workers: AtomicU64,
+    started: AtomicU64,
+    cache_hits: AtomicU64,
+    retries: AtomicU64,
+    builds_finished: AtomicU64,
+    durations: Mutex<Histogram>,
+}
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Metrics {
+    pub fn set_queue(&self, n: usize) {
+        self.queue.store(n as u64, Ordering::Relaxed);
+    }
+    pub fn set_running(&self, n: usize) {
+        self.running.store(n as u64, Ordering::Relaxed);
+    }
+    pub fn set_workers(&self, n: usize) {
+        self.workers.store(n as u64, Ordering::Relaxed);
+    }
+    /// A layer missed the cache and goes to a worker.
+    pub fn layer_queued(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn build_finished(&self) {
+        self.builds_finished.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn layer_built(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let mut h = self.durations.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += s;
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        one(
+            "farm_queue_depth",
+            "gauge",
+            "Layers waiting for a worker slot.",
+            g(&self.queue),
+        );
+        one(
+            "farm_running_layers",
+            "gauge",
+            "Layers being built on workers.",
+            g(&self.running),
+        );
+        one(
+            "farm_workers",
+            "gauge",
+            "Connected workers.",
+            g(&self.workers),
+        );
+        one(
+            "farm_cache_hits_total",
+            "counter",
+            "Layers answered from the action cache.",
+            g(&self.cache_hits),
+        );
+        one(
+            "farm_cache_misses_total",
+            "counter",
+            "Layers that had to be built.",
+            g(&self.started),
+        );
+        one(
+            "farm_layer_retries_total",
+            "counter",
+            "Layers sent to another worker after a lost lease.",
+            g(&self.retries),
+        );
+        one(
+            "farm_builds_finished_total",
+            "counter",
+            "Builds that ended.",
+            g(&self.builds_finished),
+        );
+        let h = self.durations.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(
+            out,
+            "# HELP farm_layer_duration_seconds Time to build a layer on a worker.\n# TYPE farm_layer_duration_seconds histogram"
+        );
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "farm_layer_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                h.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "farm_layer_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(out, "farm_layer_duration_seconds_sum {}", h.sum);
+        let _ = writeln!(out, "farm_layer_duration_seconds_count {}", h.count);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        m.set_queue(3);
+        m.cache_hit();
+        m.cache_hit();
+        m.layer_built(Duration::from_millis(300));
+        m.layer_built(Duration::from_secs(10));
+        let text = m.render();
+        assert!(text.contains("farm_queue_depth 3\n"), "{text}");
+        assert!(text.contains("farm_cache_hits_total 2\n"), "{text}");
+        assert!(
+            text.contains("farm_layer_duration_seconds_bucket{le=\"0.5\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("farm_layer_duration_seconds_bucket{le=\"15\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("farm_layer_duration_seconds_count 2\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,374 @@
+//! The worker's side of the farm: dial the coordinator, register (name, slots, platform,
+//! the chains the pool holds), then build what is assigned with the engine, streaming
+//! log lines and sending results, with heartbeats in between.
+//!
+//! The connection may drop at any time (a coordinator restart, the network): builds
+//! keep running, their results are kept until the coordinator acknowledges them, and
+//! the worker dials again with backoff, telling the new connection what it still runs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use farm_coordinator::build::{Event, EventSender, Job};
+use farm_proto::v1::{
+    CoordinatorMessage, Heartbeat, LogBatch, Register, Result as ResultMsg, WorkerMessage,
+    coordinator_message, worker_message,
+};
+use tokio::sync::mpsc;
+
+use crate::engine::Engine;
+use crate::sandbox::CancelToken;
+
+/// One connection: messages to the coordinator, messages from it.
+pub struct Connection {
+    pub tx: mpsc::UnboundedSender<WorkerMessage>,
+    pub rx: Pin<Box<dyn futures::Stream<Item = CoordinatorMessage> + Send>>,
+}
+
+/// Opens connections to the coordinator (gRPC for remote workers, channels for the
+/// embedded one).
+pub trait Dialer: Send + Sync + 'static {
+    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>>;
+    /// Where it dials (for messages).
+    fn describe(&self) -> String;
+}
+
+/// Who this worker is.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    pub slots: u32,
+    pub platform: String,
+    /// Why this worker cannot build (its pool is unusable): it registers without slots.
+    pub unavailable: Option<String>,
+    /// The worker reads the coordinator's files directly (embedded mode).
+    pub shares_files: bool,
+    /// Give up when the coordinator cannot be reached for this long (None: never).
+    pub give_up_after: Option<Duration>,
+}
+
+struct Shared {
+    /// The current connection's sender (None while disconnected).
+    tx: Mutex<Option<mpsc::UnboundedSender<WorkerMessage>>>,
+}
+
+impl Shared {
+    fn send(&self, msg: WorkerMessage) -> bool {
+        match &*self.tx.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(tx) => tx.send(msg).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Run the worker until the dialer gives up (or forever).
+pub async fn run(
+    engine: Option<Arc<Engine>>,
+    config: AgentConfig,
+    dialer: impl Dialer,
+) -> Result<(), String> {
+    let shared = Arc::new(Shared {
+        tx: Mutex::new(None),
+    });
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<ResultMsg>();
+    let mut running: HashMap<String, CancelToken> = HashMap::new();
+    // Results not yet acknowledged, resent after a reconnect.
+    let mut unacked: BTreeMap<String, ResultMsg> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut down_since: Option<Instant> = None;
+    let mut reported_chains: usize = 0;
+    loop {
+        let conn = match dialer.dial().await {
+            Ok(c) => c,
+            Err(e) => {
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if let Some(limit) = config.give_up_after
+                    && since.elapsed() > limit
+                {
+                    return Err(format!(
+                        "cannot reach the coordinator at {}: {e}",
+                        dialer.describe()
+                    ));
+                }
+                tracing::warn!(
+                    "coordinator {} unreachable ({e}); retrying in {backoff:?}",
+                    dialer.describe()
+                );
+                // Results of finished builds still arrive meanwhile.
+                drain_done(&mut done_rx, &mut running, &mut unacked);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        down_since = None;
+        backoff = Duration::from_millis(100);
+        let Connection { tx, mut rx } = conn;
+        let chains = engine.as_ref().map(|e| chain_ids(e)).unwrap_or_default();
+        reported_chains = reported_chains.max(chains.len());
+        let register = WorkerMessage {
+            kind: Some(worker_message::Kind::Register(Register {
+                name: config.name.clone(),
+                slots: if config.unavailable.is_some() {
+                    0
+                } else {
+                    config.slots
+                },
+                platform: config.platform.clone(),
+                chains,
+                unavailable: config.unavailable.clone().unwrap_or_default(),
+                running: running.keys().cloned().collect(),
+                shares_files: config.shares_files,
+            })),
+        };
+        if tx.send(register).is_err() {
+            continue;
+        }
+        for r in unacked.values() {
+            let _ = tx.send(WorkerMessage {
+                kind: Some(worker_message::Kind::Result(r.clone())),
+            });
+        }
+        *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        tracing::info!(coordinator = %dialer.describe(), "connected");
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = futures_util_next(&mut rx) => {
+                    let Some(msg) = msg else { break };
+                    match msg.kind {
+                        Some(coordinator_message::Kind::Registered(r)) => {
+                            let every = Duration::from_millis(r.heartbeat_ms.max(50));
+                            heartbeat = tokio::time::interval(every);
+                            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                        Some(coordinator_message::Kind::Assign(a)) => {
+                            let Some(engine) = engine.clone() else {
+                                let _ = done_tx.send(ResultMsg {
+                                    assignment: a.id,
+                                    error: config.unavailable.clone().unwrap_or_else(|| "this worker cannot build".into()),
+                                    ..Default::default()
+                                });
+                                continue;
+                            };
+                            if running.contains_key(&a.id) {
+                                continue;
+                            }
+                            let token = engine.job_cancel_token();
+                            running.insert(a.id.clone(), token.clone());
+                            tokio::spawn(build(engine, a.id, a.job_json, token, shared.clone(), done_tx.clone()));
+                        }
+                        Some(coordinator_message::Kind::Cancel(id)) => {
+                            if let Some(token) = running.get(&id) {
+                                tracing::info!(assignment = %id, "cancelled by the coordinator");
+                                token.cancel();
+                            }
+                        }
+                        Some(coordinator_message::Kind::Ack(ack)) => {
+                            unacked.remove(&ack.assignment);
+                        }
+                        None => {}
+                    }
+                }
+                Some(result) = done_rx.recv() => {
+                    running.remove(&result.assignment);
+                    unacked.insert(result.assignment.clone(), result.clone());
+                    let _ = tx.send(WorkerMessage { kind: Some(worker_message::Kind::Result(result)) });
+                }
+                _ = heartbeat.tick() => {
+                    let chains = match &engine {
+                        Some(e) => {
+                            let all = chain_ids(e);
+                            let new = all.get(reported_chains.min(all.len())..).unwrap_or_default().to_vec();
+                            reported_chains = all.len();
+                            new
+                        }
+                        None => Vec::new(),
+                    };
+                    let hb = WorkerMessage { kind: Some(worker_message::Kind::Heartbeat(Heartbeat {
+                        running: running.keys().cloned().collect(),
+                        chains,
+                    }))};
+                    if tx.send(hb).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::warn!(coordinator = %dialer.describe(), "disconnected; dialling again");
+        down_since = Some(Instant::now());
+    }
+}
+
+fn drain_done(
+    done_rx: &mut mpsc::UnboundedReceiver<ResultMsg>,
+    running: &mut HashMap<String, CancelToken>,
+    unacked: &mut BTreeMap<String, ResultMsg>,
+) {
+    while let Ok(result) = done_rx.try_recv() {
+        running.remove(&result.assignment);
+        unacked.insert(result.assignment.clone(), result);
+    }
+}
+
+async fn futures_util_next(
+    rx: &mut Pin<Box<dyn futures::Stream<Item = CoordinatorMessage> + Send>>,
+) -> Option<CoordinatorMessage> {
+    use futures::StreamExt;
+    rx.next().await
+}
+
+/// Dials the coordinator's gRPC `Workers.Connect`.
+pub struct GrpcDialer {
+    pub url: String,
+}
+
+impl Dialer for GrpcDialer {
+    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>> {
+        Box::pin(async move {
+            use futures::StreamExt;
+            let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
+                .map_err(|e| format!("bad coordinator address {}: {e}", self.url))?
+                .connect_timeout(Duration::from_secs(3))
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let channel = endpoint.connect().await.map_err(|e| format!("{e}"))?;
+            let mut client = farm_proto::workers_client::WorkersClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            let response = client
+                .connect(outbound)
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+            let inbound = response
+                .into_inner()
+                .take_while(|m| std::future::ready(m.is_ok()))
+                .filter_map(|m| std::future::ready(m.ok()));
+            Ok(Connection {
+                tx,
+                rx: Box::pin(inbound),
+            })
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}
+
+/// Attaches to a coordinator in this process (the embedded mode).
+pub struct LocalDialer(pub farm_coordinator::farm::Farm);
+
+impl Dialer for LocalDialer {
+    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>> {
+        Box::pin(async move {
+            let link = self.0.connect_worker();
+            Ok(Connection {
+                tx: link.tx,
+                rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                    link.rx,
+                )),
+            })
+        })
+    }
+
+    fn describe(&self) -> String {
+        "the embedded coordinator".into()
+    }
+}
+
+/// The chains of the pool, oldest first (so the newly added ones are at the end).
+fn chain_ids(engine: &Engine) -> Vec<String> {
+    let mut list = engine.pool().list().unwrap_or_default();
+    list.sort_by_key(|c| c.created);
+    list.into_iter()
+        .map(|c| c.id.as_str().to_string())
+        .collect()
+}
+
+/// Build one assignment, forwarding its log lines, then report the result.
+async fn build(
+    engine: Arc<Engine>,
+    assignment: String,
+    job_json: String,
+    cancel: CancelToken,
+    shared: Arc<Shared>,
+    done: mpsc::UnboundedSender<ResultMsg>,
+) {
+    let started = Instant::now();
+    let job: Job = match serde_json::from_str(&job_json) {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = done.send(ResultMsg {
+                assignment,
+                error: format!(
+                    "the coordinator sent a job this worker cannot read (version mismatch?): {e}"
+                ),
+                ..Default::default()
+            });
+            return;
+        }
+    };
+    let (events, mut rx) = EventSender::channel();
+    let forward = {
+        let shared = shared.clone();
+        let assignment = assignment.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut lines = Vec::new();
+                let mut next = Some(first);
+                while let Some(e) = next.take() {
+                    if let Event::Log { line, .. } = e {
+                        lines.push(line);
+                    }
+                    if lines.len() < 500 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !lines.is_empty() {
+                    // Lines written while disconnected are lost; the result is not.
+                    shared.send(WorkerMessage {
+                        kind: Some(worker_message::Kind::Logs(LogBatch {
+                            assignment: assignment.clone(),
+                            lines,
+                        })),
+                    });
+                }
+            }
+        })
+    };
+    let layer = job.layer.name.clone();
+    tracing::info!(%assignment, %layer, "building");
+    let result = engine.build_cancellable(&job, &events, &cancel).await;
+    drop(events);
+    let _ = forward.await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let msg = match result {
+        Ok(built) => ResultMsg {
+            assignment,
+            layer_json: serde_json::to_string(&built).unwrap_or_default(),
+            error: String::new(),
+            cache_key: if job.layer.binds.is_empty() {
+                job.cache_key.clone()
+            } else {
+                String::new()
+            },
+            duration_ms,
+        },
+        Err(e) => ResultMsg {
+            assignment,
+            error: e.to_string(),
+            duration_ms,
+            ..Default::default()
+        },
+    };
+    tracing::info!(%layer, ok = msg.error.is_empty(), duration_ms, "finished");
+    let _ = done.send(msg);
+}
