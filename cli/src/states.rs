@@ -137,10 +137,10 @@ pub fn rfc3339_ms(unix_ms: i64) -> String {
 }
 
 fn duration_text(ms: u64) -> String {
-    if ms == 0 {
-        "-".to_string()
-    } else {
-        format!("{:.1}s", ms as f64 / 1000.0)
+    match ms {
+        0 => "-".to_string(),
+        1..1000 => format!("{ms}ms"),
+        _ => format!("{:.1}s", ms as f64 / 1000.0),
     }
 }
 
@@ -528,6 +528,8 @@ mod tests {
         let col = rows[0].find("STATE").unwrap();
         assert_eq!(rows[1].find("built"), Some(col), "{t}");
         assert_eq!(rows[2].find("cached"), Some(col), "{t}");
+        assert_eq!(duration_text(31), "31ms");
+        assert_eq!(duration_text(1500), "1.5s");
         let l = list_table(std::slice::from_ref(&s));
         assert!(l.contains("b1") && l.contains("1/1/0/2"), "{l}");
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Args;
 use farm_coordinator::PlanOptions;
+use farm_coordinator::build::Event;
 use farm_image::Digest;
 use farm_proto::v1::{BuildState, StatusRequest, SubmitRequest};
 use futures::{StreamExt, TryStreamExt};
@@ -167,10 +168,18 @@ async fn submit(
     let (events, rx) = farm_coordinator::build::EventSender::channel();
     let progress = Progress::start(&plan, rx);
     let watched = {
-        let watching = watch(&mut client, &id, |ev| {
-            if let Some(event) = progress_event(ev) {
+        // The coordinator may report a layer running more than once (dispatched, then
+        // started by the worker): the display starts it once.
+        let mut running = HashSet::new();
+        let watching = watch(&mut client, &id, |ev| match progress_event(ev) {
+            Some(Event::Started { .. }) if !running.insert(ev.layer.clone()) => {}
+            Some(event) => {
+                if !matches!(event, Event::Log { .. }) {
+                    running.remove(&ev.layer);
+                }
                 events.send(event);
             }
+            None => {}
         });
         tokio::select! {
             r = watching => Some(r),
@@ -375,5 +384,110 @@ mod tests {
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(5 << 20), "5.0 MiB");
+    }
+
+    /// The coordinator's real server (with the embedded worker behind it) on a local
+    /// port, and the client's remote path against it: upload, submit, watch, status, pull.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_build_through_the_real_coordinator() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(
+            Some(dir.path().join("state")),
+            Some(dir.path().join("pool")),
+            None,
+        );
+        let embedded = match crate::embedded::Embedded::start(layout, None, 2).await {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("SKIPPED: no rootless worker on this machine ({e:#}); see `farm check`");
+                return;
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(farm_coordinator::server::serve(
+            listener,
+            embedded.farm.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("files/sub")).unwrap();
+        std::fs::write(ctx.join("files/sub/hello.txt"), "hello\n").unwrap();
+        std::os::unix::fs::symlink("sub/hello.txt", ctx.join("files/link")).unwrap();
+        std::fs::write(
+            ctx.join("stacker.yaml"),
+            "app:\n  from:\n    type: scratch\n  imports:\n    - path: files\n      dest: /files\n",
+        )
+        .unwrap();
+        let file = ctx.join("stacker.yaml");
+        let plan =
+            farm_stackerfile::Plan::load(&file, &Default::default(), &farm_stackerfile::LocalFiles)
+                .unwrap();
+        let context = collect(&plan, std::slice::from_ref(&file), false).unwrap();
+        let request = SubmitRequest {
+            stackerfiles: context.stackerfiles.clone(),
+            context: context.to_proto(),
+            compression: "gzip".into(),
+            ..SubmitRequest::default()
+        };
+
+        let mut c = Client::connect(&addr).await.unwrap();
+        assert_eq!(upload_context(&mut c, &context).await.unwrap(), 2);
+        assert_eq!(upload_context(&mut c, &context).await.unwrap(), 0);
+        let submitted = c.farm.submit(request.clone()).await.unwrap().into_inner();
+        assert_eq!(submitted.layers, ["app"]);
+        let mut seen = Vec::new();
+        let last = watch(&mut c, &submitted.id, |e| seen.push(e.clone()))
+            .await
+            .unwrap();
+        let events: Vec<_> = seen.iter().filter_map(progress_event).collect();
+        assert_eq!(
+            last.kind,
+            Some(farm_proto::v1::build_event::Kind::Build(
+                BuildState::Succeeded as i32
+            )),
+            "{last:?}\n{events:?}"
+        );
+        let status = c
+            .farm
+            .status(StatusRequest {
+                id: submitted.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let json = status_json(&status);
+        assert_eq!(json["state"], "succeeded", "{json}");
+        assert_eq!(json["layers"][0]["name"], "app", "{json}");
+        assert!(json["layers"][0]["manifest_digest"].is_string(), "{json}");
+
+        let out = dir.path().join("oci");
+        let tags = super::super::pull::pull(&mut c, &submitted.id, &out)
+            .await
+            .unwrap();
+        assert_eq!(tags.len(), 1);
+        assert_eq!(tags[0].0, "app");
+        let oci = farm_image::OciLayout::open(&out).await.unwrap();
+        assert_eq!(oci.tags().await.unwrap(), ["app"]);
+
+        // The same again: all cached.
+        let again = c.farm.submit(request).await.unwrap().into_inner();
+        let mut cached = Vec::new();
+        watch(&mut c, &again.id, |e| cached.extend(progress_event(e)))
+            .await
+            .unwrap();
+        assert!(
+            cached.iter().any(|e| matches!(e, Event::Cached { .. })),
+            "{cached:?}"
+        );
+
+        let e = watch(&mut c, "no-such-build", |_| {}).await.unwrap_err();
+        assert_eq!(e.to_string(), format!("no build no-such-build on {addr}"));
+        let _ = stop.send(());
+        let _ = server.await;
     }
 }
