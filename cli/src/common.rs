@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::Args;
 use farm_stackerfile::{Diagnostic, Substitutions};
 
-pub fn init_logging() {
+pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FARM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -53,6 +53,8 @@ enum Command {
     Cancel(cmd::cancel::CancelArgs),
     Workers(cmd::workers::WorkersArgs),
     Pull(cmd::pull::PullArgs),
+    Coordinator(cmd::serve::CoordinatorArgs),
+    Worker(cmd::serve::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,7 +62,11 @@ fn main() -> ExitCode {
     // inside a build's user namespace.
     farm_worker::userns::run_hidden_entry_if_requested(farm_worker::userns::WORKER_OPS);
     let cli = Cli::parse();
-    common::init_logging();
+    // The daemons say what they do; commands only warn.
+    common::init_logging(match cli.command {
+        Command::Coordinator(_) | Command::Worker(_) => "info",
+        _ => "warn",
+    });
     let result = match cli.command {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Build(args) => cmd::build::run(args),
@@ -77,6 +83,8 @@ fn main() -> ExitCode {
         Command::Cancel(args) => cmd::cancel::run(args),
         Command::Workers(args) => cmd::workers::run(args),
         Command::Pull(args) => cmd::pull::run(args),
+        Command::Coordinator(args) => cmd::serve::coordinator(args),
+        Command::Worker(args) => cmd::serve::worker(args),
     };
     match result {
         Ok(code) => code,

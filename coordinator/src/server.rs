@@ -76,7 +76,7 @@ mod tests {
     #[tokio::test]
     async fn health_reflection_and_blobs_on_one_listener() {
         let d = tempfile::tempdir().unwrap();
-        let store = BlobStore::local(&d.path().join("blobs")).unwrap();
+        let store = farm_image::BlobStore::local(&d.path().join("blobs")).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -3,7 +3,8 @@
 //! - [`Digest`]: validated `sha256:<hex>` digests and hashing I/O adapters.
 //! - [`BlobStore`]: a content-addressed, create-only blob store over `object_store`
 //!   (`file://`, `memory://`, `s3://`, `gs://`, `az://`), laid out like an OCI layout's
-//!   `blobs/` directory, with digest verification on read.
+//!   `blobs/` directory, with digest verification on read; remote stores retry with
+//!   backoff within bounds set by [`StoreOptions`].
 //! - [`write_layer_tar`]: a deterministic OCI layer tar from a directory, either an
 //!   overlay upper directory (whiteouts and opaque directories become OCI `.wh.` files)
 //!   or a whole directory.
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 
 mod apply;
+mod backend;
 mod compress;
 mod digest;
 mod error;
@@ -31,7 +33,11 @@ mod tarwrite;
 mod transfer;
 mod tree;
 
+#[cfg(test)]
+mod tests;
+
 pub use apply::{ApplyOptions, ApplyStats, apply_layer};
+pub use backend::StoreOptions;
 pub use compress::{Compression, Compressor, Format, decompress, detect};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};

@@ -39,11 +39,15 @@ pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     url: String,
+    /// The URL as errors show it (no password).
+    label: Arc<str>,
 }
 
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStore").field("url", &self.url).finish()
+        f.debug_struct("BlobStore")
+            .field("url", &self.label)
+            .finish()
     }
 }
 
@@ -57,70 +61,14 @@ pub struct BlobInfo {
 }
 
 impl BlobStore {
-    /// Open a store from a URL:
-    /// - `file:///abs/path`: a local directory (created if missing); blobs at
-    ///   `/abs/path/blobs/sha256/<hex>`
-    /// - `memory://`: a fresh in-memory store (each call gives a new, empty one)
-    /// - `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`: cloud
-    ///   stores configured from the usual environment variables (`AWS_*`,
-    ///   `GOOGLE_*`, `AZURE_*`)
-    /// - `http(s)://host/prefix`: a WebDAV-style HTTP store
-    pub fn from_url(url: &str) -> Result<Self> {
-        let bad = |reason: String| Error::InvalidStoreUrl {
-            url: url.to_string(),
-            reason,
-        };
-        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        let path_prefix = || -> Result<String> {
-            let p = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
-            Ok(p.to_string())
-        };
-        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
-            "file" => {
-                if parsed
-                    .host_str()
-                    .is_some_and(|h| !h.is_empty() && h != "localhost")
-                {
-                    return Err(bad("file:// URLs must not name a host".into()));
-                }
-                let dir = parsed
-                    .to_file_path()
-                    .map_err(|()| bad("not an absolute local path".into()))?;
-                return Self::local(&dir);
-            }
-            "memory" => return Ok(Self::in_memory()),
-            "s3" | "s3a" => {
-                let s = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()?;
-                (Arc::new(s), path_prefix()?)
-            }
-            "gs" => {
-                let s = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(url)
-                    .build()?;
-                (Arc::new(s), path_prefix()?)
-            }
-            "az" | "azure" | "abfs" | "abfss" | "adl" => {
-                let s = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(url)
-                    .build()?;
-                (Arc::new(s), path_prefix()?)
-            }
-            "http" | "https" => {
-                let base = &parsed[..url::Position::BeforePath];
-                let s = object_store::http::HttpBuilder::new()
-                    .with_url(base)
-                    .build()?;
-                (Arc::new(s), path_prefix()?)
-            }
-            other => return Err(bad(format!("unsupported scheme {other:?}"))),
-        };
-        Ok(BlobStore {
+    /// A store over `store`, blobs under `prefix`, opened from `url`.
+    pub(crate) fn from_parts(store: Arc<dyn ObjectStore>, prefix: String, url: String) -> Self {
+        BlobStore {
+            label: crate::backend::redact(&url).into(),
             store,
             prefix,
-            url: url.to_string(),
-        })
+            url,
+        }
     }
 
     /// A store in a local directory (created if missing).
@@ -129,31 +77,33 @@ impl BlobStore {
             context: format!("creating blob store directory {}", dir.display()),
             source,
         })?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?
+        let url = format!("file://{}", dir.display());
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|source| Error::Store {
+                url: url.clone(),
+                action: "opening the store".into(),
+                source: Box::new(source),
+            })?
             .with_automatic_cleanup(true);
-        Ok(BlobStore {
-            store: Arc::new(fs),
-            prefix: String::new(),
-            url: format!("file://{}", dir.display()),
-        })
+        Ok(Self::from_parts(Arc::new(fs), String::new(), url))
     }
 
     /// A fresh, empty in-memory store.
     pub fn in_memory() -> Self {
-        BlobStore {
-            store: Arc::new(object_store::memory::InMemory::new()),
-            prefix: String::new(),
-            url: "memory://".into(),
-        }
+        Self::from_parts(
+            Arc::new(object_store::memory::InMemory::new()),
+            String::new(),
+            "memory://".into(),
+        )
     }
 
     /// Wrap an existing object store; blobs go under `prefix` (may be empty).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
-        BlobStore {
+        Self::from_parts(
             store,
-            prefix: prefix.trim_matches('/').to_string(),
-            url: format!("custom:{prefix}"),
-        }
+            prefix.trim_matches('/').to_string(),
+            format!("custom:{prefix}"),
+        )
     }
 
     /// The URL (or description) this store was opened from.
@@ -165,6 +115,19 @@ impl BlobStore {
     /// every guarantee of this type).
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// Wrap a failure of the object store with this store's URL and what was being done.
+    pub(crate) fn fail(
+        &self,
+        action: impl std::fmt::Display,
+    ) -> impl FnOnce(object_store::Error) -> Error {
+        let url = self.label.to_string();
+        move |source| Error::Store {
+            url,
+            action: action.to_string(),
+            source: Box::new(source),
+        }
     }
 
     fn path(&self, rel: &str) -> Path {
@@ -190,7 +153,7 @@ impl BlobStore {
         match self.store.head(&self.blob_path(digest)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.fail(format_args!("checking for {digest}"))(e)),
         }
     }
 
@@ -240,11 +203,14 @@ impl BlobStore {
                 // The store cannot do conditional puts: check, then overwrite. Content is
                 // addressed by digest, so a racing writer writes the same bytes.
                 if !self.exists(digest).await? {
-                    self.store.put(&path, payload).await?;
+                    self.store
+                        .put(&path, payload)
+                        .await
+                        .map_err(self.fail(format_args!("writing {digest}")))?;
                 }
                 Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.fail(format_args!("writing {digest}"))(e)),
         }
     }
 
@@ -269,12 +235,13 @@ impl BlobStore {
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(Error::BlobNotFound(digest.clone()));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.fail(format_args!("reading {digest}"))(e)),
         };
         Ok(BlobStream {
             inner: res.into_stream(),
             hasher: Some(Hasher::new()),
             expected: digest.clone(),
+            url: self.label.clone(),
         })
     }
 
@@ -347,14 +314,17 @@ impl BlobStore {
                 let res = if self.exists(digest).await? {
                     Ok(())
                 } else {
-                    self.store.copy(staging, &target).await.map_err(Error::from)
+                    self.store
+                        .copy(staging, &target)
+                        .await
+                        .map_err(self.fail(format_args!("naming the upload of {digest}")))
                 };
                 self.delete_quietly(staging).await;
                 res
             }
             Err(e) => {
                 self.delete_quietly(staging).await;
-                Err(e.into())
+                Err(self.fail(format_args!("naming the upload of {digest}"))(e))
             }
         }
     }
@@ -362,7 +332,9 @@ impl BlobStore {
     async fn delete_quietly(&self, path: &Path) {
         match self.store.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => warn!(%path, error = %e, "could not delete staging object"),
+            Err(e) => {
+                warn!(store = %self.label, %path, error = %e, "could not delete staging object")
+            }
         }
     }
 }
@@ -372,6 +344,7 @@ pub struct BlobStream {
     inner: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
     hasher: Option<Hasher>,
     expected: Digest,
+    url: Arc<str>,
 }
 
 impl Stream for BlobStream {
@@ -390,15 +363,25 @@ impl Stream for BlobStream {
                 }
                 Poll::Ready(Some(Ok(chunk)))
             }
-            Poll::Ready(Some(Err(e))) => {
+            Poll::Ready(Some(Err(source))) => {
                 this.hasher = None;
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(Error::Store {
+                    url: this.url.to_string(),
+                    action: format!("reading {}", this.expected),
+                    source: Box::new(source),
+                })))
             }
             Poll::Ready(None) => {
                 let (actual, _) = this.hasher.take().unwrap_or_default().finish();
                 if actual == this.expected {
                     Poll::Ready(None)
                 } else {
+                    warn!(
+                        store = %this.url,
+                        expected = %this.expected,
+                        %actual,
+                        "stored blob is corrupt: its content does not hash to its name"
+                    );
                     Poll::Ready(Some(Err(Error::DigestMismatch {
                         expected: this.expected.clone(),
                         actual,
@@ -475,7 +458,9 @@ impl BlobWriter {
         }
         self.hasher.update(&data);
         if let Some((_, up)) = self.upload.as_mut() {
-            up.wait_for_capacity(MAX_CONCURRENT_PARTS).await?;
+            up.wait_for_capacity(MAX_CONCURRENT_PARTS)
+                .await
+                .map_err(self.store.fail("uploading a part of a blob"))?;
             up.put(data);
             return Ok(());
         }
@@ -483,7 +468,12 @@ impl BlobWriter {
         self.pending.push(data);
         if self.pending_len >= PART_SIZE {
             let staging = self.store.staging_path();
-            let mp = self.store.store.put_multipart(&staging).await?;
+            let mp = self
+                .store
+                .store
+                .put_multipart(&staging)
+                .await
+                .map_err(self.store.fail("starting a multipart upload"))?;
             let mut up = WriteMultipart::new_with_chunk_size(mp, PART_SIZE);
             for b in self.pending.drain(..) {
                 up.put(b);
@@ -536,7 +526,9 @@ impl BlobWriter {
                 store.put_named(&digest, data).await?;
             }
             Some((staging, up)) => {
-                up.finish().await?;
+                up.finish()
+                    .await
+                    .map_err(store.fail(format_args!("completing the upload of {digest}")))?;
                 store.promote(&staging, &digest).await?;
             }
         }

@@ -6,6 +6,7 @@ pub mod layers;
 pub mod logs;
 pub mod plan;
 pub mod pull;
+pub mod serve;
 pub mod setup;
 pub mod status;
 pub mod submit;

@@ -8,6 +8,8 @@
 
 mod events;
 mod sched;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};

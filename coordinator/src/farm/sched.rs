@@ -77,11 +77,13 @@ struct Worker {
     shares_files: bool,
     unavailable: Option<String>,
     last_seen_ms: i64,
+    /// A lease of this worker ran out: no new work until it sends a heartbeat.
+    stale: bool,
 }
 
 impl Worker {
     fn free(&self) -> u32 {
-        if self.unavailable.is_some() {
+        if self.unavailable.is_some() || self.stale {
             return 0;
         }
         self.slots
@@ -365,6 +367,7 @@ impl Scheduler {
             let mut st = self.lock();
             if let Some(w) = st.workers.get_mut(worker) {
                 w.running.remove(&id);
+                w.stale = true;
                 let _ = w.tx.send(CoordinatorMessage {
                     kind: Some(coordinator_message::Kind::Cancel(id.to_string())),
                 });
@@ -571,6 +574,7 @@ async fn serve_worker(
                 shares_files: reg.shares_files,
                 unavailable,
                 last_seen_ms: now,
+                stale: false,
             },
         );
         inner.metrics.set_workers(st.workers.len());
@@ -613,6 +617,7 @@ async fn serve_worker(
                 let mut st = sched.lock();
                 if let Some(w) = st.workers.get_mut(&name).filter(|w| w.session == session) {
                     w.last_seen_ms = now;
+                    w.stale = false;
                     w.chains.extend(hb.chains);
                 }
             }

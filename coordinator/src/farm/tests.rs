@@ -1,0 +1,500 @@
+//! The scheduler against scripted workers speaking the real worker protocol over the
+//! farm's channels (the end-to-end tests in `tests/` run real workers).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use farm_proto::v1::{
+    CoordinatorMessage, Heartbeat, Register, Result as ResultMsg, WorkerMessage,
+    coordinator_message, worker_message,
+};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::build::Job;
+use crate::cache::CachedBlob;
+use crate::state::LayerState;
+
+/// How a scripted worker behaves.
+#[derive(Clone, Copy)]
+struct Script {
+    /// Time a layer takes.
+    delay: Duration,
+    /// Send heartbeats.
+    heartbeats: bool,
+    /// Never answer assignments (a worker that hangs, until it is dropped).
+    answer: bool,
+}
+
+const QUICK: Script = Script {
+    delay: Duration::from_millis(0),
+    heartbeats: true,
+    answer: true,
+};
+
+struct FakeWorker {
+    name: String,
+    /// (assignment id, layer name) of every assignment received.
+    assigned: Arc<Mutex<Vec<(String, String)>>>,
+    cancelled: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeWorker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeWorker {
+    fn layers(&self) -> Vec<String> {
+        self.assigned
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+}
+
+async fn result_for(blobs: &BlobStore, job: &Job) -> CachedLayer {
+    let config = blobs
+        .put(
+            format!("{{\"layer\":\"{}\"}}", job.cache_key)
+                .into_bytes()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let layer = blobs
+        .put(format!("layer {}", job.cache_key).into_bytes().into())
+        .await
+        .unwrap();
+    CachedLayer {
+        config_digest: config.digest.to_string(),
+        config_size: config.size,
+        layers: vec![CachedBlob {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: layer.digest.to_string(),
+            size: layer.size,
+            diff_id: layer.digest.to_string(),
+        }],
+        chain_id: layer.digest.to_string(),
+    }
+}
+
+/// Connect a scripted worker; `running` are assignments it claims after a restart
+/// (answered after `script.delay`).
+fn fake_worker(
+    farm: &Farm,
+    name: &str,
+    slots: u32,
+    script: Script,
+    running: Vec<(String, Job)>,
+) -> FakeWorker {
+    let link = farm.connect_worker();
+    let assigned = Arc::new(Mutex::new(Vec::new()));
+    let cancelled = Arc::new(Mutex::new(Vec::new()));
+    let blobs = farm.blobs().clone();
+    let (a2, c2, n2) = (assigned.clone(), cancelled.clone(), name.to_string());
+    let task = tokio::spawn(async move {
+        let tx = link.tx;
+        let mut rx = link.rx;
+        tx.send(WorkerMessage {
+            kind: Some(worker_message::Kind::Register(Register {
+                name: n2,
+                slots,
+                platform: "linux/amd64".into(),
+                running: running.iter().map(|(id, _)| id.clone()).collect(),
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+        let answer = |id: String, job: Job| {
+            let tx = tx.clone();
+            let blobs = blobs.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(script.delay).await;
+                let layer = result_for(&blobs, &job).await;
+                let _ = tx.send(WorkerMessage {
+                    kind: Some(worker_message::Kind::Result(ResultMsg {
+                        assignment: id,
+                        layer_json: serde_json::to_string(&layer).unwrap(),
+                        cache_key: job.cache_key.clone(),
+                        ..Default::default()
+                    })),
+                });
+            });
+        };
+        for (id, job) in running {
+            answer(id, job);
+        }
+        let mut beat = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(CoordinatorMessage { kind: Some(kind) }) = msg else { return };
+                    match kind {
+                        coordinator_message::Kind::Assign(a) => {
+                            let job: Job = serde_json::from_str(&a.job_json).unwrap();
+                            a2.lock().unwrap().push((a.id.clone(), job.layer.name.clone()));
+                            if script.answer {
+                                answer(a.id, job);
+                            }
+                        }
+                        coordinator_message::Kind::Cancel(id) => c2.lock().unwrap().push(id),
+                        _ => {}
+                    }
+                }
+                _ = beat.tick(), if script.heartbeats => {
+                    let _ = tx.send(WorkerMessage { kind: Some(worker_message::Kind::Heartbeat(Heartbeat::default())) });
+                }
+            }
+        }
+    });
+    FakeWorker {
+        name: name.to_string(),
+        assigned,
+        cancelled,
+        task,
+    }
+}
+
+async fn start(dir: &Path, lease_ms: u64) -> Farm {
+    Farm::start(FarmConfig {
+        state_dir: dir.join("state"),
+        blobs: BlobStore::local(&dir.join("blobs")).unwrap(),
+        lease: Duration::from_millis(lease_ms),
+        platform: "linux/amd64".into(),
+        builtins: Vec::new(),
+        resume: true,
+    })
+    .await
+    .unwrap()
+}
+
+/// A stackerfile of `n` independent scratch layers (`run` makes them need a worker).
+fn fan_out(dir: &Path, n: usize, salt: &str) -> Submission {
+    let mut yaml = String::new();
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "l{i}:\n  from: {{type: scratch}}\n  run: echo {salt} {i}\n"
+        ));
+    }
+    let file = dir.join(format!("fan-{salt}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    submission(&file)
+}
+
+fn submission(file: &Path) -> Submission {
+    Submission {
+        stackerfiles: vec![file.display().to_string()],
+        context: Vec::new(),
+        substitutions: Default::default(),
+        environment: Vec::new(),
+        no_cache: false,
+        compression: "gzip".into(),
+        require_hash: false,
+        allow_outside_context: true,
+        inline: Default::default(),
+    }
+}
+
+async fn wait(farm: &Farm, id: &str) -> (BuildState, Option<String>) {
+    let mut rx = farm.watch(id, 0).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let next = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the build ends within 30 s");
+        let Some((_, e)) = next else {
+            panic!("event stream ended without a final event")
+        };
+        if let EventKind::Build(s) = e.kind {
+            return (s, e.error);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independent_layers_spread_over_workers_and_resubmission_dispatches_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let a = fake_worker(
+        &farm,
+        "a",
+        2,
+        Script {
+            delay: Duration::from_millis(200),
+            ..QUICK
+        },
+        vec![],
+    );
+    let b = fake_worker(
+        &farm,
+        "b",
+        2,
+        Script {
+            delay: Duration::from_millis(200),
+            ..QUICK
+        },
+        vec![],
+    );
+    let spec = fan_out(d.path(), 8, "x");
+    let (id, names) = farm.submit(spec.clone()).await.unwrap();
+    assert_eq!(names.len(), 8);
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    let (na, nb) = (a.layers().len(), b.layers().len());
+    assert_eq!(na + nb, 8, "each layer built once");
+    assert!(na >= 2 && nb >= 2, "both workers used: {na} and {nb}");
+    let status = farm.state().status(&id).await.unwrap().unwrap();
+    assert!(
+        status
+            .layers
+            .iter()
+            .all(|l| l.state == LayerState::Built && l.manifest_digest.is_some())
+    );
+    assert!(
+        status
+            .layers
+            .iter()
+            .all(|l| l.worker.as_deref() == Some("a") || l.worker.as_deref() == Some("b"))
+    );
+
+    let (again, _) = farm.submit(spec).await.unwrap();
+    assert_eq!(wait(&farm, &again).await.0, BuildState::Succeeded);
+    assert_eq!(a.layers().len() + b.layers().len(), 8, "nothing dispatched");
+    let status = farm.state().status(&again).await.unwrap().unwrap();
+    assert!(
+        status
+            .layers
+            .iter()
+            .all(|l| l.state == LayerState::Cached && l.cached)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_base_chain_is_there_is_preferred() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let file = d.path().join("s.yaml");
+    std::fs::write(
+        &file,
+        "base:\n  from: {type: scratch}\n  run: echo base\n\
+         app:\n  from: {type: built, tag: base}\n  run: echo app\n",
+    )
+    .unwrap();
+    let a = fake_worker(&farm, "a", 1, QUICK, vec![]);
+    let (id, _) = farm.submit(submission(&file)).await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    assert_eq!(a.layers(), ["base", "app"]);
+    // A second worker joins; a changed app layer (same base) goes to "a", which holds
+    // the base chain, although both are idle.
+    let b = fake_worker(&farm, "b", 1, QUICK, vec![]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(
+        &file,
+        "base:\n  from: {type: scratch}\n  run: echo base\n\
+         app:\n  from: {type: built, tag: base}\n  run: echo app v2\n",
+    )
+    .unwrap();
+    let (id, _) = farm.submit(submission(&file)).await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    assert_eq!(a.layers(), ["base", "app", "app"]);
+    assert!(b.layers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_loses_its_layer_to_another() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 300).await;
+    let silent = fake_worker(
+        &farm,
+        "silent",
+        1,
+        Script {
+            heartbeats: false,
+            answer: false,
+            ..QUICK
+        },
+        vec![],
+    );
+    let (id, _) = farm.submit(fan_out(d.path(), 1, "lost")).await.unwrap();
+    // Wait for the first assignment, then let a healthy worker join.
+    for _ in 0..100 {
+        if !silent.layers().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(silent.layers(), ["l0"]);
+    let healthy = fake_worker(&farm, "healthy", 1, QUICK, vec![]);
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    assert_eq!(healthy.layers(), ["l0"]);
+    let status = farm.state().status(&id).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].worker.as_deref(), Some("healthy"));
+    assert_eq!(silent.name, "silent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_lost_attempts_fail_the_layer_saying_why() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 200).await;
+    // Each worker goes silent with the layer (and gets no more work until it speaks).
+    let silent = Script {
+        heartbeats: false,
+        answer: false,
+        ..QUICK
+    };
+    let workers: Vec<FakeWorker> = ["s1", "s2", "s3", "s4"]
+        .iter()
+        .map(|n| fake_worker(&farm, n, 1, silent, vec![]))
+        .collect();
+    let (id, _) = farm.submit(fan_out(d.path(), 1, "doomed")).await.unwrap();
+    let (state, error) = wait(&farm, &id).await;
+    assert_eq!(state, BuildState::Failed);
+    let error = error.unwrap();
+    assert!(
+        error.contains("stopped sending heartbeats") && error.contains("3 times"),
+        "{error}"
+    );
+    let tried: usize = workers.iter().map(|w| w.layers().len()).sum();
+    assert_eq!(tried, 3, "at most 3 attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_submissions_build_each_layer_once() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let w = fake_worker(
+        &farm,
+        "w",
+        4,
+        Script {
+            delay: Duration::from_millis(300),
+            ..QUICK
+        },
+        vec![],
+    );
+    let spec = fan_out(d.path(), 4, "same");
+    let (one, _) = farm.submit(spec.clone()).await.unwrap();
+    let (two, _) = farm.submit(spec).await.unwrap();
+    assert_eq!(wait(&farm, &one).await.0, BuildState::Succeeded);
+    assert_eq!(wait(&farm, &two).await.0, BuildState::Succeeded);
+    let mut layers = w.layers();
+    layers.sort();
+    assert_eq!(layers, ["l0", "l1", "l2", "l3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_running_layers_on_their_worker() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let w = fake_worker(
+        &farm,
+        "w",
+        1,
+        Script {
+            answer: false,
+            ..QUICK
+        },
+        vec![],
+    );
+    let (id, _) = farm.submit(fan_out(d.path(), 3, "cancel")).await.unwrap();
+    for _ in 0..100 {
+        if !w.layers().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(farm.cancel(&id).await.unwrap(), BuildState::Cancelled);
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Cancelled);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent: Vec<String> = w
+        .assigned
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(a, _)| a.clone())
+        .collect();
+    assert_eq!(sent.len(), 1, "queued layers never started");
+    assert_eq!(*w.cancelled.lock().unwrap(), sent);
+    let status = farm.state().status(&id).await.unwrap().unwrap();
+    assert_eq!(status.state, BuildState::Cancelled);
+    assert!(matches!(
+        farm.cancel("b-nope").await,
+        Err(FarmError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_finishes_the_build_with_the_reconnecting_worker() {
+    let d = tempfile::tempdir().unwrap();
+    let first = start(d.path(), 1000).await;
+    let w = fake_worker(
+        &first,
+        "w",
+        1,
+        Script {
+            answer: false,
+            ..QUICK
+        },
+        vec![],
+    );
+    let (id, _) = first.submit(fan_out(d.path(), 2, "restart")).await.unwrap();
+    for _ in 0..100 {
+        if !w.layers().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (assignment, layer) = w.assigned.lock().unwrap()[0].clone();
+    // The coordinator "dies": its tasks stop with the worker's connection.
+    drop(w);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let second = start(d.path(), 1000).await;
+    // The worker comes back still building the first layer, and answers it.
+    // The scripted result only needs the layer's name.
+    let job = placeholder_job(&layer);
+    let w = fake_worker(&second, "w", 1, QUICK, vec![(assignment, job)]);
+    assert_eq!(wait(&second, &id).await.0, BuildState::Succeeded);
+    // Only the other layer was dispatched again.
+    assert_eq!(w.layers().len(), 1);
+    assert_ne!(w.layers()[0], layer);
+}
+
+fn placeholder_job(name: &str) -> Job {
+    let file = std::env::temp_dir().join(format!("farm-placeholder-{}.yaml", std::process::id()));
+    std::fs::write(&file, format!("{name}:\n  from: {{type: scratch}}\n")).unwrap();
+    let plan = Plan::load(&file, &Default::default(), &farm_stackerfile::LocalFiles).unwrap();
+    Job {
+        layer: plan.layers[0].layer.clone(),
+        cache_key: format!("sha256:{}", "0".repeat(64)),
+        base: crate::build::JobBase::Scratch,
+        imports: Vec::new(),
+        overlay_dirs: Vec::new(),
+        env: Vec::new(),
+        source_date_epoch: None,
+        compression: "gzip".into(),
+        platform: "linux/amd64".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_builds_are_not_found_and_plan_errors_come_back() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 1000).await;
+    assert!(matches!(
+        farm.watch("b-0-0", 0).await,
+        Err(FarmError::NotFound(_))
+    ));
+    let file = d.path().join("bad.yaml");
+    std::fs::write(&file, "a:\n  from: {type: nonsense}\n").unwrap();
+    match farm.submit(submission(&file)).await {
+        Err(FarmError::Plan(m)) => assert!(m.contains("nonsense"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("planned a bad file"),
+    }
+}
