@@ -102,3 +102,100 @@ fn commands_that_need_a_coordinator_say_how_to_give_one() {
     assert!(!run.status.success(), "{}", run.describe());
     run.assert_stderr_contains("coordinator address 'localhost'");
 }
+
+/// A `farm coordinator` process on a free local port (no workers), killed on drop.
+struct Coordinator {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    fn start() -> Coordinator {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", dead_port());
+        let blobs = format!("file://{}", dir.path().join("blobs").display());
+        let state = dir.path().join("state");
+        let child = Command::new(farm_bin())
+            .args([
+                "coordinator",
+                "--listen",
+                &addr,
+                "--blobs",
+                &blobs,
+                "--state-dir",
+            ])
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "the coordinator did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Coordinator {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn submit_status_cancel_against_a_coordinator_without_workers() {
+    let c = Coordinator::start();
+    let d = dir_with(
+        "app:\n  from:\n    type: scratch\n  imports:\n    - path: f.txt\n      dest: /f.txt\n",
+    );
+    std::fs::write(d.path().join("f.txt"), "x").unwrap();
+    let run = farm_env(d.path(), &c.addr, &["submit", "--detach", "--json"]);
+    let id = run.json()["id"].as_str().expect("an id").to_string();
+
+    // Nobody builds it: queued or running, its layer waiting.
+    let status = farm_env(d.path(), &c.addr, &["status", &id, "--json"]).json();
+    let keys: Vec<&String> = status.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["id", "state", "layers"], "{status}");
+    assert_eq!(status["id"], id.as_str());
+    assert!(
+        status["state"] == "queued" || status["state"] == "running",
+        "{status}"
+    );
+    let layer = &status["layers"][0];
+    assert_eq!(layer["name"], "app", "{status}");
+    assert_eq!(layer["state"], "waiting", "{status}");
+    assert!(layer["worker"].is_null() && layer["manifest_digest"].is_null());
+    assert!(layer["duration_ms"].is_null(), "{status}");
+    let all = farm_env(d.path(), &c.addr, &["status", "--json"]).json();
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["id"] == id.as_str()),
+        "{all}"
+    );
+    assert_eq!(
+        farm_env(d.path(), &c.addr, &["workers", "--json"]).json(),
+        serde_json::json!([])
+    );
+
+    let run = farm_env(d.path(), &c.addr, &["cancel", &id]);
+    assert!(run.status.success(), "{}", run.describe());
+    assert_eq!(run.stdout.trim(), "cancelled", "{}", run.describe());
+    let run = farm_env(d.path(), &c.addr, &["status", &id, "--wait", "--json"]);
+    assert!(!run.status.success(), "{}", run.describe());
+    let status: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(status["state"], "cancelled", "{status}");
+
+    let run = farm_env(d.path(), &c.addr, &["status", "nope"]);
+    assert!(!run.status.success(), "{}", run.describe());
+    run.assert_stderr_contains(&format!("no build nope on http://{}", c.addr));
+}

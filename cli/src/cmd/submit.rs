@@ -174,7 +174,7 @@ async fn submit(
         let watching = watch(&mut client, &id, |ev| match progress_event(ev) {
             Some(Event::Started { .. }) if !running.insert(ev.layer.clone()) => {}
             Some(event) => {
-                if !matches!(event, Event::Log { .. }) {
+                if !matches!(event, Event::Log { .. } | Event::Started { .. }) {
                     running.remove(&ev.layer);
                 }
                 events.send(event);
