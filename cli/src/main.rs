@@ -5,12 +5,17 @@
 //! `farm-stackerfile`, planning and scheduling in `farm-coordinator`, building in
 //! `farm-worker`; nothing here duplicates them.
 
+mod client;
 mod cmd;
 mod common;
+mod context;
 mod embedded;
+#[cfg(test)]
+mod fake;
 mod local;
 mod progress;
 mod remote;
+mod states;
 
 use std::process::ExitCode;
 
@@ -42,6 +47,12 @@ enum Command {
     Clean(cmd::layers::CleanArgs),
     Check(cmd::check::CheckArgs),
     Setup(cmd::setup::SetupArgs),
+    Submit(cmd::submit::SubmitArgs),
+    Status(cmd::status::StatusArgs),
+    Logs(cmd::logs::LogsArgs),
+    Cancel(cmd::cancel::CancelArgs),
+    Workers(cmd::workers::WorkersArgs),
+    Pull(cmd::pull::PullArgs),
     Coordinator(cmd::serve::CoordinatorArgs),
     Worker(cmd::serve::WorkerArgs),
     Publish(cmd::publish::PublishArgs),
@@ -67,6 +78,12 @@ fn main() -> ExitCode {
         Command::Clean(args) => cmd::layers::clean(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Setup(args) => cmd::setup::run(args),
+        Command::Submit(args) => cmd::submit::run(args),
+        Command::Status(args) => cmd::status::run(args),
+        Command::Logs(args) => cmd::logs::run(args),
+        Command::Cancel(args) => cmd::cancel::run(args),
+        Command::Workers(args) => cmd::workers::run(args),
+        Command::Pull(args) => cmd::pull::run(args),
         Command::Coordinator(args) => cmd::serve::coordinator(args),
         Command::Worker(args) => cmd::serve::worker(args),
         Command::Publish(args) => cmd::publish::run(args),

@@ -24,6 +24,11 @@ struct Resolved {
     images: HashMap<(String, bool, String), Once<Pulled>>,
 }
 
+/// A pending [`RegistryBases::pull`].
+pub type PullFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(CachedLayer, String), String>> + Send + 'a>,
+>;
+
 /// Registry access for one build: credentials, and the bases resolved so far.
 #[derive(Clone, Default)]
 pub struct RegistryBases {
@@ -79,9 +84,7 @@ impl RegistryBases {
         url: &'a str,
         insecure: bool,
         platform: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<(CachedLayer, String), String>> + Send + 'a>,
-    > {
+    ) -> PullFuture<'a> {
         Box::pin(self.pull_inner(blobs, url, insecure, platform))
     }
 

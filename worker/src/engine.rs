@@ -149,21 +149,11 @@ impl Engine {
         events: &EventSender,
         cancel: &CancelToken,
     ) -> Result<CachedLayer, EngineError> {
-        let name = job.layer.name.as_str();
-        let compression = parse_compression(&job.compression);
         // Chains and workspaces this build reads from; held until it ends.
         let mut held: Vec<ChainHandle> = Vec::new();
         let mut scratch: Vec<crate::pool::Workspace> = Vec::new();
         let result = self
-            .build_inner(
-                job,
-                events,
-                name,
-                compression,
-                &mut held,
-                &mut scratch,
-                cancel,
-            )
+            .build_inner(job, events, &mut held, &mut scratch, cancel)
             .await;
         for ws in scratch {
             self.remove_workspace(ws).await;
@@ -176,12 +166,12 @@ impl Engine {
         &self,
         job: &Job,
         events: &EventSender,
-        name: &str,
-        compression: Compression,
         held: &mut Vec<ChainHandle>,
         scratch: &mut Vec<crate::pool::Workspace>,
         cancel: &CancelToken,
     ) -> Result<CachedLayer, EngineError> {
+        let name = job.layer.name.as_str();
+        let compression = parse_compression(&job.compression);
         // 1. The base chain.
         let (mut chain, mut layers, base_config) = match &job.base {
             JobBase::Scratch => (self.empty_chain().await?, Vec::new(), None),

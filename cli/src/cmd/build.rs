@@ -120,6 +120,10 @@ pub struct BuildFlags {
 
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
+
+    /// Print the final status object as JSON on stdout (`farm submit --json`).
+    #[arg(skip)]
+    pub json: bool,
 }
 
 /// `10G`, `500M`, `1024` (bytes).
@@ -136,6 +140,51 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse::<u64>()
         .map(|n| n * mult)
         .map_err(|_| format!("'{s}' is not a size (like 500M or 20G)"))
+}
+
+/// `farm submit` without a coordinator: the options it shares with `farm build`.
+pub struct EmbeddedSubmit {
+    pub stackerfile: StackerfileArgs,
+    pub output: Option<PathBuf>,
+    pub no_cache: bool,
+    pub compression: String,
+    pub require_hash: bool,
+    pub allow_outside_context: bool,
+    pub json: bool,
+}
+
+/// Run `farm submit`'s build in this process, exactly as `farm build` does.
+pub fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode> {
+    let env_path = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    run(BuildArgs {
+        stackerfile: s.stackerfile,
+        flags: BuildFlags {
+            output: s.output.unwrap_or_else(|| PathBuf::from("oci")),
+            state_dir: env_path("FARM_STATE_DIR"),
+            pool: env_path("FARM_POOL"),
+            no_cache: s.no_cache,
+            compression: s.compression,
+            jobs: None,
+            timeout: None,
+            pool_max_size: None,
+            allow_outside_context: s.allow_outside_context,
+            require_hash: s.require_hash,
+            push: super::publish::PushArgs {
+                push: None,
+                push_tags: Vec::new(),
+                push_insecure: false,
+            },
+            registry: super::publish::RegistryArgs {
+                registry_username: std::env::var("FARM_REGISTRY_USERNAME").ok(),
+                registry_password: std::env::var("FARM_REGISTRY_PASSWORD").ok(),
+            },
+            json: s.json,
+        },
+    })
 }
 
 pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -307,7 +356,11 @@ async fn build(
         match write_layout(&local.blobs, &flags.output, &images).await {
             Ok(tags) => {
                 for (tag, digest) in &tags {
-                    println!("{}:{tag}  {digest}", flags.output.display());
+                    if flags.json {
+                        eprintln!("{}:{tag}  {digest}", flags.output.display());
+                    } else {
+                        println!("{}:{tag}  {digest}", flags.output.display());
+                    }
                 }
                 ok &= super::publish::push_after_build(
                     &local.blobs,
@@ -334,6 +387,11 @@ async fn build(
         }
     }
     eprintln!("{}", outcome.summary);
+    if flags.json
+        && let Some(status) = embedded.farm.state().status(&id).await?
+    {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    }
     if let (false, Some(e)) = (outcome.succeeded(), &outcome.error) {
         eprintln!("farm build: {e}");
     }

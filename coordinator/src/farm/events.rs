@@ -242,23 +242,18 @@ pub(super) async fn watch(
                         return;
                     }
                     // Drain what is already queued without a store round trip.
-                    loop {
-                        match rx.try_recv() {
-                            Ok(event) => {
-                                let (seq, e) = &*event;
-                                if *seq <= last {
-                                    continue;
-                                }
-                                if *seq > last + 1 {
-                                    break;
-                                }
-                                last = *seq;
-                                let done = e.is_final();
-                                if tx.send((*seq, e.clone())).await.is_err() || done {
-                                    return;
-                                }
-                            }
-                            Err(_) => break,
+                    while let Ok(event) = rx.try_recv() {
+                        let (seq, e) = &*event;
+                        if *seq <= last {
+                            continue;
+                        }
+                        if *seq > last + 1 {
+                            break;
+                        }
+                        last = *seq;
+                        let done = e.is_final();
+                        if tx.send((*seq, e.clone())).await.is_err() || done {
+                            return;
                         }
                     }
                 }
