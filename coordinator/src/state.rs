@@ -228,6 +228,16 @@ pub struct LayerRow {
     pub manifest_digest: Option<String>,
 }
 
+/// One layer's result, for [`StateStore::layer_results`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerResult {
+    pub idx: u32,
+    pub result_json: String,
+    pub cached: bool,
+    pub duration_ms: u64,
+    pub manifest_digest: Option<String>,
+}
+
 /// An active lease of one layer to one worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -584,6 +594,36 @@ impl StateStore {
         .await
         .map_err(|e| self.err(e))?;
         layer_updated(&done, build, idx)
+    }
+
+    /// Record several layers' results in one transaction (see [`Self::layer_result`]).
+    pub async fn layer_results(&self, build: &str, results: &[LayerResult]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        for r in results {
+            let state = if r.cached {
+                LayerState::Cached
+            } else {
+                LayerState::Built
+            };
+            let done = sqlx::query(
+                "UPDATE layers SET state = ?3, result = ?4, cached = ?5, duration_ms = ?6,
+                    manifest_digest = ?7, error = NULL
+                 WHERE build_id = ?1 AND idx = ?2",
+            )
+            .bind(build)
+            .bind(i64::from(r.idx))
+            .bind(state.as_str())
+            .bind(&r.result_json)
+            .bind(r.cached)
+            .bind(i64::try_from(r.duration_ms).unwrap_or(i64::MAX))
+            .bind(&r.manifest_digest)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            layer_updated(&done, build, r.idx)?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// A build's layers in plan order.

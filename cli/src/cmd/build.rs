@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::Args;
 use farm_coordinator::farm::Submission;
 use farm_coordinator::output::{
-    DEFAULT_ANNOTATION_NAMESPACE, OutputImage, manifest_annotations, record_results, write_layout,
+    DEFAULT_ANNOTATION_NAMESPACE, GitVersions, OutputImage, manifest_annotations_with,
+    record_results, write_layout,
 };
 use farm_coordinator::{Plan, PlanOptions};
 
@@ -337,6 +338,7 @@ async fn build(
     }
     let mut ok = outcome.succeeded();
     if ok {
+        let mut git = GitVersions::default();
         let images: Vec<OutputImage> = plan
             .layers
             .iter()
@@ -349,7 +351,12 @@ async fn build(
                     .map(|(_, result)| OutputImage {
                         tag: l.layer.name.clone(),
                         result: result.clone(),
-                        annotations: manifest_annotations(&plan, i, DEFAULT_ANNOTATION_NAMESPACE),
+                        annotations: manifest_annotations_with(
+                            &plan,
+                            i,
+                            DEFAULT_ANNOTATION_NAMESPACE,
+                            &mut git,
+                        ),
                     })
             })
             .collect();

@@ -25,8 +25,11 @@ use tokio::sync::broadcast;
 use crate::build::{BuildOptions, EventSender, Outcome, run_build};
 use crate::cache::{ActionCache, CachedLayer};
 use crate::fetch::{FetchOptions, Fetcher};
-use crate::output::{DEFAULT_ANNOTATION_NAMESPACE, manifest_annotations, manifest_for};
-use crate::state::{BuildId, BuildState, StateError, StateStore, unix_ms};
+use crate::output::{
+    DEFAULT_ANNOTATION_NAMESPACE, GitVersions, manifest_annotations_with, manifest_for,
+};
+use crate::state::{BuildId, BuildState, LayerResult, StateError, StateStore, unix_ms};
+use futures::{StreamExt, TryStreamExt};
 
 pub use events::{EventKind, StoredEvent};
 pub use sched::{WorkerLink, WorkerView};
@@ -170,10 +173,8 @@ impl Farm {
         })?;
         let state = StateStore::open(&config.state_dir.join("state.db")).await?;
         let cache = ActionCache::open(&config.state_dir.join("cache.db")).await?;
-        if config.resume {
-            // Workers get one lease period to reconnect after a restart.
-            state.renew_all(unix_ms()).await?;
-        }
+        // Workers get one lease period to reconnect after a restart.
+        let prior_leases = config.resume && state.renew_all(unix_ms()).await? > 0;
         let inner = Arc::new_cyclic(|weak| Inner {
             sched: sched::Scheduler::new(weak.clone(), config.lease),
             config,
@@ -182,6 +183,10 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
         });
+        inner
+            .sched
+            .prior_leases
+            .store(prior_leases, std::sync::atomic::Ordering::Relaxed);
         sched::Scheduler::spawn_loops(&inner);
         let farm = Farm { inner };
         let unfinished = if farm.inner.config.resume {
@@ -193,7 +198,7 @@ impl Farm {
             match serde_json::from_str::<Submission>(&build.spec_json) {
                 Ok(spec) => {
                     tracing::info!(build = %build.id, "resuming build");
-                    farm.spawn_driver(build.id, spec);
+                    farm.spawn_driver(build.id, spec, None);
                 }
                 Err(e) => {
                     farm.inner
@@ -226,11 +231,11 @@ impl Farm {
         let json = serde_json::to_string(&spec).map_err(|e| FarmError::Invalid(e.to_string()))?;
         let id = self.inner.state.create_build(&json, &names).await?;
         tracing::info!(build = %id, layers = names.len(), "build submitted");
-        self.spawn_driver(id.clone(), spec);
+        self.spawn_driver(id.clone(), spec, Some(plan));
         Ok((id, names))
     }
 
-    fn spawn_driver(&self, id: BuildId, spec: Submission) {
+    fn spawn_driver(&self, id: BuildId, spec: Submission, plan: Option<Plan>) {
         let cancelled = Arc::new(AtomicBool::new(false));
         let (events, _) = broadcast::channel(4096);
         self.inner
@@ -246,7 +251,7 @@ impl Farm {
             );
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let result = inner.drive(&id, spec, cancelled).await;
+            let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
                 tracing::error!(build = %id, "build failed: {e}");
                 let _ = inner.state.fail_build(&id, &e.to_string()).await;
@@ -393,10 +398,14 @@ impl Inner {
         self: &Arc<Self>,
         id: &str,
         spec: Submission,
+        plan: Option<Plan>,
         cancelled: Arc<AtomicBool>,
     ) -> Result<(), FarmError> {
         self.state.set_build_state(id, BuildState::Running).await?;
-        let plan = self.plan(&spec).await?;
+        let plan = match plan {
+            Some(p) => p,
+            None => self.plan(&spec).await?,
+        };
         let root = self.context_root(&spec).await?;
         let context = if spec.allow_outside_context {
             None
@@ -442,42 +451,47 @@ impl Inner {
         let _ = recorder.await;
         let report = report.map_err(|e| FarmError::Invalid(e.to_string()))?;
 
-        // Results: manifests (with the build's annotations) into the blob store.
+        // Results: manifests (with the build's annotations) into the blob store, several
+        // at a time, then every layer's result in one transaction. The futures own
+        // their data (borrowing futures in a stream are not `Send` for spawned tasks).
+        let mut pending = Vec::new();
+        let mut git = GitVersions::default();
         for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
-            if let Outcome::Built {
+            let Outcome::Built {
                 result,
                 cached,
                 duration,
             } = outcome
-            {
-                // Only images (not build_only layers) get a manifest: `tagged` in the
-                // status is "has a manifest digest".
-                let manifest = if planned.layer.build_only {
-                    None
-                } else {
-                    Some(
-                        store_manifest(
-                            &self.config.blobs,
-                            result,
-                            &manifest_annotations(&plan, i, DEFAULT_ANNOTATION_NAMESPACE),
-                        )
-                        .await?,
-                    )
+            else {
+                continue;
+            };
+            // Only images (not build_only layers) get a manifest: `tagged` in the status
+            // is "has a manifest digest".
+            let annotations = (!planned.layer.build_only).then(|| {
+                manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git)
+            });
+            let (blobs, result, cached) = (self.config.blobs.clone(), result.clone(), *cached);
+            let duration_ms = duration.as_millis() as u64;
+            pending.push(async move {
+                let manifest_digest = match annotations {
+                    Some(a) => Some(store_manifest(&blobs, &result, &a).await?),
+                    None => None,
                 };
-                let json =
-                    serde_json::to_string(result).map_err(|e| FarmError::Invalid(e.to_string()))?;
-                self.state
-                    .layer_result(
-                        id,
-                        i as u32,
-                        &json,
-                        *cached,
-                        duration.as_millis() as u64,
-                        manifest.as_deref(),
-                    )
-                    .await?;
-            }
+                Ok::<_, FarmError>(LayerResult {
+                    idx: i as u32,
+                    result_json: serde_json::to_string(&result)
+                        .map_err(|e| FarmError::Invalid(e.to_string()))?,
+                    cached,
+                    duration_ms,
+                    manifest_digest,
+                })
+            });
         }
+        let results: Vec<LayerResult> = futures::stream::iter(pending)
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        self.state.layer_results(id, &results).await?;
         let (state, error) = if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
             (BuildState::Cancelled, Some("cancelled".to_string()))
         } else if report.succeeded() {
@@ -556,7 +570,11 @@ pub async fn store_manifest(
 ) -> Result<String, FarmError> {
     let manifest = manifest_for(result, annotations)?;
     let bytes = farm_image::to_canonical_json(&manifest)?;
-    Ok(blobs.put(bytes.into()).await?.digest.to_string())
+    let digest = Digest::of(&bytes);
+    if !blobs.exists(&digest).await? {
+        blobs.put(bytes.into()).await?;
+    }
+    Ok(digest.to_string())
 }
 
 /// The tree of an uploaded context (parent directories added, paths checked).

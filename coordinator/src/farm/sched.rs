@@ -110,6 +110,8 @@ pub(crate) struct Scheduler {
     st: Mutex<Sched>,
     wake: Arc<Notify>,
     sessions: std::sync::atomic::AtomicU64,
+    /// Leases survived from before a restart: a layer must first look for its own.
+    pub(super) prior_leases: std::sync::atomic::AtomicBool,
 }
 
 struct Pick {
@@ -127,6 +129,7 @@ impl Scheduler {
             st: Mutex::new(Sched::default()),
             wake: Arc::new(Notify::new()),
             sessions: Default::default(),
+            prior_leases: Default::default(),
         }
     }
 
@@ -185,7 +188,12 @@ impl Scheduler {
             events,
             done,
         };
-        match inner.state.active_lease(build, idx).await {
+        let prior = if self.prior_leases.load(std::sync::atomic::Ordering::Relaxed) {
+            inner.state.active_lease(build, idx).await
+        } else {
+            Ok(None)
+        };
+        match prior {
             Ok(Some(lease)) => {
                 task.events.log(
                     &task.job.layer.name,
@@ -666,13 +674,6 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
     } else {
         Err(result.error.clone())
     };
-    // A result is good work whoever waits for it: it goes into the action cache.
-    if let Ok(layer) = &outcome
-        && !result.cache_key.is_empty()
-        && let Err(e) = inner.cache.put(&result.cache_key, layer).await
-    {
-        tracing::error!("caching a result: {e}");
-    }
     let _ = inner.state.release(id).await;
     let active = {
         let mut st = sched.lock();
@@ -687,8 +688,17 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
         a
     };
     match active {
+        // The build's driver records it in the action cache.
         Some(a) => a.task.finish(outcome),
         None => {
+            // Nobody waits (the coordinator restarted while the worker built): the
+            // result is good work all the same, so it goes into the action cache.
+            if let Ok(layer) = &outcome
+                && !result.cache_key.is_empty()
+                && let Err(e) = inner.cache.put(&result.cache_key, layer).await
+            {
+                tracing::error!("caching a result: {e}");
+            }
             if let Ok(Some((lease, _))) = inner.state.assignment(id).await {
                 sched
                     .lock()
