@@ -111,8 +111,12 @@ impl Layout {
     }
 }
 
-/// `$XDG_DATA_HOME/farm`, else `~/.local/share/farm`.
+/// `$XDG_DATA_HOME/farm`, else `~/.local/share/farm`; for root `/var/lib/farm` (the
+/// build's subordinate ids must be able to reach the pool, and `/root` is closed).
 pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/farm");
+    }
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("farm");
     }

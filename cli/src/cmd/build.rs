@@ -125,6 +125,10 @@ pub struct BuildFlags {
     /// Print the final status object as JSON on stdout (`farm submit --json`).
     #[arg(skip)]
     pub json: bool,
+
+    /// The command, for messages ("submit" when `farm submit` runs embedded).
+    #[arg(skip = "build")]
+    pub command: &'static str,
 }
 
 /// `10G`, `500M`, `1024` (bytes).
@@ -184,6 +188,7 @@ pub fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode> {
                 registry_password: std::env::var("FARM_REGISTRY_PASSWORD").ok(),
             },
             json: s.json,
+            command: "submit",
         },
     })
 }
@@ -400,10 +405,11 @@ async fn build(
         println!("{}", serde_json::to_string_pretty(&status)?);
     }
     if let (false, Some(e)) = (outcome.succeeded(), &outcome.error) {
-        eprintln!("farm build: {e}");
+        eprintln!("farm {}: {e}", flags.command);
     }
     eprintln!(
-        "farm build: {} in {:.1}s (build {id})",
+        "farm {}: {} in {:.1}s (build {id})",
+        flags.command,
         if ok { "done" } else { "FAILED" },
         started.elapsed().as_secs_f64()
     );

@@ -106,6 +106,8 @@ pub(super) async fn record(
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) {
     let idx = |layer: &str| names.iter().position(|n| n == layer).map(|i| i as u32);
+    // Where each layer ran (kept in the layer's row when it fails).
+    let mut workers: std::collections::HashMap<String, String> = Default::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < 1000 {
@@ -122,6 +124,7 @@ pub(super) async fn record(
                     (StoredEvent::layer(layer, LayerState::Running), None)
                 }
                 Event::Assigned { layer, worker } => {
+                    workers.insert(layer.clone(), worker.clone());
                     let mut e = StoredEvent::layer(layer, LayerState::Running);
                     e.worker = Some(worker);
                     (e, None)
@@ -166,7 +169,7 @@ pub(super) async fn record(
             if let Some((layer, state, error)) = state_change
                 && let Some(i) = idx(&layer)
             {
-                let worker = None;
+                let worker = workers.get(&layer).map(String::as_str);
                 if let Err(err) = inner
                     .state
                     .set_layer_state(&build, i, state, worker, error.as_deref())

@@ -656,9 +656,13 @@ async fn serve_worker(
         }
     }
     let mut st = sched.lock();
-    if st.workers.get(&name).is_some_and(|w| w.session == session) {
+    if let Some(w) = st.workers.get(&name).filter(|w| w.session == session) {
+        if w.shares_files {
+            tracing::debug!(worker = %name, "embedded worker stopped");
+        } else {
+            tracing::warn!(worker = %name, "worker disconnected");
+        }
         st.workers.remove(&name);
-        tracing::warn!(worker = %name, "worker disconnected");
     }
     inner.metrics.set_workers(st.workers.len());
 }
