@@ -543,7 +543,15 @@ fn a_killed_coordinator_restarts_and_the_build_succeeds() {
             layer("b", "sleep 4; echo b > /b"),
         ),
     );
-    let id = f.submit_detached();
+    // The submitting client follows the build through the restart.
+    let submitted = f.client_spawn(&["submit", "--json", "-o", "submitted"], "submit");
+    let id = wait_until("the build is listed", Duration::from_secs(60), || {
+        let all = f.client(&["status", "--json"]).json();
+        all[0]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| all.to_string())
+    });
     f.wait_running(&id, "a");
     f.wait_running(&id, "b");
 
@@ -559,6 +567,16 @@ fn a_killed_coordinator_restarts_and_the_build_succeeds() {
     assert_eq!(
         layers(&status).keys().collect::<Vec<_>>(),
         ["a", "b", "base", "c"]
+    );
+    let run = submitted.wait(Duration::from_secs(60));
+    assert!(run.status.success(), "{}", run.describe());
+    run.assert_stderr_contains("lost the coordinator");
+    assert_eq!(run.json()["state"], "succeeded", "{}", run.describe());
+    assert_eq!(
+        Oci::new(&f.t.join("submitted")).tag_names().len(),
+        4,
+        "{}",
+        run.describe()
     );
 
     let out = f.t.join("pulled");
