@@ -494,6 +494,23 @@ fn a_killed_worker_s_layer_finishes_on_the_other() {
         },
     );
     assert!(sleeps.iter().all(|p| !still_running(p)));
+    wait_until(
+        "the killed worker shows as disconnected",
+        Duration::from_secs(10),
+        || {
+            let workers = f.workers_json();
+            let gone = workers
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["name"] == victim_name.as_str() && w["connected"] == false);
+            if gone {
+                Ok(())
+            } else {
+                Err(workers.to_string())
+            }
+        },
+    );
 
     let limit = Duration::from_secs_f64(LEASE_S) + Duration::from_secs(SLEEP_S + 30);
     let status = f.wait_finished(&id, limit);
