@@ -6,16 +6,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::procs::{Coordinator, free_port as dead_port};
 use crate::util::{Run, farm, farm_bin};
-
-/// A local port nobody listens on (bound, then released).
-fn dead_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn dir_with(stackerfile: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -101,53 +93,6 @@ fn commands_that_need_a_coordinator_say_how_to_give_one() {
     let run = farm_env(d.path(), "localhost", &["status"]);
     assert!(!run.status.success(), "{}", run.describe());
     run.assert_stderr_contains("coordinator address 'localhost'");
-}
-
-/// A `farm coordinator` process on a free local port (no workers), killed on drop.
-struct Coordinator {
-    child: std::process::Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Coordinator {
-    fn start() -> Coordinator {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", dead_port());
-        let blobs = format!("file://{}", dir.path().join("blobs").display());
-        let state = dir.path().join("state");
-        let child = Command::new(farm_bin())
-            .args([
-                "coordinator",
-                "--listen",
-                &addr,
-                "--blobs",
-                &blobs,
-                "--state-dir",
-            ])
-            .arg(&state)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "the coordinator did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Coordinator {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -2,7 +2,9 @@
 
 mod build;
 mod client;
+mod farm;
 mod plan;
+mod procs;
 mod registry;
 mod semantics;
 mod util;

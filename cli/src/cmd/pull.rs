@@ -42,6 +42,7 @@ pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let mut client = Client::connect(&addr).await?;
         let tags = pull(&mut client, &args.id, &args.output).await?;
+        print_tags(&args.output, &tags, false);
         if tags.is_empty() {
             eprintln!("farm pull: build {} has no tagged images", args.id);
             return Ok(ExitCode::FAILURE);
@@ -50,8 +51,19 @@ pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
     })?
 }
 
-/// Copy every tagged image of build `id` into the layout at `dir` and tag it; prints
-/// `DIR:TAG  DIGEST` lines on stdout and returns the (tag, digest) pairs.
+/// `DIR:TAG  DIGEST` per image, on stdout (on stderr when stdout is for JSON).
+pub fn print_tags(dir: &Path, tags: &[(String, String)], stderr: bool) {
+    for (tag, digest) in tags {
+        if stderr {
+            eprintln!("{}:{tag}  {digest}", dir.display());
+        } else {
+            println!("{}:{tag}  {digest}", dir.display());
+        }
+    }
+}
+
+/// Copy every tagged image of build `id` into the layout at `dir` and tag it; returns
+/// the (tag, digest) pairs (see [`print_tags`]).
 pub async fn pull(
     client: &mut Client,
     id: &str,
@@ -98,9 +110,6 @@ pub async fn pull(
         .into_iter()
         .map(|(tag, desc)| (tag, desc.digest().to_string()))
         .collect();
-    for (tag, digest) in &out {
-        println!("{}:{tag}  {digest}", dir.display());
-    }
     Ok(out)
 }
 

@@ -219,15 +219,18 @@ async fn submit(
         eprintln!("farm submit: {}", last.error);
     }
 
-    if ok
-        && let Some(out) = &args.output
-        && let Err(e) = super::pull::pull(&mut client, &id, out).await
-    {
-        eprintln!(
-            "farm submit: writing the OCI layout {}: {e:#}",
-            out.display()
-        );
-        ok = false;
+    if ok && let Some(out) = &args.output {
+        match super::pull::pull(&mut client, &id, out).await {
+            // With --json, stdout is the status object alone.
+            Ok(tags) => super::pull::print_tags(out, &tags, args.json),
+            Err(e) => {
+                eprintln!(
+                    "farm submit: writing the OCI layout {}: {e:#}",
+                    out.display()
+                );
+                ok = false;
+            }
+        }
     }
     if args.json {
         let status = client

@@ -151,9 +151,16 @@ pub(super) async fn record(
                     (e, None)
                 }
                 Event::Failed { layer, error } => {
-                    let mut e = StoredEvent::layer(layer.clone(), LayerState::Failed);
+                    // A running layer stopped by `farm cancel` was cancelled, not failed
+                    // (its state must not overwrite the cancel's).
+                    let state = if error == super::sched::CANCELLED {
+                        LayerState::Cancelled
+                    } else {
+                        LayerState::Failed
+                    };
+                    let mut e = StoredEvent::layer(layer.clone(), state);
                     e.error = Some(error.clone());
-                    (e, Some((layer, LayerState::Failed, Some(error))))
+                    (e, Some((layer, state, Some(error))))
                 }
                 Event::Skipped { layer, because } => {
                     let state = if because.contains("cancelled") {

@@ -553,6 +553,15 @@ impl Inner {
         }
     }
 
+    /// Was build `id` cancelled (while it runs in this process)?
+    fn is_cancelled(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|r| r.cancelled.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<Arc<(u64, StoredEvent)>>> {
         self.running
             .lock()

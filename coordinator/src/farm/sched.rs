@@ -216,8 +216,15 @@ impl Scheduler {
                 );
             }
             _ => {
-                self.lock().queue.push_back(task);
-                inner.metrics.set_queue(self.lock().queue.len());
+                let mut st = self.lock();
+                // Checked under the lock `cancel_build` drains the queue under: a layer
+                // that arrives after a cancel must not be queued (and built) after it.
+                if inner.is_cancelled(build) {
+                    return Err(CANCELLED.into());
+                }
+                st.queue.push_back(task);
+                inner.metrics.set_queue(st.queue.len());
+                drop(st);
                 self.wake.notify_one();
             }
         }
@@ -305,10 +312,17 @@ impl Scheduler {
             layer: task.job.layer.name.clone(),
             worker: worker.clone(),
         });
+        let cancelled;
         let requeue = {
             let mut st = self.lock();
             unreserve(&mut st);
-            match st.workers.get_mut(&worker).filter(|w| w.session == session) {
+            // Cancelled while the lease was written (`cancel_build` did not see it).
+            cancelled = inner.is_cancelled(&task.build);
+            match st
+                .workers
+                .get_mut(&worker)
+                .filter(|w| w.session == session && !cancelled)
+            {
                 Some(w) => {
                     let sent = w.tx.send(CoordinatorMessage {
                         kind: Some(coordinator_message::Kind::Assign(Assignment {
@@ -334,6 +348,10 @@ impl Scheduler {
             // attempt that counts against the layer... but the lease was recorded, so
             // it does count; release it and queue again.
             let _ = inner.state.release(id).await;
+            if cancelled {
+                task.finish(Err(CANCELLED.into()));
+                return;
+            }
             self.lock().queue.push_front(task);
             self.wake.notify_one();
         }

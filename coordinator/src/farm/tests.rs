@@ -422,6 +422,14 @@ async fn cancel_stops_running_layers_on_their_worker() {
     assert_eq!(*w.cancelled.lock().unwrap(), sent);
     let status = farm.state().status(&id).await.unwrap().unwrap();
     assert_eq!(status.state, BuildState::Cancelled);
+    // The running layer as well as the queued ones: cancelled, not failed.
+    assert!(
+        status
+            .layers
+            .iter()
+            .all(|l| l.state == LayerState::Cancelled),
+        "{status:?}"
+    );
     assert!(matches!(
         farm.cancel("b-nope").await,
         Err(FarmError::NotFound(_))
