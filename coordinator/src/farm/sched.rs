@@ -507,9 +507,11 @@ fn choose(workers: &BTreeMap<String, Worker>, job: &Job) -> Option<String> {
         JobBase::TarInLayer { producer, .. } => Some(producer.chain_id.as_str()),
         _ => None,
     };
+    // A layer that runs nothing (only adds files and config) builds on any platform.
+    let runs = job.layer.run.is_some() || job.layer.generate_labels.is_some();
     workers
         .iter()
-        .filter(|(_, w)| w.platform == job.platform && w.free() > 0)
+        .filter(|(_, w)| (!runs || w.platform == job.platform) && w.free() > 0)
         .max_by_key(|(_, w)| {
             let has_base = base.is_some_and(|b| w.chains.contains(b));
             let busy =

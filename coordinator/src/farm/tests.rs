@@ -507,3 +507,19 @@ async fn unknown_builds_are_not_found_and_plan_errors_come_back() {
         Ok(_) => panic!("planned a bad file"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_that_runs_nothing_builds_on_a_worker_of_another_platform() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let w = fake_worker(&farm, "amd64", 1, QUICK, vec![]);
+    let file = d.path().join("arm.yaml");
+    std::fs::write(
+        &file,
+        "arm:\n  from: {type: scratch}\n  os: linux\n  arch: arm64\n  cmd: /bin/true\n",
+    )
+    .unwrap();
+    let (id, _) = farm.submit(submission(&file)).await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    assert_eq!(w.layers(), ["arm"]);
+}
