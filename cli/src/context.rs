@@ -9,10 +9,9 @@
 //! outside it is an error (the same rule as `farm build`) unless
 //! `--allow-outside-context`, which widens the root to include it.
 //!
-//! Entries of the request: a file has a digest; a symlink has a `symlink_target`.
-//! `mode` holds the permission bits (`& 0o7777`). Directories are collected but not
-//! sent: the coordinator makes every parent directory itself (mode 0755) and takes an
-//! entry without a `symlink_target` for a file, so an empty directory cannot travel yet.
+//! Entries of the request: a file has a digest; a symlink has a `symlink_target`; a
+//! directory has neither (so empty ones travel too). `mode` holds the permission bits
+//! (`& 0o7777`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -57,25 +56,22 @@ pub struct BuildContext {
 }
 
 impl BuildContext {
-    /// The files and symlinks as the protocol's `ContextFile`s, sorted by path
-    /// (directories are implied by them; see the module documentation).
+    /// The entries as the protocol's `ContextFile`s, sorted by path.
     pub fn to_proto(&self) -> Vec<ContextFile> {
         self.entries
             .iter()
-            .filter_map(|(path, e)| match e {
-                Entry::File { digest, mode, .. } => Some(ContextFile {
+            .map(|(path, e)| {
+                let (digest, mode, symlink_target) = match e {
+                    Entry::File { digest, mode, .. } => (digest.to_string(), *mode, String::new()),
+                    Entry::Dir { mode } => (String::new(), *mode, String::new()),
+                    Entry::Symlink { target } => (String::new(), 0o777, target.clone()),
+                };
+                ContextFile {
                     path: path.clone(),
-                    digest: digest.to_string(),
-                    mode: *mode,
-                    symlink_target: String::new(),
-                }),
-                Entry::Dir { .. } => None,
-                Entry::Symlink { target } => Some(ContextFile {
-                    path: path.clone(),
-                    digest: String::new(),
-                    mode: 0o777,
-                    symlink_target: target.clone(),
-                }),
+                    digest,
+                    mode,
+                    symlink_target,
+                }
             })
             .collect()
     }
@@ -461,13 +457,17 @@ mod tests {
             (link.digest.as_str(), link.symlink_target.as_str()),
             ("", "sub/a")
         );
-        // Files and links only: directories are implied (and empty ones not sent yet).
-        assert!(
-            proto
-                .iter()
-                .all(|f| !f.digest.is_empty() || !f.symlink_target.is_empty())
+        // Directories are sent too (neither digest nor target), so empty ones travel.
+        let empty = proto.iter().find(|f| f.path == "tree/empty").unwrap();
+        assert_eq!(
+            (empty.digest.as_str(), empty.symlink_target.as_str()),
+            ("", "")
         );
-        assert_eq!(proto.len(), 7);
+        let files_and_links = proto
+            .iter()
+            .filter(|f| !f.digest.is_empty() || !f.symlink_target.is_empty())
+            .count();
+        assert_eq!(files_and_links, 7);
         // Five files, five distinct blobs.
         assert_eq!(c.blobs().len(), 5);
     }

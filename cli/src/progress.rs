@@ -21,6 +21,8 @@ enum State {
     Cached,
     Failed(String),
     Skipped(String),
+    /// Stopped or never started because the build was cancelled.
+    Cancelled,
 }
 
 pub struct Progress {
@@ -100,8 +102,16 @@ impl Progress {
                         states.insert(layer, State::Failed(error));
                     }
                     Event::Skipped { layer, because } => {
-                        say(&mp, format!("[{layer}] skipped: {because}"));
-                        states.insert(layer, State::Skipped(because));
+                        if let Some(bar) = bars.remove(&layer) {
+                            bar.finish_and_clear();
+                        }
+                        if because.starts_with("cancelled") || because.contains("was cancelled") {
+                            say(&mp, format!("[{layer}] cancelled"));
+                            states.insert(layer, State::Cancelled);
+                        } else {
+                            say(&mp, format!("[{layer}] skipped: {because}"));
+                            states.insert(layer, State::Skipped(because));
+                        }
                     }
                 }
             }
@@ -137,6 +147,7 @@ fn summary(names: &[String], states: &HashMap<String, State>, width: usize) -> S
                 format!("FAILED  {}", e.lines().next().unwrap_or(""))
             }
             State::Skipped(why) => format!("skipped ({why})"),
+            State::Cancelled => "cancelled".to_string(),
             State::Running | State::Waiting => "not run".to_string(),
         };
         let _ = writeln!(out, "  {name:width$}  {line}");

@@ -73,7 +73,7 @@ async fn run(n: usize) {
     .await
     .unwrap();
     for w in 0..2 {
-        let link = farm.connect_worker();
+        let link = farm.connect_worker().unwrap();
         let json = serde_json::to_string(&result).unwrap();
         tokio::spawn(async move {
             let tx = link.tx;

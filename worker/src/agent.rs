@@ -105,7 +105,7 @@ pub async fn run(
             }
         };
         down_since = None;
-        backoff = Duration::from_millis(100);
+        let connected_at = Instant::now();
         let Connection { tx, mut rx } = conn;
         let chains = engine.as_ref().map(|e| chain_ids(e)).unwrap_or_default();
         reported_chains = reported_chains.max(chains.len());
@@ -202,6 +202,14 @@ pub async fn run(
         *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
         tracing::warn!(coordinator = %dialer.describe(), "disconnected; dialling again");
         down_since = Some(Instant::now());
+        // A connection that ends at once (a coordinator that takes the call and drops
+        // it) must not become a busy loop: back off unless it lasted a while.
+        if connected_at.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        drain_done(&mut done_rx, &mut running, &mut unacked);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -269,7 +277,10 @@ pub struct LocalDialer(pub farm_coordinator::farm::Farm);
 impl Dialer for LocalDialer {
     fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>> {
         Box::pin(async move {
-            let link = self.0.connect_worker();
+            let link = self
+                .0
+                .connect_worker()
+                .ok_or_else(|| "the embedded coordinator has stopped".to_string())?;
             Ok(Connection {
                 tx: link.tx,
                 rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(

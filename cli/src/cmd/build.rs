@@ -156,6 +156,8 @@ pub struct EmbeddedSubmit {
     pub require_hash: bool,
     pub allow_outside_context: bool,
     pub json: bool,
+    pub push: super::publish::PushArgs,
+    pub registry: super::publish::RegistryArgs,
 }
 
 /// Run `farm submit`'s build in this process, exactly as `farm build` does.
@@ -178,15 +180,8 @@ pub fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode> {
             pool_max_size: None,
             allow_outside_context: s.allow_outside_context,
             require_hash: s.require_hash,
-            push: super::publish::PushArgs {
-                push: None,
-                push_tags: Vec::new(),
-                push_insecure: false,
-            },
-            registry: super::publish::RegistryArgs {
-                registry_username: std::env::var("FARM_REGISTRY_USERNAME").ok(),
-                registry_password: std::env::var("FARM_REGISTRY_PASSWORD").ok(),
-            },
+            push: s.push,
+            registry: s.registry,
             json: s.json,
             command: "submit",
         },

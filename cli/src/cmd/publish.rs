@@ -79,7 +79,8 @@ pub struct PushArgs {
 #[command(after_help = "Examples:\n  \
   farm build && farm publish --url docker://registry.example.com/team\n  \
   farm publish --url docker://localhost:5000/dev --tag 1.2 --tag latest --image app --skip-tls\n  \
-  farm build --push docker://registry.example.com/team --push-tag 1.2   (build, then push)")]
+  farm build --push docker://registry.example.com/team --push-tag 1.2   (build, then push)\n  \
+  farm publish b-1795961460799-adfc59c5 --url docker://registry.example.com/team --coordinator farm:7600")]
 pub struct PublishArgs {
     /// Where to push: docker://HOST[:PORT]/NAMESPACE
     #[arg(long, value_name = "URL")]
@@ -98,11 +99,49 @@ pub struct PublishArgs {
     pub images: Vec<String>,
 
     /// The OCI layout holding the images (what `farm build -o` wrote)
-    #[arg(long, value_name = "DIR", default_value = "oci")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "oci",
+        conflicts_with = "build"
+    )]
     pub layout: PathBuf,
+
+    /// Publish the images of this build of the coordinator instead of a layout
+    #[arg(value_name = "BUILD-ID")]
+    pub build: Option<String>,
+
+    #[command(flatten)]
+    pub coordinator: crate::client::CoordinatorArg,
 
     #[command(flatten)]
     pub registry: RegistryArgs,
+}
+
+/// A temporary OCI layout, removed on drop.
+pub struct ScratchLayout(PathBuf);
+
+impl ScratchLayout {
+    pub fn new(what: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "farm-{what}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        Ok(ScratchLayout(dir))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchLayout {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// How to publish.
@@ -216,7 +255,19 @@ pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         credentials: args.registry.credentials()?,
     };
     opts.check()?;
+    let scratch = ScratchLayout::new("publish")?;
     block_on(async move {
+        let mut args = args;
+        if let Some(id) = &args.build {
+            // A farm build: its images come through a temporary layout.
+            let addr = args.coordinator.required("publish BUILD-ID")?;
+            let mut client = crate::client::Client::connect(&addr).await?;
+            let tags = super::pull::pull(&mut client, id, scratch.path()).await?;
+            if tags.is_empty() {
+                anyhow::bail!("build {id} has no images (did it succeed? `farm status {id}`)");
+            }
+            args.layout = scratch.path().to_path_buf();
+        }
         let layout = OciLayout::open(&args.layout)
             .await
             .with_context(|| format!("opening the OCI layout {}", args.layout.display()))?;

@@ -81,6 +81,12 @@ pub struct SubmitArgs {
     /// sent then includes them)
     #[arg(long)]
     pub allow_outside_context: bool,
+
+    #[command(flatten)]
+    pub push: super::publish::PushArgs,
+
+    #[command(flatten)]
+    pub registry: super::publish::RegistryArgs,
 }
 
 pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
@@ -142,6 +148,8 @@ fn run_embedded_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         require_hash: args.require_hash,
         allow_outside_context: args.allow_outside_context,
         json: args.json,
+        push: args.push,
+        registry: args.registry,
     })
 }
 
@@ -231,6 +239,26 @@ async fn submit(
                 ok = false;
             }
         }
+    }
+    if ok && args.push.push.is_some() {
+        // The images come through a local layout (-o, or a temporary one).
+        let credentials = args.registry.credentials()?;
+        let scratch = super::publish::ScratchLayout::new("submit")?;
+        let dir = args
+            .output
+            .clone()
+            .unwrap_or_else(|| scratch.path().to_path_buf());
+        ok = match super::pull::pull(&mut client, &id, &dir).await {
+            Ok(tags) => {
+                let layout = farm_image::OciLayout::open(&dir).await?;
+                super::publish::push_after_build(layout.blobs(), &tags, &args.push, &credentials)
+                    .await
+            }
+            Err(e) => {
+                eprintln!("farm submit: fetching the images to push: {e:#}");
+                false
+            }
+        };
     }
     if args.json {
         let status = client

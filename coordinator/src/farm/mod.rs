@@ -308,8 +308,8 @@ impl Farm {
     }
 
     /// Attach a worker through channels (the embedded worker; the gRPC service uses the
-    /// same call for remote ones).
-    pub fn connect_worker(&self) -> WorkerLink {
+    /// same call for remote ones). `None` once the farm is shutting down.
+    pub fn connect_worker(&self) -> Option<WorkerLink> {
         self.inner.sched.connect()
     }
 
@@ -586,10 +586,11 @@ pub async fn store_manifest(
     Ok(digest.to_string())
 }
 
-/// The tree of an uploaded context (parent directories added, paths checked).
+/// The tree of an uploaded context: directories (sent, or implied by a path under
+/// them, mode 0755) first, then files and symlinks; every path checked.
 fn context_tree(files: &[ContextFile]) -> Result<Tree, FarmError> {
-    let mut dirs = std::collections::BTreeSet::new();
-    let mut entries = Vec::new();
+    let mut dirs: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut rest = Vec::new();
     for f in files {
         let p = Path::new(&f.path);
         if f.path.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
@@ -600,37 +601,32 @@ fn context_tree(files: &[ContextFile]) -> Result<Tree, FarmError> {
         }
         let mut parent = p.parent();
         while let Some(d) = parent.filter(|d| !d.as_os_str().is_empty()) {
-            dirs.insert(d.to_string_lossy().into_owned());
+            dirs.entry(d.to_string_lossy().into_owned())
+                .or_insert(0o755);
             parent = d.parent();
         }
-    }
-    for d in &dirs {
-        entries.push(TreeEntry::Dir {
-            path: d.clone(),
-            mode: 0o755,
-        });
-    }
-    for f in files {
-        if dirs.contains(&f.path) {
-            continue;
-        }
-        entries.push(if f.symlink_target.is_empty() {
-            TreeEntry::File {
+        let mode = f.mode & 0o7777;
+        if f.digest.is_empty() && f.symlink_target.is_empty() {
+            dirs.insert(f.path.clone(), if mode == 0 { 0o755 } else { mode });
+        } else if f.symlink_target.is_empty() {
+            rest.push(TreeEntry::File {
                 path: f.path.clone(),
-                mode: match f.mode & 0o7777 {
-                    0 => 0o644,
-                    m => m,
-                },
+                mode: if mode == 0 { 0o644 } else { mode },
                 digest: f.digest.clone(),
                 size: 0,
-            }
+            });
         } else {
-            TreeEntry::Symlink {
+            rest.push(TreeEntry::Symlink {
                 path: f.path.clone(),
                 target: f.symlink_target.clone(),
-            }
-        });
+            });
+        }
     }
+    let mut entries: Vec<TreeEntry> = dirs
+        .into_iter()
+        .map(|(path, mode)| TreeEntry::Dir { path, mode })
+        .collect();
+    entries.extend(rest);
     Ok(Tree { entries })
 }
 

@@ -425,13 +425,12 @@ impl Scheduler {
     }
 
     /// A new worker connection (see [`WorkerLink`]).
-    pub(super) fn connect(&self) -> WorkerLink {
+    pub(super) fn connect(&self) -> Option<WorkerLink> {
         let (wtx, wrx) = mpsc::unbounded_channel();
         let (ctx, crx) = mpsc::unbounded_channel();
-        if let Some(inner) = self.inner.upgrade() {
-            tokio::spawn(serve_worker(inner, wrx, ctx));
-        }
-        WorkerLink { tx: wtx, rx: crx }
+        let inner = self.inner.upgrade()?;
+        tokio::spawn(serve_worker(inner, wrx, ctx));
+        Some(WorkerLink { tx: wtx, rx: crx })
     }
 
     /// Stop build `id`'s layers: queued ones never start, running ones are cancelled on

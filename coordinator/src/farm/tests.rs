@@ -92,7 +92,7 @@ fn fake_worker(
     script: Script,
     running: Vec<(String, Job)>,
 ) -> FakeWorker {
-    let link = farm.connect_worker();
+    let link = farm.connect_worker().unwrap();
     let assigned = Arc::new(Mutex::new(Vec::new()));
     let cancelled = Arc::new(Mutex::new(Vec::new()));
     let blobs = farm.blobs().clone();

@@ -338,7 +338,10 @@ impl Workers for FarmService {
         request: Request<Streaming<proto::WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = request.into_inner();
-        let link = self.farm.connect_worker();
+        let link = self
+            .farm
+            .connect_worker()
+            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?;
         let tx = link.tx;
         tokio::spawn(async move {
             while let Some(Ok(msg)) = inbound.next().await {
