@@ -814,3 +814,71 @@ fn workers_are_listed_and_an_unusable_pool_says_why() {
         f.workers[1].proc.output()
     );
 }
+
+/// Issue 6 through the farm: `farm submit --push` pushes a remote build's images (not
+/// its build_only layers), and `farm publish BUILD-ID` publishes them again elsewhere;
+/// the registry's digests are the build's.
+#[test]
+fn a_remote_build_is_pushed_and_published_by_id() {
+    let Some(r) = crate::registry::Registry::start(None) else {
+        return;
+    };
+    let Some(mut farm) = Farm::new("push") else {
+        return;
+    };
+    r.seed(farm.t.e, "busybox", "latest", false);
+    farm.add_worker("w1", 1);
+    farm.wait_for_workers();
+    farm.t.write(
+        "stacker.yaml",
+        format!(
+            "helper:\n  from: {{type: docker, url: '{}', insecure: true}}\n  build_only: true\n  run: echo helper > /helper\n\
+             app:\n  from: {{type: built, tag: helper}}\n  run: echo app > /app\n",
+            r.url("busybox:latest")
+        ),
+    );
+    let push = r.url("farm/sub");
+    let run = farm.client(&[
+        "submit",
+        "--json",
+        "--push",
+        &push,
+        "--push-tag",
+        "t1",
+        "--push-insecure",
+    ]);
+    run.assert_ok();
+    let status = run.json();
+    let id = status["id"].as_str().unwrap().to_string();
+    let app = status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "app")
+        .unwrap()["manifest_digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let host = r.host();
+    let pushed = r
+        .inspect(&farm.t, &format!("{host}/farm/sub/app:t1"))
+        .unwrap();
+    assert_eq!(pushed["Digest"], app.as_str(), "{}", run.describe());
+    assert!(
+        r.inspect(&farm.t, &format!("{host}/farm/sub/helper:t1"))
+            .is_err(),
+        "a build_only layer was pushed"
+    );
+
+    let other = r.url("farm/again");
+    let run = farm.client(&["publish", &id, "--url", &other, "--tag", "t2", "--skip-tls"]);
+    run.assert_ok();
+    let published = r
+        .inspect(&farm.t, &format!("{host}/farm/again/app:t2"))
+        .unwrap();
+    assert_eq!(published["Digest"], app.as_str(), "{}", run.describe());
+
+    let run = farm.client(&["publish", "b-0-nope", "--url", &other, "--skip-tls"]);
+    assert!(!run.status.success());
+    run.assert_stderr_contains("b-0-nope");
+}

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::util::*;
 
 /// A `docker-registry serve` on 127.0.0.1, killed on drop.
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
     port: u16,
     dir: PathBuf,
@@ -27,7 +27,7 @@ struct Registry {
 impl Registry {
     /// Start one (with htpasswd basic auth when `creds` is given); None (after saying
     /// why, or failing under CI=true) when the tools are missing.
-    fn start(creds: Option<(&str, &str)>) -> Option<Registry> {
+    pub(crate) fn start(creds: Option<(&str, &str)>) -> Option<Registry> {
         Self::start_with(creds, false)
     }
 
@@ -134,11 +134,11 @@ impl Registry {
         }
     }
 
-    fn host(&self) -> String {
+    pub(crate) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("docker://{}/{path}", self.host())
     }
 
@@ -175,7 +175,7 @@ impl Registry {
 
     /// Copy the busybox fixture image into the registry as `repo:tag` (optionally as a
     /// Docker v2 schema 2 image).
-    fn seed(&self, e: &E2e, repo: &str, tag: &str, docker_format: bool) {
+    pub(crate) fn seed(&self, e: &E2e, repo: &str, tag: &str, docker_format: bool) {
         let mut c = Command::new("skopeo");
         c.args(["copy", "--quiet", "--dest-tls-verify=false"]);
         c.args(self.skopeo_creds("--dest-creds"));
@@ -188,7 +188,7 @@ impl Registry {
     }
 
     /// `skopeo inspect` of `repo:tag` (raw manifest digest in "Digest").
-    fn inspect(&self, t: &TestDir, reference: &str) -> Result<Value, String> {
+    pub(crate) fn inspect(&self, t: &TestDir, reference: &str) -> Result<Value, String> {
         let out = t
             .command(&[], "skopeo")
             .args(["inspect", "--tls-verify=false"])

@@ -303,6 +303,7 @@ async fn build(
             insecure: flags.push.push_insecure,
             insecure_flag: "--push-insecure",
             credentials: credentials.clone(),
+            refs_to_stderr: flags.json,
         }
         .check()?;
     }
@@ -374,6 +375,7 @@ async fn build(
                     &tags,
                     &flags.push,
                     &credentials,
+                    flags.json,
                 )
                 .await;
             }

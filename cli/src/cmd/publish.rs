@@ -154,6 +154,8 @@ pub struct PublishOptions {
     /// The flag that allows an insecure registry, for the TLS error's hint.
     pub insecure_flag: &'static str,
     pub credentials: Credentials,
+    /// Print the pushed references on stderr (stdout is for JSON).
+    pub refs_to_stderr: bool,
 }
 
 impl PublishOptions {
@@ -205,7 +207,11 @@ pub async fn publish_images(
         .await
         .with_context(|| format!("pushing to {target}"))?;
     for p in &pushed {
-        println!("{}  {}", p.reference, p.digest);
+        if opts.refs_to_stderr {
+            eprintln!("{}  {}", p.reference, p.digest);
+        } else {
+            println!("{}  {}", p.reference, p.digest);
+        }
     }
     let secs = started.elapsed().as_secs_f64();
     let mb = stats.uploaded_bytes as f64 / 1e6;
@@ -223,11 +229,13 @@ pub async fn publish_images(
 
 /// `farm build --push`: push what the build tagged. Returns whether it worked (the
 /// error is printed).
+/// With `json`, stdout is for the status object: the pushed references go to stderr.
 pub async fn push_after_build(
     blobs: &BlobStore,
     tagged: &[(String, String)],
     push: &PushArgs,
     credentials: &Credentials,
+    json: bool,
 ) -> bool {
     let Some(url) = &push.push else { return true };
     let opts = PublishOptions {
@@ -236,11 +244,12 @@ pub async fn push_after_build(
         insecure: push.push_insecure,
         insecure_flag: "--push-insecure",
         credentials: credentials.clone(),
+        refs_to_stderr: json,
     };
     match publish_images(blobs, tagged, &opts).await {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("farm build: --push failed: {e:#}");
+            eprintln!("farm: --push failed: {e:#}");
             false
         }
     }
@@ -253,6 +262,7 @@ pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         insecure: args.skip_tls,
         insecure_flag: "--skip-tls",
         credentials: args.registry.credentials()?,
+        refs_to_stderr: false,
     };
     opts.check()?;
     let scratch = ScratchLayout::new("publish")?;

@@ -251,8 +251,14 @@ async fn submit(
         ok = match super::pull::pull(&mut client, &id, &dir).await {
             Ok(tags) => {
                 let layout = farm_image::OciLayout::open(&dir).await?;
-                super::publish::push_after_build(layout.blobs(), &tags, &args.push, &credentials)
-                    .await
+                super::publish::push_after_build(
+                    layout.blobs(),
+                    &tags,
+                    &args.push,
+                    &credentials,
+                    args.json,
+                )
+                .await
             }
             Err(e) => {
                 eprintln!("farm submit: fetching the images to push: {e:#}");
