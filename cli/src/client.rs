@@ -253,93 +253,135 @@ async fn watch_with(
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use farm_proto::v1::build_event::Kind;
-    use farm_proto::v1::{BuildState, BuildStatus, LayerState};
+    use farm_proto::v1::{BuildState, CancelRequest};
+    use tokio::sync::mpsc;
 
     use super::*;
-    use crate::fake::{Fake, Script};
+    use crate::test_coordinator::Coordinator;
 
-    fn ev(seq: u64, kind: Kind) -> BuildEvent {
-        BuildEvent {
-            seq,
-            layer: "app".into(),
-            kind: Some(kind),
-            ..BuildEvent::default()
-        }
+    /// Two layers that run something: with no worker attached both are started (queued
+    /// for a worker) and stay so until the build is cancelled.
+    fn queued_build(dir: &Path) -> PathBuf {
+        let file = dir.join("stacker.yaml");
+        std::fs::write(
+            &file,
+            "a:\n  from:\n    type: scratch\n  run: echo a\n\
+             b:\n  from:\n    type: scratch\n  run: echo b\n",
+        )
+        .unwrap();
+        file
     }
 
-    fn script() -> Script {
-        Script {
-            status: BuildStatus {
-                id: "b1".into(),
-                state: BuildState::Succeeded as i32,
-                ..BuildStatus::default()
-            },
-            events: vec![
-                ev(1, Kind::State(LayerState::LayerRunning as i32)),
-                ev(2, Kind::Log("hello".into())),
-                ev(3, Kind::Log("world".into())),
-                ev(4, Kind::State(LayerState::LayerBuilt as i32)),
-                ev(5, Kind::Build(BuildState::Succeeded as i32)),
-            ],
-            ..Script::default()
-        }
+    /// What arrived on `rx` so far.
+    fn drain(rx: &mut mpsc::UnboundedReceiver<BuildEvent>) -> Vec<BuildEvent> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
     }
 
     #[tokio::test]
     async fn watch_resumes_after_the_last_event_seen_when_the_stream_breaks() {
-        let fake = Fake::start(Script {
-            break_after: Some(2),
-            ..script()
-        })
-        .await;
-        let mut c = Client::connect(&fake.addr).await.unwrap();
-        let mut seen = Vec::new();
-        let last = watch(&mut c, "b1", |e| seen.push(e.seq)).await.unwrap();
-        assert_eq!(seen, [1, 2, 3, 4, 5]);
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(dir.path()).await;
+        let (addr, socket) = (coordinator.addr.clone(), coordinator.socket);
+        let id = coordinator.submit(queued_build(dir.path())).await;
+        let mut c = Client::connect(&addr).await.unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watching = watch(&mut c, &id, |e| {
+            let _ = tx.send(e.clone());
+        });
+        let restarting = async {
+            // The coordinator stops once the watcher has seen an event of the running
+            // build, and starts again on the same state dir and port.
+            let first = rx.recv().await.unwrap();
+            coordinator.stop().await;
+            let mut before = vec![first];
+            before.extend(drain(&mut rx));
+            let again = Coordinator::start_on(dir.path(), socket).await;
+            let mut other = Client::connect(&addr).await.unwrap();
+            other
+                .farm
+                .cancel(CancelRequest { id: id.clone() })
+                .await
+                .unwrap();
+            (before, again)
+        };
+        let (last, (before, again)) = futures::join!(watching, restarting);
+        let last = last.unwrap();
+        let after = drain(&mut rx);
         assert_eq!(
             crate::states::final_state(&last),
-            Some(BuildState::Succeeded as i32)
+            Some(BuildState::Cancelled as i32),
+            "{last:?}"
         );
-        assert_eq!(fake.script.lock().unwrap().watched_from, [0, 2]);
+        assert!(
+            before
+                .iter()
+                .all(|e| crate::states::final_state(e).is_none()),
+            "{before:?}"
+        );
+        assert!(
+            before
+                .iter()
+                .any(|e| matches!(e.kind, Some(Kind::State(_))) && !e.layer.is_empty()),
+            "{before:?}"
+        );
+        assert!(!after.is_empty());
+
+        // Every stored event once, in order, the final one last: what a watcher that
+        // never lost the coordinator sees.
+        let seen: Vec<BuildEvent> = before.into_iter().chain(after).collect();
+        let mut c = Client::connect(&addr).await.unwrap();
+        let mut all = Vec::new();
+        watch(&mut c, &id, |e| all.push(e.clone())).await.unwrap();
+        assert_eq!(seen, all);
+        assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq), "{seen:?}");
+        assert_eq!(seen.last(), Some(&last));
+        again.stop().await;
     }
 
     #[tokio::test]
     async fn watching_an_unknown_build_is_not_found() {
-        let fake = Fake::start(script()).await;
-        let mut c = Client::connect(&fake.addr).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(dir.path()).await;
+        let mut c = Client::connect(&coordinator.addr).await.unwrap();
         let e = watch(&mut c, "nope", |_| {}).await.unwrap_err();
-        assert_eq!(e.to_string(), format!("no build nope on {}", fake.addr));
+        assert_eq!(
+            e.to_string(),
+            format!("no build nope on {}", coordinator.addr)
+        );
+        coordinator.stop().await;
     }
 
     #[tokio::test]
     async fn a_watcher_gives_up_on_a_coordinator_that_stays_away() {
-        let fake = Fake::start(Script {
-            break_after: Some(1),
-            ..script()
-        })
-        .await;
-        let mut c = Client::connect(&fake.addr).await.unwrap();
-        let script = fake.script.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(dir.path()).await;
+        let addr = coordinator.addr.clone();
+        let id = coordinator.submit(queued_build(dir.path())).await;
+        let mut c = Client::connect(&addr).await.unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut on_event = |e: &BuildEvent| {
+            let _ = tx.send(e.clone());
+        };
+        let watching = watch_with(&mut c, &id, Duration::from_secs(1), &mut on_event);
         // The coordinator goes away for good once the first event is out.
-        let mut fake = Some(fake);
-        let started = Instant::now();
-        let mut seen = Vec::new();
-        let result = watch_with(&mut c, "b1", Duration::from_secs(1), &mut |e| {
-            seen.push(e.seq);
-            if let Some(f) = fake.take() {
-                drop(f);
-            }
-        })
-        .await;
+        let stopping = async {
+            let first = rx.recv().await.unwrap();
+            coordinator.stop().await;
+            (first, Instant::now())
+        };
+        let (result, (first, stopped)) = futures::join!(watching, stopping);
         let e = result.unwrap_err().to_string();
-        assert!(started.elapsed() < Duration::from_secs(15));
-        assert_eq!(seen, [1]);
+        assert!(stopped.elapsed() < Duration::from_secs(15));
+        assert!(crate::states::final_state(&first).is_none(), "{first:?}");
         assert!(
-            e.contains("gave up") && e.contains("farm status b1 --wait"),
+            e.contains("gave up")
+                && e.contains(&addr)
+                && e.contains(&format!("farm status {id} --wait")),
             "{e}"
         );
-        assert_eq!(script.lock().unwrap().watched_from, [0]);
     }
 
     #[test]

@@ -10,12 +10,12 @@ mod cmd;
 mod common;
 mod context;
 mod embedded;
-#[cfg(test)]
-mod fake;
 mod local;
 mod progress;
 mod remote;
 mod states;
+#[cfg(test)]
+mod test_coordinator;
 
 use std::process::ExitCode;
 

@@ -148,84 +148,139 @@ async fn fetch_image(
 
 #[cfg(test)]
 mod tests {
-    use farm_proto::v1::{BuildState, BuildStatus, LayerState, LayerStatus};
+    use farm_coordinator::farm::Submission;
+    use farm_proto::v1::{BuildState, LayerStatus};
 
     use super::*;
-    use crate::fake::{Fake, Script};
+    use crate::client::watch;
+    use crate::common::Layout;
 
-    /// The digest of `s`.
-    fn b(s: &str) -> farm_image::oci::Digest {
-        Digest::of(s.as_bytes()).to_oci()
-    }
-
-    /// A manifest (and its config and layer) in the fake's store; its digest.
-    async fn image(fake: &Fake, seed: &str) -> Digest {
-        let config = format!("{{\"seed\":\"{seed}\"}}");
-        let layer = format!("layer bytes of {seed}");
-        fake.store.put(config.clone().into()).await.unwrap();
-        fake.store.put(layer.clone().into()).await.unwrap();
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": b(&config).to_string(), "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": b(&layer).to_string(), "size": layer.len()}],
-        });
-        let body = serde_json::to_vec(&manifest).unwrap();
-        fake.store.put(body.into()).await.unwrap().digest
-    }
-
-    #[tokio::test]
+    /// A real build (the coordinator's server, the embedded worker behind it) of a
+    /// build_only base and two tagged images, pulled: only the tagged ones are written.
+    #[tokio::test(flavor = "multi_thread")]
     async fn pull_writes_and_tags_every_tagged_image() {
-        let fake = Fake::start(Script::default()).await;
-        let app = image(&fake, "app").await;
-        let base = image(&fake, "base").await;
-        let layer = |name: &str, digest: &Digest, tagged: bool| LayerStatus {
-            name: name.into(),
-            state: LayerState::LayerBuilt as i32,
-            manifest_digest: digest.to_string(),
-            tagged,
-            ..LayerStatus::default()
-        };
-        fake.script.lock().unwrap().status = BuildStatus {
-            id: "b1".into(),
-            state: BuildState::Succeeded as i32,
-            layers: vec![layer("base", &base, false), layer("app", &app, true)],
-            ..BuildStatus::default()
-        };
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("oci");
-        let mut c = Client::connect(&fake.addr).await.unwrap();
-        let tags = pull(&mut c, "b1", &out).await.unwrap();
-        assert_eq!(tags, [("app".to_string(), app.to_string())]);
-        let layout = OciLayout::open(&out).await.unwrap();
-        assert_eq!(layout.tags().await.unwrap(), ["app"]);
-        let desc = layout.resolve("app").await.unwrap();
-        assert_eq!(desc.digest().to_string(), app.to_string());
-        let (_, manifest) = layout.manifest("app", None).await.unwrap();
-        for d in std::iter::once(manifest.config().digest())
-            .chain(manifest.layers().iter().map(|l| l.digest()))
+        let layout = Layout::new(
+            Some(dir.path().join("state")),
+            Some(dir.path().join("pool")),
+            None,
+        );
+        let embedded = match crate::embedded::Embedded::start(layout, None, 2, Default::default())
+            .await
         {
-            assert!(
-                layout
-                    .blobs()
-                    .exists(&Digest::try_from(d).unwrap())
-                    .await
-                    .unwrap()
-            );
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("SKIPPED: no rootless worker on this machine ({e:#}); see `farm check`");
+                return;
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(farm_coordinator::server::serve(
+            listener,
+            embedded.farm.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+        let ctx = dir.path().join("ctx");
+        for name in ["base", "app", "tool"] {
+            std::fs::create_dir_all(ctx.join(name)).unwrap();
+            std::fs::write(ctx.join(name).join("f"), format!("{name}\n")).unwrap();
         }
-        assert!(!layout.blobs().exists(&base).await.unwrap());
+        let file = ctx.join("stacker.yaml");
+        std::fs::write(
+            &file,
+            "base:\n  build_only: true\n  from:\n    type: scratch\n  imports:\n    - path: base\n      dest: /base\n\
+             app:\n  from:\n    type: built\n    tag: base\n  imports:\n    - path: app\n      dest: /app\n\
+             tool:\n  from:\n    type: scratch\n  imports:\n    - path: tool\n      dest: /tool\n",
+        )
+        .unwrap();
+        let farm = embedded.farm.clone();
+        let (id, _) = farm
+            .submit(Submission {
+                stackerfiles: vec![file.to_string_lossy().into_owned()],
+                context: Vec::new(),
+                substitutions: Default::default(),
+                environment: Vec::new(),
+                no_cache: false,
+                compression: "gzip".into(),
+                require_hash: false,
+                allow_outside_context: false,
+                inline: Default::default(),
+            })
+            .await
+            .unwrap();
+        let mut c = Client::connect(&addr).await.unwrap();
+        let last = watch(&mut c, &id, |_| {}).await.unwrap();
+        assert_eq!(
+            crate::states::final_state(&last),
+            Some(BuildState::Succeeded as i32),
+            "{last:?}"
+        );
+        let status = c
+            .farm
+            .status(StatusRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let layer =
+            |name: &str| -> &LayerStatus { status.layers.iter().find(|l| l.name == name).unwrap() };
+        assert!(!layer("base").tagged);
+
+        let out = dir.path().join("oci");
+        let mut tags = pull(&mut c, &id, &out).await.unwrap();
+        tags.sort();
+        let expected: Vec<(String, String)> = ["app", "tool"]
+            .iter()
+            .map(|n| (n.to_string(), layer(n).manifest_digest.clone()))
+            .collect();
+        assert_eq!(tags, expected);
+        let oci = OciLayout::open(&out).await.unwrap();
+        let mut names = oci.tags().await.unwrap();
+        names.sort();
+        assert_eq!(names, ["app", "tool"]);
+        for (tag, digest) in &tags {
+            let desc = oci.resolve(tag).await.unwrap();
+            assert_eq!(&desc.digest().to_string(), digest);
+            let (_, manifest) = oci.manifest(tag, None).await.unwrap();
+            for d in std::iter::once(manifest.config().digest())
+                .chain(manifest.layers().iter().map(|l| l.digest()))
+            {
+                assert!(
+                    oci.blobs()
+                        .exists(&Digest::try_from(d).unwrap())
+                        .await
+                        .unwrap()
+                );
+            }
+        }
+        // The build_only base is no image of its own in the layout.
+        if let Ok(base) = Digest::parse(&layer("base").manifest_digest) {
+            assert!(!oci.blobs().exists(&base).await.unwrap());
+        }
 
         // Again into the same layout: nothing changes; an unknown build is not found.
-        assert_eq!(pull(&mut c, "b1", &out).await.unwrap(), tags);
-        let e = pull(&mut c, "b2", &out).await.unwrap_err();
-        assert_eq!(e.to_string(), format!("no build b2 on {}", fake.addr));
+        let mut again = pull(&mut c, &id, &out).await.unwrap();
+        again.sort();
+        assert_eq!(again, tags);
+        let e = pull(&mut c, "no-such-build", &out).await.unwrap_err();
+        assert_eq!(e.to_string(), format!("no build no-such-build on {addr}"));
 
-        // A manifest the store lacks is an error naming the image.
-        let missing = Digest::of(b"gone");
-        fake.script.lock().unwrap().status.layers = vec![layer("gone", &missing, true)];
-        let e = pull(&mut c, "b1", &out).await.unwrap_err();
-        assert!(format!("{e:#}").contains("image gone"), "{e:#}");
+        // A manifest the coordinator's store lacks is an error naming the image.
+        let app = Digest::parse(&layer("app").manifest_digest).unwrap();
+        let store = embedded.farm.blobs();
+        let root = store.url().strip_prefix("file://").unwrap();
+        std::fs::remove_file(Path::new(root).join(store.blob_path(&app).as_ref())).unwrap();
+        assert!(!store.exists(&app).await.unwrap());
+        let e = pull(&mut c, &id, &dir.path().join("fresh"))
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("image app"), "{e:#}");
+
+        let _ = stop.send(());
+        let _ = server.await;
     }
 }

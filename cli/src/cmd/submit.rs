@@ -359,7 +359,7 @@ mod tests {
 
     use super::*;
     use crate::context::Entry;
-    use crate::fake::{Fake, Script};
+    use crate::test_coordinator::Coordinator;
 
     fn file(dir: &std::path::Path, name: &str, content: &str) -> (String, Entry) {
         let path = dir.join(name);
@@ -375,7 +375,8 @@ mod tests {
 
     #[tokio::test]
     async fn only_missing_files_are_uploaded() {
-        let fake = Fake::start(Script::default()).await;
+        let state = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(state.path()).await;
         let dir = tempfile::tempdir().unwrap();
         let entries: BTreeMap<String, Entry> = [
             file(dir.path(), "a", "already there"),
@@ -389,13 +390,36 @@ mod tests {
             entries,
             stackerfiles: vec![],
         };
-        fake.store.put("already there".into()).await.unwrap();
-        let mut c = Client::connect(&fake.addr).await.unwrap();
+        let mut c = Client::connect(&coordinator.addr).await.unwrap();
+        // "a" goes up first, with a context of its own.
+        let first = BuildContext {
+            entries: context
+                .entries
+                .iter()
+                .filter(|(k, _)| k.as_str() == "a")
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect(),
+            ..context.clone()
+        };
+        assert_eq!(upload_context(&mut c, &first).await.unwrap(), 1);
+        assert!(!coordinator.store.exists(&Digest::of(b"new")).await.unwrap());
         // "b" and "c" have the same content: one upload; "a" is there already.
         assert_eq!(upload_context(&mut c, &context).await.unwrap(), 1);
         assert_eq!(
-            fake.store.get_bytes(&Digest::of(b"new")).await.unwrap(),
+            coordinator
+                .store
+                .get_bytes(&Digest::of(b"new"))
+                .await
+                .unwrap(),
             "new"
+        );
+        assert_eq!(
+            coordinator
+                .store
+                .get_bytes(&Digest::of(b"already there"))
+                .await
+                .unwrap(),
+            "already there"
         );
         assert_eq!(upload_context(&mut c, &context).await.unwrap(), 0);
 

@@ -1,0 +1,134 @@
+//! A real coordinator for tests: `Farm::start` on a state dir with a local blob store,
+//! served by `server::serve` on 127.0.0.1. It runs on a runtime of its own, so stopping
+//! it ends everything it had open (its watch streams too), as a stopped process does;
+//! starting it again on the same dir and port is how a restarted coordinator looks.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use farm_coordinator::farm::{Farm, FarmConfig, Submission};
+use farm_coordinator::server::{ServerError, serve};
+use farm_image::BlobStore;
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Coordinator {
+    /// `http://127.0.0.1:PORT`
+    pub addr: String,
+    pub socket: SocketAddr,
+    pub farm: Farm,
+    pub store: BlobStore,
+    runtime: Option<Runtime>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl Coordinator {
+    /// A coordinator on `dir` (state in `dir/state`, blobs in `dir/blobs`), any port.
+    pub async fn start(dir: &Path) -> Coordinator {
+        Coordinator::start_on(dir, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A coordinator on `dir` listening at `at` (waits for the port to be free).
+    pub async fn start_on(dir: &Path, at: SocketAddr) -> Coordinator {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = BlobStore::local(&dir.join("blobs")).unwrap();
+        let config = FarmConfig {
+            state_dir: dir.join("state"),
+            blobs: store.clone(),
+            lease: Duration::from_secs(10),
+            platform: "linux/amd64".into(),
+            builtins: Vec::new(),
+            resume: true,
+            registry: Default::default(),
+        };
+        let farm = runtime.spawn(Farm::start(config)).await.unwrap().unwrap();
+        let listener = runtime
+            .spawn(async move {
+                let mut tries = 0;
+                loop {
+                    match tokio::net::TcpListener::bind(at).await {
+                        Ok(l) => return l,
+                        Err(e) if tries < 100 => {
+                            tries += 1;
+                            tracing::debug!("binding {at}: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("binding {at}: {e}"),
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        let socket = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = runtime.spawn(serve(listener, farm.clone(), async {
+            let _ = stopped.await;
+        }));
+        Coordinator {
+            addr: format!("http://{socket}"),
+            socket,
+            farm,
+            store,
+            runtime: Some(runtime),
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Run `f` on the coordinator's runtime (where its farm's tasks live).
+    pub async fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        self.runtime.as_ref().unwrap().spawn(f).await.unwrap()
+    }
+
+    /// Submit the stackerfile at `file` (a path on this machine) straight to the farm;
+    /// the build id.
+    pub async fn submit(&self, file: PathBuf) -> String {
+        let farm = self.farm.clone();
+        let spec = Submission {
+            stackerfiles: vec![file.to_string_lossy().into_owned()],
+            context: Vec::new(),
+            substitutions: Default::default(),
+            environment: Vec::new(),
+            no_cache: false,
+            compression: "gzip".into(),
+            require_hash: false,
+            allow_outside_context: false,
+            inline: Default::default(),
+        };
+        self.run(async move { farm.submit(spec).await.unwrap().0 })
+            .await
+    }
+
+    /// Stop: the shutdown future completes and the server gets 2 s to return (it waits
+    /// for open watch streams), then the runtime ends as the process would exit.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
