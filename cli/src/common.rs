@@ -148,7 +148,10 @@ pub fn load_plan(
     // Fetching needs a runtime of its own, on a thread where blocking is allowed.
     std::thread::scope(|s| {
         s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // A worker thread drives the I/O: `Handle::block_on` from the loader's
+            // thread does not drive a current-thread runtime, so a fetch would hang.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("starting the HTTP client")?;

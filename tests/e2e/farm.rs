@@ -882,3 +882,58 @@ fn a_remote_build_is_pushed_and_published_by_id() {
     assert!(!run.status.success());
     run.assert_stderr_contains("b-0-nope");
 }
+
+/// A stackerfile given as an http(s) URL: the client fetches it (and its prerequisites)
+/// once and sends the texts; the coordinator never fetches them (it fetches the tarball
+/// they name, an input like any http import).
+#[test]
+fn a_stackerfile_url_is_submitted_with_its_text() {
+    let Some(mut farm) = Farm::new("url") else {
+        return;
+    };
+    farm.add_worker("w1", 1);
+    farm.wait_for_workers();
+    let server = HttpServer::start();
+    server.put(
+        "/images/busybox.tar",
+        std::fs::read(&farm.t.e.rootfs_tar).unwrap(),
+    );
+    // A relative path in a fetched stackerfile names no local file: the tarball is a URL.
+    server.put(
+        "/images/base.yaml",
+        BASE.replace("busybox.tar", &server.url("/images/busybox.tar")),
+    );
+    server.put(
+        "/images/stacker.yaml",
+        format!(
+            "config:\n  prerequisites: [base.yaml]\n{}",
+            layer("remote", "echo remote > /remote")
+        ),
+    );
+    let url = server.url("/images/stacker.yaml");
+    let run = farm.client(&["submit", &url, "--json"]);
+    run.assert_ok();
+    let status = run.json();
+    let names: Vec<(&str, &str)> = status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["name"].as_str().unwrap(), l["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [("base", "built"), ("remote", "built")],
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        server.count("GET /images/stacker.yaml"),
+        1,
+        "fetched once, by the client"
+    );
+    assert_eq!(
+        server.count("GET /images/base.yaml"),
+        1,
+        "fetched once, by the client"
+    );
+}

@@ -127,6 +127,7 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         compression: args.compression.clone(),
         require_hash: args.require_hash,
         allow_outside_context: args.allow_outside_context,
+        stackerfile_texts: crate::remote::inline_texts(&plan).into_iter().collect(),
     };
     block_on(submit(addr, plan, context, request, args, started))?
 }

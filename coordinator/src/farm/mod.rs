@@ -330,8 +330,8 @@ impl Inner {
             .stackerfiles
             .iter()
             .map(|f| match &root {
-                Some(root) => root.join(f),
-                None => PathBuf::from(f),
+                Some(root) if !f.contains("://") => root.join(f),
+                _ => PathBuf::from(f),
             })
             .collect();
         let mut substitutions = spec.substitutions.clone();
@@ -502,6 +502,7 @@ impl Inner {
                 .iter()
                 .zip(&report.outcomes)
                 .find_map(|(l, o)| match o {
+                    Outcome::Failed(e) if e.starts_with("layer '") => Some(e.clone()),
                     Outcome::Failed(e) => Some(format!("layer '{}': {e}", l.layer.name)),
                     _ => None,
                 })

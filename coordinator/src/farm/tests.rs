@@ -523,3 +523,29 @@ async fn a_layer_that_runs_nothing_builds_on_a_worker_of_another_platform() {
     assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
     assert_eq!(w.layers(), ["arm"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stackerfile_given_as_a_url_is_planned_from_the_submitted_text() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let w = fake_worker(&farm, "w", 1, QUICK, vec![]);
+    // Nothing listens there: the text must come from the submission, not the network.
+    let url = "http://127.0.0.1:9/images/stacker.yaml".to_string();
+    let mut spec = submission(Path::new(&url));
+    spec.stackerfiles = vec![url.clone()];
+    spec.inline.insert(
+        url.clone(),
+        "remote:\n  from: {type: scratch}\n  run: echo remote\n".into(),
+    );
+    let (id, names) = farm.submit(spec.clone()).await.unwrap();
+    assert_eq!(names, ["remote"]);
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    assert_eq!(w.layers(), ["remote"]);
+    // Without the text it is an error naming the URL, not a fetch.
+    spec.inline.clear();
+    match farm.submit(spec).await {
+        Err(FarmError::Plan(m)) => assert!(m.contains("127.0.0.1:9"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("planned without the text"),
+    }
+}

@@ -169,9 +169,9 @@ impl FarmApi for FarmService {
             compression,
             require_hash: r.require_hash,
             allow_outside_context: r.allow_outside_context,
-            inline: Default::default(),
+            inline: r.stackerfile_texts.into_iter().collect(),
         };
-        if spec.context.is_empty() {
+        if spec.context.is_empty() && spec.inline.is_empty() {
             return Err(Status::invalid_argument(
                 "a remote submission needs its build context (the stackerfiles at least)",
             ));
