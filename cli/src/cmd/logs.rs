@@ -40,10 +40,32 @@ pub fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("logs")?;
     block_on(async move {
         let mut client = Client::connect(&addr).await?;
+        if args.follow {
+            // The build's event stream, which survives a coordinator restart (it resumes
+            // after the last event seen): its log lines are the build's logs.
+            let mut out = std::io::stdout().lock();
+            let mut closed = false;
+            crate::client::watch(&mut client, &args.id, |e| {
+                let Some(farm_proto::v1::build_event::Kind::Log(line)) = &e.kind else {
+                    return;
+                };
+                if closed || args.layer.as_ref().is_some_and(|l| *l != e.layer) {
+                    return;
+                }
+                let written = if args.layer.is_some() {
+                    writeln!(out, "{line}")
+                } else {
+                    writeln!(out, "[{}] {line}", e.layer)
+                };
+                closed = written.is_err();
+            })
+            .await?;
+            return Ok(ExitCode::SUCCESS);
+        }
         let request = LogsRequest {
             id: args.id.clone(),
             layer: args.layer.clone().unwrap_or_default(),
-            follow: args.follow,
+            follow: false,
         };
         let mut lines = client
             .farm
