@@ -563,6 +563,22 @@ impl StateStore {
         layer_updated(&done, build, idx)
     }
 
+    /// A layer was answered from the action cache: `cached`, unless this build already
+    /// recorded it built (before a coordinator restart), which it stays.
+    pub async fn mark_cached(&self, build: &str, idx: u32) -> Result<()> {
+        sqlx::query(
+            "UPDATE layers SET state = ?3, error = NULL
+             WHERE build_id = ?1 AND idx = ?2 AND result IS NULL",
+        )
+        .bind(build)
+        .bind(i64::from(idx))
+        .bind(LayerState::Cached.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Record a layer's result; its state becomes `cached` or `built`, its error clears.
     pub async fn layer_result(
         &self,

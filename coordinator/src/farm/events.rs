@@ -141,8 +141,12 @@ pub(super) async fn record(
                 ),
                 Event::Cached { layer } => {
                     inner.metrics.cache_hit();
-                    let e = StoredEvent::layer(layer.clone(), LayerState::Cached);
-                    (e, Some((layer, LayerState::Cached, None)))
+                    if let Some(i) = idx(&layer)
+                        && let Err(err) = inner.state.mark_cached(&build, i).await
+                    {
+                        tracing::error!(%build, "recording layer state: {err}");
+                    }
+                    (StoredEvent::layer(layer, LayerState::Cached), None)
                 }
                 Event::Built { layer, duration } => {
                     inner.metrics.layer_built(duration);

@@ -454,6 +454,15 @@ impl Inner {
         // Results: manifests (with the build's annotations) into the blob store, several
         // at a time, then every layer's result in one transaction. The futures own
         // their data (borrowing futures in a stream are not `Send` for spawned tasks).
+        // A layer this build built before a coordinator restart is a cache hit now, but
+        // it was built, by its worker, in the time recorded then.
+        let prior: HashMap<u32, (String, bool, Option<u64>)> = self
+            .state
+            .layers(id)
+            .await?
+            .into_iter()
+            .filter_map(|l| Some((l.idx, (l.result_json?, l.cached, l.duration_ms))))
+            .collect();
         let mut pending = Vec::new();
         let mut git = GitVersions::default();
         for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
@@ -470,8 +479,14 @@ impl Inner {
             let annotations = (!planned.layer.build_only).then(|| {
                 manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git)
             });
-            let (blobs, result, cached) = (self.config.blobs.clone(), result.clone(), *cached);
-            let duration_ms = duration.as_millis() as u64;
+            let (blobs, result) = (self.config.blobs.clone(), result.clone());
+            let (mut cached, mut duration_ms) = (*cached, duration.as_millis() as u64);
+            if let Some((json, false, Some(ms))) = prior.get(&(i as u32))
+                && cached
+                && serde_json::to_string(&result).is_ok_and(|j| &j == json)
+            {
+                (cached, duration_ms) = (false, *ms);
+            }
             pending.push(async move {
                 let manifest_digest = match annotations {
                     Some(a) => Some(store_manifest(&blobs, &result, &a).await?),

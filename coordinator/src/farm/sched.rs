@@ -799,7 +799,27 @@ impl Executor for FarmExecutor {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let result = sched.run(&self.inner, &self.build, idx, job, events).await;
+        // Recorded at once, so a status during the build (or after a coordinator
+        // restart) shows the layer built, where and how long it took.
+        if let Ok(layer) = &result
+            && let Ok(json) = serde_json::to_string(layer)
+            && let Err(e) = self
+                .inner
+                .state
+                .layer_result(
+                    &self.build,
+                    idx,
+                    &json,
+                    false,
+                    started.elapsed().as_millis() as u64,
+                    None,
+                )
+                .await
+        {
+            tracing::error!(build = %self.build, "recording a result: {e}");
+        }
         if shareable {
             let mut st = sched.lock();
             st.inflight.remove(&key);

@@ -24,12 +24,15 @@ struct Script {
     heartbeats: bool,
     /// Never answer assignments (a worker that hangs, until it is dropped).
     answer: bool,
+    /// Answer only this many assignments, then hang.
+    answer_limit: usize,
 }
 
 const QUICK: Script = Script {
     delay: Duration::from_millis(0),
     heartbeats: true,
     answer: true,
+    answer_limit: usize::MAX,
 };
 
 struct FakeWorker {
@@ -137,8 +140,12 @@ fn fake_worker(
                     match kind {
                         coordinator_message::Kind::Assign(a) => {
                             let job: Job = serde_json::from_str(&a.job_json).unwrap();
-                            a2.lock().unwrap().push((a.id.clone(), job.layer.name.clone()));
-                            if script.answer {
+                            let n = {
+                                let mut seen = a2.lock().unwrap();
+                                seen.push((a.id.clone(), job.layer.name.clone()));
+                                seen.len()
+                            };
+                            if script.answer && n <= script.answer_limit {
                                 answer(a.id, job);
                             }
                         }
@@ -548,4 +555,63 @@ async fn a_stackerfile_given_as_a_url_is_planned_from_the_submitted_text() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("planned without the text"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_built_before_a_restart_stay_built_by_their_worker() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("chain.yaml");
+    std::fs::write(
+        &file,
+        "first:\n  from: {type: scratch}\n  run: echo 1\n\
+         second:\n  from: {type: built, tag: first}\n  run: echo 2\n",
+    )
+    .unwrap();
+    let farm = start(d.path(), 1000).await;
+    let w = fake_worker(
+        &farm,
+        "w",
+        1,
+        Script {
+            answer_limit: 1,
+            ..QUICK
+        },
+        vec![],
+    );
+    let (id, _) = farm.submit(submission(&file)).await.unwrap();
+    for _ in 0..200 {
+        if w.layers().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(w.layers(), ["first", "second"]);
+    // During the build, the finished layer is already built, on its worker.
+    let status = farm.state().status(&id).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].state, LayerState::Built, "{status:?}");
+    assert_eq!(status.layers[0].worker.as_deref(), Some("w"));
+    assert_eq!(status.layers[1].state, LayerState::Running);
+    let (assignment, _) = w.assigned.lock().unwrap()[1].clone();
+    drop(w);
+    drop(farm);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let again = start(d.path(), 1000).await;
+    let _w = fake_worker(
+        &again,
+        "w",
+        1,
+        QUICK,
+        vec![(assignment, placeholder_job("second"))],
+    );
+    assert_eq!(wait(&again, &id).await.0, BuildState::Succeeded);
+    let status = again.state().status(&id).await.unwrap().unwrap();
+    let first = &status.layers[0];
+    assert_eq!(
+        (first.state, first.cached, first.worker.as_deref()),
+        (LayerState::Built, false, Some("w")),
+        "built before the restart, not a cache hit: {status:?}"
+    );
+    assert!(first.duration_ms.is_some());
+    assert_eq!(status.layers[1].state, LayerState::Built);
 }
