@@ -58,6 +58,8 @@ impl Embedded {
             builtins: local.layout.builtins(),
             resume: false,
             registry,
+            // This machine's own history: enough for `farm status`-style looking back.
+            keep_builds: 100,
         })
         .await
         .with_context(|| {

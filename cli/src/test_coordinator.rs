@@ -48,6 +48,7 @@ impl Coordinator {
             builtins: Vec::new(),
             resume: true,
             registry: Default::default(),
+            keep_builds: 1000,
         };
         let farm = runtime.spawn(Farm::start(config)).await.unwrap().unwrap();
         let listener = runtime

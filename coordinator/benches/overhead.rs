@@ -69,6 +69,7 @@ async fn run(n: usize) {
         builtins: Vec::new(),
         resume: true,
         registry: Default::default(),
+        keep_builds: 1000,
     })
     .await
     .unwrap();

@@ -88,6 +88,7 @@ mod tests {
             builtins: Vec::new(),
             resume: true,
             registry: Default::default(),
+            keep_builds: 1000,
         })
         .await
         .unwrap();

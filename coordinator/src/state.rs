@@ -422,6 +422,45 @@ impl StateStore {
         rows.into_iter().map(|r| self.build_row(r)).collect()
     }
 
+    /// Forget finished builds beyond the newest `keep` (their layers, events, logs and
+    /// leases too); queued and running builds are never touched. Returns how many went.
+    pub async fn prune_finished(&self, keep: usize) -> Result<u64> {
+        let finished = [
+            BuildState::Succeeded.as_str(),
+            BuildState::Failed.as_str(),
+            BuildState::Cancelled.as_str(),
+        ];
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let doomed: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM builds WHERE state IN (?1, ?2, ?3)
+             ORDER BY created_ms DESC, id DESC LIMIT -1 OFFSET ?4",
+        )
+        .bind(finished[0])
+        .bind(finished[1])
+        .bind(finished[2])
+        .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        for (id,) in &doomed {
+            for statement in [
+                "DELETE FROM layers WHERE build_id = ?1",
+                "DELETE FROM events WHERE build_id = ?1",
+                "DELETE FROM logs WHERE build_id = ?1",
+                "DELETE FROM assignments WHERE build_id = ?1",
+                "DELETE FROM builds WHERE id = ?1",
+            ] {
+                sqlx::query(statement)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(doomed.len() as u64)
+    }
+
     /// Queued and running builds, oldest first: what a restarted coordinator resumes.
     pub async fn unfinished_builds(&self) -> Result<Vec<BuildRow>> {
         let rows: Vec<BuildTuple> = sqlx::query_as(concat!(
@@ -1484,5 +1523,35 @@ mod tests {
         assert_eq!(s.append_event(&running, "{}").await.unwrap(), 2);
         assert_eq!(s.logs(&running, None, 0).await.unwrap().len(), 1);
         assert_eq!(s.workers().await.unwrap()[0].name, "w1");
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_finished_builds_and_every_unfinished_one() {
+        let (_d, s) = store().await;
+        let names = vec!["a".to_string()];
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let id = s.create_build("{}", &names).await.unwrap();
+            s.append_event(&id, "{}").await.unwrap();
+            ids.push(id);
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        for id in &ids[..3] {
+            s.set_build_state(id, BuildState::Succeeded).await.unwrap();
+        }
+        // ids[3] is still queued.
+        assert_eq!(s.prune_finished(1).await.unwrap(), 2);
+        let left: Vec<String> = s
+            .list_builds()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(left, [ids[2].clone(), ids[3].clone()]);
+        assert!(s.events_after(&ids[0], 0).await.unwrap().is_empty());
+        assert!(s.layers(&ids[1]).await.unwrap().is_empty());
+        assert_eq!(s.events_after(&ids[2], 0).await.unwrap().len(), 1);
+        assert_eq!(s.prune_finished(1).await.unwrap(), 0);
     }
 }

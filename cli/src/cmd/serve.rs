@@ -53,6 +53,11 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 
+    /// Finished builds whose status, events and logs are kept (older ones are forgotten;
+    /// cached layers stay)
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub keep_builds: usize,
+
     /// Credentials for registry bases (else the coordinator's auth files)
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
@@ -118,6 +123,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             builtins: layout.builtins(),
             resume: true,
             registry: args.registry.credentials()?,
+            keep_builds: args.keep_builds,
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;

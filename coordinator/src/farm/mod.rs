@@ -52,6 +52,9 @@ pub struct FarmConfig {
     /// Credentials for registry bases (`from: docker`): the coordinator's own, never
     /// stored with a build.
     pub registry: farm_registry::Credentials,
+    /// Finished builds kept in the state (their statuses, events and logs); older ones
+    /// are forgotten when a build ends. The action cache and blobs are not affected.
+    pub keep_builds: usize,
 }
 
 /// A file of an uploaded build context.
@@ -266,6 +269,9 @@ impl Farm {
                     .await;
             }
             inner.metrics.build_finished();
+            if let Err(e) = inner.state.prune_finished(inner.config.keep_builds).await {
+                tracing::warn!("forgetting old builds: {e}");
+            }
             inner
                 .running
                 .lock()

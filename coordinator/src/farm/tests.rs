@@ -176,6 +176,7 @@ async fn start(dir: &Path, lease_ms: u64) -> Farm {
         builtins: Vec::new(),
         resume: true,
         registry: Default::default(),
+        keep_builds: 1000,
     })
     .await
     .unwrap()
