@@ -152,6 +152,14 @@ impl Embedded {
     }
 }
 
+impl Embedded {
+    /// Stop the embedded worker while the runtime still runs (so it stops cleanly).
+    pub async fn stop(mut self) {
+        self.worker.abort();
+        let _ = (&mut self.worker).await;
+    }
+}
+
 impl Drop for Embedded {
     fn drop(&mut self) {
         self.worker.abort();

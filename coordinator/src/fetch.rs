@@ -301,6 +301,20 @@ impl Fetcher {
     }
 
     /// The blob store content goes to.
+    /// The same fetcher (client, index, store) with other options: one per build, sharing
+    /// the index opened once.
+    pub fn with_options(&self, options: FetchOptions) -> Fetcher {
+        Fetcher {
+            inner: Arc::new(Inner {
+                client: self.inner.client.clone(),
+                blobs: self.inner.blobs.clone(),
+                pool: self.inner.pool.clone(),
+                index_path: self.inner.index_path.clone(),
+                options,
+            }),
+        }
+    }
+
     pub fn blobs(&self) -> &BlobStore {
         &self.inner.blobs
     }

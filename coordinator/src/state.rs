@@ -430,7 +430,13 @@ impl StateStore {
             BuildState::Failed.as_str(),
             BuildState::Cancelled.as_str(),
         ];
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        // IMMEDIATE: the write lock is taken (and waited for) at BEGIN; a deferred
+        // transaction that reads first can fail to upgrade when another writer commits.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err(e))?;
         let doomed: Vec<(String,)> = sqlx::query_as(
             "SELECT id FROM builds WHERE state IN (?1, ?2, ?3)
              ORDER BY created_ms DESC, id DESC LIMIT -1 OFFSET ?4",
@@ -457,8 +463,9 @@ impl StateStore {
                     .map_err(|e| self.err(e))?;
             }
         }
+        let gone = doomed.len() as u64;
         tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(doomed.len() as u64)
+        Ok(gone)
     }
 
     /// Queued and running builds, oldest first: what a restarted coordinator resumes.

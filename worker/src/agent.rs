@@ -81,6 +81,10 @@ pub async fn run(
     let mut down_since: Option<Instant> = None;
     let mut reported_chains: usize = 0;
     loop {
+        // Give the runtime a turn on every round: a task that is being aborted (the
+        // process is ending) is only stopped at a point where it waits, and while the
+        // runtime shuts down its channels close and its timers fire at once.
+        tokio::task::yield_now().await;
         let conn = match dialer.dial().await {
             Ok(c) => c,
             Err(e) => {

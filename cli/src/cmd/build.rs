@@ -404,6 +404,7 @@ async fn build(
     if let (false, Some(e)) = (outcome.succeeded(), &outcome.error) {
         eprintln!("farm {}: {e}", flags.command);
     }
+    embedded.stop().await;
     eprintln!(
         "farm {}: {} in {:.1}s (build {id})",
         flags.command,

@@ -153,6 +153,8 @@ pub(crate) struct Inner {
     config: FarmConfig,
     state: StateStore,
     cache: ActionCache,
+    /// Opened once: builds that start together must not race to create its index.
+    fetcher: Fetcher,
     running: Mutex<HashMap<BuildId, Running>>,
     sched: sched::Scheduler,
     metrics: crate::metrics::Metrics,
@@ -176,6 +178,12 @@ impl Farm {
         })?;
         let state = StateStore::open(&config.state_dir.join("state.db")).await?;
         let cache = ActionCache::open(&config.state_dir.join("cache.db")).await?;
+        let fetcher = Fetcher::new(
+            config.blobs.clone(),
+            &config.state_dir,
+            FetchOptions::default(),
+        )
+        .await?;
         // Workers get one lease period to reconnect after a restart.
         let prior_leases = config.resume && state.renew_all(unix_ms()).await? > 0;
         let inner = Arc::new_cyclic(|weak| Inner {
@@ -183,6 +191,7 @@ impl Farm {
             config,
             state,
             cache,
+            fetcher,
             running: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
         });
@@ -421,15 +430,10 @@ impl Inner {
                 None => common_dir(&plan),
             })
         };
-        let fetcher = Fetcher::new(
-            self.config.blobs.clone(),
-            &self.config.state_dir,
-            FetchOptions {
-                require_hash: spec.require_hash,
-                ..FetchOptions::default()
-            },
-        )
-        .await?;
+        let fetcher = self.fetcher.with_options(FetchOptions {
+            require_hash: spec.require_hash,
+            ..FetchOptions::default()
+        });
         let options = BuildOptions {
             jobs: usize::MAX,
             no_cache: spec.no_cache,

@@ -388,8 +388,10 @@ async fn concurrent_identical_submissions_build_each_layer_once() {
     let spec = fan_out(d.path(), 4, "same");
     let (one, _) = farm.submit(spec.clone()).await.unwrap();
     let (two, _) = farm.submit(spec).await.unwrap();
-    assert_eq!(wait(&farm, &one).await.0, BuildState::Succeeded);
-    assert_eq!(wait(&farm, &two).await.0, BuildState::Succeeded);
+    for id in [&one, &two] {
+        let (state, error) = wait(&farm, id).await;
+        assert_eq!(state, BuildState::Succeeded, "{error:?}");
+    }
     let mut layers = w.layers();
     layers.sort();
     assert_eq!(layers, ["l0", "l1", "l2", "l3"]);
