@@ -177,9 +177,6 @@ impl Scheduler {
         job: Job,
         events: EventSender,
     ) -> LayerResult {
-        if let Some(r) = self.lock().orphans.remove(&(build.to_string(), idx)) {
-            return r;
-        }
         let (done, rx) = oneshot::channel();
         let task = Task {
             build: build.to_string(),
@@ -193,40 +190,51 @@ impl Scheduler {
         } else {
             Ok(None)
         };
-        match prior {
-            Ok(Some(lease)) => {
-                task.events.log(
-                    &task.job.layer.name,
-                    format!(
-                        "farm: waiting for worker {}, which was building this layer when the \
+        let early: Option<LayerResult> = 'locked: {
+            let mut st = self.lock();
+            // A result that came in while nobody waited (see `handle_result`), checked under
+            // the lock it is filed under.
+            if let Some(r) = st.orphans.remove(&(build.to_string(), idx)) {
+                break 'locked Some(r);
+            }
+            match prior {
+                Ok(Some(lease)) => {
+                    task.events.log(
+                        &task.job.layer.name,
+                        format!(
+                            "farm: waiting for worker {}, which was building this layer when the \
                          coordinator restarted",
-                        lease.worker
-                    ),
-                );
-                let mut st = self.lock();
-                if let Some(w) = st.workers.get_mut(&lease.worker) {
-                    w.running.insert(lease.assignment);
+                            lease.worker
+                        ),
+                    );
+                    if let Some(w) = st.workers.get_mut(&lease.worker) {
+                        w.running.insert(lease.assignment);
+                    }
+                    st.active.insert(
+                        lease.assignment,
+                        Active {
+                            task,
+                            worker: lease.worker,
+                        },
+                    );
+                    drop(st);
                 }
-                st.active.insert(
-                    lease.assignment,
-                    Active {
-                        task,
-                        worker: lease.worker,
-                    },
-                );
-            }
-            _ => {
-                let mut st = self.lock();
-                // Checked under the lock `cancel_build` drains the queue under: a layer
-                // that arrives after a cancel must not be queued (and built) after it.
-                if inner.is_cancelled(build) {
-                    return Err(CANCELLED.into());
+                _ => {
+                    // Checked under the lock `cancel_build` drains the queue under: a layer
+                    // that arrives after a cancel must not be queued (and built) after it.
+                    if inner.is_cancelled(build) {
+                        break 'locked Some(Err(CANCELLED.into()));
+                    }
+                    st.queue.push_back(task);
+                    inner.metrics.set_queue(st.queue.len());
+                    drop(st);
+                    self.wake.notify_one();
                 }
-                st.queue.push_back(task);
-                inner.metrics.set_queue(st.queue.len());
-                drop(st);
-                self.wake.notify_one();
             }
+            None
+        };
+        if let Some(r) = early {
+            return r;
         }
         rx.await
             .unwrap_or_else(|_| Err("the coordinator stopped before the layer finished".into()))
@@ -697,7 +705,8 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
     } else {
         Err(result.error.clone())
     };
-    let _ = inner.state.release(id).await;
+    // The lease is released last: until then a driver resuming after a restart still
+    // finds it and attaches, so the result below reaches it either way.
     let active = {
         let mut st = sched.lock();
         if let Some(w) = st.workers.get_mut(worker) {
@@ -723,13 +732,24 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
                 tracing::error!("caching a result: {e}");
             }
             if let Ok(Some((lease, _))) = inner.state.assignment(id).await {
-                sched
-                    .lock()
-                    .orphans
-                    .insert((lease.build_id, lease.idx), outcome);
+                let mut st = sched.lock();
+                // A driver may have attached meanwhile (and counted it on the worker).
+                if let Some(w) = st.workers.get_mut(worker) {
+                    w.running.remove(&id);
+                }
+                match st.active.remove(&id) {
+                    Some(a) => {
+                        drop(st);
+                        a.task.finish(outcome);
+                    }
+                    None => {
+                        st.orphans.insert((lease.build_id, lease.idx), outcome);
+                    }
+                }
             }
         }
     }
+    let _ = inner.state.release(id).await;
     sched.wake.notify_one();
 }
 
@@ -819,6 +839,14 @@ impl Executor for FarmExecutor {
                 .await
         {
             tracing::error!(build = %self.build, "recording a result: {e}");
+        }
+        // Into the action cache before the in-flight entry goes: a build that plans the
+        // same layer just after must find one or the other.
+        if shareable
+            && let Ok(layer) = &result
+            && let Err(e) = self.inner.cache.put(&key, layer).await
+        {
+            tracing::error!(build = %self.build, "caching a result: {e}");
         }
         if shareable {
             let mut st = sched.lock();
