@@ -635,27 +635,17 @@ impl StateStore {
         duration_ms: u64,
         manifest_digest: Option<&str>,
     ) -> Result<()> {
-        let state = if cached {
-            LayerState::Cached
-        } else {
-            LayerState::Built
-        };
-        let done = sqlx::query(
-            "UPDATE layers SET state = ?3, result = ?4, cached = ?5, duration_ms = ?6,
-                manifest_digest = ?7, error = NULL
-             WHERE build_id = ?1 AND idx = ?2",
+        self.layer_results(
+            build,
+            &[LayerResult {
+                idx,
+                result_json: result_json.to_string(),
+                cached,
+                duration_ms,
+                manifest_digest: manifest_digest.map(str::to_string),
+            }],
         )
-        .bind(build)
-        .bind(i64::from(idx))
-        .bind(state.as_str())
-        .bind(result_json)
-        .bind(cached)
-        .bind(i64::try_from(duration_ms).unwrap_or(i64::MAX))
-        .bind(manifest_digest)
-        .execute(&self.pool)
         .await
-        .map_err(|e| self.err(e))?;
-        layer_updated(&done, build, idx)
     }
 
     /// Record several layers' results in one transaction (see [`Self::layer_result`]).
@@ -866,18 +856,7 @@ impl StateStore {
     /// Append an event to a build's stream; returns its sequence number (1, 2, ... per
     /// build, never reused, distinct under concurrent appends).
     pub async fn append_event(&self, build: &str, json: &str) -> Result<u64> {
-        // One statement: SQLite takes the write lock before reading MAX(seq).
-        let (seq,): (i64,) = sqlx::query_as(
-            "INSERT INTO events (build_id, seq, json)
-             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM events WHERE build_id = ?1
-             RETURNING seq",
-        )
-        .bind(build)
-        .bind(json)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
-        Ok(seq as u64)
+        self.append_events(build, &[json.to_string()]).await
     }
 
     /// Append several events in one transaction; returns the last one's sequence number

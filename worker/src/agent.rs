@@ -79,7 +79,6 @@ pub async fn run(
     let mut unacked: BTreeMap<String, ResultMsg> = BTreeMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut down_since: Option<Instant> = None;
-    let mut reported_chains: usize = 0;
     loop {
         // Give the runtime a turn on every round: a task that is being aborted (the
         // process is ending) is only stopped at a point where it waits, and while the
@@ -111,8 +110,9 @@ pub async fn run(
         down_since = None;
         let connected_at = Instant::now();
         let Connection { tx, mut rx } = conn;
+        // The pool is listed once per connection; later chains the coordinator learns
+        // from results (a listing per heartbeat read every chain's metadata).
         let chains = engine.as_ref().map(|e| chain_ids(e)).unwrap_or_default();
-        reported_chains = reported_chains.max(chains.len());
         let register = WorkerMessage {
             kind: Some(worker_message::Kind::Register(Register {
                 name: config.name.clone(),
@@ -184,18 +184,9 @@ pub async fn run(
                     let _ = tx.send(WorkerMessage { kind: Some(worker_message::Kind::Result(result)) });
                 }
                 _ = heartbeat.tick() => {
-                    let chains = match &engine {
-                        Some(e) => {
-                            let all = chain_ids(e);
-                            let new = all.get(reported_chains.min(all.len())..).unwrap_or_default().to_vec();
-                            reported_chains = all.len();
-                            new
-                        }
-                        None => Vec::new(),
-                    };
                     let hb = WorkerMessage { kind: Some(worker_message::Kind::Heartbeat(Heartbeat {
                         running: running.keys().cloned().collect(),
-                        chains,
+                        chains: Vec::new(),
                     }))};
                     if tx.send(hb).is_err() {
                         break;

@@ -716,6 +716,14 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
             }
         }
         let a = st.active.remove(&id);
+        // The worker now holds the chain its base was materialised into, too.
+        if let (Some(a), Some(w)) = (&a, st.workers.get_mut(worker)) {
+            match &a.task.job.base {
+                JobBase::Image(l) => w.chains.insert(l.chain_id.clone()),
+                JobBase::TarInLayer { producer, .. } => w.chains.insert(producer.chain_id.clone()),
+                _ => false,
+            };
+        }
         inner.metrics.set_running(st.active.len());
         a
     };
