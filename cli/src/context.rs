@@ -151,7 +151,7 @@ pub fn collect(
                 source: Source::Local { written, path },
             } => push_local(&mut inputs, of("tar base", written), path)?,
             Base::Oci { url } if url_of(&layer.dir).is_none() => {
-                let (dir, _tag) = farm_coordinator::build::split_oci_url(&layer.dir, url);
+                let (dir, _tag) = farm_stackerfile::split_oci_url(&layer.dir, url);
                 inputs.push(Input {
                     what: of("oci base", url),
                     path: absolute(&dir)?,

@@ -6,13 +6,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use farm_coordinator::build::EventSender;
-use farm_coordinator::cache::CachedLayer;
 use farm_coordinator::farm::{EventKind, Farm, FarmConfig, FarmError, Submission};
-use farm_coordinator::state::BuildState;
+use farm_model::EventSender;
+use farm_model::{BuildState, BuiltImage, Platform};
 use farm_stackerfile::Plan;
-use farm_worker::agent::{self, AgentConfig, LocalDialer};
-use farm_worker::assemble::Platform;
+use farm_worker::agent::{self, AgentConfig, Connection, Dialer};
 
 use crate::common::Layout;
 use crate::local::Local;
@@ -30,7 +28,7 @@ pub struct Outcome {
     pub error: Option<String>,
     pub summary: String,
     /// Built (or cached) layers by name.
-    pub results: Vec<(String, CachedLayer)>,
+    pub results: Vec<(String, BuiltImage)>,
 }
 
 impl Outcome {
@@ -49,7 +47,7 @@ impl Embedded {
         registry: farm_registry::Credentials,
     ) -> anyhow::Result<Self> {
         let local = Local::open(layout, timeout).await?;
-        let platform = Platform::host().key();
+        let platform = Platform::host();
         let farm = Farm::start(FarmConfig {
             state_dir: local.layout.state_dir.clone(),
             blobs: local.blobs.clone(),
@@ -126,17 +124,7 @@ impl Embedded {
         canceller.abort();
         drop(tx);
         let summary = progress.finish().await;
-        let results = self
-            .farm
-            .state()
-            .layers(&id)
-            .await?
-            .into_iter()
-            .filter_map(|l| {
-                let r = serde_json::from_str(l.result_json.as_deref()?).ok()?;
-                Some((l.name, r))
-            })
-            .collect();
+        let results = self.farm.built_images(&id).await?;
         if let (BuildState::Failed, Some(e)) = &end {
             tracing::debug!(build = %id, "failed: {e}");
         }
@@ -149,6 +137,34 @@ impl Embedded {
                 results,
             },
         ))
+    }
+}
+
+/// Attaches the embedded worker to the coordinator in this process through channels
+/// (the only place where the worker's agent and the coordinator's farm meet).
+pub struct LocalDialer(pub Farm);
+
+impl Dialer for LocalDialer {
+    fn dial(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connection, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let link = self
+                .0
+                .connect_worker()
+                .ok_or_else(|| "the embedded coordinator has stopped".to_string())?;
+            Ok(Connection {
+                tx: link.tx,
+                rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                    link.rx,
+                )),
+            })
+        })
+    }
+
+    fn describe(&self) -> String {
+        "the embedded coordinator".into()
     }
 }
 

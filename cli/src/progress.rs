@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use farm_coordinator::Plan;
-use farm_coordinator::build::Event;
+use farm_model::Event;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
@@ -94,24 +94,26 @@ impl Progress {
                         );
                         states.insert(layer, State::Built(duration));
                     }
-                    Event::Failed { layer, error } => {
+                    Event::Failed { layer, failure } => {
                         if let Some(bar) = bars.remove(&layer) {
                             bar.finish_and_clear();
                         }
-                        say(&mp, format!("[{layer}] FAILED: {error}"));
-                        states.insert(layer, State::Failed(error));
+                        say(&mp, format!("[{layer}] FAILED: {failure}"));
+                        states.insert(layer, State::Failed(failure.message));
+                    }
+                    Event::Cancelled { layer, .. } => {
+                        if let Some(bar) = bars.remove(&layer) {
+                            bar.finish_and_clear();
+                        }
+                        say(&mp, format!("[{layer}] cancelled"));
+                        states.insert(layer, State::Cancelled);
                     }
                     Event::Skipped { layer, because } => {
                         if let Some(bar) = bars.remove(&layer) {
                             bar.finish_and_clear();
                         }
-                        if because.starts_with("cancelled") || because.contains("was cancelled") {
-                            say(&mp, format!("[{layer}] cancelled"));
-                            states.insert(layer, State::Cancelled);
-                        } else {
-                            say(&mp, format!("[{layer}] skipped: {because}"));
-                            states.insert(layer, State::Skipped(because));
-                        }
+                        say(&mp, format!("[{layer}] skipped: {because}"));
+                        states.insert(layer, State::Skipped(because));
                     }
                 }
             }

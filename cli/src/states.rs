@@ -5,36 +5,20 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use farm_coordinator::build::Event;
+use farm_model::{Event, LayerFailure};
 use farm_proto::v1::build_event::Kind;
-use farm_proto::v1::{BuildEvent, BuildState, BuildStatus, LayerState, LayerStatus, WorkerInfo};
+use farm_proto::v1::{BuildEvent, BuildStatus, LayerState, LayerStatus, WorkerInfo};
 use serde_json::{Value, json};
 
 /// `queued`, `running`, `succeeded`, `failed`, `cancelled` (`unknown` for a value this
 /// client does not know).
 pub fn build_word(state: i32) -> &'static str {
-    match BuildState::try_from(state) {
-        Ok(BuildState::Queued) => "queued",
-        Ok(BuildState::Running) => "running",
-        Ok(BuildState::Succeeded) => "succeeded",
-        Ok(BuildState::Failed) => "failed",
-        Ok(BuildState::Cancelled) => "cancelled",
-        Ok(BuildState::Unspecified) | Err(_) => "unknown",
-    }
+    farm_model::BuildState::from_wire(state).map_or("unknown", |s| s.as_str())
 }
 
 /// `waiting`, `running`, `built`, `cached`, `failed`, `skipped`, `cancelled`.
 pub fn layer_word(state: i32) -> &'static str {
-    match LayerState::try_from(state) {
-        Ok(LayerState::LayerWaiting) => "waiting",
-        Ok(LayerState::LayerRunning) => "running",
-        Ok(LayerState::LayerBuilt) => "built",
-        Ok(LayerState::LayerCached) => "cached",
-        Ok(LayerState::LayerFailed) => "failed",
-        Ok(LayerState::LayerSkipped) => "skipped",
-        Ok(LayerState::LayerCancelled) => "cancelled",
-        Ok(LayerState::Unspecified) | Err(_) => "unknown",
-    }
+    farm_model::LayerState::from_wire(state).map_or("unknown", |s| s.as_str())
 }
 
 /// Whether a layer in `state` is done (for better or worse).
@@ -295,19 +279,23 @@ pub fn progress_event(ev: &BuildEvent) -> Option<Event> {
             }),
             LayerState::LayerFailed => Some(Event::Failed {
                 layer,
-                error: if ev.error.is_empty() {
-                    "failed".to_string()
-                } else {
-                    ev.error.clone()
+                failure: match &ev.failure {
+                    Some(f) => LayerFailure::from(f),
+                    // A coordinator that sends no kind: the message is all there is.
+                    None => LayerFailure::internal(if ev.error.is_empty() {
+                        "failed".to_string()
+                    } else {
+                        ev.error.clone()
+                    }),
                 },
             }),
             LayerState::LayerSkipped => Some(Event::Skipped {
                 layer,
                 because: ev.error.clone(),
             }),
-            LayerState::LayerCancelled => Some(Event::Failed {
+            LayerState::LayerCancelled => Some(Event::Cancelled {
                 layer,
-                error: if ev.error.is_empty() {
+                reason: if ev.error.is_empty() {
                     "cancelled".to_string()
                 } else {
                     ev.error.clone()
@@ -329,6 +317,7 @@ pub fn final_state(ev: &BuildEvent) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use farm_proto::v1::BuildState;
 
     fn layer(name: &str, state: LayerState) -> LayerStatus {
         LayerStatus {
@@ -473,6 +462,7 @@ mod tests {
             worker: "w1".into(),
             error: error.into(),
             duration_ms,
+            failure: None,
         };
         let st = |s: LayerState| Kind::State(s as i32);
         assert!(matches!(
@@ -493,7 +483,7 @@ mod tests {
         ));
         assert!(matches!(
             progress_event(&ev(st(LayerState::LayerFailed), "exit 2", 0)),
-            Some(Event::Failed { error, .. }) if error == "exit 2"
+            Some(Event::Failed { failure, .. }) if failure.message == "exit 2"
         ));
         assert!(matches!(
             progress_event(&ev(st(LayerState::LayerSkipped), "base failed", 0)),
@@ -501,7 +491,7 @@ mod tests {
         ));
         assert!(matches!(
             progress_event(&ev(st(LayerState::LayerCancelled), "", 0)),
-            Some(Event::Failed { error, .. }) if error == "cancelled"
+            Some(Event::Cancelled { reason, .. }) if reason == "cancelled"
         ));
         assert!(progress_event(&ev(st(LayerState::LayerWaiting), "", 0)).is_none());
         let done = ev(Kind::Build(BuildState::Succeeded as i32), "", 0);

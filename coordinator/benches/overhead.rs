@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use farm_coordinator::build::Job;
-use farm_coordinator::cache::{CachedBlob, CachedLayer};
 use farm_coordinator::farm::{EventKind, Farm, FarmConfig, Submission};
 use farm_image::BlobStore;
+use farm_model::Job;
+use farm_model::{BuiltImage, ChainId, LayerBlob};
 use farm_proto::v1::{
     Heartbeat, Register, Result as ResultMsg, WorkerMessage, coordinator_message, worker_message,
 };
@@ -50,22 +50,22 @@ async fn run(n: usize) {
     // One stand-in result, stored once: the scheduler does not look inside.
     let config = blobs.put(b"{}".to_vec().into()).await.unwrap();
     let layer = blobs.put(b"layer".to_vec().into()).await.unwrap();
-    let result = CachedLayer {
+    let result = BuiltImage {
         config_digest: config.digest.to_string(),
         config_size: config.size,
-        layers: vec![CachedBlob {
+        layers: vec![LayerBlob {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             digest: layer.digest.to_string(),
             size: layer.size,
             diff_id: layer.digest.to_string(),
         }],
-        chain_id: layer.digest.to_string(),
+        chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
     };
     let farm = Farm::start(FarmConfig {
         state_dir: d.path().join("state"),
         blobs,
         lease: Duration::from_secs(10),
-        platform: "linux/amd64".into(),
+        platform: "linux/amd64".parse().unwrap(),
         builtins: Vec::new(),
         resume: true,
         registry: Default::default(),
@@ -84,6 +84,8 @@ async fn run(n: usize) {
                     name: format!("instant-{w}"),
                     slots: 64,
                     platform: "linux/amd64".into(),
+                    protocol_major: farm_model::PROTOCOL.major,
+                    protocol_minor: farm_model::PROTOCOL.minor,
                     ..Default::default()
                 })),
             })
@@ -114,7 +116,7 @@ async fn run(n: usize) {
         substitutions: Default::default(),
         environment: Vec::new(),
         no_cache: false,
-        compression: "gzip".into(),
+        compression: Default::default(),
         require_hash: false,
         allow_outside_context: true,
         inline: Default::default(),

@@ -12,158 +12,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use farm_image::{BlobStore, Digest, OciLayout};
+use farm_image::{BlobStore, Compression, Digest, OciLayout};
+use farm_model::{
+    BuiltImage, Event, EventSender, FailureKind, ImportSource, Job, JobBase, JobImport,
+    JobOverlayDir, LayerBlob, LayerFailure, LayerOutcome, Platform,
+};
 use farm_stackerfile::{Base, Layer, Plan, Source};
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::cache::{ActionCache, BaseKey, CachedBlob, CachedLayer, KeyInputs};
+use crate::cache::{ActionCache, BaseKey, KeyInputs};
 use crate::inputs::{InputError, pin_local};
 
-/// The base a worker starts a layer from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum JobBase {
-    Scratch,
-    /// An image whose blobs are in the blob store (a built layer or an OCI layout image).
-    Image(CachedLayer),
-    /// A tarball in the blob store; its contents and the `run` changes form one layer.
-    Tar {
-        digest: String,
-    },
-    /// A tarball inside another layer's result (`stacker://LAYER/PATH`).
-    TarInLayer {
-        producer: CachedLayer,
-        path: String,
-    },
-}
-
-/// Where an import's content is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ImportSource {
-    /// A file or directory on this machine.
-    Local(PathBuf),
-    /// A file or directory shipped as a tree in the blob store (a local input sent to a
-    /// worker on another machine; see `farm_image::tree`).
-    Tree { digest: String },
-    /// A blob in the store (an http download).
-    Blob { digest: String },
-    /// A path inside another layer's result (`stacker://LAYER/PATH`).
-    Layer { producer: CachedLayer, path: String },
-}
-
-/// One import, pinned.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobImport {
-    pub source: ImportSource,
-    /// The source as written in the stackerfile (for messages).
-    pub written: String,
-    /// Name under `/stacker/imports` (the source's basename).
-    pub name: String,
-    /// The source was written with a trailing `/` ("its contents").
-    pub contents_only: bool,
-    pub dest: Option<String>,
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// sha256 hex the content must have (checked by the worker for `stacker://`
-    /// sources; already checked for local files and downloads).
-    pub hash: Option<String>,
-    /// The digest that enters the cache key.
-    pub digest: String,
-}
-
-/// A directory whose contents become a layer at `dest` (`overlay_dirs`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobOverlayDir {
-    pub source: PathBuf,
-    /// The directory as a tree in the blob store, for a worker on another machine
-    /// (it materialises the tree and sets `source`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tree: Option<String>,
-    pub dest: String,
-    pub digest: String,
-}
-
-/// A layer to build (sent to remote workers as JSON).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Job {
-    pub layer: Layer,
-    pub cache_key: String,
-    pub base: JobBase,
-    pub imports: Vec<JobImport>,
-    pub overlay_dirs: Vec<JobOverlayDir>,
-    /// The complete environment of `run`.
-    pub env: Vec<(String, String)>,
-    pub source_date_epoch: Option<u64>,
-    pub compression: String,
-    /// `os/arch` the layer must be built on.
-    pub platform: String,
-}
-
-/// Builds layers. Implemented by the worker engine (in process) and, later, by the
-/// farm's remote workers.
+/// Builds layers: the farm's scheduler, which sends them to workers.
 pub trait Executor: Send + Sync + 'static {
-    fn execute(
-        &self,
-        job: Job,
-        events: EventSender,
-    ) -> impl Future<Output = Result<CachedLayer, String>> + Send;
-}
-
-/// What happens during a build, for progress displays and logs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    Started {
-        layer: String,
-    },
-    /// A worker took the layer.
-    Assigned {
-        layer: String,
-        worker: String,
-    },
-    Log {
-        layer: String,
-        line: String,
-    },
-    Cached {
-        layer: String,
-    },
-    Built {
-        layer: String,
-        duration: Duration,
-    },
-    Failed {
-        layer: String,
-        error: String,
-    },
-    Skipped {
-        layer: String,
-        because: String,
-    },
-}
-
-/// Where events go.
-#[derive(Debug, Clone)]
-pub struct EventSender(mpsc::UnboundedSender<Event>);
-
-impl EventSender {
-    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Event>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (EventSender(tx), rx)
-    }
-
-    pub fn send(&self, event: Event) {
-        // A watcher that went away must not stop the build.
-        let _ = self.0.send(event);
-    }
-
-    pub fn log(&self, layer: &str, line: impl Into<String>) {
-        self.send(Event::Log {
-            layer: layer.to_string(),
-            line: line.into(),
-        });
-    }
+    fn execute(&self, job: Job, events: EventSender) -> impl Future<Output = LayerOutcome> + Send;
 }
 
 /// Options of one build.
@@ -171,12 +33,13 @@ impl EventSender {
 pub struct BuildOptions {
     pub jobs: usize,
     pub no_cache: bool,
-    pub compression: String,
+    pub compression: Compression,
     /// The caller's environment, for `build_env_passthrough`.
     pub caller_env: Vec<(String, String)>,
     /// Imports must resolve inside this directory (None: anywhere).
     pub context: Option<PathBuf>,
-    pub platform: String,
+    /// The platform of layers that name none.
+    pub platform: Platform,
     /// Downloads http(s) imports and tarballs into the blob store.
     pub fetcher: crate::fetch::Fetcher,
     /// Set to stop starting layers (Ctrl-C, cancel); running ones are the executor's.
@@ -189,12 +52,15 @@ pub struct BuildOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Built {
-        result: CachedLayer,
+        result: BuiltImage,
         cached: bool,
         duration: Duration,
     },
-    Failed(String),
+    Failed(LayerFailure),
+    /// Not built because a dependency was not (the reason says which).
     Skipped(String),
+    /// Not started because the build was cancelled.
+    Cancelled,
 }
 
 /// The result of a build: one outcome per layer of the plan, in plan order.
@@ -238,6 +104,27 @@ pub enum BuildError {
     Cache(#[from] crate::cache::CacheError),
     #[error("blob store: {0}")]
     Blobs(#[from] farm_image::Error),
+}
+
+impl BuildError {
+    /// The failure of the layer this error stopped; its message does not repeat the
+    /// layer's name (the build's error adds it once).
+    pub fn failure(&self) -> LayerFailure {
+        match self {
+            BuildError::Input { source, .. } => LayerFailure::input(source.to_string()),
+            BuildError::Unsupported { message, .. } => LayerFailure::input(message.clone()),
+            BuildError::Base { what, source, .. } => {
+                LayerFailure::input(format!("base {what}: {source}"))
+            }
+            BuildError::Fetch { source, .. } => LayerFailure::input(source.to_string()),
+            BuildError::Registry { url, message, .. } => {
+                LayerFailure::input(format!("base {url}: {message}"))
+            }
+            BuildError::Cache(_) | BuildError::Blobs(_) => {
+                LayerFailure::new(FailureKind::Internal, self.to_string())
+            }
+        }
+    }
 }
 
 /// The environment of `run`: passthrough variables of the caller (stacker's default
@@ -286,7 +173,7 @@ pub async fn run_build<E: Executor>(
     let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
     let mut keys: Vec<Option<String>> = vec![None; n];
     let mut started = vec![false; n];
-    let mut running: JoinSet<(usize, Instant, Result<CachedLayer, String>)> = JoinSet::new();
+    let mut running: JoinSet<(usize, Instant, LayerOutcome)> = JoinSet::new();
     let jobs = options.jobs.max(1);
 
     loop {
@@ -304,11 +191,11 @@ pub async fn run_build<E: Executor>(
             progressed = true;
             let name = plan.layers[i].layer.name.clone();
             if options.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
-                events.send(Event::Skipped {
+                events.send(Event::Cancelled {
                     layer: name,
-                    because: "the build was cancelled".into(),
+                    reason: "the build was cancelled".into(),
                 });
-                outcomes[i] = Some(Outcome::Skipped("the build was cancelled".into()));
+                outcomes[i] = Some(Outcome::Cancelled);
                 continue;
             }
             if let Some(&d) = deps
@@ -326,17 +213,14 @@ pub async fn run_build<E: Executor>(
             let job = match prepare(plan, i, &outcomes, &keys, blobs, options).await {
                 Ok(job) => job,
                 Err(e) => {
-                    let msg = e.to_string();
-                    events.send(Event::Failed {
-                        layer: name,
-                        error: msg.clone(),
-                    });
-                    outcomes[i] = Some(Outcome::Failed(msg));
+                    let failure = e.failure();
+                    events.send(Event::ended(name, failure.clone()));
+                    outcomes[i] = Some(Outcome::Failed(failure));
                     continue;
                 }
             };
             keys[i] = Some(job.cache_key.clone());
-            let cacheable = job.layer.binds.is_empty() && !options.no_cache;
+            let cacheable = job.cacheable() && !options.no_cache;
             if cacheable
                 && let Some(hit) = cache.get(&job.cache_key).await?
                 && blobs_present(blobs, &hit).await?
@@ -371,7 +255,11 @@ pub async fn run_build<E: Executor>(
                 let i = (0..n)
                     .find(|&i| started[i] && outcomes[i].is_none())
                     .unwrap_or(0);
-                (i, Instant::now(), Err(format!("internal error: {e}")))
+                (
+                    i,
+                    Instant::now(),
+                    Err(LayerFailure::internal(format!("internal error: {e}"))),
+                )
             }
         };
         let name = plan.layers[i].layer.name.clone();
@@ -393,12 +281,13 @@ pub async fn run_build<E: Executor>(
                     duration,
                 });
             }
-            Err(error) => {
-                events.send(Event::Failed {
-                    layer: name,
-                    error: error.clone(),
+            Err(failure) => {
+                events.send(Event::ended(name, failure.clone()));
+                outcomes[i] = Some(if failure.is_cancelled() {
+                    Outcome::Cancelled
+                } else {
+                    Outcome::Failed(failure)
                 });
-                outcomes[i] = Some(Outcome::Failed(error));
             }
         }
     }
@@ -410,8 +299,8 @@ pub async fn run_build<E: Executor>(
     })
 }
 
-async fn blobs_present(blobs: &BlobStore, layer: &CachedLayer) -> Result<bool, BuildError> {
-    for d in std::iter::once(&layer.config_digest).chain(layer.layers.iter().map(|l| &l.digest)) {
+async fn blobs_present(blobs: &BlobStore, layer: &BuiltImage) -> Result<bool, BuildError> {
+    for d in layer.blob_digests() {
         let Ok(digest) = Digest::parse(d) else {
             return Ok(false);
         };
@@ -428,7 +317,7 @@ fn dependency<'a>(
     tag: &str,
     outcomes: &'a [Option<Outcome>],
     keys: &[Option<String>],
-) -> (&'a CachedLayer, String) {
+) -> (&'a BuiltImage, String) {
     let d = plan
         .index_of(tag)
         .expect("the plan resolved every dependency");
@@ -440,7 +329,7 @@ fn dependency<'a>(
 
 /// The digest standing for `path` inside a built layer's result: the result's layers
 /// determine its filesystem exactly, so this changes whenever the content can.
-fn layer_path_digest(producer_key: &str, producer: &CachedLayer, path: &str) -> String {
+fn layer_path_digest(producer_key: &str, producer: &BuiltImage, path: &str) -> String {
     use sha2::{Digest as _, Sha256};
     let layers: Vec<&str> = producer.layers.iter().map(|l| l.digest.as_str()).collect();
     format!(
@@ -467,20 +356,9 @@ async fn prepare(
         layer: name.clone(),
         source,
     };
-    let platform = match (&layer.os, &layer.arch) {
-        (None, None) => options.platform.clone(),
-        (os, arch) => {
-            let (hos, harch) = options
-                .platform
-                .split_once('/')
-                .unwrap_or(("linux", options.platform.as_str()));
-            format!(
-                "{}/{}",
-                os.as_deref().unwrap_or(hos),
-                arch.as_deref().unwrap_or(harch)
-            )
-        }
-    };
+    let platform = options
+        .platform
+        .with(layer.os.as_deref(), layer.arch.as_deref());
     if platform != options.platform && (layer.run.is_some() || layer.generate_labels.is_some()) {
         return Err(BuildError::Unsupported {
             layer: name,
@@ -675,9 +553,9 @@ async fn prepare(
         imports: imports.iter().map(|i| i.digest.clone()).collect(),
         overlay_dirs: overlay_dirs.iter().map(|o| o.digest.clone()).collect(),
         source_date_epoch: source_date_epoch.clone(),
-        platform: platform.clone(),
+        platform: platform.to_string(),
         passthrough,
-        compression: options.compression.clone(),
+        compression: options.compression.to_string(),
     }
     .key();
     Ok(Job {
@@ -688,7 +566,7 @@ async fn prepare(
         overlay_dirs,
         env,
         source_date_epoch: source_date_epoch.and_then(|s| s.trim().parse().ok()),
-        compression: options.compression.clone(),
+        compression: options.compression,
         platform,
     })
 }
@@ -732,19 +610,20 @@ async fn import_oci(
     blobs: &BlobStore,
     dir: &Path,
     url: &str,
-    platform: &str,
-) -> Result<(CachedLayer, String), farm_image::Error> {
-    let (layout_path, tag) = split_oci_url(dir, url);
+    platform: &Platform,
+) -> Result<(BuiltImage, String), farm_image::Error> {
+    let (layout_path, tag) = farm_stackerfile::split_oci_url(dir, url);
     let layout = OciLayout::open(&layout_path).await?;
-    let (os, arch) = platform.split_once('/').unwrap_or(("linux", platform));
-    let (manifest_desc, manifest) = layout.manifest(&tag, Some((os, arch))).await?;
+    let (manifest_desc, manifest) = layout
+        .manifest(&tag, Some((&platform.os, &platform.arch)))
+        .await?;
     let config = layout.config(&manifest).await?;
     let mut layers = Vec::new();
     let diff_ids = config.rootfs().diff_ids();
     for (n, l) in manifest.layers().iter().enumerate() {
         let digest = Digest::parse(l.digest().as_ref())?;
         layout.blobs().copy_to(&digest, blobs).await?;
-        layers.push(CachedBlob {
+        layers.push(LayerBlob {
             media_type: l.media_type().to_string(),
             digest: digest.to_string(),
             size: l.size(),
@@ -753,72 +632,17 @@ async fn import_oci(
     }
     let config_digest = Digest::parse(manifest.config().digest().as_ref())?;
     layout.blobs().copy_to(&config_digest, blobs).await?;
-    let chain_id = chain_id(layers.iter().map(|l| l.diff_id.as_str()));
-    Ok((
-        CachedLayer {
-            config_digest: config_digest.to_string(),
-            config_size: manifest.config().size(),
-            layers,
-            chain_id,
-        },
-        manifest_desc.digest().to_string(),
-    ))
-}
-
-/// `path:tag` of an OCI layout: split at the first `:` after which the path exists
-/// (the tag itself may contain `:`); relative paths resolve against `dir`.
-pub fn split_oci_url(dir: &Path, url: &str) -> (PathBuf, String) {
-    let url = url.strip_prefix("oci:").unwrap_or(url);
-    for (i, _) in url.match_indices(':') {
-        let path = dir.join(&url[..i]);
-        if path.join("index.json").exists() {
-            return (path, url[i + 1..].to_string());
-        }
-    }
-    match url.split_once(':') {
-        Some((p, t)) => (dir.join(p), t.to_string()),
-        None => (dir.join(url), "latest".to_string()),
-    }
-}
-
-/// The ChainID of a sequence of diff_ids (OCI image spec: ChainID(L0) = DiffID(L0),
-/// ChainID(L0|..|Ln) = sha256(ChainID(L0|..|Ln-1) + " " + DiffID(Ln))). The empty chain
-/// is the digest of the empty string.
-pub fn chain_id<'a>(diff_ids: impl IntoIterator<Item = &'a str>) -> String {
-    use sha2::{Digest as _, Sha256};
-    let mut chain: Option<String> = None;
-    for d in diff_ids {
-        chain = Some(match chain {
-            None => d.to_string(),
-            Some(c) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{c} {d}").as_bytes()))
-            ),
-        });
-    }
-    chain.unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(b""))))
+    let image = BuiltImage::new(config_digest.to_string(), manifest.config().size(), layers)
+        .map_err(|e| farm_image::Error::Layout {
+            path: layout_path.clone(),
+            reason: format!("the image's config has a bad diff_id: {e}"),
+        })?;
+    Ok((image, manifest_desc.digest().to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_spec() {
-        let a = format!("sha256:{}", "a".repeat(64));
-        let b = format!("sha256:{}", "b".repeat(64));
-        assert_eq!(chain_id([a.as_str()]), a);
-        let ab = chain_id([a.as_str(), b.as_str()]);
-        use sha2::{Digest as _, Sha256};
-        assert_eq!(
-            ab,
-            format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{a} {b}").as_bytes()))
-            )
-        );
-        assert_ne!(chain_id([b.as_str(), a.as_str()]), ab);
-    }
 
     #[test]
     fn passthrough_defaults_and_regexes() {
@@ -855,20 +679,5 @@ mod tests {
         assert_eq!(env["CI_JOB"], "7");
         assert!(!env.contains_key("XCI_JOB"), "anchored");
         assert!(!env.contains_key("TERM"), "own list replaces the default");
-    }
-
-    #[test]
-    fn oci_urls_split_where_the_layout_exists() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join("lay:out")).unwrap();
-        std::fs::write(d.path().join("lay:out/index.json"), "{}").unwrap();
-        assert_eq!(
-            split_oci_url(d.path(), "lay:out:v1:2"),
-            (d.path().join("lay:out"), "v1:2".to_string())
-        );
-        assert_eq!(
-            split_oci_url(d.path(), "plain:tag"),
-            (d.path().join("plain"), "tag".to_string())
-        );
     }
 }

@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use farm_model::BuiltImage;
+use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use sqlx::sqlite::SqlitePool;
 
@@ -66,28 +67,6 @@ impl KeyInputs {
     }
 }
 
-/// One layer blob of a cached result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CachedBlob {
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-    /// sha256 of the uncompressed tar.
-    pub diff_id: String,
-}
-
-/// A built layer (an image without its manifest, which is assembled per build because
-/// its annotations name the build's stackerfile).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CachedLayer {
-    pub config_digest: String,
-    pub config_size: u64,
-    /// All layers of the image, base first.
-    pub layers: Vec<CachedBlob>,
-    /// ChainID of the image's root filesystem (the pool keeps chains by it).
-    pub chain_id: String,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("action cache {path}: {source}")]
@@ -135,7 +114,7 @@ impl ActionCache {
         }
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<CachedLayer>, CacheError> {
+    pub async fn get(&self, key: &str) -> Result<Option<BuiltImage>, CacheError> {
         let row: Option<(String,)> =
             sqlx::query_as("SELECT value FROM action_cache WHERE key = ?1")
                 .bind(key)
@@ -159,7 +138,7 @@ impl ActionCache {
             })
     }
 
-    pub async fn put(&self, key: &str, value: &CachedLayer) -> Result<(), CacheError> {
+    pub async fn put(&self, key: &str, value: &BuiltImage) -> Result<(), CacheError> {
         let json = serde_json::to_string(value).expect("plain data always serialises");
         sqlx::query(
             "INSERT INTO action_cache (key, value, created, last_used) VALUES (?1, ?2, ?3, ?3)
@@ -268,16 +247,16 @@ mod tests {
     async fn cache_round_trip_survives_reopen() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("cache.db");
-        let value = CachedLayer {
+        let value = BuiltImage {
             config_digest: "sha256:cc".into(),
             config_size: 10,
-            layers: vec![CachedBlob {
+            layers: vec![farm_model::LayerBlob {
                 media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
                 digest: "sha256:dd".into(),
                 size: 5,
                 diff_id: "sha256:ee".into(),
             }],
-            chain_id: "sha256:ee".into(),
+            chain_id: farm_model::ChainId::empty(),
         };
         {
             let c = ActionCache::open(&path).await.unwrap();

@@ -13,7 +13,7 @@ use farm_image::oci::{
 use farm_image::{BlobStore, Digest, OciLayout, to_canonical_json};
 use farm_stackerfile::Plan;
 
-use crate::cache::CachedLayer;
+use farm_model::BuiltImage;
 
 /// Annotation namespace stacker uses by default.
 pub const DEFAULT_ANNOTATION_NAMESPACE: &str = "io.stackeroci";
@@ -29,7 +29,7 @@ fn descriptor(media_type: MediaType, digest: &str, size: u64) -> farm_image::Res
 
 /// The manifest of a built layer's image.
 pub fn manifest_for(
-    result: &CachedLayer,
+    result: &BuiltImage,
     annotations: &BTreeMap<String, String>,
 ) -> farm_image::Result<ImageManifest> {
     let config = descriptor(
@@ -123,7 +123,7 @@ fn git_describe(dir: &Path) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct OutputImage {
     pub tag: String,
-    pub result: CachedLayer,
+    pub result: BuiltImage,
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -170,9 +170,9 @@ pub async fn write_layout(
 const RESULTS_FILE: &str = "layers.json";
 
 /// Remember the results of a build, by layer name (merged with earlier builds).
-pub fn record_results(state_dir: &Path, results: &[(String, CachedLayer)]) -> std::io::Result<()> {
+pub fn record_results(state_dir: &Path, results: &[(String, BuiltImage)]) -> std::io::Result<()> {
     let path = state_dir.join(RESULTS_FILE);
-    let mut all: BTreeMap<String, CachedLayer> = std::fs::read(&path)
+    let mut all: BTreeMap<String, BuiltImage> = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
@@ -188,8 +188,8 @@ pub fn record_results(state_dir: &Path, results: &[(String, CachedLayer)]) -> st
 }
 
 /// What the last build of layer `name` produced, if any.
-pub fn recorded_result(state_dir: &Path, name: &str) -> Option<CachedLayer> {
-    let all: BTreeMap<String, CachedLayer> =
+pub fn recorded_result(state_dir: &Path, name: &str) -> Option<BuiltImage> {
+    let all: BTreeMap<String, BuiltImage> =
         serde_json::from_slice(&std::fs::read(state_dir.join(RESULTS_FILE)).ok()?).ok()?;
     all.get(name).cloned()
 }
@@ -198,7 +198,7 @@ pub fn recorded_result(state_dir: &Path, name: &str) -> Option<CachedLayer> {
 pub fn recorded_layers(state_dir: &Path) -> Vec<String> {
     std::fs::read(state_dir.join(RESULTS_FILE))
         .ok()
-        .and_then(|b| serde_json::from_slice::<BTreeMap<String, CachedLayer>>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<BTreeMap<String, BuiltImage>>(&b).ok())
         .map(|m| m.into_keys().collect())
         .unwrap_or_default()
 }
@@ -206,19 +206,19 @@ pub fn recorded_layers(state_dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::CachedBlob;
+    use farm_model::LayerBlob;
 
-    fn result(n: u8) -> CachedLayer {
-        CachedLayer {
+    fn result(n: u8) -> BuiltImage {
+        BuiltImage {
             config_digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
             config_size: 2,
-            layers: vec![CachedBlob {
+            layers: vec![LayerBlob {
                 media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
                 digest: format!("sha256:{}", "ab".repeat(32)),
                 size: 3,
                 diff_id: format!("sha256:{}", "cd".repeat(32)),
             }],
-            chain_id: format!("sha256:{}", "cd".repeat(32)),
+            chain_id: farm_model::ChainId::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap(),
         }
     }
 

@@ -7,13 +7,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use farm_image::BlobStore;
-use farm_registry::{ConnectOptions, Credentials, ImageRef, Platform};
+use farm_registry::{ConnectOptions, Credentials, ImageRef};
 use tokio::sync::OnceCell;
 
-use crate::build::chain_id;
-use crate::cache::{CachedBlob, CachedLayer};
+use farm_model::{BuiltImage, Platform};
 
-type Pulled = Result<(CachedLayer, String), String>;
+type Pulled = Result<(BuiltImage, String), String>;
 type Once<T> = Arc<OnceCell<T>>;
 
 #[derive(Default)]
@@ -26,7 +25,7 @@ struct Resolved {
 
 /// A pending [`RegistryBases::pull`].
 pub type PullFuture<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(CachedLayer, String), String>> + Send + 'a>,
+    Box<dyn std::future::Future<Output = Result<(BuiltImage, String), String>> + Send + 'a>,
 >;
 
 /// Registry access for one build: credentials, and the bases resolved so far.
@@ -83,7 +82,7 @@ impl RegistryBases {
         blobs: &'a BlobStore,
         url: &'a str,
         insecure: bool,
-        platform: &'a str,
+        platform: &'a Platform,
     ) -> PullFuture<'a> {
         Box::pin(self.pull_inner(blobs, url, insecure, platform))
     }
@@ -93,8 +92,8 @@ impl RegistryBases {
         blobs: &BlobStore,
         url: &str,
         insecure: bool,
-        platform: &str,
-    ) -> Result<(CachedLayer, String), String> {
+        platform: &Platform,
+    ) -> Result<(BuiltImage, String), String> {
         let opts = connect_options(insecure);
         let tag_cell = self
             .lock()
@@ -117,35 +116,16 @@ impl RegistryBases {
             .or_default()
             .clone();
         cell.get_or_init(|| async {
-            let image = farm_registry::pull_ref(
-                blobs,
-                &pinned,
-                &Platform::parse(platform),
-                &self.credentials,
-                &opts,
+            let image = farm_registry::pull_ref(blobs, &pinned, platform, &self.credentials, &opts)
+                .await
+                .map_err(|e| e.to_string())?;
+            let built = BuiltImage::new(
+                image.config_digest.to_string(),
+                image.config_size,
+                image.layers,
             )
-            .await
-            .map_err(|e| e.to_string())?;
-            let layers: Vec<CachedBlob> = image
-                .layers
-                .iter()
-                .map(|l| CachedBlob {
-                    media_type: l.media_type.clone(),
-                    digest: l.digest.to_string(),
-                    size: l.size,
-                    diff_id: l.diff_id.clone(),
-                })
-                .collect();
-            let chain_id = chain_id(layers.iter().map(|l| l.diff_id.as_str()));
-            Ok((
-                CachedLayer {
-                    config_digest: image.config_digest.to_string(),
-                    config_size: image.config_size,
-                    layers,
-                    chain_id,
-                },
-                image.manifest_digest.to_string(),
-            ))
+            .map_err(|e| format!("the image's config has a bad diff_id: {e}"))?;
+            Ok((built, image.manifest_digest.to_string()))
         })
         .await
         .clone()

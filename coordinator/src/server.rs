@@ -84,7 +84,7 @@ mod tests {
             state_dir: d.path().join("state"),
             blobs: store.clone(),
             lease: Duration::from_secs(10),
-            platform: "linux/amd64".into(),
+            platform: "linux/amd64".parse().unwrap(),
             builtins: Vec::new(),
             resume: true,
             registry: Default::default(),

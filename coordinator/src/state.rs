@@ -104,86 +104,7 @@ impl FromStr for AssignmentId {
     }
 }
 
-/// A word that names no state (or a malformed id).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {what} {word:?}")]
-pub struct UnknownWord {
-    pub what: &'static str,
-    pub word: String,
-}
-
-macro_rules! word_enum {
-    ($(#[$m:meta])* $name:ident, $what:literal { $($variant:ident => $word:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-        #[serde(rename_all = "lowercase")]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            pub const ALL: &[$name] = &[$($name::$variant),+];
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $word),+ }
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = UnknownWord;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($word => Ok($name::$variant),)+
-                    _ => Err(UnknownWord { what: $what, word: s.to_string() }),
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-word_enum!(
-    /// A build's state, as in the status JSON.
-    BuildState, "build state" {
-        Queued => "queued",
-        Running => "running",
-        Succeeded => "succeeded",
-        Failed => "failed",
-        Cancelled => "cancelled",
-    }
-);
-
-impl BuildState {
-    /// Succeeded, failed or cancelled: nothing more will happen.
-    pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            BuildState::Succeeded | BuildState::Failed | BuildState::Cancelled
-        )
-    }
-}
-
-word_enum!(
-    /// A layer's state, as in the status JSON.
-    LayerState, "layer state" {
-        Waiting => "waiting",
-        Running => "running",
-        Built => "built",
-        Cached => "cached",
-        Failed => "failed",
-        Skipped => "skipped",
-        Cancelled => "cancelled",
-    }
-);
-
-impl LayerState {
-    /// Built, cached, failed, skipped or cancelled.
-    pub fn is_finished(self) -> bool {
-        !matches!(self, LayerState::Waiting | LayerState::Running)
-    }
-}
+pub use farm_model::{BuildState, LayerState, UnknownWord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -221,7 +142,7 @@ pub struct LayerRow {
     pub worker: Option<String>,
     pub error: Option<String>,
     pub attempts: u32,
-    /// The built layer (`cache::CachedLayer` as JSON) once built or cached.
+    /// The built layer (`farm_model::BuiltImage` as JSON) once built or cached.
     pub result_json: Option<String>,
     pub cached: bool,
     pub duration_ms: Option<u64>,

@@ -58,6 +58,67 @@ impl Compression {
     }
 }
 
+/// A compression a user named that farm does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown compression '{0}': use gzip, zstd or none, optionally with a level (gzip:9, zstd:19)"
+)]
+pub struct UnknownCompression(pub String);
+
+impl std::str::FromStr for Compression {
+    type Err = UnknownCompression;
+
+    /// `gzip`, `zstd` or `none`, optionally with `:LEVEL` (gzip 0..=9, zstd 1..=22).
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = || UnknownCompression(s.to_string());
+        let (kind, level) = match s.split_once(':') {
+            Some((k, l)) => (k, Some(l)),
+            None => (s, None),
+        };
+        match (kind, level) {
+            ("gzip", None) => Ok(Compression::gzip()),
+            ("gzip", Some(l)) => match l.parse() {
+                Ok(level @ 0..=9) => Ok(Compression::Gzip { level }),
+                _ => Err(bad()),
+            },
+            ("zstd", None) => Ok(Compression::zstd()),
+            ("zstd", Some(l)) => match l.parse() {
+                Ok(level @ 1..=22) => Ok(Compression::Zstd { level }),
+                _ => Err(bad()),
+            },
+            ("none", None) => Ok(Compression::None),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    /// The form `from_str` reads; default levels are left out (`gzip`, `zstd`), so the
+    /// words users write are the words cache keys hold.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Compression::None => f.write_str("none"),
+            Compression::Gzip { level: 6 } => f.write_str("gzip"),
+            Compression::Gzip { level } => write!(f, "gzip:{level}"),
+            Compression::Zstd { level: 3 } => f.write_str("zstd"),
+            Compression::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
+impl serde::Serialize for Compression {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Compression {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What a byte stream starts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -249,6 +310,30 @@ impl<W: Write + Send + 'static> Write for Compressor<W> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn compression_names_round_trip_and_reject_the_rest() {
+        for (word, c) in [
+            ("gzip", Compression::gzip()),
+            ("zstd", Compression::zstd()),
+            ("none", Compression::None),
+            ("gzip:9", Compression::Gzip { level: 9 }),
+            ("zstd:19", Compression::Zstd { level: 19 }),
+        ] {
+            assert_eq!(word.parse::<Compression>().unwrap(), c);
+            assert_eq!(c.to_string(), word);
+        }
+        assert_eq!("gzip:6".parse::<Compression>().unwrap().to_string(), "gzip");
+        for bad in [
+            "", "gz", "xz", "zstd:0", "zstd:23", "gzip:10", "gzip:x", "none:1", "GZIP",
+        ] {
+            let e = bad.parse::<Compression>().unwrap_err();
+            assert!(
+                e.to_string().contains("use gzip, zstd or none"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     use super::*;
 
     fn sample() -> Vec<u8> {

@@ -38,7 +38,7 @@ mod tests;
 
 pub use apply::{ApplyOptions, ApplyStats, apply_layer};
 pub use backend::StoreOptions;
-pub use compress::{Compression, Compressor, Format, decompress, detect};
+pub use compress::{Compression, Compressor, Format, UnknownCompression, decompress, detect};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use export::{ExportOptions, ExportedLayer, encode_layer, export_dir, export_tar_stream};

@@ -21,3 +21,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("farm
 pub use v1::{
     blobs_client, blobs_server, farm_client, farm_server, workers_client, workers_server,
 };
+
+/// Largest gRPC message either side accepts or sends (statuses of big builds, jobs
+/// with many imports).
+pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
+
+/// Blob transfer: the size of the chunks a blob is sent in.
+pub const BLOB_CHUNK_SIZE: usize = 1 << 20;
+/// Blob transfer: the largest chunk a peer may send.
+pub const MAX_BLOB_CHUNK_SIZE: usize = 4 << 20;
+/// Blob transfer: the largest message of the `Blobs` service (a chunk plus framing).
+pub const MAX_BLOB_MESSAGE_SIZE: usize = MAX_BLOB_CHUNK_SIZE + (64 << 10);

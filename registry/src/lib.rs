@@ -25,8 +25,8 @@ mod session;
 pub use auth::{Basic, CredentialSource, Credentials, ResolvedAuth, default_auth_files};
 pub use error::{Error, Result};
 pub use pull::{
-    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Platform, PulledImage, PulledLayer,
-    is_index, layer_media_type, media_type_of, pull, pull_ref, resolve,
+    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, PulledImage, is_index, layer_media_type,
+    media_type_of, pull, pull_ref, resolve,
 };
 pub use push::{PushImage, PushOptions, PushStats, Pushed, push};
 pub use reference::{DOCKER_HUB, ImageRef, PushTarget, check_tag};

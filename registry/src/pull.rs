@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use farm_image::{BlobStore, Digest};
+use farm_model::{LayerBlob, Platform};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
@@ -28,20 +29,6 @@ const MAX_JSON: u64 = 16 << 20;
 /// Layers downloaded at the same time.
 const PARALLEL_BLOBS: usize = 3;
 
-/// One layer of a pulled image, as recorded locally.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PulledLayer {
-    /// The OCI media type (Docker layer types are mapped to their OCI equivalents:
-    /// same bytes, same digest).
-    pub media_type: String,
-    /// The blob's digest.
-    pub digest: Digest,
-    /// The blob's size.
-    pub size: u64,
-    /// sha256 of the uncompressed tar, from the config's `rootfs.diff_ids`.
-    pub diff_id: String,
-}
-
 /// A pulled image: everything is in the blob store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PulledImage {
@@ -54,52 +41,13 @@ pub struct PulledImage {
     /// The config blob's size.
     pub config_size: u64,
     /// The layers, base first.
-    pub layers: Vec<PulledLayer>,
+    /// The layers, base first (Docker layer media types mapped to their OCI
+    /// equivalents: same bytes, same digest).
+    pub layers: Vec<LayerBlob>,
     /// Blobs that were downloaded (the others were in the store already).
     pub downloaded_blobs: usize,
     /// Bytes downloaded.
     pub downloaded_bytes: u64,
-}
-
-/// `os/arch[/variant]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    /// e.g. `linux`.
-    pub os: String,
-    /// e.g. `amd64`.
-    pub arch: String,
-    /// e.g. `v8`.
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    /// Parse `os/arch[/variant]` (a bare `arch` means linux).
-    pub fn parse(s: &str) -> Platform {
-        let mut parts = s.split('/');
-        let (a, b, c) = (parts.next(), parts.next(), parts.next());
-        match (a, b) {
-            (Some(os), Some(arch)) => Platform {
-                os: os.to_string(),
-                arch: arch.to_string(),
-                variant: c.map(str::to_string),
-            },
-            _ => Platform {
-                os: "linux".into(),
-                arch: s.to_string(),
-                variant: None,
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
 }
 
 /// A manifest or index document's media type: its `mediaType` field, else guessed from
@@ -398,9 +346,9 @@ pub async fn pull_ref(
         layers: layers
             .into_iter()
             .zip(diff_ids)
-            .map(|((digest, size, media_type), diff_id)| PulledLayer {
+            .map(|((digest, size, media_type), diff_id)| LayerBlob {
                 media_type,
-                digest,
+                digest: digest.to_string(),
                 size,
                 diff_id,
             })
@@ -534,15 +482,6 @@ mod tests {
     #[test]
     fn platforms_and_media_types() {
         assert_eq!(
-            Platform::parse("linux/arm64/v8"),
-            Platform {
-                os: "linux".into(),
-                arch: "arm64".into(),
-                variant: Some("v8".into())
-            }
-        );
-        assert_eq!(Platform::parse("amd64").os, "linux");
-        assert_eq!(
             layer_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
             Some("application/vnd.oci.image.layer.v1.tar+gzip")
         );
@@ -574,7 +513,9 @@ mod tests {
                 {"digest": d('c'), "size": 3, "platform": {"os": "linux", "architecture": "amd64"}},
             ]
         });
-        let pick = |p: &str| choose(&image, &index, &Platform::parse(p)).map(|x| x.0.to_string());
+        let pick = |p: &str| {
+            choose(&image, &index, &p.parse::<Platform>().unwrap()).map(|x| x.0.to_string())
+        };
         assert_eq!(pick("linux/amd64").unwrap(), d('c'));
         assert_eq!(pick("linux/arm64").unwrap(), d('b'));
         assert_eq!(pick("linux/arm/v7").unwrap(), d('a'));

@@ -21,6 +21,7 @@ pub mod canonical;
 pub mod diag;
 pub mod load;
 pub mod model;
+mod oci;
 mod parse;
 pub mod plan;
 pub mod subst;
@@ -30,6 +31,7 @@ pub use canonical::{CanonicalBase, CanonicalImport, CanonicalLayer};
 pub use diag::{Diagnostic, Pos, Severity};
 pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize};
 pub use model::{Base, Bind, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, OverlayDir, Source};
+pub use oci::split_oci_url;
 pub use plan::{Plan, PlanOptions, PlannedLayer};
 pub use subst::{SubstitutionInputError, Substitutions};
 

@@ -12,10 +12,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use farm_coordinator::build::{Event, EventSender, Job};
+use farm_model::{Event, EventSender, Job, LayerFailure, PROTOCOL, Platform};
 use farm_proto::v1::{
-    CoordinatorMessage, Heartbeat, LogBatch, Register, Result as ResultMsg, WorkerMessage,
-    coordinator_message, worker_message,
+    self as pb, CoordinatorMessage, Heartbeat, LogBatch, Register, Result as ResultMsg,
+    WorkerMessage, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc;
 
@@ -41,7 +41,7 @@ pub trait Dialer: Send + Sync + 'static {
 pub struct AgentConfig {
     pub name: String,
     pub slots: u32,
-    pub platform: String,
+    pub platform: Platform,
     /// Why this worker cannot build (its pool is unusable): it registers without slots.
     pub unavailable: Option<String>,
     /// The worker reads the coordinator's files directly (embedded mode).
@@ -121,11 +121,13 @@ pub async fn run(
                 } else {
                     config.slots
                 },
-                platform: config.platform.clone(),
+                platform: config.platform.to_string(),
                 chains,
                 unavailable: config.unavailable.clone().unwrap_or_default(),
                 running: running.keys().cloned().collect(),
                 shares_files: config.shares_files,
+                protocol_major: PROTOCOL.major,
+                protocol_minor: PROTOCOL.minor,
             })),
         };
         if tx.send(register).is_err() {
@@ -152,11 +154,8 @@ pub async fn run(
                         }
                         Some(coordinator_message::Kind::Assign(a)) => {
                             let Some(engine) = engine.clone() else {
-                                let _ = done_tx.send(ResultMsg {
-                                    assignment: a.id,
-                                    error: config.unavailable.clone().unwrap_or_else(|| "this worker cannot build".into()),
-                                    ..Default::default()
-                                });
+                                let why = config.unavailable.clone().unwrap_or_else(|| "this worker cannot build".into());
+                                let _ = done_tx.send(failed(a.id, &LayerFailure::internal(why), 0));
                                 continue;
                             };
                             if running.contains_key(&a.id) {
@@ -174,6 +173,12 @@ pub async fn run(
                         }
                         Some(coordinator_message::Kind::Ack(ack)) => {
                             unacked.remove(&ack.assignment);
+                        }
+                        // Dialling again would be refused again (another release of farm):
+                        // stop, saying why.
+                        Some(coordinator_message::Kind::Refused(r)) => {
+                            *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            return Err(format!("the coordinator at {} refused this worker: {}", dialer.describe(), r.reason));
                         }
                         None => {}
                     }
@@ -242,8 +247,8 @@ impl Dialer for GrpcDialer {
                 .keep_alive_timeout(Duration::from_secs(10));
             let channel = endpoint.connect().await.map_err(|e| format!("{e}"))?;
             let mut client = farm_proto::workers_client::WorkersClient::new(channel)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20);
+                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE);
             let (tx, rx) = mpsc::unbounded_channel();
             let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
             let response = client
@@ -263,30 +268,6 @@ impl Dialer for GrpcDialer {
 
     fn describe(&self) -> String {
         self.url.clone()
-    }
-}
-
-/// Attaches to a coordinator in this process (the embedded mode).
-pub struct LocalDialer(pub farm_coordinator::farm::Farm);
-
-impl Dialer for LocalDialer {
-    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>> {
-        Box::pin(async move {
-            let link = self
-                .0
-                .connect_worker()
-                .ok_or_else(|| "the embedded coordinator has stopped".to_string())?;
-            Ok(Connection {
-                tx: link.tx,
-                rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(
-                    link.rx,
-                )),
-            })
-        })
-    }
-
-    fn describe(&self) -> String {
-        "the embedded coordinator".into()
     }
 }
 
@@ -312,13 +293,10 @@ async fn build(
     let job: Job = match serde_json::from_str(&job_json) {
         Ok(j) => j,
         Err(e) => {
-            let _ = done.send(ResultMsg {
-                assignment,
-                error: format!(
-                    "the coordinator sent a job this worker cannot read (version mismatch?): {e}"
-                ),
-                ..Default::default()
-            });
+            let failure = LayerFailure::internal(format!(
+                "the coordinator sent a job this worker (protocol {PROTOCOL}) cannot read: {e}"
+            ));
+            let _ = done.send(failed(assignment, &failure, 0));
             return;
         }
     };
@@ -356,25 +334,35 @@ async fn build(
     drop(events);
     let _ = forward.await;
     let duration_ms = started.elapsed().as_millis() as u64;
-    let msg = match result {
-        Ok(built) => ResultMsg {
+    let msg = match result.map(|built| serde_json::to_string(&built)) {
+        Ok(Ok(layer_json)) => ResultMsg {
             assignment,
-            layer_json: serde_json::to_string(&built).unwrap_or_default(),
-            error: String::new(),
-            cache_key: if job.layer.binds.is_empty() {
+            layer_json,
+            failure: None,
+            cache_key: if job.cacheable() {
                 job.cache_key.clone()
             } else {
                 String::new()
             },
             duration_ms,
         },
-        Err(e) => ResultMsg {
+        Ok(Err(e)) => failed(
             assignment,
-            error: e.to_string(),
+            &LayerFailure::internal(format!("encoding the result: {e}")),
             duration_ms,
-            ..Default::default()
-        },
+        ),
+        Err(e) => failed(assignment, &e.failure(), duration_ms),
     };
-    tracing::info!(%layer, ok = msg.error.is_empty(), duration_ms, "finished");
+    tracing::info!(%layer, ok = msg.failure.is_none(), duration_ms, "finished");
     let _ = done.send(msg);
+}
+
+/// The result message of an assignment that did not build.
+fn failed(assignment: String, failure: &LayerFailure, duration_ms: u64) -> ResultMsg {
+    ResultMsg {
+        assignment,
+        failure: Some(pb::LayerFailure::from(failure)),
+        duration_ms,
+        ..Default::default()
+    }
 }

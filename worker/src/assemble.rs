@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use farm_model::{LayerBlob, Platform};
 use farm_stackerfile::{DEFAULT_PATH, Layer};
 use oci_spec::image::{
     Arch, ConfigBuilder, HistoryBuilder, ImageConfiguration, ImageConfigurationBuilder, Os,
@@ -23,61 +24,30 @@ fn spec(what: &'static str) -> impl FnOnce(oci_spec::OciSpecError) -> AssembleEr
     move |source| AssembleError::Spec { what, source }
 }
 
-/// One layer blob added by this build.
+/// One layer blob added by this build, and what produced it (for the history entry:
+/// "imports", "run", ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewLayer {
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-    pub diff_id: String,
-    /// What produced it, for the history entry ("imports", "run", ...).
+pub struct AddedLayer {
+    pub blob: LayerBlob,
     pub what: String,
 }
 
-/// The platform images are built for: the worker's, unless the layer says otherwise.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub arch: String,
-}
-
-impl Platform {
-    /// This machine's platform in OCI terms.
-    pub fn host() -> Self {
-        let arch = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            "x86" => "386",
-            "powerpc64" => "ppc64le",
-            "s390x" => "s390x",
-            "riscv64" => "riscv64",
-            other => other,
-        };
-        Platform {
-            os: "linux".into(),
-            arch: arch.into(),
-        }
-    }
-
-    pub fn of(layer: &Layer, base: Option<&ImageConfiguration>) -> Self {
-        let host = Platform::host();
-        Platform {
-            os: layer
-                .os
-                .clone()
-                .or_else(|| base.map(|c| c.os().to_string()))
-                .unwrap_or(host.os),
-            arch: layer
-                .arch
-                .clone()
-                .or_else(|| base.map(|c| c.architecture().to_string()))
-                .unwrap_or(host.arch),
-        }
-    }
-
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.os, self.arch)
-    }
+/// The platform an image is for: the layer's `os`/`arch`, else its base's, else this
+/// machine's.
+pub fn image_platform(layer: &Layer, base: Option<&ImageConfiguration>) -> Platform {
+    let host = Platform::host();
+    Platform::new(
+        layer
+            .os
+            .clone()
+            .or_else(|| base.map(|c| c.os().to_string()))
+            .unwrap_or(host.os),
+        layer
+            .arch
+            .clone()
+            .or_else(|| base.map(|c| c.architecture().to_string()))
+            .unwrap_or(host.arch),
+    )
 }
 
 /// RFC 3339 time for `created`: `SOURCE_DATE_EPOCH` when set, else now.
@@ -93,7 +63,7 @@ pub fn created_time(source_date_epoch: Option<u64>) -> String {
 pub fn image_config(
     layer: &Layer,
     base: Option<&ImageConfiguration>,
-    new_layers: &[NewLayer],
+    new_layers: &[AddedLayer],
     generated_labels: &BTreeMap<String, String>,
     created: &str,
 ) -> Result<ImageConfiguration, AssembleError> {
@@ -191,7 +161,7 @@ pub fn image_config(
         .unwrap_or_default();
     let mut history = base.and_then(|b| b.history().clone()).unwrap_or_default();
     for l in new_layers {
-        diff_ids.push(l.diff_id.clone());
+        diff_ids.push(l.blob.diff_id.clone());
         history.push(
             HistoryBuilder::default()
                 .created(created.to_string())
@@ -214,7 +184,7 @@ pub fn image_config(
         );
     }
 
-    let platform = Platform::of(layer, base);
+    let platform = image_platform(layer, base);
     ImageConfigurationBuilder::default()
         .created(created.to_string())
         .architecture(Arch::from(platform.arch.as_str()))
@@ -245,12 +215,14 @@ mod tests {
         p.layers.last().unwrap().layer.clone()
     }
 
-    fn nl(n: u8) -> NewLayer {
-        NewLayer {
-            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-            digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
-            size: 1,
-            diff_id: format!("sha256:{}", format!("{:02x}", n + 1).repeat(32)),
+    fn nl(n: u8) -> AddedLayer {
+        AddedLayer {
+            blob: LayerBlob {
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
+                size: 1,
+                diff_id: format!("sha256:{}", format!("{:02x}", n + 1).repeat(32)),
+            },
             what: "run".into(),
         }
     }

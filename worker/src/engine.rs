@@ -17,17 +17,17 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use farm_coordinator::build::{
-    EventSender, Executor, ImportSource, Job, JobBase, JobImport, chain_id,
-};
-use farm_coordinator::cache::{CachedBlob, CachedLayer};
 use farm_image::oci::ImageConfiguration;
 use farm_image::{BlobStore, Compression, Digest, ExportOptions, export_tar_stream};
+use farm_model::{
+    BuiltImage, EventSender, FailureKind, ImportSource, Job, JobBase, JobImport, LayerBlob,
+    LayerFailure,
+};
 
-use crate::assemble::{self, NewLayer};
+use crate::assemble::{self, AddedLayer};
 use crate::ops::{self, ApplyArgs, RemoveArgs, StageArgs, WriteTarArgs};
 use crate::pool::{Begin, ChainHandle, ChainId, Deleter, Pool, PoolError, WorkspaceOptions};
-use crate::sandbox::{Bind, CancelToken, Rootfs, SandboxSpec, ScriptStatus};
+use crate::sandbox::{Bind, CancelToken, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
 use crate::userns::Userns;
 
 /// An empty tar (two zero blocks): a change with no entries.
@@ -40,6 +40,8 @@ pub enum EngineError {
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
+    Chain(#[from] farm_model::InvalidChainId),
+    #[error(transparent)]
     Image(#[from] farm_image::Error),
     #[error(transparent)]
     Userns(#[from] crate::userns::UsernsError),
@@ -51,8 +53,33 @@ pub enum EngineError {
     Step { what: String, message: String },
     #[error("run failed ({status}); the last lines of its output:\n{tail}")]
     RunFailed { status: String, tail: String },
+    /// An input is not what the stackerfile says (a hash, a file where a directory
+    /// must be).
+    #[error("{what}: {message}")]
+    Input { what: String, message: String },
     #[error("cancelled")]
     Cancelled,
+}
+
+impl EngineError {
+    /// The layer failure this error is: what the coordinator decides on.
+    pub fn failure(&self) -> LayerFailure {
+        let kind = match self {
+            EngineError::Cancelled => FailureKind::Cancelled,
+            EngineError::RunFailed { .. } | EngineError::Sandbox(SandboxError::TimedOut(_)) => {
+                FailureKind::RunFailed
+            }
+            EngineError::Input { .. } => FailureKind::Input,
+            EngineError::Pool(_)
+            | EngineError::Chain(_)
+            | EngineError::Image(_)
+            | EngineError::Userns(_)
+            | EngineError::Sandbox(_)
+            | EngineError::Assemble(_)
+            | EngineError::Step { .. } => FailureKind::Internal,
+        };
+        LayerFailure::new(kind, self.to_string())
+    }
 }
 
 fn step(what: impl Into<String>) -> impl FnOnce(String) -> EngineError {
@@ -131,7 +158,7 @@ impl Engine {
     }
 
     /// Build one layer.
-    pub async fn build(&self, job: &Job, events: &EventSender) -> Result<CachedLayer, EngineError> {
+    pub async fn build(&self, job: &Job, events: &EventSender) -> Result<BuiltImage, EngineError> {
         self.build_cancellable(job, events, &self.cancel.child())
             .await
     }
@@ -148,7 +175,7 @@ impl Engine {
         job: &Job,
         events: &EventSender,
         cancel: &CancelToken,
-    ) -> Result<CachedLayer, EngineError> {
+    ) -> Result<BuiltImage, EngineError> {
         // Chains and workspaces this build reads from; held until it ends.
         let mut held: Vec<ChainHandle> = Vec::new();
         let mut scratch: Vec<crate::pool::Workspace> = Vec::new();
@@ -169,9 +196,9 @@ impl Engine {
         held: &mut Vec<ChainHandle>,
         scratch: &mut Vec<crate::pool::Workspace>,
         cancel: &CancelToken,
-    ) -> Result<CachedLayer, EngineError> {
+    ) -> Result<BuiltImage, EngineError> {
         let name = job.layer.name.as_str();
-        let compression = parse_compression(&job.compression);
+        let compression = job.compression;
         // 1. The base chain.
         let (mut chain, mut layers, base_config) = match &job.base {
             JobBase::Scratch => (self.empty_chain().await?, Vec::new(), None),
@@ -214,7 +241,7 @@ impl Engine {
             (chain, blob) = self
                 .whole_tree_layer(&rootfs, &[], job, compression)
                 .await?;
-            new_layers.push(new_layer(&blob, "tar base"));
+            new_layers.push(added(&blob, "tar base"));
             layers.push(blob);
             tar_base = false;
         }
@@ -284,11 +311,11 @@ impl Engine {
                 }
             };
             if exported.tar_size > EMPTY_TAR_SIZE {
-                let blob = blob_of(&exported);
+                let blob = LayerBlob::from(&exported);
                 chain = self
                     .extend_chain(&chain, &blob.diff_id, &root, false)
                     .await?;
-                new_layers.push(new_layer(&blob, &what));
+                new_layers.push(added(&blob, &what));
                 layers.push(blob);
             }
             self.remove_workspace(staged).await;
@@ -350,18 +377,18 @@ impl Engine {
                 (chain, blob) = self
                     .whole_tree_layer(&rootfs, &exclude, job, compression)
                     .await?;
-                new_layers.push(new_layer(&blob, "tar base + run"));
+                new_layers.push(added(&blob, "tar base + run"));
                 layers.push(blob);
             } else {
                 let exported = self
                     .export_dir(upper, true, &exclude, job, compression)
                     .await?;
                 if exported.tar_size > EMPTY_TAR_SIZE {
-                    let blob = blob_of(&exported);
+                    let blob = LayerBlob::from(&exported);
                     chain = self
                         .extend_chain(&chain, &blob.diff_id, upper, true)
                         .await?;
-                    new_layers.push(new_layer(&blob, "run"));
+                    new_layers.push(added(&blob, "run"));
                     layers.push(blob);
                 } else {
                     events.log(name, "farm: run changed nothing; no layer added");
@@ -373,7 +400,7 @@ impl Engine {
             (chain, blob) = self
                 .whole_tree_layer(&rootfs, &[], job, compression)
                 .await?;
-            new_layers.push(new_layer(&blob, "tar base"));
+            new_layers.push(added(&blob, "tar base"));
             layers.push(blob);
         }
         tracing::debug!(layer = name, chain = %chain.id(), "built");
@@ -391,12 +418,7 @@ impl Engine {
         let bytes = farm_image::to_canonical_json(&config)?;
         let size = bytes.len() as u64;
         let info = self.blobs.put(bytes.into()).await?;
-        Ok(CachedLayer {
-            config_digest: info.digest.to_string(),
-            config_size: size,
-            chain_id: chain_id(layers.iter().map(|l| l.diff_id.as_str())),
-            layers,
-        })
+        Ok(BuiltImage::new(info.digest.to_string(), size, layers)?)
     }
 
     /// The whole tree at `rootfs` as one layer (a tar base), and the chain of it.
@@ -406,11 +428,11 @@ impl Engine {
         exclude: &[String],
         job: &Job,
         compression: Compression,
-    ) -> Result<(ChainHandle, CachedBlob), EngineError> {
+    ) -> Result<(ChainHandle, LayerBlob), EngineError> {
         let exported = self
             .export_dir(rootfs, false, exclude, job, compression)
             .await?;
-        let blob = blob_of(&exported);
+        let blob = LayerBlob::from(&exported);
         let chain = self
             .extend_chain_from(None, &blob.diff_id, rootfs, false)
             .await?;
@@ -564,14 +586,18 @@ impl Engine {
                 if let (Some(expected), Some(actual)) = (&import.hash, &found.sha256)
                     && !expected.eq_ignore_ascii_case(actual)
                 {
-                    return Err(step(format!("import '{}'", import.written))(format!(
-                        "hash mismatch: expected sha256:{expected}, got sha256:{actual}"
-                    )));
+                    return Err(EngineError::Input {
+                        what: format!("import '{}'", import.written),
+                        message: format!(
+                            "hash mismatch: expected sha256:{expected}, got sha256:{actual}"
+                        ),
+                    });
                 }
                 if import.hash.is_some() && found.is_dir {
-                    return Err(step(format!("import '{}'", import.written))(
-                        "'hash' applies to files, but this is a directory".to_string(),
-                    ));
+                    return Err(EngineError::Input {
+                        what: format!("import '{}'", import.written),
+                        message: "'hash' applies to files, but this is a directory".to_string(),
+                    });
                 }
                 held.push(producer_chain);
                 Ok(found.resolved)
@@ -602,7 +628,7 @@ impl Engine {
     /// same sandbox as builds, attached to this terminal (`farm chroot`).
     pub async fn chroot(
         &self,
-        image: &CachedLayer,
+        image: &BuiltImage,
         command: &[String],
         env: Vec<(String, String)>,
         events: &EventSender,
@@ -640,7 +666,7 @@ impl Engine {
     /// Copy the file at `path` of a built layer to `dest` (`farm grab`).
     pub async fn grab(
         &self,
-        image: &CachedLayer,
+        image: &BuiltImage,
         path: &str,
         dest: &Path,
         events: &EventSender,
@@ -738,7 +764,7 @@ impl Engine {
     }
 
     async fn empty_chain(&self) -> Result<ChainHandle, EngineError> {
-        let id = ChainId::parse(&chain_id(std::iter::empty::<&str>()))?;
+        let id = ChainId::empty();
         let mapping = self.userns.mapping().clone();
         self.blocking(move |pool| match pool.begin_chain(&id, None)? {
             Begin::Exists(h) => Ok(h),
@@ -753,13 +779,13 @@ impl Engine {
     /// The chain of `layers` (base first), extracting the missing ones.
     async fn materialise(
         &self,
-        layers: &[CachedBlob],
+        layers: &[LayerBlob],
         events: &EventSender,
         name: &str,
     ) -> Result<ChainHandle, EngineError> {
         let mut chain = self.empty_chain().await?;
         for (n, layer) in layers.iter().enumerate() {
-            let id = ChainId::parse(&chain_id(layers[..=n].iter().map(|l| l.diff_id.as_str())))?;
+            let id = farm_model::chain_id(layers[..=n].iter().map(|l| l.diff_id.as_str()))?;
             let parent = chain;
             let begin = {
                 let id = id.clone();
@@ -922,10 +948,9 @@ impl Engine {
         overlay: bool,
     ) -> Result<ChainHandle, EngineError> {
         let id = match parent {
-            Some(p) => chain_id([p.id().as_str(), diff_id]),
-            None => diff_id.to_string(),
+            Some(p) => farm_model::chain_id([p.id().as_str(), diff_id])?,
+            None => ChainId::parse(diff_id)?,
         };
-        let id = ChainId::parse(&id)?;
         let parent_id = parent.map(|p| p.id().clone());
         let begin = self
             .blocking(move |pool| {
@@ -1144,21 +1169,9 @@ fn warn_skipped(events: &EventSender, name: &str, applied: &ops::Applied) {
     }
 }
 
-fn blob_of(e: &farm_image::ExportedLayer) -> CachedBlob {
-    CachedBlob {
-        media_type: e.media_type.to_string(),
-        digest: e.digest.to_string(),
-        size: e.size,
-        diff_id: e.diff_id.to_string(),
-    }
-}
-
-fn new_layer(b: &CachedBlob, what: &str) -> NewLayer {
-    NewLayer {
-        media_type: b.media_type.clone(),
-        digest: b.digest.clone(),
-        size: b.size,
-        diff_id: b.diff_id.clone(),
+fn added(blob: &LayerBlob, what: &str) -> AddedLayer {
+    AddedLayer {
+        blob: blob.clone(),
         what: what.to_string(),
     }
 }
@@ -1166,24 +1179,4 @@ fn new_layer(b: &CachedBlob, what: &str) -> NewLayer {
 fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &hex[..hex.len().min(12)]
-}
-
-/// `gzip`, `zstd`, optionally with `:LEVEL`.
-pub fn parse_compression(s: &str) -> Compression {
-    let (kind, level) = s.split_once(':').unwrap_or((s, ""));
-    match kind {
-        "zstd" => Compression::Zstd {
-            level: level.parse().unwrap_or(3),
-        },
-        "none" => Compression::None,
-        _ => Compression::Gzip {
-            level: level.parse().unwrap_or(6),
-        },
-    }
-}
-
-impl Executor for Engine {
-    async fn execute(&self, job: Job, events: EventSender) -> Result<CachedLayer, String> {
-        self.build(&job, &events).await.map_err(|e| e.to_string())
-    }
 }

@@ -12,6 +12,7 @@ use farm_coordinator::output::{
     record_results, write_layout,
 };
 use farm_coordinator::{Plan, PlanOptions};
+use farm_model::Compression;
 
 use crate::common::{Layout, StackerfileArgs, SubstitutionArgs, plan_or_report, report_plan};
 use crate::embedded::Embedded;
@@ -91,9 +92,9 @@ pub struct BuildFlags {
     #[arg(long)]
     pub no_cache: bool,
 
-    /// Layer compression
-    #[arg(long, value_name = "ALGO", default_value = "gzip", value_parser = ["gzip", "zstd"])]
-    pub compression: String,
+    /// Layer compression: gzip, zstd or none, optionally with a level (zstd:19)
+    #[arg(long, value_name = "ALGO", default_value = "gzip")]
+    pub compression: Compression,
 
     /// Layers to build at the same time [default: number of cores]
     #[arg(short, long, value_name = "N")]
@@ -152,7 +153,7 @@ pub struct EmbeddedSubmit {
     pub stackerfile: StackerfileArgs,
     pub output: Option<PathBuf>,
     pub no_cache: bool,
-    pub compression: String,
+    pub compression: Compression,
     pub require_hash: bool,
     pub allow_outside_context: bool,
     pub json: bool,
@@ -326,7 +327,7 @@ async fn build(
         },
         environment: std::env::vars().collect(),
         no_cache: flags.no_cache,
-        compression: flags.compression.clone(),
+        compression: flags.compression,
         require_hash: flags.require_hash,
         allow_outside_context: flags.allow_outside_context,
         inline: crate::remote::inline_texts(&plan),
@@ -397,7 +398,7 @@ async fn build(
     }
     eprintln!("{}", outcome.summary);
     if flags.json
-        && let Some(status) = embedded.farm.state().status(&id).await?
+        && let Some(status) = embedded.farm.status(&id).await?
     {
         println!("{}", serde_json::to_string_pretty(&status)?);
     }

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use farm_coordinator::build::EventSender;
 use farm_coordinator::output::{recorded_layers, recorded_result};
 use farm_image::OciLayout;
+use farm_model::EventSender;
 
 use crate::common::Layout;
 use crate::local::{Local, block_on};
@@ -31,7 +31,7 @@ impl StateArgs {
     }
 }
 
-fn built(local: &Local, layer: &str) -> anyhow::Result<farm_coordinator::cache::CachedLayer> {
+fn built(local: &Local, layer: &str) -> anyhow::Result<farm_model::BuiltImage> {
     recorded_result(&local.layout.state_dir, layer).with_context(|| {
         let known = recorded_layers(&local.layout.state_dir);
         if known.is_empty() {

@@ -206,7 +206,7 @@ mod tests {
                 substitutions: Default::default(),
                 environment: Vec::new(),
                 no_cache: false,
-                compression: "gzip".into(),
+                compression: Default::default(),
                 require_hash: false,
                 allow_outside_context: false,
                 inline: Default::default(),

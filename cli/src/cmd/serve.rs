@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::Args;
 use farm_coordinator::farm::{Farm, FarmConfig};
 use farm_image::BlobStore;
+use farm_model::Platform;
 use farm_worker::agent::{self, AgentConfig, GrpcDialer};
-use farm_worker::assemble::Platform;
 use farm_worker::engine::{Engine, EngineOptions, UsernsDeleter};
 use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
@@ -119,7 +119,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             state_dir: args.state_dir.clone(),
             blobs,
             lease,
-            platform: Platform::host().key(),
+            platform: Platform::host(),
             builtins: layout.builtins(),
             resume: true,
             registry: args.registry.credentials()?,
@@ -192,7 +192,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             AgentConfig {
                 name,
                 slots,
-                platform: Platform::host().key(),
+                platform: Platform::host(),
                 unavailable,
                 shares_files: false,
                 give_up_after: None,

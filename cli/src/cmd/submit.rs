@@ -9,8 +9,9 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Args;
 use farm_coordinator::PlanOptions;
-use farm_coordinator::build::Event;
 use farm_image::Digest;
+use farm_model::Compression;
+use farm_model::Event;
 use farm_proto::v1::{BuildState, StatusRequest, SubmitRequest};
 use futures::{StreamExt, TryStreamExt};
 
@@ -69,9 +70,9 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub no_cache: bool,
 
-    /// Layer compression
-    #[arg(long, value_name = "ALGO", default_value = "gzip", value_parser = ["gzip", "zstd"])]
-    pub compression: String,
+    /// Layer compression: gzip, zstd or none, optionally with a level (zstd:19)
+    #[arg(long, value_name = "ALGO", default_value = "gzip")]
+    pub compression: Compression,
 
     /// Refuse http(s) imports and tarballs without a `hash:`
     #[arg(long)]
@@ -124,7 +125,7 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         substitutions,
         environment,
         no_cache: args.no_cache,
-        compression: args.compression.clone(),
+        compression: args.compression.to_string(),
         require_hash: args.require_hash,
         allow_outside_context: args.allow_outside_context,
         stackerfile_texts: crate::remote::inline_texts(&plan).into_iter().collect(),
@@ -188,7 +189,7 @@ async fn submit(
         submitted.layers.len()
     );
 
-    let (events, rx) = farm_coordinator::build::EventSender::channel();
+    let (events, rx) = farm_model::EventSender::channel();
     let progress = Progress::start(&plan, rx);
     let watched = {
         // The coordinator may report a layer running more than once (dispatched, then
@@ -509,7 +510,7 @@ mod tests {
         let request = SubmitRequest {
             stackerfiles: context.stackerfiles.clone(),
             context: context.to_proto(),
-            compression: "gzip".into(),
+            compression: Default::default(),
             ..SubmitRequest::default()
         };
 

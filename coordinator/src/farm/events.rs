@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{FarmError, Inner};
-use crate::build::Event;
 use crate::state::{BuildState, LayerState};
+use farm_model::{Event, LayerFailure};
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,9 @@ pub struct StoredEvent {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// A failed layer's failure (its kind decides; `error` has its message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<LayerFailure>,
 }
 
 impl StoredEvent {
@@ -44,6 +47,7 @@ impl StoredEvent {
             worker: None,
             error: None,
             duration_ms: None,
+            failure: None,
         }
     }
 
@@ -54,6 +58,7 @@ impl StoredEvent {
             worker: None,
             error,
             duration_ms: None,
+            failure: None,
         }
     }
 
@@ -82,11 +87,17 @@ impl StoredEvent {
             },
             EventKind::Layer(LayerState::Failed) => Event::Failed {
                 layer,
-                error: self.error.clone().unwrap_or_default(),
+                failure: self.failure.clone().unwrap_or_else(|| {
+                    LayerFailure::internal(self.error.clone().unwrap_or_default())
+                }),
             },
-            EventKind::Layer(LayerState::Skipped | LayerState::Cancelled) => Event::Skipped {
+            EventKind::Layer(LayerState::Skipped) => Event::Skipped {
                 layer,
                 because: self.error.clone().unwrap_or_default(),
+            },
+            EventKind::Layer(LayerState::Cancelled) => Event::Cancelled {
+                layer,
+                reason: self.error.clone().unwrap_or_default(),
             },
             EventKind::Layer(LayerState::Waiting) | EventKind::Build(_) => return None,
             EventKind::Log(line) => Event::Log {
@@ -136,6 +147,7 @@ pub(super) async fn record(
                         worker: None,
                         error: None,
                         duration_ms: None,
+                        failure: None,
                     },
                     None,
                 ),
@@ -154,27 +166,24 @@ pub(super) async fn record(
                     e.duration_ms = Some(duration.as_millis() as u64);
                     (e, None)
                 }
-                Event::Failed { layer, error } => {
-                    // A running layer stopped by `farm cancel` was cancelled, not failed
-                    // (its state must not overwrite the cancel's).
-                    let state = if error == super::sched::CANCELLED {
-                        LayerState::Cancelled
-                    } else {
-                        LayerState::Failed
-                    };
-                    let mut e = StoredEvent::layer(layer.clone(), state);
-                    e.error = Some(error.clone());
-                    (e, Some((layer, state, Some(error))))
+                Event::Failed { layer, failure } => {
+                    let mut e = StoredEvent::layer(layer.clone(), LayerState::Failed);
+                    e.error = Some(failure.message.clone());
+                    let message = failure.message.clone();
+                    e.failure = Some(failure);
+                    (e, Some((layer, LayerState::Failed, Some(message))))
+                }
+                // A running layer stopped by `farm cancel` was cancelled, not failed (its
+                // state must not overwrite the cancel's).
+                Event::Cancelled { layer, reason } => {
+                    let mut e = StoredEvent::layer(layer.clone(), LayerState::Cancelled);
+                    e.error = Some(reason.clone());
+                    (e, Some((layer, LayerState::Cancelled, Some(reason))))
                 }
                 Event::Skipped { layer, because } => {
-                    let state = if because.contains("cancelled") {
-                        LayerState::Cancelled
-                    } else {
-                        LayerState::Skipped
-                    };
-                    let mut e = StoredEvent::layer(layer.clone(), state);
+                    let mut e = StoredEvent::layer(layer.clone(), LayerState::Skipped);
                     e.error = Some(because.clone());
-                    (e, Some((layer, state, Some(because))))
+                    (e, Some((layer, LayerState::Skipped, Some(because))))
                 }
             };
             if let Some((layer, state, error)) = state_change

@@ -22,13 +22,14 @@ use farm_stackerfile::{Plan, PlanOptions, Substitutions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::build::{BuildOptions, EventSender, Outcome, run_build};
-use crate::cache::{ActionCache, CachedLayer};
+use crate::build::{BuildOptions, Outcome, run_build};
+use crate::cache::ActionCache;
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{
     DEFAULT_ANNOTATION_NAMESPACE, GitVersions, manifest_annotations_with, manifest_for,
 };
 use crate::state::{BuildId, BuildState, LayerResult, StateError, StateStore, unix_ms};
+use farm_model::{BuiltImage, Compression, EventSender, Platform};
 use futures::{StreamExt, TryStreamExt};
 
 pub use events::{EventKind, StoredEvent};
@@ -42,8 +43,8 @@ pub struct FarmConfig {
     pub blobs: BlobStore,
     /// A worker that sends no heartbeat for this long loses its layers.
     pub lease: Duration,
-    /// The platform of layers that name none (`os/arch`).
-    pub platform: String,
+    /// The platform of layers that name none.
+    pub platform: Platform,
     /// Built-in substitutions (stacker's STACKER_* names) for submissions.
     pub builtins: Vec<(String, String)>,
     /// Resume the state's unfinished builds (a coordinator); the embedded mode leaves
@@ -80,7 +81,7 @@ pub struct Submission {
     /// The submitter's environment, for `build_env_passthrough`.
     pub environment: Vec<(String, String)>,
     pub no_cache: bool,
-    pub compression: String,
+    pub compression: Compression,
     pub require_hash: bool,
     pub allow_outside_context: bool,
     /// Texts of stackerfiles the submitter fetched itself (http(s) URLs), by path.
@@ -223,8 +224,31 @@ impl Farm {
         Ok(farm)
     }
 
-    pub fn state(&self) -> &StateStore {
+    pub(crate) fn state(&self) -> &StateStore {
         &self.inner.state
+    }
+
+    /// The status of build `id` (`None`: no such build).
+    pub async fn status(&self, id: &str) -> Result<Option<crate::state::BuildStatus>, FarmError> {
+        Ok(self.inner.state.status(id).await?)
+    }
+
+    /// The images of build `id`'s built (or cached) layers, by layer name, in plan order.
+    pub async fn built_images(&self, id: &str) -> Result<Vec<(String, BuiltImage)>, FarmError> {
+        let mut out = Vec::new();
+        for layer in self.inner.state.layers(id).await? {
+            let Some(json) = &layer.result_json else {
+                continue;
+            };
+            let image = serde_json::from_str(json).map_err(|e| {
+                FarmError::Invalid(format!(
+                    "build {id}: the recorded result of layer '{}' is unreadable: {e}",
+                    layer.name
+                ))
+            })?;
+            out.push((layer.name, image));
+        }
+        Ok(out)
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -437,7 +461,7 @@ impl Inner {
         let options = BuildOptions {
             jobs: usize::MAX,
             no_cache: spec.no_cache,
-            compression: spec.compression.clone(),
+            compression: spec.compression,
             caller_env: spec.environment.clone(),
             context,
             platform: self.config.platform.clone(),
@@ -527,7 +551,6 @@ impl Inner {
                 .iter()
                 .zip(&report.outcomes)
                 .find_map(|(l, o)| match o {
-                    Outcome::Failed(e) if e.starts_with("layer '") => Some(e.clone()),
                     Outcome::Failed(e) => Some(format!("layer '{}': {e}", l.layer.name)),
                     _ => None,
                 })
@@ -600,7 +623,7 @@ impl Inner {
 /// Store a built layer's manifest; returns its digest.
 pub async fn store_manifest(
     blobs: &BlobStore,
-    result: &CachedLayer,
+    result: &BuiltImage,
     annotations: &std::collections::BTreeMap<String, String>,
 ) -> Result<String, FarmError> {
     let manifest = manifest_for(result, annotations)?;

@@ -10,21 +10,22 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use farm_proto::v1::{
-    Assignment, CoordinatorMessage, Registered, ResultAck, WorkerMessage, coordinator_message,
-    worker_message,
+    Assignment, CoordinatorMessage, Refused, Registered, ResultAck, WorkerMessage,
+    coordinator_message, worker_message,
 };
 use farm_stackerfile::Plan;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{FarmError, Inner};
-use crate::build::{Event, EventSender, Executor, ImportSource, Job, JobBase};
-use crate::cache::CachedLayer;
+use farm_model::{
+    ChainId, Event, EventSender, FailureKind, ImportSource, Job, LayerFailure, LayerOutcome,
+    PROTOCOL, Platform, ProtocolVersion,
+};
+
+use crate::build::Executor;
 use crate::state::{AssignmentId, BuildId, MAX_ATTEMPTS, may_retry, unix_ms};
 
-/// The error of a layer stopped by `farm cancel`.
-pub const CANCELLED: &str = "cancelled";
-
-type LayerResult = Result<CachedLayer, String>;
+type LayerResult = LayerOutcome;
 
 /// The worker's end of a connection: send [`WorkerMessage`]s, receive
 /// [`CoordinatorMessage`]s. Dropping `tx` disconnects.
@@ -68,8 +69,8 @@ struct Active {
 struct Worker {
     session: u64,
     slots: u32,
-    platform: String,
-    chains: HashSet<String>,
+    platform: Platform,
+    chains: HashSet<ChainId>,
     tx: mpsc::UnboundedSender<CoordinatorMessage>,
     running: HashSet<AssignmentId>,
     /// Picked, not yet sent (the lease is being written).
@@ -223,7 +224,7 @@ impl Scheduler {
                     // Checked under the lock `cancel_build` drains the queue under: a layer
                     // that arrives after a cancel must not be queued (and built) after it.
                     if inner.is_cancelled(build) {
-                        break 'locked Some(Err(CANCELLED.into()));
+                        break 'locked Some(Err(LayerFailure::cancelled()));
                     }
                     st.queue.push_back(task);
                     inner.metrics.set_queue(st.queue.len());
@@ -236,8 +237,11 @@ impl Scheduler {
         if let Some(r) = early {
             return r;
         }
-        rx.await
-            .unwrap_or_else(|_| Err("the coordinator stopped before the layer finished".into()))
+        rx.await.unwrap_or_else(|_| {
+            Err(LayerFailure::internal(
+                "the coordinator stopped before the layer finished",
+            ))
+        })
     }
 
     /// Send every queued layer that has a worker to it.
@@ -297,7 +301,9 @@ impl Scheduler {
             Ok(id) => id,
             Err(e) => {
                 unreserve(&mut self.lock());
-                task.finish(Err(format!("recording the assignment: {e}")));
+                task.finish(Err(LayerFailure::internal(format!(
+                    "recording the assignment: {e}"
+                ))));
                 return;
             }
         };
@@ -311,8 +317,10 @@ impl Scheduler {
             Ok(j) => j,
             Err(e) => {
                 unreserve(&mut self.lock());
-                let _ = inner.state.release(id).await;
-                task.finish(Err(format!("sending the layer's inputs: {e}")));
+                self.release(inner, id).await;
+                task.finish(Err(LayerFailure::internal(format!(
+                    "sending the layer's inputs: {e}"
+                ))));
                 return;
             }
         };
@@ -355,13 +363,21 @@ impl Scheduler {
             // The worker left between the pick and the send: not its fault, and not an
             // attempt that counts against the layer... but the lease was recorded, so
             // it does count; release it and queue again.
-            let _ = inner.state.release(id).await;
+            self.release(inner, id).await;
             if cancelled {
-                task.finish(Err(CANCELLED.into()));
+                task.finish(Err(LayerFailure::cancelled()));
                 return;
             }
             self.lock().queue.push_front(task);
             self.wake.notify_one();
+        }
+    }
+
+    /// End lease `id` in the state store. A write that fails leaves the lease to run
+    /// out, and the expiry loop then retries the layer: logged, never silent.
+    async fn release(&self, inner: &Inner, id: AssignmentId) {
+        if let Err(e) = inner.state.release(id).await {
+            tracing::error!(assignment = %id, "releasing the lease: {e}; it will expire instead");
         }
     }
 
@@ -396,7 +412,7 @@ impl Scheduler {
         worker: &str,
         why: &str,
     ) {
-        let _ = inner.state.release(id).await;
+        self.release(inner, id).await;
         let active = {
             let mut st = self.lock();
             if let Some(w) = st.workers.get_mut(worker) {
@@ -426,8 +442,11 @@ impl Scheduler {
             self.lock().queue.push_front(task);
             self.wake.notify_one();
         } else {
-            task.finish(Err(format!(
-                "worker {worker} {why}; the layer was assigned {attempts} times, the limit"
+            task.finish(Err(LayerFailure::new(
+                FailureKind::WorkerLost,
+                format!(
+                    "worker {worker} {why}; the layer was assigned {attempts} times, the limit"
+                ),
             )));
         }
     }
@@ -470,7 +489,7 @@ impl Scheduler {
             (mine, active)
         };
         for t in tasks.into_iter().chain(active) {
-            t.finish(Err(CANCELLED.into()));
+            t.finish(Err(LayerFailure::cancelled()));
         }
         self.wake.notify_one();
     }
@@ -509,13 +528,9 @@ impl Scheduler {
 /// The worker for `job`: right platform, a free slot; one holding the base chain
 /// first, then the least loaded.
 fn choose(workers: &BTreeMap<String, Worker>, job: &Job) -> Option<String> {
-    let base = match &job.base {
-        JobBase::Image(l) => Some(l.chain_id.as_str()),
-        JobBase::TarInLayer { producer, .. } => Some(producer.chain_id.as_str()),
-        _ => None,
-    };
+    let base = job.base_chain();
     // A layer that runs nothing (only adds files and config) builds on any platform.
-    let runs = job.layer.run.is_some() || job.layer.generate_labels.is_some();
+    let runs = job.runs_commands();
     workers
         .iter()
         .filter(|(_, w)| (!runs || w.platform == job.platform) && w.free() > 0)
@@ -569,6 +584,30 @@ async fn serve_worker(
         }
     };
     let name = reg.name.clone();
+    let refuse = |reason: String| {
+        tracing::warn!(worker = %name, "refused: {reason}");
+        let _ = tx.send(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Refused(Refused { reason })),
+        });
+    };
+    let version = ProtocolVersion {
+        major: reg.protocol_major,
+        minor: reg.protocol_minor,
+    };
+    if !PROTOCOL.compatible(&version) {
+        refuse(format!(
+            "worker {name} speaks farm worker protocol {version}, this coordinator speaks \
+             {PROTOCOL}: run the same farm release on both"
+        ));
+        return;
+    }
+    let platform: Platform = match reg.platform.parse() {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(format!("worker {name}: {e}"));
+            return;
+        }
+    };
     let now = unix_ms();
     if let Err(e) = inner
         .state
@@ -601,8 +640,8 @@ async fn serve_worker(
             Worker {
                 session,
                 slots: reg.slots,
-                platform: reg.platform.clone(),
-                chains: reg.chains.iter().cloned().collect(),
+                platform,
+                chains: parse_chains(&name, &reg.chains),
                 tx: tx.clone(),
                 running: HashSet::new(),
                 reserved: 0,
@@ -615,7 +654,16 @@ async fn serve_worker(
         inner.metrics.set_workers(st.workers.len());
     }
     // Reconcile with the leases this worker held before it (or we) reconnected.
-    let leases = inner.state.leases_of(&name).await.unwrap_or_default();
+    let leases = match inner.state.leases_of(&name).await {
+        Ok(l) => l,
+        Err(e) => {
+            // Without its leases the worker cannot be reconciled: drop the connection
+            // (it dials again) rather than cancel or keep work blindly.
+            tracing::error!(worker = %name, "reading the worker's leases: {e}");
+            sched.lock().workers.remove(&name);
+            return;
+        }
+    };
     let held: HashSet<AssignmentId> = leases.iter().map(|l| l.assignment).collect();
     for lease in leases {
         if claims.contains(&lease.assignment) {
@@ -640,20 +688,22 @@ async fn serve_worker(
             kind: Some(coordinator_message::Kind::Cancel(claim.to_string())),
         });
     }
-    let _ = inner.state.renew(&name, unix_ms()).await;
+    renew(&inner, &name, unix_ms()).await;
     sched.wake.notify_one();
 
     while let Some(msg) = rx.recv().await {
         match msg.kind {
             Some(worker_message::Kind::Heartbeat(hb)) => {
                 let now = unix_ms();
-                let _ = inner.state.renew(&name, now).await;
-                let _ = inner.state.worker_seen(&name, now).await;
+                renew(&inner, &name, now).await;
+                if let Err(e) = inner.state.worker_seen(&name, now).await {
+                    tracing::warn!(worker = %name, "recording the heartbeat: {e}");
+                }
                 let mut st = sched.lock();
                 if let Some(w) = st.workers.get_mut(&name).filter(|w| w.session == session) {
                     w.last_seen_ms = now;
                     w.stale = false;
-                    w.chains.extend(hb.chains);
+                    w.chains.extend(parse_chains(&name, &hb.chains));
                 }
             }
             Some(worker_message::Kind::Logs(batch)) => {
@@ -699,11 +749,11 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
     let Ok(id) = result.assignment.parse::<AssignmentId>() else {
         return;
     };
-    let outcome: LayerResult = if result.error.is_empty() {
-        serde_json::from_str(&result.layer_json)
-            .map_err(|e| format!("the worker sent an unreadable result: {e}"))
-    } else {
-        Err(result.error.clone())
+    let outcome: LayerResult = match &result.failure {
+        Some(failure) => Err(LayerFailure::from(failure)),
+        None => serde_json::from_str(&result.layer_json).map_err(|e| {
+            LayerFailure::internal(format!("worker {worker} sent an unreadable result: {e}"))
+        }),
     };
     // The lease is released last: until then a driver resuming after a restart still
     // finds it and attaches, so the result below reaches it either way.
@@ -718,11 +768,9 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
         let a = st.active.remove(&id);
         // The worker now holds the chain its base was materialised into, too.
         if let (Some(a), Some(w)) = (&a, st.workers.get_mut(worker)) {
-            match &a.task.job.base {
-                JobBase::Image(l) => w.chains.insert(l.chain_id.clone()),
-                JobBase::TarInLayer { producer, .. } => w.chains.insert(producer.chain_id.clone()),
-                _ => false,
-            };
+            if let Some(chain) = a.task.job.base_chain() {
+                w.chains.insert(chain.clone());
+            }
         }
         inner.metrics.set_running(st.active.len());
         a
@@ -739,7 +787,14 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
             {
                 tracing::error!("caching a result: {e}");
             }
-            if let Ok(Some((lease, _))) = inner.state.assignment(id).await {
+            let lease = match inner.state.assignment(id).await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::error!(assignment = %id, "reading the assignment of a result: {e}");
+                    None
+                }
+            };
+            if let Some((lease, _)) = lease {
                 let mut st = sched.lock();
                 // A driver may have attached meanwhile (and counted it on the worker).
                 if let Some(w) = st.workers.get_mut(worker) {
@@ -757,8 +812,30 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
             }
         }
     }
-    let _ = inner.state.release(id).await;
+    sched.release(inner, id).await;
     sched.wake.notify_one();
+}
+
+/// Renew `worker`'s leases. A failed write is retried by the next heartbeat; until one
+/// succeeds the leases may run out and their layers move to another worker.
+async fn renew(inner: &Inner, worker: &str, now: i64) {
+    if let Err(e) = inner.state.renew(worker, now).await {
+        tracing::warn!(%worker, "renewing leases: {e}");
+    }
+}
+
+/// The chains a worker reports; ones that are not ChainIDs are ignored (and logged).
+fn parse_chains(worker: &str, chains: &[String]) -> HashSet<ChainId> {
+    chains
+        .iter()
+        .filter_map(|c| match ChainId::parse(c) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(%worker, "ignoring a reported chain: {e}");
+                None
+            }
+        })
+        .collect()
 }
 
 /// The executor of one build: its layers go through the scheduler.
@@ -786,14 +863,14 @@ impl FarmExecutor {
 impl Executor for FarmExecutor {
     async fn execute(&self, job: Job, events: EventSender) -> LayerResult {
         let Some(&idx) = self.index.get(&job.layer.name) else {
-            return Err(format!(
+            return Err(LayerFailure::internal(format!(
                 "internal error: no layer '{}' in the build",
                 job.layer.name
-            ));
+            )));
         };
         let sched = &self.inner.sched;
         let key = job.cache_key.clone();
-        let shareable = job.layer.binds.is_empty();
+        let shareable = job.cacheable();
         if shareable {
             loop {
                 let waiting = {
@@ -816,14 +893,14 @@ impl Executor for FarmExecutor {
                     format!("farm: build {owner} is building the same layer; sharing its result"),
                 );
                 let result = match rx.wait_for(Option::is_some).await {
-                    Ok(r) => r.clone().unwrap_or_else(|| Err(CANCELLED.into())),
-                    Err(_) => Err(CANCELLED.into()),
+                    Ok(r) => r.clone().unwrap_or_else(|| Err(LayerFailure::cancelled())),
+                    Err(_) => Err(LayerFailure::cancelled()),
                 };
                 match result {
                     Ok(layer) => return Ok(layer),
                     // The other build was cancelled: build it here.
-                    Err(e) if e == CANCELLED => continue,
-                    Err(e) => return Err(format!("{e} (in build {owner})")),
+                    Err(e) if e.is_cancelled() => continue,
+                    Err(e) => return Err(e.note(format_args!("(in build {owner})"))),
                 }
             }
         }

@@ -11,9 +11,9 @@ use farm_proto::v1::{
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::build::Job;
-use crate::cache::CachedBlob;
 use crate::state::LayerState;
+use farm_model::Job;
+use farm_model::{BuiltImage, ChainId, FailureKind, LayerBlob, LayerFailure, PROTOCOL};
 
 /// How a scripted worker behaves.
 #[derive(Clone, Copy)]
@@ -26,6 +26,8 @@ struct Script {
     answer: bool,
     /// Answer only this many assignments, then hang.
     answer_limit: usize,
+    /// Answer with this failure instead of a result.
+    failure: Option<(FailureKind, &'static str)>,
 }
 
 const QUICK: Script = Script {
@@ -33,6 +35,7 @@ const QUICK: Script = Script {
     heartbeats: true,
     answer: true,
     answer_limit: usize::MAX,
+    failure: None,
 };
 
 struct FakeWorker {
@@ -60,7 +63,7 @@ impl FakeWorker {
     }
 }
 
-async fn result_for(blobs: &BlobStore, job: &Job) -> CachedLayer {
+async fn result_for(blobs: &BlobStore, job: &Job) -> BuiltImage {
     let config = blobs
         .put(
             format!("{{\"layer\":\"{}\"}}", job.cache_key)
@@ -73,16 +76,16 @@ async fn result_for(blobs: &BlobStore, job: &Job) -> CachedLayer {
         .put(format!("layer {}", job.cache_key).into_bytes().into())
         .await
         .unwrap();
-    CachedLayer {
+    BuiltImage {
         config_digest: config.digest.to_string(),
         config_size: config.size,
-        layers: vec![CachedBlob {
+        layers: vec![LayerBlob {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             digest: layer.digest.to_string(),
             size: layer.size,
             diff_id: layer.digest.to_string(),
         }],
-        chain_id: layer.digest.to_string(),
+        chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
     }
 }
 
@@ -109,6 +112,8 @@ fn fake_worker(
                 slots,
                 platform: "linux/amd64".into(),
                 running: running.iter().map(|(id, _)| id.clone()).collect(),
+                protocol_major: PROTOCOL.major,
+                protocol_minor: PROTOCOL.minor,
                 ..Default::default()
             })),
         })
@@ -118,14 +123,21 @@ fn fake_worker(
             let blobs = blobs.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(script.delay).await;
-                let layer = result_for(&blobs, &job).await;
-                let _ = tx.send(WorkerMessage {
-                    kind: Some(worker_message::Kind::Result(ResultMsg {
+                let msg = match script.failure {
+                    Some((kind, message)) => ResultMsg {
                         assignment: id,
-                        layer_json: serde_json::to_string(&layer).unwrap(),
+                        failure: Some((&LayerFailure::new(kind, message)).into()),
+                        ..Default::default()
+                    },
+                    None => ResultMsg {
+                        assignment: id,
+                        layer_json: serde_json::to_string(&result_for(&blobs, &job).await).unwrap(),
                         cache_key: job.cache_key.clone(),
                         ..Default::default()
-                    })),
+                    },
+                };
+                let _ = tx.send(WorkerMessage {
+                    kind: Some(worker_message::Kind::Result(msg)),
                 });
             });
         };
@@ -172,7 +184,7 @@ async fn start(dir: &Path, lease_ms: u64) -> Farm {
         state_dir: dir.join("state"),
         blobs: BlobStore::local(&dir.join("blobs")).unwrap(),
         lease: Duration::from_millis(lease_ms),
-        platform: "linux/amd64".into(),
+        platform: "linux/amd64".parse().unwrap(),
         builtins: Vec::new(),
         resume: true,
         registry: Default::default(),
@@ -202,7 +214,7 @@ fn submission(file: &Path) -> Submission {
         substitutions: Default::default(),
         environment: Vec::new(),
         no_cache: false,
-        compression: "gzip".into(),
+        compression: Default::default(),
         require_hash: false,
         allow_outside_context: true,
         inline: Default::default(),
@@ -491,13 +503,13 @@ fn placeholder_job(name: &str) -> Job {
     Job {
         layer: plan.layers[0].layer.clone(),
         cache_key: format!("sha256:{}", "0".repeat(64)),
-        base: crate::build::JobBase::Scratch,
+        base: farm_model::JobBase::Scratch,
         imports: Vec::new(),
         overlay_dirs: Vec::new(),
         env: Vec::new(),
         source_date_epoch: None,
-        compression: "gzip".into(),
-        platform: "linux/amd64".into(),
+        compression: Default::default(),
+        platform: "linux/amd64".parse().unwrap(),
     }
 }
 
@@ -617,4 +629,80 @@ async fn layers_built_before_a_restart_stay_built_by_their_worker() {
     );
     assert!(first.duration_ms.is_some());
     assert_eq!(status.layers[1].state, LayerState::Built);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_is_decided_by_its_kind_not_its_words() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    // A run that prints "cancelled" and fails is a failed layer (the old string
+    // sentinel made it a cancelled one, and a sharing build built it again).
+    let _w = fake_worker(
+        &farm,
+        "w",
+        1,
+        Script {
+            failure: Some((FailureKind::RunFailed, "cancelled")),
+            ..QUICK
+        },
+        vec![],
+    );
+    let (id, _) = farm.submit(fan_out(d.path(), 1, "words")).await.unwrap();
+    let (state, error) = wait(&farm, &id).await;
+    assert_eq!(state, BuildState::Failed);
+    assert_eq!(error.as_deref(), Some("layer 'l0': cancelled"));
+    let status = farm.status(&id).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].state, LayerState::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_another_protocol_version_is_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    for (major, minor, accepted) in [
+        (0, 0, false),
+        (PROTOCOL.major + 1, 0, false),
+        (PROTOCOL.major, PROTOCOL.minor + 7, true),
+    ] {
+        let mut link = farm.connect_worker().unwrap();
+        link.tx
+            .send(WorkerMessage {
+                kind: Some(worker_message::Kind::Register(Register {
+                    name: format!("v{major}"),
+                    slots: 1,
+                    platform: "linux/amd64".into(),
+                    protocol_major: major,
+                    protocol_minor: minor,
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), link.rx.recv())
+            .await
+            .unwrap()
+            .and_then(|m| m.kind);
+        match first {
+            Some(coordinator_message::Kind::Refused(r)) => {
+                assert!(!accepted, "{major}.{minor} refused: {}", r.reason);
+                assert!(
+                    r.reason.contains(&format!("{major}.{minor}"))
+                        && r.reason.contains(&PROTOCOL.to_string()),
+                    "{}",
+                    r.reason
+                );
+            }
+            Some(coordinator_message::Kind::Registered(_)) => {
+                assert!(accepted, "{major}.{minor} was accepted")
+            }
+            other => panic!("unexpected first answer {other:?}"),
+        }
+    }
+    let names: Vec<String> = farm
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(names, [format!("v{}", PROTOCOL.major)]);
 }

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::farm::{ContextFile, EventKind, Farm, FarmError, StoredEvent, Submission};
-use crate::state::{BuildState, LayerState};
+use farm_model::{Compression, UnknownCompression};
 
 /// Both services over one farm.
 #[derive(Clone)]
@@ -35,8 +35,8 @@ impl FarmService {
 
     pub fn workers_server(self) -> WorkersServer<Self> {
         WorkersServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
     }
 }
 
@@ -49,33 +49,11 @@ fn status_of(e: FarmError) -> Status {
     }
 }
 
-pub fn build_state(s: BuildState) -> proto::BuildState {
-    match s {
-        BuildState::Queued => proto::BuildState::Queued,
-        BuildState::Running => proto::BuildState::Running,
-        BuildState::Succeeded => proto::BuildState::Succeeded,
-        BuildState::Failed => proto::BuildState::Failed,
-        BuildState::Cancelled => proto::BuildState::Cancelled,
-    }
-}
-
-pub fn layer_state(s: LayerState) -> proto::LayerState {
-    match s {
-        LayerState::Waiting => proto::LayerState::LayerWaiting,
-        LayerState::Running => proto::LayerState::LayerRunning,
-        LayerState::Built => proto::LayerState::LayerBuilt,
-        LayerState::Cached => proto::LayerState::LayerCached,
-        LayerState::Failed => proto::LayerState::LayerFailed,
-        LayerState::Skipped => proto::LayerState::LayerSkipped,
-        LayerState::Cancelled => proto::LayerState::LayerCancelled,
-    }
-}
-
 fn event(seq: u64, e: StoredEvent) -> BuildEvent {
     let kind = match e.kind {
-        EventKind::Layer(s) => build_event::Kind::State(layer_state(s) as i32),
+        EventKind::Layer(s) => build_event::Kind::State(i32::from(s)),
         EventKind::Log(l) => build_event::Kind::Log(l),
-        EventKind::Build(s) => build_event::Kind::Build(build_state(s) as i32),
+        EventKind::Build(s) => build_event::Kind::Build(i32::from(s)),
     };
     BuildEvent {
         seq,
@@ -84,44 +62,8 @@ fn event(seq: u64, e: StoredEvent) -> BuildEvent {
         worker: e.worker.unwrap_or_default(),
         error: e.error.unwrap_or_default(),
         duration_ms: e.duration_ms.unwrap_or_default(),
+        failure: e.failure.as_ref().map(proto::LayerFailure::from),
     }
-}
-
-/// A streamed event back in the farm's terms (for clients).
-pub fn stored_event(e: &BuildEvent) -> Option<StoredEvent> {
-    let kind = match e.kind.as_ref()? {
-        build_event::Kind::State(s) => {
-            EventKind::Layer(match proto::LayerState::try_from(*s).ok()? {
-                proto::LayerState::LayerWaiting => LayerState::Waiting,
-                proto::LayerState::LayerRunning => LayerState::Running,
-                proto::LayerState::LayerBuilt => LayerState::Built,
-                proto::LayerState::LayerCached => LayerState::Cached,
-                proto::LayerState::LayerFailed => LayerState::Failed,
-                proto::LayerState::LayerSkipped => LayerState::Skipped,
-                proto::LayerState::LayerCancelled => LayerState::Cancelled,
-                proto::LayerState::Unspecified => return None,
-            })
-        }
-        build_event::Kind::Log(l) => EventKind::Log(l.clone()),
-        build_event::Kind::Build(s) => {
-            EventKind::Build(match proto::BuildState::try_from(*s).ok()? {
-                proto::BuildState::Queued => BuildState::Queued,
-                proto::BuildState::Running => BuildState::Running,
-                proto::BuildState::Succeeded => BuildState::Succeeded,
-                proto::BuildState::Failed => BuildState::Failed,
-                proto::BuildState::Cancelled => BuildState::Cancelled,
-                proto::BuildState::Unspecified => return None,
-            })
-        }
-    };
-    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    Some(StoredEvent {
-        layer: e.layer.clone(),
-        kind,
-        worker: opt(&e.worker),
-        error: opt(&e.error),
-        duration_ms: (e.duration_ms > 0).then_some(e.duration_ms),
-    })
 }
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -139,16 +81,13 @@ impl FarmApi for FarmService {
                 Substitutions::parse_cli(s).map_err(|e| Status::invalid_argument(e.to_string()))?,
             );
         }
-        let compression = if r.compression.is_empty() {
-            "gzip".to_string()
+        let compression: Compression = if r.compression.is_empty() {
+            Compression::default()
         } else {
             r.compression
+                .parse()
+                .map_err(|e: UnknownCompression| Status::invalid_argument(e.to_string()))?
         };
-        if !matches!(compression.split(':').next(), Some("gzip" | "zstd")) {
-            return Err(Status::invalid_argument(format!(
-                "compression {compression:?}: use gzip or zstd"
-            )));
-        }
         let mut environment: Vec<(String, String)> = r.environment.into_iter().collect();
         environment.sort();
         let spec = Submission {
@@ -228,7 +167,7 @@ impl FarmApi for FarmService {
             .await
             .map_err(status_of)?;
         Ok(Response::new(CancelResponse {
-            state: build_state(state) as i32,
+            state: i32::from(state),
         }))
     }
 
@@ -310,7 +249,7 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
     let layers = state.layers(id).await.map_err(|e| status_of(e.into()))?;
     Ok(proto::BuildStatus {
         id: build.id,
-        state: build_state(build.state) as i32,
+        state: i32::from(build.state),
         error: build.error.unwrap_or_default(),
         created_unix_ms: build.created_ms,
         layers: layers
@@ -318,7 +257,7 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
             .map(|l| proto::LayerStatus {
                 tagged: l.manifest_digest.is_some(),
                 name: l.name,
-                state: layer_state(l.state) as i32,
+                state: i32::from(l.state),
                 worker: l.worker.unwrap_or_default(),
                 cached: l.cached,
                 duration_ms: l.duration_ms.unwrap_or_default(),

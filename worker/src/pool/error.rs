@@ -141,3 +141,9 @@ pub fn is_no_space(e: &io::Error) -> bool {
 
 /// Result of the pool.
 pub type Result<T, E = PoolError> = std::result::Result<T, E>;
+
+impl From<farm_model::InvalidChainId> for PoolError {
+    fn from(e: farm_model::InvalidChainId) -> Self {
+        PoolError::InvalidChainId(e.0)
+    }
+}

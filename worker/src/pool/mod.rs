@@ -100,7 +100,6 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -112,63 +111,16 @@ pub use meta::SizeSource;
 use lock::{Lock, Mode};
 use meta::ChainMeta;
 
-/// An OCI ChainID, `sha256:<64 lowercase hex>` (or `sha512:<128 hex>`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChainId(String);
+pub use farm_model::ChainId;
 
-impl ChainId {
-    /// Validates `s`.
-    pub fn parse(s: &str) -> Result<ChainId> {
-        let ok = match s.split_once(':') {
-            Some(("sha256", hex)) => is_hex(hex, 64),
-            Some(("sha512", hex)) => is_hex(hex, 128),
-            _ => false,
-        };
-        if ok {
-            Ok(ChainId(s.to_owned()))
-        } else {
-            Err(PoolError::InvalidChainId(s.to_owned()))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The file name used in the pool: `sha256-HEX`.
-    fn file_name(&self) -> String {
-        self.0.replacen(':', "-", 1)
-    }
-
-    fn from_file_name(name: &str) -> Option<ChainId> {
-        let (algo, hex) = name.split_once('-')?;
-        ChainId::parse(&format!("{algo}:{hex}")).ok()
-    }
+/// The file name a chain has in the pool: `sha256-HEX`.
+fn file_name(id: &ChainId) -> String {
+    id.as_str().replacen(':', "-", 1)
 }
 
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-impl fmt::Display for ChainId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for ChainId {
-    type Err = PoolError;
-    fn from_str(s: &str) -> Result<ChainId> {
-        ChainId::parse(s)
-    }
-}
-
-impl AsRef<str> for ChainId {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
+fn from_file_name(name: &str) -> Option<ChainId> {
+    let (algo, hex) = name.split_once('-')?;
+    ChainId::parse(&format!("{algo}:{hex}")).ok()
 }
 
 /// Which backend [`Pool::open`] uses.
@@ -499,26 +451,26 @@ impl Pool {
     /// The lock file a [`ChainHandle`] holds shared; another process may hold it shared
     /// too (e.g. `flock -s FILE CMD`) to keep the chain from gc.
     pub fn use_lock_path(&self, id: &ChainId) -> PathBuf {
-        self.lock_file(&format!("{}.use", id.file_name()))
+        self.lock_file(&format!("{}.use", file_name(id)))
     }
 
     fn chains_dir(&self) -> PathBuf {
         self.inner.dir.join("chains")
     }
     fn chain_volume(&self, id: &ChainId) -> PathBuf {
-        self.chains_dir().join(id.file_name())
+        self.chains_dir().join(file_name(id))
     }
     fn meta_path(&self, id: &ChainId) -> PathBuf {
         self.inner
             .dir
             .join("meta")
-            .join(format!("{}.json", id.file_name()))
+            .join(format!("{}.json", file_name(id)))
     }
     fn lock_file(&self, name: &str) -> PathBuf {
         self.inner.dir.join("locks").join(name)
     }
     fn create_lock_path(&self, id: &ChainId) -> PathBuf {
-        self.lock_file(&format!("{}.create", id.file_name()))
+        self.lock_file(&format!("{}.create", file_name(id)))
     }
 
     fn lock_pool(&self, mode: Mode) -> Result<Lock> {
@@ -615,7 +567,7 @@ impl Pool {
         let _pool = self.lock_pool(Mode::Shared)?;
         let volume = self.chains_dir().join(format!(
             "{PENDING}{}.{}",
-            id.file_name(),
+            file_name(id),
             meta::unique_suffix()
         ));
         let rootfs = volume.join("rootfs");
@@ -719,7 +671,7 @@ impl Pool {
         for entry in rd {
             let entry = entry.map_err(|e| self.error("list", &dir, e))?;
             let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(ChainId::from_file_name) else {
+            let Some(id) = name.to_str().and_then(from_file_name) else {
                 continue;
             };
             let m = self.read_meta_or_default(&id)?;
@@ -823,7 +775,7 @@ impl Pool {
         let volume = self.chain_volume(id);
         let trash = self.chains_dir().join(format!(
             "{TRASH}{}.{}",
-            id.file_name(),
+            file_name(id),
             meta::unique_suffix()
         ));
         fs::rename(&volume, &trash).map_err(|e| self.error("rename", &volume, e))?;
@@ -865,7 +817,7 @@ impl Pool {
             let path = entry.path();
             let stale = if let Some(rest) = name.strip_prefix(PENDING) {
                 let idname = rest.split('.').next().unwrap_or("");
-                match ChainId::from_file_name(idname) {
+                match from_file_name(idname) {
                     Some(id) => matches!(
                         Lock::try_acquire(&self.create_lock_path(&id), Mode::Exclusive),
                         Ok(Some(_))
@@ -906,7 +858,7 @@ impl Pool {
         let metas = self.inner.dir.join("meta");
         for entry in fs::read_dir(&metas).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let orphan = match name.strip_suffix(".json").and_then(ChainId::from_file_name) {
+            let orphan = match name.strip_suffix(".json").and_then(from_file_name) {
                 Some(id) if !name.starts_with('.') => !self.contains(&id),
                 _ => name.starts_with('.') && name.contains(".tmp-"),
             };
@@ -924,7 +876,7 @@ impl Pool {
             else {
                 continue;
             };
-            if let Some(id) = ChainId::from_file_name(base)
+            if let Some(id) = from_file_name(base)
                 && !self.contains(&id)
                 && !self.pending_exists(&id)
                 && let Ok(Some(l)) = Lock::try_acquire(&entry.path(), Mode::Exclusive)
@@ -936,7 +888,7 @@ impl Pool {
     }
 
     fn pending_exists(&self, id: &ChainId) -> bool {
-        let prefix = format!("{PENDING}{}.", id.file_name());
+        let prefix = format!("{PENDING}{}.", file_name(id));
         fs::read_dir(self.chains_dir())
             .into_iter()
             .flatten()
@@ -1215,8 +1167,8 @@ mod tests {
     fn chain_ids_are_validated_and_named() {
         let hex = "a".repeat(64);
         let id = ChainId::parse(&format!("sha256:{hex}")).unwrap();
-        assert_eq!(id.file_name(), format!("sha256-{hex}"));
-        assert_eq!(ChainId::from_file_name(&id.file_name()), Some(id.clone()));
+        assert_eq!(file_name(&id), format!("sha256-{hex}"));
+        assert_eq!(from_file_name(&file_name(&id)), Some(id.clone()));
         for bad in [
             "sha256:".to_string(),
             format!("sha256:{}", "A".repeat(64)),
@@ -1227,6 +1179,6 @@ mod tests {
         ] {
             assert!(ChainId::parse(&bad).is_err(), "{bad}");
         }
-        assert!(ChainId::from_file_name(".pending.x").is_none());
+        assert!(from_file_name(".pending.x").is_none());
     }
 }
