@@ -1,5 +1,6 @@
 //! End-to-end tests: each runs the real `farm` binary.
 
+mod architecture;
 mod build;
 mod client;
 mod farm;

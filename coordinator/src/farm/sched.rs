@@ -767,10 +767,10 @@ async fn handle_result(inner: &Arc<Inner>, worker: &str, result: farm_proto::v1:
         }
         let a = st.active.remove(&id);
         // The worker now holds the chain its base was materialised into, too.
-        if let (Some(a), Some(w)) = (&a, st.workers.get_mut(worker)) {
-            if let Some(chain) = a.task.job.base_chain() {
-                w.chains.insert(chain.clone());
-            }
+        if let (Some(a), Some(w)) = (&a, st.workers.get_mut(worker))
+            && let Some(chain) = a.task.job.base_chain()
+        {
+            w.chains.insert(chain.clone());
         }
         inner.metrics.set_running(st.active.len());
         a
