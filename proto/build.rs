@@ -7,12 +7,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=farm.proto");
     println!("cargo:rerun-if-env-changed=PROTOC");
     // An explicit PROTOC (e.g. Debian's /usr/bin/protoc) wins; otherwise the vendored one.
-    if std::env::var_os("PROTOC").is_none() {
-        let protoc = protoc_bin_vendored::protoc_bin_path()?;
-        // SAFETY: build scripts are single-threaded; nothing else reads the environment
-        // concurrently.
-        unsafe { std::env::set_var("PROTOC", protoc) };
-    }
+    let protoc = match std::env::var_os("PROTOC") {
+        Some(p) => PathBuf::from(p),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         // `Workers.Connect` would clash with the generated `WorkersClient::connect(dst)`
@@ -22,6 +22,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("farm_descriptor.bin"))
         .bytes(".farm.v1.UploadChunk.data")
         .bytes(".farm.v1.ReadChunk.data")
-        .compile_protos(&["farm.proto"], &["."])?;
+        .compile_with_config(config, &["farm.proto"], &["."])?;
     Ok(())
 }
