@@ -10,6 +10,7 @@ mod cmd;
 mod common;
 mod context;
 mod embedded;
+mod last_build;
 mod local;
 mod progress;
 mod remote;
