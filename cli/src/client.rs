@@ -1,20 +1,16 @@
-//! Talking to a coordinator: its address (`--coordinator` / `FARM_COORDINATOR`), a
-//! connection that fails fast and says how to fix it, gRPC errors in words, and watching
-//! a build through coordinator restarts.
+//! Talking to a coordinator, as the CLI presents it: its address (`--coordinator` /
+//! `FARM_COORDINATOR`), a connection that fails fast and says how to fix it, gRPC errors
+//! in words, and watching a build through coordinator restarts (the transport is
+//! `farm_client`'s).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::anyhow;
 use clap::Args;
-use farm_proto::v1::blobs_client::BlobsClient;
-use farm_proto::v1::farm_client::FarmClient;
-use farm_proto::v1::{BuildEvent, WatchRequest};
-use tonic::transport::{Channel, Endpoint};
+use farm_client::{ConnectError, RECONNECT_FOR, WatchError, Watched};
+use farm_proto::v1::BuildEvent;
 
-/// How long connecting may take before the coordinator counts as unreachable.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a watcher keeps trying to get back to a coordinator that went away.
-pub const RECONNECT_FOR: Duration = Duration::from_secs(120);
+pub use farm_client::Client;
 
 /// `--coordinator URL` (or `FARM_COORDINATOR`).
 #[derive(Debug, Clone, Args)]
@@ -34,7 +30,7 @@ impl CoordinatorArg {
             .filter(|s| !s.trim().is_empty());
         match given {
             None => Ok(None),
-            Some(s) => parse_address(&s)
+            Some(s) => farm_client::parse_address(&s)
                 .map(Some)
                 .map_err(|e| anyhow!("coordinator address '{s}': {e}")),
         }
@@ -51,72 +47,24 @@ impl CoordinatorArg {
     }
 }
 
-/// `host:port` or `http://host:port` (a trailing `/` is fine) as `http://host:port`.
-pub fn parse_address(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    let rest = if let Some(rest) = s.strip_prefix("http://") {
-        rest
-    } else if s.starts_with("https://") {
-        return Err("https is not supported yet; use http://HOST:PORT".into());
-    } else if let Some((scheme, _)) = s.split_once("://") {
-        return Err(format!(
-            "unknown scheme '{scheme}'; expected HOST:PORT or http://HOST:PORT"
-        ));
-    } else {
-        s
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return Err("expected HOST:PORT or http://HOST:PORT".into());
-    }
-    let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err("no port; expected HOST:PORT (for example 127.0.0.1:7070)".into());
-    };
-    let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
-    if host.is_empty() || (host.contains(':') && !bracketed) {
-        return Err("expected HOST:PORT (an IPv6 host goes in brackets: [::1]:7070)".into());
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => {}
-        _ => return Err(format!("'{port}' is not a port number")),
-    }
-    Ok(format!("http://{rest}"))
+/// Connect to `addr` (from [`farm_client::parse_address`]); fails within a few seconds
+/// when nobody answers there, with an error that names the address and says what to do.
+pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+    Client::connect(addr).await.map_err(|e| match e {
+        ConnectError::Unreachable { addr, reason } => unreachable_error(&addr, &reason),
+        // Its message says it all (and names the address).
+        e => anyhow!("{e}"),
+    })
 }
 
-/// A connection to a coordinator.
-#[derive(Debug, Clone)]
-pub struct Client {
-    /// `http://host:port`, for messages.
-    pub addr: String,
-    pub farm: FarmClient<Channel>,
-    pub blobs: BlobsClient<Channel>,
+/// gRPC errors of a [`Client`]'s calls in words.
+pub trait StatusInWords {
+    /// A gRPC error of `call` (about build `id`, if any) in words (see [`status_error`]).
+    fn error(&self, call: &str, id: &str, status: tonic::Status) -> anyhow::Error;
 }
 
-impl Client {
-    /// Connect to `addr` (from [`parse_address`]); fails within a few seconds when nobody
-    /// answers there, with an error that names the address and says what to do.
-    pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| anyhow!("coordinator address {addr}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect())
-                .await;
-        let channel = match connected {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => return Err(unreachable_error(addr, &error_chain(&e))),
-            Err(_) => return Err(unreachable_error(addr, "timed out")),
-        };
-        Ok(Client {
-            addr: addr.to_string(),
-            farm: FarmClient::new(channel.clone()).max_decoding_message_size(64 << 20),
-            blobs: farm_coordinator::grpc::blobs::client(channel),
-        })
-    }
-
-    /// A gRPC error of `call` in words (see [`status_error`]).
-    pub fn error(&self, call: &str, id: &str, status: tonic::Status) -> anyhow::Error {
+impl StatusInWords for Client {
+    fn error(&self, call: &str, id: &str, status: tonic::Status) -> anyhow::Error {
         status_error(&self.addr, call, id, &status)
     }
 }
@@ -130,21 +78,6 @@ fn unreachable_error(addr: &str, why: &str) -> anyhow::Error {
     )
 }
 
-/// An error and its sources, `: `-joined.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 /// A gRPC error in words: not found names the build and the coordinator; unavailable
 /// says the coordinator cannot be reached; anything else shows the coordinator's message.
 pub fn status_error(addr: &str, call: &str, id: &str, status: &tonic::Status) -> anyhow::Error {
@@ -155,24 +88,10 @@ pub fn status_error(addr: &str, call: &str, id: &str, status: &tonic::Status) ->
     }
 }
 
-/// Errors after which watching again may work (the coordinator restarting, a broken
-/// connection).
-fn retryable(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-            | tonic::Code::Aborted
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Internal
-    )
-}
-
 /// Watch build `id` from its first event to its last, calling `on_event` for each (once
 /// each, in order), and return the final event (its `build` holds the final state).
-/// When the stream breaks, connect again with backoff and go on after the last event
-/// seen; give up after [`RECONNECT_FOR`] without the coordinator.
+/// When the stream breaks, say so on stderr and go on after the last event seen once the
+/// coordinator is back; give up after [`RECONNECT_FOR`] without it.
 pub async fn watch(
     client: &mut Client,
     id: &str,
@@ -187,73 +106,34 @@ async fn watch_with(
     give_up_after: Duration,
     on_event: &mut dyn FnMut(&BuildEvent),
 ) -> anyhow::Result<BuildEvent> {
-    let mut last_seq = 0u64;
-    let mut lost_since: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let why = match client
-            .farm
-            .watch(WatchRequest {
-                id: id.to_string(),
-                after_seq: last_seq,
-            })
-            .await
-        {
-            Err(status) if !retryable(status.code()) => {
-                return Err(client.error("Watch", id, status));
+    let addr = client.addr.clone();
+    let watched = client
+        .watch(id, give_up_after, |update| match update {
+            Watched::Event(ev) => on_event(ev),
+            Watched::Lost { reason } => {
+                eprintln!("farm: lost the coordinator at {addr} ({reason}); reconnecting")
             }
-            Err(status) => status.message().to_string(),
-            Ok(response) => {
-                let mut stream = response.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(ev)) => {
-                            lost_since = None;
-                            backoff = Duration::from_millis(200);
-                            if ev.seq != 0 && ev.seq <= last_seq {
-                                continue;
-                            }
-                            last_seq = last_seq.max(ev.seq);
-                            on_event(&ev);
-                            if crate::states::final_state(&ev).is_some() {
-                                return Ok(ev);
-                            }
-                        }
-                        Ok(None) => break "the coordinator ended the stream early".to_string(),
-                        Err(status) if !retryable(status.code()) => {
-                            return Err(client.error("Watch", id, status));
-                        }
-                        Err(status) => break status.message().to_string(),
-                    }
-                }
-            }
-        };
-        let since = *lost_since.get_or_insert_with(|| {
-            eprintln!(
-                "farm: lost the coordinator at {} ({why}); reconnecting",
-                client.addr
-            );
-            Instant::now()
-        });
-        if since.elapsed() >= give_up_after {
-            anyhow::bail!(
-                "gave up waiting for the coordinator at {} after {}s ({why}); build {id} was \
-                 not cancelled: `farm status {id} --wait` picks it up again",
-                client.addr,
-                give_up_after.as_secs()
-            );
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-        if let Ok(fresh) = Client::connect(&client.addr).await {
-            *client = fresh;
-        }
-    }
+        })
+        .await;
+    watched.map_err(|e| match e {
+        WatchError::Rpc { status, .. } => client.error("Watch", id, status),
+        WatchError::GaveUp {
+            addr,
+            after,
+            reason,
+        } => anyhow!(
+            "gave up waiting for the coordinator at {addr} after {}s ({reason}); build {id} was \
+             not cancelled: `farm status {id} --wait` picks it up again",
+            after.as_secs()
+        ),
+        e => anyhow!("{e}"),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
+    use std::time::Instant;
 
     use farm_proto::v1::build_event::Kind;
     use farm_proto::v1::{BuildState, CancelRequest};
@@ -311,14 +191,12 @@ mod tests {
         let last = last.unwrap();
         let after = drain(&mut rx);
         assert_eq!(
-            crate::states::final_state(&last),
+            farm_client::final_state(&last),
             Some(BuildState::Cancelled as i32),
             "{last:?}"
         );
         assert!(
-            before
-                .iter()
-                .all(|e| crate::states::final_state(e).is_none()),
+            before.iter().all(|e| farm_client::final_state(e).is_none()),
             "{before:?}"
         );
         assert!(
@@ -375,44 +253,13 @@ mod tests {
         let (result, (first, stopped)) = futures::join!(watching, stopping);
         let e = result.unwrap_err().to_string();
         assert!(stopped.elapsed() < Duration::from_secs(15));
-        assert!(crate::states::final_state(&first).is_none(), "{first:?}");
+        assert!(farm_client::final_state(&first).is_none(), "{first:?}");
         assert!(
             e.contains("gave up")
                 && e.contains(&addr)
                 && e.contains(&format!("farm status {id} --wait")),
             "{e}"
         );
-    }
-
-    #[test]
-    fn addresses() {
-        assert_eq!(
-            parse_address("127.0.0.1:7070"),
-            Ok("http://127.0.0.1:7070".into())
-        );
-        assert_eq!(
-            parse_address("http://farm.example:80/"),
-            Ok("http://farm.example:80".into())
-        );
-        assert_eq!(parse_address(" [::1]:9 "), Ok("http://[::1]:9".into()));
-        assert_eq!(parse_address("http://[::1]:9"), Ok("http://[::1]:9".into()));
-        for bad in [
-            "",
-            "localhost",
-            "http://localhost",
-            "host:port",
-            "host:0",
-            "host:70000",
-            "::1:9",
-            "grpc://h:1",
-            "https://h:1",
-            "h:1/path",
-            ":7070",
-        ] {
-            assert!(parse_address(bad).is_err(), "{bad:?} was accepted");
-        }
-        assert!(parse_address("https://h:1").unwrap_err().contains("https"));
-        assert!(parse_address("localhost").unwrap_err().contains("port"));
     }
 
     #[test]
@@ -448,7 +295,7 @@ mod tests {
             .port();
         let addr = format!("http://127.0.0.1:{port}");
         let started = Instant::now();
-        let e = Client::connect(&addr).await.unwrap_err().to_string();
+        let e = connect(&addr).await.unwrap_err().to_string();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(e.contains(&addr), "{e}");
         assert!(

@@ -138,7 +138,7 @@ pub fn load_plan(
     path: &Path,
     options: &farm_stackerfile::PlanOptions,
 ) -> anyhow::Result<Result<farm_stackerfile::Plan, farm_stackerfile::PlanError>> {
-    if !crate::remote::is_url(&path.to_string_lossy()) {
+    if !farm_stackerfile::is_url(&path.to_string_lossy()) {
         return Ok(farm_stackerfile::Plan::load(
             path,
             options,

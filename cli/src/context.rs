@@ -23,9 +23,7 @@ use anyhow::{Context as _, bail};
 use farm_coordinator::Plan;
 use farm_image::Digest;
 use farm_proto::v1::ContextFile;
-use farm_stackerfile::model::{Base, Source};
-
-use crate::remote::url_of;
+use farm_stackerfile::{InputKind, common_ancestor, is_url, local_inputs};
 
 /// One entry of the context.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,55 +110,21 @@ pub fn collect(
 ) -> anyhow::Result<BuildContext> {
     let mut inputs = Vec::new();
     let mut stackerfile_dirs = Vec::new();
-    for f in &plan.files {
-        if url_of(&f.path).is_some() {
-            continue;
+    for input in local_inputs(plan) {
+        let path = absolute(&input.path)?;
+        if input.kind == InputKind::Stackerfile {
+            stackerfile_dirs.push(path.parent().map(Path::to_path_buf).unwrap_or_default());
         }
-        let path = absolute(&f.path)?;
-        stackerfile_dirs.push(path.parent().map(Path::to_path_buf).unwrap_or_default());
         inputs.push(Input {
-            what: format!("stackerfile {}", f.path.display()),
+            what: input.to_string(),
             path,
-            is_dir: false,
+            is_dir: input.kind.must_be_dir(),
         });
     }
-    let mut root = match stackerfile_dirs.split_first() {
-        Some((first, rest)) => rest
-            .iter()
-            .fold(first.clone(), |acc, d| common_ancestor(&acc, d)),
+    let mut root = match common_ancestor(stackerfile_dirs.iter().map(PathBuf::as_path)) {
+        Some(common) => common,
         None => std::env::current_dir().context("finding the current directory")?,
     };
-
-    for planned in &plan.layers {
-        let layer = &planned.layer;
-        let of = |kind: &str, written: &str| format!("{kind} '{written}' of layer {}", layer.name);
-        for import in &layer.imports {
-            if let Source::Local { written, path } = &import.source {
-                push_local(&mut inputs, of("import", written), path)?;
-            }
-        }
-        for o in &layer.overlay_dirs {
-            push_local(
-                &mut inputs,
-                of("overlay_dirs source", &o.written),
-                &o.source,
-            )?;
-        }
-        match &layer.from {
-            Base::Tar {
-                source: Source::Local { written, path },
-            } => push_local(&mut inputs, of("tar base", written), path)?,
-            Base::Oci { url } if url_of(&layer.dir).is_none() => {
-                let (dir, _tag) = farm_stackerfile::split_oci_url(&layer.dir, url);
-                inputs.push(Input {
-                    what: of("oci base", url),
-                    path: absolute(&dir)?,
-                    is_dir: true,
-                });
-            }
-            _ => {}
-        }
-    }
 
     // Check every input, widening the root for those outside it when allowed.
     let canonical_root = fs::canonicalize(&root)
@@ -198,7 +162,7 @@ pub fn collect(
                 );
             }
             if !input.path.starts_with(&root) {
-                root = common_ancestor(&root, &input.path);
+                root = common_ancestor([root.as_path(), input.path.as_path()]).unwrap_or(root);
             }
         }
     }
@@ -215,7 +179,7 @@ pub fn collect(
     }
     for entry in entries {
         let shown = entry.to_string_lossy();
-        if crate::remote::is_url(&shown) {
+        if is_url(&shown) {
             ctx.stackerfiles.push(shown.into_owned());
         } else {
             let rel = relative(&ctx.root, &absolute(entry)?)?;
@@ -223,17 +187,6 @@ pub fn collect(
         }
     }
     Ok(ctx)
-}
-
-fn push_local(inputs: &mut Vec<Input>, what: String, path: &Path) -> anyhow::Result<()> {
-    if url_of(path).is_none() {
-        inputs.push(Input {
-            what,
-            path: absolute(path)?,
-            is_dir: false,
-        });
-    }
-    Ok(())
 }
 
 /// Add `path` (followed if it is a symlink) at `rel`; a directory with its whole tree.
@@ -333,16 +286,6 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     let abs =
         std::path::absolute(path).with_context(|| format!("making {} absolute", path.display()))?;
     Ok(farm_stackerfile::load::normalize(&abs))
-}
-
-fn common_ancestor(a: &Path, b: &Path) -> PathBuf {
-    let mut common = a.to_path_buf();
-    while !b.starts_with(&common) {
-        if !common.pop() {
-            break;
-        }
-    }
-    common
 }
 
 /// `path` relative to `root` (which contains it) with `/` separators; `""` for the root.
@@ -571,9 +514,5 @@ mod tests {
         );
         assert_eq!(relative(Path::new("/a"), Path::new("/a")).unwrap(), "");
         assert!(relative(Path::new("/a"), Path::new("/b")).is_err());
-        assert_eq!(
-            common_ancestor(Path::new("/a/b/c"), Path::new("/a/d")),
-            Path::new("/a")
-        );
     }
 }

@@ -3,13 +3,15 @@
 //! This binary is the user's door: it parses arguments, runs the embedded coordinator and
 //! worker when no coordinator is configured, and shows progress. The language lives in
 //! `farm-stackerfile`, planning and scheduling in `farm-coordinator`, building in
-//! `farm-worker`; nothing here duplicates them.
+//! `farm-worker`, talking to a remote coordinator in `farm-client`; nothing here
+//! duplicates them.
 
 mod client;
 mod cmd;
 mod common;
 mod context;
 mod embedded;
+mod last_build;
 mod local;
 mod progress;
 mod remote;

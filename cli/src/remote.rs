@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use farm_stackerfile::{FileSource, LocalFiles};
+use farm_stackerfile::{FileSource, LocalFiles, url_of};
 
 /// Reads local paths from disk and `http(s)://` paths over the network.
 pub struct Files {
@@ -30,18 +30,6 @@ impl Files {
     }
 }
 
-/// The URL a path stands for, if it is one. Path normalisation folds `//` into `/`,
-/// so `https:/host/x` is read back as `https://host/x`.
-pub fn url_of(path: &Path) -> Option<String> {
-    let s = path.to_string_lossy();
-    for scheme in ["http:", "https:"] {
-        if let Some(rest) = s.strip_prefix(scheme) {
-            return Some(format!("{scheme}//{}", rest.trim_start_matches('/')));
-        }
-    }
-    None
-}
-
 /// Every stackerfile this process fetched, by URL: the embedded farm gets the same
 /// texts instead of fetching them again.
 static FETCHED: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
@@ -59,10 +47,6 @@ pub fn inline_texts(plan: &farm_stackerfile::Plan) -> std::collections::BTreeMap
             Some((url.clone(), map.get(&url)?.clone()))
         })
         .collect()
-}
-
-pub fn is_url(s: &str) -> bool {
-    s.starts_with("http://") || s.starts_with("https://")
 }
 
 impl FileSource for Files {
@@ -178,12 +162,5 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("404"), "{e}");
-    }
-
-    #[test]
-    fn urls_survive_path_normalisation() {
-        let p = farm_stackerfile::load::normalize(Path::new("https://h/a/../b/s.yaml"));
-        assert_eq!(url_of(&p).as_deref(), Some("https://h/b/s.yaml"));
-        assert_eq!(url_of(Path::new("local/x.yaml")), None);
     }
 }

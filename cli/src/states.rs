@@ -306,14 +306,6 @@ pub fn progress_event(ev: &BuildEvent) -> Option<Event> {
     }
 }
 
-/// The final state of a build, when `ev` is the event that ends it.
-pub fn final_state(ev: &BuildEvent) -> Option<i32> {
-    match ev.kind {
-        Some(Kind::Build(state)) => Some(state),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,8 +488,6 @@ mod tests {
         assert!(progress_event(&ev(st(LayerState::LayerWaiting), "", 0)).is_none());
         let done = ev(Kind::Build(BuildState::Succeeded as i32), "", 0);
         assert!(progress_event(&done).is_none());
-        assert_eq!(final_state(&done), Some(BuildState::Succeeded as i32));
-        assert_eq!(final_state(&ev(Kind::Log("x".into()), "", 0)), None);
     }
 
     #[test]

@@ -122,10 +122,10 @@ mod tests {
         assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
 
         // The blob API answers on the same listener.
-        let mut blobs = crate::grpc::blobs::client(channel.clone());
+        let mut blobs = farm_client::blobs::client(channel.clone());
         let file = d.path().join("input");
         std::fs::write(&file, b"served").unwrap();
-        let digest = crate::grpc::blobs::upload_file(&mut blobs, &file)
+        let digest = farm_client::blobs::upload_file(&mut blobs, &file)
             .await
             .unwrap();
         assert!(store.exists(&digest).await.unwrap());

@@ -14,6 +14,7 @@
 //!   (tar -> diff_id -> parallel compression -> blob digest -> streaming upload).
 //! - [`OciLayout`]: OCI image layout directories (index.json, tags, platform selection)
 //!   and [`to_canonical_json`] for byte-reproducible manifests and configs.
+//! - [`rechunk`]: a byte stream regrouped into fixed-size pieces, for blob transfers.
 //!
 //! Nothing here knows about namespaces or scheduling: callers run [`write_layer_tar`]
 //! and [`apply_layer`] inside the build's user namespace when ownership matters.
@@ -28,6 +29,7 @@ mod digest;
 mod error;
 mod export;
 mod layout;
+mod rechunk;
 mod store;
 mod tarwrite;
 mod transfer;
@@ -43,6 +45,7 @@ pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use export::{ExportOptions, ExportedLayer, encode_layer, export_dir, export_tar_stream};
 pub use layout::{OciLayout, REF_NAME_ANNOTATION, select_platform, to_canonical_json};
+pub use rechunk::rechunk;
 pub use store::{
     BlobInfo, BlobReader, BlobStore, BlobStream, BlobWriter, MAX_CONCURRENT_PARTS, PART_SIZE,
 };

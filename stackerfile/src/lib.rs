@@ -19,6 +19,7 @@
 
 pub mod canonical;
 pub mod diag;
+pub mod inputs;
 pub mod load;
 pub mod model;
 mod oci;
@@ -29,6 +30,9 @@ mod yaml;
 
 pub use canonical::{CanonicalBase, CanonicalImport, CanonicalLayer};
 pub use diag::{Diagnostic, Pos, Severity};
+pub use inputs::{
+    InputKind, LocalInput, common_ancestor, common_dir, is_url, local_inputs, url_of, url_or_path,
+};
 pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize};
 pub use model::{Base, Bind, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, OverlayDir, Source};
 pub use oci::split_oci_url;

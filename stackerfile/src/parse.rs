@@ -516,7 +516,7 @@ impl Cx<'_, '_> {
                     None
                 }
             }
-        } else if written.starts_with("http://") || written.starts_with("https://") {
+        } else if crate::inputs::is_url(written) {
             Some(Source::Http {
                 url: written.to_string(),
             })

@@ -8,14 +8,14 @@ use anyhow::Context;
 use clap::Args;
 use farm_coordinator::farm::Submission;
 use farm_coordinator::output::{
-    DEFAULT_ANNOTATION_NAMESPACE, GitVersions, OutputImage, manifest_annotations_with,
-    record_results, write_layout,
+    DEFAULT_ANNOTATION_NAMESPACE, GitVersions, OutputImage, manifest_annotations_with, write_layout,
 };
 use farm_coordinator::{Plan, PlanOptions};
 use farm_model::Compression;
 
 use crate::common::{Layout, StackerfileArgs, SubstitutionArgs, plan_or_report, report_plan};
 use crate::embedded::Embedded;
+use crate::last_build::record_results;
 use crate::local::block_on;
 
 /// Build the images of a stackerfile, rootless, on this machine.

@@ -2,12 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Args;
-use farm_proto::v1::CancelRequest;
-
-use crate::client::{Client, CoordinatorArg};
+use crate::client::{CoordinatorArg, StatusInWords, connect};
 use crate::local::block_on;
 use crate::states::build_word;
+use clap::Args;
 
 /// Cancel a build: its waiting layers will not run and its running layers are stopped on
 /// their workers. Layers already built stay in the cache. Prints the build's state
@@ -28,15 +26,11 @@ pub struct CancelArgs {
 pub fn run(args: CancelArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("cancel")?;
     block_on(async move {
-        let mut client = Client::connect(&addr).await?;
+        let mut client = connect(&addr).await?;
         let answer = client
-            .farm
-            .cancel(CancelRequest {
-                id: args.id.clone(),
-            })
+            .cancel(&args.id)
             .await
-            .map_err(|s| client.error("Cancel", &args.id, s))?
-            .into_inner();
+            .map_err(|s| client.error("Cancel", &args.id, s))?;
         println!("{}", build_word(answer.state));
         Ok(ExitCode::SUCCESS)
     })?

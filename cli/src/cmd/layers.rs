@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use farm_coordinator::output::{recorded_layers, recorded_result};
 use farm_image::OciLayout;
 use farm_model::EventSender;
 
 use crate::common::Layout;
+use crate::last_build::{recorded_layers, recorded_result};
 use crate::local::{Local, block_on};
 
 /// Where the state is.

@@ -4,9 +4,8 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Args;
-use farm_proto::v1::LogsRequest;
 
-use crate::client::{Client, CoordinatorArg};
+use crate::client::{CoordinatorArg, StatusInWords, connect};
 use crate::local::block_on;
 
 /// Print the log lines of a build (every layer's, or one layer's).
@@ -39,7 +38,7 @@ pub struct LogsArgs {
 pub fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("logs")?;
     block_on(async move {
-        let mut client = Client::connect(&addr).await?;
+        let mut client = connect(&addr).await?;
         if args.follow {
             // The build's event stream, which survives a coordinator restart (it resumes
             // after the last event seen): its log lines are the build's logs.
@@ -62,17 +61,10 @@ pub fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
             .await?;
             return Ok(ExitCode::SUCCESS);
         }
-        let request = LogsRequest {
-            id: args.id.clone(),
-            layer: args.layer.clone().unwrap_or_default(),
-            follow: false,
-        };
         let mut lines = client
-            .farm
-            .logs(request)
+            .logs(&args.id, args.layer.as_deref().unwrap_or_default())
             .await
-            .map_err(|s| client.error("Logs", &args.id, s))?
-            .into_inner();
+            .map_err(|s| client.error("Logs", &args.id, s))?;
         let mut out = std::io::stdout().lock();
         loop {
             let line = match lines.message().await {

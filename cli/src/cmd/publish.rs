@@ -271,7 +271,7 @@ pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         if let Some(id) = &args.build {
             // A farm build: its images come through a temporary layout.
             let addr = args.coordinator.required("publish BUILD-ID")?;
-            let mut client = crate::client::Client::connect(&addr).await?;
+            let mut client = crate::client::connect(&addr).await?;
             let tags = super::pull::pull(&mut client, id, scratch.path()).await?;
             if tags.is_empty() {
                 anyhow::bail!("build {id} has no images (did it succeed? `farm status {id}`)");

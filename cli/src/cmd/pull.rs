@@ -5,12 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use farm_coordinator::grpc::blobs::download;
+use farm_client::blobs::download;
 use farm_image::oci::{Descriptor, DescriptorBuilder, ImageManifest, MediaType};
 use farm_image::{Digest, OciLayout};
-use farm_proto::v1::StatusRequest;
 
-use crate::client::{Client, CoordinatorArg};
+use crate::client::{Client, CoordinatorArg, StatusInWords, connect};
 use crate::local::block_on;
 
 /// Write the images of a build into an OCI layout.
@@ -40,7 +39,7 @@ pub struct PullArgs {
 pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("pull")?;
     block_on(async move {
-        let mut client = Client::connect(&addr).await?;
+        let mut client = connect(&addr).await?;
         let tags = pull(&mut client, &args.id, &args.output).await?;
         print_tags(&args.output, &tags, false);
         if tags.is_empty() {
@@ -70,11 +69,9 @@ pub async fn pull(
     dir: &Path,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let status = client
-        .farm
-        .status(StatusRequest { id: id.to_string() })
+        .status(id)
         .await
-        .map_err(|s| client.error("Status", id, s))?
-        .into_inner();
+        .map_err(|s| client.error("Status", id, s))?;
     let wanted: Vec<(String, Digest)> = status
         .layers
         .iter()
@@ -216,16 +213,11 @@ mod tests {
         let mut c = Client::connect(&addr).await.unwrap();
         let last = watch(&mut c, &id, |_| {}).await.unwrap();
         assert_eq!(
-            crate::states::final_state(&last),
+            farm_client::final_state(&last),
             Some(BuildState::Succeeded as i32),
             "{last:?}"
         );
-        let status = c
-            .farm
-            .status(StatusRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let status = c.status(&id).await.unwrap();
         let layer =
             |name: &str| -> &LayerStatus { status.layers.iter().find(|l| l.name == name).unwrap() };
         assert!(!layer("base").tagged);

@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use farm_proto::v1::{BuildState, BuildStatus, ListRequest, StatusRequest};
+use farm_proto::v1::{BuildState, BuildStatus};
 
-use crate::client::{Client, CoordinatorArg, watch};
+use crate::client::{CoordinatorArg, StatusInWords, connect, watch};
 use crate::local::block_on;
 use crate::states::{list_table, status_json, status_table};
 
@@ -45,15 +45,12 @@ pub struct StatusArgs {
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("status")?;
     block_on(async move {
-        let mut client = Client::connect(&addr).await?;
+        let mut client = connect(&addr).await?;
         let Some(id) = args.id else {
             let builds = client
-                .farm
-                .list(ListRequest {})
+                .list()
                 .await
-                .map_err(|s| client.error("List", "", s))?
-                .into_inner()
-                .builds;
+                .map_err(|s| client.error("List", "", s))?;
             if args.json {
                 let all: Vec<_> = builds.iter().map(status_json).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
@@ -66,11 +63,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             watch(&mut client, &id, |_| {}).await?;
         }
         let status = client
-            .farm
-            .status(StatusRequest { id: id.clone() })
+            .status(&id)
             .await
-            .map_err(|s| client.error("Status", &id, s))?
-            .into_inner();
+            .map_err(|s| client.error("Status", &id, s))?;
         print_status(&status, args.json)?;
         Ok(
             if !args.wait || status.state == BuildState::Succeeded as i32 {

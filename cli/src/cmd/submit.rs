@@ -12,10 +12,10 @@ use farm_coordinator::PlanOptions;
 use farm_image::Digest;
 use farm_model::Compression;
 use farm_model::Event;
-use farm_proto::v1::{BuildState, StatusRequest, SubmitRequest};
+use farm_proto::v1::{BuildState, SubmitRequest};
 use futures::{StreamExt, TryStreamExt};
 
-use crate::client::{Client, CoordinatorArg, watch};
+use crate::client::{Client, CoordinatorArg, StatusInWords, connect, watch};
 use crate::common::{Layout, StackerfileArgs, plan_or_report};
 use crate::context::{BuildContext, collect};
 use crate::local::block_on;
@@ -163,11 +163,11 @@ async fn submit(
     args: SubmitArgs,
     started: Instant,
 ) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect(&addr).await?;
+    let mut client = connect(&addr).await?;
     upload_context(&mut client, &context).await?;
 
-    let submitted = match client.farm.submit(request).await {
-        Ok(r) => r.into_inner(),
+    let submitted = match client.submit(request).await {
+        Ok(submitted) => submitted,
         Err(status) if status.code() == tonic::Code::InvalidArgument => {
             // The coordinator's rendered diagnostics.
             eprintln!("{}", status.message().trim_end());
@@ -270,11 +270,9 @@ async fn submit(
     }
     if args.json {
         let status = client
-            .farm
-            .status(StatusRequest { id: id.clone() })
+            .status(&id)
             .await
-            .map_err(|s| client.error("Status", &id, s))?
-            .into_inner();
+            .map_err(|s| client.error("Status", &id, s))?;
         println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
     }
     let state = match last.kind {
@@ -296,7 +294,7 @@ async fn submit(
 async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::Result<usize> {
     let blobs = context.blobs();
     let digests: Vec<Digest> = blobs.iter().map(|(_, d, _)| (*d).clone()).collect();
-    let missing = farm_coordinator::grpc::blobs::find_missing(&mut client.blobs, &digests)
+    let missing = farm_client::blobs::find_missing(&mut client.blobs, &digests)
         .await
         .with_context(|| format!("asking {} which files it lacks", client.addr))?;
     let missing: HashSet<Digest> = missing.into_iter().collect();
@@ -321,7 +319,7 @@ async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::
         .map(|(path, expected, _)| {
             let mut c = blobs_client.clone();
             async move {
-                let sent = farm_coordinator::grpc::blobs::upload_file(&mut c, &path)
+                let sent = farm_client::blobs::upload_file(&mut c, &path)
                     .await
                     .with_context(|| format!("uploading {}", path.display()))?;
                 anyhow::ensure!(
@@ -531,14 +529,7 @@ mod tests {
             )),
             "{last:?}\n{events:?}"
         );
-        let status = c
-            .farm
-            .status(StatusRequest {
-                id: submitted.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let status = c.status(&submitted.id).await.unwrap();
         let json = status_json(&status);
         assert_eq!(json["state"], "succeeded", "{json}");
         assert_eq!(json["layers"][0]["name"], "app", "{json}");

@@ -2,12 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Args;
-use farm_proto::v1::WorkersRequest;
-
-use crate::client::{Client, CoordinatorArg};
+use crate::client::{CoordinatorArg, StatusInWords, connect};
 use crate::local::block_on;
 use crate::states::{worker_json, workers_table};
+use clap::Args;
 
 /// List the workers that dialled in to the coordinator: their slots, the layers they are
 /// building, when they were last heard from, and why one takes no work (an unusable
@@ -32,14 +30,11 @@ pub struct WorkersArgs {
 pub fn run(args: WorkersArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("workers")?;
     block_on(async move {
-        let mut client = Client::connect(&addr).await?;
+        let mut client = connect(&addr).await?;
         let workers = client
-            .farm
-            .workers(WorkersRequest {})
+            .workers()
             .await
-            .map_err(|s| client.error("Workers", "", s))?
-            .into_inner()
-            .workers;
+            .map_err(|s| client.error("Workers", "", s))?;
         if args.json {
             let all: Vec<_> = workers.iter().map(worker_json).collect();
             println!("{}", serde_json::to_string_pretty(&all)?);

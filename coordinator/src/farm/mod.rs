@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use farm_image::{BlobStore, Digest, Tree, TreeEntry};
-use farm_stackerfile::{Plan, PlanOptions, Substitutions};
+use farm_stackerfile::{Plan, PlanOptions, Substitutions, common_dir, url_or_path};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -92,32 +92,20 @@ pub struct Submission {
 /// Reads submitted texts (by URL) first, then local files.
 struct SubmittedFiles(std::collections::BTreeMap<String, String>);
 
-impl SubmittedFiles {
-    /// The URL a path stands for: path normalisation folds `https://` into `https:/`.
-    fn key(path: &Path) -> String {
-        let s = path.to_string_lossy();
-        for scheme in ["http:", "https:"] {
-            if let Some(rest) = s.strip_prefix(scheme) {
-                return format!("{scheme}//{}", rest.trim_start_matches('/'));
-            }
-        }
-        s.into_owned()
-    }
-}
-
 impl farm_stackerfile::FileSource for SubmittedFiles {
     fn read(&self, path: &Path) -> std::io::Result<String> {
-        match self.0.get(&Self::key(path)) {
+        let key = url_or_path(path);
+        match self.0.get(&key) {
             Some(text) => Ok(text.clone()),
-            None if Self::key(path).contains("://") => Err(std::io::Error::new(
+            None if key.contains("://") => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("{} was not fetched by the submitter", Self::key(path)),
+                format!("{key} was not fetched by the submitter"),
             )),
             None => farm_stackerfile::LocalFiles.read(path),
         }
     }
     fn identity(&self, path: &Path) -> PathBuf {
-        let key = Self::key(path);
+        let key = url_or_path(path);
         if key.contains("://") {
             PathBuf::from(key)
         } else {
@@ -677,31 +665,4 @@ fn context_tree(files: &[ContextFile]) -> Result<Tree, FarmError> {
         .collect();
     entries.extend(rest);
     Ok(Tree { entries })
-}
-
-/// The directory tree imports must stay in: the common ancestor of every loaded
-/// stackerfile's directory.
-pub fn common_dir(plan: &Plan) -> PathBuf {
-    let dirs: Vec<PathBuf> = plan
-        .files
-        .iter()
-        .map(|f| {
-            let d = f.path.parent().map(PathBuf::from).unwrap_or_default();
-            let d = if d.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                d
-            };
-            std::fs::canonicalize(&d).unwrap_or(d)
-        })
-        .collect();
-    let mut common = dirs.first().cloned().unwrap_or_else(|| PathBuf::from("."));
-    for d in dirs.iter().skip(1) {
-        while !d.starts_with(&common) {
-            if !common.pop() {
-                break;
-            }
-        }
-    }
-    common
 }

@@ -1,8 +1,7 @@
-//! The coordinator's gRPC services (see `proto/farm.proto`) and the client helpers that
-//! go with them, for the CLI and the workers.
+//! The coordinator's gRPC services (see `proto/farm.proto`); their clients are in
+//! `farm-client`.
 //!
-//! - [`blobs`]: the `Blobs` service over a [`farm_image::BlobStore`] ([`BlobService`]),
-//!   and [`blobs::upload_missing`], [`blobs::upload_file`], [`blobs::download`].
+//! - [`blobs`]: the `Blobs` service over a [`farm_image::BlobStore`] ([`BlobService`]).
 
 pub mod blobs;
 pub mod farm;

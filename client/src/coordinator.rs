@@ -1,0 +1,413 @@
+//! A connection to a coordinator: its address, a connect that fails fast, the `Farm`
+//! calls, and watching a build through coordinator restarts.
+
+use std::time::{Duration, Instant};
+
+use farm_proto::v1::blobs_client::BlobsClient;
+use farm_proto::v1::build_event::Kind;
+use farm_proto::v1::farm_client::FarmClient;
+use farm_proto::v1::{
+    BuildEvent, BuildStatus, CancelRequest, CancelResponse, ListRequest, LogLine, LogsRequest,
+    StatusRequest, SubmitRequest, SubmitResponse, WatchRequest, WorkerInfo, WorkersRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Status, Streaming};
+use tracing::debug;
+
+/// How long connecting may take before the coordinator counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a watcher keeps trying to get back to a coordinator that went away, unless
+/// told otherwise.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(120);
+
+/// Why a coordinator address was refused by [`parse_address`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddressError {
+    /// `https://` (TLS is not implemented).
+    #[error("https is not supported yet; use http://HOST:PORT")]
+    Https,
+    /// A scheme other than `http`.
+    #[error("unknown scheme '{0}'; expected HOST:PORT or http://HOST:PORT")]
+    UnknownScheme(String),
+    /// Empty, or with a path or user info.
+    #[error("expected HOST:PORT or http://HOST:PORT")]
+    NotHostPort,
+    /// No `:PORT`.
+    #[error("no port; expected HOST:PORT (for example 127.0.0.1:7070)")]
+    NoPort,
+    /// An empty host, or an IPv6 one without brackets.
+    #[error("expected HOST:PORT (an IPv6 host goes in brackets: [::1]:7070)")]
+    BadHost,
+    /// A port that is not a number in 1..=65535.
+    #[error("'{0}' is not a port number")]
+    BadPort(String),
+}
+
+/// `host:port` or `http://host:port` (a trailing `/` is fine) as `http://host:port`.
+pub fn parse_address(s: &str) -> Result<String, AddressError> {
+    let s = s.trim();
+    let rest = if let Some(rest) = s.strip_prefix("http://") {
+        rest
+    } else if s.starts_with("https://") {
+        return Err(AddressError::Https);
+    } else if let Some((scheme, _)) = s.split_once("://") {
+        return Err(AddressError::UnknownScheme(scheme.to_string()));
+    } else {
+        s
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(AddressError::NotHostPort);
+    }
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(AddressError::NoPort);
+    };
+    let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+    if host.is_empty() || (host.contains(':') && !bracketed) {
+        return Err(AddressError::BadHost);
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(AddressError::BadPort(port.to_string())),
+    }
+    Ok(format!("http://{rest}"))
+}
+
+/// Why [`Client::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The address is not a valid endpoint URI.
+    #[error("coordinator address {addr}: {source}")]
+    InvalidAddress {
+        /// The address given.
+        addr: String,
+        /// What tonic said about it.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Nobody answered there in time.
+    #[error("cannot reach the coordinator at {addr}: {reason}")]
+    Unreachable {
+        /// The address given.
+        addr: String,
+        /// The transport error and its sources, `: `-joined, or `timed out`.
+        reason: String,
+    },
+}
+
+/// Why [`Client::watch`] ended without the build's final event.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The coordinator answered an error that watching again would not cure (the build
+    /// is unknown, the request is invalid...).
+    #[error("Watch of build {id}: {:?}: {}", status.code(), status.message())]
+    Rpc {
+        /// The build watched.
+        id: String,
+        /// The coordinator's answer.
+        #[source]
+        status: Status,
+    },
+    /// The coordinator stayed away longer than the watcher was willing to wait.
+    #[error("gave up waiting for the coordinator at {addr} after {}s ({reason})", after.as_secs())]
+    GaveUp {
+        /// The coordinator's address.
+        addr: String,
+        /// How long the watcher tried.
+        after: Duration,
+        /// The last reason the stream broke.
+        reason: String,
+    },
+}
+
+/// What a watcher is told (see [`Client::watch`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Watched<'a> {
+    /// The build's next event (each once, in order).
+    Event(&'a BuildEvent),
+    /// The stream broke and reconnecting starts; told once per outage.
+    Lost {
+        /// Why the stream broke.
+        reason: &'a str,
+    },
+}
+
+/// A connection to a coordinator: its `Farm` and `Blobs` services on one channel.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// `http://host:port`, for messages and reconnecting.
+    pub addr: String,
+    /// The `Farm` service (builds), with the protocol's message limits.
+    pub farm: FarmClient<Channel>,
+    /// The `Blobs` service, for [`crate::blobs`].
+    pub blobs: BlobsClient<Channel>,
+}
+
+impl Client {
+    /// Connect to `addr` (from [`parse_address`]); fails within a few seconds when nobody
+    /// answers there.
+    pub async fn connect(addr: &str) -> Result<Client, ConnectError> {
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|source| ConnectError::InvalidAddress {
+                addr: addr.to_string(),
+                source,
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect())
+                .await;
+        let unreachable = |reason: String| ConnectError::Unreachable {
+            addr: addr.to_string(),
+            reason,
+        };
+        let channel = match connected {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
+            Err(_) => return Err(unreachable("timed out".to_string())),
+        };
+        Ok(Client {
+            addr: addr.to_string(),
+            farm: FarmClient::new(channel.clone())
+                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
+            blobs: crate::blobs::client(channel),
+        })
+    }
+
+    /// Submit a build; the coordinator's answer (its id and layers). `InvalidArgument`
+    /// carries the rendered diagnostics of a stackerfile with errors.
+    pub async fn submit(&mut self, request: SubmitRequest) -> Result<SubmitResponse, Status> {
+        Ok(self.farm.submit(request).await?.into_inner())
+    }
+
+    /// The status of build `id`.
+    pub async fn status(&mut self, id: &str) -> Result<BuildStatus, Status> {
+        let request = StatusRequest { id: id.to_string() };
+        Ok(self.farm.status(request).await?.into_inner())
+    }
+
+    /// The status of every build the coordinator keeps.
+    pub async fn list(&mut self) -> Result<Vec<BuildStatus>, Status> {
+        Ok(self.farm.list(ListRequest {}).await?.into_inner().builds)
+    }
+
+    /// Cancel build `id`; the coordinator's answer (the build's state).
+    pub async fn cancel(&mut self, id: &str) -> Result<CancelResponse, Status> {
+        let request = CancelRequest { id: id.to_string() };
+        Ok(self.farm.cancel(request).await?.into_inner())
+    }
+
+    /// The workers the coordinator knows.
+    pub async fn workers(&mut self) -> Result<Vec<WorkerInfo>, Status> {
+        Ok(self
+            .farm
+            .workers(WorkersRequest {})
+            .await?
+            .into_inner()
+            .workers)
+    }
+
+    /// The stored log lines of build `id` (of one layer when `layer` is not empty).
+    pub async fn logs(&mut self, id: &str, layer: &str) -> Result<Streaming<LogLine>, Status> {
+        let request = LogsRequest {
+            id: id.to_string(),
+            layer: layer.to_string(),
+            follow: false,
+        };
+        Ok(self.farm.logs(request).await?.into_inner())
+    }
+
+    /// Watch build `id` from its first event to its last, telling `on_update` each event
+    /// (once each, in order), and return the final event (its `build` holds the final
+    /// state). When the stream breaks, `on_update` hears why, and the client connects
+    /// again with backoff and goes on after the last event seen; it gives up after
+    /// `give_up_after` without the coordinator.
+    pub async fn watch(
+        &mut self,
+        id: &str,
+        give_up_after: Duration,
+        mut on_update: impl FnMut(Watched<'_>),
+    ) -> Result<BuildEvent, WatchError> {
+        let mut last_seq = 0u64;
+        let mut lost_since: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let request = WatchRequest {
+                id: id.to_string(),
+                after_seq: last_seq,
+            };
+            let not_retryable = |status: Status| WatchError::Rpc {
+                id: id.to_string(),
+                status,
+            };
+            let why = match self.farm.watch(request).await {
+                Err(status) if !retryable(status.code()) => return Err(not_retryable(status)),
+                Err(status) => status.message().to_string(),
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(ev)) => {
+                                lost_since = None;
+                                backoff = Duration::from_millis(200);
+                                if ev.seq != 0 && ev.seq <= last_seq {
+                                    continue;
+                                }
+                                last_seq = last_seq.max(ev.seq);
+                                on_update(Watched::Event(&ev));
+                                if final_state(&ev).is_some() {
+                                    return Ok(ev);
+                                }
+                            }
+                            Ok(None) => {
+                                break "the coordinator ended the stream early".to_string();
+                            }
+                            Err(status) if !retryable(status.code()) => {
+                                return Err(not_retryable(status));
+                            }
+                            Err(status) => break status.message().to_string(),
+                        }
+                    }
+                }
+            };
+            let since = *lost_since.get_or_insert_with(|| {
+                on_update(Watched::Lost { reason: &why });
+                Instant::now()
+            });
+            if since.elapsed() >= give_up_after {
+                return Err(WatchError::GaveUp {
+                    addr: self.addr.clone(),
+                    after: give_up_after,
+                    reason: why,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match Client::connect(&self.addr).await {
+                Ok(fresh) => *self = fresh,
+                Err(e) => debug!(error = %e, "reconnecting"),
+            }
+        }
+    }
+}
+
+/// The final state of a build (a `farm_proto::v1::BuildState`), when `ev` is the event
+/// that ends it.
+pub fn final_state(ev: &BuildEvent) -> Option<i32> {
+    match ev.kind {
+        Some(Kind::Build(state)) => Some(state),
+        _ => None,
+    }
+}
+
+/// Errors after which watching again may work (the coordinator restarting, a broken
+/// connection).
+fn retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Internal
+    )
+}
+
+/// An error and its sources, `: `-joined (without repeating a source the message
+/// already contains).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_address("127.0.0.1:7070"),
+            Ok("http://127.0.0.1:7070".into())
+        );
+        assert_eq!(
+            parse_address("http://farm.example:80/"),
+            Ok("http://farm.example:80".into())
+        );
+        assert_eq!(parse_address(" [::1]:9 "), Ok("http://[::1]:9".into()));
+        assert_eq!(parse_address("http://[::1]:9"), Ok("http://[::1]:9".into()));
+        for bad in [
+            "",
+            "localhost",
+            "http://localhost",
+            "host:port",
+            "host:0",
+            "host:70000",
+            "::1:9",
+            "grpc://h:1",
+            "https://h:1",
+            "h:1/path",
+            ":7070",
+        ] {
+            assert!(parse_address(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(
+            parse_address("https://h:1")
+                .unwrap_err()
+                .to_string()
+                .contains("https")
+        );
+        assert!(
+            parse_address("localhost")
+                .unwrap_err()
+                .to_string()
+                .contains("port")
+        );
+    }
+
+    #[test]
+    fn the_build_event_is_the_final_one() {
+        let ev = |kind: Kind| BuildEvent {
+            seq: 1,
+            kind: Some(kind),
+            ..BuildEvent::default()
+        };
+        let done = ev(Kind::Build(farm_proto::v1::BuildState::Succeeded as i32));
+        assert_eq!(
+            final_state(&done),
+            Some(farm_proto::v1::BuildState::Succeeded as i32)
+        );
+        assert_eq!(final_state(&ev(Kind::Log("x".into()))), None);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_coordinator_fails_fast() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        let e = Client::connect(&addr).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            matches!(&e, ConnectError::Unreachable { addr: a, .. } if *a == addr),
+            "{e}"
+        );
+    }
+}
