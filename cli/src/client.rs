@@ -10,11 +10,11 @@ use clap::Args;
 use farm_client::{ConnectError, RECONNECT_FOR, WatchError, Watched};
 use farm_proto::v1::BuildEvent;
 
-pub use farm_client::Client;
+pub(crate) use farm_client::Client;
 
 /// `--coordinator URL` (or `FARM_COORDINATOR`).
 #[derive(Debug, Clone, Args)]
-pub struct CoordinatorArg {
+pub(crate) struct CoordinatorArg {
     /// The coordinator, as HOST:PORT or http://HOST:PORT [env: FARM_COORDINATOR]
     #[arg(long = "coordinator", value_name = "URL")]
     pub coordinator: Option<String>,
@@ -22,7 +22,7 @@ pub struct CoordinatorArg {
 
 impl CoordinatorArg {
     /// The configured address, if any (an empty FARM_COORDINATOR counts as unset).
-    pub fn address(&self) -> anyhow::Result<Option<String>> {
+    pub(crate) fn address(&self) -> anyhow::Result<Option<String>> {
         let given = self
             .coordinator
             .clone()
@@ -37,7 +37,7 @@ impl CoordinatorArg {
     }
 
     /// The configured address; an error saying how to configure one when there is none.
-    pub fn required(&self, command: &str) -> anyhow::Result<String> {
+    pub(crate) fn required(&self, command: &str) -> anyhow::Result<String> {
         self.address()?.ok_or_else(|| {
             anyhow!(
                 "farm {command} needs a coordinator: pass --coordinator HOST:PORT or set \
@@ -49,7 +49,7 @@ impl CoordinatorArg {
 
 /// Connect to `addr` (from [`farm_client::parse_address`]); fails within a few seconds
 /// when nobody answers there, with an error that names the address and says what to do.
-pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+pub(crate) async fn connect(addr: &str) -> anyhow::Result<Client> {
     Client::connect(addr).await.map_err(|e| match e {
         ConnectError::Unreachable { addr, reason } => unreachable_error(&addr, &reason),
         // Its message says it all (and names the address).
@@ -58,7 +58,7 @@ pub async fn connect(addr: &str) -> anyhow::Result<Client> {
 }
 
 /// gRPC errors of a [`Client`]'s calls in words.
-pub trait StatusInWords {
+pub(crate) trait StatusInWords {
     /// A gRPC error of `call` (about build `id`, if any) in words (see [`status_error`]).
     fn error(&self, call: &str, id: &str, status: tonic::Status) -> anyhow::Error;
 }
@@ -80,7 +80,12 @@ fn unreachable_error(addr: &str, why: &str) -> anyhow::Error {
 
 /// A gRPC error in words: not found names the build and the coordinator; unavailable
 /// says the coordinator cannot be reached; anything else shows the coordinator's message.
-pub fn status_error(addr: &str, call: &str, id: &str, status: &tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(
+    addr: &str,
+    call: &str,
+    id: &str,
+    status: &tonic::Status,
+) -> anyhow::Error {
     match status.code() {
         tonic::Code::NotFound if !id.is_empty() => anyhow!("no build {id} on {addr}"),
         tonic::Code::Unavailable => unreachable_error(addr, status.message()),
@@ -92,7 +97,7 @@ pub fn status_error(addr: &str, call: &str, id: &str, status: &tonic::Status) ->
 /// each, in order), and return the final event (its `build` holds the final state).
 /// When the stream breaks, say so on stderr and go on after the last event seen once the
 /// coordinator is back; give up after [`RECONNECT_FOR`] without it.
-pub async fn watch(
+pub(crate) async fn watch(
     client: &mut Client,
     id: &str,
     mut on_event: impl FnMut(&BuildEvent),

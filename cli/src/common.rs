@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use farm_stackerfile::{Diagnostic, Substitutions};
 
-pub fn init_logging(default: &str) {
+pub(crate) fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FARM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -18,7 +18,7 @@ pub fn init_logging(default: &str) {
 
 /// Which stackerfile to read, and the substitutions to apply to it.
 #[derive(Debug, Clone, Args)]
-pub struct StackerfileArgs {
+pub(crate) struct StackerfileArgs {
     /// The stackerfile, a path or an http(s) URL [default: stacker.yaml]
     #[arg(value_name = "FILE", conflicts_with = "stacker_file")]
     pub file: Option<PathBuf>,
@@ -33,7 +33,7 @@ pub struct StackerfileArgs {
 
 /// `--substitute` and `--substitute-file`.
 #[derive(Debug, Clone, Args)]
-pub struct SubstitutionArgs {
+pub(crate) struct SubstitutionArgs {
     /// Replace ${{NAME}} in the stackerfiles with VALUE (repeatable; VALUE may contain
     /// '=' and ','). Wins over --substitute-file.
     #[arg(long = "substitute", value_name = "NAME=VALUE")]
@@ -45,21 +45,21 @@ pub struct SubstitutionArgs {
 }
 
 impl StackerfileArgs {
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.stacker_file
             .clone()
             .or_else(|| self.file.clone())
             .unwrap_or_else(|| PathBuf::from("stacker.yaml"))
     }
 
-    pub fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
+    pub(crate) fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
         self.subs.substitutions(layout)
     }
 }
 
 impl SubstitutionArgs {
     /// The substitution set: --substitute, then --substitute-file, then built-ins.
-    pub fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
+    pub(crate) fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
         let mut subs = Substitutions::default();
         for arg in &self.substitute {
             subs.cli.push(Substitutions::parse_cli(arg)?);
@@ -77,14 +77,18 @@ impl SubstitutionArgs {
 
 /// Where farm keeps its state and output on this machine.
 #[derive(Debug, Clone)]
-pub struct Layout {
+pub(crate) struct Layout {
     pub state_dir: PathBuf,
     pub pool: PathBuf,
     pub output: PathBuf,
 }
 
 impl Layout {
-    pub fn new(state_dir: Option<PathBuf>, pool: Option<PathBuf>, output: Option<PathBuf>) -> Self {
+    pub(crate) fn new(
+        state_dir: Option<PathBuf>,
+        pool: Option<PathBuf>,
+        output: Option<PathBuf>,
+    ) -> Self {
         let state_dir = state_dir.unwrap_or_else(default_state_dir);
         Layout {
             pool: pool.unwrap_or_else(|| state_dir.join("pool")),
@@ -95,7 +99,7 @@ impl Layout {
 
     /// stacker's built-in substitutions, with farm's meanings: the pool holds the root
     /// filesystems, the state dir is farm's `.stacker`, the output is the OCI layout.
-    pub fn builtins(&self) -> Vec<(String, String)> {
+    pub(crate) fn builtins(&self) -> Vec<(String, String)> {
         let abs = |p: &Path| {
             std::path::absolute(p)
                 .unwrap_or_else(|_| p.to_path_buf())
@@ -113,7 +117,7 @@ impl Layout {
 
 /// `$XDG_DATA_HOME/farm`, else `~/.local/share/farm`; for root `/var/lib/farm` (the
 /// build's subordinate ids must be able to reach the pool, and `/root` is closed).
-pub fn default_state_dir() -> PathBuf {
+pub(crate) fn default_state_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/lib/farm");
     }
@@ -127,14 +131,14 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// Print diagnostics to stderr, one block each.
-pub fn print_diagnostics(diags: &[Diagnostic]) {
+pub(crate) fn print_diagnostics(diags: &[Diagnostic]) {
     for d in diags {
         eprintln!("{d}");
     }
 }
 
 /// Load and plan a stackerfile given as a path or an http(s) URL.
-pub fn load_plan(
+pub(crate) fn load_plan(
     path: &Path,
     options: &farm_stackerfile::PlanOptions,
 ) -> anyhow::Result<Result<farm_stackerfile::Plan, farm_stackerfile::PlanError>> {
@@ -165,7 +169,7 @@ pub fn load_plan(
 
 /// Load and plan a stackerfile, printing warnings; on errors print them with a count
 /// line for `command` and return `None`.
-pub fn plan_or_report(
+pub(crate) fn plan_or_report(
     command: &str,
     path: &Path,
     options: &farm_stackerfile::PlanOptions,
@@ -178,7 +182,7 @@ pub fn plan_or_report(
 }
 
 /// Print a plan's warnings, or its errors with a count line; the plan when there is one.
-pub fn report_plan(
+pub(crate) fn report_plan(
     command: &str,
     what: &str,
     plan: Result<farm_stackerfile::Plan, farm_stackerfile::PlanError>,

@@ -27,7 +27,7 @@ use farm_stackerfile::{InputKind, common_ancestor, is_url, local_inputs};
 
 /// One entry of the context.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
+pub(crate) enum Entry {
     /// A regular file (read through symlinks when it was named directly).
     File {
         source: PathBuf,
@@ -45,7 +45,7 @@ pub enum Entry {
 
 /// The files of a submission, by root-relative path.
 #[derive(Debug, Clone)]
-pub struct BuildContext {
+pub(crate) struct BuildContext {
     /// The directory every path is relative to (absolute, not resolved through symlinks).
     pub root: PathBuf,
     pub entries: BTreeMap<String, Entry>,
@@ -55,7 +55,7 @@ pub struct BuildContext {
 
 impl BuildContext {
     /// The entries as the protocol's `ContextFile`s, sorted by path.
-    pub fn to_proto(&self) -> Vec<ContextFile> {
+    pub(crate) fn to_proto(&self) -> Vec<ContextFile> {
         self.entries
             .iter()
             .map(|(path, e)| {
@@ -75,7 +75,7 @@ impl BuildContext {
     }
 
     /// Every file: (local path, digest, size), one per distinct digest.
-    pub fn blobs(&self) -> Vec<(&Path, &Digest, u64)> {
+    pub(crate) fn blobs(&self) -> Vec<(&Path, &Digest, u64)> {
         let mut seen = std::collections::HashSet::new();
         self.entries
             .values()
@@ -103,7 +103,7 @@ struct Input {
 }
 
 /// Collect the context of `plan`, whose command-line stackerfiles are `entries`.
-pub fn collect(
+pub(crate) fn collect(
     plan: &Plan,
     entries: &[PathBuf],
     allow_outside: bool,

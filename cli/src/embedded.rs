@@ -16,14 +16,14 @@ use crate::common::Layout;
 use crate::local::Local;
 use crate::progress::Progress;
 
-pub struct Embedded {
+pub(crate) struct Embedded {
     pub farm: Farm,
     pub local: Local,
     worker: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 /// How a build ended.
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub state: BuildState,
     pub error: Option<String>,
     pub summary: String,
@@ -32,7 +32,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn succeeded(&self) -> bool {
+    pub(crate) fn succeeded(&self) -> bool {
         self.state == BuildState::Succeeded
     }
 }
@@ -40,7 +40,7 @@ impl Outcome {
 impl Embedded {
     /// Open this machine's state, pool and engine, start the farm and attach the worker
     /// with `slots` build slots.
-    pub async fn start(
+    pub(crate) async fn start(
         layout: Layout,
         timeout: Option<Duration>,
         slots: usize,
@@ -87,7 +87,11 @@ impl Embedded {
 
     /// Submit `spec` and follow it to its end with the progress display; Ctrl-C
     /// cancels it.
-    pub async fn run(&self, plan: &Plan, spec: Submission) -> anyhow::Result<(String, Outcome)> {
+    pub(crate) async fn run(
+        &self,
+        plan: &Plan,
+        spec: Submission,
+    ) -> anyhow::Result<(String, Outcome)> {
         let (id, _) = match self.farm.submit(spec).await {
             Ok(r) => r,
             Err(FarmError::Plan(m)) => anyhow::bail!("{m}"),
@@ -142,7 +146,7 @@ impl Embedded {
 
 /// Attaches the embedded worker to the coordinator in this process through channels
 /// (the only place where the worker's agent and the coordinator's farm meet).
-pub struct LocalDialer(pub Farm);
+pub(crate) struct LocalDialer(pub Farm);
 
 impl Dialer for LocalDialer {
     fn dial(
@@ -170,7 +174,7 @@ impl Dialer for LocalDialer {
 
 impl Embedded {
     /// Stop the embedded worker while the runtime still runs (so it stops cleanly).
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.worker.abort();
         let _ = (&mut self.worker).await;
     }

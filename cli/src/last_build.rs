@@ -11,7 +11,10 @@ use farm_model::BuiltImage;
 const RESULTS_FILE: &str = "layers.json";
 
 /// Remember the results of a build, by layer name (merged with earlier builds).
-pub fn record_results(state_dir: &Path, results: &[(String, BuiltImage)]) -> std::io::Result<()> {
+pub(crate) fn record_results(
+    state_dir: &Path,
+    results: &[(String, BuiltImage)],
+) -> std::io::Result<()> {
     let path = state_dir.join(RESULTS_FILE);
     let mut all: BTreeMap<String, BuiltImage> = std::fs::read(&path)
         .ok()
@@ -29,14 +32,14 @@ pub fn record_results(state_dir: &Path, results: &[(String, BuiltImage)]) -> std
 }
 
 /// What the last build of layer `name` produced, if any.
-pub fn recorded_result(state_dir: &Path, name: &str) -> Option<BuiltImage> {
+pub(crate) fn recorded_result(state_dir: &Path, name: &str) -> Option<BuiltImage> {
     let all: BTreeMap<String, BuiltImage> =
         serde_json::from_slice(&std::fs::read(state_dir.join(RESULTS_FILE)).ok()?).ok()?;
     all.get(name).cloned()
 }
 
 /// Names of every recorded layer.
-pub fn recorded_layers(state_dir: &Path) -> Vec<String> {
+pub(crate) fn recorded_layers(state_dir: &Path) -> Vec<String> {
     std::fs::read(state_dir.join(RESULTS_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<BTreeMap<String, BuiltImage>>(&b).ok())

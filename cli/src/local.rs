@@ -15,7 +15,7 @@ use farm_worker::{Entry, Userns};
 
 use crate::common::Layout;
 
-pub struct Local {
+pub(crate) struct Local {
     pub layout: Layout,
     pub blobs: BlobStore,
     pub cache: ActionCache,
@@ -24,7 +24,7 @@ pub struct Local {
 }
 
 impl Local {
-    pub async fn open(layout: Layout, timeout: Option<Duration>) -> anyhow::Result<Local> {
+    pub(crate) async fn open(layout: Layout, timeout: Option<Duration>) -> anyhow::Result<Local> {
         std::fs::create_dir_all(&layout.state_dir)
             .with_context(|| format!("creating the state dir {}", layout.state_dir.display()))?;
         let blobs = BlobStore::local(&layout.state_dir.join("blobs"))
@@ -58,7 +58,7 @@ impl Local {
 }
 
 /// Run an async command body on a fresh multi-threaded runtime.
-pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -25,12 +25,12 @@ enum State {
     Cancelled,
 }
 
-pub struct Progress {
+pub(crate) struct Progress {
     task: JoinHandle<String>,
 }
 
 impl Progress {
-    pub fn start(plan: &Plan, mut rx: UnboundedReceiver<Event>) -> Progress {
+    pub(crate) fn start(plan: &Plan, mut rx: UnboundedReceiver<Event>) -> Progress {
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
         let width = names.iter().map(String::len).max().unwrap_or(0);
         let tty = std::io::stderr().is_terminal();
@@ -126,7 +126,7 @@ impl Progress {
     }
 
     /// Wait for the last event (the sender side must be gone) and return the summary.
-    pub async fn finish(self) -> String {
+    pub(crate) async fn finish(self) -> String {
         self.task.await.unwrap_or_default()
     }
 }

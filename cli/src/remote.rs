@@ -9,7 +9,7 @@ use std::time::Duration;
 use farm_stackerfile::{FileSource, LocalFiles, url_of};
 
 /// Reads local paths from disk and `http(s)://` paths over the network.
-pub struct Files {
+pub(crate) struct Files {
     client: reqwest::Client,
     runtime: tokio::runtime::Handle,
     fetched: Mutex<HashMap<String, String>>,
@@ -18,7 +18,7 @@ pub struct Files {
 impl Files {
     /// Must be used from a thread where blocking is allowed (not an async task), while
     /// `runtime` runs.
-    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+    pub(crate) fn new(runtime: tokio::runtime::Handle) -> Self {
         Files {
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -35,7 +35,9 @@ impl Files {
 static FETCHED: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
 
 /// The fetched texts of `plan`'s files that are URLs, by URL.
-pub fn inline_texts(plan: &farm_stackerfile::Plan) -> std::collections::BTreeMap<String, String> {
+pub(crate) fn inline_texts(
+    plan: &farm_stackerfile::Plan,
+) -> std::collections::BTreeMap<String, String> {
     let fetched = FETCHED.lock().ok();
     let Some(map) = fetched.as_ref().and_then(|m| m.as_ref()) else {
         return Default::default();

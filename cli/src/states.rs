@@ -12,17 +12,17 @@ use serde_json::{Value, json};
 
 /// `queued`, `running`, `succeeded`, `failed`, `cancelled` (`unknown` for a value this
 /// client does not know).
-pub fn build_word(state: i32) -> &'static str {
+pub(crate) fn build_word(state: i32) -> &'static str {
     farm_model::BuildState::from_wire(state).map_or("unknown", |s| s.as_str())
 }
 
 /// `waiting`, `running`, `built`, `cached`, `failed`, `skipped`, `cancelled`.
-pub fn layer_word(state: i32) -> &'static str {
+pub(crate) fn layer_word(state: i32) -> &'static str {
     farm_model::LayerState::from_wire(state).map_or("unknown", |s| s.as_str())
 }
 
 /// Whether a layer in `state` is done (for better or worse).
-pub fn layer_finished(state: i32) -> bool {
+pub(crate) fn layer_finished(state: i32) -> bool {
     !matches!(
         LayerState::try_from(state),
         Ok(LayerState::LayerWaiting | LayerState::LayerRunning | LayerState::Unspecified) | Err(_)
@@ -38,7 +38,7 @@ fn non_empty(s: &str) -> Value {
 }
 
 /// One layer of the status JSON.
-pub fn layer_json(l: &LayerStatus) -> Value {
+pub(crate) fn layer_json(l: &LayerStatus) -> Value {
     let duration = if l.duration_ms == 0 && !layer_finished(l.state) {
         Value::Null
     } else {
@@ -59,7 +59,7 @@ pub fn layer_json(l: &LayerStatus) -> Value {
 }
 
 /// The status JSON: `{"id", "state", "layers": [...]}`, plus `"error"` when there is one.
-pub fn status_json(s: &BuildStatus) -> Value {
+pub(crate) fn status_json(s: &BuildStatus) -> Value {
     let mut v = json!({
         "id": s.id,
         "state": build_word(s.state),
@@ -74,7 +74,7 @@ pub fn status_json(s: &BuildStatus) -> Value {
 /// One worker of the workers JSON: `{"name", "slots", "running", "last_seen"}` (RFC 3339,
 /// UTC, milliseconds; null when never seen), plus `"platform"`, `"connected"` and
 /// `"unavailable"` when set.
-pub fn worker_json(w: &WorkerInfo) -> Value {
+pub(crate) fn worker_json(w: &WorkerInfo) -> Value {
     let last_seen = if w.last_seen_unix_ms > 0 {
         Value::String(rfc3339_ms(w.last_seen_unix_ms))
     } else {
@@ -97,7 +97,7 @@ pub fn worker_json(w: &WorkerInfo) -> Value {
 }
 
 /// Unix milliseconds as RFC 3339 UTC text (`2024-05-01T12:00:00.250Z`).
-pub fn rfc3339_ms(unix_ms: i64) -> String {
+pub(crate) fn rfc3339_ms(unix_ms: i64) -> String {
     let secs = unix_ms.div_euclid(1000);
     let ms = unix_ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
@@ -162,7 +162,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// `farm status ID` for a person.
-pub fn status_table(s: &BuildStatus) -> String {
+pub(crate) fn status_table(s: &BuildStatus) -> String {
     let mut out = format!("build {}: {}\n", s.id, build_word(s.state));
     if s.created_unix_ms > 0 {
         let _ = writeln!(out, "submitted {}", rfc3339_ms(s.created_unix_ms));
@@ -193,7 +193,7 @@ pub fn status_table(s: &BuildStatus) -> String {
 }
 
 /// `farm status` (every build) for a person.
-pub fn list_table(builds: &[BuildStatus]) -> String {
+pub(crate) fn list_table(builds: &[BuildStatus]) -> String {
     let rows: Vec<Vec<String>> = builds
         .iter()
         .map(|b| {
@@ -230,7 +230,7 @@ pub fn list_table(builds: &[BuildStatus]) -> String {
 }
 
 /// `farm workers` for a person.
-pub fn workers_table(workers: &[WorkerInfo]) -> String {
+pub(crate) fn workers_table(workers: &[WorkerInfo]) -> String {
     let rows: Vec<Vec<String>> = workers
         .iter()
         .map(|w| {
@@ -262,7 +262,7 @@ pub fn workers_table(workers: &[WorkerInfo]) -> String {
 
 /// A build event as the progress display's event; `None` for events it does not show
 /// (waiting, the final build state).
-pub fn progress_event(ev: &BuildEvent) -> Option<Event> {
+pub(crate) fn progress_event(ev: &BuildEvent) -> Option<Event> {
     let layer = ev.layer.clone();
     match ev.kind.as_ref()? {
         Kind::Log(line) => Some(Event::Log {

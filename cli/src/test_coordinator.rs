@@ -15,7 +15,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     /// `http://127.0.0.1:PORT`
     pub addr: String,
     pub socket: SocketAddr,
@@ -28,12 +28,12 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// A coordinator on `dir` (state in `dir/state`, blobs in `dir/blobs`), any port.
-    pub async fn start(dir: &Path) -> Coordinator {
+    pub(crate) async fn start(dir: &Path) -> Coordinator {
         Coordinator::start_on(dir, "127.0.0.1:0".parse().unwrap()).await
     }
 
     /// A coordinator on `dir` listening at `at` (waits for the port to be free).
-    pub async fn start_on(dir: &Path, at: SocketAddr) -> Coordinator {
+    pub(crate) async fn start_on(dir: &Path, at: SocketAddr) -> Coordinator {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -85,13 +85,16 @@ impl Coordinator {
     }
 
     /// Run `f` on the coordinator's runtime (where its farm's tasks live).
-    pub async fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> T {
         self.runtime.as_ref().unwrap().spawn(f).await.unwrap()
     }
 
     /// Submit the stackerfile at `file` (a path on this machine) straight to the farm;
     /// the build id.
-    pub async fn submit(&self, file: PathBuf) -> String {
+    pub(crate) async fn submit(&self, file: PathBuf) -> String {
         let farm = self.farm.clone();
         let spec = Submission {
             stackerfiles: vec![file.to_string_lossy().into_owned()],
@@ -110,7 +113,7 @@ impl Coordinator {
 
     /// Stop: the shutdown future completes and the server gets 2 s to return (it waits
     /// for open watch streams), then the runtime ends as the process would exit.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -178,7 +178,7 @@ fn registry_codes(e: &OciDistributionError) -> Vec<String> {
 
 impl Ctx<'_> {
     /// Translate an oci-client error.
-    pub fn error(&self, e: OciDistributionError) -> Error {
+    pub(crate) fn error(&self, e: OciDistributionError) -> Error {
         use OciDistributionError as E;
         let codes = registry_codes(&e);
         let auth = |detail: String| Error::Auth {

@@ -105,7 +105,7 @@ pub fn check_tag(tag: &str) -> Result<(), Error> {
 }
 
 /// Check a repository path (pushing: `ns/<layer name>`).
-pub fn check_repository(input: &str, repo: &str) -> Result<(), Error> {
+pub(crate) fn check_repository(input: &str, repo: &str) -> Result<(), Error> {
     if repo.split('/').all(valid_component) {
         Ok(())
     } else {

@@ -54,7 +54,7 @@ fn client(protocol: ClientProtocol, insecure: bool) -> Result<Client> {
 impl Session {
     /// Connect to `image`'s registry. With `insecure`, https without verification is
     /// tried first and plain http when the TLS handshake fails (as containers tools do).
-    pub async fn connect(
+    pub(crate) async fn connect(
         image: &ImageRef,
         credentials: &Credentials,
         opts: &ConnectOptions,
@@ -102,7 +102,7 @@ impl Session {
         })
     }
 
-    pub fn ctx(&self, image: &ImageRef) -> Ctx<'_> {
+    pub(crate) fn ctx(&self, image: &ImageRef) -> Ctx<'_> {
         Ctx {
             registry: &self.registry,
             address: format!("{}://{}", self.scheme, image.api_host()),
@@ -112,7 +112,7 @@ impl Session {
         }
     }
 
-    pub fn error(&self, image: &ImageRef, e: OciDistributionError) -> Error {
+    pub(crate) fn error(&self, image: &ImageRef, e: OciDistributionError) -> Error {
         self.ctx(image).error(e)
     }
 }

@@ -130,11 +130,11 @@ pub(crate) struct Reporter<'a> {
 }
 
 impl Reporter<'_> {
-    pub fn at(&self, offset: usize) -> Pos {
+    pub(crate) fn at(&self, offset: usize) -> Pos {
         self.map.pos(offset)
     }
 
-    pub fn push(
+    pub(crate) fn push(
         &mut self,
         severity: Severity,
         offset: usize,

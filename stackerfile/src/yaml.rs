@@ -10,31 +10,31 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// Byte offset into the (substituted) text a node starts at.
-pub type Offset = usize;
+pub(crate) type Offset = usize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Style {
+pub(crate) enum Style {
     Plain,
     Quoted,
     Block,
 }
 
 #[derive(Debug, Clone)]
-pub enum Kind {
+pub(crate) enum Kind {
     Scalar { text: String, style: Style },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
 
 #[derive(Debug, Clone)]
-pub struct Node {
+pub(crate) struct Node {
     pub kind: Kind,
     pub at: Offset,
 }
 
 /// A YAML syntax error with the offset it happened at.
 #[derive(Debug, Clone)]
-pub struct SyntaxError {
+pub(crate) struct SyntaxError {
     pub at: Offset,
     pub message: String,
     /// Another place the error concerns (the first of two duplicate keys).
@@ -42,7 +42,7 @@ pub struct SyntaxError {
 }
 
 impl Node {
-    pub fn scalar(&self) -> Option<&str> {
+    pub(crate) fn scalar(&self) -> Option<&str> {
         match &self.kind {
             Kind::Scalar { text, .. } => Some(text),
             _ => None,
@@ -50,12 +50,12 @@ impl Node {
     }
 
     /// A plain `~`, `null`, or nothing at all: YAML's null.
-    pub fn is_null(&self) -> bool {
+    pub(crate) fn is_null(&self) -> bool {
         matches!(&self.kind, Kind::Scalar { text, style: Style::Plain }
             if text.is_empty() || text == "~" || text.eq_ignore_ascii_case("null"))
     }
 
-    pub fn kind_name(&self) -> &'static str {
+    pub(crate) fn kind_name(&self) -> &'static str {
         match &self.kind {
             Kind::Scalar { .. } if self.is_null() => "null",
             Kind::Scalar { .. } => "a scalar",
@@ -65,7 +65,7 @@ impl Node {
     }
 
     /// Look a key up in a mapping node.
-    pub fn get(&self, key: &str) -> Option<&Node> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Node> {
         match &self.kind {
             Kind::Map(entries) => entries
                 .iter()
@@ -77,7 +77,7 @@ impl Node {
 }
 
 /// Parse one YAML document. An empty stream gives `None`.
-pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
+pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
     // Byte offsets: yaml-rust2's markers count characters, so convert once.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::util::farm_bin;
 
 /// A local port nobody listens on (bound, then released).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -24,7 +24,11 @@ pub fn free_port() -> u16 {
 
 /// Poll `f` every 100 ms until it returns `Some`, or panic after `limit` with `what`
 /// and the last state `f` described through `Err`.
-pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+pub(crate) fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = Instant::now() + limit;
     loop {
         let last = match f() {
@@ -40,14 +44,14 @@ pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<
 
 /// A process started in a process group of its own, its stdout and stderr in a log
 /// file; the whole group is killed (SIGKILL) on drop.
-pub struct Proc {
+pub(crate) struct Proc {
     pub name: String,
     child: Option<Child>,
     pub log: PathBuf,
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -69,23 +73,23 @@ impl Proc {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
     /// What it wrote so far (without colour escapes).
-    pub fn output(&self) -> String {
+    pub(crate) fn output(&self) -> String {
         strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
     }
 
     /// `None` while it runs, else how it ended.
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 
     /// `kill -9` of the process itself (not its group: what it started must die
     /// with it by itself), and reap it.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
@@ -121,7 +125,7 @@ fn tail(s: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-pub fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -142,7 +146,7 @@ pub fn strip_ansi(s: &str) -> String {
 }
 
 /// How to start a coordinator.
-pub struct CoordinatorSpec {
+pub(crate) struct CoordinatorSpec {
     pub state_dir: PathBuf,
     pub blobs: String,
     /// `--lease-timeout` in seconds (None: the default).
@@ -154,7 +158,7 @@ pub struct CoordinatorSpec {
 }
 
 /// A `farm coordinator` process on a local port, killed on drop.
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     pub proc: Proc,
     pub addr: String,
     pub metrics_addr: Option<String>,
@@ -164,7 +168,7 @@ pub struct Coordinator {
 impl Coordinator {
     /// A coordinator with no workers, run as this process's user in a temporary
     /// directory of its own (blobs and state there).
-    pub fn start() -> Coordinator {
+    pub(crate) fn start() -> Coordinator {
         let dir = tempfile::tempdir().unwrap();
         let spec = CoordinatorSpec {
             state_dir: dir.path().join("state"),
@@ -183,7 +187,7 @@ impl Coordinator {
     /// `farm coordinator` per `spec`, through `cmd` (the farm binary, or a command that
     /// runs it as someone; the arguments are appended); ready when it accepts
     /// connections.
-    pub fn start_with(spec: &CoordinatorSpec, mut cmd: Command, log: &Path) -> Coordinator {
+    pub(crate) fn start_with(spec: &CoordinatorSpec, mut cmd: Command, log: &Path) -> Coordinator {
         let addr = format!("127.0.0.1:{}", spec.port.unwrap_or_else(free_port));
         let metrics_addr = spec.metrics.then(|| format!("127.0.0.1:{}", free_port()));
         cmd.args(["coordinator", "--listen", &addr, "--blobs", &spec.blobs])
@@ -217,7 +221,7 @@ impl Coordinator {
     }
 
     /// The metrics it serves: name (with labels) -> value.
-    pub fn metrics(&self) -> BTreeMap<String, f64> {
+    pub(crate) fn metrics(&self) -> BTreeMap<String, f64> {
         let addr = self.metrics_addr.as_ref().expect("started with metrics");
         let text = http_get(addr, "/metrics");
         text.lines()
@@ -229,7 +233,7 @@ impl Coordinator {
             .collect()
     }
 
-    pub fn metric(&self, name: &str) -> f64 {
+    pub(crate) fn metric(&self, name: &str) -> f64 {
         let m = self.metrics();
         *m.get(name)
             .unwrap_or_else(|| panic!("no metric {name} in {m:?}"))
@@ -237,7 +241,7 @@ impl Coordinator {
 }
 
 /// GET `path` from `addr` over plain HTTP/1.1; the body of a 200 answer.
-pub fn http_get(addr: &str, path: &str) -> String {
+pub(crate) fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
@@ -284,7 +288,7 @@ fn dechunk(mut body: &str) -> String {
 /// A process as /proc shows it: pid, its parent, its name and when it started (to tell
 /// it from a later process with the same pid).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcInfo {
+pub(crate) struct ProcInfo {
     pub pid: i32,
     pub ppid: i32,
     pub comm: String,
@@ -318,7 +322,7 @@ fn proc_info(pid: i32) -> Option<ProcInfo> {
     })
 }
 
-pub fn all_processes() -> Vec<ProcInfo> {
+pub(crate) fn all_processes() -> Vec<ProcInfo> {
     fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -328,7 +332,7 @@ pub fn all_processes() -> Vec<ProcInfo> {
 }
 
 /// Every process below `pid` (children, their children, ...).
-pub fn descendants(pid: u32) -> Vec<ProcInfo> {
+pub(crate) fn descendants(pid: u32) -> Vec<ProcInfo> {
     let all = all_processes();
     let mut children: HashMap<i32, Vec<&ProcInfo>> = HashMap::new();
     for p in &all {
@@ -346,7 +350,7 @@ pub fn descendants(pid: u32) -> Vec<ProcInfo> {
 }
 
 /// Is this process (same pid and start time) still there (and not a zombie)?
-pub fn still_running(p: &ProcInfo) -> bool {
+pub(crate) fn still_running(p: &ProcInfo) -> bool {
     let Some(now) = proc_info(p.pid) else {
         return false;
     };
@@ -365,14 +369,14 @@ const MOTO_CI_VENV: &str = "/opt/farm-ci/venv/bin/moto_server";
 
 /// A moto_server (an S3-compatible server from PyPI's `moto[server]`, which `.ci/run`
 /// installs into /opt/farm-ci/venv) on a free loopback port, killed on drop.
-pub struct Moto {
+pub(crate) struct Moto {
     pub proc: Proc,
     pub port: u16,
 }
 
 impl Moto {
     /// Where moto_server is: `MOTO_SERVER`, `PATH`, then the CI venv.
-    pub fn find() -> Option<PathBuf> {
+    pub(crate) fn find() -> Option<PathBuf> {
         if let Some(p) = std::env::var_os("MOTO_SERVER") {
             return Some(PathBuf::from(p));
         }
@@ -384,7 +388,7 @@ impl Moto {
             .find(|p| p.is_file())
     }
 
-    pub fn start(bin: &Path, log: &Path) -> Moto {
+    pub(crate) fn start(bin: &Path, log: &Path) -> Moto {
         let mut last = String::new();
         // The port is free when picked; someone may take it first: try a few.
         for _ in 0..3 {
@@ -411,12 +415,12 @@ impl Moto {
         panic!("could not start {}: {last}", bin.display());
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// Create a bucket (moto takes unsigned path-style requests).
-    pub fn create_bucket(&self, bucket: &str) {
+    pub(crate) fn create_bucket(&self, bucket: &str) {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(

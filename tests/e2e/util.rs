@@ -16,7 +16,7 @@ use serde_json::Value;
 
 /// The `farm` binary under test: `$FARM_BIN`, else `<target>/<profile>/farm` next to the
 /// directory holding this test binary (`<target>/<profile>/deps/e2e-<hash>`).
-pub fn farm_bin() -> PathBuf {
+pub(crate) fn farm_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("FARM_BIN") {
         return PathBuf::from(bin);
     }
@@ -29,14 +29,14 @@ pub fn farm_bin() -> PathBuf {
 }
 
 /// `tests/fixtures/<area>`.
-pub fn fixtures(area: &str) -> PathBuf {
+pub(crate) fn fixtures(area: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(area)
 }
 
 /// The outcome of one run of `farm`.
-pub struct Run {
+pub(crate) struct Run {
     pub args: Vec<String>,
     pub status: ExitStatus,
     pub stdout: String,
@@ -44,7 +44,7 @@ pub struct Run {
 }
 
 /// Run `farm ARGS...` in `cwd`.
-pub fn farm(cwd: &Path, args: &[&str]) -> Run {
+pub(crate) fn farm(cwd: &Path, args: &[&str]) -> Run {
     let bin = farm_bin();
     assert!(
         bin.is_file(),
@@ -66,7 +66,7 @@ pub fn farm(cwd: &Path, args: &[&str]) -> Run {
 }
 
 impl Run {
-    pub fn from_output(args: Vec<String>, out: std::process::Output) -> Run {
+    pub(crate) fn from_output(args: Vec<String>, out: std::process::Output) -> Run {
         Run {
             args,
             status: out.status,
@@ -75,7 +75,7 @@ impl Run {
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "farm {:?}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.args, self.status, self.stdout, self.stderr
@@ -83,7 +83,7 @@ impl Run {
     }
 
     /// Asserts success and parses stdout as exactly one JSON value.
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         assert!(
             self.status.success(),
             "expected success:\n{}",
@@ -95,7 +95,7 @@ impl Run {
 
     /// Asserts failure and returns the `FILE:LINE:COL: error: ...` diagnostics on stderr
     /// (at least one).
-    pub fn errors(&self) -> Vec<Diag> {
+    pub(crate) fn errors(&self) -> Vec<Diag> {
         assert!(
             !self.status.success(),
             "expected failure:\n{}",
@@ -111,14 +111,14 @@ impl Run {
     }
 
     /// The first diagnostic that satisfies `pred`, or a panic that shows all of stderr.
-    pub fn error_where(&self, what: &str, pred: impl Fn(&Diag) -> bool) -> Diag {
+    pub(crate) fn error_where(&self, what: &str, pred: impl Fn(&Diag) -> bool) -> Diag {
         self.errors()
             .into_iter()
             .find(|d| pred(d))
             .unwrap_or_else(|| panic!("no error {what}:\n{}", self.describe()))
     }
 
-    pub fn assert_stderr_contains(&self, needle: &str) {
+    pub(crate) fn assert_stderr_contains(&self, needle: &str) {
         assert!(
             self.stderr.contains(needle),
             "stderr lacks {needle:?}:\n{}",
@@ -129,7 +129,7 @@ impl Run {
 
 /// One `FILE:LINE:COL: error: [layer 'NAME': ]MESSAGE` line, with its `  help: ...` line.
 #[derive(Debug, Clone)]
-pub struct Diag {
+pub(crate) struct Diag {
     pub file: String,
     pub line: usize,
     pub col: usize,
@@ -142,24 +142,24 @@ pub struct Diag {
 
 impl Diag {
     /// The file is `name` (compares the last path components, not the whole path).
-    pub fn in_file(&self, name: &str) -> bool {
+    pub(crate) fn in_file(&self, name: &str) -> bool {
         Path::new(&self.file).ends_with(name)
     }
 
     /// Message and help together, for "does it mention X" checks.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         match &self.help {
             Some(h) => format!("{}\n{h}", self.message),
             None => self.message.clone(),
         }
     }
 
-    pub fn at(&self) -> (usize, usize) {
+    pub(crate) fn at(&self) -> (usize, usize) {
         (self.line, self.col)
     }
 }
 
-pub fn parse_diagnostics(stderr: &str) -> Vec<Diag> {
+pub(crate) fn parse_diagnostics(stderr: &str) -> Vec<Diag> {
     let lines: Vec<&str> = stderr.lines().collect();
     let mut out = Vec::new();
     for (i, l) in lines.iter().enumerate() {
@@ -203,12 +203,12 @@ pub fn parse_diagnostics(stderr: &str) -> Vec<Diag> {
 }
 
 /// 1-based (line, column) of the first occurrence of `needle` in `file` (ASCII fixtures).
-pub fn locate(file: &Path, needle: &str) -> (usize, usize) {
+pub(crate) fn locate(file: &Path, needle: &str) -> (usize, usize) {
     locate_nth(file, needle, 0)
 }
 
 /// 1-based (line, column) of occurrence number `nth` (0-based) of `needle` in `file`.
-pub fn locate_nth(file: &Path, needle: &str, nth: usize) -> (usize, usize) {
+pub(crate) fn locate_nth(file: &Path, needle: &str, nth: usize) -> (usize, usize) {
     let text =
         std::fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
     let (offset, _) = text
@@ -222,7 +222,7 @@ pub fn locate_nth(file: &Path, needle: &str, nth: usize) -> (usize, usize) {
 }
 
 /// Copy a directory tree (files and directories only).
-pub fn copy_tree(src: &Path, dst: &Path) {
+pub(crate) fn copy_tree(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
     for entry in std::fs::read_dir(src).unwrap() {
         let entry = entry.unwrap();
@@ -236,7 +236,7 @@ pub fn copy_tree(src: &Path, dst: &Path) {
 }
 
 /// `path` made absolute against `cwd` and canonicalized.
-pub fn resolve(cwd: &Path, path: &str) -> PathBuf {
+pub(crate) fn resolve(cwd: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
     let abs = if p.is_absolute() {
         p.to_path_buf()
@@ -275,20 +275,20 @@ mod self_tests {
 // =======================================================================================
 
 /// The unprivileged user the rootless builds run as.
-pub const E2E_USER: &str = "farm-e2e";
+pub(crate) const E2E_USER: &str = "farm-e2e";
 /// Everything the build tests make on the machine lives here.
-pub const E2E_DIR: &str = "/var/tmp/farm-e2e";
+pub(crate) const E2E_DIR: &str = "/var/tmp/farm-e2e";
 /// Serialises the one-time set-up between test processes (nextest runs each test in a
 /// process of its own, concurrently).
 const SETUP_LOCK: &str = "/tmp/farm-e2e.lock";
 /// PATH for every command the tests run.
-pub const PATH_ENV: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const PATH_ENV: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// Bumped when the fixtures below change shape, so stale ones are not reused.
 const FIXTURES_VERSION: &str = "v1";
 /// The mtime of every entry of the busybox rootfs tarball.
-pub const ROOTFS_MTIME: u64 = 1_600_000_000;
+pub(crate) const ROOTFS_MTIME: u64 = 1_600_000_000;
 /// The config the busybox OCI base image carries (see `make_busybox_oci`).
-pub const BASE_PATH: &str = "PATH=/bin:/sbin:/usr/bin:/usr/sbin";
+pub(crate) const BASE_PATH: &str = "PATH=/bin:/sbin:/usr/bin:/usr/sbin";
 
 /// Tools the build tests run, with the Debian package that has them.
 const TOOLS: &[(&str, &str)] = &[
@@ -309,7 +309,7 @@ const TOOLS: &[(&str, &str)] = &[
 
 /// What the build tests share on this machine.
 #[derive(Debug)]
-pub struct E2e {
+pub(crate) struct E2e {
     pub user: String,
     pub uid: u32,
     pub gid: u32,
@@ -324,13 +324,13 @@ pub struct E2e {
     pub subuids: (u64, u64),
 }
 
-pub fn in_ci() -> bool {
+pub(crate) fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// A test that cannot run here fails under `CI=true` and is skipped (saying why)
 /// otherwise. Returns `None` for `let Some(..) = .. else { return }`.
-pub fn cannot_run<T>(why: &str) -> Option<T> {
+pub(crate) fn cannot_run<T>(why: &str) -> Option<T> {
     if in_ci() {
         panic!("this test cannot run: {why} (CI=true: a test that cannot run is a failure)");
     }
@@ -338,12 +338,12 @@ pub fn cannot_run<T>(why: &str) -> Option<T> {
     None
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
 /// `prog` on PATH (or an absolute path that exists).
-pub fn which(prog: &str) -> Option<PathBuf> {
+pub(crate) fn which(prog: &str) -> Option<PathBuf> {
     if prog.starts_with('/') {
         return Path::new(prog).exists().then(|| PathBuf::from(prog));
     }
@@ -356,7 +356,7 @@ pub fn which(prog: &str) -> Option<PathBuf> {
 
 /// The shared environment, set up once per process (and once per machine, under a file
 /// lock); `None` (after saying why) when this machine cannot run the build tests.
-pub fn e2e() -> Option<&'static E2e> {
+pub(crate) fn e2e() -> Option<&'static E2e> {
     static ENV: OnceLock<Result<E2e, String>> = OnceLock::new();
     match ENV.get_or_init(|| {
         preconditions()?;
@@ -415,7 +415,7 @@ fn elf_has_interpreter(b: &[u8]) -> bool {
 }
 
 /// Run `f` holding an exclusive flock on SETUP_LOCK.
-pub fn with_setup_lock<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_setup_lock<T>(f: impl FnOnce() -> T) -> T {
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -430,7 +430,7 @@ pub fn with_setup_lock<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Run a set-up command as root; panic with its output when it fails.
-pub fn sh(cmd: &mut Command) -> String {
+pub(crate) fn sh(cmd: &mut Command) -> String {
     let out = cmd
         .env("PATH", PATH_ENV)
         .output()
@@ -446,7 +446,7 @@ pub fn sh(cmd: &mut Command) -> String {
 }
 
 /// (uid, gid, home) of a user, or None.
-pub fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
+pub(crate) fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
     let out = Command::new("getent")
         .args(["passwd", name])
         .output()
@@ -460,7 +460,7 @@ pub fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
 }
 
 /// Make user `name` (with a home) unless it exists.
-pub fn ensure_user(name: &str) -> (u32, u32, PathBuf) {
+pub(crate) fn ensure_user(name: &str) -> (u32, u32, PathBuf) {
     if let Some(u) = lookup_user(name) {
         return u;
     }
@@ -469,7 +469,7 @@ pub fn ensure_user(name: &str) -> (u32, u32, PathBuf) {
 }
 
 /// The first `NAME:START:COUNT` range of `name` in /etc/subuid (or /etc/subgid).
-pub fn subid_range(file: &str, name: &str) -> Option<(u64, u64)> {
+pub(crate) fn subid_range(file: &str, name: &str) -> Option<(u64, u64)> {
     fs::read_to_string(file).ok()?.lines().find_map(|l| {
         let f: Vec<&str> = l.trim().split(':').collect();
         if f.len() != 3 || f[0] != name {
@@ -480,7 +480,7 @@ pub fn subid_range(file: &str, name: &str) -> Option<(u64, u64)> {
 }
 
 /// Is `dir` a mount point (per /proc/self/mountinfo), and with which fs type?
-pub fn mount_fstype(dir: &Path) -> Option<String> {
+pub(crate) fn mount_fstype(dir: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
@@ -489,7 +489,7 @@ pub fn mount_fstype(dir: &Path) -> Option<String> {
     })
 }
 
-pub fn unescape_mountinfo(s: &str) -> String {
+pub(crate) fn unescape_mountinfo(s: &str) -> String {
     s.replace("\\040", " ")
         .replace("\\011", "\t")
         .replace("\\012", "\n")
@@ -497,7 +497,7 @@ pub fn unescape_mountinfo(s: &str) -> String {
 }
 
 /// A loopback btrfs pool for `user` at `pool`, made with `farm setup` unless mounted.
-pub fn ensure_pool(user: &str, pool: &Path, size: &str) {
+pub(crate) fn ensure_pool(user: &str, pool: &Path, size: &str) {
     if mount_fstype(pool).is_none() {
         let out = Command::new(farm_bin())
             .args(["setup", "--user", user, "--pool"])
@@ -575,7 +575,7 @@ fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header
 
 /// The busybox root filesystem: /bin/busybox with its applet links, /etc/passwd, /etc/group
 /// (like deploy/examples/hello/make-rootfs.sh, with fixed owners and mtimes).
-pub fn make_rootfs_tar(out: &Path) {
+pub(crate) fn make_rootfs_tar(out: &Path) {
     let mut b = tar::Builder::new(fs::File::create(out).unwrap());
     for (d, mode) in [
         ("bin/", 0o755),
@@ -667,7 +667,7 @@ fn make_busybox_oci(rootfs_tar: &Path, layout: &Path) {
 
 /// A second pool for tests that need one nobody else uses at the same time (to check
 /// that nothing is left in it).
-pub fn private_pool(e: &E2e, name: &str) -> PathBuf {
+pub(crate) fn private_pool(e: &E2e, name: &str) -> PathBuf {
     let pool = Path::new(E2E_DIR).join(name);
     with_setup_lock(|| ensure_pool(&e.user, &pool, "1G"));
     pool
@@ -679,7 +679,7 @@ pub fn private_pool(e: &E2e, name: &str) -> PathBuf {
 
 /// Who a test runs farm as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Who {
+pub(crate) enum Who {
     /// The unprivileged e2e user, on the shared btrfs pool.
     User,
     /// root, with a pool on a plain directory of the test (the copy backend).
@@ -687,7 +687,12 @@ pub enum Who {
 }
 
 /// `program` as the user `user` (uid = gid = name), with a clean environment plus `env`.
-pub fn user_command(user: &str, home: &Path, env: &[(&str, &str)], program: &str) -> Command {
+pub(crate) fn user_command(
+    user: &str,
+    home: &Path,
+    env: &[(&str, &str)],
+    program: &str,
+) -> Command {
     let mut c = Command::new("setpriv");
     c.args([
         "--reuid",
@@ -708,7 +713,7 @@ pub fn user_command(user: &str, home: &Path, env: &[(&str, &str)], program: &str
 }
 
 /// The output of a finished command, checked for success.
-pub fn output_ok(cmd: &mut Command) -> String {
+pub(crate) fn output_ok(cmd: &mut Command) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
@@ -723,7 +728,7 @@ pub fn output_ok(cmd: &mut Command) -> String {
 }
 
 /// chown -R (no symlink following).
-pub fn chown_tree(path: &Path, uid: u32, gid: u32) {
+pub(crate) fn chown_tree(path: &Path, uid: u32, gid: u32) {
     let m = fs::symlink_metadata(path).unwrap();
     std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
     if m.is_dir() {
@@ -734,7 +739,7 @@ pub fn chown_tree(path: &Path, uid: u32, gid: u32) {
 }
 
 /// Copy a tree, keeping symlinks as symlinks and permission bits.
-pub fn copy_tree_exact(src: &Path, dst: &Path) {
+pub(crate) fn copy_tree_exact(src: &Path, dst: &Path) {
     let m = fs::symlink_metadata(src).unwrap();
     if m.file_type().is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(src).unwrap(), dst).unwrap();
@@ -753,7 +758,7 @@ pub fn copy_tree_exact(src: &Path, dst: &Path) {
 /// One test's directory under /var/tmp/farm-e2e/t, owned by whoever runs farm in it,
 /// holding `busybox.tar` (the rootfs tarball), the state dir `state/` and the output
 /// layout `oci/`. Removed at the end unless the test failed (then its path is printed).
-pub struct TestDir {
+pub(crate) struct TestDir {
     pub e: &'static E2e,
     pub path: PathBuf,
     pub who: Who,
@@ -763,7 +768,7 @@ pub struct TestDir {
 }
 
 impl TestDir {
-    pub fn new(e: &'static E2e, name: &str, who: Who) -> TestDir {
+    pub(crate) fn new(e: &'static E2e, name: &str, who: Who) -> TestDir {
         let path = tempfile::Builder::new()
             .prefix(&format!("{name}."))
             .tempdir_in(Path::new(E2E_DIR).join("t"))
@@ -787,24 +792,24 @@ impl TestDir {
         t
     }
 
-    pub fn join(&self, rel: &str) -> PathBuf {
+    pub(crate) fn join(&self, rel: &str) -> PathBuf {
         self.path.join(rel)
     }
 
-    pub fn owner(&self) -> (u32, u32) {
+    pub(crate) fn owner(&self) -> (u32, u32) {
         match self.who {
             Who::User => (self.e.uid, self.e.gid),
             Who::Root => (0, 0),
         }
     }
 
-    pub fn chown_all(&self) {
+    pub(crate) fn chown_all(&self) {
         let (u, g) = self.owner();
         chown_tree(&self.path, u, g);
     }
 
     /// Write a file (making parents), owned by the test's user.
-    pub fn write(&self, rel: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+    pub(crate) fn write(&self, rel: &str, contents: impl AsRef<[u8]>) -> PathBuf {
         let p = self.join(rel);
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(&p, contents).unwrap();
@@ -814,7 +819,7 @@ impl TestDir {
     }
 
     /// Copy `tests/fixtures/build/NAME/*` into the test dir.
-    pub fn fixture(&self, name: &str) {
+    pub(crate) fn fixture(&self, name: &str) {
         let src = fixtures("build").join(name);
         for e in fs::read_dir(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display())) {
             let e = e.unwrap();
@@ -824,7 +829,7 @@ impl TestDir {
     }
 
     /// A command run as the test's user (root: plain, with a clean environment).
-    pub fn command(&self, env: &[(&str, &str)], program: &str) -> Command {
+    pub(crate) fn command(&self, env: &[(&str, &str)], program: &str) -> Command {
         let mut c = match self.who {
             Who::User => user_command(&self.e.user, &self.e.home, env, program),
             Who::Root => {
@@ -841,12 +846,12 @@ impl TestDir {
     }
 
     /// The `farm build` command line with this test's state dir, pool and output.
-    pub fn build_args(&self, args: &[&str]) -> Vec<String> {
+    pub(crate) fn build_args(&self, args: &[&str]) -> Vec<String> {
         self.build_args_at(&self.state, &self.out, args)
     }
 
     /// The `farm build` command line with state dir `state` and output `out`.
-    pub fn build_args_at(&self, state: &Path, out: &Path, args: &[&str]) -> Vec<String> {
+    pub(crate) fn build_args_at(&self, state: &Path, out: &Path, args: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = vec!["build".into()];
         for (flag, p) in [("--state-dir", state), ("--pool", &self.pool), ("-o", out)] {
             v.push(flag.into());
@@ -859,16 +864,16 @@ impl TestDir {
     }
 
     /// `farm build ...` (see `build_args`) with `env` added to the clean environment.
-    pub fn build_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+    pub(crate) fn build_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         self.farm_env(&self.build_args(args), env)
     }
 
-    pub fn build(&self, args: &[&str]) -> Run {
+    pub(crate) fn build(&self, args: &[&str]) -> Run {
         self.build_env(args, &[])
     }
 
     /// Any farm command as the test's user.
-    pub fn farm_env(&self, args: &[String], env: &[(&str, &str)]) -> Run {
+    pub(crate) fn farm_env(&self, args: &[String], env: &[(&str, &str)]) -> Run {
         let bin = farm_bin();
         let out = self
             .command(env, bin.to_str().unwrap())
@@ -879,13 +884,13 @@ impl TestDir {
     }
 
     /// The output layout.
-    pub fn oci(&self) -> Oci {
+    pub(crate) fn oci(&self) -> Oci {
         Oci::new(&self.out)
     }
 
     /// `umoci unpack` (rootless for the user) of TAG of `layout` into BUNDLE (a new dir in
     /// the test dir); returns the bundle path.
-    pub fn unpack(&self, layout: &Path, tag: &str, bundle: &str) -> PathBuf {
+    pub(crate) fn unpack(&self, layout: &Path, tag: &str, bundle: &str) -> PathBuf {
         let b = self.join(bundle);
         let mut c = self.command(&[], "umoci");
         c.arg("unpack");
@@ -900,7 +905,7 @@ impl TestDir {
     }
 
     /// Run TAG's entrypoint with runc (rootless for the user); returns its stdout.
-    pub fn runc_run(&self, layout: &Path, tag: &str) -> String {
+    pub(crate) fn runc_run(&self, layout: &Path, tag: &str) -> String {
         let bundle = self.unpack(layout, tag, &format!("runc-bundle-{tag}"));
         let cfg_path = bundle.join("config.json");
         let mut cfg: Value = serde_json::from_slice(&fs::read(&cfg_path).unwrap()).unwrap();
@@ -924,7 +929,7 @@ impl TestDir {
 
     /// `oci-image-tool validate` of TAG (copied alone into a layout of its own first:
     /// Debian's oci-image-tool mishandles several tags in one index.json).
-    pub fn validate(&self, layout: &Path, tag: &str) {
+    pub(crate) fn validate(&self, layout: &Path, tag: &str) {
         let single = self.join(&format!("validate-{tag}"));
         output_ok(self.command(&[], "skopeo").args([
             "copy".to_string(),
@@ -942,7 +947,7 @@ impl TestDir {
     }
 
     /// `skopeo inspect oci:LAYOUT:TAG`.
-    pub fn skopeo_inspect(&self, layout: &Path, tag: &str) -> Value {
+    pub(crate) fn skopeo_inspect(&self, layout: &Path, tag: &str) -> Value {
         let out = output_ok(
             self.command(&[], "skopeo")
                 .arg("inspect")
@@ -964,7 +969,7 @@ impl Drop for TestDir {
 
 /// The summary farm prints at the end of a build: layer -> "built", "cached",
 /// "FAILED <first line>", "skipped (...)", "not run".
-pub fn summary(stderr: &str) -> BTreeMap<String, String> {
+pub(crate) fn summary(stderr: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let Some(start) = stderr.rfind("\nsummary:\n") else {
         return out;
@@ -986,7 +991,7 @@ pub fn summary(stderr: &str) -> BTreeMap<String, String> {
 
 /// The summary as `{layer: state}` with the states of `expected` layers only compared by
 /// their first word (built/cached/FAILED/skipped).
-pub fn assert_states(run: &Run, expected: &[(&str, &str)]) {
+pub(crate) fn assert_states(run: &Run, expected: &[(&str, &str)]) {
     let got = summary(&run.stderr);
     let first = |s: &str| s.split([' ', '(']).next().unwrap_or("").to_string();
     let got_short: BTreeMap<String, String> =
@@ -999,7 +1004,7 @@ pub fn assert_states(run: &Run, expected: &[(&str, &str)]) {
 }
 
 impl Run {
-    pub fn assert_ok(&self) -> &Self {
+    pub(crate) fn assert_ok(&self) -> &Self {
         assert!(
             self.status.success(),
             "expected success:\n{}",
@@ -1008,7 +1013,7 @@ impl Run {
         self
     }
 
-    pub fn assert_failed(&self) -> &Self {
+    pub(crate) fn assert_failed(&self) -> &Self {
         assert!(
             !self.status.success(),
             "expected failure:\n{}",
@@ -1023,25 +1028,25 @@ impl Run {
 // ---------------------------------------------------------------------------------------
 
 /// An OCI image layout on disk.
-pub struct Oci {
+pub(crate) struct Oci {
     pub dir: PathBuf,
 }
 
 impl Oci {
-    pub fn new(dir: &Path) -> Oci {
+    pub(crate) fn new(dir: &Path) -> Oci {
         Oci {
             dir: dir.to_path_buf(),
         }
     }
 
-    pub fn index(&self) -> Value {
+    pub(crate) fn index(&self) -> Value {
         let p = self.dir.join("index.json");
         serde_json::from_slice(&fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
             .unwrap()
     }
 
     /// tag -> manifest digest.
-    pub fn tags(&self) -> BTreeMap<String, String> {
+    pub(crate) fn tags(&self) -> BTreeMap<String, String> {
         self.index()["manifests"]
             .as_array()
             .expect("index.json manifests")
@@ -1058,36 +1063,36 @@ impl Oci {
             .collect()
     }
 
-    pub fn tag_names(&self) -> BTreeSet<String> {
+    pub(crate) fn tag_names(&self) -> BTreeSet<String> {
         self.tags().into_keys().collect()
     }
 
-    pub fn blob(&self, digest: &str) -> Vec<u8> {
+    pub(crate) fn blob(&self, digest: &str) -> Vec<u8> {
         let (alg, hex) = digest.split_once(':').expect("algo:hex");
         let p = self.dir.join("blobs").join(alg).join(hex);
         fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 
-    pub fn json(&self, digest: &str) -> Value {
+    pub(crate) fn json(&self, digest: &str) -> Value {
         serde_json::from_slice(&self.blob(digest)).unwrap()
     }
 
-    pub fn manifest_digest(&self, tag: &str) -> String {
+    pub(crate) fn manifest_digest(&self, tag: &str) -> String {
         self.tags()
             .remove(tag)
             .unwrap_or_else(|| panic!("no tag {tag:?} in {}", self.dir.display()))
     }
 
-    pub fn manifest(&self, tag: &str) -> Value {
+    pub(crate) fn manifest(&self, tag: &str) -> Value {
         self.json(&self.manifest_digest(tag))
     }
 
-    pub fn config(&self, tag: &str) -> Value {
+    pub(crate) fn config(&self, tag: &str) -> Value {
         self.json(self.manifest(tag)["config"]["digest"].as_str().unwrap())
     }
 
     /// (media type, digest) of each layer, base first.
-    pub fn layer_descs(&self, tag: &str) -> Vec<(String, String)> {
+    pub(crate) fn layer_descs(&self, tag: &str) -> Vec<(String, String)> {
         self.manifest(tag)["layers"]
             .as_array()
             .unwrap()
@@ -1101,12 +1106,12 @@ impl Oci {
             .collect()
     }
 
-    pub fn layer_digests(&self, tag: &str) -> Vec<String> {
+    pub(crate) fn layer_digests(&self, tag: &str) -> Vec<String> {
         self.layer_descs(tag).into_iter().map(|(_, d)| d).collect()
     }
 
     /// The entries of each layer, base first.
-    pub fn layers(&self, tag: &str) -> Vec<Vec<TarEntry>> {
+    pub(crate) fn layers(&self, tag: &str) -> Vec<Vec<TarEntry>> {
         self.layer_descs(tag)
             .iter()
             .map(|(mt, d)| read_layer(&self.blob(d), mt))
@@ -1116,7 +1121,7 @@ impl Oci {
 
 /// One entry of a layer tar.
 #[derive(Debug, Clone)]
-pub struct TarEntry {
+pub(crate) struct TarEntry {
     /// As written in the archive, normalised: no leading `./`; directories end in `/`.
     pub path: String,
     /// The name exactly as stored.
@@ -1134,13 +1139,13 @@ pub struct TarEntry {
 }
 
 impl TarEntry {
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.data).into_owned()
     }
 }
 
 /// Decompress (by media type, or by sniffing) and list a layer tar.
-pub fn read_layer(blob: &[u8], media_type: &str) -> Vec<TarEntry> {
+pub(crate) fn read_layer(blob: &[u8], media_type: &str) -> Vec<TarEntry> {
     let raw: Vec<u8> = if media_type.ends_with("+gzip") || blob.starts_with(&[0x1f, 0x8b]) {
         let mut v = Vec::new();
         flate2::read::GzDecoder::new(blob)
@@ -1155,7 +1160,7 @@ pub fn read_layer(blob: &[u8], media_type: &str) -> Vec<TarEntry> {
     read_tar(&raw)
 }
 
-pub fn read_tar(raw: &[u8]) -> Vec<TarEntry> {
+pub(crate) fn read_tar(raw: &[u8]) -> Vec<TarEntry> {
     let mut a = tar::Archive::new(raw);
     let mut out = Vec::new();
     for e in a.entries().expect("tar entries") {
@@ -1199,14 +1204,14 @@ pub fn read_tar(raw: &[u8]) -> Vec<TarEntry> {
 }
 
 /// The sorted normalised paths of a layer's entries.
-pub fn paths(entries: &[TarEntry]) -> Vec<String> {
+pub(crate) fn paths(entries: &[TarEntry]) -> Vec<String> {
     let mut v: Vec<String> = entries.iter().map(|e| e.path.clone()).collect();
     v.sort();
     v
 }
 
 /// The entry at `path` (normalised), or a panic listing what there is.
-pub fn entry<'a>(entries: &'a [TarEntry], path: &str) -> &'a TarEntry {
+pub(crate) fn entry<'a>(entries: &'a [TarEntry], path: &str) -> &'a TarEntry {
     entries
         .iter()
         .find(|e| e.path == path)
@@ -1215,7 +1220,7 @@ pub fn entry<'a>(entries: &'a [TarEntry], path: &str) -> &'a TarEntry {
 
 /// Every file of a tree: relative path -> "d MODE", "f MODE CONTENT" (content as text
 /// when short UTF-8, else its sha256), "l -> TARGET", or "other".
-pub fn tree(root: &Path) -> BTreeMap<String, String> {
+pub(crate) fn tree(root: &Path) -> BTreeMap<String, String> {
     fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, String>) {
         let mut names: Vec<_> = fs::read_dir(root.join(rel))
             .unwrap()
@@ -1253,13 +1258,13 @@ pub fn tree(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(data))
 }
 
 /// Wait for `child` up to `limit`; None if it is still running.
-pub fn wait_timeout(
+pub(crate) fn wait_timeout(
     child: &mut std::process::Child,
     limit: Duration,
 ) -> Option<std::process::ExitStatus> {
@@ -1281,14 +1286,14 @@ pub fn wait_timeout(
 
 /// Serves files from memory on 127.0.0.1 (HTTP/1.1, one request per connection), with an
 /// `ETag` per content and 304 answers to a matching `If-None-Match`; logs the requests.
-pub struct HttpServer {
+pub(crate) struct HttpServer {
     pub port: u16,
     files: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<u8>>>>,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl HttpServer {
-    pub fn start() -> HttpServer {
+    pub(crate) fn start() -> HttpServer {
         use std::io::{BufRead as _, Write as _};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -1355,19 +1360,19 @@ impl HttpServer {
         HttpServer { port, files, log }
     }
 
-    pub fn put(&self, path: &str, body: impl Into<Vec<u8>>) {
+    pub(crate) fn put(&self, path: &str, body: impl Into<Vec<u8>>) {
         self.files
             .lock()
             .unwrap()
             .insert(path.to_string(), body.into());
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     /// How many requests `METHOD PATH` the server has had.
-    pub fn count(&self, request: &str) -> usize {
+    pub(crate) fn count(&self, request: &str) -> usize {
         self.log
             .lock()
             .unwrap()

@@ -32,7 +32,7 @@ use crate::local::block_on;
 #[command(
     after_help = "Examples:\n  farm build\n  farm build -f app/stacker.yaml -o out --substitute VERSION=1.2\n  farm build --no-cache --compression zstd --jobs 4\n  farm build --push docker://registry.example.com/team --push-tag 1.2 --push-tag latest"
 )]
-pub struct BuildArgs {
+pub(crate) struct BuildArgs {
     #[command(flatten)]
     pub stackerfile: StackerfileArgs,
 
@@ -47,7 +47,7 @@ pub struct BuildArgs {
 /// different files build at the same time.
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  farm recursive-build -d images -p 'stacker*.yaml'")]
-pub struct RecursiveBuildArgs {
+pub(crate) struct RecursiveBuildArgs {
     /// The directory to search
     #[arg(
         short = 'd',
@@ -75,7 +75,7 @@ pub struct RecursiveBuildArgs {
 
 /// Options of `farm build` and `farm recursive-build`.
 #[derive(Debug, Args)]
-pub struct BuildFlags {
+pub(crate) struct BuildFlags {
     /// OCI layout to write the images to
     #[arg(short, long, value_name = "DIR", default_value = "oci")]
     pub output: PathBuf,
@@ -133,7 +133,7 @@ pub struct BuildFlags {
 }
 
 /// `10G`, `500M`, `1024` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => (&s[..s.len() - 1], 1u64 << 10),
@@ -149,7 +149,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// `farm submit` without a coordinator: the options it shares with `farm build`.
-pub struct EmbeddedSubmit {
+pub(crate) struct EmbeddedSubmit {
     pub stackerfile: StackerfileArgs,
     pub output: Option<PathBuf>,
     pub no_cache: bool,
@@ -162,7 +162,7 @@ pub struct EmbeddedSubmit {
 }
 
 /// Run `farm submit`'s build in this process, exactly as `farm build` does.
-pub fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode> {
     let env_path = |name: &str| {
         std::env::var_os(name)
             .filter(|v| !v.is_empty())
@@ -189,7 +189,7 @@ pub fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let layout = Layout::new(
         args.flags.state_dir.clone(),
         args.flags.pool.clone(),
@@ -212,7 +212,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     ))?
 }
 
-pub fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode> {
     let layout = Layout::new(
         args.flags.state_dir.clone(),
         args.flags.pool.clone(),

@@ -14,7 +14,7 @@ use clap::Args;
 #[command(
     after_help = "Examples:\n  farm cancel 4f1c2a\n  farm status --json | jq -r '.[] | select(.state == \"running\") | .id' | xargs -n1 farm cancel"
 )]
-pub struct CancelArgs {
+pub(crate) struct CancelArgs {
     /// The build id
     #[arg(value_name = "ID")]
     pub id: String,
@@ -23,7 +23,7 @@ pub struct CancelArgs {
     pub coordinator: CoordinatorArg,
 }
 
-pub fn run(args: CancelArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: CancelArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("cancel")?;
     block_on(async move {
         let mut client = connect(&addr).await?;

@@ -13,7 +13,7 @@ use crate::common::Layout;
 /// Check that this user can build rootless: a subordinate uid/gid range, newuidmap,
 /// user namespaces, and a usable pool (btrfs preferred). Says how to fix each problem.
 #[derive(Debug, Args)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// Where farm keeps its cache database and blobs [default: $XDG_DATA_HOME/farm]
     #[arg(long, value_name = "DIR", env = "FARM_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -23,7 +23,7 @@ pub struct CheckArgs {
     pub pool: Option<PathBuf>,
 }
 
-pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let layout = Layout::new(args.state_dir, args.pool, None);
     let mut problems = 0;
     let uid = nix::unistd::geteuid();

@@ -15,7 +15,7 @@ use crate::local::{Local, block_on};
 
 /// Where the state is.
 #[derive(Debug, Clone, Args)]
-pub struct StateArgs {
+pub(crate) struct StateArgs {
     /// Where farm keeps its cache database and blobs [default: $XDG_DATA_HOME/farm]
     #[arg(long, value_name = "DIR", env = "FARM_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -48,7 +48,7 @@ fn built(local: &Local, layer: &str) -> anyhow::Result<farm_model::BuiltImage> {
 /// Copy a file out of a built layer (`farm grab LAYER:PATH [DEST]`).
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  farm grab builder:/out/app ./app")]
-pub struct GrabArgs {
+pub(crate) struct GrabArgs {
     /// LAYER:PATH, a file in the result of a layer built by farm build
     pub source: String,
     /// Where to write it [default: the file's name, in the current directory]
@@ -57,7 +57,7 @@ pub struct GrabArgs {
     pub state: StateArgs,
 }
 
-pub fn grab(args: GrabArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn grab(args: GrabArgs) -> anyhow::Result<ExitCode> {
     let Some((layer, path)) = args.source.split_once(':') else {
         bail!(
             "'{}': expected LAYER:PATH, for example builder:/out/app",
@@ -87,7 +87,7 @@ pub fn grab(args: GrabArgs) -> anyhow::Result<ExitCode> {
 /// Runs in the same rootless sandbox as builds; nothing you change is kept.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  farm chroot app\n  farm chroot app -- ls -l /usr/local/bin")]
-pub struct ChrootArgs {
+pub(crate) struct ChrootArgs {
     /// A layer built by farm build
     pub layer: String,
     /// The command to run [default: /bin/sh]
@@ -97,7 +97,7 @@ pub struct ChrootArgs {
     pub state: StateArgs,
 }
 
-pub fn chroot(args: ChrootArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn chroot(args: ChrootArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let local = Local::open(args.state.layout(), None).await?;
         let result = built(&local, &args.layer)?;
@@ -127,7 +127,7 @@ pub fn chroot(args: ChrootArgs) -> anyhow::Result<ExitCode> {
 
 /// Show the images of an OCI layout: tags, layers and sizes, config, annotations.
 #[derive(Debug, Args)]
-pub struct InspectArgs {
+pub(crate) struct InspectArgs {
     /// Only this tag
     pub tag: Option<String>,
     /// The OCI layout
@@ -138,7 +138,7 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let layout = OciLayout::open(&args.output)
             .await
@@ -219,12 +219,12 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
 
 /// Remove farm's state: the pool's chains, the blob store and the cache.
 #[derive(Debug, Args)]
-pub struct CleanArgs {
+pub(crate) struct CleanArgs {
     #[command(flatten)]
     pub state: StateArgs,
 }
 
-pub fn clean(args: CleanArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn clean(args: CleanArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let local = Local::open(args.state.layout(), None).await?;
         let pool = local.pool.clone();

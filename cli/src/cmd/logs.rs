@@ -18,7 +18,7 @@ use crate::local::block_on;
 farm logs 4f1c2a\n  \
 farm logs 4f1c2a app --follow\n  \
 farm logs 4f1c2a | grep -i error")]
-pub struct LogsArgs {
+pub(crate) struct LogsArgs {
     /// The build id
     #[arg(value_name = "ID")]
     pub id: String,
@@ -35,7 +35,7 @@ pub struct LogsArgs {
     pub coordinator: CoordinatorArg,
 }
 
-pub fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("logs")?;
     block_on(async move {
         let mut client = connect(&addr).await?;

@@ -1,14 +1,14 @@
 //! One module per subcommand.
-pub mod build;
-pub mod cancel;
-pub mod check;
-pub mod layers;
-pub mod logs;
-pub mod plan;
-pub mod publish;
-pub mod pull;
-pub mod serve;
-pub mod setup;
-pub mod status;
-pub mod submit;
-pub mod workers;
+pub(crate) mod build;
+pub(crate) mod cancel;
+pub(crate) mod check;
+pub(crate) mod layers;
+pub(crate) mod logs;
+pub(crate) mod plan;
+pub(crate) mod publish;
+pub(crate) mod pull;
+pub(crate) mod serve;
+pub(crate) mod setup;
+pub(crate) mod status;
+pub(crate) mod submit;
+pub(crate) mod workers;

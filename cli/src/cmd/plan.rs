@@ -19,7 +19,7 @@ use crate::common::{Layout, StackerfileArgs, plan_or_report};
 #[command(
     after_help = "Examples:\n  farm plan\n  farm plan -f images/stacker.yaml --substitute VERSION=1.2\n  farm plan --json | jq '.waves'"
 )]
-pub struct PlanArgs {
+pub(crate) struct PlanArgs {
     #[command(flatten)]
     pub stackerfile: StackerfileArgs,
 
@@ -28,7 +28,7 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
-pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
     let layout = Layout::new(None, None, None);
     let options = PlanOptions {
         substitutions: args.stackerfile.substitutions(&layout)?,
@@ -46,7 +46,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The human form of a plan.
-pub fn render(plan: &Plan) -> String {
+pub(crate) fn render(plan: &Plan) -> String {
     let mut out = String::new();
     let tagged = plan.layers.iter().filter(|l| !l.layer.build_only).count();
     let files = plan.files.len();

@@ -17,7 +17,7 @@ use crate::local::block_on;
 
 /// Credentials for registries (pulling `docker` bases and pushing).
 #[derive(Debug, Clone, Args)]
-pub struct RegistryArgs {
+pub(crate) struct RegistryArgs {
     /// User name for the registries this command talks to (with --registry-password).
     /// Without them, the usual auth files are used: $REGISTRY_AUTH_FILE,
     /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json,
@@ -37,7 +37,7 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+    pub(crate) fn credentials(&self) -> anyhow::Result<Credentials> {
         Ok(Credentials::from_env(
             self.registry_username.clone(),
             self.registry_password.clone(),
@@ -47,7 +47,7 @@ impl RegistryArgs {
 
 /// `farm build --push ...`.
 #[derive(Debug, Clone, Args)]
-pub struct PushArgs {
+pub(crate) struct PushArgs {
     /// After a successful build, push each image to URL (docker://HOST[:PORT]/NAMESPACE):
     /// layer NAME goes to HOST[:PORT]/NAMESPACE/NAME:TAG. build_only layers are never
     /// pushed
@@ -81,7 +81,7 @@ pub struct PushArgs {
   farm publish --url docker://localhost:5000/dev --tag 1.2 --tag latest --image app --skip-tls\n  \
   farm build --push docker://registry.example.com/team --push-tag 1.2   (build, then push)\n  \
   farm publish b-1795961460799-adfc59c5 --url docker://registry.example.com/team --coordinator farm:7600")]
-pub struct PublishArgs {
+pub(crate) struct PublishArgs {
     /// Where to push: docker://HOST[:PORT]/NAMESPACE
     #[arg(long, value_name = "URL")]
     pub url: String,
@@ -119,10 +119,10 @@ pub struct PublishArgs {
 }
 
 /// A temporary OCI layout, removed on drop.
-pub struct ScratchLayout(PathBuf);
+pub(crate) struct ScratchLayout(PathBuf);
 
 impl ScratchLayout {
-    pub fn new(what: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(what: &str) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "farm-{what}-{}-{}",
             std::process::id(),
@@ -133,7 +133,7 @@ impl ScratchLayout {
         Ok(ScratchLayout(dir))
     }
 
-    pub fn path(&self) -> &std::path::Path {
+    pub(crate) fn path(&self) -> &std::path::Path {
         &self.0
     }
 }
@@ -146,7 +146,7 @@ impl Drop for ScratchLayout {
 
 /// How to publish.
 #[derive(Debug, Clone)]
-pub struct PublishOptions {
+pub(crate) struct PublishOptions {
     /// `docker://HOST[:PORT]/NAMESPACE`.
     pub url: String,
     pub tags: Vec<String>,
@@ -160,7 +160,7 @@ pub struct PublishOptions {
 
 impl PublishOptions {
     /// Check the URL and tags before anything is built or sent.
-    pub fn check(&self) -> anyhow::Result<PushTarget> {
+    pub(crate) fn check(&self) -> anyhow::Result<PushTarget> {
         let target = PushTarget::parse(&self.url)?;
         for t in &self.tags {
             farm_registry::check_tag(t)?;
@@ -171,7 +171,7 @@ impl PublishOptions {
 
 /// Push `images` (name, manifest digest) from `blobs`; prints one line per pushed tag
 /// on stdout (`REFERENCE  DIGEST`) and a summary on stderr.
-pub async fn publish_images(
+pub(crate) async fn publish_images(
     blobs: &BlobStore,
     images: &[(String, String)],
     opts: &PublishOptions,
@@ -230,7 +230,7 @@ pub async fn publish_images(
 /// `farm build --push`: push what the build tagged. Returns whether it worked (the
 /// error is printed).
 /// With `json`, stdout is for the status object: the pushed references go to stderr.
-pub async fn push_after_build(
+pub(crate) async fn push_after_build(
     blobs: &BlobStore,
     tagged: &[(String, String)],
     push: &PushArgs,
@@ -255,7 +255,7 @@ pub async fn push_after_build(
     }
 }
 
-pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let opts = PublishOptions {
         url: args.url.clone(),
         tags: args.tags.clone(),

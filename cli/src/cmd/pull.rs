@@ -23,7 +23,7 @@ use crate::local::block_on;
 farm pull 4f1c2a -o oci\n  \
 farm status 4f1c2a --wait && farm pull 4f1c2a -o out\n  \
 skopeo copy oci:oci:app docker://registry.example/app:1.0")]
-pub struct PullArgs {
+pub(crate) struct PullArgs {
     /// The build id (from `farm submit` or `farm status`)
     #[arg(value_name = "ID")]
     pub id: String,
@@ -36,7 +36,7 @@ pub struct PullArgs {
     pub coordinator: CoordinatorArg,
 }
 
-pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("pull")?;
     block_on(async move {
         let mut client = connect(&addr).await?;
@@ -51,7 +51,7 @@ pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `DIR:TAG  DIGEST` per image, on stdout (on stderr when stdout is for JSON).
-pub fn print_tags(dir: &Path, tags: &[(String, String)], stderr: bool) {
+pub(crate) fn print_tags(dir: &Path, tags: &[(String, String)], stderr: bool) {
     for (tag, digest) in tags {
         if stderr {
             eprintln!("{}:{tag}  {digest}", dir.display());
@@ -63,7 +63,7 @@ pub fn print_tags(dir: &Path, tags: &[(String, String)], stderr: bool) {
 
 /// Copy every tagged image of build `id` into the layout at `dir` and tag it; returns
 /// the (tag, digest) pairs (see [`print_tags`]).
-pub async fn pull(
+pub(crate) async fn pull(
     client: &mut Client,
     id: &str,
     dir: &Path,

@@ -32,7 +32,7 @@ farm coordinator --listen 127.0.0.1:7600 --state-dir /var/lib/farm --blobs file:
 farm coordinator --listen 0.0.0.0:7600 --state-dir /var/lib/farm --blobs s3://bucket/farm --metrics 0.0.0.0:9600\n\n\
 Blob stores: file:///PATH, s3://BUCKET/PREFIX (AWS_* environment variables), gs://BUCKET/PREFIX,\n\
 az://CONTAINER/PREFIX, memory:// (tests).")]
-pub struct CoordinatorArgs {
+pub(crate) struct CoordinatorArgs {
     /// Address to serve gRPC on (clients and workers)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7600")]
     pub listen: String,
@@ -74,7 +74,7 @@ pub struct CoordinatorArgs {
 #[command(after_help = "Example:\n  \
 farm setup --pool /srv/farm/pool --size 20G   # once, as root: a btrfs pool for USER\n  \
 farm worker --coordinator http://10.0.0.5:7600 --pool /srv/farm/pool --blobs file:///srv/farm/blobs --slots 4")]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     /// The coordinator's address (host:port or http://host:port)
     #[arg(long, value_name = "URL", env = "FARM_COORDINATOR")]
     pub coordinator: String,
@@ -101,7 +101,7 @@ pub struct WorkerArgs {
 }
 
 /// `host:port` or `http(s)://host:port` as a URL.
-pub fn coordinator_url(s: &str) -> String {
+pub(crate) fn coordinator_url(s: &str) -> String {
     if s.contains("://") {
         s.to_string()
     } else {
@@ -109,7 +109,7 @@ pub fn coordinator_url(s: &str) -> String {
     }
 }
 
-pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let blobs = BlobStore::from_url(&args.blobs)
             .with_context(|| format!("opening the blob store {}", args.blobs))?;
@@ -162,7 +162,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     })?
 }
 
-pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let blobs = BlobStore::from_url(&args.blobs)
             .with_context(|| format!("opening the blob store {}", args.blobs))?;

@@ -21,7 +21,7 @@ use crate::cmd::build::parse_size;
 #[command(
     after_help = "Example:\n  sudo farm setup --user alice --pool /var/lib/farm/alice --size 50G"
 )]
-pub struct SetupArgs {
+pub(crate) struct SetupArgs {
     /// The user who will run builds
     #[arg(long)]
     pub user: String,
@@ -41,7 +41,7 @@ pub struct SetupArgs {
 
 const RANGE: u64 = 65536;
 
-pub fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "farm setup must run as root (it edits /etc/subuid and mounts the pool); try: sudo farm setup --user {} --pool {}",

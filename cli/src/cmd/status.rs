@@ -25,7 +25,7 @@ use crate::states::{list_table, status_json, status_table};
 farm status\n  \
 farm status 4f1c2a\n  \
 farm status 4f1c2a --wait --json | jq -r .state")]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The build id [default: every build]
     #[arg(value_name = "ID")]
     pub id: Option<String>,
@@ -42,7 +42,7 @@ pub struct StatusArgs {
     pub coordinator: CoordinatorArg,
 }
 
-pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("status")?;
     block_on(async move {
         let mut client = connect(&addr).await?;

@@ -42,7 +42,7 @@ farm submit --coordinator 10.0.0.5:7070\n  \
 FARM_COORDINATOR=farm:7070 farm submit app/stacker.yaml -o out\n  \
 farm submit --detach --json --substitute VERSION=1.2   # prints {\"id\": ...}\n  \
 farm status ID --wait && farm pull ID -o out")]
-pub struct SubmitArgs {
+pub(crate) struct SubmitArgs {
     #[command(flatten)]
     pub stackerfile: StackerfileArgs,
 
@@ -90,7 +90,7 @@ pub struct SubmitArgs {
     pub registry: super::publish::RegistryArgs,
 }
 
-pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let Some(addr) = args.coordinator.address()? else {
         return run_embedded_submit(args);
     };

@@ -18,7 +18,7 @@ use clap::Args;
 #[command(
     after_help = "Examples:\n  farm workers\n  farm workers --json | jq '.[] | {name, running}'"
 )]
-pub struct WorkersArgs {
+pub(crate) struct WorkersArgs {
     /// Print JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -27,7 +27,7 @@ pub struct WorkersArgs {
     pub coordinator: CoordinatorArg,
 }
 
-pub fn run(args: WorkersArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: WorkersArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("workers")?;
     block_on(async move {
         let mut client = connect(&addr).await?;

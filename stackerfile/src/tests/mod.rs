@@ -13,10 +13,10 @@ use crate::{FileSource, Plan, PlanError, PlanOptions, Substitutions, load::norma
 
 /// Files held in memory, keyed by normalised path.
 #[derive(Default)]
-pub struct MemFiles(pub HashMap<PathBuf, String>);
+pub(crate) struct MemFiles(pub HashMap<PathBuf, String>);
 
 impl MemFiles {
-    pub fn with(files: &[(&str, &str)]) -> Self {
+    pub(crate) fn with(files: &[(&str, &str)]) -> Self {
         MemFiles(
             files
                 .iter()
@@ -35,7 +35,7 @@ impl FileSource for MemFiles {
     }
 }
 
-pub fn plan_files(files: &[(&str, &str)], subs: Substitutions) -> Result<Plan, PlanError> {
+pub(crate) fn plan_files(files: &[(&str, &str)], subs: Substitutions) -> Result<Plan, PlanError> {
     let entry = files[0].0;
     Plan::load(
         Path::new(entry),
@@ -46,21 +46,21 @@ pub fn plan_files(files: &[(&str, &str)], subs: Substitutions) -> Result<Plan, P
     )
 }
 
-pub fn plan(text: &str) -> Plan {
+pub(crate) fn plan(text: &str) -> Plan {
     match plan_files(&[("stacker.yaml", text)], Substitutions::default()) {
         Ok(p) => p,
         Err(e) => panic!("expected a plan, got:\n{e}"),
     }
 }
 
-pub fn errors(text: &str) -> PlanError {
+pub(crate) fn errors(text: &str) -> PlanError {
     match plan_files(&[("stacker.yaml", text)], Substitutions::default()) {
         Ok(_) => panic!("expected errors for:\n{text}"),
         Err(e) => e,
     }
 }
 
-pub fn subs(cli: &[(&str, &str)]) -> Substitutions {
+pub(crate) fn subs(cli: &[(&str, &str)]) -> Substitutions {
     Substitutions {
         cli: cli
             .iter()
