@@ -25,7 +25,7 @@ use farm_model::{
 };
 
 use crate::assemble::{self, AddedLayer};
-use crate::ops::{self, ApplyArgs, RemoveArgs, StageArgs, WriteTarArgs};
+use crate::ops::{self, ApplyArgs, Op, RemoveArgs, StageArgs, WriteTarArgs};
 use crate::pool::{Begin, ChainHandle, ChainId, Deleter, Pool, PoolError, WorkspaceOptions};
 use crate::sandbox::{Bind, CancelToken, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
 use crate::userns::Userns;
@@ -116,7 +116,7 @@ impl Deleter for UsernsDeleter {
         }
         let mut cmd = self
             .0
-            .op_command(ops::REMOVE_TREE, &RemoveArgs { path: path.into() })
+            .op_command(&Op::RemoveTree(RemoveArgs { path: path.into() }))
             .map_err(std::io::Error::other)?;
         cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(std::io::Error::other)?;
@@ -618,9 +618,7 @@ impl Engine {
             sha256,
         };
         let what = format!("stacker:// path '{path}'");
-        let out = self
-            .op(ops::INSPECT_SOURCE, &args, None, None, &what)
-            .await?;
+        let out = self.op(&Op::InspectSource(args), None, None, &what).await?;
         serde_json::from_slice(&out).map_err(|e| step(what)(e.to_string()))
     }
 
@@ -672,17 +670,15 @@ impl Engine {
         events: &EventSender,
     ) -> Result<u64, EngineError> {
         let chain = self.materialise(&image.layers, events, "grab").await?;
-        let args = ops::InspectArgs {
+        let args = ops::ReadFileArgs {
             root: chain.rootfs().to_path_buf(),
             path: path.to_string(),
-            sha256: false,
         };
         let file = std::fs::File::create(dest)
             .map_err(|e| step(format!("creating {}", dest.display()))(e.to_string()))?;
         let result = self
             .op(
-                ops::READ_FILE,
-                &args,
+                &Op::ReadFile(args),
                 None,
                 Some(Box::new(file)),
                 &format!("grab {path}"),
@@ -698,15 +694,14 @@ impl Engine {
 
     /// Run a userns op to completion: `input` feeds its stdin, `output` takes its stdout
     /// (collected and returned when `None`). A failure carries the op's own message.
-    async fn op<A: serde::Serialize>(
+    async fn op(
         &self,
-        name: &str,
-        args: &A,
+        op: &Op,
         input: Option<Box<dyn Read + Send>>,
         output: Option<Box<dyn std::io::Write + Send>>,
         what: &str,
     ) -> Result<Vec<u8>, EngineError> {
-        let mut cmd = self.userns.op_command(name, args)?;
+        let mut cmd = self.userns.op_command(op)?;
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         if input.is_some() {
             cmd.stdin(Stdio::piped());
@@ -901,7 +896,7 @@ impl Engine {
                     source_file: Some(file.to_path_buf()),
                 };
                 let what = format!("unpacking stacker://.../{path}");
-                let out = self.op(ops::APPLY_LAYER, &args, None, None, &what).await?;
+                let out = self.op(&Op::ApplyLayer(args), None, None, &what).await?;
                 let applied: ops::Applied =
                     serde_json::from_slice(&out).map_err(|e| step(what)(e.to_string()))?;
                 let mut pending = pending;
@@ -923,7 +918,7 @@ impl Engine {
         };
         let what = format!("applying a layer to {}", target.display());
         let out = self
-            .op(ops::APPLY_LAYER, &args, Some(Box::new(reader)), None, &what)
+            .op(&Op::ApplyLayer(args), Some(Box::new(reader)), None, &what)
             .await?;
         serde_json::from_slice(&out).map_err(|e| step(what)(e.to_string()))
     }
@@ -973,7 +968,7 @@ impl Engine {
                     exclude: vec!["stacker".into()],
                 };
                 let what = format!("applying the change to chain {}", pending.id());
-                let out = self.op(ops::APPLY_UPPER, &args, None, None, &what).await?;
+                let out = self.op(&Op::ApplyUpper(args), None, None, &what).await?;
                 let bytes = serde_json::from_slice::<serde_json::Value>(&out)
                     .ok()
                     .and_then(|v| v["bytes"].as_u64())
@@ -1015,7 +1010,7 @@ impl Engine {
             exclude: vec!["stacker".into()],
         };
         let what = format!("applying the change to {}", target.display());
-        self.op(ops::APPLY_UPPER, &args, None, None, &what)
+        self.op(&Op::ApplyUpper(args), None, None, &what)
             .await
             .map(drop)
     }
@@ -1028,15 +1023,12 @@ impl Engine {
         exclude: &[String],
         source_date_epoch: Option<u64>,
     ) -> Result<(String, crate::userns::UsernsChild), EngineError> {
-        let mut cmd = self.userns.op_command(
-            ops::WRITE_TAR,
-            &WriteTarArgs {
-                dir: dir.to_path_buf(),
-                overlay,
-                exclude: exclude.to_vec(),
-                source_date_epoch,
-            },
-        )?;
+        let mut cmd = self.userns.op_command(&Op::WriteTar(WriteTarArgs {
+            dir: dir.to_path_buf(),
+            overlay,
+            exclude: exclude.to_vec(),
+            source_date_epoch,
+        }))?;
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let child = cmd.spawn_async().await?;
         Ok((format!("tar of {}", dir.display()), child))
@@ -1082,7 +1074,7 @@ impl Engine {
         args.root = root.clone();
         args.base_rootfs = Some(base.rootfs().to_path_buf());
         let what = format!("import {}", args.source.display());
-        if let Err(e) = self.op(ops::STAGE_IMPORT, &args, None, None, &what).await {
+        if let Err(e) = self.op(&Op::StageImport(args), None, None, &what).await {
             self.remove_workspace(ws).await;
             return Err(e);
         }

@@ -26,5 +26,5 @@ pub mod userns;
 
 pub use idmap::{IdMapError, IdMapping};
 pub use sandbox::{Bind, CancelToken, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
-pub use userns::{Entry, HIDDEN_SUBCOMMAND, NsFn, Userns, UsernsChild, UsernsCommand, UsernsError};
+pub use userns::{Entry, HIDDEN_SUBCOMMAND, NsOp, Userns, UsernsChild, UsernsCommand, UsernsError};
 pub mod pool;

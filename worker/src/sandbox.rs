@@ -67,9 +67,6 @@ use tokio::io::AsyncReadExt;
 use crate::sys;
 use crate::userns::{Userns, UsernsError};
 
-/// Op name of the sandbox in the hidden entry point.
-pub const SANDBOX_OP: &str = "sandbox";
-
 /// Where the script is put inside the sandbox (a tmpfs, never captured).
 pub const SCRIPT_PATH: &str = "/stacker/.farm-run";
 
@@ -304,7 +301,7 @@ impl Userns {
         mut on_line: F,
     ) -> Result<ScriptStatus, SandboxError> {
         let started = Instant::now();
-        let mut cmd = self.op_command(SANDBOX_OP, spec)?;
+        let mut cmd = self.op_command(&crate::ops::Op::Sandbox(spec.clone()))?;
         cmd.isolate_pid_uts_ipc(true)
             .env_clear()
             .stdin(Stdio::null())
@@ -464,7 +461,7 @@ fn split_lines<F: FnMut(&str)>(line: &mut Vec<u8>, mut data: &[u8], on_line: &mu
 // Inside the namespace: the helper (outside the new pid namespace) and init (pid 1).
 // =====================================================================================
 
-/// The sandbox op of the hidden entry point.
+/// The sandbox op of the hidden entry point ([`crate::ops::Op::Sandbox`]).
 pub(crate) fn helper_main(spec: SandboxSpec) -> ! {
     let report = helper(spec);
     let line = serde_json::to_string(&report).unwrap_or_else(|_| "{}".into());
