@@ -25,9 +25,10 @@ use farm_model::{
 };
 
 use crate::assemble::{self, AddedLayer};
+use crate::cancel::CancelToken;
 use crate::ops::{self, ApplyArgs, Op, RemoveArgs, StageArgs, WriteTarArgs};
 use crate::pool::{Begin, ChainHandle, ChainId, Deleter, Pool, PoolError, WorkspaceOptions};
-use crate::sandbox::{Bind, CancelToken, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
+use crate::sandbox::{Bind, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
 use crate::userns::Userns;
 
 /// An empty tar (two zero blocks): a change with no entries.

@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod assemble;
+pub mod cancel;
 pub mod engine;
 pub mod idmap;
 pub mod ops;
@@ -24,7 +25,8 @@ pub mod sandbox;
 pub mod sys;
 pub mod userns;
 
+pub use cancel::CancelToken;
 pub use idmap::{IdMapError, IdMapping};
-pub use sandbox::{Bind, CancelToken, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
+pub use sandbox::{Bind, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
 pub use userns::{Entry, HIDDEN_SUBCOMMAND, NsOp, Userns, UsernsChild, UsernsCommand, UsernsError};
 pub mod pool;
