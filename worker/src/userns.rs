@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 use crate::idmap::{IdMapError, IdMapping};
 use crate::sys;
 
-/// argv[1] that makes the `farm` binary run [`hidden_main`].
+/// `argv[1]` that makes the `farm` binary run [`hidden_main`].
 pub const HIDDEN_SUBCOMMAND: &str = "__farm-userns";
 
 /// The descriptor on which the hidden entry point receives its op request.
@@ -421,7 +421,7 @@ impl UsernsChild {
 }
 
 /// For the `farm` binary's `main`, before anything else (before starting threads, a
-/// tokio runtime or logging): if argv[1] is [`HIDDEN_SUBCOMMAND`], runs the worker's op
+/// tokio runtime or logging): if `argv[1]` is [`HIDDEN_SUBCOMMAND`], runs the worker's op
 /// ([`crate::ops::Op`]) passed by the parent and never returns; otherwise returns.
 pub fn run_hidden_entry_if_requested() {
     run_hidden_entry_with::<crate::ops::Op>()

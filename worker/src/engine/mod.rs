@@ -1,14 +1,14 @@
 //! The build engine: one stacker layer, rootless, from its base to its image config.
 //!
-//! * [`pipeline`]: a build as a sequence of steps (base chain, imports, extra layers,
+//! * `pipeline`: a build as a sequence of steps (base chain, imports, extra layers,
 //!   run, generate_labels, capture, image config).
-//! * [`chains`]: the pool chains a build stands on, extracted once per ChainID and
+//! * `chains`: the pool chains a build stands on, extracted once per ChainID and
 //!   extended by each new layer.
-//! * [`inputs`]: where a job's imports are on this machine.
-//! * [`script`]: a job's script in the sandbox, its output streamed.
-//! * [`op_calls`]: running [`crate::ops::Op`]s in the user namespace.
-//! * [`workspaces`]: scratch directories in the pool.
-//! * [`tools`]: `farm grab` and `farm chroot` on a built layer.
+//! * `inputs`: where a job's imports are on this machine.
+//! * `script`: a job's script in the sandbox, its output streamed.
+//! * `op_calls`: running [`crate::ops::Op`]s in the user namespace.
+//! * `workspaces`: scratch directories in the pool.
+//! * `tools`: `farm grab` and `farm chroot` on a built layer.
 
 mod chains;
 mod inputs;

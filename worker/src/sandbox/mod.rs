@@ -48,11 +48,11 @@
 //! recursively and made read-only. If that fails, /sys is an empty read-only tmpfs and
 //! the run reports a warning.
 //!
-//! Where each part lives: [`run`] is the worker's side (spawning the helper, streaming
-//! output, timeout, cancel, reading the result); [`helper`] the two processes inside
-//! the namespaces (helper and init: fork, report, reap); [`setup`] what init does before
+//! Where each part lives: `run` is the worker's side (spawning the helper, streaming
+//! output, timeout, cancel, reading the result); `helper` the two processes inside
+//! the namespaces (helper and init: fork, report, reap); `setup` what init does before
 //! the script starts (mounts, /dev, /proc, pivot_root), with the skeleton of missing
-//! mountpoints in [`skeleton`].
+//! mountpoints in `skeleton`.
 
 mod helper;
 mod run;
