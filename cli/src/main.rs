@@ -63,7 +63,7 @@ enum Command {
 fn main() -> ExitCode {
     // Before anything starts a thread: `farm __farm-userns` is the process that runs
     // inside a build's user namespace.
-    farm_worker::userns::run_hidden_entry_if_requested(farm_worker::userns::WORKER_OPS);
+    farm_worker::userns::run_hidden_entry_if_requested();
     let cli = Cli::parse();
     // The daemons say what they do; commands only warn.
     common::init_logging(match cli.command {

@@ -19,8 +19,8 @@ use farm_proto::v1::{
 };
 use tokio::sync::mpsc;
 
+use crate::cancel::CancelToken;
 use crate::engine::Engine;
-use crate::sandbox::CancelToken;
 
 /// One connection: messages to the coordinator, messages from it.
 pub struct Connection {

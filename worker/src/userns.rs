@@ -17,9 +17,9 @@
 //!
 //! The program can be anything (`/bin/tar`, ...), or the `farm` binary itself through the
 //! hidden entry point ([`HIDDEN_SUBCOMMAND`], [`run_hidden_entry_if_requested`]): the
-//! parent then passes an op request (`{"op": NAME, "arg": JSON}`) in a memfd at fd 3,
-//! and the entry point runs the sandbox ([`crate::sandbox`]) or a registered [`NsFn`]
-//! with the stdin/stdout/stderr the parent chose (pipes for streaming tar in and out).
+//! parent then passes one op ([`crate::ops::Op`], as JSON) in a memfd at fd 3, and the
+//! entry point runs it ([`NsOp::run`]) with the stdin/stdout/stderr the parent chose
+//! (pipes for streaming tar in and out).
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Seek, Write};
@@ -29,26 +29,29 @@ use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitSta
 use std::sync::OnceLock;
 use std::sync::mpsc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::idmap::{IdMapError, IdMapping};
 use crate::sys;
 
-/// argv[1] that makes the `farm` binary run [`hidden_main`].
+/// `argv[1]` that makes the `farm` binary run [`hidden_main`].
 pub const HIDDEN_SUBCOMMAND: &str = "__farm-userns";
 
 /// The descriptor on which the hidden entry point receives its op request.
 const OP_FD: i32 = 3;
 
-/// A function run inside the user namespace as container root by the hidden entry point.
-/// It gets the JSON argument the parent passed, and the stdin/stdout/stderr the parent
-/// set on the [`UsernsCommand`]. Returning an error prints it on stderr and exits 1.
-pub type NsFn = fn(serde_json::Value) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+/// What the hidden entry point runs: a request type read from fd 3 as JSON. The worker's
+/// is [`crate::ops::Op`]; another entry point (a test binary) may serve its own.
+pub trait NsOp: Serialize + DeserializeOwned {
+    /// Printed on stderr when [`run`](Self::run) fails (the process then exits 1).
+    type Error: std::fmt::Display;
 
-/// The ops farm-worker itself registers for the hidden entry point (base layer
-/// extraction, upper-dir capture, import copying will go here). The `farm` binary passes
-/// this table, so adding an op needs no change in the CLI.
-pub const WORKER_OPS: &[(&str, NsFn)] = crate::ops::OPS;
+    /// Runs in the user namespace as container root, with the stdin/stdout/stderr the
+    /// parent set on the [`UsernsCommand`]. Must run while the process has a single
+    /// thread (the sandbox forks).
+    fn run(self) -> Result<(), Self::Error>;
+}
 
 /// Errors of starting a process in a user namespace.
 #[derive(Debug, thiserror::Error)]
@@ -117,27 +120,20 @@ impl Userns {
         UsernsCommand::new(program, self.mapping.clone())
     }
 
-    /// The hidden entry point running op `name` (a registered [`NsFn`]) with `arg`.
-    pub fn op_command(
-        &self,
-        name: &str,
-        arg: &impl Serialize,
-    ) -> Result<UsernsCommand, UsernsError> {
-        let request = OpRequest {
-            op: name.to_string(),
-            arg: serde_json::to_value(arg).map_err(io::Error::other)?,
-        };
+    /// The hidden entry point running one of the worker's ops.
+    pub fn op_command(&self, op: &crate::ops::Op) -> Result<UsernsCommand, UsernsError> {
+        self.request_command(op)
+    }
+
+    /// The hidden entry point running `request`, for an entry point that serves a
+    /// request type of its own ([`NsOp`]); the worker's ops go through
+    /// [`op_command`](Self::op_command).
+    pub fn request_command(&self, request: &impl Serialize) -> Result<UsernsCommand, UsernsError> {
         let mut cmd = self.command(&self.entry.exe);
         cmd.args(&self.entry.args);
-        cmd.op_request(&request)?;
+        cmd.op_request(request)?;
         Ok(cmd)
     }
-}
-
-#[derive(Serialize, Deserialize)]
-pub(crate) struct OpRequest {
-    pub op: String,
-    pub arg: serde_json::Value,
 }
 
 /// Like [`std::process::Command`], for a child that starts as root of a new user
@@ -219,7 +215,7 @@ impl UsernsCommand {
         self
     }
 
-    pub(crate) fn op_request(&mut self, req: &OpRequest) -> io::Result<()> {
+    fn op_request(&mut self, req: &impl Serialize) -> io::Result<()> {
         let fd = nix::sys::memfd::memfd_create(
             c"farm-userns-op",
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
@@ -425,35 +421,46 @@ impl UsernsChild {
 }
 
 /// For the `farm` binary's `main`, before anything else (before starting threads, a
-/// tokio runtime or logging): if argv[1] is [`HIDDEN_SUBCOMMAND`], runs
-/// [`hidden_main`] with `ops` and never returns; otherwise returns.
-pub fn run_hidden_entry_if_requested(ops: &[(&str, NsFn)]) {
+/// tokio runtime or logging): if `argv[1]` is [`HIDDEN_SUBCOMMAND`], runs the worker's op
+/// ([`crate::ops::Op`]) passed by the parent and never returns; otherwise returns.
+pub fn run_hidden_entry_if_requested() {
+    run_hidden_entry_with::<crate::ops::Op>()
+}
+
+/// [`run_hidden_entry_if_requested`] for an entry point serving request type `O`.
+pub fn run_hidden_entry_with<O: NsOp>() {
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(HIDDEN_SUBCOMMAND)) {
-        hidden_main(ops)
+        hidden_main::<O>()
     }
 }
 
-/// The hidden entry point: reads the op request from fd 3 and runs it. Op `sandbox` is
-/// built in ([`crate::sandbox`]); other names are looked up in `ops`. Must run while the
+/// Why the hidden entry point has no request to run.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("{HIDDEN_SUBCOMMAND} is internal to farm (no op request on fd {OP_FD}: {0})")]
+    NoRequest(io::Error),
+    #[error(transparent)]
+    Read(io::Error),
+    #[error(transparent)]
+    Parse(serde_json::Error),
+}
+
+fn read_request<O: NsOp>() -> Result<O, RequestError> {
+    let fd = sys::take_inherited_fd(OP_FD).map_err(RequestError::NoRequest)?;
+    let mut text = String::new();
+    std::fs::File::from(fd)
+        .read_to_string(&mut text)
+        .map_err(RequestError::Read)?;
+    serde_json::from_str(&text).map_err(RequestError::Parse)
+}
+
+/// The hidden entry point: reads the request from fd 3 and runs it. Must run while the
 /// process has a single thread (the sandbox forks).
-pub fn hidden_main(ops: &[(&str, NsFn)]) -> ! {
-    let result = (|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let fd = sys::take_inherited_fd(OP_FD).map_err(|e| {
-            format!("{HIDDEN_SUBCOMMAND} is internal to farm (no op request on fd {OP_FD}: {e})")
-        })?;
-        let mut text = String::new();
-        std::fs::File::from(fd).read_to_string(&mut text)?;
-        let req: OpRequest = serde_json::from_str(&text)?;
-        if req.op == crate::sandbox::SANDBOX_OP {
-            crate::sandbox::helper_main(serde_json::from_value(req.arg)?)
-        }
-        let f = ops
-            .iter()
-            .find(|(name, _)| *name == req.op)
-            .map(|(_, f)| *f)
-            .ok_or_else(|| format!("unknown userns op {:?}", req.op))?;
-        f(req.arg)
-    })();
+pub fn hidden_main<O: NsOp>() -> ! {
+    let result = match read_request::<O>() {
+        Ok(op) => op.run().map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     match result {
         Ok(()) => std::process::exit(0),
         Err(e) => {

@@ -25,6 +25,14 @@ use farm_worker::{
 };
 
 const ENTRY: &str = env!("CARGO_BIN_EXE_farm-userns-entry");
+
+/// The ops `farm-userns-entry` serves besides the worker's (its `EntryOp`), as sent.
+#[derive(serde::Serialize)]
+#[serde(tag = "op", content = "arg", rename_all = "kebab-case")]
+enum TestOp<'a> {
+    Echo,
+    Inspect(&'a Path),
+}
 const TEST_USER: &str = "farmtest";
 const INNER: &str = "FARM_TEST_INNER";
 
@@ -300,10 +308,7 @@ impl Ctx {
 
     /// Entries below `dir`, read by container root through the `inspect` op.
     fn inspect(&self, dir: &Path) -> Vec<serde_json::Value> {
-        let mut cmd = self
-            .userns
-            .op_command("inspect", &dir.to_str().unwrap())
-            .unwrap();
+        let mut cmd = self.userns.request_command(&TestOp::Inspect(dir)).unwrap();
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let mut out = String::new();
@@ -726,10 +731,7 @@ fn setup_errors_are_reported(ctx: &Ctx) {
 
 sandbox_test!(ns_op_streams_stdin_stdout);
 fn ns_op_streams_stdin_stdout(ctx: &Ctx) {
-    let mut cmd = ctx
-        .userns
-        .op_command("echo", &serde_json::Value::Null)
-        .unwrap();
+    let mut cmd = ctx.userns.request_command(&TestOp::Echo).unwrap();
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();

@@ -3,7 +3,8 @@
 //! (`worker/tests/sandbox.rs`) start it as `Entry::new(env!("CARGO_BIN_EXE_farm-userns-entry"))`.
 //! It also serves for trying the sandbox by hand without the CLI.
 //!
-//! Ops besides the built-in `sandbox`:
+//! It serves the worker's ops ([`farm_worker::ops::Op`]) and two of its own
+//! ([`EntryOp`]):
 //! * `echo`: prints `uid=U gid=G` (ids as seen in the namespace), then copies stdin to
 //!   stdout (proves the streaming pipes).
 //! * `inspect`: arg = a directory; prints one JSON object per entry below it (path, type,
@@ -11,13 +12,37 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use farm_worker::NsFn;
+use farm_worker::NsOp;
+use farm_worker::ops::Op;
+use serde::{Deserialize, Serialize};
 
 type OpResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-fn echo(_: serde_json::Value) -> OpResult {
+/// What this entry point serves: its own ops, else the worker's.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", content = "arg", rename_all = "kebab-case")]
+enum EntryOp {
+    Echo,
+    Inspect(PathBuf),
+    #[serde(untagged)]
+    Worker(Op),
+}
+
+impl NsOp for EntryOp {
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn run(self) -> OpResult {
+        match self {
+            EntryOp::Echo => echo(),
+            EntryOp::Inspect(dir) => walk(&dir, &dir, &mut io::stdout().lock()),
+            EntryOp::Worker(op) => Ok(op.run()?),
+        }
+    }
+}
+
+fn echo() -> OpResult {
     let mut out = io::stdout().lock();
     writeln!(
         out,
@@ -67,21 +92,8 @@ fn walk(root: &Path, dir: &Path, out: &mut impl Write) -> OpResult {
     Ok(())
 }
 
-fn inspect(arg: serde_json::Value) -> OpResult {
-    let dir = arg.as_str().ok_or("inspect wants a path")?;
-    let mut out = io::stdout().lock();
-    walk(Path::new(dir), Path::new(dir), &mut out)
-}
-
-const TEST_OPS: &[(&str, NsFn)] = &[("echo", echo), ("inspect", inspect)];
-
 fn main() {
-    let ops: Vec<(&str, NsFn)> = farm_worker::userns::WORKER_OPS
-        .iter()
-        .chain(TEST_OPS)
-        .copied()
-        .collect();
-    farm_worker::userns::run_hidden_entry_if_requested(&ops);
+    farm_worker::userns::run_hidden_entry_with::<EntryOp>();
     let _ = writeln!(
         io::stderr(),
         "farm-userns-entry: internal entry point; run as '{} {}' by farm-worker",

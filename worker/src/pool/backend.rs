@@ -146,7 +146,7 @@ fn open_dir(path: &Path) -> io::Result<fs::File> {
         .open(path)
 }
 
-/// btrfs through ioctls (see [`super::ioctl`]).
+/// btrfs through ioctls (see [`crate::sys::btrfs`]).
 #[derive(Debug, Default)]
 pub struct BtrfsBackend;
 

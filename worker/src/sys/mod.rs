@@ -5,6 +5,11 @@
 //! Every block says why it is sound. Everything here is small and does one syscall.
 //! [`btrfs`] holds the pool's ioctls (subvolumes, snapshots, FICLONE).
 
+// The crate denies `unsafe_code`; this module is where it is allowed, and every block
+// documents itself.
+#![allow(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod btrfs;
 
 use std::ffi::{CString, OsStr};
@@ -68,8 +73,9 @@ pub(crate) fn install_userns_pre_exec(cmd: &mut Command, p: UsernsPreExec) {
 }
 
 fn userns_child_setup(p: &UsernsPreExec) -> io::Result<()> {
-    // SAFETY (whole function): raw syscalls on descriptors this child owns (inherited
-    // copies) and on stack buffers that outlive each call; see install_userns_pre_exec.
+    // SAFETY: (the whole function) raw syscalls on descriptors this child owns
+    // (inherited copies) and on stack buffers that outlive each call; see
+    // install_userns_pre_exec.
     unsafe {
         for fd in p.parent_ends {
             libc::close(fd);

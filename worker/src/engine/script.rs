@@ -1,0 +1,95 @@
+//! A job's script in the sandbox: its spec (an overlay over the chain, imports and
+//! binds mounted, the job's environment), and the run with its output streamed to the
+//! build's events.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use super::pipeline::Build;
+use super::{EngineError, step};
+use crate::pool::Workspace;
+use crate::sandbox::{Bind, Rootfs, SandboxSpec, ScriptStatus};
+
+/// Lines of script output kept for the error message of a failed run.
+const TAIL_LINES: usize = 25;
+
+impl Build<'_> {
+    /// The sandbox spec of `script` on an overlay of `lower` (top first) in `ws`.
+    pub(super) fn sandbox_spec(
+        &self,
+        ws: &Workspace,
+        lower: Vec<PathBuf>,
+        script: &str,
+        sources: &[PathBuf],
+    ) -> Result<SandboxSpec, EngineError> {
+        let job = self.job;
+        let mount_dir = ws.path().join("mnt");
+        std::fs::create_dir_all(&mount_dir)
+            .map_err(|e| step("creating the sandbox mount point")(e.to_string()))?;
+        let mut spec = SandboxSpec::new(
+            Rootfs::Overlay {
+                lower,
+                upper: ws.upper().expect("overlay workspace").to_path_buf(),
+                work: ws.work().expect("overlay workspace").to_path_buf(),
+            },
+            &mount_dir,
+            script.to_string(),
+        );
+        spec.env = job.env.clone();
+        spec.timeout = self.engine.options.timeout;
+        let imports_dir = if job.layer.legacy_import {
+            "/stacker"
+        } else {
+            "/stacker/imports"
+        };
+        for (import, source) in job.imports.iter().zip(sources) {
+            if import.dest.is_none() {
+                spec.binds.push(Bind {
+                    source: source.clone(),
+                    dest: PathBuf::from(imports_dir).join(&import.name),
+                    readonly: true,
+                });
+            }
+        }
+        for b in &job.layer.binds {
+            spec.binds.push(Bind {
+                source: b.source.clone(),
+                dest: PathBuf::from(&b.dest),
+                readonly: false,
+            });
+        }
+        Ok(spec)
+    }
+
+    /// Run a sandbox, streaming its output; a failure carries the end of the output.
+    pub(super) async fn run_script(&self, spec: &SandboxSpec) -> Result<(), EngineError> {
+        let (events, name, cancel) = (self.events, self.name(), self.cancel);
+        let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+        let status = self
+            .engine
+            .userns
+            .run_sandbox(spec, Some(cancel), |line| {
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.to_string());
+                events.log(name, line);
+            })
+            .await;
+        let status = match status {
+            Ok(s) => s,
+            Err(_) if cancel.is_cancelled() => return Err(EngineError::Cancelled),
+            Err(e) => return Err(e.into()),
+        };
+        if !status.success() {
+            return Err(EngineError::RunFailed {
+                status: match status {
+                    ScriptStatus::Exited(c) => format!("exit code {c}"),
+                    ScriptStatus::Signaled(s) => format!("killed by signal {s}"),
+                },
+                tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,163 @@
+//! The two processes inside the namespaces: the helper (the hidden entry point's
+//! sandbox op, outside the new pid namespace) forks init, pid 1 of the new pid
+//! namespace, which sets the sandbox up, runs the script and reports how it ended; the
+//! helper reaps init (and with it the whole namespace) and reports to the worker.
+
+use std::fs;
+use std::io::{self, BufRead, Write};
+use std::os::fd::OwnedFd;
+
+use serde::{Deserialize, Serialize};
+
+use super::{HelperReport, Outcome, RESULT_PREFIX, SandboxSpec, ScriptStatus};
+use crate::sys;
+
+/// Messages from init to the helper, one JSON per line.
+#[derive(Debug, Serialize, Deserialize)]
+enum InitMsg {
+    Warning(String),
+    SetupFailed(String),
+    Finished(ScriptStatus),
+}
+
+/// The sandbox op of the hidden entry point ([`crate::ops::Op::Sandbox`]).
+pub(crate) fn helper_main(spec: SandboxSpec) -> ! {
+    let report = helper(spec);
+    let line = serde_json::to_string(&report).unwrap_or_else(|_| "{}".into());
+    let _ = writeln!(io::stderr(), "{RESULT_PREFIX}{line}");
+    std::process::exit(0)
+}
+
+fn helper(spec: SandboxSpec) -> HelperReport {
+    let mut warnings = Vec::new();
+    let failed = |m: String, warnings: Vec<String>| HelperReport {
+        outcome: Outcome::SetupFailed(m),
+        warnings,
+    };
+    if let Err(e) = sys::install_terminate_handler() {
+        return failed(format!("installing SIGTERM handler: {e}"), warnings);
+    }
+    let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .and_then(|a| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|b| (a, b)));
+    let ((report_r, report_w), (life_r, life_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => return failed(format!("pipe: {e}"), warnings),
+    };
+    let pid = match sys::fork_single_threaded() {
+        Err(e) => return failed(format!("fork: {e}"), warnings),
+        Ok(sys::Forked::Child) => {
+            drop(report_r);
+            drop(life_w);
+            init_main(&spec, report_w, life_r)
+        }
+        Ok(sys::Forked::Parent(pid)) => pid,
+    };
+    drop(report_w);
+    drop(life_r);
+    if sys::set_init_pid(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let mut finished = None;
+    let mut setup_error = None;
+    for line in io::BufReader::new(fs::File::from(report_r)).lines() {
+        let Ok(line) = line else { break };
+        match serde_json::from_str::<InitMsg>(&line) {
+            Ok(InitMsg::Warning(w)) => warnings.push(w),
+            Ok(InitMsg::SetupFailed(m)) => setup_error = Some(m),
+            Ok(InitMsg::Finished(s)) => finished = Some(s),
+            Err(_) => warnings.push(format!("init said: {line}")),
+        }
+    }
+    // Returns only when every process of the pid namespace is gone.
+    let wait = loop {
+        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    drop(life_w);
+    let outcome = match (finished, setup_error) {
+        (Some(s), _) => Outcome::Finished(s),
+        (None, Some(m)) => Outcome::SetupFailed(m),
+        (None, None) if sys::terminate_requested() => Outcome::Killed,
+        (None, None) => Outcome::InitDied(format!("{wait:?}")),
+    };
+    HelperReport { outcome, warnings }
+}
+
+fn send(report: &mut fs::File, msg: &InitMsg) {
+    if let Ok(mut s) = serde_json::to_string(msg) {
+        s.push('\n');
+        let _ = report.write_all(s.as_bytes());
+    }
+}
+
+/// pid 1 of the new pid namespace.
+fn init_main(spec: &SandboxSpec, report_w: OwnedFd, life_r: OwnedFd) -> ! {
+    let mut report = fs::File::from(report_w);
+    let _ = sys::reset_terminate_handler();
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+        std::process::exit(125);
+    }
+    // The helper may have died before PDEATHSIG was armed: then the lifeline is at EOF.
+    let _ = nix::fcntl::fcntl(
+        &life_r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut b = [0u8; 1];
+    if let Ok(0) = nix::unistd::read(&life_r, &mut b) {
+        std::process::exit(125);
+    }
+    drop(life_r);
+    let _ = nix::sys::prctl::set_name(c"init");
+
+    let mut warnings = Vec::new();
+    let setup_result = super::setup::setup(spec, &mut warnings);
+    for w in warnings {
+        send(&mut report, &InitMsg::Warning(w));
+    }
+    let mut cmd = match setup_result {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            send(&mut report, &InitMsg::SetupFailed(e));
+            std::process::exit(126);
+        }
+    };
+    let script = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let prog = cmd.get_program().to_string_lossy().into_owned();
+            send(
+                &mut report,
+                &InitMsg::SetupFailed(format!("cannot run {prog}: {e}")),
+            );
+            std::process::exit(126);
+        }
+    };
+    let script_pid = nix::unistd::Pid::from_raw(script.id() as i32);
+    use nix::sys::wait::{WaitStatus, waitpid};
+    let status = loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == script_pid => {
+                break ScriptStatus::Exited(code);
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == script_pid => {
+                break ScriptStatus::Signaled(sig as i32);
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                send(
+                    &mut report,
+                    &InitMsg::SetupFailed(format!("waiting for the script: {e}")),
+                );
+                std::process::exit(126);
+            }
+        }
+    };
+    send(&mut report, &InitMsg::Finished(status));
+    // Exiting kills everything left in the namespace.
+    std::process::exit(0)
+}
