@@ -282,7 +282,7 @@ impl Backend for CopyBackend {
 }
 
 /// The backend for a kind.
-pub fn make(kind: BackendKind) -> Arc<dyn Backend> {
+pub(super) fn make(kind: BackendKind) -> Arc<dyn Backend> {
     match kind {
         BackendKind::Btrfs => Arc::new(BtrfsBackend),
         BackendKind::Copy => Arc::new(CopyBackend::default()),

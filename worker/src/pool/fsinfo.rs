@@ -9,10 +9,10 @@ use nix::sys::statfs::{self, FsType};
 use nix::unistd::{AccessFlags, Uid, User};
 
 /// The mount option btrfs needs for unprivileged subvolume deletion.
-pub const USER_SUBVOL_RM_ALLOWED: &str = "user_subvol_rm_allowed";
+pub(super) const USER_SUBVOL_RM_ALLOWED: &str = "user_subvol_rm_allowed";
 
 /// How to get a btrfs pool; used in the warning and the report.
-pub const HOW_TO_GET_BTRFS: &str = "run `farm setup --user NAME --pool DIR` as root to make a \
+pub(super) const HOW_TO_GET_BTRFS: &str = "run `farm setup --user NAME --pool DIR` as root to make a \
      loopback btrfs pool, or `mkfs.btrfs` a device and mount it with `-o user_subvol_rm_allowed`";
 
 /// The filesystem a path is on, as far as the pool cares.
@@ -104,7 +104,7 @@ fn unescape(s: &str) -> String {
 }
 
 /// Parses mountinfo text.
-pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+pub(super) fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
     let mut mounts = Vec::new();
     for line in text.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
@@ -128,7 +128,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
 
 /// The mount that contains `path` (which should be canonical): the longest mount point
 /// that is a prefix of it, the last one listed when several are stacked.
-pub fn mount_of(path: &Path) -> Option<MountInfo> {
+pub(super) fn mount_of(path: &Path) -> Option<MountInfo> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mut best: Option<MountInfo> = None;
     for m in parse_mountinfo(&text) {
@@ -146,7 +146,7 @@ pub fn mount_of(path: &Path) -> Option<MountInfo> {
 }
 
 /// statfs(2) of `path`, named.
-pub fn fs_kind(path: &Path) -> std::io::Result<FsKind> {
+pub(super) fn fs_kind(path: &Path) -> std::io::Result<FsKind> {
     let st = statfs::statfs(path)?;
     let t = st.filesystem_type();
     let mut name = magic_name(t).to_owned();
@@ -161,7 +161,7 @@ pub fn fs_kind(path: &Path) -> std::io::Result<FsKind> {
 }
 
 /// Bytes available to unprivileged users on the filesystem of `path`.
-pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+pub(super) fn free_bytes(path: &Path) -> std::io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(path)?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
@@ -172,7 +172,7 @@ fn total_bytes(path: &Path) -> std::io::Result<u64> {
 }
 
 /// "uid N (name)".
-pub fn describe_uid(uid: u32) -> String {
+pub(super) fn describe_uid(uid: u32) -> String {
     match User::from_uid(Uid::from_raw(uid)) {
         Ok(Some(u)) => format!("uid {uid} ({})", u.name),
         _ => format!("uid {uid}"),
@@ -180,7 +180,7 @@ pub fn describe_uid(uid: u32) -> String {
 }
 
 /// Whether the effective user may create entries in `dir`.
-pub fn writable(dir: &Path) -> bool {
+pub(super) fn writable(dir: &Path) -> bool {
     nix::unistd::faccessat(
         nix::fcntl::AT_FDCWD,
         dir,
@@ -191,7 +191,7 @@ pub fn writable(dir: &Path) -> bool {
 }
 
 /// The nearest existing ancestor of `path` (itself if it exists).
-pub fn existing_ancestor(path: &Path) -> Option<PathBuf> {
+pub(super) fn existing_ancestor(path: &Path) -> Option<PathBuf> {
     let mut p = absolute(path);
     loop {
         if p.symlink_metadata().is_ok() {
@@ -204,7 +204,7 @@ pub fn existing_ancestor(path: &Path) -> Option<PathBuf> {
 }
 
 /// `path` made absolute against the current directory, `.` and `..` resolved lexically.
-pub fn absolute(path: &Path) -> PathBuf {
+pub(super) fn absolute(path: &Path) -> PathBuf {
     let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -315,7 +315,7 @@ fn human(n: u64) -> String {
 }
 
 /// Builds the report; see [`super::Pool::check`].
-pub fn check(dir: &Path) -> Report {
+pub(super) fn check(dir: &Path) -> Report {
     let dir = absolute(dir);
     let mut r = Report {
         dir: dir.clone(),

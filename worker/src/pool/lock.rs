@@ -11,21 +11,21 @@ use std::path::{Path, PathBuf};
 
 /// Shared or exclusive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(super) enum Mode {
     Shared,
     Exclusive,
 }
 
 /// A held flock; released on drop.
 #[derive(Debug)]
-pub struct Lock {
+pub(super) struct Lock {
     _file: File,
     path: PathBuf,
 }
 
 impl Lock {
     /// Blocks until the lock is held.
-    pub fn acquire(path: &Path, mode: Mode) -> io::Result<Lock> {
+    pub(super) fn acquire(path: &Path, mode: Mode) -> io::Result<Lock> {
         loop {
             let file = open(path)?;
             match mode {
@@ -43,7 +43,7 @@ impl Lock {
     }
 
     /// Returns `Ok(None)` when someone else holds a conflicting lock.
-    pub fn try_acquire(path: &Path, mode: Mode) -> io::Result<Option<Lock>> {
+    pub(super) fn try_acquire(path: &Path, mode: Mode) -> io::Result<Option<Lock>> {
         loop {
             let file = open(path)?;
             let r = match mode {
@@ -66,7 +66,7 @@ impl Lock {
 
     /// Unlinks the lock file while holding it exclusively. Anybody who opened the old
     /// file and then gets the lock notices the unlink and retries on a new file.
-    pub fn unlink(self) -> io::Result<()> {
+    pub(super) fn unlink(self) -> io::Result<()> {
         match std::fs::remove_file(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

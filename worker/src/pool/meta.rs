@@ -33,7 +33,7 @@ pub enum SizeSource {
 
 /// The stored record of one sealed chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChainMeta {
+pub(super) struct ChainMeta {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
@@ -48,15 +48,15 @@ pub struct ChainMeta {
 }
 
 impl ChainMeta {
-    pub fn created(&self) -> SystemTime {
+    pub(super) fn created(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.created_unix_ms)
     }
-    pub fn last_used(&self) -> SystemTime {
+    pub(super) fn last_used(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.last_used_unix_ms)
     }
 }
 
-pub fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -64,7 +64,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Reads a record; `Ok(None)` if there is none.
-pub fn read(path: &Path) -> Result<Option<ChainMeta>> {
+pub(super) fn read(path: &Path) -> Result<Option<ChainMeta>> {
     match fs::read(path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes)
@@ -86,7 +86,7 @@ pub fn read(path: &Path) -> Result<Option<ChainMeta>> {
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A name unique among all threads and processes of this host at this moment.
-pub fn unique_suffix() -> String {
+pub(super) fn unique_suffix() -> String {
     format!(
         "{}-{}-{}",
         std::process::id(),
@@ -97,7 +97,7 @@ pub fn unique_suffix() -> String {
 
 /// Writes `bytes` to `path` atomically (and durably: fsync before the rename). Errors
 /// carry `pool_dir` for PoolFull.
-pub fn write_atomic(pool_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+pub(super) fn write_atomic(pool_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(pool_dir, path, bytes, true)
 }
 
@@ -130,7 +130,7 @@ fn write_atomic_with(pool_dir: &Path, path: &Path, bytes: &[u8], durable: bool) 
 
 /// Writes a record atomically. `durable`: fsync it first (for new records; a lost
 /// last-use update does not matter, and a torn one is rebuilt on read).
-pub fn write(pool_dir: &Path, path: &Path, meta: &ChainMeta, durable: bool) -> Result<()> {
+pub(super) fn write(pool_dir: &Path, path: &Path, meta: &ChainMeta, durable: bool) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(meta).expect("ChainMeta serialises");
     bytes.push(b'\n');
     write_atomic_with(pool_dir, path, &bytes, durable)

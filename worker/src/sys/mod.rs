@@ -5,10 +5,9 @@
 //! Every block says why it is sound. Everything here is small and does one syscall.
 //! [`btrfs`] holds the pool's ioctls (subvolumes, snapshots, FICLONE).
 
-// The crate denies `unsafe_code`; this module is where it is allowed, and every block
-// documents itself.
+// The workspace denies `unsafe_code`; this module is where it is allowed, and every block
+// says why it is sound (clippy::undocumented_unsafe_blocks is denied too).
 #![allow(unsafe_code)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod btrfs;
 
