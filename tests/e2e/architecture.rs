@@ -296,3 +296,66 @@ fn every_dependency_comes_from_the_workspace_table() {
         .expect("a manifest");
     assert_eq!(local_versions(&sample), ["[dependencies] b"]);
 }
+
+/// `.rs` files under `dir`, recursively.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_crate_follows_the_workspace_lints_and_unsafe_lives_in_one_module() {
+    let root = workspace_root();
+    let workspace: toml::Table = std::fs::read_to_string(root.join("Cargo.toml"))
+        .expect("the root manifest")
+        .parse()
+        .expect("TOML");
+    let lints = &workspace["workspace"]["lints"];
+    assert_eq!(lints["rust"]["unsafe_code"].as_str(), Some("deny"));
+    assert_eq!(lints["rust"]["unreachable_pub"].as_str(), Some("deny"));
+    assert_eq!(
+        lints["clippy"]["undocumented_unsafe_blocks"].as_str(),
+        Some("deny")
+    );
+    let mut unsafe_allowed = Vec::new();
+    for member in workspace["workspace"]["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(toml::Value::as_str)
+    {
+        let manifest: toml::Table = std::fs::read_to_string(root.join(member).join("Cargo.toml"))
+            .expect("a member manifest")
+            .parse()
+            .expect("TOML");
+        assert_eq!(
+            manifest
+                .get("lints")
+                .and_then(|l| l.get("workspace"))
+                .and_then(toml::Value::as_bool),
+            Some(true),
+            "{member}/Cargo.toml must say [lints] workspace = true"
+        );
+        let mut files = Vec::new();
+        rust_files(&root.join(member), &mut files);
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            // Spelled in two pieces so that this file does not match itself.
+            if text.contains(concat!("allow(", "unsafe_code)")) {
+                unsafe_allowed.push(
+                    file.strip_prefix(&root)
+                        .unwrap_or(&file)
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    assert_eq!(unsafe_allowed, ["worker/src/sys/mod.rs"]);
+}
