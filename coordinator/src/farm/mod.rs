@@ -32,8 +32,12 @@ use crate::state::{BuildId, BuildState, LayerResult, StateError, StateStore, uni
 use farm_model::{BuiltImage, Compression, EventSender, Platform};
 use futures::{StreamExt, TryStreamExt};
 
+pub use crate::grpc::workers::WorkerLink;
 pub use events::{EventKind, StoredEvent};
-pub use sched::{WorkerLink, WorkerView};
+pub use sched::WorkerView;
+pub(crate) use sched::{
+    RegisterError, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession,
+};
 
 /// How the farm runs.
 #[derive(Debug, Clone)]
@@ -187,8 +191,8 @@ impl Farm {
         .await?;
         // Workers get one lease period to reconnect after a restart.
         let prior_leases = config.resume && state.renew_all(unix_ms()).await? > 0;
-        let inner = Arc::new_cyclic(|weak| Inner {
-            sched: sched::Scheduler::new(weak.clone(), config.lease),
+        let inner = Arc::new(Inner {
+            sched: sched::Scheduler::new(config.lease, prior_leases),
             config,
             state,
             cache,
@@ -196,10 +200,6 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
         });
-        inner
-            .sched
-            .prior_leases
-            .store(prior_leases, std::sync::atomic::Ordering::Relaxed);
         sched::Scheduler::spawn_loops(&inner);
         let farm = Farm { inner };
         let unfinished = if farm.inner.config.resume {
@@ -332,7 +332,7 @@ impl Farm {
             r.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         self.inner.state.cancel_build(id).await?;
-        self.inner.sched.cancel_build(id).await;
+        self.inner.sched.cancel_build(id);
         Ok(BuildState::Cancelled)
     }
 
@@ -347,14 +347,23 @@ impl Farm {
     }
 
     /// Attach a worker through channels (the embedded worker; the gRPC service uses the
-    /// same call for remote ones). `None` once the farm is shutting down.
+    /// same call for remote ones). `None` outside a Tokio runtime.
     pub fn connect_worker(&self) -> Option<WorkerLink> {
-        self.inner.sched.connect()
+        crate::grpc::workers::link(self)
+    }
+
+    /// Register a worker that `outbox` reaches; see [`WorkerSession`].
+    pub(crate) async fn register_worker(
+        &self,
+        info: WorkerInfo,
+        outbox: Box<dyn WorkerOutbox>,
+    ) -> Result<WorkerSession, RegisterError> {
+        self.inner.sched.register(&self.inner, info, outbox).await
     }
 
     /// Workers that are or were connected.
     pub async fn workers(&self) -> Result<Vec<WorkerView>, FarmError> {
-        self.inner.sched.workers().await
+        self.inner.sched.workers(&self.inner).await
     }
 }
 

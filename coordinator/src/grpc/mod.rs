@@ -6,6 +6,7 @@
 
 pub mod blobs;
 pub mod farm;
+pub mod workers;
 
 pub use blobs::BlobService;
 pub use farm_proto::v1 as proto;
