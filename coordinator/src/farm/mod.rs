@@ -290,7 +290,13 @@ impl Farm {
             let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
                 tracing::error!(build = %id, "build failed: {e}");
-                let _ = inner.state.fail_build(&id, &e.to_string()).await;
+                if let Err(e) = inner.state.fail_build(&id, &e.to_string()).await {
+                    tracing::error!(
+                        build = %id,
+                        "recording the build's failure: {e}; it stays unfinished in the \
+                         state, and a restarted coordinator runs it again"
+                    );
+                }
                 inner
                     .publish(
                         &id,
@@ -344,6 +350,18 @@ impl Farm {
         after_seq: u64,
     ) -> Result<tokio::sync::mpsc::Receiver<(u64, StoredEvent)>, FarmError> {
         events::watch(self.inner.clone(), id, after_seq).await
+    }
+
+    /// Build `id`'s stored events after `after_seq` (what [`Farm::watch`] replays first).
+    pub async fn stored_events(
+        &self,
+        id: &str,
+        after_seq: u64,
+    ) -> Result<Vec<(u64, StoredEvent)>, FarmError> {
+        if self.inner.state.build(id).await?.is_none() {
+            return Err(FarmError::NotFound(id.to_string()));
+        }
+        Ok(events::stored(&self.inner, id, after_seq).await?)
     }
 
     /// Attach a worker through channels (the embedded worker; the gRPC service uses the

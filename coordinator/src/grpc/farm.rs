@@ -187,25 +187,13 @@ impl FarmApi for FarmService {
                 .filter_map(move |(_, e)| std::future::ready(line(e)));
             return Ok(Response::new(Box::pin(stream)));
         }
-        if self
+        let lines: Vec<Result<LogLine, Status>> = self
             .farm
-            .state()
-            .build(&r.id)
+            .stored_events(&r.id, 0)
             .await
-            .map_err(|e| status_of(e.into()))?
-            .is_none()
-        {
-            return Err(Status::not_found(format!("no build {}", r.id)));
-        }
-        let events = self
-            .farm
-            .state()
-            .events_after(&r.id, 0)
-            .await
-            .map_err(|e| status_of(e.into()))?;
-        let lines: Vec<Result<LogLine, Status>> = events
+            .map_err(status_of)?
             .into_iter()
-            .filter_map(|(_, json)| serde_json::from_str::<StoredEvent>(&json).ok())
+            .map(|(_, e)| e)
             .filter(keep)
             .filter_map(line)
             .collect();
