@@ -12,10 +12,9 @@ pub mod db;
 pub mod farm;
 pub mod fetch;
 pub mod grpc;
-pub mod inputs;
 pub mod metrics;
 pub mod output;
-pub mod registry;
+pub mod pin;
 pub mod server;
 pub mod state;
 

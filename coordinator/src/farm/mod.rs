@@ -486,7 +486,6 @@ impl Inner {
             ..FetchOptions::default()
         });
         let options = BuildOptions {
-            jobs: usize::MAX,
             no_cache: spec.no_cache,
             compression: spec.compression,
             caller_env: spec.environment.clone(),
@@ -494,7 +493,7 @@ impl Inner {
             platform: self.config.platform.clone(),
             fetcher,
             cancelled: cancelled.clone(),
-            registry: crate::registry::RegistryBases::new(self.config.registry.clone()),
+            registry: crate::pin::registry::RegistryBases::new(self.config.registry.clone()),
         };
         let (events, rx) = EventSender::channel();
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
