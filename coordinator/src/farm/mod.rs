@@ -1,10 +1,11 @@
 //! The farm: submissions become builds, builds run through [`run_build`] with the
-//! scheduler as executor, and every change is kept in the state store so a restarted
-//! coordinator picks up where it stopped.
+//! scheduler (`sched`) as executor, and every change is kept in the state store so a
+//! restarted coordinator picks up where it stopped.
 //!
 //! One code path for every mode: `farm coordinator` serves this over gRPC to remote
 //! workers and clients; `farm build` and `farm submit` without a coordinator run it in
-//! process with one embedded worker attached through channels.
+//! process, with one embedded worker speaking the same worker protocol over channels
+//! ([`Farm::connect_worker`]).
 
 mod events;
 mod sched;

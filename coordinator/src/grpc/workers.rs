@@ -1,7 +1,7 @@
 //! The `Workers` gRPC service: one stream per worker, translated to the scheduler's
-//! typed calls ([`Farm::register_worker`] and the [`WorkerSession`] it opens). The
-//! embedded worker ([`Farm::connect_worker`]) speaks the same messages over channels,
-//! through the same [`serve`].
+//! typed calls (`Farm::register_worker` and the `WorkerSession` it opens). The embedded
+//! worker ([`Farm::connect_worker`]) speaks the same messages over channels, served by
+//! the same handler.
 
 use std::collections::HashSet;
 use std::pin::Pin;

@@ -1,7 +1,7 @@
 //! The scheduler: a build's ready layers wait in the [`queue`] until [`placement`] finds
 //! a worker with a free slot; every assignment is a lease ([`leases`]) that the worker's
 //! heartbeats renew; identical layers of concurrent builds are built once ([`dedupe`]).
-//! Workers attach through [`sessions`]; their wire protocol is `grpc::workers`'.
+//! Workers attach through [`sessions`]; their wire protocol lives in `grpc::workers`.
 
 mod dedupe;
 mod leases;

@@ -1,7 +1,7 @@
 //! Workers as the scheduler sees them: a registration opens a [`WorkerSession`]; its
 //! heartbeats renew the worker's leases, its log lines and results go to the builds that
-//! wait for them, and its end takes the worker off the list. The wire (gRPC, or the
-//! embedded worker's channels) is `grpc::workers`'.
+//! wait for them, and its end takes the worker off the list. The wire protocol (over
+//! gRPC, or the embedded worker's channels) lives in `grpc::workers`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
