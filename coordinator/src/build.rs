@@ -1,27 +1,22 @@
-//! Running a plan: pin inputs, compute cache keys in dependency order, answer hits from
-//! the action cache, and hand the rest to an [`Executor`] as soon as their dependencies
-//! are built, at most `jobs` at a time. A failing layer fails its dependents; independent
+//! Running a plan: pin each layer's inputs, compute its cache key, answer hits from the
+//! action cache, and hand the rest to the [`Executor`] (the farm's scheduler) as soon as
+//! their dependencies are built. A failing layer fails its dependents; independent
 //! layers finish.
-//!
-//! `farm build` runs this with the in-process worker engine as the executor; the farm's
-//! remote workers plug in behind the same trait.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use farm_image::{BlobStore, Compression, Digest, OciLayout};
-use farm_model::{
-    BuiltImage, Event, EventSender, FailureKind, ImportSource, Job, JobBase, JobImport,
-    JobOverlayDir, LayerBlob, LayerFailure, LayerOutcome, Platform,
-};
-use farm_stackerfile::{Base, Layer, Plan, Source};
+use farm_image::{BlobStore, Compression, Digest};
+use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
+use farm_stackerfile::{Layer, Plan};
 use tokio::task::JoinSet;
 
-use crate::cache::{ActionCache, BaseKey, KeyInputs};
-use crate::inputs::{InputError, pin_local};
+use crate::cache::{ActionCache, KeyInputs};
+use crate::pin::registry::RegistryBases;
+use crate::pin::{Built, PinError, Sources};
 
 /// Builds layers: the farm's scheduler, which sends them to workers.
 pub trait Executor: Send + Sync + 'static {
@@ -31,7 +26,6 @@ pub trait Executor: Send + Sync + 'static {
 /// Options of one build.
 #[derive(Clone)]
 pub struct BuildOptions {
-    pub jobs: usize,
     pub no_cache: bool,
     pub compression: Compression,
     /// The caller's environment, for `build_env_passthrough`.
@@ -45,7 +39,7 @@ pub struct BuildOptions {
     /// Set to stop starting layers (Ctrl-C, cancel); running ones are the executor's.
     pub cancelled: Arc<std::sync::atomic::AtomicBool>,
     /// `docker` bases: credentials, and each reference resolved once per build.
-    pub registry: crate::registry::RegistryBases,
+    pub registry: RegistryBases,
 }
 
 /// How one layer ended.
@@ -77,54 +71,31 @@ impl BuildReport {
     }
 }
 
+/// Why a build could not go on: the farm's stores failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("layer '{layer}': {source}")]
-    Input { layer: String, source: InputError },
-    #[error("layer '{layer}': {message}")]
-    Unsupported { layer: String, message: String },
-    #[error("layer '{layer}': base {what}: {source}")]
-    Base {
-        layer: String,
-        what: String,
-        source: farm_image::Error,
-    },
-    #[error("layer '{layer}': {source}")]
-    Fetch {
-        layer: String,
-        source: crate::fetch::FetchError,
-    },
-    #[error("layer '{layer}': base {url}: {message}")]
-    Registry {
-        layer: String,
-        url: String,
-        message: String,
-    },
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
     #[error("blob store: {0}")]
     Blobs(#[from] farm_image::Error),
 }
 
-impl BuildError {
-    /// The failure of the layer this error stopped; its message does not repeat the
-    /// layer's name (the build's error adds it once).
-    pub fn failure(&self) -> LayerFailure {
-        match self {
-            BuildError::Input { source, .. } => LayerFailure::input(source.to_string()),
-            BuildError::Unsupported { message, .. } => LayerFailure::input(message.clone()),
-            BuildError::Base { what, source, .. } => {
-                LayerFailure::input(format!("base {what}: {source}"))
-            }
-            BuildError::Fetch { source, .. } => LayerFailure::input(source.to_string()),
-            BuildError::Registry { url, message, .. } => {
-                LayerFailure::input(format!("base {url}: {message}"))
-            }
-            BuildError::Cache(_) | BuildError::Blobs(_) => {
-                LayerFailure::new(FailureKind::Internal, self.to_string())
-            }
-        }
-    }
+/// Why a layer's job could not be made; every one is the input's fault, and fails the
+/// layer (its message does not repeat the layer's name: the build's error adds it).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(
+        "it runs commands for {platform}, but this worker is {default}; farm does not \
+         emulate other platforms (build it on a {platform} worker, or remove 'os'/'arch')"
+    )]
+    ForeignPlatform {
+        platform: Platform,
+        default: Platform,
+    },
+    #[error("bind source '{written}' ({}) does not exist on this worker", path.display())]
+    MissingBind { written: String, path: PathBuf },
 }
 
 /// The environment of `run`: passthrough variables of the caller (stacker's default
@@ -174,13 +145,12 @@ pub async fn run_build<E: Executor>(
     let mut keys: Vec<Option<String>> = vec![None; n];
     let mut started = vec![false; n];
     let mut running: JoinSet<(usize, Instant, LayerOutcome)> = JoinSet::new();
-    let jobs = options.jobs.max(1);
 
     loop {
-        // Start every layer whose dependencies are done, in plan order, up to `jobs`.
+        // Start every layer whose dependencies are done, in plan order.
         let mut progressed = false;
         for i in 0..n {
-            if started[i] || running.len() >= jobs {
+            if started[i] {
                 continue;
             }
             let deps = &plan.layers[i].depends_on;
@@ -213,7 +183,7 @@ pub async fn run_build<E: Executor>(
             let job = match prepare(plan, i, &outcomes, &keys, blobs, options).await {
                 Ok(job) => job,
                 Err(e) => {
-                    let failure = e.failure();
+                    let failure = LayerFailure::input(e.to_string());
                     events.send(Event::ended(name, failure.clone()));
                     outcomes[i] = Some(Outcome::Failed(failure));
                     continue;
@@ -299,7 +269,10 @@ pub async fn run_build<E: Executor>(
     })
 }
 
-async fn blobs_present(blobs: &BlobStore, layer: &BuiltImage) -> Result<bool, BuildError> {
+pub(crate) async fn blobs_present(
+    blobs: &BlobStore,
+    layer: &BuiltImage,
+) -> Result<bool, BuildError> {
     for d in layer.blob_digests() {
         let Ok(digest) = Digest::parse(d) else {
             return Ok(false);
@@ -316,31 +289,21 @@ fn dependency<'a>(
     plan: &Plan,
     tag: &str,
     outcomes: &'a [Option<Outcome>],
-    keys: &[Option<String>],
-) -> (&'a BuiltImage, String) {
+    keys: &'a [Option<String>],
+) -> Built<'a> {
     let d = plan
         .index_of(tag)
         .expect("the plan resolved every dependency");
     let Some(Outcome::Built { result, .. }) = &outcomes[d] else {
         unreachable!("dependencies are built before their dependents")
     };
-    (result, keys[d].clone().unwrap_or_default())
+    Built {
+        image: result,
+        key: keys[d].as_deref().unwrap_or_default(),
+    }
 }
 
-/// The digest standing for `path` inside a built layer's result: the result's layers
-/// determine its filesystem exactly, so this changes whenever the content can.
-fn layer_path_digest(producer_key: &str, producer: &BuiltImage, path: &str) -> String {
-    use sha2::{Digest as _, Sha256};
-    let layers: Vec<&str> = producer.layers.iter().map(|l| l.digest.as_str()).collect();
-    format!(
-        "sha256:{}",
-        hex::encode(Sha256::digest(
-            format!("stacker:// {producer_key} {} {path}", layers.join(",")).as_bytes()
-        ))
-    )
-}
-
-/// Pin a layer's inputs and compute its cache key.
+/// Layer `i`'s job: its inputs pinned, its environment, its cache key.
 async fn prepare(
     plan: &Plan,
     i: usize,
@@ -348,199 +311,34 @@ async fn prepare(
     keys: &[Option<String>],
     blobs: &BlobStore,
     options: &BuildOptions,
-) -> Result<Job, BuildError> {
+) -> Result<Job, PrepareError> {
     let planned = &plan.layers[i];
     let layer = &planned.layer;
-    let name = layer.name.clone();
-    let input = |source: InputError| BuildError::Input {
-        layer: name.clone(),
-        source,
-    };
     let platform = options
         .platform
         .with(layer.os.as_deref(), layer.arch.as_deref());
     if platform != options.platform && (layer.run.is_some() || layer.generate_labels.is_some()) {
-        return Err(BuildError::Unsupported {
-            layer: name,
-            message: format!(
-                "it runs commands for {platform}, but this worker is {}; farm does not \
-                 emulate other platforms (build it on a {platform} worker, or remove \
-                 'os'/'arch')",
-                options.platform
-            ),
+        return Err(PrepareError::ForeignPlatform {
+            platform,
+            default: options.platform.clone(),
         });
     }
-    let (base, base_key) = match &layer.from {
-        Base::Scratch => (JobBase::Scratch, BaseKey::Scratch),
-        Base::Built { tag } => {
-            let (result, key) = dependency(plan, tag, outcomes, keys);
-            (JobBase::Image(result.clone()), BaseKey::Built(key))
-        }
-        Base::Tar { source } => match source {
-            Source::Local { written, path } => {
-                let pinned =
-                    pin_local(written, path, options.context.as_deref(), None).map_err(input)?;
-                let digest =
-                    store_file(blobs, &pinned)
-                        .await
-                        .map_err(|source| BuildError::Base {
-                            layer: name.clone(),
-                            what: format!("tarball {written}"),
-                            source,
-                        })?;
-                (
-                    JobBase::Tar {
-                        digest: digest.clone(),
-                    },
-                    BaseKey::Tar(digest),
-                )
-            }
-            Source::Http { url } => {
-                let fetched = options
-                    .fetcher
-                    .fetch_unpinnable(url)
-                    .await
-                    .map_err(|source| BuildError::Fetch {
-                        layer: name.clone(),
-                        source,
-                    })?;
-                let digest = fetched.digest.to_string();
-                (
-                    JobBase::Tar {
-                        digest: digest.clone(),
-                    },
-                    BaseKey::Tar(digest),
-                )
-            }
-            Source::Layer { layer: tag, path } => {
-                let (producer, key) = dependency(plan, tag, outcomes, keys);
-                let digest = layer_path_digest(&key, producer, path);
-                (
-                    JobBase::TarInLayer {
-                        producer: producer.clone(),
-                        path: path.clone(),
-                    },
-                    BaseKey::Tar(digest),
-                )
-            }
-        },
-        Base::Oci { url } => {
-            let image = import_oci(blobs, &layer.dir, url, &platform)
-                .await
-                .map_err(|source| BuildError::Base {
-                    layer: name.clone(),
-                    what: format!("oci {url}"),
-                    source,
-                })?;
-            let key = BaseKey::Oci(image.1);
-            (JobBase::Image(image.0), key)
-        }
-        Base::Docker { url, insecure } => {
-            let (image, digest) = options
-                .registry
-                .pull(blobs, url, *insecure, &platform)
-                .await
-                .map_err(|message| BuildError::Registry {
-                    layer: name.clone(),
-                    url: url.clone(),
-                    message,
-                })?;
-            (JobBase::Image(image), BaseKey::Docker(digest))
-        }
+    let sources = Sources {
+        blobs,
+        context: options.context.as_deref(),
+        fetcher: &options.fetcher,
+        registry: &options.registry,
     };
-    let mut imports = Vec::new();
-    for import in &layer.imports {
-        let written = import.source.written();
-        let trimmed = written.trim_end_matches('/');
-        let name_of = |p: &str| {
-            Path::new(p)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "import".to_string())
-        };
-        let (source, digest, import_name) = match &import.source {
-            Source::Local { path, .. } => {
-                let pinned = pin_local(
-                    &written,
-                    path,
-                    options.context.as_deref(),
-                    import.hash.as_deref(),
-                )
-                .map_err(input)?;
-                (
-                    ImportSource::Local(pinned.resolved),
-                    pinned.digest,
-                    name_of(trimmed),
-                )
-            }
-            Source::Http { url } => {
-                let digest = fetch(options, &name, url, import.hash.as_deref()).await?;
-                let file = url
-                    .split(['?', '#'])
-                    .next()
-                    .unwrap_or(url)
-                    .trim_end_matches('/');
-                (
-                    ImportSource::Blob {
-                        digest: digest.clone(),
-                    },
-                    digest,
-                    name_of(file.rsplit('/').next().unwrap_or("download")),
-                )
-            }
-            Source::Layer { layer: tag, path } => {
-                let (producer, key) = dependency(plan, tag, outcomes, keys);
-                (
-                    ImportSource::Layer {
-                        producer: producer.clone(),
-                        path: path.clone(),
-                    },
-                    layer_path_digest(&key, producer, path),
-                    name_of(path.trim_end_matches('/')),
-                )
-            }
-        };
-        imports.push(JobImport {
-            source,
-            written: written.clone(),
-            name: import_name,
-            contents_only: written.ends_with('/'),
-            dest: import.dest.clone(),
-            mode: import.mode,
-            uid: import.uid,
-            gid: import.gid,
-            hash: import.hash.clone(),
-            digest,
+    let pinned = sources
+        .pin(layer, &platform, |tag| {
+            dependency(plan, tag, outcomes, keys)
+        })
+        .await?;
+    if let Some(bind) = layer.binds.iter().find(|b| !b.source.exists()) {
+        return Err(PrepareError::MissingBind {
+            written: bind.written.clone(),
+            path: bind.source.clone(),
         });
-    }
-    let mut overlay_dirs = Vec::new();
-    for od in &layer.overlay_dirs {
-        let pinned =
-            pin_local(&od.written, &od.source, options.context.as_deref(), None).map_err(input)?;
-        if !pinned.is_dir {
-            return Err(BuildError::Unsupported {
-                layer: name,
-                message: format!("overlay_dirs source '{}' is not a directory", od.written),
-            });
-        }
-        overlay_dirs.push(JobOverlayDir {
-            source: pinned.resolved,
-            tree: None,
-            dest: od.dest.clone(),
-            digest: pinned.digest,
-        });
-    }
-    for bind in &layer.binds {
-        if !bind.source.exists() {
-            return Err(BuildError::Unsupported {
-                layer: name,
-                message: format!(
-                    "bind source '{}' ({}) does not exist on this worker",
-                    bind.written,
-                    bind.source.display()
-                ),
-            });
-        }
     }
     let (env, passthrough) = run_environment(layer, &options.caller_env);
     let source_date_epoch = passthrough
@@ -549,9 +347,13 @@ async fn prepare(
         .cloned();
     let key = KeyInputs {
         definition_digest: planned.definition_digest.clone(),
-        base: base_key,
-        imports: imports.iter().map(|i| i.digest.clone()).collect(),
-        overlay_dirs: overlay_dirs.iter().map(|o| o.digest.clone()).collect(),
+        base: pinned.base_key,
+        imports: pinned.imports.iter().map(|i| i.digest.clone()).collect(),
+        overlay_dirs: pinned
+            .overlay_dirs
+            .iter()
+            .map(|o| o.digest.clone())
+            .collect(),
         source_date_epoch: source_date_epoch.clone(),
         platform: platform.to_string(),
         passthrough,
@@ -561,83 +363,14 @@ async fn prepare(
     Ok(Job {
         layer: layer.clone(),
         cache_key: key,
-        base,
-        imports,
-        overlay_dirs,
+        base: pinned.base,
+        imports: pinned.imports,
+        overlay_dirs: pinned.overlay_dirs,
         env,
         source_date_epoch: source_date_epoch.and_then(|s| s.trim().parse().ok()),
         compression: options.compression,
         platform,
     })
-}
-
-/// Download `url` into the blob store (or reuse it), returning its digest.
-async fn fetch(
-    options: &BuildOptions,
-    layer: &str,
-    url: &str,
-    hash: Option<&str>,
-) -> Result<String, BuildError> {
-    let fetched = options
-        .fetcher
-        .fetch(url, hash)
-        .await
-        .map_err(|source| BuildError::Fetch {
-            layer: layer.to_string(),
-            source,
-        })?;
-    Ok(fetched.digest.to_string())
-}
-
-/// Put a pinned local file into the blob store unless it is there already (it was
-/// hashed when pinned), returning its digest.
-async fn store_file(
-    blobs: &BlobStore,
-    pinned: &crate::inputs::PinnedPath,
-) -> Result<String, farm_image::Error> {
-    if let Some(hex) = &pinned.file_sha256 {
-        let digest = Digest::from_hex(hex)?;
-        if blobs.exists(&digest).await? {
-            return Ok(digest.to_string());
-        }
-    }
-    Ok(blobs.put_file(&pinned.resolved).await?.digest.to_string())
-}
-
-/// Copy an image of a local OCI layout (`path:tag`, the tag may contain `:`) into the
-/// blob store. Returns it as a cached layer and its manifest digest.
-async fn import_oci(
-    blobs: &BlobStore,
-    dir: &Path,
-    url: &str,
-    platform: &Platform,
-) -> Result<(BuiltImage, String), farm_image::Error> {
-    let (layout_path, tag) = farm_stackerfile::split_oci_url(dir, url);
-    let layout = OciLayout::open(&layout_path).await?;
-    let (manifest_desc, manifest) = layout
-        .manifest(&tag, Some((&platform.os, &platform.arch)))
-        .await?;
-    let config = layout.config(&manifest).await?;
-    let mut layers = Vec::new();
-    let diff_ids = config.rootfs().diff_ids();
-    for (n, l) in manifest.layers().iter().enumerate() {
-        let digest = Digest::parse(l.digest().as_ref())?;
-        layout.blobs().copy_to(&digest, blobs).await?;
-        layers.push(LayerBlob {
-            media_type: l.media_type().to_string(),
-            digest: digest.to_string(),
-            size: l.size(),
-            diff_id: diff_ids.get(n).cloned().unwrap_or_default(),
-        });
-    }
-    let config_digest = Digest::parse(manifest.config().digest().as_ref())?;
-    layout.blobs().copy_to(&config_digest, blobs).await?;
-    let image = BuiltImage::new(config_digest.to_string(), manifest.config().size(), layers)
-        .map_err(|e| farm_image::Error::Layout {
-            path: layout_path.clone(),
-            reason: format!("the image's config has a bad diff_id: {e}"),
-        })?;
-    Ok((image, manifest_desc.digest().to_string()))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::farm::Farm;
 use crate::grpc::blobs::BlobService;
 use crate::grpc::farm::FarmService;
+use crate::grpc::workers::WorkerService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -33,9 +34,8 @@ pub async fn serve(
         .set_serving::<farm_proto::farm_server::FarmServer<FarmService>>()
         .await;
     health
-        .set_serving::<farm_proto::workers_server::WorkersServer<FarmService>>()
+        .set_serving::<farm_proto::workers_server::WorkersServer<WorkerService>>()
         .await;
-    let service = FarmService::new(farm.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(farm_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -44,8 +44,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(BlobService::new(farm.blobs().clone()).into_server())
-        .add_service(service.clone().farm_server())
-        .add_service(service.workers_server())
+        .add_service(FarmService::new(farm.clone()).farm_server())
+        .add_service(WorkerService::new(farm.clone()).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

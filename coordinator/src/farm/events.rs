@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{FarmError, Inner};
-use crate::state::{BuildState, LayerState};
+use crate::state::{BuildState, LayerState, StateError};
 use farm_model::{Event, LayerFailure};
 
 /// What happened.
@@ -156,7 +156,7 @@ pub(super) async fn record(
                     if let Some(i) = idx(&layer)
                         && let Err(err) = inner.state.mark_cached(&build, i).await
                     {
-                        tracing::error!(%build, "recording layer state: {err}");
+                        tracing::error!(%build, "recording a cache hit: {err}; the layer's status shows it cached when the build ends");
                     }
                     (StoredEvent::layer(layer, LayerState::Cached), None)
                 }
@@ -195,7 +195,7 @@ pub(super) async fn record(
                     .set_layer_state(&build, i, state, worker, error.as_deref())
                     .await
                 {
-                    tracing::error!(%build, "recording layer state: {err}");
+                    tracing::error!(%build, %layer, "recording the layer's state: {err}; its status keeps the previous one");
                 }
             }
             stored.push(e);
@@ -221,17 +221,14 @@ pub(super) async fn watch(
     tokio::spawn(async move {
         let mut last = after;
         loop {
-            let stored = match inner.state.events_after(&id, last).await {
+            let replay = match stored(&inner, &id, last).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::error!(build = %id, "reading events: {e}");
+                    tracing::error!(build = %id, "reading events: {e}; the watcher's stream ends here");
                     return;
                 }
             };
-            for (seq, json) in stored {
-                let Ok(event) = serde_json::from_str::<StoredEvent>(&json) else {
-                    continue;
-                };
+            for (seq, event) in replay {
                 last = seq;
                 let done = event.is_final();
                 if tx.send((seq, event)).await.is_err() || done {
@@ -283,17 +280,21 @@ pub(super) async fn watch(
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => {
                     // The build ended: read the rest from the store.
-                    let rest = inner
-                        .state
-                        .events_after(&id, last)
-                        .await
-                        .unwrap_or_default();
-                    for (seq, json) in rest {
-                        if let Ok(event) = serde_json::from_str::<StoredEvent>(&json) {
-                            let done = event.is_final();
-                            if tx.send((seq, event)).await.is_err() || done {
-                                return;
-                            }
+                    let rest = match stored(&inner, &id, last).await {
+                        Ok(rest) => rest,
+                        Err(e) => {
+                            tracing::error!(
+                                build = %id,
+                                "reading the build's last events: {e}; the watcher's stream \
+                                 ends without them"
+                            );
+                            return;
+                        }
+                    };
+                    for (seq, event) in rest {
+                        let done = event.is_final();
+                        if tx.send((seq, event)).await.is_err() || done {
+                            return;
                         }
                     }
                     return;
@@ -302,4 +303,24 @@ pub(super) async fn watch(
         }
     });
     Ok(rx)
+}
+
+/// Build `id`'s stored events after `after`. One that does not parse (written by another
+/// release of farm) is skipped, and logged.
+pub(super) async fn stored(
+    inner: &Inner,
+    id: &str,
+    after: u64,
+) -> Result<Vec<(u64, StoredEvent)>, StateError> {
+    let rows = inner.state.events_after(id, after).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(seq, json)| match serde_json::from_str(&json) {
+            Ok(event) => Some((seq, event)),
+            Err(e) => {
+                tracing::warn!(build = %id, seq, "skipping an unreadable stored event: {e}");
+                None
+            }
+        })
+        .collect())
 }

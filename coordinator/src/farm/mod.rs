@@ -1,10 +1,11 @@
 //! The farm: submissions become builds, builds run through [`run_build`] with the
-//! scheduler as executor, and every change is kept in the state store so a restarted
-//! coordinator picks up where it stopped.
+//! scheduler (`sched`) as executor, and every change is kept in the state store so a
+//! restarted coordinator picks up where it stopped.
 //!
 //! One code path for every mode: `farm coordinator` serves this over gRPC to remote
 //! workers and clients; `farm build` and `farm submit` without a coordinator run it in
-//! process with one embedded worker attached through channels.
+//! process, with one embedded worker speaking the same worker protocol over channels
+//! ([`Farm::connect_worker`]).
 
 mod events;
 mod sched;
@@ -32,8 +33,12 @@ use crate::state::{BuildId, BuildState, LayerResult, StateError, StateStore, uni
 use farm_model::{BuiltImage, Compression, EventSender, Platform};
 use futures::{StreamExt, TryStreamExt};
 
+pub use crate::grpc::workers::WorkerLink;
 pub use events::{EventKind, StoredEvent};
-pub use sched::{WorkerLink, WorkerView};
+pub use sched::WorkerView;
+pub(crate) use sched::{
+    RegisterError, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession,
+};
 
 /// How the farm runs.
 #[derive(Debug, Clone)]
@@ -175,8 +180,8 @@ impl Farm {
         .await?;
         // Workers get one lease period to reconnect after a restart.
         let prior_leases = config.resume && state.renew_all(unix_ms()).await? > 0;
-        let inner = Arc::new_cyclic(|weak| Inner {
-            sched: sched::Scheduler::new(weak.clone(), config.lease),
+        let inner = Arc::new(Inner {
+            sched: sched::Scheduler::new(config.lease, prior_leases),
             config,
             state,
             cache,
@@ -184,10 +189,6 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
         });
-        inner
-            .sched
-            .prior_leases
-            .store(prior_leases, std::sync::atomic::Ordering::Relaxed);
         sched::Scheduler::spawn_loops(&inner);
         let farm = Farm { inner };
         let unfinished = if farm.inner.config.resume {
@@ -278,7 +279,13 @@ impl Farm {
             let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
                 tracing::error!(build = %id, "build failed: {e}");
-                let _ = inner.state.fail_build(&id, &e.to_string()).await;
+                if let Err(e) = inner.state.fail_build(&id, &e.to_string()).await {
+                    tracing::error!(
+                        build = %id,
+                        "recording the build's failure: {e}; it stays unfinished in the \
+                         state, and a restarted coordinator runs it again"
+                    );
+                }
                 inner
                     .publish(
                         &id,
@@ -320,7 +327,7 @@ impl Farm {
             r.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         self.inner.state.cancel_build(id).await?;
-        self.inner.sched.cancel_build(id).await;
+        self.inner.sched.cancel_build(id);
         Ok(BuildState::Cancelled)
     }
 
@@ -334,15 +341,36 @@ impl Farm {
         events::watch(self.inner.clone(), id, after_seq).await
     }
 
+    /// Build `id`'s stored events after `after_seq` (what [`Farm::watch`] replays first).
+    pub async fn stored_events(
+        &self,
+        id: &str,
+        after_seq: u64,
+    ) -> Result<Vec<(u64, StoredEvent)>, FarmError> {
+        if self.inner.state.build(id).await?.is_none() {
+            return Err(FarmError::NotFound(id.to_string()));
+        }
+        Ok(events::stored(&self.inner, id, after_seq).await?)
+    }
+
     /// Attach a worker through channels (the embedded worker; the gRPC service uses the
-    /// same call for remote ones). `None` once the farm is shutting down.
+    /// same call for remote ones). `None` outside a Tokio runtime.
     pub fn connect_worker(&self) -> Option<WorkerLink> {
-        self.inner.sched.connect()
+        crate::grpc::workers::link(self)
+    }
+
+    /// Register a worker that `outbox` reaches; see [`WorkerSession`].
+    pub(crate) async fn register_worker(
+        &self,
+        info: WorkerInfo,
+        outbox: Box<dyn WorkerOutbox>,
+    ) -> Result<WorkerSession, RegisterError> {
+        self.inner.sched.register(&self.inner, info, outbox).await
     }
 
     /// Workers that are or were connected.
     pub async fn workers(&self) -> Result<Vec<WorkerView>, FarmError> {
-        self.inner.sched.workers().await
+        self.inner.sched.workers(&self.inner).await
     }
 }
 
@@ -447,7 +475,6 @@ impl Inner {
             ..FetchOptions::default()
         });
         let options = BuildOptions {
-            jobs: usize::MAX,
             no_cache: spec.no_cache,
             compression: spec.compression,
             caller_env: spec.environment.clone(),
@@ -455,12 +482,17 @@ impl Inner {
             platform: self.config.platform.clone(),
             fetcher,
             cancelled: cancelled.clone(),
-            registry: crate::registry::RegistryBases::new(self.config.registry.clone()),
+            registry: crate::pin::registry::RegistryBases::new(self.config.registry.clone()),
         };
         let (events, rx) = EventSender::channel();
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
         let recorder = tokio::spawn(events::record(self.clone(), id.to_string(), names, rx));
-        let executor = Arc::new(sched::FarmExecutor::new(self.clone(), id, &plan));
+        let executor = Arc::new(sched::FarmExecutor::new(
+            self.clone(),
+            id,
+            &plan,
+            spec.no_cache,
+        ));
         let report = run_build(
             &plan,
             &self.config.blobs,

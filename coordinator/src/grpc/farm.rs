@@ -1,5 +1,5 @@
-//! The `Farm` (client API) and `Workers` (worker stream) gRPC services over a
-//! [`Farm`]. They translate; the farm decides.
+//! The `Farm` gRPC service (the client API) over a [`Farm`]. It translates; the farm
+//! decides.
 
 use std::pin::Pin;
 
@@ -9,16 +9,15 @@ use farm_proto::v1::{
     LogsRequest, StatusRequest, SubmitRequest, SubmitResponse, WatchRequest, WorkerInfo,
     WorkersRequest, WorkersResponse, build_event,
 };
-use farm_proto::workers_server::{Workers, WorkersServer};
 use farm_stackerfile::Substitutions;
 use futures::{Stream, StreamExt};
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
 
 use crate::farm::{ContextFile, EventKind, Farm, FarmError, StoredEvent, Submission};
 use farm_model::{Compression, UnknownCompression};
 
-/// Both services over one farm.
+/// The client API over one farm.
 #[derive(Clone)]
 pub struct FarmService {
     farm: Farm,
@@ -31,12 +30,6 @@ impl FarmService {
 
     pub fn farm_server(self) -> FarmServer<Self> {
         FarmServer::new(self)
-    }
-
-    pub fn workers_server(self) -> WorkersServer<Self> {
-        WorkersServer::new(self)
-            .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
     }
 }
 
@@ -194,25 +187,13 @@ impl FarmApi for FarmService {
                 .filter_map(move |(_, e)| std::future::ready(line(e)));
             return Ok(Response::new(Box::pin(stream)));
         }
-        if self
+        let lines: Vec<Result<LogLine, Status>> = self
             .farm
-            .state()
-            .build(&r.id)
+            .stored_events(&r.id, 0)
             .await
-            .map_err(|e| status_of(e.into()))?
-            .is_none()
-        {
-            return Err(Status::not_found(format!("no build {}", r.id)));
-        }
-        let events = self
-            .farm
-            .state()
-            .events_after(&r.id, 0)
-            .await
-            .map_err(|e| status_of(e.into()))?;
-        let lines: Vec<Result<LogLine, Status>> = events
+            .map_err(status_of)?
             .into_iter()
-            .filter_map(|(_, json)| serde_json::from_str::<StoredEvent>(&json).ok())
+            .map(|(_, e)| e)
             .filter(keep)
             .filter_map(line)
             .collect();
@@ -266,31 +247,4 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
             })
             .collect(),
     })
-}
-
-#[tonic::async_trait]
-impl Workers for FarmService {
-    type ConnectStream = Boxed<proto::CoordinatorMessage>;
-
-    async fn connect(
-        &self,
-        request: Request<Streaming<proto::WorkerMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        let mut inbound = request.into_inner();
-        let link = self
-            .farm
-            .connect_worker()
-            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?;
-        let tx = link.tx;
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = inbound.next().await {
-                if tx.send(msg).is_err() {
-                    break;
-                }
-            }
-            // Dropping `tx` tells the farm the worker is gone.
-        });
-        let outbound = UnboundedReceiverStream::new(link.rx).map(Ok);
-        Ok(Response::new(Box::pin(outbound)))
-    }
 }

@@ -1,5 +1,5 @@
-//! Pinning local inputs to content digests: import files and directories, tarballs,
-//! `overlay_dirs`. These digests enter cache keys, so a changed import always rebuilds
+//! Local inputs (import files and directories, tarballs, `overlay_dirs`), pinned to
+//! content digests. These digests enter cache keys, so a changed import always rebuilds
 //! (stacker issues 70 and 55) and an unchanged one never does, whatever its mtime.
 
 use std::fs;
@@ -126,6 +126,21 @@ pub fn pin_local(
         file_sha256: Some(hex),
         bytes,
     })
+}
+
+/// Put a pinned local file into the blob store unless it is there already (it was
+/// hashed when pinned), returning its digest.
+pub async fn store_file(
+    blobs: &farm_image::BlobStore,
+    pinned: &PinnedPath,
+) -> Result<String, farm_image::Error> {
+    if let Some(hex) = &pinned.file_sha256 {
+        let digest = farm_image::Digest::from_hex(hex)?;
+        if blobs.exists(&digest).await? {
+            return Ok(digest.to_string());
+        }
+    }
+    Ok(blobs.put_file(&pinned.resolved).await?.digest.to_string())
 }
 
 /// sha256 hex of a file's bytes, and its size.

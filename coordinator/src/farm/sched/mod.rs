@@ -1,0 +1,338 @@
+//! The scheduler: a build's ready layers wait in the [`queue`] until [`placement`] finds
+//! a worker with a free slot; every assignment is a lease ([`leases`]) that the worker's
+//! heartbeats renew; identical layers of concurrent builds are built once ([`dedupe`]).
+//! Workers attach through [`sessions`]; their wire protocol lives in `grpc::workers`.
+
+mod dedupe;
+mod leases;
+mod placement;
+mod queue;
+mod sessions;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use farm_model::{BuiltImage, ChainId, EventSender, Job, LayerFailure, LayerOutcome, Platform};
+use farm_stackerfile::Plan;
+use tokio::sync::Notify;
+
+use super::{FarmError, Inner};
+use crate::build::Executor;
+use crate::state::{AssignmentId, BuildId};
+use placement::Candidate;
+use queue::Task;
+
+pub(crate) use sessions::{
+    RegisterError, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession,
+};
+
+/// A worker as `farm workers` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerView {
+    pub name: String,
+    pub slots: u32,
+    pub platform: String,
+    /// `BUILD/LAYER` of each running assignment.
+    pub running: Vec<String>,
+    pub last_seen_ms: i64,
+    pub connected: bool,
+    pub unavailable: Option<String>,
+}
+
+/// A layer sent to a worker, until its result comes back or its lease is lost.
+struct Active {
+    task: Task,
+    worker: String,
+}
+
+/// A connected worker.
+struct Worker {
+    /// Tells this connection from an earlier one of the same worker.
+    session: u64,
+    slots: u32,
+    platform: Platform,
+    chains: HashSet<ChainId>,
+    outbox: Box<dyn WorkerOutbox>,
+    running: HashSet<AssignmentId>,
+    /// Picked, not yet sent (the lease is being written).
+    reserved: u32,
+    shares_files: bool,
+    unavailable: Option<String>,
+    last_seen_ms: i64,
+    /// A lease of this worker ran out: no new work until it sends a heartbeat.
+    stale: bool,
+}
+
+impl Worker {
+    fn candidate<'a>(&'a self, name: &'a str) -> Candidate<'a> {
+        Candidate {
+            name,
+            platform: &self.platform,
+            chains: &self.chains,
+            slots: self.slots,
+            busy: self.running.len() as u32 + self.reserved,
+            accepting: self.unavailable.is_none() && !self.stale,
+        }
+    }
+
+    /// Tell the worker to stop assignment `id`; a worker that is gone has nothing to stop.
+    fn cancel(&self, id: AssignmentId) {
+        let _ = self.outbox.send(ToWorker::Cancel(id));
+    }
+}
+
+/// Everything the scheduler changes under its one lock.
+#[derive(Default)]
+struct Sched {
+    queue: VecDeque<Task>,
+    workers: BTreeMap<String, Worker>,
+    active: HashMap<AssignmentId, Active>,
+    /// Results that arrived with no build waiting for them (the coordinator restarted
+    /// while the worker built), by (build, layer index).
+    orphans: HashMap<(BuildId, u32), LayerOutcome>,
+}
+
+pub(crate) struct Scheduler {
+    lease: Duration,
+    st: Mutex<Sched>,
+    inflight: dedupe::Inflight,
+    wake: Arc<Notify>,
+    sessions: AtomicU64,
+    /// Leases survived from before a restart: a layer must first look for its own.
+    prior_leases: AtomicBool,
+}
+
+impl Scheduler {
+    pub(super) fn new(lease: Duration, prior_leases: bool) -> Self {
+        Scheduler {
+            lease,
+            st: Mutex::new(Sched::default()),
+            inflight: dedupe::Inflight::default(),
+            wake: Arc::new(Notify::new()),
+            sessions: Default::default(),
+            prior_leases: AtomicBool::new(prior_leases),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sched> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start the dispatch and lease-expiry loops (they end when the farm is dropped).
+    pub(super) fn spawn_loops(inner: &Arc<Inner>) {
+        let weak = Arc::downgrade(inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let wake = inner.sched.wake.clone();
+                let notified = wake.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                inner.sched.dispatch(&inner);
+                drop(inner);
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            }
+        });
+        let weak = Arc::downgrade(inner);
+        let tick = (inner.sched.lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.sched.expire(&inner).await;
+            }
+        });
+    }
+
+    /// Stop build `id`'s layers: queued ones never start, running ones are cancelled on
+    /// their workers.
+    pub(super) fn cancel_build(&self, id: &str) {
+        let (tasks, active) = {
+            let mut st = self.lock();
+            let (mine, rest): (VecDeque<Task>, VecDeque<Task>) =
+                st.queue.drain(..).partition(|t| t.build == id);
+            st.queue = rest;
+            let ids: Vec<AssignmentId> = st
+                .active
+                .iter()
+                .filter(|(_, a)| a.task.build == id)
+                .map(|(i, _)| *i)
+                .collect();
+            let mut active = Vec::new();
+            for i in ids {
+                if let Some(a) = st.active.remove(&i) {
+                    if let Some(w) = st.workers.get_mut(&a.worker) {
+                        w.running.remove(&i);
+                        w.cancel(i);
+                    }
+                    active.push(a.task);
+                }
+            }
+            (mine, active)
+        };
+        for t in tasks.into_iter().chain(active) {
+            t.finish(Err(LayerFailure::cancelled()));
+        }
+        self.wake.notify_one();
+    }
+
+    /// Workers that are or were connected.
+    pub(super) async fn workers(&self, inner: &Inner) -> Result<Vec<WorkerView>, FarmError> {
+        let rows = inner.state.workers().await?;
+        let st = self.lock();
+        let mut out = Vec::new();
+        for row in rows {
+            let live = st.workers.get(&row.name);
+            let mut running: Vec<String> = st
+                .active
+                .iter()
+                .filter(|(_, a)| a.worker == row.name)
+                .map(|(_, a)| format!("{}/{}", a.task.build, a.task.job.layer.name))
+                .collect();
+            running.sort();
+            out.push(WorkerView {
+                slots: live.map_or(row.slots, |w| w.slots),
+                platform: row.platform,
+                running,
+                last_seen_ms: live.map_or(row.last_seen_ms, |w| w.last_seen_ms),
+                connected: live.is_some(),
+                unavailable: live.and_then(|w| w.unavailable.clone()),
+                name: row.name,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The executor of one build: its layers go through the scheduler, identical ones of
+/// concurrent builds once.
+pub(crate) struct FarmExecutor {
+    inner: Arc<Inner>,
+    build: BuildId,
+    index: HashMap<String, u32>,
+    /// The build ignores the action cache (`--no-cache`).
+    no_cache: bool,
+}
+
+impl FarmExecutor {
+    pub(super) fn new(inner: Arc<Inner>, build: &str, plan: &Plan, no_cache: bool) -> Self {
+        FarmExecutor {
+            no_cache,
+            inner,
+            build: build.to_string(),
+            index: plan
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.layer.name.clone(), i as u32))
+                .collect(),
+        }
+    }
+
+    /// Record a built layer at once, so a status during the build (or after a
+    /// coordinator restart) shows it built, where and how long it took.
+    async fn record(&self, idx: u32, result: &LayerOutcome, started: std::time::Instant) {
+        let Ok(layer) = result else { return };
+        let json = match serde_json::to_string(layer) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::error!(build = %self.build, "recording a result: {e}; its status shows it when the build ends");
+                return;
+            }
+        };
+        let elapsed = started.elapsed().as_millis() as u64;
+        if let Err(e) = self
+            .inner
+            .state
+            .layer_result(&self.build, idx, &json, false, elapsed, None)
+            .await
+        {
+            tracing::error!(build = %self.build, "recording a result: {e}; its status shows it when the build ends");
+        }
+    }
+}
+
+impl FarmExecutor {
+    /// The action cache's entry for `key`, when its blobs are all in the store.
+    async fn cached(&self, key: &str) -> Option<BuiltImage> {
+        let hit = match self.inner.cache.get(key).await {
+            Ok(hit) => hit?,
+            Err(e) => {
+                tracing::warn!(build = %self.build, "reading the action cache: {e}; building");
+                return None;
+            }
+        };
+        match crate::build::blobs_present(&self.inner.config.blobs, &hit).await {
+            Ok(true) => Some(hit),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(build = %self.build, "checking cached blobs: {e}; building");
+                None
+            }
+        }
+    }
+}
+
+impl Executor for FarmExecutor {
+    async fn execute(&self, job: Job, events: EventSender) -> LayerOutcome {
+        let Some(&idx) = self.index.get(&job.layer.name) else {
+            return Err(LayerFailure::internal(format!(
+                "internal error: no layer '{}' in the build",
+                job.layer.name
+            )));
+        };
+        let sched = &self.inner.sched;
+        let key = job.cache_key.clone();
+        let claim = if job.cacheable() {
+            let layer = job.layer.name.clone();
+            let joined = sched
+                .inflight
+                .join(&key, &self.build, |owner| {
+                    events.log(
+                        &layer,
+                        format!(
+                            "farm: build {owner} is building the same layer; sharing its result"
+                        ),
+                    )
+                })
+                .await;
+            match joined {
+                dedupe::Joined::Claimed(claim) => {
+                    // The driver looked in the action cache before this claim: a build
+                    // that finished the same layer in between left it there.
+                    if !self.no_cache
+                        && let Some(hit) = self.cached(&key).await
+                    {
+                        events.log(
+                            &job.layer.name,
+                            "farm: another build built the same layer meanwhile; using its result",
+                        );
+                        let result = Ok(hit);
+                        claim.finish(&result);
+                        return result;
+                    }
+                    Some(claim)
+                }
+                dedupe::Joined::Shared(result) => return result,
+            }
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        let result = sched.run(&self.inner, &self.build, idx, job, events).await;
+        self.record(idx, &result, started).await;
+        if let Some(claim) = claim {
+            // Into the action cache before the claim ends: a build that plans the same
+            // layer just after must find one or the other.
+            if let Ok(layer) = &result
+                && let Err(e) = self.inner.cache.put(&key, layer).await
+            {
+                tracing::error!(build = %self.build, "caching a result: {e}");
+            }
+            claim.finish(&result);
+        }
+        result
+    }
+}

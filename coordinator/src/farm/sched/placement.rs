@@ -1,0 +1,222 @@
+//! Placement: which worker a layer goes to. It needs the layer's platform (unless it runs
+//! nothing) and a free slot; among those, a worker that holds the layer's base chain
+//! wins (it need not fetch and unpack the base), then the least loaded one.
+
+use std::cmp::Reverse;
+use std::collections::HashSet;
+
+use farm_model::{ChainId, Job, Platform};
+
+/// A worker as placement sees it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Candidate<'a> {
+    pub name: &'a str,
+    pub platform: &'a Platform,
+    pub chains: &'a HashSet<ChainId>,
+    pub slots: u32,
+    /// Assignments running on it, or picked for it and not yet sent.
+    pub busy: u32,
+    /// False while it has no usable pool, or after it missed heartbeats.
+    pub accepting: bool,
+}
+
+impl Candidate<'_> {
+    pub(super) fn free(&self) -> u32 {
+        if !self.accepting {
+            return 0;
+        }
+        self.slots.saturating_sub(self.busy)
+    }
+
+    /// Thousandths of its slots in use (workers of different sizes compare fairly).
+    fn load(&self) -> u64 {
+        u64::from(self.busy) * 1000 / u64::from(self.slots.max(1))
+    }
+}
+
+/// What a layer asks of its worker.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Need<'a> {
+    /// `None`: any platform, for a layer that runs nothing (it only adds files and
+    /// config).
+    pub platform: Option<&'a Platform>,
+    /// The chain the layer starts from, when its base is an image.
+    pub base_chain: Option<&'a ChainId>,
+}
+
+impl<'a> Need<'a> {
+    pub(super) fn of(job: &'a Job) -> Self {
+        Need {
+            platform: job.runs_commands().then_some(&job.platform),
+            base_chain: job.base_chain(),
+        }
+    }
+}
+
+/// The worker for a layer that needs `need`, `None` when no candidate fits now. Ties go
+/// to the last candidate (by name, in the scheduler's order).
+pub(super) fn choose<'a>(
+    candidates: impl IntoIterator<Item = Candidate<'a>>,
+    need: &Need<'_>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .filter(|c| need.platform.is_none_or(|p| c.platform == p) && c.free() > 0)
+        .max_by_key(|c| {
+            let has_base = need.base_chain.is_some_and(|b| c.chains.contains(b));
+            (has_base, Reverse(c.load()))
+        })
+        .map(|c| c.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: u8) -> ChainId {
+        ChainId::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
+    }
+
+    struct W {
+        name: &'static str,
+        platform: Platform,
+        chains: HashSet<ChainId>,
+        slots: u32,
+        busy: u32,
+        accepting: bool,
+    }
+
+    fn worker(name: &'static str, slots: u32, busy: u32) -> W {
+        W {
+            name,
+            platform: "linux/amd64".parse().unwrap(),
+            chains: HashSet::new(),
+            slots,
+            busy,
+            accepting: true,
+        }
+    }
+
+    fn pick<'a>(workers: &'a [W], need: Need<'_>) -> Option<&'a str> {
+        choose(
+            workers.iter().map(|w| Candidate {
+                name: w.name,
+                platform: &w.platform,
+                chains: &w.chains,
+                slots: w.slots,
+                busy: w.busy,
+                accepting: w.accepting,
+            }),
+            &need,
+        )
+    }
+
+    #[test]
+    fn a_worker_holding_the_base_chain_wins_over_a_less_loaded_one() {
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let base = chain(1);
+        let mut holder = worker("b-holder", 4, 3);
+        holder.chains.insert(base.clone());
+        let workers = [worker("a-idle", 4, 0), holder, worker("c-idle", 4, 0)];
+        let need = Need {
+            platform: Some(&amd64),
+            base_chain: Some(&base),
+        };
+        assert_eq!(pick(&workers, need), Some("b-holder"));
+        // Another base: the holder is just the busiest.
+        let other = chain(2);
+        let need = Need {
+            base_chain: Some(&other),
+            ..need
+        };
+        assert_ne!(pick(&workers, need), Some("b-holder"));
+    }
+
+    #[test]
+    fn the_least_loaded_worker_wins_by_share_of_its_slots() {
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let need = Need {
+            platform: Some(&amd64),
+            base_chain: None,
+        };
+        // 3 of 8 busy is a smaller share than 1 of 2, though more layers.
+        let workers = [
+            worker("small", 2, 1),
+            worker("big", 8, 3),
+            worker("third", 3, 2),
+        ];
+        assert_eq!(pick(&workers, need), Some("big"));
+        let workers = [worker("small", 2, 1), worker("big", 8, 5)];
+        assert_eq!(pick(&workers, need), Some("small"));
+    }
+
+    #[test]
+    fn only_workers_with_a_free_slot_that_accept_work_are_candidates() {
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let base = chain(1);
+        let need = Need {
+            platform: Some(&amd64),
+            base_chain: Some(&base),
+        };
+        let mut full = worker("full", 2, 2);
+        full.chains.insert(base.clone());
+        let mut stale = worker("stale", 2, 0);
+        stale.accepting = false;
+        stale.chains.insert(base.clone());
+        assert_eq!(pick(&[full, stale], need), None);
+        let mut stale = worker("stale", 2, 0);
+        stale.accepting = false;
+        assert_eq!(pick(&[stale, worker("busy", 8, 7)], need), Some("busy"));
+    }
+
+    #[test]
+    fn a_layer_that_runs_commands_needs_its_platform_and_one_that_runs_nothing_does_not() {
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let mut arm = worker("arm", 4, 0);
+        arm.platform = "linux/arm64/v8".parse().unwrap();
+        let workers = [arm];
+        let runs = Need {
+            platform: Some(&amd64),
+            base_chain: None,
+        };
+        assert_eq!(pick(&workers, runs), None);
+        let adds_files = Need {
+            platform: None,
+            base_chain: None,
+        };
+        assert_eq!(pick(&workers, adds_files), Some("arm"));
+    }
+
+    #[test]
+    fn the_need_of_a_job_follows_what_it_runs_and_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.yaml");
+        std::fs::write(
+            &file,
+            "runs:\n  from: {type: scratch}\n  run: echo\n\
+             adds:\n  from: {type: scratch}\n",
+        )
+        .unwrap();
+        let plan =
+            farm_stackerfile::Plan::load(&file, &Default::default(), &farm_stackerfile::LocalFiles)
+                .unwrap();
+        let job = |i: usize| Job {
+            layer: plan.layers[i].layer.clone(),
+            cache_key: String::new(),
+            base: farm_model::JobBase::Scratch,
+            imports: Vec::new(),
+            overlay_dirs: Vec::new(),
+            env: Vec::new(),
+            source_date_epoch: None,
+            compression: Default::default(),
+            platform: "linux/s390x".parse().unwrap(),
+        };
+        let (runs, adds) = (job(0), job(1));
+        assert_eq!(
+            Need::of(&runs).platform.map(|p| p.to_string()).as_deref(),
+            Some("linux/s390x")
+        );
+        assert!(Need::of(&adds).platform.is_none());
+        assert!(Need::of(&runs).base_chain.is_none());
+    }
+}

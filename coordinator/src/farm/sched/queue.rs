@@ -1,0 +1,276 @@
+//! The queue: layers wait here, in order, until a worker has a free slot; dispatch picks
+//! a worker for each (see [`placement`](super::placement)), leases the layer to it and
+//! sends it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use farm_model::{Event, EventSender, ImportSource, Job, LayerFailure, LayerOutcome};
+use tokio::sync::oneshot;
+
+use super::placement::{Need, choose};
+use super::{Active, Sched, Scheduler, ToWorker};
+use crate::farm::Inner;
+use crate::state::BuildId;
+
+/// A layer of a build, waiting for its result.
+pub(super) struct Task {
+    pub build: BuildId,
+    pub idx: u32,
+    pub job: Arc<Job>,
+    pub events: EventSender,
+    done: oneshot::Sender<LayerOutcome>,
+}
+
+impl Task {
+    /// Hand the layer's result to its build (which may have stopped waiting).
+    pub(super) fn finish(self, result: LayerOutcome) {
+        let _ = self.done.send(result);
+    }
+}
+
+/// A queued layer and the worker picked for it.
+struct Pick {
+    task: Task,
+    worker: String,
+    session: u64,
+    shares_files: bool,
+}
+
+impl Scheduler {
+    /// Queue a layer (or wait for the worker that holds it since before a restart) and
+    /// wait for its result.
+    pub(super) async fn run(
+        &self,
+        inner: &Arc<Inner>,
+        build: &str,
+        idx: u32,
+        job: Job,
+        events: EventSender,
+    ) -> LayerOutcome {
+        let (done, rx) = oneshot::channel();
+        let task = Task {
+            build: build.to_string(),
+            idx,
+            job: Arc::new(job),
+            events,
+            done,
+        };
+        let prior = if self.prior_leases.load(std::sync::atomic::Ordering::Relaxed) {
+            match inner.state.active_lease(build, idx).await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    // A worker may still build it: then it is built twice, and the
+                    // second result is dropped. Better than failing the build.
+                    tracing::error!(
+                        %build,
+                        layer = %task.job.layer.name,
+                        "reading the layer's lease from before the restart: {e}; queueing it again"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let early: Option<LayerOutcome> = 'locked: {
+            let mut st = self.lock();
+            // A result that came in while nobody waited (see `WorkerSession::result`),
+            // checked under the lock it is filed under.
+            if let Some(r) = st.orphans.remove(&(build.to_string(), idx)) {
+                break 'locked Some(r);
+            }
+            match prior {
+                Some(lease) => {
+                    task.events.log(
+                        &task.job.layer.name,
+                        format!(
+                            "farm: waiting for worker {}, which was building this layer when the \
+                         coordinator restarted",
+                            lease.worker
+                        ),
+                    );
+                    if let Some(w) = st.workers.get_mut(&lease.worker) {
+                        w.running.insert(lease.assignment);
+                    }
+                    st.active.insert(
+                        lease.assignment,
+                        Active {
+                            task,
+                            worker: lease.worker,
+                        },
+                    );
+                    drop(st);
+                }
+                None => {
+                    // Checked under the lock `cancel_build` drains the queue under: a layer
+                    // that arrives after a cancel must not be queued (and built) after it.
+                    if inner.is_cancelled(build) {
+                        break 'locked Some(Err(LayerFailure::cancelled()));
+                    }
+                    st.queue.push_back(task);
+                    inner.metrics.set_queue(st.queue.len());
+                    drop(st);
+                    self.wake.notify_one();
+                }
+            }
+            None
+        };
+        if let Some(r) = early {
+            return r;
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(LayerFailure::internal(
+                "the coordinator stopped before the layer finished",
+            ))
+        })
+    }
+
+    /// Send every queued layer that has a worker to it.
+    pub(super) fn dispatch(&self, inner: &Arc<Inner>) {
+        let picks = {
+            let mut st = self.lock();
+            let mut picks = Vec::new();
+            let mut keep = VecDeque::new();
+            while let Some(task) = st.queue.pop_front() {
+                if st.workers.iter().all(|(n, w)| w.candidate(n).free() == 0) {
+                    keep.push_back(task);
+                    keep.extend(st.queue.drain(..));
+                    break;
+                }
+                let candidates = st.workers.iter().map(|(n, w)| w.candidate(n));
+                let chosen = choose(candidates, &Need::of(&task.job)).map(str::to_string);
+                match chosen {
+                    Some(name) => {
+                        let w = st.workers.get_mut(&name).expect("chosen from the map");
+                        w.reserved += 1;
+                        picks.push(Pick {
+                            task,
+                            session: w.session,
+                            shares_files: w.shares_files,
+                            worker: name,
+                        });
+                    }
+                    None => keep.push_back(task),
+                }
+            }
+            st.queue = keep;
+            inner.metrics.set_queue(st.queue.len());
+            picks
+        };
+        for pick in picks {
+            let inner = inner.clone();
+            tokio::spawn(async move { inner.sched.send(&inner, pick).await });
+        }
+    }
+
+    /// Lease a picked layer to its worker and send it.
+    async fn send(&self, inner: &Arc<Inner>, pick: Pick) {
+        let Pick {
+            task,
+            worker,
+            session,
+            shares_files,
+        } = pick;
+        let unreserve = |st: &mut Sched| {
+            if let Some(w) = st.workers.get_mut(&worker) {
+                w.reserved = w.reserved.saturating_sub(1);
+            }
+        };
+        let id = match self.assign(inner, &task.build, task.idx, &worker).await {
+            Ok(id) => id,
+            Err(e) => {
+                unreserve(&mut self.lock());
+                task.finish(Err(LayerFailure::internal(format!(
+                    "recording the assignment: {e}"
+                ))));
+                return;
+            }
+        };
+        let job = if shares_files {
+            Ok((*task.job).clone())
+        } else {
+            remote_job(&inner.config.blobs, &task.job).await
+        };
+        let json = job.and_then(|j| serde_json::to_string(&j).map_err(|e| e.to_string()));
+        let json = match json {
+            Ok(j) => j,
+            Err(e) => {
+                unreserve(&mut self.lock());
+                self.release(inner, id).await;
+                task.finish(Err(LayerFailure::internal(format!(
+                    "sending the layer's inputs: {e}"
+                ))));
+                return;
+            }
+        };
+        task.events.send(Event::Assigned {
+            layer: task.job.layer.name.clone(),
+            worker: worker.clone(),
+        });
+        let cancelled;
+        let requeue = {
+            let mut st = self.lock();
+            unreserve(&mut st);
+            // Cancelled while the lease was written (`cancel_build` did not see it).
+            cancelled = inner.is_cancelled(&task.build);
+            match st
+                .workers
+                .get_mut(&worker)
+                .filter(|w| w.session == session && !cancelled)
+            {
+                Some(w) => {
+                    let sent = w.outbox.send(ToWorker::Assign {
+                        id,
+                        job_json: json,
+                        lease: self.lease,
+                    });
+                    if sent.is_ok() {
+                        w.running.insert(id);
+                        st.active.insert(id, Active { task, worker });
+                        inner.metrics.set_running(st.active.len());
+                        None
+                    } else {
+                        Some(task)
+                    }
+                }
+                None => Some(task),
+            }
+        };
+        if let Some(task) = requeue {
+            // The worker left between the pick and the send: not its fault, but the
+            // lease was recorded (and counts as an attempt); release it and queue again.
+            self.release(inner, id).await;
+            if cancelled {
+                task.finish(Err(LayerFailure::cancelled()));
+                return;
+            }
+            self.lock().queue.push_front(task);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// `job` for a worker on another machine: local inputs become trees in the blob store.
+async fn remote_job(blobs: &farm_image::BlobStore, job: &Job) -> Result<Job, String> {
+    let mut job = job.clone();
+    for import in &mut job.imports {
+        if let ImportSource::Local(path) = &import.source {
+            let digest = blobs
+                .put_tree(path)
+                .await
+                .map_err(|e| format!("import '{}': {e}", import.written))?;
+            import.source = ImportSource::Tree {
+                digest: digest.to_string(),
+            };
+        }
+    }
+    for od in &mut job.overlay_dirs {
+        let digest = blobs
+            .put_tree(&od.source)
+            .await
+            .map_err(|e| format!("overlay_dirs '{}': {e}", od.source.display()))?;
+        od.tree = Some(digest.to_string());
+    }
+    Ok(job)
+}

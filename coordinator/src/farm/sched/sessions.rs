@@ -1,0 +1,318 @@
+//! Workers as the scheduler sees them: a registration opens a [`WorkerSession`]; its
+//! heartbeats renew the worker's leases, its log lines and results go to the builds that
+//! wait for them, and its end takes the worker off the list. The wire protocol (over
+//! gRPC, or the embedded worker's channels) lives in `grpc::workers`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use farm_model::{ChainId, LayerOutcome, Platform};
+
+use super::{Scheduler, Worker};
+use crate::farm::Inner;
+use crate::state::{AssignmentId, StateError, unix_ms};
+
+/// What the scheduler tells a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ToWorker {
+    /// The registration is accepted; send heartbeats this often.
+    Registered { heartbeat: Duration },
+    /// Build this (a [`farm_model::Job`] as JSON) under a lease of `lease`.
+    Assign {
+        id: AssignmentId,
+        job_json: String,
+        lease: Duration,
+    },
+    /// Stop this assignment (its build was cancelled, or its lease was lost).
+    Cancel(AssignmentId),
+}
+
+/// The worker's connection is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the worker's connection is gone")]
+pub(crate) struct WorkerGone;
+
+/// Where the scheduler's messages to one worker go; the wire layer encodes them.
+pub(crate) trait WorkerOutbox: Send + Sync + 'static {
+    fn send(&self, message: ToWorker) -> Result<(), WorkerGone>;
+}
+
+/// A worker's registration.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerInfo {
+    pub name: String,
+    pub slots: u32,
+    pub platform: Platform,
+    /// Chains its pool holds.
+    pub chains: HashSet<ChainId>,
+    /// Assignments it still runs from before it (or the coordinator) reconnected.
+    pub running: HashSet<AssignmentId>,
+    /// It runs in this process and reads the coordinator's files (the embedded worker).
+    pub shares_files: bool,
+    /// Why it has no usable slots, if so.
+    pub unavailable: Option<String>,
+}
+
+/// Why a worker could not be registered: the state store failed, not the worker, so it
+/// is not refused; its connection ends and it dials again.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RegisterError {
+    #[error("recording the worker: {0}")]
+    Record(StateError),
+    #[error("reading the worker's leases: {0}")]
+    Leases(StateError),
+}
+
+/// A registered worker's connection; [`WorkerSession::disconnect`] (or dropping it) ends
+/// it.
+pub(crate) struct WorkerSession {
+    inner: Arc<Inner>,
+    name: String,
+    session: u64,
+}
+
+impl Scheduler {
+    /// Register a worker: reconcile the leases it held with the assignments it still
+    /// runs, then give it work through `outbox`.
+    pub(in crate::farm) async fn register(
+        &self,
+        inner: &Arc<Inner>,
+        info: WorkerInfo,
+        outbox: Box<dyn WorkerOutbox>,
+    ) -> Result<WorkerSession, RegisterError> {
+        let name = info.name;
+        let now = unix_ms();
+        inner
+            .state
+            .upsert_worker(&name, info.slots, &info.platform.to_string(), now)
+            .await
+            .map_err(RegisterError::Record)?;
+        let session = self.sessions.fetch_add(1, Ordering::SeqCst);
+        match &info.unavailable {
+            Some(why) => tracing::warn!(worker = %name, "worker connected without slots: {why}"),
+            None => {
+                tracing::info!(worker = %name, slots = info.slots, platform = %info.platform, "worker connected")
+            }
+        }
+        // Before the worker is on the list: nothing may be assigned to it before this.
+        let _ = outbox.send(ToWorker::Registered {
+            heartbeat: Duration::from_millis((self.lease_ms() / 3).max(50)),
+        });
+        {
+            let mut st = self.lock();
+            st.workers.insert(
+                name.clone(),
+                Worker {
+                    session,
+                    slots: info.slots,
+                    platform: info.platform,
+                    chains: info.chains,
+                    outbox,
+                    running: HashSet::new(),
+                    reserved: 0,
+                    shares_files: info.shares_files,
+                    unavailable: info.unavailable,
+                    last_seen_ms: now,
+                    stale: false,
+                },
+            );
+            inner.metrics.set_workers(st.workers.len());
+        }
+        let session = WorkerSession {
+            inner: inner.clone(),
+            name,
+            session,
+        };
+        // Reconcile with the leases this worker held before it (or we) reconnected.
+        // Without them it cannot be: the session ends (the worker dials again) rather
+        // than cancel or keep work blindly.
+        let leases = inner
+            .state
+            .leases_of(&session.name)
+            .await
+            .map_err(RegisterError::Leases)?;
+        let name = &session.name;
+        let held: HashSet<AssignmentId> = leases.iter().map(|l| l.assignment).collect();
+        for lease in leases {
+            if info.running.contains(&lease.assignment) {
+                if let Some(w) = self.lock().workers.get_mut(name) {
+                    w.running.insert(lease.assignment);
+                }
+            } else {
+                self.lost(
+                    inner,
+                    lease.assignment,
+                    lease.attempts,
+                    name,
+                    "restarted and lost the layer",
+                )
+                .await;
+            }
+        }
+        if let Some(w) = self
+            .lock()
+            .workers
+            .get(name)
+            .filter(|w| w.session == session.session)
+        {
+            // Work we no longer want (released while the worker was away).
+            for claim in info.running.difference(&held) {
+                w.cancel(*claim);
+            }
+        }
+        self.renew(inner, name, unix_ms()).await;
+        self.wake.notify_one();
+        Ok(session)
+    }
+}
+
+impl WorkerSession {
+    fn sched(&self) -> &Scheduler {
+        &self.inner.sched
+    }
+
+    /// The worker is alive: renew its leases, note the chains it reports, and give it
+    /// work again if a lease of it ran out.
+    pub(crate) async fn heartbeat(&self, chains: HashSet<ChainId>) {
+        let now = unix_ms();
+        self.sched().renew(&self.inner, &self.name, now).await;
+        if let Err(e) = self.inner.state.worker_seen(&self.name, now).await {
+            tracing::warn!(worker = %self.name, "recording the heartbeat: {e}; `farm workers` shows it seen earlier");
+        }
+        let mut st = self.sched().lock();
+        if let Some(w) = st
+            .workers
+            .get_mut(&self.name)
+            .filter(|w| w.session == self.session)
+        {
+            w.last_seen_ms = now;
+            w.stale = false;
+            w.chains.extend(chains);
+        }
+    }
+
+    /// Output lines of `assignment`, for its build's watchers.
+    pub(crate) fn logs(&self, assignment: AssignmentId, lines: Vec<String>) {
+        let target = self
+            .sched()
+            .lock()
+            .active
+            .get(&assignment)
+            .map(|a| (a.task.events.clone(), a.task.job.layer.name.clone()));
+        if let Some((events, layer)) = target {
+            for line in lines {
+                events.log(&layer, line);
+            }
+        }
+    }
+
+    /// The result of `assignment`. `cache_key` is the job's, echoed by the worker: a
+    /// result nobody waits for any more still fills the action cache.
+    pub(crate) async fn result(
+        &self,
+        assignment: AssignmentId,
+        outcome: LayerOutcome,
+        cache_key: Option<&str>,
+    ) {
+        let (inner, sched, id) = (&self.inner, self.sched(), assignment);
+        // The lease is released last: until then a driver resuming after a restart still
+        // finds it and attaches, so the result below reaches it either way.
+        let active = {
+            let mut st = sched.lock();
+            if let Some(w) = st.workers.get_mut(&self.name) {
+                w.running.remove(&id);
+                if let Ok(layer) = &outcome {
+                    w.chains.insert(layer.chain_id.clone());
+                }
+            }
+            let a = st.active.remove(&id);
+            // The worker now holds the chain its base was materialised into, too.
+            if let (Some(a), Some(w)) = (&a, st.workers.get_mut(&self.name))
+                && let Some(chain) = a.task.job.base_chain()
+            {
+                w.chains.insert(chain.clone());
+            }
+            inner.metrics.set_running(st.active.len());
+            a
+        };
+        match active {
+            // The build's driver records it in the action cache.
+            Some(a) => a.task.finish(outcome),
+            None => self.result_for_nobody(id, outcome, cache_key).await,
+        }
+        sched.release(inner, id).await;
+        sched.wake.notify_one();
+    }
+
+    /// A result nobody waits for (the coordinator restarted while the worker built): it
+    /// is good work all the same, so it goes into the action cache, and to the build's
+    /// driver when that resumes.
+    async fn result_for_nobody(
+        &self,
+        id: AssignmentId,
+        outcome: LayerOutcome,
+        cache_key: Option<&str>,
+    ) {
+        let (inner, sched) = (&self.inner, self.sched());
+        if let (Ok(layer), Some(key)) = (&outcome, cache_key)
+            && let Err(e) = inner.cache.put(key, layer).await
+        {
+            tracing::error!("caching a result: {e}");
+        }
+        let lease = match inner.state.assignment(id).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::error!(
+                    assignment = %id,
+                    "reading the assignment of a result: {e}; the result is dropped, and a \
+                     resumed build builds the layer again"
+                );
+                None
+            }
+        };
+        let Some((lease, _)) = lease else { return };
+        let mut st = sched.lock();
+        // A driver may have attached meanwhile (and counted it on the worker).
+        if let Some(w) = st.workers.get_mut(&self.name) {
+            w.running.remove(&id);
+        }
+        match st.active.remove(&id) {
+            Some(a) => {
+                drop(st);
+                a.task.finish(outcome);
+            }
+            None => {
+                st.orphans.insert((lease.build_id, lease.idx), outcome);
+            }
+        }
+    }
+
+    /// The worker's connection ended.
+    pub(crate) fn disconnect(self) {
+        drop(self);
+    }
+}
+
+impl Drop for WorkerSession {
+    /// The worker is off the list (unless it reconnected meanwhile); its leases stay
+    /// until it reconnects or they run out.
+    fn drop(&mut self) {
+        let sched = &self.inner.sched;
+        let mut st = sched.lock();
+        if let Some(w) = st
+            .workers
+            .get(&self.name)
+            .filter(|w| w.session == self.session)
+        {
+            if w.shares_files {
+                tracing::debug!(worker = %self.name, "embedded worker stopped");
+            } else {
+                tracing::warn!(worker = %self.name, "worker disconnected");
+            }
+            st.workers.remove(&self.name);
+        }
+        self.inner.metrics.set_workers(st.workers.len());
+    }
+}

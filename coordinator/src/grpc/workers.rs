@@ -1,0 +1,264 @@
+//! The `Workers` gRPC service: one stream per worker, translated to the scheduler's
+//! typed calls (`Farm::register_worker` and the `WorkerSession` it opens). The embedded
+//! worker ([`Farm::connect_worker`]) speaks the same messages over channels, served by
+//! the same handler.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use farm_model::{
+    ChainId, InvalidPlatform, LayerFailure, LayerOutcome, PROTOCOL, Platform, ProtocolVersion,
+};
+use farm_proto::v1::{
+    self as proto, Assignment, CoordinatorMessage, Refused, Registered, ResultAck, WorkerMessage,
+    coordinator_message, worker_message,
+};
+use farm_proto::workers_server::{Workers, WorkersServer};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::farm::{Farm, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession};
+use crate::state::AssignmentId;
+
+/// The worker's end of a connection: send [`WorkerMessage`]s, receive
+/// [`CoordinatorMessage`]s. Dropping `tx` disconnects.
+pub struct WorkerLink {
+    pub tx: mpsc::UnboundedSender<WorkerMessage>,
+    pub rx: mpsc::UnboundedReceiver<CoordinatorMessage>,
+}
+
+/// A new connection to `farm`, served by a task on the current Tokio runtime (`None`
+/// outside one).
+pub(crate) fn link(farm: &Farm) -> Option<WorkerLink> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let (wtx, wrx) = mpsc::unbounded_channel();
+    let (ctx, crx) = mpsc::unbounded_channel();
+    runtime.spawn(serve(farm.clone(), wrx, ctx));
+    Some(WorkerLink { tx: wtx, rx: crx })
+}
+
+/// The `Workers` service over a farm.
+#[derive(Clone)]
+pub struct WorkerService {
+    farm: Farm,
+}
+
+impl WorkerService {
+    pub fn new(farm: Farm) -> Self {
+        WorkerService { farm }
+    }
+
+    pub fn into_server(self) -> WorkersServer<Self> {
+        WorkersServer::new(self)
+            .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+    }
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Workers for WorkerService {
+    type ConnectStream = Boxed<CoordinatorMessage>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let link = self
+            .farm
+            .connect_worker()
+            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?;
+        let tx = link.tx;
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = inbound.next().await {
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+            // Dropping `tx` tells the farm the worker is gone.
+        });
+        let outbound = UnboundedReceiverStream::new(link.rx).map(Ok);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+impl WorkerOutbox for mpsc::UnboundedSender<CoordinatorMessage> {
+    fn send(&self, message: ToWorker) -> Result<(), WorkerGone> {
+        let kind = match message {
+            ToWorker::Registered { heartbeat } => {
+                coordinator_message::Kind::Registered(Registered {
+                    heartbeat_ms: heartbeat.as_millis() as u64,
+                })
+            }
+            ToWorker::Assign {
+                id,
+                job_json,
+                lease,
+            } => coordinator_message::Kind::Assign(Assignment {
+                id: id.to_string(),
+                job_json,
+                lease_ms: lease.as_millis() as u64,
+            }),
+            ToWorker::Cancel(id) => coordinator_message::Kind::Cancel(id.to_string()),
+        };
+        mpsc::UnboundedSender::send(self, CoordinatorMessage { kind: Some(kind) })
+            .map_err(|_| WorkerGone)
+    }
+}
+
+/// One worker's connection, from its registration until it goes away.
+async fn serve(
+    farm: Farm,
+    mut rx: mpsc::UnboundedReceiver<WorkerMessage>,
+    tx: mpsc::UnboundedSender<CoordinatorMessage>,
+) {
+    let registration = match rx.recv().await {
+        Some(WorkerMessage {
+            kind: Some(worker_message::Kind::Register(r)),
+        }) => r,
+        _ => {
+            tracing::warn!("a worker connected without registering first");
+            return;
+        }
+    };
+    let name = registration.name.clone();
+    let info = match worker_info(registration) {
+        Ok(info) => info,
+        Err(refusal) => {
+            let reason = refusal.to_string();
+            tracing::warn!(worker = %name, "refused: {reason}");
+            let _ = tx.send(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Refused(Refused { reason })),
+            });
+            return;
+        }
+    };
+    let session = match farm.register_worker(info, Box::new(tx.clone())).await {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::error!(worker = %name, "{e}; dropping the connection (the worker dials again)");
+            return;
+        }
+    };
+    while let Some(msg) = rx.recv().await {
+        match msg.kind {
+            Some(worker_message::Kind::Heartbeat(hb)) => {
+                session.heartbeat(parse_chains(&name, &hb.chains)).await;
+            }
+            Some(worker_message::Kind::Logs(batch)) => {
+                if let Some(id) = assignment_id(&name, &batch.assignment) {
+                    session.logs(id, batch.lines);
+                }
+            }
+            Some(worker_message::Kind::Result(result)) => {
+                let _ = tx.send(CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Ack(ResultAck {
+                        assignment: result.assignment.clone(),
+                    })),
+                });
+                on_result(&session, &name, result).await;
+            }
+            Some(worker_message::Kind::Register(_)) | None => {}
+        }
+    }
+    session.disconnect();
+}
+
+async fn on_result(session: &WorkerSession, worker: &str, result: proto::Result) {
+    let Some(id) = assignment_id(worker, &result.assignment) else {
+        return;
+    };
+    let outcome: LayerOutcome = match &result.failure {
+        Some(failure) => Err(LayerFailure::from(failure)),
+        None => serde_json::from_str(&result.layer_json).map_err(|e| {
+            LayerFailure::internal(format!("worker {worker} sent an unreadable result: {e}"))
+        }),
+    };
+    let cache_key = Some(result.cache_key.as_str()).filter(|k| !k.is_empty());
+    session.result(id, outcome, cache_key).await;
+}
+
+/// Why a worker is refused. It is told, and stops: it would be refused again whenever
+/// it dials.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(
+        "worker {worker} speaks farm worker protocol {theirs}, this coordinator speaks \
+         {PROTOCOL}: run the same farm release on both"
+    )]
+    Protocol {
+        worker: String,
+        theirs: ProtocolVersion,
+    },
+    #[error("worker {worker}: {source}")]
+    Platform {
+        worker: String,
+        source: InvalidPlatform,
+    },
+}
+
+/// A registration as the scheduler takes it, if this coordinator can work with it.
+fn worker_info(registration: proto::Register) -> Result<WorkerInfo, Refusal> {
+    let name = registration.name;
+    let theirs = ProtocolVersion {
+        major: registration.protocol_major,
+        minor: registration.protocol_minor,
+    };
+    if !PROTOCOL.compatible(&theirs) {
+        return Err(Refusal::Protocol {
+            worker: name,
+            theirs,
+        });
+    }
+    let platform: Platform = match registration.platform.parse() {
+        Ok(p) => p,
+        Err(source) => {
+            return Err(Refusal::Platform {
+                worker: name,
+                source,
+            });
+        }
+    };
+    Ok(WorkerInfo {
+        chains: parse_chains(&name, &registration.chains),
+        running: registration
+            .running
+            .iter()
+            .filter_map(|a| assignment_id(&name, a))
+            .collect(),
+        slots: registration.slots,
+        platform,
+        shares_files: registration.shares_files,
+        unavailable: Some(registration.unavailable).filter(|u| !u.is_empty()),
+        name,
+    })
+}
+
+/// An assignment id a worker sent; one that is not ignored (and logged).
+fn assignment_id(worker: &str, id: &str) -> Option<AssignmentId> {
+    match id.parse() {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(%worker, "ignoring a message about an unknown assignment: {e}");
+            None
+        }
+    }
+}
+
+/// The chains a worker reports; ones that are not ChainIDs are ignored (and logged).
+fn parse_chains(worker: &str, chains: &[String]) -> HashSet<ChainId> {
+    chains
+        .iter()
+        .filter_map(|c| match ChainId::parse(c) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(%worker, "ignoring a reported chain: {e}");
+                None
+            }
+        })
+        .collect()
+}
