@@ -40,16 +40,7 @@ impl Coordinator {
             .build()
             .unwrap();
         let store = BlobStore::local(&dir.join("blobs")).unwrap();
-        let config = FarmConfig {
-            state_dir: dir.join("state"),
-            blobs: store.clone(),
-            lease: Duration::from_secs(10),
-            platform: "linux/amd64".parse().unwrap(),
-            builtins: Vec::new(),
-            resume: true,
-            registry: Default::default(),
-            keep_builds: 1000,
-        };
+        let config = FarmConfig::new(dir.join("state"), store.clone());
         let farm = runtime.spawn(Farm::start(config)).await.unwrap().unwrap();
         let listener = runtime
             .spawn(async move {
@@ -96,17 +87,7 @@ impl Coordinator {
     /// the build id.
     pub(crate) async fn submit(&self, file: PathBuf) -> String {
         let farm = self.farm.clone();
-        let spec = Submission {
-            stackerfiles: vec![file.to_string_lossy().into_owned()],
-            context: Vec::new(),
-            substitutions: Default::default(),
-            environment: Vec::new(),
-            no_cache: false,
-            compression: Default::default(),
-            require_hash: false,
-            allow_outside_context: false,
-            inline: Default::default(),
-        };
+        let spec = Submission::new([file.to_string_lossy()]);
         self.run(async move { farm.submit(spec).await.unwrap().0 })
             .await
     }
@@ -133,6 +114,56 @@ impl Drop for Coordinator {
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
+        }
+    }
+}
+
+/// The embedded farm (coordinator and a rootless worker in this process) served on a
+/// local port: the set-up of tests that build for real through the client's remote path.
+pub(crate) struct ServedEmbedded {
+    /// `http://127.0.0.1:PORT`
+    pub(crate) addr: String,
+    pub(crate) embedded: crate::embedded::Embedded,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl ServedEmbedded {
+    /// State and pool under `dir`; `None` (after saying why) when this machine cannot
+    /// build rootless, so the calling test skips.
+    pub(crate) async fn start(dir: &Path) -> Option<ServedEmbedded> {
+        let layout =
+            crate::common::Layout::new(Some(dir.join("state")), Some(dir.join("pool")), None);
+        let embedded = match crate::embedded::Embedded::start(layout, None, 2, Default::default())
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("SKIPPED: no rootless worker on this machine ({e:#}); see `farm check`");
+                return None;
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, embedded.farm.clone(), async {
+            let _ = stopped.await;
+        }));
+        Some(ServedEmbedded {
+            addr,
+            embedded,
+            stop: Some(stop),
+            server: Some(server),
+        })
+    }
+
+    /// Stop serving and wait for the server to return.
+    pub(crate) async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
         }
     }
 }

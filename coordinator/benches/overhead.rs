@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p farm-coordinator --bench overhead` (LAYERS=N to change the size).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use farm_coordinator::farm::{EventKind, Farm, FarmConfig, Submission};
 use farm_image::BlobStore;
@@ -62,14 +62,9 @@ async fn run(n: usize) {
         chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
     };
     let farm = Farm::start(FarmConfig {
-        state_dir: d.path().join("state"),
-        blobs,
-        lease: Duration::from_secs(10),
+        // The instant workers say they are linux/amd64.
         platform: "linux/amd64".parse().unwrap(),
-        builtins: Vec::new(),
-        resume: true,
-        registry: Default::default(),
-        keep_builds: 1000,
+        ..FarmConfig::new(d.path().join("state"), blobs)
     })
     .await
     .unwrap();
@@ -111,15 +106,8 @@ async fn run(n: usize) {
     let file = d.path().join("big.yaml");
     std::fs::write(&file, stackerfile(n)).unwrap();
     let spec = Submission {
-        stackerfiles: vec![file.display().to_string()],
-        context: Vec::new(),
-        substitutions: Default::default(),
-        environment: Vec::new(),
-        no_cache: false,
-        compression: Default::default(),
-        require_hash: false,
         allow_outside_context: true,
-        inline: Default::default(),
+        ..Submission::new([file.display().to_string()])
     };
     for round in [
         "cold (every layer dispatched)",

@@ -80,16 +80,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let farm = crate::farm::Farm::start(crate::farm::FarmConfig {
-            state_dir: d.path().join("state"),
-            blobs: store.clone(),
-            lease: Duration::from_secs(10),
-            platform: "linux/amd64".parse().unwrap(),
-            builtins: Vec::new(),
-            resume: true,
-            registry: Default::default(),
-            keep_builds: 1000,
-        })
+        let farm = crate::farm::Farm::start(crate::farm::FarmConfig::new(
+            d.path().join("state"),
+            store.clone(),
+        ))
         .await
         .unwrap();
         let server = tokio::spawn(serve(listener, farm, async {

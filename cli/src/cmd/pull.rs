@@ -150,37 +150,17 @@ mod tests {
 
     use super::*;
     use crate::client::watch;
-    use crate::common::Layout;
+    use crate::test_coordinator::ServedEmbedded;
 
     /// A real build (the coordinator's server, the embedded worker behind it) of a
     /// build_only base and two tagged images, pulled: only the tagged ones are written.
     #[tokio::test(flavor = "multi_thread")]
     async fn pull_writes_and_tags_every_tagged_image() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(
-            Some(dir.path().join("state")),
-            Some(dir.path().join("pool")),
-            None,
-        );
-        let embedded = match crate::embedded::Embedded::start(layout, None, 2, Default::default())
-            .await
-        {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("SKIPPED: no rootless worker on this machine ({e:#}); see `farm check`");
-                return;
-            }
+        let Some(served) = ServedEmbedded::start(dir.path()).await else {
+            return;
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(farm_coordinator::server::serve(
-            listener,
-            embedded.farm.clone(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let addr = served.addr.clone();
 
         let ctx = dir.path().join("ctx");
         for name in ["base", "app", "tool"] {
@@ -195,19 +175,9 @@ mod tests {
              tool:\n  from:\n    type: scratch\n  imports:\n    - path: tool\n      dest: /tool\n",
         )
         .unwrap();
-        let farm = embedded.farm.clone();
+        let farm = served.embedded.farm.clone();
         let (id, _) = farm
-            .submit(Submission {
-                stackerfiles: vec![file.to_string_lossy().into_owned()],
-                context: Vec::new(),
-                substitutions: Default::default(),
-                environment: Vec::new(),
-                no_cache: false,
-                compression: Default::default(),
-                require_hash: false,
-                allow_outside_context: false,
-                inline: Default::default(),
-            })
+            .submit(Submission::new([file.to_string_lossy()]))
             .await
             .unwrap();
         let mut c = Client::connect(&addr).await.unwrap();
@@ -263,7 +233,7 @@ mod tests {
 
         // A manifest the coordinator's store lacks is an error naming the image.
         let app = Digest::parse(&layer("app").manifest_digest).unwrap();
-        let store = embedded.farm.blobs();
+        let store = served.embedded.farm.blobs();
         let root = store.url().strip_prefix("file://").unwrap();
         std::fs::remove_file(Path::new(root).join(store.blob_path(&app).as_ref())).unwrap();
         assert!(!store.exists(&app).await.unwrap());
@@ -272,7 +242,6 @@ mod tests {
             .unwrap_err();
         assert!(format!("{e:#}").contains("image app"), "{e:#}");
 
-        let _ = stop.send(());
-        let _ = server.await;
+        served.stop().await;
     }
 }

@@ -359,7 +359,7 @@ mod tests {
 
     use super::*;
     use crate::context::Entry;
-    use crate::test_coordinator::Coordinator;
+    use crate::test_coordinator::{Coordinator, ServedEmbedded};
 
     fn file(dir: &std::path::Path, name: &str, content: &str) -> (String, Entry) {
         let path = dir.join(name);
@@ -466,30 +466,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_build_through_the_real_coordinator() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(
-            Some(dir.path().join("state")),
-            Some(dir.path().join("pool")),
-            None,
-        );
-        let embedded = match crate::embedded::Embedded::start(layout, None, 2, Default::default())
-            .await
-        {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("SKIPPED: no rootless worker on this machine ({e:#}); see `farm check`");
-                return;
-            }
+        let Some(served) = ServedEmbedded::start(dir.path()).await else {
+            return;
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(farm_coordinator::server::serve(
-            listener,
-            embedded.farm.clone(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let addr = served.addr.clone();
 
         let ctx = dir.path().join("ctx");
         std::fs::create_dir_all(ctx.join("files/sub")).unwrap();
@@ -557,7 +537,6 @@ mod tests {
 
         let e = watch(&mut c, "no-such-build", |_| {}).await.unwrap_err();
         assert_eq!(e.to_string(), format!("no build no-such-build on {addr}"));
-        let _ = stop.send(());
-        let _ = server.await;
+        served.stop().await;
     }
 }

@@ -63,6 +63,24 @@ pub struct FarmConfig {
     pub keep_builds: usize,
 }
 
+impl FarmConfig {
+    /// The defaults of `farm coordinator`: leases of 10 s, this machine's platform, no
+    /// built-in substitutions, unfinished builds resumed, no registry credentials, the
+    /// newest 1,000 finished builds kept.
+    pub fn new(state_dir: impl Into<PathBuf>, blobs: BlobStore) -> Self {
+        FarmConfig {
+            state_dir: state_dir.into(),
+            blobs,
+            lease: Duration::from_secs(10),
+            platform: Platform::host(),
+            builtins: Vec::new(),
+            resume: true,
+            registry: Default::default(),
+            keep_builds: 1000,
+        }
+    }
+}
+
 /// A file of an uploaded build context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextFile {
@@ -92,6 +110,25 @@ pub struct Submission {
     /// Texts of stackerfiles the submitter fetched itself (http(s) URLs), by path.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub inline: std::collections::BTreeMap<String, String>,
+}
+
+impl Submission {
+    /// A submission of `stackerfiles` (paths on this machine) with every option at its
+    /// default: no uploaded context, no substitutions or environment, the cache used,
+    /// gzip, no hash required, imports inside the stackerfiles' tree.
+    pub fn new(stackerfiles: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Submission {
+            stackerfiles: stackerfiles.into_iter().map(Into::into).collect(),
+            context: Vec::new(),
+            substitutions: Substitutions::default(),
+            environment: Vec::new(),
+            no_cache: false,
+            compression: Compression::default(),
+            require_hash: false,
+            allow_outside_context: false,
+            inline: Default::default(),
+        }
+    }
 }
 
 /// Reads submitted texts (by URL) first, then local files.

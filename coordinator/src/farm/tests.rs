@@ -181,14 +181,13 @@ fn fake_worker(
 
 async fn start(dir: &Path, lease_ms: u64) -> Farm {
     Farm::start(FarmConfig {
-        state_dir: dir.join("state"),
-        blobs: BlobStore::local(&dir.join("blobs")).unwrap(),
         lease: Duration::from_millis(lease_ms),
+        // The scripted workers say they are linux/amd64, whatever this machine is.
         platform: "linux/amd64".parse().unwrap(),
-        builtins: Vec::new(),
-        resume: true,
-        registry: Default::default(),
-        keep_builds: 1000,
+        ..FarmConfig::new(
+            dir.join("state"),
+            BlobStore::local(&dir.join("blobs")).unwrap(),
+        )
     })
     .await
     .unwrap()
@@ -209,15 +208,8 @@ fn fan_out(dir: &Path, n: usize, salt: &str) -> Submission {
 
 fn submission(file: &Path) -> Submission {
     Submission {
-        stackerfiles: vec![file.display().to_string()],
-        context: Vec::new(),
-        substitutions: Default::default(),
-        environment: Vec::new(),
-        no_cache: false,
-        compression: Default::default(),
-        require_hash: false,
         allow_outside_context: true,
-        inline: Default::default(),
+        ..Submission::new([file.display().to_string()])
     }
 }
 
