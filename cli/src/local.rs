@@ -2,7 +2,7 @@
 //! the worker engine, opened the same way for every command that builds or reads
 //! built layers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ pub(crate) struct Local {
 
 impl Local {
     pub(crate) async fn open(layout: Layout, timeout: Option<Duration>) -> anyhow::Result<Local> {
+        refuse_another_users(&layout.state_dir, "state dir", "--state-dir")?;
+        refuse_another_users(&layout.pool, "pool", "--pool")?;
         std::fs::create_dir_all(&layout.state_dir)
             .with_context(|| format!("creating the state dir {}", layout.state_dir.display()))?;
         let blobs = BlobStore::local(&layout.state_dir.join("blobs"))
@@ -55,6 +57,38 @@ impl Local {
             engine,
         })
     }
+}
+
+/// One user's state and pool are that user's: chains root creates in a user's pool are
+/// root's, and the user's next build cannot snapshot them. Refused before anything is
+/// written, as stacker does.
+fn refuse_another_users(dir: &Path, what: &str, flag: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(()); // created below, by and for this user
+    };
+    let me = nix::unistd::geteuid();
+    if meta.uid() == me.as_raw() {
+        return Ok(());
+    }
+    let name = |uid: u32| {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or_else(
+                || format!("uid {uid}"),
+                |u| format!("{} (uid {uid})", u.name),
+            )
+    };
+    anyhow::bail!(
+        "the {what} {} belongs to {}, but this build runs as {}; one user's builds cannot \
+         share a {what} with another's (the other's next build could not use what this one \
+         writes). Build as {} again, or pass a {what} of your own with {flag}",
+        dir.display(),
+        name(meta.uid()),
+        name(me.as_raw()),
+        name(meta.uid()),
+    )
 }
 
 /// Run an async command body on a fresh multi-threaded runtime.

@@ -109,7 +109,8 @@ pub(crate) struct BuildFlags {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub pool_max_size: Option<u64>,
 
-    /// Allow imports from outside the directory tree of the stackerfiles
+    /// Accepted for scripts; a local build reads inputs from anywhere, as stacker does
+    /// (the rule applies to `farm submit` to a coordinator, which uploads them)
     #[arg(long)]
     pub allow_outside_context: bool,
 
@@ -329,7 +330,10 @@ async fn build(
         no_cache: flags.no_cache,
         compression: flags.compression,
         require_hash: flags.require_hash,
-        allow_outside_context: flags.allow_outside_context,
+        // Nothing is uploaded: like stacker, a local build may read a base or an import
+        // from anywhere this user can. The context rule guards what a remote submission
+        // sends to a coordinator (see `farm submit`).
+        allow_outside_context: true,
         inline: crate::remote::inline_texts(&plan),
     };
     let (id, outcome) = embedded.run(&plan, spec).await?;

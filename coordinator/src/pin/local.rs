@@ -9,23 +9,48 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
+/// What a local input is to its layer (for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalKind {
+    Import,
+    /// The tarball of a `tar` base.
+    TarBase,
+    OverlayDir,
+}
+
+impl std::fmt::Display for LocalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LocalKind::Import => "import",
+            LocalKind::TarBase => "base",
+            LocalKind::OverlayDir => "overlay_dirs source",
+        })
+    }
+}
+
 /// Errors pinning an input.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    #[error("import '{written}': {path} does not exist")]
-    Missing { written: String, path: PathBuf },
-    #[error("import '{written}': cannot read {path}: {source}")]
+    #[error("{kind} '{written}': {path} does not exist")]
+    Missing {
+        kind: LocalKind,
+        written: String,
+        path: PathBuf,
+    },
+    #[error("{kind} '{written}': cannot read {path}: {source}")]
     Io {
+        kind: LocalKind,
         written: String,
         path: PathBuf,
         source: io::Error,
     },
     #[error(
-        "import '{written}' resolves to {resolved}, outside the build context {context}; \
-         imports must stay inside the directory tree you build from (pass \
+        "{kind} '{written}' resolves to {resolved}, outside the build context {context}; \
+         inputs must stay inside the directory tree you build from (pass \
          --allow-outside-context to allow it)"
     )]
     OutsideContext {
+        kind: LocalKind,
         written: String,
         resolved: PathBuf,
         context: PathBuf,
@@ -53,15 +78,17 @@ pub struct PinnedPath {
     pub bytes: u64,
 }
 
-/// Pin a local import: check it exists and stays inside `context` (when given), check
+/// Pin a local input: check it exists and stays inside `context` (when given), check
 /// `hash` (files), and compute its content digest.
 pub fn pin_local(
+    kind: LocalKind,
     written: &str,
     path: &Path,
     context: Option<&Path>,
     expected_hash: Option<&str>,
 ) -> Result<PinnedPath, InputError> {
     let io_err = |source: io::Error| InputError::Io {
+        kind,
         written: written.to_string(),
         path: path.to_path_buf(),
         source,
@@ -70,6 +97,7 @@ pub fn pin_local(
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(InputError::Missing {
+                kind,
                 written: written.to_string(),
                 path: path.to_path_buf(),
             });
@@ -80,6 +108,7 @@ pub fn pin_local(
         let context = fs::canonicalize(context).map_err(io_err)?;
         if !resolved.starts_with(&context) {
             return Err(InputError::OutsideContext {
+                kind,
                 written: written.to_string(),
                 resolved,
                 context,
@@ -201,10 +230,17 @@ mod tests {
         let f = d.path().join("a.txt");
         fs::write(&f, "test").unwrap();
         let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-        let p = pin_local("a.txt", &f, Some(d.path()), Some(&sha.to_uppercase())).unwrap();
+        let p = pin_local(
+            LocalKind::Import,
+            "a.txt",
+            &f,
+            Some(d.path()),
+            Some(&sha.to_uppercase()),
+        )
+        .unwrap();
         assert_eq!(p.file_sha256.as_deref(), Some(sha));
         assert!(!p.is_dir);
-        let e = pin_local("a.txt", &f, None, Some(&"0".repeat(64))).unwrap_err();
+        let e = pin_local(LocalKind::Import, "a.txt", &f, None, Some(&"0".repeat(64))).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains(&format!("got sha256:{sha}")), "{msg}");
         assert!(msg.contains("expected sha256:0000"), "{msg}");
@@ -238,19 +274,75 @@ mod tests {
         fs::create_dir(&ctx).unwrap();
         fs::write(d.path().join("secret"), "x").unwrap();
         symlink("../secret", ctx.join("link")).unwrap();
-        let e = pin_local("link", &ctx.join("link"), Some(&ctx), None).unwrap_err();
+        let e = pin_local(
+            LocalKind::Import,
+            "link",
+            &ctx.join("link"),
+            Some(&ctx),
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(e, InputError::OutsideContext { .. }), "{e}");
-        let e = pin_local("../secret", &ctx.join("../secret"), Some(&ctx), None).unwrap_err();
+        let e = pin_local(
+            LocalKind::Import,
+            "../secret",
+            &ctx.join("../secret"),
+            Some(&ctx),
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(e, InputError::OutsideContext { .. }), "{e}");
-        assert!(pin_local("../secret", &ctx.join("../secret"), None, None).is_ok());
-        let e = pin_local("nope", &ctx.join("nope"), Some(&ctx), None).unwrap_err();
+        assert!(
+            pin_local(
+                LocalKind::Import,
+                "../secret",
+                &ctx.join("../secret"),
+                None,
+                None
+            )
+            .is_ok()
+        );
+        let e = pin_local(
+            LocalKind::Import,
+            "nope",
+            &ctx.join("nope"),
+            Some(&ctx),
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("does not exist"));
+        // The message names what the input is to its layer.
+        let e = pin_local(
+            LocalKind::TarBase,
+            "../secret",
+            &ctx.join("../secret"),
+            Some(&ctx),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("base '../secret' resolves to"),
+            "{e}"
+        );
+        let e =
+            pin_local(LocalKind::OverlayDir, "nope", &ctx.join("nope"), None, None).unwrap_err();
+        assert!(
+            e.to_string().starts_with("overlay_dirs source 'nope':"),
+            "{e}"
+        );
     }
 
     #[test]
     fn hash_on_a_directory_is_an_error() {
         let d = tempfile::tempdir().unwrap();
-        let e = pin_local("d", d.path(), None, Some(&"a".repeat(64))).unwrap_err();
+        let e = pin_local(
+            LocalKind::Import,
+            "d",
+            d.path(),
+            None,
+            Some(&"a".repeat(64)),
+        )
+        .unwrap_err();
         assert!(matches!(e, InputError::HashOnDirectory { .. }));
     }
 }

@@ -21,7 +21,7 @@ use farm_stackerfile::{Base, Import, Layer, OverlayDir, Source};
 
 use crate::cache::BaseKey;
 use crate::fetch::{FetchError, Fetcher};
-use local::{InputError, pin_local};
+use local::{InputError, LocalKind, pin_local};
 use registry::RegistryBases;
 
 /// Why an input could not be pinned; every one is the input's fault.
@@ -119,7 +119,8 @@ impl Sources<'_> {
             Base::Tar { source } => {
                 let (base, digest) = match source {
                     Source::Local { written, path } => {
-                        let pinned = pin_local(written, path, self.context, None)?;
+                        let pinned =
+                            pin_local(LocalKind::TarBase, written, path, self.context, None)?;
                         let digest =
                             local::store_file(self.blobs, &pinned)
                                 .await
@@ -187,7 +188,13 @@ impl Sources<'_> {
         let written = import.source.written();
         let (source, digest, name) = match &import.source {
             Source::Local { path, .. } => {
-                let pinned = pin_local(&written, path, self.context, import.hash.as_deref())?;
+                let pinned = pin_local(
+                    LocalKind::Import,
+                    &written,
+                    path,
+                    self.context,
+                    import.hash.as_deref(),
+                )?;
                 (
                     ImportSource::Local(pinned.resolved),
                     pinned.digest,
@@ -231,7 +238,13 @@ impl Sources<'_> {
     }
 
     fn overlay_dir(&self, od: &OverlayDir) -> Result<JobOverlayDir, PinError> {
-        let pinned = pin_local(&od.written, &od.source, self.context, None)?;
+        let pinned = pin_local(
+            LocalKind::OverlayDir,
+            &od.written,
+            &od.source,
+            self.context,
+            None,
+        )?;
         if !pinned.is_dir {
             return Err(PinError::NotADirectory {
                 written: od.written.clone(),
