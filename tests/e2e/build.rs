@@ -2066,3 +2066,49 @@ fn root_is_refused_a_users_state_dir_and_pool_before_writing_anything() {
     again.assert_ok();
     assert_states(&again, &[("one", "cached")]);
 }
+
+/// The README's first command, as root on a copy of the example: it builds both images
+/// with the embedded farm and runs `hello` with runc, whose output ends the script's.
+#[test]
+fn the_main_job_builds_the_example_and_runs_it() {
+    let Some(e) = e2e() else { return };
+    let t = TestDir::new(e, "main-job", Who::Root);
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/hello");
+    let copy = t.join("repo/deploy/examples/hello");
+    fs::create_dir_all(&copy).unwrap();
+    for name in [
+        "run.sh",
+        "make-rootfs.sh",
+        "stacker.yaml",
+        "base.yaml",
+        "motd.txt",
+    ] {
+        fs::copy(example.join(name), copy.join(name)).unwrap();
+    }
+    let out = Command::new(copy.join("run.sh"))
+        .env("FARM", farm_bin())
+        .env("FARM_STATE_DIR", t.join("state"))
+        .env("FARM_POOL", t.join("pool"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.trim_end().ends_with("hello from farm"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains(
+            &fs::read_to_string(example.join("motd.txt"))
+                .unwrap()
+                .trim()
+                .to_string()
+        )
+    );
+    let oci = Oci::new(&t.join("repo/oci"));
+    assert_eq!(
+        oci.tag_names().into_iter().collect::<Vec<_>>(),
+        ["busybox", "hello"]
+    );
+}
