@@ -79,7 +79,7 @@ pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     const DEBUG: &str = "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info,\
-                         reqwest=info,rustls=info";
+                         reqwest=info,rustls=info,sqlx=info";
     let from_env = || EnvFilter::try_from_env("FARM_LOG").ok();
     let stderr_filter = if args.debug {
         EnvFilter::new(DEBUG)
@@ -115,6 +115,7 @@ pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .with_filter(stderr_filter),
         )
