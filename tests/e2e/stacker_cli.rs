@@ -218,3 +218,125 @@ fn debug_quiet_log_file_and_progress() {
         r.describe()
     );
 }
+
+/// stacker's publish.bats, against farm through the `stacker` link: by stackerfile
+/// (-f, -d, --image/--layer), to `oci:DIR` as IMAGE_TAG, --show-only, build_only.
+#[test]
+fn publish_by_stackerfile_to_an_oci_layout() {
+    let Some(e) = e2e() else { return };
+    let t = TestDir::new(e, "stacker-publish", Who::User);
+    let base = "  from:\n    type: oci\n    url: ${{BUSYBOX_OCI}}:busybox\n";
+    t.write(
+        "ocibuilds/sub1/stacker.yaml",
+        format!("layer1:\n{base}  run: echo 1 > /root/one\n"),
+    );
+    t.write(
+        "ocibuilds/sub2/stacker.yaml",
+        "config:\n  prerequisites:\n    - ../sub1/stacker.yaml\nlayer2:\n  from:\n    type: built\n    \
+         tag: layer1\n  run: cp /root/one /root/two\n",
+    );
+    t.write(
+        "ocibuilds/sub3/stacker.yaml",
+        format!("layer3:\n{base}  build_only: true\n"),
+    );
+    let link = stacker_link(&t);
+    let state = t.state.display().to_string();
+    let pool = t.pool.display().to_string();
+    let sub = format!("BUSYBOX_OCI={}", e.busybox_oci.display());
+    let run = |args: &[&str]| {
+        let mut all = vec!["--stacker-dir", &state, "--roots-dir", &pool];
+        all.splice(0..0, args.iter().copied());
+        all.extend(["--substitute", &sub]);
+        stacker(&t, &link, &all)
+    };
+    run(&["recursive-build", "-d", "ocibuilds"]).assert_ok();
+    let publish = |args: &[&str]| {
+        let mut all = vec!["publish"];
+        all.extend(args);
+        all.extend(["--substitute", sub.as_str()]);
+        stacker(&t, &link, &all)
+    };
+
+    // One file, two tags: its own layer only (not its prerequisite's).
+    let r = publish(&[
+        "-f",
+        "ocibuilds/sub2/stacker.yaml",
+        "--url",
+        "oci:oci_publish",
+        "--tag",
+        "test1",
+        "--tag",
+        "test2",
+    ]);
+    r.assert_ok();
+    let published = Oci::new(&t.join("oci_publish"));
+    assert_eq!(
+        published.tag_names(),
+        ["layer2_test1", "layer2_test2"].map(String::from).into(),
+        "{}",
+        r.describe()
+    );
+    let built = Oci::new(&t.join("oci"));
+    assert_eq!(
+        published.manifest_digest("layer2_test1"),
+        built.manifest_digest("layer2"),
+        "the same image"
+    );
+    t.validate(&t.join("oci_publish"), "layer2_test1");
+
+    // -d with a selection (--image and stacker's --layer); build_only is said, not published.
+    let r = publish(&[
+        "-d",
+        "ocibuilds",
+        "--url",
+        "oci:oci_sel",
+        "--tag",
+        "t",
+        "--image",
+        "layer1",
+        "--layer",
+        "layer3",
+    ]);
+    r.assert_ok();
+    assert_eq!(
+        Oci::new(&t.join("oci_sel")).tag_names(),
+        ["layer1_t".to_string()].into(),
+        "{}",
+        r.describe()
+    );
+    r.assert_stderr_contains("will not publish: ocibuilds/sub3/stacker.yaml build_only layer3");
+
+    // --show-only with a docker URL and stacker's credential flags: nothing is sent.
+    let r = publish(&[
+        "-f",
+        "ocibuilds/sub1/stacker.yaml",
+        "--url",
+        "docker://docker-reg.fake.com/",
+        "--username",
+        "user",
+        "--password",
+        "pass",
+        "--tag",
+        "test1",
+        "--show-only",
+    ]);
+    r.assert_ok();
+    assert_eq!(
+        r.stdout.lines().last(),
+        Some(
+            "would publish: ocibuilds/sub1/stacker.yaml layer1 to \
+             docker://docker-reg.fake.com/layer1:test1"
+        ),
+        "{}",
+        r.describe()
+    );
+
+    // A layer that was never built is an error that says so.
+    t.write(
+        "ocibuilds/sub4/stacker.yaml",
+        format!("layer4:\n{base}  run: true\n"),
+    );
+    let r = publish(&["-f", "ocibuilds/sub4/stacker.yaml", "--url", "oci:x"]);
+    r.assert_failed();
+    r.assert_stderr_contains("no image 'layer4'");
+}

@@ -297,7 +297,7 @@ fn build_order(plan: &Plan) -> String {
         .collect()
 }
 
-fn find_files(dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub(crate) fn find_files(dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let ft = entry.file_type()?;
