@@ -31,7 +31,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "farm", version, propagate_version = true, max_term_width = 100)]
 #[command(
     after_help = "Start with `farm plan stacker.yaml` to see what would be built.\n\
-Set FARM_LOG=debug for detailed logs."
+--debug (or FARM_LOG=debug) for detailed logs; installed or linked as `stacker`, farm takes\nstacker's flags (--oci-dir, --roots-dir, --stacker-dir, --work-dir, ...)."
 )]
 struct Cli {
     #[command(flatten)]
