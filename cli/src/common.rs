@@ -1,19 +1,127 @@
 //! Pieces every subcommand shares: logging, the stackerfile arguments, substitutions,
 //! and printing diagnostics.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use clap::Args;
 use farm_stackerfile::{Diagnostic, Substitutions};
+use tracing_subscriber::Layer as _;
 
-pub(crate) fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FARM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+/// stacker's global flags, accepted before or after any subcommand.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct GlobalArgs {
+    /// Debug logs on stderr (stacker's --debug; like FARM_LOG=debug)
+    #[arg(long, global = true, conflicts_with = "quiet")]
+    pub debug: bool,
+
+    /// Only errors on stderr: no logs below error, no progress lines, no summary when all
+    /// went well (stacker's --quiet)
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Also write the logs and the build's progress lines to FILE (stacker's --log-file)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// Show the live progress display (spinners) even when stderr is not a terminal
+    #[arg(long, global = true, overrides_with = "no_progress")]
+    pub progress: bool,
+
+    /// No live progress display: plain progress lines even on a terminal
+    #[arg(long, global = true, overrides_with = "progress")]
+    pub no_progress: bool,
+
+    /// stacker's work dir: the state dir defaults to DIR/.stacker (--stacker-dir) and the
+    /// pool to DIR/roots (--roots-dir)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+}
+
+static GLOBAL: OnceLock<GlobalArgs> = OnceLock::new();
+static LOG_FILE: OnceLock<Arc<std::fs::File>> = OnceLock::new();
+
+fn global() -> &'static GlobalArgs {
+    GLOBAL.get_or_init(GlobalArgs::default)
+}
+
+/// `--quiet`: print only errors.
+pub(crate) fn quiet() -> bool {
+    global().quiet
+}
+
+/// `--progress` (`Some(true)`), `--no-progress` (`Some(false)`), else `None` (a live
+/// display exactly when stderr is a terminal).
+pub(crate) fn progress_forced() -> Option<bool> {
+    let g = global();
+    if g.progress {
+        Some(true)
+    } else if g.no_progress {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// A progress line for `--log-file` (stderr has it already).
+pub(crate) fn log_line(line: &str) {
+    if let Some(f) = LOG_FILE.get() {
+        let _ = writeln!(&**f, "{line}");
+    }
+}
+
+/// Remember the global flags and set up logging: `--debug`, `--quiet`, else FARM_LOG,
+/// else `default`, on stderr; with `--log-file`, also to the file (at least info there).
+pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    const DEBUG: &str = "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info,\
+                         reqwest=info,rustls=info,sqlx=info";
+    let from_env = || EnvFilter::try_from_env("FARM_LOG").ok();
+    let stderr_filter = if args.debug {
+        EnvFilter::new(DEBUG)
+    } else if args.quiet {
+        EnvFilter::new("error")
+    } else {
+        from_env().unwrap_or_else(|| EnvFilter::new(default))
+    };
+    let file_layer = match &args.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening --log-file {}", path.display()))?;
+            let file = Arc::new(file);
+            let _ = LOG_FILE.set(file.clone());
+            let filter = if args.debug {
+                EnvFilter::new(DEBUG)
+            } else {
+                from_env().unwrap_or_else(|| EnvFilter::new("info"))
+            };
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(file)
+                    .with_filter(filter),
+            )
+        }
+        None => None,
+    };
+    let _ = GLOBAL.set(args);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
+                .with_filter(stderr_filter),
+        )
+        .with(file_layer)
         .init();
+    Ok(())
 }
 
 /// Which stackerfile to read, and the substitutions to apply to it.
@@ -89,9 +197,23 @@ impl Layout {
         pool: Option<PathBuf>,
         output: Option<PathBuf>,
     ) -> Self {
-        let state_dir = state_dir.unwrap_or_else(default_state_dir);
+        Self::with_work_dir(state_dir, pool, output, global().work_dir.as_deref())
+    }
+
+    /// [`Layout::new`] given stacker's `--work-dir`: what is not set goes under it.
+    pub(crate) fn with_work_dir(
+        state_dir: Option<PathBuf>,
+        pool: Option<PathBuf>,
+        output: Option<PathBuf>,
+        work: Option<&Path>,
+    ) -> Self {
+        let state_dir = state_dir
+            .or_else(|| work.map(|w| w.join(".stacker")))
+            .unwrap_or_else(default_state_dir);
         Layout {
-            pool: pool.unwrap_or_else(|| state_dir.join("pool")),
+            pool: pool
+                .or_else(|| work.map(|w| w.join("roots")))
+                .unwrap_or_else(|| state_dir.join("pool")),
             output: output.unwrap_or_else(|| PathBuf::from("oci")),
             state_dir,
         }
@@ -110,7 +232,10 @@ impl Layout {
             ("STACKER_ROOTFS_DIR".into(), abs(&self.pool)),
             ("STACKER_STACKER_DIR".into(), abs(&self.state_dir)),
             ("STACKER_OCI_DIR".into(), abs(&self.output)),
-            ("STACKER_WORK_DIR".into(), abs(&self.state_dir)),
+            (
+                "STACKER_WORK_DIR".into(),
+                abs(global().work_dir.as_deref().unwrap_or(&self.state_dir)),
+            ),
         ]
     }
 }

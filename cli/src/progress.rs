@@ -33,12 +33,15 @@ impl Progress {
     pub(crate) fn start(plan: &Plan, mut rx: UnboundedReceiver<Event>) -> Progress {
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
         let width = names.iter().map(String::len).max().unwrap_or(0);
-        let tty = std::io::stderr().is_terminal();
+        let terminal = std::io::stderr().is_terminal();
+        let tty = crate::common::progress_forced().unwrap_or(terminal) && !crate::common::quiet();
+        let quiet = crate::common::quiet();
         let task = tokio::spawn(async move {
-            let mp = MultiProgress::with_draw_target(if tty {
-                ProgressDrawTarget::stderr()
-            } else {
-                ProgressDrawTarget::hidden()
+            let mp = MultiProgress::with_draw_target(match (tty, terminal) {
+                (false, _) => ProgressDrawTarget::hidden(),
+                (true, true) => ProgressDrawTarget::stderr(),
+                // --progress on a pipe or a file: draw anyway.
+                (true, false) => ProgressDrawTarget::term_like(Box::new(AnsiStderr)),
             });
             let style = ProgressStyle::with_template("{spinner} {prefix} {wide_msg} {elapsed}")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner());
@@ -46,6 +49,10 @@ impl Progress {
             let mut states: HashMap<String, State> =
                 names.iter().map(|n| (n.clone(), State::Waiting)).collect();
             let say = |mp: &MultiProgress, line: String| {
+                crate::common::log_line(&line);
+                if quiet && !line.contains("] FAILED: ") {
+                    return;
+                }
                 if tty {
                     let _ = mp.println(line);
                 } else {
@@ -128,6 +135,65 @@ impl Progress {
     /// Wait for the last event (the sender side must be gone) and return the summary.
     pub(crate) async fn finish(self) -> String {
         self.task.await.unwrap_or_default()
+    }
+}
+
+/// stderr as a terminal that understands ANSI escapes, for `--progress` when stderr is
+/// not a terminal (indicatif hides its display there).
+#[derive(Debug)]
+struct AnsiStderr;
+
+impl AnsiStderr {
+    fn put(&self, s: &str) -> std::io::Result<()> {
+        use std::io::Write as _;
+        std::io::stderr().write_all(s.as_bytes())
+    }
+}
+
+impl indicatif::TermLike for AnsiStderr {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}A"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}B"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}C"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}D"))
+        } else {
+            Ok(())
+        }
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.put(&format!("{s}\n"))
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.put(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.put("\r\x1b[2K")
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        std::io::stderr().flush()
     }
 }
 

@@ -8,4 +8,5 @@ mod plan;
 mod procs;
 mod registry;
 mod semantics;
+mod stacker_cli;
 mod util;

@@ -76,17 +76,45 @@ pub(crate) struct RecursiveBuildArgs {
 /// Options of `farm build` and `farm recursive-build`.
 #[derive(Debug, Args)]
 pub(crate) struct BuildFlags {
-    /// OCI layout to write the images to
-    #[arg(short, long, value_name = "DIR", default_value = "oci")]
+    /// OCI layout to write the images to (stacker's --oci-dir)
+    #[arg(
+        short,
+        long,
+        visible_alias = "oci-dir",
+        value_name = "DIR",
+        default_value = "oci"
+    )]
     pub output: PathBuf,
 
-    /// Where farm keeps its cache database and blobs [default: $XDG_DATA_HOME/farm]
-    #[arg(long, value_name = "DIR", env = "FARM_STATE_DIR")]
+    /// Where farm keeps its cache database and blobs (stacker's --stacker-dir)
+    /// [default: $XDG_DATA_HOME/farm, or WORK_DIR/.stacker with --work-dir]
+    #[arg(
+        long,
+        visible_alias = "stacker-dir",
+        value_name = "DIR",
+        env = "FARM_STATE_DIR"
+    )]
     pub state_dir: Option<PathBuf>,
 
-    /// The pool of root filesystems (btrfs recommended) [default: STATE_DIR/pool]
-    #[arg(long, value_name = "DIR", env = "FARM_POOL")]
+    /// The pool of root filesystems, btrfs recommended (stacker's --roots-dir)
+    /// [default: STATE_DIR/pool, or WORK_DIR/roots with --work-dir]
+    #[arg(
+        long,
+        visible_alias = "roots-dir",
+        value_name = "DIR",
+        env = "FARM_POOL"
+    )]
     pub pool: Option<PathBuf>,
+
+    /// Print the layers in build order, one per line (the order of `farm plan`), and
+    /// exit without building
+    #[arg(long)]
+    pub order_only: bool,
+
+    /// Write the manifest annotations under NS (NS.stacker.stacker_yaml, ...), as
+    /// stacker's --annotations-namespace
+    #[arg(long, value_name = "NS", default_value = DEFAULT_ANNOTATION_NAMESPACE)]
+    pub annotations_namespace: String,
 
     /// Rebuild every layer, ignoring cached results
     #[arg(long)]
@@ -175,6 +203,8 @@ pub(crate) fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode>
             output: s.output.unwrap_or_else(|| PathBuf::from("oci")),
             state_dir: env_path("FARM_STATE_DIR"),
             pool: env_path("FARM_POOL"),
+            order_only: false,
+            annotations_namespace: DEFAULT_ANNOTATION_NAMESPACE.to_string(),
             no_cache: s.no_cache,
             compression: s.compression,
             jobs: None,
@@ -203,6 +233,10 @@ pub(crate) fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let Some(plan) = plan_or_report("build", &path, &options)? else {
         return Ok(ExitCode::FAILURE);
     };
+    if args.flags.order_only {
+        print!("{}", build_order(&plan));
+        return Ok(ExitCode::SUCCESS);
+    }
     let entries = vec![path.display().to_string()];
     block_on(build(
         plan,
@@ -233,12 +267,18 @@ pub(crate) fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode
             args.dir.display()
         );
     }
-    eprintln!("farm recursive-build: {} stackerfile(s)", files.len());
+    if !crate::common::quiet() {
+        eprintln!("farm recursive-build: {} stackerfile(s)", files.len());
+    }
     let loaded = Plan::load_many(&files, &options, &farm_stackerfile::LocalFiles);
     let what = format!("{} stackerfiles", files.len());
     let Some(plan) = report_plan("recursive-build", &what, loaded)? else {
         return Ok(ExitCode::FAILURE);
     };
+    if args.flags.order_only {
+        print!("{}", build_order(&plan));
+        return Ok(ExitCode::SUCCESS);
+    }
     let entries = files.iter().map(|f| f.display().to_string()).collect();
     block_on(build(
         plan,
@@ -249,7 +289,16 @@ pub(crate) fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode
     ))?
 }
 
-fn find_files(dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// `--order-only`: the layers in the order `farm plan` shows them, one per line.
+fn build_order(plan: &Plan) -> String {
+    plan.waves
+        .iter()
+        .flatten()
+        .map(|&i| format!("{}\n", plan.layers[i].layer.name))
+        .collect()
+}
+
+pub(crate) fn find_files(dir: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let ft = entry.file_type()?;
@@ -360,7 +409,7 @@ async fn build(
                         annotations: manifest_annotations_with(
                             &plan,
                             i,
-                            DEFAULT_ANNOTATION_NAMESPACE,
+                            &flags.annotations_namespace,
                             &mut git,
                         ),
                     })
@@ -400,7 +449,10 @@ async fn build(
             Err(e) => eprintln!("farm build: pool gc: {e}"),
         }
     }
-    eprintln!("{}", outcome.summary);
+    let quiet = ok && crate::common::quiet();
+    if !quiet {
+        eprintln!("{}", outcome.summary);
+    }
     if flags.json
         && let Some(status) = embedded.farm.status(&id).await?
     {
@@ -410,12 +462,14 @@ async fn build(
         eprintln!("farm {}: {e}", flags.command);
     }
     embedded.stop().await;
-    eprintln!(
-        "farm {}: {} in {:.1}s (build {id})",
-        flags.command,
-        if ok { "done" } else { "FAILED" },
-        started.elapsed().as_secs_f64()
-    );
+    if !quiet {
+        eprintln!(
+            "farm {}: {} in {:.1}s (build {id})",
+            flags.command,
+            if ok { "done" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

@@ -16,12 +16,24 @@ use crate::local::{Local, block_on};
 /// Where the state is.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct StateArgs {
-    /// Where farm keeps its cache database and blobs [default: $XDG_DATA_HOME/farm]
-    #[arg(long, value_name = "DIR", env = "FARM_STATE_DIR")]
+    /// Where farm keeps its cache database and blobs (stacker's --stacker-dir)
+    /// [default: $XDG_DATA_HOME/farm, or WORK_DIR/.stacker with --work-dir]
+    #[arg(
+        long,
+        visible_alias = "stacker-dir",
+        value_name = "DIR",
+        env = "FARM_STATE_DIR"
+    )]
     pub state_dir: Option<PathBuf>,
 
-    /// The pool of root filesystems [default: STATE_DIR/pool]
-    #[arg(long, value_name = "DIR", env = "FARM_POOL")]
+    /// The pool of root filesystems (stacker's --roots-dir)
+    /// [default: STATE_DIR/pool, or WORK_DIR/roots with --work-dir]
+    #[arg(
+        long,
+        visible_alias = "roots-dir",
+        value_name = "DIR",
+        env = "FARM_POOL"
+    )]
     pub pool: Option<PathBuf>,
 }
 
@@ -82,14 +94,27 @@ pub(crate) fn grab(args: GrabArgs) -> anyhow::Result<ExitCode> {
     })?
 }
 
-/// A shell in a throwaway copy of a built layer (`farm chroot LAYER [CMD...]`).
+/// A shell in a throwaway copy of a built layer (`farm chroot [LAYER] [CMD...]`).
 ///
-/// Runs in the same rootless sandbox as builds; nothing you change is kept.
+/// Runs in the same rootless sandbox as builds; nothing you change is kept. Without
+/// LAYER, as stacker: the stackerfile's only layer, else its last one.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  farm chroot app\n  farm chroot app -- ls -l /usr/local/bin")]
+#[command(
+    after_help = "Examples:\n  farm chroot app\n  farm chroot app -- ls -l /usr/local/bin\n  farm chroot -f images/stacker.yaml --substitute VERSION=1.2"
+)]
 pub(crate) struct ChrootArgs {
-    /// A layer built by farm build
-    pub layer: String,
+    /// A layer built by farm build [default: the last layer of the stackerfile]
+    pub layer: Option<String>,
+    /// The stackerfile that names the layer when LAYER is not given
+    #[arg(
+        short = 'f',
+        long = "stacker-file",
+        value_name = "FILE",
+        default_value = "stacker.yaml"
+    )]
+    pub stacker_file: PathBuf,
+    #[command(flatten)]
+    pub subs: crate::common::SubstitutionArgs,
     /// The command to run [default: /bin/sh]
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -97,10 +122,37 @@ pub(crate) struct ChrootArgs {
     pub state: StateArgs,
 }
 
-pub(crate) fn chroot(args: ChrootArgs) -> anyhow::Result<ExitCode> {
+/// The layer `farm chroot` enters without a name: the stackerfile's last layer (its only
+/// one when it has one), as stacker picks.
+fn default_layer(args: &ChrootArgs) -> anyhow::Result<Option<String>> {
+    let options = farm_stackerfile::PlanOptions {
+        substitutions: args.subs.substitutions(&args.state.layout())?,
+    };
+    let Some(plan) = crate::common::plan_or_report("chroot", &args.stacker_file, &options)? else {
+        return Ok(None);
+    };
+    let last = plan.files.len().saturating_sub(1);
+    let layer = plan
+        .layers
+        .iter()
+        .rev()
+        .find(|l| l.file == last)
+        .or(plan.layers.last())
+        .with_context(|| format!("{} has no layers", args.stacker_file.display()))?;
+    Ok(Some(layer.layer.name.clone()))
+}
+
+pub(crate) fn chroot(mut args: ChrootArgs) -> anyhow::Result<ExitCode> {
+    let layer = match args.layer.take() {
+        Some(layer) => layer,
+        None => match default_layer(&args)? {
+            Some(layer) => layer,
+            None => return Ok(ExitCode::FAILURE),
+        },
+    };
     block_on(async move {
         let local = Local::open(args.state.layout(), None).await?;
-        let result = built(&local, &args.layer)?;
+        let result = built(&local, &layer)?;
         let (events, _rx) = EventSender::channel();
         let mut env = vec![
             (
@@ -108,7 +160,7 @@ pub(crate) fn chroot(args: ChrootArgs) -> anyhow::Result<ExitCode> {
                 farm_stackerfile::DEFAULT_PATH.to_string(),
             ),
             ("HOME".to_string(), "/root".to_string()),
-            ("STACKER_LAYER_NAME".to_string(), args.layer.clone()),
+            ("STACKER_LAYER_NAME".to_string(), layer.clone()),
         ];
         if let Ok(term) = std::env::var("TERM") {
             env.push(("TERM".into(), term));

@@ -22,13 +22,19 @@ pub(crate) struct RegistryArgs {
     /// Without them, the usual auth files are used: $REGISTRY_AUTH_FILE,
     /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json,
     /// ~/.docker/config.json
-    #[arg(long, value_name = "USER", env = "FARM_REGISTRY_USERNAME")]
+    #[arg(
+        long,
+        visible_alias = "username",
+        value_name = "USER",
+        env = "FARM_REGISTRY_USERNAME"
+    )]
     pub registry_username: Option<String>,
 
     /// Password for --registry-username. Prefer $FARM_REGISTRY_PASSWORD or an auth file
     /// (`skopeo login`, `docker login`): a command line is visible to other users
     #[arg(
         long,
+        visible_alias = "password",
         value_name = "PASSWORD",
         env = "FARM_REGISTRY_PASSWORD",
         hide_env_values = true
@@ -66,7 +72,10 @@ pub(crate) struct PushArgs {
 /// Push images to a registry, as stacker's publish does.
 ///
 /// Every image tagged in the OCI layout (or only those given with --image) goes to
-/// HOST[:PORT]/NAMESPACE/IMAGE:TAG for each --tag (default: latest). Blobs the registry
+/// HOST[:PORT]/NAMESPACE/IMAGE:TAG for each --tag (default: latest). With -f FILE or
+/// -d DIR, as stacker: the images are the layers those stackerfiles define (not their
+/// prerequisites' layers, never build_only ones). With --url oci:DIR, the images are
+/// copied into the OCI layout DIR as IMAGE_TAG. Blobs the registry
 /// already has are not sent again, blobs shared by several images are uploaded once
 /// and mounted into the other repositories, and each manifest is pushed with its exact
 /// local bytes, so the registry's digest is the one in the layout. All blobs and
@@ -79,12 +88,47 @@ pub(crate) struct PushArgs {
 #[command(after_help = "Examples:\n  \
   farm build && farm publish --url docker://registry.example.com/team\n  \
   farm publish --url docker://localhost:5000/dev --tag 1.2 --tag latest --image app --skip-tls\n  \
+  farm publish -f stacker.yaml --url oci:published --tag 1.2 --show-only\n  \
   farm build --push docker://registry.example.com/team --push-tag 1.2   (build, then push)\n  \
   farm publish b-1795961460799-adfc59c5 --url docker://registry.example.com/team --coordinator farm:7600")]
 pub(crate) struct PublishArgs {
-    /// Where to push: docker://HOST[:PORT]/NAMESPACE
+    /// Where to push: docker://HOST[:PORT]/NAMESPACE, or oci:DIR (an OCI layout)
     #[arg(long, value_name = "URL")]
     pub url: String,
+
+    /// Publish the layers this stackerfile defines (stacker's -f)
+    #[arg(
+        short = 'f',
+        long = "stacker-file",
+        value_name = "FILE",
+        conflicts_with_all = ["search_dir", "build"]
+    )]
+    pub stacker_file: Option<PathBuf>,
+
+    /// Publish the layers of every stackerfile under DIR named PATTERN (stacker's -d)
+    #[arg(
+        short = 'd',
+        long = "search-dir",
+        value_name = "DIR",
+        conflicts_with = "build"
+    )]
+    pub search_dir: Option<PathBuf>,
+
+    /// With -d: the stackerfiles' name pattern (`*` and `?` wildcards)
+    #[arg(
+        short = 'p',
+        long = "stacker-file-pattern",
+        value_name = "PATTERN",
+        default_value = "stacker.yaml"
+    )]
+    pub pattern: String,
+
+    #[command(flatten)]
+    pub subs: crate::common::SubstitutionArgs,
+
+    /// Print what would be published where, and publish nothing (stacker's --show-only)
+    #[arg(long)]
+    pub show_only: bool,
 
     /// Tag to push each image under (repeatable) [default: latest]
     #[arg(long = "tag", value_name = "TAG")]
@@ -95,12 +139,13 @@ pub(crate) struct PublishArgs {
     pub skip_tls: bool,
 
     /// Push only this image (a tag of the layout; repeatable) [default: all]
-    #[arg(long = "image", value_name = "NAME")]
+    #[arg(long = "image", visible_alias = "layer", value_name = "NAME")]
     pub images: Vec<String>,
 
-    /// The OCI layout holding the images (what `farm build -o` wrote)
+    /// The OCI layout holding the images (what `farm build -o` wrote; stacker's --oci-dir)
     #[arg(
         long,
+        visible_alias = "oci-dir",
         value_name = "DIR",
         default_value = "oci",
         conflicts_with = "build"
@@ -255,7 +300,120 @@ pub(crate) async fn push_after_build(
     }
 }
 
+/// An image to publish: its name (a tag of the layout) and the stackerfile that defines
+/// it, when publishing by stackerfile.
+struct Wanted {
+    name: String,
+    file: Option<PathBuf>,
+}
+
+/// `-f`/`-d`: the layers the stackerfiles define, in file order, minus build_only ones
+/// (said on stderr) and those --image leaves out; `None` without -f and -d.
+fn stackerfile_images(args: &PublishArgs) -> anyhow::Result<Option<Vec<Wanted>>> {
+    let files = match (&args.stacker_file, &args.search_dir) {
+        (Some(f), _) => vec![f.clone()],
+        (None, Some(dir)) => {
+            let mut files = Vec::new();
+            super::build::find_files(dir, &args.pattern, &mut files)
+                .with_context(|| format!("searching {}", dir.display()))?;
+            files.sort();
+            if files.is_empty() {
+                anyhow::bail!("no file named '{}' under {}", args.pattern, dir.display());
+            }
+            files
+        }
+        (None, None) => return Ok(None),
+    };
+    let layout = crate::common::Layout::new(None, None, Some(args.layout.clone()));
+    let options = farm_stackerfile::PlanOptions {
+        substitutions: args.subs.substitutions(&layout)?,
+    };
+    let mut wanted: Vec<Wanted> = Vec::new();
+    for file in files {
+        let Some(plan) = crate::common::plan_or_report("publish", &file, &options)? else {
+            anyhow::bail!("{} does not load", file.display());
+        };
+        // The entry file loads last, after its prerequisites.
+        let entry = plan.files.len().saturating_sub(1);
+        for l in plan.layers.iter().filter(|l| l.file == entry) {
+            let name = &l.layer.name;
+            if l.layer.build_only {
+                if !crate::common::quiet() {
+                    eprintln!("will not publish: {} build_only {name}", file.display());
+                }
+                continue;
+            }
+            if (!args.images.is_empty() && !args.images.contains(name))
+                || wanted.iter().any(|w| &w.name == name)
+            {
+                continue;
+            }
+            wanted.push(Wanted {
+                name: name.clone(),
+                file: Some(file.clone()),
+            });
+        }
+    }
+    Ok(Some(wanted))
+}
+
+/// `oci:DIR`: the layout DIR.
+fn oci_destination(url: &str) -> Option<PathBuf> {
+    url.strip_prefix("oci:").map(PathBuf::from)
+}
+
+/// Where IMAGE:TAG goes, as stacker writes it: `docker://HOST/NS/IMAGE:TAG`, or
+/// `oci:DIR:IMAGE_TAG`.
+fn destination(url: &str, image: &str, tag: &str) -> String {
+    match oci_destination(url) {
+        Some(_) => format!("{url}:{image}_{tag}"),
+        None => format!("{}/{image}:{tag}", url.trim_end_matches('/')),
+    }
+}
+
+/// Copy `images` (name, manifest digest) from `from` into the OCI layout `dir` as
+/// NAME_TAG for each tag.
+async fn publish_to_layout(
+    from: &OciLayout,
+    images: &[(String, String)],
+    tags: &[String],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let to = if dir.join("index.json").exists() {
+        OciLayout::open(dir).await
+    } else {
+        OciLayout::create(dir).await
+    }
+    .with_context(|| format!("opening the OCI layout {}", dir.display()))?;
+    let mut tagged = Vec::new();
+    for (name, _) in images {
+        let (desc, manifest) = from.manifest(name, None).await?;
+        let digests = std::iter::once(desc.digest().to_string())
+            .chain(std::iter::once(manifest.config().digest().to_string()))
+            .chain(manifest.layers().iter().map(|l| l.digest().to_string()));
+        for d in digests {
+            from.blobs()
+                .copy_to(&Digest::parse(&d)?, to.blobs())
+                .await?;
+        }
+        for tag in tags {
+            tagged.push((format!("{name}_{tag}"), desc.clone()));
+        }
+    }
+    to.set_tags(&tagged).await?;
+    for (tag, desc) in &tagged {
+        println!("oci:{}:{tag}  {}", dir.display(), desc.digest());
+    }
+    Ok(())
+}
+
 pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    // The tags each image goes under (publish_images defaults the same way).
+    let dest_tags = if args.tags.is_empty() {
+        vec!["latest".to_string()]
+    } else {
+        args.tags.clone()
+    };
     let opts = PublishOptions {
         url: args.url.clone(),
         tags: args.tags.clone(),
@@ -264,7 +422,18 @@ pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         credentials: args.registry.credentials()?,
         refs_to_stderr: false,
     };
-    opts.check()?;
+    match oci_destination(&args.url) {
+        Some(dir) if dir.as_os_str().is_empty() => anyhow::bail!("--url oci:DIR needs a DIR"),
+        Some(_) => {
+            for t in &dest_tags {
+                farm_registry::check_tag(t)?;
+            }
+        }
+        None => {
+            opts.check()?;
+        }
+    }
+    let by_file = stackerfile_images(&args)?;
     let scratch = ScratchLayout::new("publish")?;
     block_on(async move {
         let mut args = args;
@@ -282,26 +451,89 @@ pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("opening the OCI layout {}", args.layout.display()))?;
         let tags = layout.tags().await?;
-        for wanted in &args.images {
-            if !tags.contains(wanted) {
-                anyhow::bail!(
-                    "no image '{wanted}' in {} (it has: {})",
-                    args.layout.display(),
-                    tags.join(", ")
-                );
+        let wanted = match by_file {
+            Some(wanted) => {
+                for w in &wanted {
+                    if !tags.contains(&w.name) {
+                        anyhow::bail!(
+                            "no image '{}' in {}: build {} before publishing it",
+                            w.name,
+                            args.layout.display(),
+                            w.file.as_deref().unwrap_or(args.layout.as_path()).display()
+                        );
+                    }
+                }
+                wanted
             }
+            None => {
+                for wanted in &args.images {
+                    if !tags.contains(wanted) {
+                        anyhow::bail!(
+                            "no image '{wanted}' in {} (it has: {})",
+                            args.layout.display(),
+                            tags.join(", ")
+                        );
+                    }
+                }
+                let wanted: Vec<Wanted> = tags
+                    .iter()
+                    .filter(|t| args.images.is_empty() || args.images.contains(t))
+                    .map(|t| Wanted {
+                        name: t.clone(),
+                        file: None,
+                    })
+                    .collect();
+                if wanted.is_empty() {
+                    anyhow::bail!("no images in {}", args.layout.display());
+                }
+                wanted
+            }
+        };
+        if args.show_only {
+            for w in &wanted {
+                let what = match &w.file {
+                    Some(f) => format!("{} {}", f.display(), w.name),
+                    None => w.name.clone(),
+                };
+                for tag in &dest_tags {
+                    let to = destination(&args.url, &w.name, tag);
+                    println!("would publish: {what} to {to}");
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         let mut images = Vec::new();
-        for tag in &tags {
-            if args.images.is_empty() || args.images.contains(tag) {
-                let desc = layout.resolve(tag).await?;
-                images.push((tag.clone(), desc.digest().to_string()));
+        for w in &wanted {
+            let desc = layout.resolve(&w.name).await?;
+            images.push((w.name.clone(), desc.digest().to_string()));
+        }
+        match oci_destination(&args.url) {
+            Some(dir) => publish_to_layout(&layout, &images, &dest_tags, &dir).await?,
+            None => {
+                publish_images(layout.blobs(), &images, &opts).await?;
             }
         }
-        if images.is_empty() {
-            anyhow::bail!("no images in {}", args.layout.display());
-        }
-        publish_images(layout.blobs(), &images, &opts).await?;
         Ok(ExitCode::SUCCESS)
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::destination;
+
+    #[test]
+    fn destinations_as_stacker_names_them() {
+        assert_eq!(
+            destination("docker://reg.example.com/ns/", "app", "1.2"),
+            "docker://reg.example.com/ns/app:1.2"
+        );
+        assert_eq!(
+            destination("docker://reg:5000", "app", "latest"),
+            "docker://reg:5000/app:latest"
+        );
+        assert_eq!(
+            destination("oci:out/published", "app", "t1"),
+            "oci:out/published:app_t1"
+        );
+    }
 }
