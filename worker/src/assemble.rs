@@ -1,6 +1,7 @@
 //! Image assembly: the config and manifest of a built stacker layer, exactly as
 //! stackerfile.md says (inherited and extended Env/Labels/Volumes, Cmd/Entrypoint
-//! inherited unless set, `full_command`, history, diff_ids, manifest annotations).
+//! inherited unless set (setting Entrypoint clears the inherited Cmd), `full_command`,
+//! history, diff_ids, manifest annotations).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -103,13 +104,13 @@ pub fn image_config(
         .unwrap_or_default();
     volumes.extend(layer.volumes.iter().cloned());
 
-    let (entrypoint, cmd) = match &layer.full_command {
-        Some(full) => (Some(full.clone()), None),
-        None => (
-            layer
-                .entrypoint
-                .clone()
-                .or_else(|| base_cfg.as_ref().and_then(|c| c.entrypoint().clone())),
+    // Setting `entrypoint` clears the inherited Cmd (as Docker and stacker do): the base's
+    // Cmd was written for the base's entrypoint, not as arguments to this one.
+    let (entrypoint, cmd) = match (&layer.full_command, &layer.entrypoint) {
+        (Some(full), _) => (Some(full.clone()), None),
+        (None, Some(ep)) => (Some(ep.clone()), layer.cmd.clone()),
+        (None, None) => (
+            base_cfg.as_ref().and_then(|c| c.entrypoint().clone()),
             layer
                 .cmd
                 .clone()
@@ -269,6 +270,35 @@ mod tests {
         assert_eq!(c.user().as_deref(), Some("nobody"));
         assert_eq!(cfg.rootfs().diff_ids().len(), 2);
         assert_eq!(cfg.history().as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn entrypoint_clears_the_inherited_cmd() {
+        let base_layer = layer("b:\n  from: {type: scratch}\n  cmd: /bin/sh\n");
+        let base = image_config(&base_layer, None, &[nl(1)], &BTreeMap::new(), "t").unwrap();
+        let child = layer("c:\n  from: {type: scratch}\n  entrypoint: /bin/cat /hello\n");
+        let cfg = image_config(&child, Some(&base), &[], &BTreeMap::new(), "t").unwrap();
+        let c = cfg.config().clone().unwrap();
+        assert_eq!(c.entrypoint().clone().unwrap(), vec!["/bin/cat", "/hello"]);
+        assert_eq!(
+            c.cmd(),
+            &None,
+            "the base's Cmd is not an argument of the new entrypoint"
+        );
+
+        let both = layer("c:\n  from: {type: scratch}\n  entrypoint: /bin/cat\n  cmd: /hello\n");
+        let cfg = image_config(&both, Some(&base), &[], &BTreeMap::new(), "t").unwrap();
+        let c = cfg.config().clone().unwrap();
+        assert_eq!(c.entrypoint().clone().unwrap(), vec!["/bin/cat"]);
+        assert_eq!(c.cmd().clone().unwrap(), vec!["/hello"]);
+
+        let neither = layer("c:\n  from: {type: scratch}\n");
+        let cfg = image_config(&neither, Some(&base), &[], &BTreeMap::new(), "t").unwrap();
+        assert_eq!(
+            cfg.config().clone().unwrap().cmd().clone().unwrap(),
+            vec!["/bin/sh"],
+            "inherited when the layer sets neither"
+        );
     }
 
     #[test]
