@@ -441,11 +441,22 @@ impl Cx<'_, '_> {
             "docker" => {
                 ignored(&["url", "insecure"], self);
                 let (url, url_at) = need_url(self, url, "docker://alpine:3.20")?;
+                // Like stacker (containers/image), `type: docker` takes an `oci:` URL too:
+                // the same base as `type: oci` with the rest.
+                if let Some(rest) = url.strip_prefix("oci:") {
+                    let url = rest.to_string();
+                    self.oci_url(&url, url_at)?;
+                    return Some((Base::Oci { url }, url_at));
+                }
                 if !url.starts_with("docker://") || url.len() <= "docker://".len() {
                     self.err(
                         url_at,
                         format!("'{url}' is not a docker URL"),
-                        Some("write docker://[HOST[:PORT]/]REPO:TAG or ...@sha256:DIGEST".into()),
+                        Some(
+                            "write docker://[HOST[:PORT]/]REPO:TAG or ...@sha256:DIGEST, or \
+                             oci:PATH:TAG for a local OCI layout"
+                                .into(),
+                        ),
                     );
                     return None;
                 }
@@ -454,6 +465,7 @@ impl Cx<'_, '_> {
             "oci" => {
                 ignored(&["url"], self);
                 let (url, url_at) = need_url(self, url, "path/to/layout:tag")?;
+                self.oci_url(&url, url_at)?;
                 Some((Base::Oci { url }, url_at))
             }
             "tar" => {
@@ -495,6 +507,23 @@ impl Cx<'_, '_> {
                 None
             }
         }
+    }
+
+    /// Check an OCI layout URL `PATH:TAG` (see `oci_url_parts`).
+    fn oci_url(&mut self, url: &str, at: usize) -> Option<()> {
+        if crate::oci::oci_url_parts(url).is_some() {
+            return Some(());
+        }
+        self.err(
+            at,
+            format!("'{url}' is not an OCI layout URL PATH:TAG"),
+            Some(
+                "write the layout's directory (relative to this file) and a tag, for \
+                 example: url: oci:base (the layout oci/, tag base)"
+                    .into(),
+            ),
+        );
+        None
     }
 
     /// Parse an import path or tar URL.

@@ -67,6 +67,26 @@ fn from_types() {
 }
 
 #[test]
+fn oci_urls_as_stacker_reads_them() {
+    // `oci:base` under `type: oci` is the layout `oci/` with tag `base` (no transport
+    // prefix); `type: docker` takes the `oci:` transport for the same base.
+    let l = only("a:\n  from:\n    type: oci\n    url: oci:base\n");
+    assert_eq!(
+        l.from,
+        Base::Oci {
+            url: "oci:base".into()
+        }
+    );
+    let l = only("a:\n  from:\n    type: docker\n    url: oci:/layouts/x:v1\n");
+    assert_eq!(
+        l.from,
+        Base::Oci {
+            url: "/layouts/x:v1".into()
+        }
+    );
+}
+
+#[test]
 fn docker_insecure_defaults_false_and_accepts_yaml11_booleans() {
     let l = only("a:\n  from:\n    type: docker\n    url: docker://x/y:1\n");
     assert!(matches!(
