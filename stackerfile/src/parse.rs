@@ -238,8 +238,11 @@ impl Cx<'_, '_> {
             arch: None,
         };
         let mut from_seen = false;
+        // The legacy `import` key when it holds entries (stacker reads an empty one as
+        // absent), and whether `imports` holds entries.
         let mut import_key: Option<&Node> = None;
-        let mut imports_key: Option<&Node> = None;
+        let mut legacy_imports = Vec::new();
+        let mut imports_has_entries = false;
         for (k, v) in entries {
             let Some(key) = k.scalar() else {
                 self.err(
@@ -261,9 +264,10 @@ impl Cx<'_, '_> {
                     }
                 }
                 "imports" => {
-                    imports_key = Some(k);
+                    imports_has_entries = !is_empty(v);
                     layer.imports = self.imports(key, v);
                 }
+                "import" if is_empty(v) => {}
                 "import" => {
                     import_key = Some(k);
                     self.warn(
@@ -273,8 +277,7 @@ impl Cx<'_, '_> {
                             .into(),
                         Some("use 'imports' and read the files from /stacker/imports/".into()),
                     );
-                    layer.imports = self.imports(key, v);
-                    layer.legacy_import = true;
+                    legacy_imports = self.imports(key, v);
                 }
                 "run" => layer.run = self.script(key, v),
                 "generate_labels" => layer.generate_labels = self.script(key, v),
@@ -333,13 +336,17 @@ impl Cx<'_, '_> {
                 ok = false;
             }
         }
-        if let (Some(a), Some(_)) = (import_key, imports_key) {
-            self.err(
-                a.at,
-                "'import' and 'imports' cannot both be used in one layer".into(),
-                Some("keep 'imports' and move the 'import' entries into it".into()),
-            );
-            ok = false;
+        if let Some(a) = import_key {
+            if imports_has_entries {
+                self.err(
+                    a.at,
+                    "'import' and 'imports' cannot both be used in one layer".into(),
+                    Some("keep 'imports' and move the 'import' entries into it".into()),
+                );
+                ok = false;
+            }
+            layer.imports = legacy_imports;
+            layer.legacy_import = true;
         }
         if !from_seen {
             self.err(
@@ -1032,6 +1039,15 @@ impl Cx<'_, '_> {
             });
         }
         out
+    }
+}
+
+/// An empty value: null, an empty string or an empty list.
+fn is_empty(node: &Node) -> bool {
+    match &node.kind {
+        Kind::Scalar { text, .. } => node.is_null() || text.is_empty(),
+        Kind::Seq(items) => items.is_empty(),
+        Kind::Map(_) => false,
     }
 }
 

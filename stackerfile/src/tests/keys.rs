@@ -428,3 +428,29 @@ fn empty_file_is_an_empty_plan() {
     let p = plan("");
     assert!(p.layers.is_empty() && p.waves.is_empty());
 }
+
+#[test]
+fn an_empty_legacy_import_is_absent() {
+    // stacker reads an empty `import` as absent: no conflict with `imports`, in either
+    // order, and the layer's imports are those of `imports`.
+    for empty in ["", " ~", " ''", " []"] {
+        for text in [
+            format!("a:\n  from: {{type: scratch}}\n  import:{empty}\n  imports: [x.txt]\n"),
+            format!("a:\n  from: {{type: scratch}}\n  imports: [x.txt]\n  import:{empty}\n"),
+        ] {
+            let p = plan(&text);
+            let l = &p.layers[0].layer;
+            assert_eq!(l.imports.len(), 1, "{text}");
+            assert_eq!(l.imports[0].source.written(), "x.txt");
+            assert!(!l.legacy_import, "{text}");
+        }
+        let l = only(&format!(
+            "a:\n  from: {{type: scratch}}\n  import:{empty}\n"
+        ));
+        assert!(l.imports.is_empty() && !l.legacy_import);
+    }
+    // An empty `imports` next to a legacy `import` with entries: the legacy ones.
+    let l = only("a:\n  from: {type: scratch}\n  import: [x.txt]\n  imports: []\n");
+    assert_eq!(l.imports.len(), 1);
+    assert!(l.legacy_import);
+}
