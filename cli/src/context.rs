@@ -477,7 +477,7 @@ mod tests {
         fs::write(root.join("base/layout/oci-layout"), "{}").unwrap();
         fs::write(
             root.join("base/stacker.yaml"),
-            "base:\n  from:\n    type: oci\n    url: layout:busybox:1.36\n",
+            "base:\n  from:\n    type: oci\n    url: layout:busybox\n",
         )
         .unwrap();
         fs::create_dir_all(root.join("app")).unwrap();

@@ -98,6 +98,48 @@ pub enum PrepareError {
     MissingBind { written: String, path: PathBuf },
 }
 
+/// `SOURCE_DATE_EPOCH` as seconds since 1970: a non-negative integer.
+pub fn parse_source_date_epoch(value: &str) -> Option<u64> {
+    value
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| value.parse().ok())
+        .flatten()
+}
+
+/// Refuse a `SOURCE_DATE_EPOCH` that is not a non-negative integer, the caller's or a
+/// layer's `build_env`, before anything is built (stacker refuses it too; an empty value
+/// counts as unset).
+pub fn check_source_date_epoch(plan: &Plan, caller_env: &[(String, String)]) -> Result<(), String> {
+    let bad = |v: &str| !v.is_empty() && parse_source_date_epoch(v).is_none();
+    let message = |v: &str, whose: String| {
+        format!(
+            "SOURCE_DATE_EPOCH '{v}' {whose}is not a non-negative integer (seconds since \
+             1970-01-01 UTC)"
+        )
+    };
+    if let Some((_, v)) = caller_env
+        .iter()
+        .find(|(k, v)| k == "SOURCE_DATE_EPOCH" && bad(v))
+    {
+        return Err(message(v, String::new()));
+    }
+    for p in &plan.layers {
+        if let Some(v) = p
+            .layer
+            .build_env
+            .get("SOURCE_DATE_EPOCH")
+            .filter(|v| bad(v))
+        {
+            return Err(message(
+                v,
+                format!("in the build_env of layer '{}' ", p.layer.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The environment of `run`: passthrough variables of the caller (stacker's default
 /// list unless the layer gives its own regexes), then `build_env`, then
 /// `STACKER_LAYER_NAME`. Returns the variables and the passthrough part (for the key).
@@ -367,7 +409,9 @@ async fn prepare(
         imports: pinned.imports,
         overlay_dirs: pinned.overlay_dirs,
         env,
-        source_date_epoch: source_date_epoch.and_then(|s| s.trim().parse().ok()),
+        source_date_epoch: source_date_epoch
+            .as_deref()
+            .and_then(parse_source_date_epoch),
         compression: options.compression,
         platform,
     })
@@ -412,5 +456,32 @@ mod tests {
         assert_eq!(env["CI_JOB"], "7");
         assert!(!env.contains_key("XCI_JOB"), "anchored");
         assert!(!env.contains_key("TERM"), "own list replaces the default");
+    }
+
+    #[test]
+    fn source_date_epoch_must_be_a_non_negative_integer() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("s.yaml");
+        std::fs::write(&f, "a:\n  from: {type: scratch}\n").unwrap();
+        let plan = Plan::load(&f, &Default::default(), &farm_stackerfile::LocalFiles).unwrap();
+        let env = |v: &str| vec![("SOURCE_DATE_EPOCH".to_string(), v.to_string())];
+        for ok in ["0", "1700000000", ""] {
+            assert_eq!(check_source_date_epoch(&plan, &env(ok)), Ok(()), "{ok}");
+        }
+        assert_eq!(check_source_date_epoch(&plan, &[]), Ok(()));
+        for bad in ["-1", "abc", "1.5", " 5", "+5", "99999999999999999999999"] {
+            let e = check_source_date_epoch(&plan, &env(bad)).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+        }
+        assert_eq!(parse_source_date_epoch("42"), Some(42));
+
+        std::fs::write(
+            &f,
+            "a:\n  from: {type: scratch}\n  build_env: {SOURCE_DATE_EPOCH: yesterday}\n",
+        )
+        .unwrap();
+        let plan = Plan::load(&f, &Default::default(), &farm_stackerfile::LocalFiles).unwrap();
+        let e = check_source_date_epoch(&plan, &[]).unwrap_err();
+        assert!(e.contains("'yesterday'") && e.contains("layer 'a'"), "{e}");
     }
 }

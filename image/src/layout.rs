@@ -197,15 +197,17 @@ impl OciLayout {
 
     /// Point `tag` at `manifest` (an image manifest or index already stored in the
     /// layout), replacing any previous holder of the tag. index.json is rewritten
-    /// atomically (temporary file, fsync, rename) under a lock on the layout directory;
-    /// its entries are kept sorted by tag so the file does not depend on the order in
-    /// which tags were set.
+    /// atomically (temporary file, fsync, rename) under a lock on the layout directory.
+    /// Other entries keep their place; the tag's entry goes last (see `set_tags`).
     pub async fn set_tag(&self, tag: &str, manifest: &Descriptor) -> Result<()> {
         self.set_tags(&[(tag.to_string(), manifest.clone())]).await
     }
 
     /// Point several tags at once, in one atomic rewrite of index.json: either every
     /// tag moves or none does. Each manifest must already be stored in the layout.
+    /// The entries of other tags keep their place and these follow in the order given
+    /// (a build passes its images in plan order: stacker writes them in build order, and
+    /// tools index `manifests[N]`).
     pub async fn set_tags(&self, tags: &[(String, Descriptor)]) -> Result<()> {
         let mut entries = Vec::with_capacity(tags.len());
         for (tag, manifest) in tags {
@@ -391,10 +393,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     Ok(serde_json::from_slice(&body)?)
 }
 
-fn write_index(root: &Path, mut manifests: Vec<Descriptor>) -> Result<()> {
-    manifests.sort_by(|a, b| {
-        (tag_of(a), a.digest().to_string()).cmp(&(tag_of(b), b.digest().to_string()))
-    });
+fn write_index(root: &Path, manifests: Vec<Descriptor>) -> Result<()> {
     let index = ImageIndexBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageIndex)

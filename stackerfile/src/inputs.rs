@@ -171,8 +171,9 @@ pub fn local_inputs(plan: &Plan) -> Vec<LocalInput> {
                 source: Source::Local { written, path },
             } => push(InputKind::TarBase, written, path),
             Base::Oci { url } if url_of(&layer.dir).is_none() => {
-                let (dir, _tag) = split_oci_url(&layer.dir, url);
-                push(InputKind::OciLayout, url, &dir);
+                if let Some((dir, _tag)) = split_oci_url(&layer.dir, url) {
+                    push(InputKind::OciLayout, url, &dir);
+                }
             }
             _ => {}
         }
@@ -217,7 +218,7 @@ mod tests {
         std::fs::write(root.join("base/layout/index.json"), "{}").unwrap();
         std::fs::write(
             root.join("base/stacker.yaml"),
-            "base:\n  from:\n    type: oci\n    url: layout:busybox:1.36\n",
+            "base:\n  from:\n    type: oci\n    url: layout:busybox\n",
         )
         .unwrap();
         std::fs::create_dir_all(root.join("app")).unwrap();
@@ -243,7 +244,7 @@ mod tests {
             [
                 format!("stackerfile {}", base.display()),
                 format!("stackerfile {}", app.display()),
-                "oci base 'layout:busybox:1.36' of layer base".to_string(),
+                "oci base 'layout:busybox' of layer base".to_string(),
                 "import 'f.txt' of layer app".to_string(),
                 "overlay_dirs source 'over' of layer app".to_string(),
                 "tar base 'app.tar' of layer app".to_string(),

@@ -35,7 +35,7 @@ pub use inputs::{
 };
 pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize};
 pub use model::{Base, Bind, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, OverlayDir, Source};
-pub use oci::split_oci_url;
+pub use oci::{oci_url_parts, split_oci_url};
 pub use plan::{Plan, PlanOptions, PlannedLayer};
 pub use subst::{SubstitutionInputError, Substitutions};
 

@@ -67,8 +67,8 @@ pub enum Base {
         url: String,
         insecure: bool,
     },
-    /// A local OCI layout `path:tag`, kept as written: the split between path and tag
-    /// needs the filesystem (the tag may contain `:`), so the engine does it.
+    /// A local OCI layout `PATH:TAG` as stacker reads it (split at the last `:`, see
+    /// `split_oci_url`), kept as written; also `type: docker` with `url: oci:PATH:TAG`.
     Oci {
         url: String,
     },

@@ -1,21 +1,20 @@
-//! Where a `type: oci` base or layout names its image.
+//! Where a `type: oci` base names its image.
 
 use std::path::{Path, PathBuf};
 
-/// `path:tag` of an OCI layout: split at the first `:` after which the path exists
-/// (the tag itself may contain `:`); relative paths resolve against `dir`.
-pub fn split_oci_url(dir: &Path, url: &str) -> (PathBuf, String) {
-    let url = url.strip_prefix("oci:").unwrap_or(url);
-    for (i, _) in url.match_indices(':') {
-        let path = dir.join(&url[..i]);
-        if path.join("index.json").exists() {
-            return (path, url[i + 1..].to_string());
-        }
-    }
-    match url.split_once(':') {
-        Some((p, t)) => (dir.join(p), t.to_string()),
-        None => (dir.join(url), "latest".to_string()),
-    }
+/// The `PATH` and `TAG` of a `type: oci` URL `PATH:TAG`, as stacker reads it: the layout's
+/// directory and a tag. Split at the last `:` (a tag has no `:`, a path may); `None`
+/// when either part is missing (stacker: "bad OCI tag").
+pub fn oci_url_parts(url: &str) -> Option<(&str, &str)> {
+    url.rsplit_once(':')
+        .filter(|(path, tag)| !path.is_empty() && !tag.is_empty())
+}
+
+/// The layout directory (relative paths resolve against `dir`, the stackerfile's
+/// directory) and tag of a `type: oci` URL; `None` as for [`oci_url_parts`] (the parser
+/// rejects such URLs).
+pub fn split_oci_url(dir: &Path, url: &str) -> Option<(PathBuf, String)> {
+    oci_url_parts(url).map(|(path, tag)| (dir.join(path), tag.to_string()))
 }
 
 #[cfg(test)]
@@ -23,17 +22,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn oci_urls_split_where_the_layout_exists() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join("lay:out")).unwrap();
-        std::fs::write(d.path().join("lay:out/index.json"), "{}").unwrap();
+    fn oci_urls_are_path_colon_tag() {
+        let d = Path::new("/ctx");
+        // `oci:base` is the layout `oci` (next to the stackerfile), tag `base`: the
+        // `oci:` is no transport prefix.
         assert_eq!(
-            split_oci_url(d.path(), "lay:out:v1:2"),
-            (d.path().join("lay:out"), "v1:2".to_string())
+            split_oci_url(d, "oci:base"),
+            Some((PathBuf::from("/ctx/oci"), "base".to_string()))
         );
         assert_eq!(
-            split_oci_url(d.path(), "plain:tag"),
-            (d.path().join("plain"), "tag".to_string())
+            split_oci_url(d, "/abs/lay:out:v1"),
+            Some((PathBuf::from("/abs/lay:out"), "v1".to_string()))
         );
+        assert_eq!(
+            split_oci_url(d, "plain:tag"),
+            Some((PathBuf::from("/ctx/plain"), "tag".to_string()))
+        );
+        for bad in ["layout", "layout:", ":tag", ""] {
+            assert_eq!(split_oci_url(d, bad), None, "{bad}");
+        }
     }
 }

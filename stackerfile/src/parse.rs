@@ -238,8 +238,11 @@ impl Cx<'_, '_> {
             arch: None,
         };
         let mut from_seen = false;
+        // The legacy `import` key when it holds entries (stacker reads an empty one as
+        // absent), and whether `imports` holds entries.
         let mut import_key: Option<&Node> = None;
-        let mut imports_key: Option<&Node> = None;
+        let mut legacy_imports = Vec::new();
+        let mut imports_has_entries = false;
         for (k, v) in entries {
             let Some(key) = k.scalar() else {
                 self.err(
@@ -261,9 +264,10 @@ impl Cx<'_, '_> {
                     }
                 }
                 "imports" => {
-                    imports_key = Some(k);
+                    imports_has_entries = !is_empty(v);
                     layer.imports = self.imports(key, v);
                 }
+                "import" if is_empty(v) => {}
                 "import" => {
                     import_key = Some(k);
                     self.warn(
@@ -273,8 +277,7 @@ impl Cx<'_, '_> {
                             .into(),
                         Some("use 'imports' and read the files from /stacker/imports/".into()),
                     );
-                    layer.imports = self.imports(key, v);
-                    layer.legacy_import = true;
+                    legacy_imports = self.imports(key, v);
                 }
                 "run" => layer.run = self.script(key, v),
                 "generate_labels" => layer.generate_labels = self.script(key, v),
@@ -333,13 +336,17 @@ impl Cx<'_, '_> {
                 ok = false;
             }
         }
-        if let (Some(a), Some(_)) = (import_key, imports_key) {
-            self.err(
-                a.at,
-                "'import' and 'imports' cannot both be used in one layer".into(),
-                Some("keep 'imports' and move the 'import' entries into it".into()),
-            );
-            ok = false;
+        if let Some(a) = import_key {
+            if imports_has_entries {
+                self.err(
+                    a.at,
+                    "'import' and 'imports' cannot both be used in one layer".into(),
+                    Some("keep 'imports' and move the 'import' entries into it".into()),
+                );
+                ok = false;
+            }
+            layer.imports = legacy_imports;
+            layer.legacy_import = true;
         }
         if !from_seen {
             self.err(
@@ -441,11 +448,22 @@ impl Cx<'_, '_> {
             "docker" => {
                 ignored(&["url", "insecure"], self);
                 let (url, url_at) = need_url(self, url, "docker://alpine:3.20")?;
+                // Like stacker (containers/image), `type: docker` takes an `oci:` URL too:
+                // the same base as `type: oci` with the rest.
+                if let Some(rest) = url.strip_prefix("oci:") {
+                    let url = rest.to_string();
+                    self.oci_url(&url, url_at)?;
+                    return Some((Base::Oci { url }, url_at));
+                }
                 if !url.starts_with("docker://") || url.len() <= "docker://".len() {
                     self.err(
                         url_at,
                         format!("'{url}' is not a docker URL"),
-                        Some("write docker://[HOST[:PORT]/]REPO:TAG or ...@sha256:DIGEST".into()),
+                        Some(
+                            "write docker://[HOST[:PORT]/]REPO:TAG or ...@sha256:DIGEST, or \
+                             oci:PATH:TAG for a local OCI layout"
+                                .into(),
+                        ),
                     );
                     return None;
                 }
@@ -454,6 +472,7 @@ impl Cx<'_, '_> {
             "oci" => {
                 ignored(&["url"], self);
                 let (url, url_at) = need_url(self, url, "path/to/layout:tag")?;
+                self.oci_url(&url, url_at)?;
                 Some((Base::Oci { url }, url_at))
             }
             "tar" => {
@@ -495,6 +514,23 @@ impl Cx<'_, '_> {
                 None
             }
         }
+    }
+
+    /// Check an OCI layout URL `PATH:TAG` (see `oci_url_parts`).
+    fn oci_url(&mut self, url: &str, at: usize) -> Option<()> {
+        if crate::oci::oci_url_parts(url).is_some() {
+            return Some(());
+        }
+        self.err(
+            at,
+            format!("'{url}' is not an OCI layout URL PATH:TAG"),
+            Some(
+                "write the layout's directory (relative to this file) and a tag, for \
+                 example: url: oci:base (the layout oci/, tag base)"
+                    .into(),
+            ),
+        );
+        None
     }
 
     /// Parse an import path or tar URL.
@@ -1003,6 +1039,15 @@ impl Cx<'_, '_> {
             });
         }
         out
+    }
+}
+
+/// An empty value: null, an empty string or an empty list.
+fn is_empty(node: &Node) -> bool {
+    match &node.kind {
+        Kind::Scalar { text, .. } => node.is_null() || text.is_empty(),
+        Kind::Seq(items) => items.is_empty(),
+        Kind::Map(_) => false,
     }
 }
 

@@ -1020,3 +1020,158 @@ fn foreign_arch_refuses_run_and_builds_without_one() {
         assert_eq!(p["architecture"], "arm64", "{m}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 12. drop-in for stacker: behaviour stacker users rely on
+// ---------------------------------------------------------------------------------------
+
+/// The tags of index.json in the file's order.
+fn index_order(oci: &Oci) -> Vec<String> {
+    oci.index()["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// `url: oci:zbase` is the tag `zbase` of the layout `oci/` (stacker's `PATH:TAG`), so a
+/// build can start from what an earlier build wrote to its own output layout;
+/// `type: docker` takes the `oci:` transport for the same base; index.json lists the
+/// images in build order (the layout's existing tags first), the same on a rebuild.
+#[test]
+fn oci_urls_like_stacker_and_index_in_build_order() {
+    let Some(e) = e2e() else { return };
+    let t = TestDir::new(e, "stacker-oci", Who::User);
+    t.write(
+        "base.yaml",
+        "zbase:\n  from:\n    type: tar\n    url: busybox.tar\n  run: echo base > /base\n",
+    );
+    t.write(
+        "app.yaml",
+        "zapp:\n  from:\n    type: oci\n    url: oci:zbase\n  run: cat /base > /app\n\
+         viadocker:\n  from:\n    type: docker\n    url: oci:oci:zbase\n  run: cat /base > /via\n\
+         aafter:\n  from:\n    type: built\n    tag: zapp\n  run: echo after > /after\n",
+    );
+    t.build(&["base.yaml"]).assert_ok();
+    assert_eq!(
+        t.out,
+        t.join("oci"),
+        "the output layout is oci/ next to the files"
+    );
+    let r = t.build(&["app.yaml"]);
+    r.assert_ok();
+    let oci = t.oci();
+    let top = |tag: &str, path: &str| entry(oci.layers(tag).last().unwrap(), path).text();
+    assert_eq!(top("zapp", "app"), "base\n");
+    assert_eq!(top("viadocker", "via"), "base\n");
+    let base_layers = oci.layer_digests("zbase");
+    assert_eq!(
+        oci.layer_digests("zapp")[..base_layers.len()],
+        base_layers[..],
+        "zapp starts from zbase"
+    );
+    let order = ["zbase", "zapp", "viadocker", "aafter"];
+    assert_eq!(index_order(&oci), order);
+    let r = t.build(&["app.yaml"]);
+    r.assert_ok();
+    assert_states(
+        &r,
+        &[
+            ("zapp", "cached"),
+            ("viadocker", "cached"),
+            ("aafter", "cached"),
+        ],
+    );
+    assert_eq!(index_order(&t.oci()), order, "the same order on a rebuild");
+}
+
+/// `entrypoint` without `cmd` clears the base's Cmd; the config's author and history
+/// read like stacker's; an invalid SOURCE_DATE_EPOCH fails before anything is built.
+#[test]
+fn image_config_like_stacker() {
+    let Some(e) = e2e() else { return };
+    let t = TestDir::new(e, "stacker-config", Who::User);
+    t.write(
+        "stacker.yaml",
+        "base:\n  from:\n    type: tar\n    url: busybox.tar\n  cmd: /bin/sh\n  \
+         run: echo hello > /hello\n\
+         cat:\n  from:\n    type: built\n    tag: base\n  entrypoint: /bin/cat /hello\n",
+    );
+    let r = t.build_env(&[], &[("SOURCE_DATE_EPOCH", "1700000000")]);
+    r.assert_ok();
+    let oci = t.oci();
+    assert_eq!(strings(&oci.config("base")["config"]["Cmd"]), ["/bin/sh"]);
+    let cfg = oci.config("cat");
+    assert_eq!(
+        strings(&cfg["config"]["Entrypoint"]),
+        ["/bin/cat", "/hello"]
+    );
+    assert!(
+        cfg["config"].get("Cmd").is_none_or(|c| c.is_null()),
+        "the base's Cmd would run '/bin/cat /hello /bin/sh': {cfg}"
+    );
+    assert_eq!(cfg["author"], "stacker", "{cfg}");
+    let history = cfg["history"].as_array().unwrap();
+    let last = history.last().unwrap()["created_by"].as_str().unwrap();
+    assert!(last.starts_with("stacker build of cat"), "{last}");
+    assert!(
+        history[history.len() - 2]["created_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("stacker build of base"),
+        "{cfg}"
+    );
+
+    // Without SOURCE_DATE_EPOCH: user@host.
+    let out2 = t.join("oci2");
+    let r = t.farm_env(&t.build_args_at(&t.state, &out2, &[]), &[]);
+    r.assert_ok();
+    let author = Oci::new(&out2).config("cat")["author"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(author.starts_with(&format!("{}@", t.e.user)), "{author}");
+
+    for bad in ["abc", "-5", "1.5"] {
+        let out3 = t.join("oci3");
+        let mut args = t.build_args_at(&t.state, &out3, &[]);
+        args.push("--no-cache".into());
+        let r = t.farm_env(&args, &[("SOURCE_DATE_EPOCH", bad)]);
+        r.assert_failed();
+        assert_eq!(r.status.code(), Some(1), "{}", r.describe());
+        assert!(r.stderr.contains(&format!("'{bad}'")), "{}", r.describe());
+        assert!(!r.stderr.contains("built"), "{}", r.describe());
+        assert!(!out3.exists(), "nothing written for {bad}");
+    }
+}
+
+/// `farm grab` keeps the file's mode.
+#[test]
+fn grab_keeps_the_mode() {
+    let Some(e) = e2e() else { return };
+    let t = TestDir::new(e, "stacker-grab", Who::User);
+    t.write(
+        "stacker.yaml",
+        "tool:\n  from:\n    type: tar\n    url: busybox.tar\n  run: |\n    \
+         printf '#!/bin/sh\\necho hi\\n' > /tool\n    chmod 0755 /tool\n    \
+         echo data > /data\n    chmod 0640 /data\n",
+    );
+    t.build(&[]).assert_ok();
+    for (path, mode) in [("/tool", 0o755), ("/data", 0o640)] {
+        let dest = t.join(&format!("grabbed{}", path.replace('/', "-")));
+        farm_state(
+            &t,
+            "grab",
+            &[&format!("tool:{path}"), dest.to_str().unwrap()],
+        )
+        .assert_ok();
+        let got = fs::metadata(&dest).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(got, mode, "{path}: {got:o}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Image assembly: the config and manifest of a built stacker layer, exactly as
 //! stackerfile.md says (inherited and extended Env/Labels/Volumes, Cmd/Entrypoint
-//! inherited unless set, `full_command`, history, diff_ids, manifest annotations).
+//! inherited unless set (setting Entrypoint clears the inherited Cmd), `full_command`,
+//! history, diff_ids, manifest annotations).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -59,14 +60,53 @@ pub fn created_time(source_date_epoch: Option<u64>) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// The config's `author`, as stacker writes it: `stacker` when `SOURCE_DATE_EPOCH` is set
+/// (reproducible), else `USER@HOSTNAME` of the build (`SUDO_USER` first, as stacker).
+pub fn author(source_date_epoch: Option<u64>) -> String {
+    if source_date_epoch.is_some() {
+        return "stacker".into();
+    }
+    let user = std::env::var("SUDO_USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| nix::unistd::getuid().to_string());
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// When and by whom an image is made: its config's `created` and `author`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    pub created: String,
+    pub author: String,
+}
+
+impl Stamp {
+    pub fn new(source_date_epoch: Option<u64>) -> Stamp {
+        Stamp {
+            created: created_time(source_date_epoch),
+            author: author(source_date_epoch),
+        }
+    }
+}
+
 /// The config of the image a stacker layer produces on top of `base`.
 pub fn image_config(
     layer: &Layer,
     base: Option<&ImageConfiguration>,
     new_layers: &[AddedLayer],
     generated_labels: &BTreeMap<String, String>,
-    created: &str,
+    stamp: &Stamp,
 ) -> Result<ImageConfiguration, AssembleError> {
+    let created = stamp.created.as_str();
     let base_cfg = base.and_then(|b| b.config().clone());
 
     // Env: the base's, with the layer's names replaced in place or appended (sorted).
@@ -103,13 +143,13 @@ pub fn image_config(
         .unwrap_or_default();
     volumes.extend(layer.volumes.iter().cloned());
 
-    let (entrypoint, cmd) = match &layer.full_command {
-        Some(full) => (Some(full.clone()), None),
-        None => (
-            layer
-                .entrypoint
-                .clone()
-                .or_else(|| base_cfg.as_ref().and_then(|c| c.entrypoint().clone())),
+    // Setting `entrypoint` clears the inherited Cmd (as Docker and stacker do): the base's
+    // Cmd was written for the base's entrypoint, not as arguments to this one.
+    let (entrypoint, cmd) = match (&layer.full_command, &layer.entrypoint) {
+        (Some(full), _) => (Some(full.clone()), None),
+        (None, Some(ep)) => (Some(ep.clone()), layer.cmd.clone()),
+        (None, None) => (
+            base_cfg.as_ref().and_then(|c| c.entrypoint().clone()),
             layer
                 .cmd
                 .clone()
@@ -165,7 +205,7 @@ pub fn image_config(
         history.push(
             HistoryBuilder::default()
                 .created(created.to_string())
-                .created_by(format!("farm build: layer {} ({})", layer.name, l.what))
+                .created_by(format!("stacker build of {} ({})", layer.name, l.what))
                 .build()
                 .map_err(spec("history"))?,
         );
@@ -175,7 +215,7 @@ pub fn image_config(
             HistoryBuilder::default()
                 .created(created.to_string())
                 .created_by(format!(
-                    "farm build: layer {} (no filesystem change)",
+                    "stacker build of {} (no filesystem change)",
                     layer.name
                 ))
                 .empty_layer(true)
@@ -187,6 +227,7 @@ pub fn image_config(
     let platform = image_platform(layer, base);
     ImageConfigurationBuilder::default()
         .created(created.to_string())
+        .author(stamp.author.clone())
         .architecture(Arch::from(platform.arch.as_str()))
         .os(Os::from(platform.os.as_str()))
         .config(cfg)
@@ -215,6 +256,13 @@ mod tests {
         p.layers.last().unwrap().layer.clone()
     }
 
+    fn st() -> Stamp {
+        Stamp {
+            created: "t".into(),
+            author: "a@h".into(),
+        }
+    }
+
     fn nl(n: u8) -> AddedLayer {
         AddedLayer {
             blob: LayerBlob {
@@ -234,14 +282,14 @@ mod tests {
              labels: {x: '1'}\n  volumes: [/v1]\n  cmd: /bin/base-cmd\n  entrypoint: /bin/ep\n  \
              working_dir: /w\n  runtime_user: nobody\n",
         );
-        let base = image_config(&base_layer, None, &[nl(1)], &BTreeMap::new(), "t").unwrap();
+        let base = image_config(&base_layer, None, &[nl(1)], &BTreeMap::new(), &st()).unwrap();
         let child = layer(
             "c:\n  from: {type: scratch}\n  environment: {A: '2', B: '3'}\n  labels: {y: '2'}\n  \
              volumes: [/v2]\n  cmd: [run]\n",
         );
         let mut gen_labels = BTreeMap::new();
         gen_labels.insert("g".to_string(), "z".to_string());
-        let cfg = image_config(&child, Some(&base), &[nl(3)], &gen_labels, "t").unwrap();
+        let cfg = image_config(&child, Some(&base), &[nl(3)], &gen_labels, &st()).unwrap();
         let c = cfg.config().clone().unwrap();
         assert_eq!(
             c.env().clone().unwrap(),
@@ -272,9 +320,64 @@ mod tests {
     }
 
     #[test]
+    fn author_and_history_read_like_stackers() {
+        let l = layer("web:\n  from: {type: scratch}\n");
+        let cfg = image_config(&l, None, &[nl(1)], &BTreeMap::new(), &st()).unwrap();
+        assert_eq!(cfg.author().as_deref(), Some("a@h"));
+        let h = cfg.history().clone().unwrap();
+        assert_eq!(
+            h[0].created_by().as_deref(),
+            Some("stacker build of web (run)")
+        );
+        let cfg = image_config(&l, None, &[], &BTreeMap::new(), &st()).unwrap();
+        let h = cfg.history().clone().unwrap();
+        assert!(
+            h[0].created_by()
+                .as_deref()
+                .unwrap()
+                .starts_with("stacker build of web"),
+            "{h:?}"
+        );
+        assert_eq!(author(Some(0)), "stacker");
+        let a = author(None);
+        let (user, host) = a.split_once('@').unwrap();
+        assert!(!user.is_empty() && !host.is_empty(), "{a}");
+        assert_eq!(Stamp::new(Some(0)).created, "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn entrypoint_clears_the_inherited_cmd() {
+        let base_layer = layer("b:\n  from: {type: scratch}\n  cmd: /bin/sh\n");
+        let base = image_config(&base_layer, None, &[nl(1)], &BTreeMap::new(), &st()).unwrap();
+        let child = layer("c:\n  from: {type: scratch}\n  entrypoint: /bin/cat /hello\n");
+        let cfg = image_config(&child, Some(&base), &[], &BTreeMap::new(), &st()).unwrap();
+        let c = cfg.config().clone().unwrap();
+        assert_eq!(c.entrypoint().clone().unwrap(), vec!["/bin/cat", "/hello"]);
+        assert_eq!(
+            c.cmd(),
+            &None,
+            "the base's Cmd is not an argument of the new entrypoint"
+        );
+
+        let both = layer("c:\n  from: {type: scratch}\n  entrypoint: /bin/cat\n  cmd: /hello\n");
+        let cfg = image_config(&both, Some(&base), &[], &BTreeMap::new(), &st()).unwrap();
+        let c = cfg.config().clone().unwrap();
+        assert_eq!(c.entrypoint().clone().unwrap(), vec!["/bin/cat"]);
+        assert_eq!(c.cmd().clone().unwrap(), vec!["/hello"]);
+
+        let neither = layer("c:\n  from: {type: scratch}\n");
+        let cfg = image_config(&neither, Some(&base), &[], &BTreeMap::new(), &st()).unwrap();
+        assert_eq!(
+            cfg.config().clone().unwrap().cmd().clone().unwrap(),
+            vec!["/bin/sh"],
+            "inherited when the layer sets neither"
+        );
+    }
+
+    #[test]
     fn default_path_and_full_command_and_empty_layer() {
         let l = layer("a:\n  from: {type: scratch}\n  full_command: /app --x\n  cmd: ignored\n");
-        let cfg = image_config(&l, None, &[], &BTreeMap::new(), "t").unwrap();
+        let cfg = image_config(&l, None, &[], &BTreeMap::new(), &st()).unwrap();
         let c = cfg.config().clone().unwrap();
         assert_eq!(
             c.env().clone().unwrap(),
@@ -290,11 +393,11 @@ mod tests {
     #[test]
     fn platform_from_layer_base_or_host() {
         let l = layer("a:\n  from: {type: scratch}\n  arch: arm64\n");
-        let cfg = image_config(&l, None, &[], &BTreeMap::new(), "t").unwrap();
+        let cfg = image_config(&l, None, &[], &BTreeMap::new(), &st()).unwrap();
         assert_eq!(cfg.architecture().to_string(), "arm64");
         assert_eq!(cfg.os().to_string(), "linux");
         let l2 = layer("a:\n  from: {type: scratch}\n");
-        let cfg2 = image_config(&l2, Some(&cfg), &[], &BTreeMap::new(), "t").unwrap();
+        let cfg2 = image_config(&l2, Some(&cfg), &[], &BTreeMap::new(), &st()).unwrap();
         assert_eq!(
             cfg2.architecture().to_string(),
             "arm64",
@@ -310,7 +413,7 @@ mod tests {
         );
         let json = |l: &Layer| {
             farm_image::to_canonical_json(
-                &image_config(l, None, &[], &BTreeMap::new(), "t").unwrap(),
+                &image_config(l, None, &[], &BTreeMap::new(), &st()).unwrap(),
             )
             .unwrap()
         };

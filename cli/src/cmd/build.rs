@@ -394,10 +394,13 @@ async fn build(
     let mut ok = outcome.succeeded();
     if ok {
         let mut git = GitVersions::default();
+        // In the order `farm plan` shows (wave by wave, load order within a wave), as
+        // stacker writes its images in build order and its users index `manifests[N]`.
         let images: Vec<OutputImage> = plan
-            .layers
+            .waves
             .iter()
-            .enumerate()
+            .flatten()
+            .map(|&i| (i, &plan.layers[i]))
             .filter(|(_, l)| !l.layer.build_only)
             .filter_map(|(i, l)| {
                 built

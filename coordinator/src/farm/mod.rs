@@ -289,6 +289,8 @@ impl Farm {
     /// start it. Returns the build id and the layer names in plan order.
     pub async fn submit(&self, spec: Submission) -> Result<(BuildId, Vec<String>), FarmError> {
         let plan = self.inner.plan(&spec).await?;
+        crate::build::check_source_date_epoch(&plan, &spec.environment)
+            .map_err(FarmError::Invalid)?;
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
         let json = serde_json::to_string(&spec).map_err(|e| FarmError::Invalid(e.to_string()))?;
         let id = self.inner.state.create_build(&json, &names).await?;

@@ -6,15 +6,19 @@ use std::path::Path;
 use farm_image::{BlobStore, Digest, OciLayout};
 use farm_model::{BuiltImage, LayerBlob, Platform};
 
-/// Copy the image `url` (`path:tag`, the tag may contain `:`) for `platform` into
-/// `blobs`. Returns it as a built layer, and its manifest digest.
+/// Copy the image `url` (`PATH:TAG`, see `split_oci_url`) for `platform` into `blobs`.
+/// Returns it as a built layer, and its manifest digest.
 pub async fn import(
     blobs: &BlobStore,
     dir: &Path,
     url: &str,
     platform: &Platform,
 ) -> Result<(BuiltImage, String), farm_image::Error> {
-    let (layout_path, tag) = farm_stackerfile::split_oci_url(dir, url);
+    let (layout_path, tag) =
+        farm_stackerfile::split_oci_url(dir, url).ok_or_else(|| farm_image::Error::Layout {
+            path: dir.join(url),
+            reason: "not an OCI layout URL PATH:TAG".into(),
+        })?;
     let layout = OciLayout::open(&layout_path).await?;
     let (manifest_desc, manifest) = layout
         .manifest(&tag, Some((&platform.os, &platform.arch)))

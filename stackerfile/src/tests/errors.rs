@@ -201,6 +201,25 @@ fn docker_without_url_and_bad_url() {
         Some("app"),
         "'alpine:3' is not a docker URL",
     );
+    one(
+        "app:\n  from:\n    type: docker\n    url: oci:layout\n",
+        4,
+        10,
+        Some("app"),
+        "'layout' is not an OCI layout URL PATH:TAG",
+    );
+}
+
+#[test]
+fn oci_url_without_a_tag() {
+    let d = one(
+        "app:\n  from:\n    type: oci\n    url: layout\n",
+        4,
+        10,
+        Some("app"),
+        "'layout' is not an OCI layout URL PATH:TAG",
+    );
+    assert!(d.help.unwrap().contains("url: oci:base"));
 }
 
 #[test]

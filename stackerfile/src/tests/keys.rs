@@ -67,6 +67,26 @@ fn from_types() {
 }
 
 #[test]
+fn oci_urls_as_stacker_reads_them() {
+    // `oci:base` under `type: oci` is the layout `oci/` with tag `base` (no transport
+    // prefix); `type: docker` takes the `oci:` transport for the same base.
+    let l = only("a:\n  from:\n    type: oci\n    url: oci:base\n");
+    assert_eq!(
+        l.from,
+        Base::Oci {
+            url: "oci:base".into()
+        }
+    );
+    let l = only("a:\n  from:\n    type: docker\n    url: oci:/layouts/x:v1\n");
+    assert_eq!(
+        l.from,
+        Base::Oci {
+            url: "/layouts/x:v1".into()
+        }
+    );
+}
+
+#[test]
 fn docker_insecure_defaults_false_and_accepts_yaml11_booleans() {
     let l = only("a:\n  from:\n    type: docker\n    url: docker://x/y:1\n");
     assert!(matches!(
@@ -407,4 +427,30 @@ fn yaml_anchors_and_merge_keys() {
 fn empty_file_is_an_empty_plan() {
     let p = plan("");
     assert!(p.layers.is_empty() && p.waves.is_empty());
+}
+
+#[test]
+fn an_empty_legacy_import_is_absent() {
+    // stacker reads an empty `import` as absent: no conflict with `imports`, in either
+    // order, and the layer's imports are those of `imports`.
+    for empty in ["", " ~", " ''", " []"] {
+        for text in [
+            format!("a:\n  from: {{type: scratch}}\n  import:{empty}\n  imports: [x.txt]\n"),
+            format!("a:\n  from: {{type: scratch}}\n  imports: [x.txt]\n  import:{empty}\n"),
+        ] {
+            let p = plan(&text);
+            let l = &p.layers[0].layer;
+            assert_eq!(l.imports.len(), 1, "{text}");
+            assert_eq!(l.imports[0].source.written(), "x.txt");
+            assert!(!l.legacy_import, "{text}");
+        }
+        let l = only(&format!(
+            "a:\n  from: {{type: scratch}}\n  import:{empty}\n"
+        ));
+        assert!(l.imports.is_empty() && !l.legacy_import);
+    }
+    // An empty `imports` next to a legacy `import` with entries: the legacy ones.
+    let l = only("a:\n  from: {type: scratch}\n  import: [x.txt]\n  imports: []\n");
+    assert_eq!(l.imports.len(), 1);
+    assert!(l.legacy_import);
 }

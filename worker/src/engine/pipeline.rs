@@ -403,9 +403,9 @@ impl Build<'_> {
         labels: &BTreeMap<String, String>,
     ) -> Result<BuiltImage, EngineError> {
         self.held.push(stack.chain);
-        let created = assemble::created_time(self.job.source_date_epoch);
+        let stamp = assemble::Stamp::new(self.job.source_date_epoch);
         let config =
-            assemble::image_config(&self.job.layer, base_config, &stack.added, labels, &created)?;
+            assemble::image_config(&self.job.layer, base_config, &stack.added, labels, &stamp)?;
         let bytes = farm_image::to_canonical_json(&config)?;
         let size = bytes.len() as u64;
         let info = self.engine.blobs.put(bytes.into()).await?;

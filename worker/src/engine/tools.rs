@@ -1,6 +1,7 @@
 //! Tools on a built layer: `farm chroot` (a shell in a throwaway copy of its
 //! filesystem, in the same sandbox as builds) and `farm grab` (copy one file out).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use farm_model::{BuiltImage, EventSender};
@@ -49,8 +50,8 @@ impl Engine {
         Ok(status?)
     }
 
-    /// Copy the file at `path` of a built layer to `dest` (`farm grab`); returns its
-    /// size.
+    /// Copy the file at `path` of a built layer to `dest` (`farm grab`) with its mode;
+    /// returns its size.
     pub async fn grab(
         &self,
         image: &BuiltImage,
@@ -65,9 +66,22 @@ impl Engine {
         });
         let file = std::fs::File::create(dest)
             .map_err(|e| step(format!("creating {}", dest.display()))(e.to_string()))?;
-        let result = self
+        let mut result = self
             .op(&op, None, Some(Box::new(file)), &format!("grab {path}"))
-            .await;
+            .await
+            .map(drop);
+        if result.is_ok() {
+            // The mode too (as stacker's grab): a tool comes out executable.
+            result = match self.inspect(chain.rootfs(), path, false).await {
+                Ok(info) => {
+                    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(info.mode))
+                        .map_err(|e| {
+                            step(format!("setting the mode of {}", dest.display()))(e.to_string())
+                        })
+                }
+                Err(e) => Err(e),
+            };
+        }
         drop(chain);
         if let Err(e) = result {
             let _ = std::fs::remove_file(dest);

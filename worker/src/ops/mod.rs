@@ -147,6 +147,9 @@ pub struct Inspected {
     pub resolved: PathBuf,
     pub is_dir: bool,
     pub sha256: Option<String>,
+    /// Permission bits (with setuid, setgid, sticky).
+    #[serde(default)]
+    pub mode: u32,
 }
 
 /// Copy the file at `path` inside `root` (resolved as in the image) to stdout.
@@ -241,6 +244,7 @@ fn inspect_source(a: InspectArgs) -> Result<(), OpError> {
         resolved,
         is_dir: m.is_dir(),
         sha256,
+        mode: m.permissions().mode() & 0o7777,
     })
 }
 
