@@ -366,3 +366,90 @@ fn failed(assignment: String, failure: &LayerFailure, duration_ms: u64) -> Resul
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use farm_proto::v1::{Refused, Registered};
+
+    /// A coordinator that answers the registration with `answer`, once.
+    struct OneAnswer {
+        answer: coordinator_message::Kind,
+        registered: Arc<Mutex<Option<Register>>>,
+    }
+
+    impl Dialer for OneAnswer {
+        fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>> {
+            Box::pin(async move {
+                let (tx, mut from_worker) = mpsc::unbounded_channel::<WorkerMessage>();
+                let (to_worker, rx) = mpsc::unbounded_channel();
+                let registered = self.registered.clone();
+                let answer = self.answer.clone();
+                tokio::spawn(async move {
+                    if let Some(WorkerMessage {
+                        kind: Some(worker_message::Kind::Register(r)),
+                    }) = from_worker.recv().await
+                    {
+                        *registered.lock().unwrap() = Some(r);
+                        let _ = to_worker.send(CoordinatorMessage { kind: Some(answer) });
+                    }
+                    // Keep the stream open until the worker goes.
+                    while from_worker.recv().await.is_some() {}
+                });
+                Ok(Connection {
+                    tx,
+                    rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+                })
+            })
+        }
+
+        fn describe(&self) -> String {
+            "a test coordinator".into()
+        }
+    }
+
+    fn config() -> AgentConfig {
+        AgentConfig {
+            name: "w".into(),
+            slots: 1,
+            platform: Platform::host(),
+            unavailable: None,
+            shares_files: false,
+            give_up_after: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_worker_stops_and_says_why_and_registers_its_protocol() {
+        let registered = Arc::new(Mutex::new(None));
+        let dialer = OneAnswer {
+            answer: coordinator_message::Kind::Refused(Refused {
+                reason: "worker w speaks farm worker protocol 2.0, this coordinator speaks 3.0"
+                    .into(),
+            }),
+            registered: registered.clone(),
+        };
+        let e = tokio::time::timeout(Duration::from_secs(10), run(None, config(), dialer))
+            .await
+            .expect("a refused worker stops")
+            .unwrap_err();
+        assert!(e.contains("refused") && e.contains("protocol 2.0"), "{e}");
+        let r = registered.lock().unwrap().clone().unwrap();
+        assert_eq!(
+            (r.protocol_major, r.protocol_minor),
+            (PROTOCOL.major, PROTOCOL.minor)
+        );
+        assert_eq!(r.platform, Platform::host().to_string());
+    }
+
+    #[tokio::test]
+    async fn an_accepted_worker_keeps_running() {
+        let dialer = OneAnswer {
+            answer: coordinator_message::Kind::Registered(Registered { heartbeat_ms: 50 }),
+            registered: Arc::new(Mutex::new(None)),
+        };
+        let still_running =
+            tokio::time::timeout(Duration::from_millis(500), run(None, config(), dialer)).await;
+        assert!(still_running.is_err(), "{still_running:?}");
+    }
+}
