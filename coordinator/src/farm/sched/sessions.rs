@@ -208,8 +208,8 @@ impl WorkerSession {
         }
     }
 
-    /// The result of `assignment`, if this session holds it (see [`Self::holds`]); it
-    /// is verified against the blob store ([`verify`](super::verify)) before it reaches a
+    /// The result of `assignment`, if this session holds it (see `holds`); it
+    /// is verified against the blob store (`verify`) before it reaches a
     /// build. The action cache is written by the build's driver, under the key it
     /// computed, never under one the worker names.
     pub(crate) async fn result(&self, assignment: AssignmentId, outcome: LayerOutcome) {
