@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::state::LayerState;
 use farm_model::Job;
-use farm_model::{BuiltImage, ChainId, FailureKind, LayerBlob, LayerFailure, PROTOCOL};
+use farm_model::{BuiltImage, FailureKind, LayerBlob, LayerFailure, PROTOCOL};
 
 /// How a scripted worker behaves.
 #[derive(Clone, Copy)]
@@ -28,6 +28,8 @@ struct Script {
     answer_limit: usize,
     /// Answer with this failure instead of a result.
     failure: Option<(FailureKind, &'static str)>,
+    /// Answer with a made-up result.
+    forge: Option<Forgery>,
 }
 
 const QUICK: Script = Script {
@@ -36,6 +38,7 @@ const QUICK: Script = Script {
     answer: true,
     answer_limit: usize::MAX,
     failure: None,
+    forge: None,
 };
 
 struct FakeWorker {
@@ -43,6 +46,8 @@ struct FakeWorker {
     /// (assignment id, layer name) of every assignment received.
     assigned: Arc<Mutex<Vec<(String, String)>>>,
     cancelled: Arc<Mutex<Vec<String>>>,
+    /// The job of every assignment received, in order.
+    jobs: Arc<Mutex<Vec<Job>>>,
     task: JoinHandle<()>,
 }
 
@@ -63,29 +68,67 @@ impl FakeWorker {
     }
 }
 
-async fn result_for(blobs: &BlobStore, job: &Job) -> BuiltImage {
-    let config = blobs
-        .put(
-            format!("{{\"layer\":\"{}\"}}", job.cache_key)
-                .into_bytes()
-                .into(),
-        )
-        .await
-        .unwrap();
+/// A made-up result a scripted worker sends.
+#[derive(Clone, Copy)]
+enum Forgery {
+    /// The layer blob is not in the store.
+    MissingLayer,
+    /// The config's diff_ids are not the layers'.
+    WrongDiffIds,
+}
+
+/// An honest result: the layer and a real OCI config naming its diff_id are in the
+/// store (their content follows from `seed`).
+async fn image_of(blobs: &BlobStore, seed: &str) -> BuiltImage {
+    image_with(blobs, seed, None).await
+}
+
+/// `image_of`, its config naming `diff_ids` instead of the layer's when given.
+async fn image_with(blobs: &BlobStore, seed: &str, diff_ids: Option<Vec<String>>) -> BuiltImage {
     let layer = blobs
-        .put(format!("layer {}", job.cache_key).into_bytes().into())
+        .put(format!("layer {seed}").into_bytes().into())
         .await
         .unwrap();
-    BuiltImage {
-        config_digest: config.digest.to_string(),
-        config_size: config.size,
-        layers: vec![LayerBlob {
+    let diff_id = Digest::of(format!("tar {seed}").as_bytes()).to_string();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Labels": {"layer": seed}},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids.unwrap_or_else(|| vec![diff_id.clone()])},
+    });
+    let config = blobs
+        .put(serde_json::to_vec(&config).unwrap().into())
+        .await
+        .unwrap();
+    BuiltImage::new(
+        config.digest.to_string(),
+        config.size,
+        vec![LayerBlob {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             digest: layer.digest.to_string(),
             size: layer.size,
-            diff_id: layer.digest.to_string(),
+            diff_id,
         }],
-        chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
+    )
+    .unwrap()
+}
+
+async fn result_for(blobs: &BlobStore, job: &Job) -> BuiltImage {
+    image_of(blobs, &job.cache_key).await
+}
+
+/// `result_for`, made up as `forgery` says.
+async fn forged(blobs: &BlobStore, job: &Job, forgery: Forgery) -> BuiltImage {
+    match forgery {
+        Forgery::MissingLayer => {
+            let mut image = result_for(blobs, job).await;
+            image.layers[0].digest = Digest::of(b"never stored").to_string();
+            image
+        }
+        Forgery::WrongDiffIds => {
+            let other = Digest::of(b"another tar").to_string();
+            image_with(blobs, &job.cache_key, Some(vec![other])).await
+        }
     }
 }
 
@@ -101,8 +144,14 @@ fn fake_worker(
     let link = farm.connect_worker().unwrap();
     let assigned = Arc::new(Mutex::new(Vec::new()));
     let cancelled = Arc::new(Mutex::new(Vec::new()));
+    let jobs = Arc::new(Mutex::new(Vec::new()));
     let blobs = farm.blobs().clone();
-    let (a2, c2, n2) = (assigned.clone(), cancelled.clone(), name.to_string());
+    let (a2, c2, j2, n2) = (
+        assigned.clone(),
+        cancelled.clone(),
+        jobs.clone(),
+        name.to_string(),
+    );
     let task = tokio::spawn(async move {
         let tx = link.tx;
         let mut rx = link.rx;
@@ -131,7 +180,11 @@ fn fake_worker(
                     },
                     None => ResultMsg {
                         assignment: id,
-                        layer_json: serde_json::to_string(&result_for(&blobs, &job).await).unwrap(),
+                        layer_json: serde_json::to_string(&match script.forge {
+                            Some(forgery) => forged(&blobs, &job, forgery).await,
+                            None => result_for(&blobs, &job).await,
+                        })
+                        .unwrap(),
                         cache_key: job.cache_key.clone(),
                         ..Default::default()
                     },
@@ -157,6 +210,7 @@ fn fake_worker(
                                 seen.push((a.id.clone(), job.layer.name.clone()));
                                 seen.len()
                             };
+                            j2.lock().unwrap().push(job.clone());
                             if script.answer && n <= script.answer_limit {
                                 answer(a.id, job);
                             }
@@ -175,6 +229,7 @@ fn fake_worker(
         name: name.to_string(),
         assigned,
         cancelled,
+        jobs,
         task,
     }
 }
@@ -697,4 +752,180 @@ async fn a_worker_of_another_protocol_version_is_refused_by_name() {
         .map(|w| w.name)
         .collect();
     assert_eq!(names, [format!("v{}", PROTOCOL.major)]);
+}
+
+/// A worker that takes no work (no slots) and sends what the test makes it send.
+async fn rogue(farm: &Farm, name: &str) -> WorkerLink {
+    let mut link = farm.connect_worker().unwrap();
+    link.tx
+        .send(WorkerMessage {
+            kind: Some(worker_message::Kind::Register(Register {
+                name: name.into(),
+                slots: 0,
+                platform: "linux/amd64".into(),
+                protocol_major: PROTOCOL.major,
+                protocol_minor: PROTOCOL.minor,
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), link.rx.recv())
+        .await
+        .unwrap()
+        .and_then(|m| m.kind);
+    assert!(matches!(
+        first,
+        Some(coordinator_message::Kind::Registered(_))
+    ));
+    link
+}
+
+/// Send a result of `image` for `assignment` naming `cache_key`, and wait for its ack
+/// (by then the coordinator has taken it, or dropped it).
+async fn send_result(link: &mut WorkerLink, assignment: &str, image: &BuiltImage, cache_key: &str) {
+    link.tx
+        .send(WorkerMessage {
+            kind: Some(worker_message::Kind::Result(ResultMsg {
+                assignment: assignment.into(),
+                layer_json: serde_json::to_string(image).unwrap(),
+                cache_key: cache_key.into(),
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), link.rx.recv())
+            .await
+            .expect("acknowledged within 5 s")
+            .and_then(|m| m.kind);
+        match msg {
+            Some(coordinator_message::Kind::Ack(ack)) => {
+                assert_eq!(ack.assignment, assignment);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the rogue worker was disconnected"),
+        }
+    }
+    // The ack goes out before the result is handled: give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// A worker's made-up result fails the layer (and the build) naming the worker, and
+/// nothing is cached: a resubmission builds the layer again.
+async fn a_forged_result_fails_the_layer_and_is_not_cached(forgery: Forgery, what: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let w = fake_worker(
+        &farm,
+        "liar",
+        1,
+        Script {
+            forge: Some(forgery),
+            ..QUICK
+        },
+        vec![],
+    );
+    let spec = fan_out(d.path(), 1, "forged");
+    let (id, _) = farm.submit(spec.clone()).await.unwrap();
+    let (state, error) = wait(&farm, &id).await;
+    assert_eq!(state, BuildState::Failed);
+    let error = error.unwrap();
+    assert!(
+        error.contains("worker liar") && error.contains(what),
+        "{error}"
+    );
+    let status = farm.status(&id).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].state, LayerState::Failed);
+    let key = w.jobs.lock().unwrap()[0].cache_key.clone();
+    assert_eq!(farm.inner.cache.get(&key).await.unwrap(), None);
+
+    let (again, _) = farm.submit(spec).await.unwrap();
+    assert_eq!(wait(&farm, &again).await.0, BuildState::Failed);
+    assert_eq!(w.layers(), ["l0", "l0"], "built again, not a cache hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_layer_blob_is_missing_is_refused() {
+    a_forged_result_fails_the_layer_and_is_not_cached(
+        Forgery::MissingLayer,
+        "not in the blob store",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_config_names_other_diff_ids_is_refused() {
+    a_forged_result_fails_the_layer_and_is_not_cached(Forgery::WrongDiffIds, "diff_ids").await;
+}
+
+/// Results whose blobs all check out, for assignments the rogue worker does not hold
+/// (`a-999999` when `unknown`, else the honest worker's running one), naming a cached
+/// entry's key: the entry stays, and the honest worker's result completes its build.
+async fn a_result_for_an_assignment_the_worker_does_not_hold_is_dropped(unknown: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let honest = fake_worker(
+        &farm,
+        "honest",
+        1,
+        Script {
+            delay: Duration::from_millis(800),
+            ..QUICK
+        },
+        vec![],
+    );
+    let mut rogue = rogue(&farm, "rogue").await;
+    // A layer built and cached honestly.
+    let (first, _) = farm.submit(fan_out(d.path(), 1, "kept")).await.unwrap();
+    assert_eq!(wait(&farm, &first).await.0, BuildState::Succeeded);
+    let kept = honest.jobs.lock().unwrap()[0].clone();
+    let entry = farm
+        .inner
+        .cache
+        .get(&kept.cache_key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry, result_for(farm.blobs(), &kept).await);
+
+    let fake = image_of(farm.blobs(), "made up").await;
+    let (second, _) = farm.submit(fan_out(d.path(), 1, "other")).await.unwrap();
+    for _ in 0..100 {
+        if honest.layers().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let theirs = if unknown {
+        "a-999999".to_string()
+    } else {
+        honest.assigned.lock().unwrap()[1].0.clone()
+    };
+    send_result(&mut rogue, &theirs, &fake, &kept.cache_key).await;
+    assert_eq!(
+        farm.inner.cache.get(&kept.cache_key).await.unwrap(),
+        Some(entry)
+    );
+
+    // The honest worker's result still completes the build, and is what is cached.
+    let (state, error) = wait(&farm, &second).await;
+    assert_eq!(state, BuildState::Succeeded, "{error:?}");
+    let job = honest.jobs.lock().unwrap()[1].clone();
+    assert_eq!(
+        farm.inner.cache.get(&job.cache_key).await.unwrap(),
+        Some(result_for(farm.blobs(), &job).await)
+    );
+    let status = farm.status(&second).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].worker.as_deref(), Some("honest"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_an_unknown_assignment_is_dropped() {
+    a_result_for_an_assignment_the_worker_does_not_hold_is_dropped(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_another_workers_assignment_is_dropped() {
+    a_result_for_an_assignment_the_worker_does_not_hold_is_dropped(false).await;
 }

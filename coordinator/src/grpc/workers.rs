@@ -155,6 +155,9 @@ async fn serve(
                 }
             }
             Some(worker_message::Kind::Result(result)) => {
+                // Acknowledged even when it is dropped (an assignment this worker does
+                // not hold) or refused: an honest worker resends an unacknowledged
+                // result until it is, and resending it would not change the answer.
                 let _ = tx.send(CoordinatorMessage {
                     kind: Some(coordinator_message::Kind::Ack(ResultAck {
                         assignment: result.assignment.clone(),
@@ -178,8 +181,10 @@ async fn on_result(session: &WorkerSession, worker: &str, result: proto::Result)
             LayerFailure::internal(format!("worker {worker} sent an unreadable result: {e}"))
         }),
     };
-    let cache_key = Some(result.cache_key.as_str()).filter(|k| !k.is_empty());
-    session.result(id, outcome, cache_key).await;
+    // `result.cache_key` is kept in the protocol for compatibility and ignored: the
+    // coordinator caches a layer under the key it computed for the job, never under one
+    // a worker names.
+    session.result(id, outcome).await;
 }
 
 /// Why a worker is refused. It is told, and stops: it would be refused again whenever

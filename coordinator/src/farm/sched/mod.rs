@@ -8,6 +8,7 @@ mod leases;
 mod placement;
 mod queue;
 mod sessions;
+mod verify;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use farm_model::{ChainId, LayerOutcome, Platform};
+use farm_model::{ChainId, LayerFailure, LayerOutcome, Platform};
 
 use super::{Scheduler, Worker};
 use crate::farm::Inner;
@@ -208,15 +208,33 @@ impl WorkerSession {
         }
     }
 
-    /// The result of `assignment`. `cache_key` is the job's, echoed by the worker: a
-    /// result nobody waits for any more still fills the action cache.
-    pub(crate) async fn result(
-        &self,
-        assignment: AssignmentId,
-        outcome: LayerOutcome,
-        cache_key: Option<&str>,
-    ) {
+    /// The result of `assignment`, if this session holds it (see `holds`); it
+    /// is verified against the blob store (`verify`) before it reaches a
+    /// build. The action cache is written by the build's driver, under the key it
+    /// computed, never under one the worker names.
+    pub(crate) async fn result(&self, assignment: AssignmentId, outcome: LayerOutcome) {
         let (inner, sched, id) = (&self.inner, self.sched(), assignment);
+        if !self.holds(id).await {
+            tracing::warn!(
+                worker = %self.name,
+                assignment = %id,
+                "dropping a result for an assignment this worker does not hold"
+            );
+            return;
+        }
+        let outcome = match outcome {
+            Ok(layer) => match super::verify::verify(&inner.config.blobs, &layer).await {
+                Ok(()) => Ok(layer),
+                Err(e) => {
+                    tracing::warn!(worker = %self.name, assignment = %id, "refusing a result: {e}");
+                    Err(LayerFailure::internal(format!(
+                        "worker {}'s result did not check out: it {e}",
+                        self.name
+                    )))
+                }
+            },
+            Err(failure) => Err(failure),
+        };
         // The lease is released last: until then a driver resuming after a restart still
         // finds it and attaches, so the result below reaches it either way.
         let active = {
@@ -240,27 +258,51 @@ impl WorkerSession {
         match active {
             // The build's driver records it in the action cache.
             Some(a) => a.task.finish(outcome),
-            None => self.result_for_nobody(id, outcome, cache_key).await,
+            None => self.result_for_nobody(id, outcome).await,
         }
         sched.release(inner, id).await;
         sched.wake.notify_one();
     }
 
-    /// A result nobody waits for (the coordinator restarted while the worker built): it
-    /// is good work all the same, so it goes into the action cache, and to the build's
-    /// driver when that resumes.
-    async fn result_for_nobody(
-        &self,
-        id: AssignmentId,
-        outcome: LayerOutcome,
-        cache_key: Option<&str>,
-    ) {
-        let (inner, sched) = (&self.inner, self.sched());
-        if let (Ok(layer), Some(key)) = (&outcome, cache_key)
-            && let Err(e) = inner.cache.put(key, layer).await
+    /// Whether this session holds `id`: it is the worker's current session, and `id` is
+    /// its active assignment (or one it still ran when it registered), or, after a
+    /// coordinator restart before a driver attached, a live lease recorded for it.
+    async fn holds(&self, id: AssignmentId) -> bool {
         {
-            tracing::error!("caching a result: {e}");
+            let st = self.sched().lock();
+            let Some(w) = st
+                .workers
+                .get(&self.name)
+                .filter(|w| w.session == self.session)
+            else {
+                return false;
+            };
+            if let Some(a) = st.active.get(&id) {
+                return a.worker == self.name;
+            }
+            if w.running.contains(&id) {
+                return true;
+            }
         }
+        match self.inner.state.assignment(id).await {
+            Ok(Some((lease, live))) => live && lease.worker == self.name,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(
+                    assignment = %id,
+                    "reading the assignment of a result: {e}; the result is dropped, and the \
+                     layer is built again when its lease runs out"
+                );
+                false
+            }
+        }
+    }
+
+    /// A result nobody waits for (the coordinator restarted while the worker built): it
+    /// is kept for the build's driver when that resumes, which records it in the action
+    /// cache under the key it computes.
+    async fn result_for_nobody(&self, id: AssignmentId, outcome: LayerOutcome) {
+        let (inner, sched) = (&self.inner, self.sched());
         let lease = match inner.state.assignment(id).await {
             Ok(lease) => lease,
             Err(e) => {
