@@ -147,19 +147,10 @@ pub fn run_environment(
     layer: &Layer,
     caller_env: &[(String, String)],
 ) -> (Vec<(String, String)>, BTreeMap<String, String>) {
-    let patterns: Vec<String> = layer.build_env_passthrough.clone().unwrap_or_else(|| {
-        farm_stackerfile::DEFAULT_PASSTHROUGH
-            .iter()
-            .map(|s| regex::escape(s))
-            .collect()
-    });
-    let regexes: Vec<regex::Regex> = patterns
-        .iter()
-        .filter_map(|p| regex::Regex::new(&format!("^(?:{p})$")).ok())
-        .collect();
+    let rules = farm_stackerfile::Passthrough::of(layer);
     let mut passthrough = BTreeMap::new();
     for (k, v) in caller_env {
-        if regexes.iter().any(|r| r.is_match(k)) {
+        if rules.matches(k) {
             passthrough.insert(k.clone(), v.clone());
         }
     }

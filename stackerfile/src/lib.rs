@@ -34,7 +34,9 @@ pub use inputs::{
     InputKind, LocalInput, common_ancestor, common_dir, is_url, local_inputs, url_of, url_or_path,
 };
 pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize};
-pub use model::{Base, Bind, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, OverlayDir, Source};
+pub use model::{
+    Base, Bind, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, OverlayDir, Passthrough, Source,
+};
 pub use oci::{oci_url_parts, split_oci_url};
 pub use plan::{Plan, PlanOptions, PlannedLayer};
 pub use subst::{SubstitutionInputError, Substitutions};

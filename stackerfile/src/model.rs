@@ -56,6 +56,40 @@ pub const DEFAULT_PASSTHROUGH: &[&str] = &[
     "SOURCE_DATE_EPOCH",
 ];
 
+/// A layer's `build_env_passthrough` compiled as stacker applies it: each regex
+/// anchored (`^(?:RE)$`), stacker's [`DEFAULT_PASSTHROUGH`] (as literal names) when the
+/// layer gives none. The coordinator picks a layer's passthrough variables with it; the
+/// CLI, which variables to send at all.
+#[derive(Debug, Clone)]
+pub struct Passthrough {
+    regexes: Vec<regex::Regex>,
+}
+
+impl Passthrough {
+    /// The rules of `layer` (invalid regexes, refused when the stackerfile is parsed,
+    /// match nothing).
+    pub fn of(layer: &Layer) -> Passthrough {
+        let patterns: Vec<String> = match &layer.build_env_passthrough {
+            Some(own) => own.clone(),
+            None => DEFAULT_PASSTHROUGH
+                .iter()
+                .map(|s| regex::escape(s))
+                .collect(),
+        };
+        Passthrough {
+            regexes: patterns
+                .iter()
+                .filter_map(|p| regex::Regex::new(&format!("^(?:{p})$")).ok())
+                .collect(),
+        }
+    }
+
+    /// Whether the variable `name` passes.
+    pub fn matches(&self, name: &str) -> bool {
+        self.regexes.iter().any(|r| r.is_match(name))
+    }
+}
+
 /// The PATH added to the image config when neither the base nor the layer sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
