@@ -116,9 +116,11 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         std::slice::from_ref(&path),
         args.allow_outside_context,
     )?;
-    let environment = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
+    let environment = passthrough_environment(
+        &plan,
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+    );
     let request = SubmitRequest {
         stackerfiles: context.stackerfiles.clone(),
         context: context.to_proto(),
@@ -131,6 +133,25 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         stackerfile_texts: crate::remote::inline_texts(&plan).into_iter().collect(),
     };
     block_on(submit(addr, plan, context, request, args, started))?
+}
+
+/// The part of the caller's environment a coordinator may use: the variables some
+/// layer of `plan` passes through (its `build_env_passthrough`, stacker's default list
+/// when it gives none, anchored as the coordinator applies them). Nothing else leaves
+/// this machine.
+fn passthrough_environment(
+    plan: &farm_coordinator::Plan,
+    environment: impl IntoIterator<Item = (String, String)>,
+) -> std::collections::HashMap<String, String> {
+    let rules: Vec<farm_stackerfile::Passthrough> = plan
+        .layers
+        .iter()
+        .map(|p| farm_stackerfile::Passthrough::of(&p.layer))
+        .collect();
+    environment
+        .into_iter()
+        .filter(|(k, _)| rules.iter().any(|r| r.matches(k)))
+        .collect()
 }
 
 /// The embedded mode (no coordinator configured): the same farm in this process, as
@@ -360,6 +381,36 @@ mod tests {
     use super::*;
     use crate::context::Entry;
     use crate::test_coordinator::{Coordinator, ServedEmbedded};
+
+    #[test]
+    fn only_variables_a_passthrough_rule_names_are_sent() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("s.yaml");
+        std::fs::write(
+            &f,
+            "a:\n  from: {type: scratch}\n\
+             b:\n  from: {type: scratch}\n  build_env_passthrough: ['CI_.*']\n",
+        )
+        .unwrap();
+        let plan =
+            farm_coordinator::Plan::load(&f, &Default::default(), &farm_stackerfile::LocalFiles)
+                .unwrap();
+        let caller = [
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+            ("HOME", "/root"),
+            ("http_proxy", "p"),
+            ("TERM", "xterm"),
+            ("CI_JOB", "7"),
+            ("XCI_JOB", "no"),
+            ("TERMINAL", "no"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let sent = passthrough_environment(&plan, caller);
+        let mut names: Vec<&str> = sent.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["CI_JOB", "TERM", "http_proxy"]);
+        assert_eq!(sent["CI_JOB"], "7");
+    }
 
     fn file(dir: &std::path::Path, name: &str, content: &str) -> (String, Entry) {
         let path = dir.join(name);
