@@ -1,14 +1,27 @@
 //! The coordinator's embedded SQLite databases: one way to open them, so every store
 //! shares the same durability and concurrency settings (WAL, a busy timeout, several
-//! processes on one state dir).
+//! processes on one state dir). The databases and the state dir are private to the
+//! coordinator's user: they hold submitted environments and build logs.
 
-use std::path::Path;
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 /// Open (creating if missing) the database at `path` and run `schema` on it.
+/// Mode of the database files (`-wal` and `-shm` included).
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of the state dir.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Open (creating if missing) the database at `path` and run `schema` on it. The file,
+/// its `-wal` and its `-shm` are mode 0600 (SQLite gives the latter two the database's
+/// mode when it creates them).
 pub async fn open(path: &Path, schema: &'static str) -> Result<SqlitePool, sqlx::Error> {
+    private_files(path)?;
     let connect = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -22,5 +35,74 @@ pub async fn open(path: &Path, schema: &'static str) -> Result<SqlitePool, sqlx:
         .connect_with(connect)
         .await?;
     sqlx::raw_sql(schema).execute(&pool).await?;
+    private_files(path)?;
     Ok(pool)
+}
+
+/// Create `path` mode 0600 if it is missing; make it and its `-wal`/`-shm` 0600.
+fn private_files(path: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)?;
+    for file in [
+        path.to_path_buf(),
+        sibling(path, "-wal"),
+        sibling(path, "-shm"),
+    ] {
+        match std::fs::metadata(&file) {
+            Ok(m) if m.permissions().mode() & 0o7777 != FILE_MODE => {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Create the state dir `dir` mode 0700, or tighten an existing one of this user's to
+/// 0700 (saying so); one of another user's is left as it is, with a warning.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)?;
+            // The mode passed to mkdir is reduced by the umask; DIR_MODE is what we want.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
+        }
+        Err(e) => Err(e),
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode & 0o077 == 0 {
+                return Ok(());
+            }
+            if m.uid() == nix::unistd::geteuid().as_raw() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "the state dir was mode {mode:04o}: tightening it to {DIR_MODE:04o}"
+                );
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
+            } else {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "the state dir is mode {mode:04o} and owned by uid {}, not this user: \
+                     others may read the coordinator's state",
+                    m.uid()
+                );
+                Ok(())
+            }
+        }
+    }
 }

@@ -201,7 +201,7 @@ impl Farm {
     /// Open the state in `config.state_dir`, resume unfinished builds and start the
     /// scheduler.
     pub async fn start(config: FarmConfig) -> Result<Farm, FarmError> {
-        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+        crate::db::private_dir(&config.state_dir).map_err(|e| {
             FarmError::Invalid(format!(
                 "creating the state dir {}: {e}",
                 config.state_dir.display()

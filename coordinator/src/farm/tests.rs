@@ -929,3 +929,33 @@ async fn a_result_for_an_unknown_assignment_is_dropped() {
 async fn a_result_for_another_workers_assignment_is_dropped() {
     a_result_for_an_assignment_the_worker_does_not_hold_is_dropped(false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_state_dir_and_its_databases_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = tempfile::tempdir().unwrap();
+    let _farm = start(d.path(), 1000).await;
+    // The schemas are written: the write-ahead logs exist while the farm is open.
+    let state = d.path().join("state");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&state), 0o700, "the state dir");
+    for db in ["state.db", "cache.db"] {
+        for suffix in ["", "-wal", "-shm"] {
+            let p = state.join(format!("{db}{suffix}"));
+            assert!(p.exists(), "{} exists", p.display());
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_existing_loose_state_dir_of_ours_is_tightened() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _farm = start(d.path(), 1000).await;
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+}
