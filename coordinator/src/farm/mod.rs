@@ -713,7 +713,8 @@ fn context_tree(files: &[ContextFile]) -> Result<Tree, FarmError> {
                 .or_insert(0o755);
             parent = d.parent();
         }
-        let mode = f.mode & 0o7777;
+        // Permission bits only: no setuid, setgid or sticky bit from a client.
+        let mode = f.mode & 0o777;
         if f.digest.is_empty() && f.symlink_target.is_empty() {
             dirs.insert(f.path.clone(), if mode == 0 { 0o755 } else { mode });
         } else if f.symlink_target.is_empty() {

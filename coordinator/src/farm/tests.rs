@@ -959,3 +959,51 @@ async fn an_existing_loose_state_dir_of_ours_is_tightened() {
     let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o700);
 }
+
+#[tokio::test]
+async fn uploaded_context_files_lose_setuid_setgid_and_sticky_bits() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 1000).await;
+    let digest = farm
+        .inner
+        .config
+        .blobs
+        .put(bytes::Bytes::from_static(b"#!/bin/sh\n"))
+        .await
+        .unwrap()
+        .digest
+        .to_string();
+    let file = |path: &str, mode: u32| ContextFile {
+        path: path.into(),
+        digest: digest.clone(),
+        mode,
+        symlink_target: String::new(),
+    };
+    let spec = Submission {
+        context: vec![
+            file("bin/suid", 0o4755),
+            file("bin/sgid", 0o2750),
+            file("bin/sticky", 0o1644),
+            ContextFile {
+                path: "shared".into(),
+                digest: String::new(),
+                mode: 0o3777,
+                symlink_target: String::new(),
+            },
+        ],
+        ..Submission::new(["stacker.yaml"])
+    };
+    let root = farm.inner.context_root(&spec).await.unwrap().unwrap();
+    let mode = |p: &str| {
+        std::fs::metadata(root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("bin/suid"), 0o755);
+    assert_eq!(mode("bin/sgid"), 0o750);
+    assert_eq!(mode("bin/sticky"), 0o644);
+    assert_eq!(mode("shared"), 0o777);
+}
