@@ -350,7 +350,7 @@ async fn prepare(
     let platform = options
         .platform
         .with(layer.os.as_deref(), layer.arch.as_deref());
-    if platform != options.platform && (layer.run.is_some() || layer.generate_labels.is_some()) {
+    if platform != options.platform && layer.runs_commands() {
         return Err(PrepareError::ForeignPlatform {
             platform,
             default: options.platform.clone(),

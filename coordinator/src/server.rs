@@ -124,6 +124,22 @@ mod tests {
             .unwrap();
         assert!(store.exists(&digest).await.unwrap());
 
+        // A client's compression is parsed at the edge: an unknown one is refused by name
+        // before anything is planned (it used to become gzip silently).
+        let mut farm_api = farm_proto::farm_client::FarmClient::new(channel.clone());
+        for bad in ["xz", "zstd:99", "gzip:"] {
+            let e = farm_api
+                .submit(farm_proto::v1::SubmitRequest {
+                    stackerfiles: vec!["s.yaml".into()],
+                    compression: bad.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e}");
+            assert!(e.message().contains(&format!("'{bad}'")), "{e}");
+        }
+
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(10), server)
             .await

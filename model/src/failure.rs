@@ -59,12 +59,6 @@ impl LayerFailure {
         self.kind == FailureKind::Cancelled
     }
 
-    /// The same failure with `context` in front of its message.
-    pub fn context(mut self, context: impl fmt::Display) -> Self {
-        self.message = format!("{context}: {}", self.message);
-        self
-    }
-
     /// The same failure with `note` after its message.
     pub fn note(mut self, note: impl fmt::Display) -> Self {
         self.message = format!("{} {note}", self.message);

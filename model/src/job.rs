@@ -94,11 +94,6 @@ pub struct Job {
 }
 
 impl Job {
-    /// The layer runs commands (so it needs a worker of its platform).
-    pub fn runs_commands(&self) -> bool {
-        self.layer.run.is_some() || self.layer.generate_labels.is_some()
-    }
-
     /// The chain the layer starts from, when its base is an image.
     pub fn base_chain(&self) -> Option<&crate::ChainId> {
         match &self.base {

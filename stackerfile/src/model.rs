@@ -198,6 +198,12 @@ pub struct OverlayDir {
 }
 
 impl Layer {
+    /// The layer runs commands (`run` or `generate_labels`), so it must be built on a
+    /// machine of its platform; one that only adds files and config builds anywhere.
+    pub fn runs_commands(&self) -> bool {
+        self.run.is_some() || self.generate_labels.is_some()
+    }
+
     /// Names of the layers this one needs built first: its `built` base and every
     /// `stacker://` reference (imports and tar base URL), in order, without repeats.
     pub fn dependencies(&self) -> Vec<&str> {

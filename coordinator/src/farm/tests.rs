@@ -1007,3 +1007,59 @@ async fn uploaded_context_files_lose_setuid_setgid_and_sticky_bits() {
     assert_eq!(mode("bin/sticky"), 0o644);
     assert_eq!(mode("shared"), 0o777);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_with_a_bad_platform_is_refused_and_bad_chains_are_ignored() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let register = |name: &str, platform: &str, chains: Vec<String>| {
+        let mut link = farm.connect_worker().unwrap();
+        link.tx
+            .send(WorkerMessage {
+                kind: Some(worker_message::Kind::Register(Register {
+                    name: name.into(),
+                    slots: 1,
+                    platform: platform.into(),
+                    chains,
+                    protocol_major: PROTOCOL.major,
+                    protocol_minor: PROTOCOL.minor,
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+        link
+    };
+    let first = |mut link: crate::farm::WorkerLink| async move {
+        let kind = tokio::time::timeout(Duration::from_secs(5), link.rx.recv())
+            .await
+            .unwrap()
+            .and_then(|m| m.kind);
+        (kind, link)
+    };
+    let (kind, _bad) = first(register("bad", "amd64", vec![])).await;
+    match kind {
+        Some(coordinator_message::Kind::Refused(r)) => {
+            assert!(
+                r.reason.contains("'amd64' is not a platform"),
+                "{}",
+                r.reason
+            )
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    // Chains that are not ChainIDs are dropped; the worker is still accepted.
+    let junk = vec!["../../etc".to_string(), "x".repeat(10_000)];
+    let (kind, _ok) = first(register("ok", "linux/amd64", junk)).await;
+    assert!(
+        matches!(kind, Some(coordinator_message::Kind::Registered(_))),
+        "{kind:?}"
+    );
+    let names: Vec<String> = farm
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(names, ["ok"]);
+}

@@ -47,7 +47,7 @@ pub(super) struct Need<'a> {
 impl<'a> Need<'a> {
     pub(super) fn of(job: &'a Job) -> Self {
         Need {
-            platform: job.runs_commands().then_some(&job.platform),
+            platform: job.layer.runs_commands().then_some(&job.platform),
             base_chain: job.base_chain(),
         }
     }

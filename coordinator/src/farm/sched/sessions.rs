@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use farm_model::{ChainId, LayerFailure, LayerOutcome, Platform};
+use farm_model::{ChainId, JobBase, LayerBlob, LayerFailure, LayerOutcome, Platform};
 
 use super::{Scheduler, Worker};
 use crate::farm::Inner;
@@ -222,8 +222,12 @@ impl WorkerSession {
             );
             return;
         }
+        let base: Vec<LayerBlob> = match sched.lock().active.get(&id).map(|a| &a.task.job.base) {
+            Some(JobBase::Image(image)) => image.layers.clone(),
+            _ => Vec::new(),
+        };
         let outcome = match outcome {
-            Ok(layer) => match super::verify::verify(&inner.config.blobs, &layer).await {
+            Ok(layer) => match super::verify::verify(&inner.config.blobs, &layer, &base).await {
                 Ok(()) => Ok(layer),
                 Err(e) => {
                     tracing::warn!(worker = %self.name, assignment = %id, "refusing a result: {e}");

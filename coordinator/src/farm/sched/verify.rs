@@ -5,7 +5,7 @@
 //! follow from them.
 
 use farm_image::{BlobStore, Digest, oci::ImageConfiguration};
-use farm_model::{BuiltImage, ChainId, InvalidChainId, chain_id};
+use farm_model::{BuiltImage, ChainId, InvalidChainId, LayerBlob, chain_id};
 
 /// The largest image config read to check it (real ones are a few KiB).
 pub(super) const MAX_CONFIG_SIZE: u64 = 4 << 20;
@@ -46,12 +46,31 @@ pub(crate) enum Unverified {
     ChainId { stated: ChainId, computed: ChainId },
 }
 
-/// Check `image` against the blob store (see the module's doc).
-pub(crate) async fn verify(blobs: &BlobStore, image: &BuiltImage) -> Result<(), Unverified> {
-    let config = present(blobs, &image.config_digest, image.config_size).await?;
-    for layer in &image.layers {
-        present(blobs, &layer.digest, layer.size).await?;
-    }
+/// Check `image` against the blob store (see the module's doc). `base` is the image the
+/// coordinator gave the job to start from: its layers, where the result repeats them
+/// first, are the coordinator's own record and are not looked up again (a deep chain
+/// would otherwise look up every lower layer for every result above it). The other
+/// blobs are looked up at the same time (a remote store answers each in a round trip).
+pub(crate) async fn verify(
+    blobs: &BlobStore,
+    image: &BuiltImage,
+    base: &[LayerBlob],
+) -> Result<(), Unverified> {
+    let inherited = image
+        .layers
+        .iter()
+        .zip(base)
+        .take_while(|(l, b)| l == b)
+        .count();
+    let (config, _) = futures::future::try_join(
+        present(blobs, &image.config_digest, image.config_size),
+        futures::future::try_join_all(
+            image.layers[inherited..]
+                .iter()
+                .map(|l| present(blobs, &l.digest, l.size)),
+        ),
+    )
+    .await?;
     if image.config_size > MAX_CONFIG_SIZE {
         return Err(Unverified::ConfigTooLarge(image.config_size));
     }
@@ -97,8 +116,6 @@ async fn present(blobs: &BlobStore, digest: &str, size: u64) -> Result<Digest, U
 
 #[cfg(test)]
 mod tests {
-    use farm_model::LayerBlob;
-
     use super::*;
 
     /// An honest image of `n` layers in `blobs`, its config naming `diff_ids` (the
@@ -135,7 +152,9 @@ mod tests {
     async fn an_honest_image_checks_out() {
         let blobs = BlobStore::in_memory();
         for n in [0, 1, 3] {
-            verify(&blobs, &image(&blobs, n, None).await).await.unwrap();
+            verify(&blobs, &image(&blobs, n, None).await, &[])
+                .await
+                .unwrap();
         }
     }
 
@@ -145,7 +164,7 @@ mod tests {
         let mut img = image(&blobs, 2, None).await;
         img.layers[1].digest = Digest::of(b"made up").to_string();
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::Missing(d)) if d.to_string() == img.layers[1].digest
         ));
     }
@@ -156,7 +175,7 @@ mod tests {
         let mut img = image(&blobs, 1, None).await;
         img.config_digest = Digest::of(b"no config").to_string();
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::Missing(_))
         ));
     }
@@ -167,13 +186,13 @@ mod tests {
         let mut img = image(&blobs, 1, None).await;
         img.layers[0].size += 1;
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::Size { stated, actual, .. }) if stated == actual + 1
         ));
         let mut img = image(&blobs, 1, None).await;
         img.config_size -= 1;
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::Size { .. })
         ));
     }
@@ -184,7 +203,7 @@ mod tests {
         let mut img = image(&blobs, 1, None).await;
         img.layers[0].digest = "../../etc/passwd".into();
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::BadDigest { .. })
         ));
     }
@@ -200,7 +219,7 @@ mod tests {
         img.config_digest = junk.digest.to_string();
         img.config_size = junk.size;
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::Config { .. })
         ));
     }
@@ -219,7 +238,7 @@ mod tests {
             let img = image(&blobs, 2, Some(wrong)).await;
             assert_eq!(img.layers, honest.layers);
             assert!(matches!(
-                verify(&blobs, &img).await,
+                verify(&blobs, &img, &[]).await,
                 Err(Unverified::DiffIds { .. })
             ));
         }
@@ -231,7 +250,7 @@ mod tests {
         let mut img = image(&blobs, 2, None).await;
         img.chain_id = ChainId::parse(&img.layers[0].diff_id).unwrap();
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::ChainId { .. })
         ));
     }
@@ -247,8 +266,29 @@ mod tests {
         img.config_digest = big.digest.to_string();
         img.config_size = big.size;
         assert!(matches!(
-            verify(&blobs, &img).await,
+            verify(&blobs, &img, &[]).await,
             Err(Unverified::ConfigTooLarge(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn only_layers_beyond_the_job_s_base_are_taken_on_trust() {
+        let d = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::local(d.path()).unwrap();
+        let img = image(&blobs, 3, None).await;
+        let base = img.layers[..2].to_vec();
+        // The base's blobs are the coordinator's own record: not looked up again.
+        for l in &base {
+            let digest = Digest::parse(&l.digest).unwrap();
+            std::fs::remove_file(d.path().join(blobs.blob_path(&digest).as_ref())).unwrap();
+        }
+        verify(&blobs, &img, &base).await.unwrap();
+        // A layer the worker claims is the base's but is not: looked up, and missing.
+        let mut swapped = base.clone();
+        swapped[1].size += 1;
+        assert!(matches!(
+            verify(&blobs, &img, &swapped).await,
+            Err(Unverified::Missing(_))
         ));
     }
 }
