@@ -1013,7 +1013,7 @@ async fn a_registration_with_a_bad_platform_is_refused_and_bad_chains_are_ignore
     let d = tempfile::tempdir().unwrap();
     let farm = start(d.path(), 2000).await;
     let register = |name: &str, platform: &str, chains: Vec<String>| {
-        let mut link = farm.connect_worker().unwrap();
+        let link = farm.connect_worker().unwrap();
         link.tx
             .send(WorkerMessage {
                 kind: Some(worker_message::Kind::Register(Register {
