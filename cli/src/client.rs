@@ -5,39 +5,125 @@
 
 use std::time::Duration;
 
-use anyhow::anyhow;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
-use farm_client::{ConnectError, RECONNECT_FOR, WatchError, Watched};
+use farm_client::{Bearer, ConnectError, ConnectOptions, RECONNECT_FOR, WatchError, Watched};
 use farm_proto::v1::BuildEvent;
 
 pub(crate) use farm_client::Client;
 
-/// `--coordinator URL` (or `FARM_COORDINATOR`).
+/// `--coordinator URL` (or `FARM_COORDINATOR`) and the credentials for it.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct CoordinatorArg {
-    /// The coordinator, as HOST:PORT or http://HOST:PORT [env: FARM_COORDINATOR]
+    /// The coordinator, as HOST:PORT, http://HOST:PORT or https://HOST:PORT (TLS)
+    /// [env: FARM_COORDINATOR]
     #[arg(long = "coordinator", value_name = "URL")]
     pub coordinator: Option<String>,
+
+    /// A file holding this client's token (sent as `authorization: Bearer`) [env:
+    /// FARM_TOKEN holds the token itself]
+    #[arg(long = "token-file", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The CA (PEM) the coordinator's certificate is signed by, for https:// [default:
+    /// the system's roots] [env: FARM_CA_CERT]
+    #[arg(long = "ca-cert", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// A client certificate (PEM) to present, when the coordinator asks for one
+    /// (mutual TLS; with --tls-key)
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The key (PEM) of --tls-cert
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// A coordinator's address and how to connect to it.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// `http://host:port` or `https://host:port`.
+    pub addr: String,
+    pub options: ConnectOptions,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// Read `path` for `flag` (a message that names both when it cannot be).
+pub(crate) fn read_for(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag} {}: cannot read it", path.display()))
+}
+
+/// A token from `file` (`flag`) or else the environment variable `env`: trimmed, one
+/// line; `None` when neither is set.
+pub(crate) fn token_from(
+    file: Option<&Path>,
+    flag: &str,
+    env: &str,
+) -> anyhow::Result<Option<String>> {
+    let (token, from) = match file {
+        Some(path) => (
+            String::from_utf8(read_for(flag, path)?)
+                .map_err(|_| anyhow!("{flag} {}: not text", path.display()))?,
+            format!("{flag} {}", path.display()),
+        ),
+        None => match std::env::var(env) {
+            Ok(t) if !t.trim().is_empty() => (t, env.to_string()),
+            _ => return Ok(None),
+        },
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!("{from}: expected one token (as printed by `farm token new NAME`)");
+    }
+    Ok(Some(token))
 }
 
 impl CoordinatorArg {
     /// The configured address, if any (an empty FARM_COORDINATOR counts as unset).
-    pub(crate) fn address(&self) -> anyhow::Result<Option<String>> {
+    pub(crate) fn address(&self) -> anyhow::Result<Option<Target>> {
         let given = self
             .coordinator
             .clone()
             .or_else(|| std::env::var("FARM_COORDINATOR").ok())
             .filter(|s| !s.trim().is_empty());
-        match given {
-            None => Ok(None),
-            Some(s) => farm_client::parse_address(&s)
-                .map(Some)
-                .map_err(|e| anyhow!("coordinator address '{s}': {e}")),
+        let Some(s) = given else {
+            return Ok(None);
+        };
+        let addr = farm_client::parse_address(&s)
+            .map_err(|e| anyhow!("coordinator address '{s}': {e}"))?;
+        let mut options = ConnectOptions::default();
+        if let Some(token) = token_from(self.token_file.as_deref(), "--token-file", "FARM_TOKEN")? {
+            options.bearer = Bearer::new(&token)
+                .map_err(|e| anyhow!("the client token (--token-file / FARM_TOKEN): {e}"))?;
         }
+        let ca = self
+            .ca_cert
+            .clone()
+            .or_else(|| std::env::var_os("FARM_CA_CERT").map(PathBuf::from))
+            .filter(|p| !p.as_os_str().is_empty());
+        if let Some(ca) = ca {
+            options.ca_cert_pem = Some(read_for("--ca-cert", &ca)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            options.identity_pem =
+                Some((read_for("--tls-cert", cert)?, read_for("--tls-key", key)?));
+        }
+        options
+            .tls_for(&addr)
+            .map_err(|e| anyhow!("{e} (--ca-cert / --tls-cert need it)"))?;
+        Ok(Some(Target { addr, options }))
     }
 
     /// The configured address; an error saying how to configure one when there is none.
-    pub(crate) fn required(&self, command: &str) -> anyhow::Result<String> {
+    pub(crate) fn required(&self, command: &str) -> anyhow::Result<Target> {
         self.address()?.ok_or_else(|| {
             anyhow!(
                 "farm {command} needs a coordinator: pass --coordinator HOST:PORT or set \
@@ -47,14 +133,16 @@ impl CoordinatorArg {
     }
 }
 
-/// Connect to `addr` (from [`farm_client::parse_address`]); fails within a few seconds
-/// when nobody answers there, with an error that names the address and says what to do.
-pub(crate) async fn connect(addr: &str) -> anyhow::Result<Client> {
-    Client::connect(addr).await.map_err(|e| match e {
-        ConnectError::Unreachable { addr, reason } => unreachable_error(&addr, &reason),
-        // Its message says it all (and names the address).
-        e => anyhow!("{e}"),
-    })
+/// Connect to `target`; fails within a few seconds when nobody answers there, with an
+/// error that names the address and says what to do.
+pub(crate) async fn connect(target: &Target) -> anyhow::Result<Client> {
+    Client::connect_with(&target.addr, &target.options)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Unreachable { addr, reason } => unreachable_error(&addr, &reason),
+            // Its message says it all (and names the address).
+            e => anyhow!("{e}"),
+        })
 }
 
 /// gRPC errors of a [`Client`]'s calls in words.
@@ -89,6 +177,10 @@ pub(crate) fn status_error(
     match status.code() {
         tonic::Code::NotFound if !id.is_empty() => anyhow!("no build {id} on {addr}"),
         tonic::Code::Unavailable => unreachable_error(addr, status.message()),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => anyhow!(
+            "the coordinator at {addr} refused this client's credential: {}",
+            status.message()
+        ),
         code => anyhow!("{call} on {addr}: {code:?}: {}", status.message()),
     }
 }
@@ -300,7 +392,11 @@ mod tests {
             .port();
         let addr = format!("http://127.0.0.1:{port}");
         let started = Instant::now();
-        let e = connect(&addr).await.unwrap_err().to_string();
+        let target = Target {
+            addr: addr.clone(),
+            options: ConnectOptions::default(),
+        };
+        let e = connect(&target).await.unwrap_err().to_string();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(e.contains(&addr), "{e}");
         assert!(

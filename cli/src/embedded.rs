@@ -151,13 +151,13 @@ pub(crate) struct LocalDialer(pub Farm);
 impl Dialer for LocalDialer {
     fn dial(
         &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connection, String>> + Send + '_>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Connection, agent::DialError>> + Send + '_>,
+    > {
         Box::pin(async move {
-            let link = self
-                .0
-                .connect_worker()
-                .ok_or_else(|| "the embedded coordinator has stopped".to_string())?;
+            let link = self.0.connect_worker().ok_or_else(|| {
+                agent::DialError::Unreachable("the embedded coordinator has stopped".into())
+            })?;
             Ok(Connection {
                 tx: link.tx,
                 rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(

@@ -60,6 +60,7 @@ enum Command {
     Pull(cmd::pull::PullArgs),
     Coordinator(cmd::serve::CoordinatorArgs),
     Worker(cmd::serve::WorkerArgs),
+    Token(cmd::token::TokenArgs),
     Publish(cmd::publish::PublishArgs),
 }
 
@@ -96,6 +97,9 @@ fn main() -> ExitCode {
     // Before anything starts a thread: `farm __farm-userns` is the process that runs
     // inside a build's user namespace.
     farm_worker::userns::run_hidden_entry_if_requested();
+    // TLS (https:// coordinators, `farm coordinator --tls-cert`) uses rustls with
+    // aws-lc-rs, installed once for the process.
+    farm_coordinator::auth::install_crypto_provider();
     let cli = parse();
     // The daemons say what they do; commands only warn.
     let default_log = match cli.command {
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => cmd::pull::run(args),
         Command::Coordinator(args) => cmd::serve::coordinator(args),
         Command::Worker(args) => cmd::serve::worker(args),
+        Command::Token(args) => cmd::token::run(args),
         Command::Publish(args) => cmd::publish::run(args),
     };
     match result {

@@ -18,6 +18,8 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::io::AsyncReadExt;
 use tonic::Status;
 use tonic::transport::Channel;
+
+use crate::{Bearer, Transport};
 use tracing::debug;
 
 /// Digests per `FindMissing` request sent by [`find_missing`]. A request of the largest
@@ -79,18 +81,24 @@ fn rpc(call: &'static str) -> impl FnOnce(Status) -> BlobError {
     }
 }
 
-/// A `Blobs` client on `channel` with the same message limits as the server.
-pub fn client(channel: Channel) -> BlobsClient<Channel> {
-    BlobsClient::new(channel)
+/// A `Blobs` client: on a [`Transport`] (which adds the caller's token, if any).
+pub type Api = BlobsClient<Transport>;
+
+/// A `Blobs` client on `channel`, without a token, with the same message limits as the
+/// server.
+pub fn client(channel: Channel) -> Api {
+    client_on(crate::transport(channel, Bearer::none()))
+}
+
+/// A `Blobs` client on `transport` with the same message limits as the server.
+pub fn client_on(transport: Transport) -> Api {
+    BlobsClient::new(transport)
         .max_decoding_message_size(MAX_BLOB_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_BLOB_MESSAGE_SIZE)
 }
 
 /// Which of `digests` the coordinator lacks (each once, in the order given).
-pub async fn find_missing(
-    client: &mut BlobsClient<Channel>,
-    digests: &[Digest],
-) -> Result<Vec<Digest>, BlobError> {
+pub async fn find_missing(client: &mut Api, digests: &[Digest]) -> Result<Vec<Digest>, BlobError> {
     let mut seen = HashSet::new();
     let unique: Vec<&Digest> = digests.iter().filter(|d| seen.insert(*d)).collect();
     let mut missing = Vec::new();
@@ -122,7 +130,7 @@ pub async fn find_missing(
 /// Asks the coordinator which of `digests` it lacks and uploads those (a few at a time)
 /// from `local`, streaming. Returns how many blobs were uploaded.
 pub async fn upload_missing(
-    client: &mut BlobsClient<Channel>,
+    client: &mut Api,
     local: &BlobStore,
     digests: &[Digest],
 ) -> Result<usize, BlobError> {
@@ -142,7 +150,7 @@ pub async fn upload_missing(
 /// Upload one blob from `local`, streaming (without asking first whether the coordinator
 /// has it; it answers `already_present` then).
 pub async fn upload_blob(
-    client: &mut BlobsClient<Channel>,
+    client: &mut Api,
     local: &BlobStore,
     digest: &Digest,
 ) -> Result<UploadResponse, BlobError> {
@@ -158,10 +166,7 @@ pub async fn upload_blob(
 /// Hash the file at `path`, then upload it unless the coordinator has it already.
 /// Returns its digest. A file that changes while it is uploaded is refused by the
 /// coordinator (digest or size mismatch) and nothing is stored.
-pub async fn upload_file(
-    client: &mut BlobsClient<Channel>,
-    path: &Path,
-) -> Result<Digest, BlobError> {
+pub async fn upload_file(client: &mut Api, path: &Path) -> Result<Digest, BlobError> {
     let (digest, size) = hash_file(path).await?;
     if find_missing(client, std::slice::from_ref(&digest))
         .await?
@@ -224,7 +229,7 @@ async fn hash_file(path: &Path) -> Result<(Digest, u64), BlobError> {
 /// ends the request stream early (so the coordinator refuses the short or wrong upload
 /// and stores nothing) and is what this returns.
 async fn send<S>(
-    client: &mut BlobsClient<Channel>,
+    client: &mut Api,
     digest: &Digest,
     size: u64,
     data: S,
@@ -275,7 +280,7 @@ where
 /// Download blob `digest` into `into`, streaming and verified (nothing is stored unless
 /// the bytes hash to `digest`). A blob `into` already has is not downloaded again.
 pub async fn download(
-    client: &mut BlobsClient<Channel>,
+    client: &mut Api,
     digest: &Digest,
     into: &BlobStore,
 ) -> Result<BlobInfo, BlobError> {

@@ -10,8 +10,10 @@ use farm_proto::v1::{
     BuildEvent, BuildStatus, CancelRequest, CancelResponse, ListRequest, LogLine, LogsRequest,
     StatusRequest, SubmitRequest, SubmitResponse, WatchRequest, WorkerInfo, WorkersRequest,
 };
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Status, Streaming};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status, Streaming};
 use tracing::debug;
 
 /// How long connecting may take before the coordinator counts as unreachable.
@@ -24,11 +26,8 @@ pub const RECONNECT_FOR: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AddressError {
-    /// `https://` (TLS is not implemented).
-    #[error("https is not supported yet; use http://HOST:PORT")]
-    Https,
-    /// A scheme other than `http`.
-    #[error("unknown scheme '{0}'; expected HOST:PORT or http://HOST:PORT")]
+    /// A scheme other than `http` and `https`.
+    #[error("unknown scheme '{0}'; expected HOST:PORT, http://HOST:PORT or https://HOST:PORT")]
     UnknownScheme(String),
     /// Empty, or with a path or user info.
     #[error("expected HOST:PORT or http://HOST:PORT")]
@@ -44,17 +43,18 @@ pub enum AddressError {
     BadPort(String),
 }
 
-/// `host:port` or `http://host:port` (a trailing `/` is fine) as `http://host:port`.
+/// `host:port`, `http://host:port` or `https://host:port` (a trailing `/` is fine) as
+/// `http://host:port` (plaintext) or `https://host:port` (TLS).
 pub fn parse_address(s: &str) -> Result<String, AddressError> {
     let s = s.trim();
-    let rest = if let Some(rest) = s.strip_prefix("http://") {
-        rest
-    } else if s.starts_with("https://") {
-        return Err(AddressError::Https);
+    let (scheme, rest) = if let Some(rest) = s.strip_prefix("http://") {
+        ("http", rest)
+    } else if let Some(rest) = s.strip_prefix("https://") {
+        ("https", rest)
     } else if let Some((scheme, _)) = s.split_once("://") {
         return Err(AddressError::UnknownScheme(scheme.to_string()));
     } else {
-        s
+        ("http", s)
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty() || rest.contains('/') || rest.contains('@') {
@@ -71,13 +71,111 @@ pub fn parse_address(s: &str) -> Result<String, AddressError> {
         Ok(p) if p > 0 => {}
         _ => return Err(AddressError::BadPort(port.to_string())),
     }
-    Ok(format!("http://{rest}"))
+    Ok(format!("{scheme}://{rest}"))
 }
+
+/// Adds `authorization: Bearer TOKEN` to every call (nothing without a token).
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+/// A token that cannot be sent in a header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the token has characters a header cannot carry (it should be one line of printable ASCII)"
+)]
+pub struct InvalidToken;
+
+impl Bearer {
+    /// No token.
+    pub fn none() -> Bearer {
+        Bearer(None)
+    }
+
+    /// `token` (surrounding whitespace removed).
+    pub fn new(token: &str) -> Result<Bearer, InvalidToken> {
+        let value = format!("Bearer {}", token.trim());
+        let mut value: MetadataValue<Ascii> = value.parse().map_err(|_| InvalidToken)?;
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// What every client call goes over: a channel that adds the caller's token.
+pub type Transport = InterceptedService<Channel, Bearer>;
+
+/// `channel` with `bearer`'s token on every call.
+pub fn transport(channel: Channel, bearer: Bearer) -> Transport {
+    InterceptedService::new(channel, bearer)
+}
+
+/// How to reach a coordinator beyond its address: a token, the CA its certificate
+/// must be signed by (else the system's roots), and a client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Sent as `authorization: Bearer` on every call.
+    pub bearer: Bearer,
+    /// PEM of the CA the coordinator's certificate must be signed by (https only).
+    pub ca_cert_pem: Option<Vec<u8>>,
+    /// PEM certificate and key to present (mutual TLS; https only).
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ConnectOptions {
+    /// The TLS settings for an `https://` address (None for `http://`); TLS settings
+    /// with an `http://` address are refused.
+    pub fn tls_for(&self, addr: &str) -> Result<Option<ClientTlsConfig>, TlsWithoutHttps> {
+        if !addr.starts_with("https://") {
+            if self.ca_cert_pem.is_some() || self.identity_pem.is_some() {
+                return Err(TlsWithoutHttps(addr.to_string()));
+            }
+            return Ok(None);
+        }
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca_cert_pem {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity_pem {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// A CA or client certificate was given for a plaintext address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a CA or client certificate is given, but the coordinator address {0} is not https://: \
+     use https://HOST:PORT"
+)]
+pub struct TlsWithoutHttps(pub String);
 
 /// Why [`Client::connect`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
+    /// TLS settings for a plaintext address.
+    #[error(transparent)]
+    TlsWithoutHttps(#[from] TlsWithoutHttps),
+    /// The TLS settings were refused (an unreadable certificate...).
+    #[error("TLS settings for {addr}: {reason}")]
+    Tls {
+        /// The address given.
+        addr: String,
+        /// What tonic said.
+        reason: String,
+    },
     /// The address is not a valid endpoint URI.
     #[error("coordinator address {addr}: {source}")]
     InvalidAddress {
@@ -138,25 +236,42 @@ pub enum Watched<'a> {
 /// A connection to a coordinator: its `Farm` and `Blobs` services on one channel.
 #[derive(Debug, Clone)]
 pub struct Client {
-    /// `http://host:port`, for messages and reconnecting.
+    /// `http://host:port` or `https://host:port`, for messages and reconnecting.
     pub addr: String,
     /// The `Farm` service (builds), with the protocol's message limits.
-    pub farm: FarmClient<Channel>,
+    pub farm: FarmClient<Transport>,
     /// The `Blobs` service, for [`crate::blobs`].
-    pub blobs: BlobsClient<Channel>,
+    pub blobs: BlobsClient<Transport>,
+    /// How it connected (for reconnecting).
+    options: ConnectOptions,
 }
 
 impl Client {
-    /// Connect to `addr` (from [`parse_address`]); fails within a few seconds when nobody
-    /// answers there.
+    /// Connect to `addr` (from [`parse_address`]) without a token or TLS settings; fails
+    /// within a few seconds when nobody answers there.
     pub async fn connect(addr: &str) -> Result<Client, ConnectError> {
-        let endpoint = Endpoint::from_shared(addr.to_string())
+        Client::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connect to `addr` (from [`parse_address`]; `https://` for TLS) with `options`;
+    /// fails within a few seconds when nobody answers there.
+    pub async fn connect_with(
+        addr: &str,
+        options: &ConnectOptions,
+    ) -> Result<Client, ConnectError> {
+        let mut endpoint = Endpoint::from_shared(addr.to_string())
             .map_err(|source| ConnectError::InvalidAddress {
                 addr: addr.to_string(),
                 source,
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = options.tls_for(addr)? {
+            endpoint = endpoint.tls_config(tls).map_err(|e| ConnectError::Tls {
+                addr: addr.to_string(),
+                reason: error_chain(&e),
+            })?;
+        }
         let connected =
             tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect())
                 .await;
@@ -169,11 +284,13 @@ impl Client {
             Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
             Err(_) => return Err(unreachable("timed out".to_string())),
         };
+        let transport = transport(channel, options.bearer.clone());
         Ok(Client {
             addr: addr.to_string(),
-            farm: FarmClient::new(channel.clone())
+            farm: FarmClient::new(transport.clone())
                 .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
-            blobs: crate::blobs::client(channel),
+            blobs: crate::blobs::client_on(transport),
+            options: options.clone(),
         })
     }
 
@@ -208,6 +325,13 @@ impl Client {
             .await?
             .into_inner()
             .workers)
+    }
+
+    /// The workers the coordinator knows, and whether it says it is insecure (serves a
+    /// non-loopback address without TLS and tokens).
+    pub async fn workers_report(&mut self) -> Result<(Vec<WorkerInfo>, bool), Status> {
+        let r = self.farm.workers(WorkersRequest {}).await?.into_inner();
+        Ok((r.workers, r.insecure))
     }
 
     /// The stored log lines of build `id` (of one layer when `layer` is not empty).
@@ -286,7 +410,7 @@ impl Client {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            match Client::connect(&self.addr).await {
+            match Client::connect_with(&self.addr, &self.options).await {
                 Ok(fresh) => *self = fresh,
                 Err(e) => debug!(error = %e, "reconnecting"),
             }
@@ -358,17 +482,17 @@ mod tests {
             "host:70000",
             "::1:9",
             "grpc://h:1",
-            "https://h:1",
             "h:1/path",
             ":7070",
         ] {
             assert!(parse_address(bad).is_err(), "{bad:?} was accepted");
         }
+        assert_eq!(parse_address("https://h:1/"), Ok("https://h:1".into()));
         assert!(
-            parse_address("https://h:1")
+            parse_address("grpc://h:1")
                 .unwrap_err()
                 .to_string()
-                .contains("https")
+                .contains("https://")
         );
         assert!(
             parse_address("localhost")

@@ -17,6 +17,7 @@ mod coordinator;
 
 pub use blobs::BlobError;
 pub use coordinator::{
-    AddressError, CONNECT_TIMEOUT, Client, ConnectError, RECONNECT_FOR, WatchError, Watched,
-    final_state, parse_address,
+    AddressError, Bearer, CONNECT_TIMEOUT, Client, ConnectError, ConnectOptions, InvalidToken,
+    RECONNECT_FOR, TlsWithoutHttps, Transport, WatchError, Watched, final_state, parse_address,
+    transport,
 };

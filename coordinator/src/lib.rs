@@ -7,6 +7,7 @@
 //! ([`farm`]), keep state in SQLite ([`state`]), and stream events and logs to every
 //! watcher over gRPC ([`grpc`], [`server`]).
 
+pub mod auth;
 pub mod build;
 pub mod cache;
 pub mod db;

@@ -10,6 +10,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::auth::AuthFailure;
+
 /// Upper bounds (seconds) of the layer duration histogram.
 const BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0];
 
@@ -22,6 +24,8 @@ pub struct Metrics {
     cache_hits: AtomicU64,
     retries: AtomicU64,
     builds_finished: AtomicU64,
+    /// Refused calls, by [`AuthFailure`] (in the order of `AuthFailure::ALL`).
+    auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     durations: Mutex<Histogram>,
 }
 
@@ -54,6 +58,12 @@ impl Metrics {
     }
     pub fn build_finished(&self) {
         self.builds_finished.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A call was refused by the authentication gate (or a worker's name by its token).
+    pub fn auth_failed(&self, reason: AuthFailure) {
+        if let Some(i) = AuthFailure::ALL.iter().position(|r| *r == reason) {
+            self.auth_failures[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
     pub fn layer_built(&self, d: Duration) {
         let s = d.as_secs_f64();
@@ -119,6 +129,18 @@ impl Metrics {
             "Builds that ended.",
             g(&self.builds_finished),
         );
+        let _ = writeln!(
+            out,
+            "# HELP farm_auth_failures_total Calls refused for their credentials, by reason.\n# TYPE farm_auth_failures_total counter"
+        );
+        for (i, reason) in AuthFailure::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "farm_auth_failures_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.auth_failures[i].load(Ordering::Relaxed)
+            );
+        }
         let h = self.durations.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(
             out,
@@ -154,7 +176,13 @@ mod tests {
         m.cache_hit();
         m.layer_built(Duration::from_millis(300));
         m.layer_built(Duration::from_secs(10));
+        m.auth_failed(AuthFailure::WrongRole);
         let text = m.render();
+        assert!(
+            text.contains("farm_auth_failures_total{reason=\"wrong_role\"} 1\n")
+                && text.contains("farm_auth_failures_total{reason=\"missing\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains("farm_queue_depth 3\n"), "{text}");
         assert!(text.contains("farm_cache_hits_total 2\n"), "{text}");
         assert!(

@@ -1,12 +1,22 @@
 //! The coordinator's gRPC server: the client API (`Farm`), the workers' stream
-//! (`Workers`), the blob API (`Blobs`), plus the standard gRPC health and reflection
-//! services, on one listener; and the Prometheus metrics over HTTP on another.
+//! (`Workers`), the blob API (`Blobs`), plus the standard gRPC health service (always
+//! open) and reflection (only without token files), on one listener or two (clients and
+//! workers apart); and the Prometheus metrics over HTTP on another.
+//!
+//! Each service sits behind an [`auth::Gate`] that checks the caller's token against
+//! the role the service is for (see [`crate::auth`]); TLS, optionally with client
+//! certificates, is rustls through tonic.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+use crate::auth::{self, Auth, Gate};
 use crate::farm::Farm;
 use crate::grpc::blobs::BlobService;
 use crate::grpc::farm::FarmService;
@@ -20,10 +30,60 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serve on `listener` until `shutdown` completes.
+/// The server's certificate and key (PEM), and the CA (PEM) client certificates must
+/// be signed by, if clients must present one (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl Tls {
+    fn config(&self, client_ca: Option<&[u8]>) -> ServerTlsConfig {
+        let config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        match client_ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
+/// How to serve: who may call (token files), TLS, and an optional listener of its own
+/// for workers.
+#[derive(Debug, Default)]
+pub struct ServeOptions {
+    pub auth: Arc<Auth>,
+    /// TLS on every listener (None: plaintext).
+    pub tls: Option<Tls>,
+    /// Serve `Workers` (and `Blobs`) here instead of on the clients' listener, which
+    /// then serves `Farm` and `Blobs` only.
+    pub worker_listener: Option<TcpListener>,
+    /// Client certificates required on the workers' listener, signed by this CA (PEM)
+    /// (`Tls::client_ca_pem` applies to both listeners).
+    pub worker_client_ca_pem: Option<Vec<u8>>,
+    /// A non-loopback address is served without TLS and tokens (`--insecure`): said
+    /// in `Workers` answers.
+    pub insecure: bool,
+}
+
+/// Serve on `listener` until `shutdown` completes, with no authentication and no TLS
+/// (tests, and a coordinator on loopback).
 pub async fn serve(
     listener: TcpListener,
     farm: Farm,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    serve_with(listener, farm, ServeOptions::default(), shutdown).await
+}
+
+/// Serve clients on `listener` (and workers too, unless `options` has a listener for
+/// them) until `shutdown` completes.
+pub async fn serve_with(
+    listener: TcpListener,
+    farm: Farm,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -36,18 +96,100 @@ pub async fn serve(
     health
         .set_serving::<farm_proto::workers_server::WorkersServer<WorkerService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(farm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(BlobService::new(farm.blobs().clone()).into_server())
-        .add_service(FarmService::new(farm.clone()).farm_server())
-        .add_service(WorkerService::new(farm.clone()).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+    let gate = |service| Gate::new(options.auth.clone(), farm.clone(), service);
+    let blobs = InterceptedService::new(
+        BlobService::new(farm.blobs().clone()).into_server(),
+        gate(auth::Service::Blobs),
+    );
+    let farm_api = InterceptedService::new(
+        FarmService::new(farm.clone())
+            .insecure(options.insecure)
+            .farm_server(),
+        gate(auth::Service::Farm),
+    );
+    let workers = InterceptedService::new(
+        WorkerService::new(farm.clone()).into_server(),
+        gate(auth::Service::Workers),
+    );
+    let reflection = if options.auth.enabled() {
+        None
+    } else {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(farm_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()?,
+        )
+    };
+    if options.tls.is_some() {
+        auth::install_crypto_provider();
+    }
+    let builder = |client_ca: Option<&[u8]>| -> Result<tonic::transport::Server, ServerError> {
+        // HTTP/2 pings find connections that died without a word (a worker's host
+        // gone), so a worker's session ends and its name is free again.
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        Ok(match &options.tls {
+            Some(tls) => server.tls_config(tls.config(client_ca))?,
+            None => server,
+        })
+    };
+    let client_ca = options
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_ca_pem.as_deref());
+    let clients = builder(client_ca)?
+        .add_service(health_service.clone())
+        .add_optional_service(reflection)
+        .add_service(blobs.clone())
+        .add_service(farm_api);
+    // Both servers stop on the one shutdown.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let clients_done = stopping(stopped.clone());
+    let signal = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+        Ok::<(), ServerError>(())
+    };
+    match options.worker_listener {
+        None => {
+            let serving = async {
+                clients
+                    .add_service(workers)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), clients_done)
+                    .await
+                    .map_err(ServerError::from)
+            };
+            tokio::try_join!(serving, signal)?;
+        }
+        Some(worker_listener) => {
+            let worker_ca = options.worker_client_ca_pem.as_deref().or(client_ca);
+            let for_workers = builder(worker_ca)?
+                .add_service(health_service)
+                .add_service(blobs)
+                .add_service(workers);
+            let for_workers = async {
+                for_workers
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(worker_listener),
+                        stopping(stopped),
+                    )
+                    .await
+                    .map_err(ServerError::from)
+            };
+            let for_clients = async {
+                clients
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), clients_done)
+                    .await
+                    .map_err(ServerError::from)
+            };
+            tokio::try_join!(for_clients, for_workers, signal)?;
+        }
+    }
     Ok(())
 }
 
@@ -146,5 +288,617 @@ mod tests {
             .expect("the server stops on shutdown")
             .unwrap()
             .unwrap();
+    }
+
+    // ---- authentication and TLS ----
+
+    use farm_client::{Bearer, ConnectOptions};
+    use farm_proto::v1::{
+        CancelRequest, FindMissingRequest, ListRequest, LogsRequest, ReadRequest, Register,
+        StatusRequest, SubmitRequest, WatchRequest, WorkerMessage, WorkersRequest,
+        coordinator_message, worker_message,
+    };
+    use std::path::{Path, PathBuf};
+    use tonic::Code;
+
+    /// Certificates made with the openssl CLI: a CA, a server certificate for
+    /// 127.0.0.1 and localhost, and a client certificate signed by it; and another CA.
+    struct Certs {
+        ca: PathBuf,
+        other_ca: PathBuf,
+        server: (PathBuf, PathBuf),
+        client: (PathBuf, PathBuf),
+    }
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl CLI runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn certs(dir: &Path) -> Certs {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            let (key, crt, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.crt"),
+                format!("/CN=farm {ca}"),
+            );
+            args.extend(["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subj]);
+            openssl(dir, &args);
+        }
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for who in ["server", "client"] {
+            let mut args = vec!["req"];
+            args.extend(ec);
+            let (key, csr, crt, ext, subj) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.crt"),
+                format!("{who}.ext"),
+                format!("/CN={who}"),
+            );
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(dir, &args);
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &crt,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                ],
+            );
+        }
+        Certs {
+            ca: dir.join("ca.crt"),
+            other_ca: dir.join("other-ca.crt"),
+            server: (dir.join("server.crt"), dir.join("server.key")),
+            client: (dir.join("client.crt"), dir.join("client.key")),
+        }
+    }
+
+    struct Running {
+        addr: std::net::SocketAddr,
+        farm: Farm,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        server: tokio::task::JoinHandle<Result<(), ServerError>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Running {
+        async fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            tokio::time::timeout(Duration::from_secs(10), &mut self.server)
+                .await
+                .expect("the server stops")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    async fn start(options: ServeOptions) -> Running {
+        let d = tempfile::tempdir().unwrap();
+        let store = farm_image::BlobStore::local(&d.path().join("blobs")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let farm = Farm::start(crate::farm::FarmConfig::new(d.path().join("state"), store))
+            .await
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(listener, farm.clone(), options, async {
+            let _ = stopped.await;
+        }));
+        Running {
+            addr,
+            farm,
+            stop: Some(stop),
+            server,
+            _dir: d,
+        }
+    }
+
+    fn tls_options(c: &Certs, client_ca: bool) -> ServeOptions {
+        ServeOptions {
+            tls: Some(Tls {
+                cert_pem: std::fs::read(&c.server.0).unwrap(),
+                key_pem: std::fs::read(&c.server.1).unwrap(),
+                client_ca_pem: client_ca.then(|| std::fs::read(&c.ca).unwrap()),
+            }),
+            ..ServeOptions::default()
+        }
+    }
+
+    /// Connect over https and ask for the workers: the first call's result.
+    async fn call_over_tls(
+        addr: std::net::SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<(), String> {
+        let mut c = farm_client::Client::connect_with(
+            &format!("https://127.0.0.1:{}", addr.port()),
+            &options,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        c.workers()
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+
+    #[tokio::test]
+    async fn tls_with_the_right_ca_works_and_with_a_wrong_one_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let c = certs(d.path());
+        let running = start(tls_options(&c, false)).await;
+        let with = |ca: &PathBuf| ConnectOptions {
+            ca_cert_pem: Some(std::fs::read(ca).unwrap()),
+            ..ConnectOptions::default()
+        };
+        call_over_tls(running.addr, with(&c.ca)).await.unwrap();
+        let e = call_over_tls(running.addr, with(&c.other_ca))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("certificate") || e.contains("Certificate"),
+            "{e}"
+        );
+        // Plaintext to a TLS listener does not get through either.
+        let mut plain = farm_client::Client::connect(&format!("http://{}", running.addr))
+            .await
+            .unwrap();
+        assert!(plain.workers().await.is_err());
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_refuses_a_client_without_a_certificate() {
+        let d = tempfile::tempdir().unwrap();
+        let c = certs(d.path());
+        let running = start(tls_options(&c, true)).await;
+        let ca = Some(std::fs::read(&c.ca).unwrap());
+        let without = ConnectOptions {
+            ca_cert_pem: ca.clone(),
+            ..ConnectOptions::default()
+        };
+        assert!(call_over_tls(running.addr, without).await.is_err());
+        let with = ConnectOptions {
+            ca_cert_pem: ca,
+            identity_pem: Some((
+                std::fs::read(&c.client.0).unwrap(),
+                std::fs::read(&c.client.1).unwrap(),
+            )),
+            ..ConnectOptions::default()
+        };
+        call_over_tls(running.addr, with).await.unwrap();
+        running.stop().await;
+    }
+
+    fn token_files(dir: &Path) -> (Arc<Auth>, PathBuf) {
+        let clients = dir.join("clients.tokens");
+        let workers = dir.join("workers.tokens");
+        std::fs::write(
+            &clients,
+            auth::token_line("alice", "alice-token") + "\n" + &auth::token_line("bob", "bob-token"),
+        )
+        .unwrap();
+        std::fs::write(&workers, auth::token_line("w1", "w1-token")).unwrap();
+        let a = Auth {
+            clients: Some(auth::TokenFile::open(&clients).unwrap()),
+            workers: Some(auth::TokenFile::open(&workers).unwrap()),
+        };
+        (Arc::new(a), clients)
+    }
+
+    async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Every `Farm` and `Blobs` call with `token` (None: no header): each one's code.
+    async fn every_client_call(
+        addr: std::net::SocketAddr,
+        token: Option<&str>,
+    ) -> Vec<(&'static str, Code)> {
+        let bearer = token.map(|t| Bearer::new(t).unwrap()).unwrap_or_default();
+        let t = farm_client::transport(channel(addr).await, bearer);
+        let mut f = farm_proto::farm_client::FarmClient::new(t.clone());
+        let mut b = farm_client::blobs::client_on(t);
+        let code = |r: Result<Code, tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
+        let id = || "b-1".to_string();
+        vec![
+            (
+                "Submit",
+                code(f.submit(SubmitRequest::default()).await.map(|_| Code::Ok)),
+            ),
+            (
+                "Watch",
+                code(
+                    f.watch(WatchRequest {
+                        id: id(),
+                        after_seq: 0,
+                    })
+                    .await
+                    .map(|_| Code::Ok),
+                ),
+            ),
+            (
+                "Status",
+                code(f.status(StatusRequest { id: id() }).await.map(|_| Code::Ok)),
+            ),
+            ("List", code(f.list(ListRequest {}).await.map(|_| Code::Ok))),
+            (
+                "Logs",
+                code(
+                    f.logs(LogsRequest {
+                        id: id(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| Code::Ok),
+                ),
+            ),
+            (
+                "Cancel",
+                code(f.cancel(CancelRequest { id: id() }).await.map(|_| Code::Ok)),
+            ),
+            (
+                "Workers",
+                code(f.workers(WorkersRequest {}).await.map(|_| Code::Ok)),
+            ),
+            (
+                "FindMissing",
+                code(
+                    b.find_missing(FindMissingRequest { digests: vec![] })
+                        .await
+                        .map(|_| Code::Ok),
+                ),
+            ),
+            (
+                "Read",
+                code(
+                    b.read(ReadRequest {
+                        digest: format!("sha256:{}", "0".repeat(64)),
+                    })
+                    .await
+                    .map(|_| Code::Ok),
+                ),
+            ),
+        ]
+    }
+
+    /// An open worker stream (closed on drop).
+    type Open = Option<(
+        tokio::sync::mpsc::UnboundedSender<WorkerMessage>,
+        tonic::Streaming<farm_proto::v1::CoordinatorMessage>,
+    )>;
+
+    /// `Workers.Connect` with `token`, registering as `name`: the call's code, or the
+    /// coordinator's first answer; and the stream, kept open until dropped.
+    async fn connect_worker_open(
+        addr: std::net::SocketAddr,
+        token: Option<&str>,
+        name: &str,
+    ) -> (Result<coordinator_message::Kind, Code>, Open) {
+        let bearer = token.map(|t| Bearer::new(t).unwrap()).unwrap_or_default();
+        let mut w = farm_proto::workers_client::WorkersClient::new(farm_client::transport(
+            channel(addr).await,
+            bearer,
+        ));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(WorkerMessage {
+            kind: Some(worker_message::Kind::Register(Register {
+                name: name.into(),
+                slots: 1,
+                platform: farm_model::Platform::host().to_string(),
+                protocol_major: farm_model::PROTOCOL.major,
+                protocol_minor: farm_model::PROTOCOL.minor,
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+        let mut inbound = match w
+            .connect(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return (Err(s.code()), None),
+        };
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("an answer within 10 s");
+        let first = match first {
+            Ok(Some(m)) => m.kind.ok_or(Code::Ok),
+            Ok(None) => Err(Code::Ok),
+            Err(s) => Err(s.code()),
+        };
+        (first, Some((tx, inbound)))
+    }
+
+    async fn connect_worker(
+        addr: std::net::SocketAddr,
+        token: Option<&str>,
+        name: &str,
+    ) -> Result<coordinator_message::Kind, Code> {
+        connect_worker_open(addr, token, name).await.0
+    }
+
+    fn failures(farm: &Farm, reason: &str) -> u64 {
+        let text = farm.metrics().render();
+        let key = format!("farm_auth_failures_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn missing_wrong_and_swapped_tokens_are_refused_on_every_call() {
+        let d = tempfile::tempdir().unwrap();
+        let (auth, _) = token_files(d.path());
+        let running = start(ServeOptions {
+            auth,
+            ..ServeOptions::default()
+        })
+        .await;
+        let addr = running.addr;
+        for (token, want) in [
+            (None, Code::Unauthenticated),
+            (Some("nope"), Code::Unauthenticated),
+            (Some("w1-token"), Code::PermissionDenied),
+        ] {
+            for (call, code) in every_client_call(addr, token).await {
+                // Blobs take a worker's token too.
+                let want = if token == Some("w1-token") && matches!(call, "FindMissing" | "Read") {
+                    code
+                } else {
+                    want
+                };
+                assert_eq!(code, want, "{call} with {token:?}");
+            }
+        }
+        for (call, code) in every_client_call(addr, Some("alice-token")).await {
+            assert!(
+                !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+                "{call} with alice's token: {code:?}"
+            );
+        }
+        assert_eq!(
+            connect_worker(addr, None, "w1").await.unwrap_err(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            connect_worker(addr, Some("nope"), "w1").await.unwrap_err(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            connect_worker(addr, Some("alice-token"), "w1")
+                .await
+                .unwrap_err(),
+            Code::PermissionDenied
+        );
+        let (first, open) = connect_worker_open(addr, Some("w1-token"), "w1").await;
+        assert!(
+            matches!(first, Ok(coordinator_message::Kind::Registered(_))),
+            "{first:?}"
+        );
+        drop(open);
+        assert!(
+            failures(&running.farm, "missing") >= 10,
+            "{}",
+            running.farm.metrics().render()
+        );
+        assert!(failures(&running.farm, "wrong_role") >= 8);
+
+        // Health stays open without a token.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_rotated_token_file_takes_effect_without_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let (auth, clients) = token_files(d.path());
+        let running = start(ServeOptions {
+            auth,
+            ..ServeOptions::default()
+        })
+        .await;
+        let list = |token: &'static str| async move {
+            let t =
+                farm_client::transport(channel(running.addr).await, Bearer::new(token).unwrap());
+            let mut f = farm_proto::farm_client::FarmClient::new(t);
+            f.list(ListRequest {})
+                .await
+                .err()
+                .map_or(Code::Ok, |s| s.code())
+        };
+        assert_eq!(list("alice-token").await, Code::Ok);
+        assert_eq!(list("alice-2").await, Code::Unauthenticated);
+        let next = d.path().join("next");
+        std::fs::write(&next, auth::token_line("alice", "alice-2")).unwrap();
+        std::fs::rename(&next, &clients).unwrap();
+        assert_eq!(list("alice-2").await, Code::Ok);
+        assert_eq!(list("alice-token").await, Code::Unauthenticated);
+        assert_eq!(list("bob-token").await, Code::Unauthenticated);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_worker_cannot_register_under_another_workers_name() {
+        let d = tempfile::tempdir().unwrap();
+        let (auth, _) = token_files(d.path());
+        let running = start(ServeOptions {
+            auth,
+            ..ServeOptions::default()
+        })
+        .await;
+        // w1's token, another name: refused for good, and counted.
+        match connect_worker(running.addr, Some("w1-token"), "w2").await {
+            Ok(coordinator_message::Kind::Refused(r)) => {
+                assert!(!r.retry && r.reason.contains("--name w1"), "{}", r.reason)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(failures(&running.farm, "worker_name"), 1);
+        // Its own name: in; again while the first is open (a reconnect, proven by
+        // the token): in.
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let (first, keep) = connect_worker_open(running.addr, Some("w1-token"), "w1").await;
+            assert!(
+                matches!(first, Ok(coordinator_message::Kind::Registered(_))),
+                "{first:?}"
+            );
+            open.push(keep);
+        }
+        let names: Vec<String> = running
+            .farm
+            .workers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.name)
+            .collect();
+        assert_eq!(names, ["w1"]);
+        drop(open);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn without_tokens_a_live_workers_name_is_not_taken_over() {
+        let running = start(ServeOptions::default()).await;
+        let (first, live) = connect_worker_open(running.addr, None, "w").await;
+        assert!(
+            matches!(first, Ok(coordinator_message::Kind::Registered(_))),
+            "{first:?}"
+        );
+        match connect_worker(running.addr, None, "w").await {
+            Ok(coordinator_message::Kind::Refused(r)) => {
+                assert!(
+                    r.retry && r.reason.contains("another --name"),
+                    "{}",
+                    r.reason
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let workers = running.farm.workers().await.unwrap();
+        assert_eq!(workers.len(), 1);
+        assert!(workers[0].connected);
+        drop(live);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn clients_see_and_act_on_their_own_builds_only() {
+        let d = tempfile::tempdir().unwrap();
+        let (auth, _) = token_files(d.path());
+        let running = start(ServeOptions {
+            auth,
+            ..ServeOptions::default()
+        })
+        .await;
+        let id = running
+            .farm
+            .state()
+            .create_build_owned("{}", &[], Some("alice"))
+            .await
+            .unwrap();
+        let client = |token: &'static str| async move {
+            let t =
+                farm_client::transport(channel(running.addr).await, Bearer::new(token).unwrap());
+            farm_proto::farm_client::FarmClient::new(t)
+        };
+        let mut alice = client("alice-token").await;
+        let mut bob = client("bob-token").await;
+        alice
+            .status(StatusRequest { id: id.clone() })
+            .await
+            .unwrap();
+        let listed = |r: farm_proto::v1::ListResponse| {
+            r.builds.into_iter().map(|b| b.id).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            listed(alice.list(ListRequest {}).await.unwrap().into_inner()),
+            vec![id.clone()]
+        );
+        assert!(listed(bob.list(ListRequest {}).await.unwrap().into_inner()).is_empty());
+        assert_eq!(
+            bob.status(StatusRequest { id: id.clone() })
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            bob.cancel(CancelRequest { id: id.clone() })
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            bob.watch(WatchRequest {
+                id: id.clone(),
+                after_seq: 0
+            })
+            .await
+            .unwrap_err()
+            .code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            bob.logs(LogsRequest {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+            Code::NotFound
+        );
+        running.stop().await;
     }
 }

@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS logs (
     line TEXT NOT NULL,
     PRIMARY KEY (build_id, seq)
 );
+CREATE TABLE IF NOT EXISTS build_owners (
+    build_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     name TEXT PRIMARY KEY,
     slots INTEGER NOT NULL,
@@ -270,6 +274,17 @@ impl StateStore {
 
     /// Record a new queued build with its layers (waiting, no attempts), atomically.
     pub async fn create_build(&self, spec_json: &str, layer_names: &[String]) -> Result<BuildId> {
+        self.create_build_owned(spec_json, layer_names, None).await
+    }
+
+    /// [`StateStore::create_build`], recording the principal that submitted it (when
+    /// clients authenticate).
+    pub async fn create_build_owned(
+        &self,
+        spec_json: &str,
+        layer_names: &[String],
+        owner: Option<&str>,
+    ) -> Result<BuildId> {
         let now = unix_ms();
         let id = format!("b-{now}-{:08x}", random_u32());
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
@@ -283,6 +298,14 @@ impl StateStore {
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
+        if let Some(owner) = owner {
+            sqlx::query("INSERT INTO build_owners (build_id, owner) VALUES (?1, ?2)")
+                .bind(&id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         for (idx, name) in layer_names.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO layers (build_id, idx, name, state, attempts) VALUES (?1, ?2, ?3, ?4, 0)",
@@ -320,6 +343,31 @@ impl StateStore {
         .await
         .map_err(|e| self.err(e))?;
         row.map(|r| self.build_row(r)).transpose()
+    }
+
+    /// The principal that submitted build `id`, if one was recorded.
+    pub async fn build_owner(&self, id: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT owner FROM build_owners WHERE build_id = ?1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(row.map(|(o,)| o))
+    }
+
+    /// The builds `owner` submitted, oldest first.
+    pub async fn list_builds_of(&self, owner: &str) -> Result<Vec<BuildRow>> {
+        let rows: Vec<BuildTuple> = sqlx::query_as(
+            "SELECT b.id, b.spec, b.state, b.error, b.created_ms FROM builds b
+             JOIN build_owners o ON o.build_id = b.id
+             WHERE o.owner = ?1 ORDER BY b.created_ms, b.id",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.into_iter().map(|r| self.build_row(r)).collect()
     }
 
     /// Every build, oldest first.
@@ -367,6 +415,7 @@ impl StateStore {
                 "DELETE FROM events WHERE build_id = ?1",
                 "DELETE FROM logs WHERE build_id = ?1",
                 "DELETE FROM assignments WHERE build_id = ?1",
+                "DELETE FROM build_owners WHERE build_id = ?1",
                 "DELETE FROM builds WHERE id = ?1",
             ] {
                 sqlx::query(statement)
@@ -964,6 +1013,32 @@ mod tests {
 
     fn names(n: &[&str]) -> Vec<String> {
         n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn owners_are_recorded_listed_and_forgotten_with_their_builds() {
+        let (_d, s) = store().await;
+        let a = s
+            .create_build_owned("{}", &[], Some("alice"))
+            .await
+            .unwrap();
+        let b = s.create_build_owned("{}", &[], Some("bob")).await.unwrap();
+        let nobody = s.create_build("{}", &[]).await.unwrap();
+        assert_eq!(s.build_owner(&a).await.unwrap().as_deref(), Some("alice"));
+        assert_eq!(s.build_owner(&nobody).await.unwrap(), None);
+        let ids = |rows: Vec<BuildRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.list_builds_of("alice").await.unwrap()),
+            vec![a.clone()]
+        );
+        assert_eq!(ids(s.list_builds_of("bob").await.unwrap()), vec![b.clone()]);
+        assert_eq!(s.list_builds().await.unwrap().len(), 3);
+        for id in [&a, &b, &nobody] {
+            s.set_build_state(id, BuildState::Succeeded).await.unwrap();
+        }
+        s.prune_finished(0).await.unwrap();
+        assert_eq!(s.build_owner(&a).await.unwrap(), None);
+        assert!(s.list_builds_of("alice").await.unwrap().is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! End-to-end tests: each runs the real `farm` binary.
 
 mod architecture;
+mod auth;
 mod build;
 mod client;
 mod farm;

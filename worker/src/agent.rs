@@ -28,10 +28,34 @@ pub struct Connection {
     pub rx: Pin<Box<dyn futures::Stream<Item = CoordinatorMessage> + Send>>,
 }
 
+/// Why a dial failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialError {
+    /// The coordinator could not be reached (dial again later).
+    Unreachable(String),
+    /// The coordinator refused this worker's credential (dialling again would not
+    /// help: the worker stops).
+    Refused(String),
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialError::Unreachable(m) | DialError::Refused(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for DialError {
+    fn from(m: String) -> Self {
+        DialError::Unreachable(m)
+    }
+}
+
 /// Opens connections to the coordinator (gRPC for remote workers, channels for the
 /// embedded one).
 pub trait Dialer: Send + Sync + 'static {
-    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>>;
+    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, DialError>> + Send + '_>>;
     /// Where it dials (for messages).
     fn describe(&self) -> String;
 }
@@ -86,6 +110,12 @@ pub async fn run(
         tokio::task::yield_now().await;
         let conn = match dialer.dial().await {
             Ok(c) => c,
+            Err(DialError::Refused(why)) => {
+                return Err(format!(
+                    "the coordinator at {} refused this worker's credential: {why}",
+                    dialer.describe()
+                ));
+            }
             Err(e) => {
                 let since = *down_since.get_or_insert_with(Instant::now);
                 if let Some(limit) = config.give_up_after
@@ -174,6 +204,12 @@ pub async fn run(
                         Some(coordinator_message::Kind::Ack(ack)) => {
                             unacked.remove(&ack.assignment);
                         }
+                        // A refusal that may pass (another live worker holds the name):
+                        // dial again later.
+                        Some(coordinator_message::Kind::Refused(r)) if r.retry => {
+                            tracing::warn!(coordinator = %dialer.describe(), "refused for now: {}; dialling again", r.reason);
+                            break;
+                        }
                         // Dialling again would be refused again (another release of farm):
                         // stop, saying why.
                         Some(coordinator_message::Kind::Refused(r)) => {
@@ -231,30 +267,66 @@ async fn futures_util_next(
     rx.next().await
 }
 
-/// Dials the coordinator's gRPC `Workers.Connect`.
+/// Dials the coordinator's gRPC `Workers.Connect`: `http://` or `https://` (with
+/// `tls`), sending `token` as `authorization: Bearer`.
 pub struct GrpcDialer {
     pub url: String,
+    /// The worker's token (`--token-file` / `FARM_WORKER_TOKEN`).
+    pub token: Option<String>,
+    /// TLS settings for an `https://` URL (the CA, the worker's certificate).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Dialer for GrpcDialer {
-    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>> {
+    fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, DialError>> + Send + '_>> {
         Box::pin(async move {
             use futures::StreamExt;
-            let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
-                .map_err(|e| format!("bad coordinator address {}: {e}", self.url))?
+            let mut endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
+                .map_err(|e| {
+                    DialError::Refused(format!("bad coordinator address {}: {e}", self.url))
+                })?
                 .connect_timeout(Duration::from_secs(3))
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(10));
-            let channel = endpoint.connect().await.map_err(|e| format!("{e}"))?;
-            let mut client = farm_proto::workers_client::WorkersClient::new(channel)
-                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE);
+            if let Some(tls) = &self.tls {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|e| DialError::Refused(format!("TLS settings: {}", chain(&e))))?;
+            }
+            let authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+                match &self.token {
+                    Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                        DialError::Refused(
+                            "the worker token has characters a header cannot carry".into(),
+                        )
+                    })?),
+                    None => None,
+                };
+            let channel = endpoint.connect().await.map_err(|e| chain(&e))?;
+            let mut client = farm_proto::workers_client::WorkersClient::with_interceptor(
+                channel,
+                move |mut request: tonic::Request<()>| {
+                    if let Some(value) = &authorization {
+                        request
+                            .metadata_mut()
+                            .insert("authorization", value.clone());
+                    }
+                    Ok(request)
+                },
+            )
+            .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE);
             let (tx, rx) = mpsc::unbounded_channel();
             let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-            let response = client
-                .connect(outbound)
-                .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+            let response = client.connect(outbound).await.map_err(|s| {
+                let why = format!("{:?}: {}", s.code(), s.message());
+                match s.code() {
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                        DialError::Refused(why)
+                    }
+                    _ => DialError::Unreachable(why),
+                }
+            })?;
             let inbound = response
                 .into_inner()
                 .take_while(|m| std::future::ready(m.is_ok()))
@@ -269,6 +341,21 @@ impl Dialer for GrpcDialer {
     fn describe(&self) -> String {
         self.url.clone()
     }
+}
+
+/// An error and its sources, `: `-joined (a TLS failure is in the sources).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// The chains of the pool, oldest first (so the newly added ones are at the end).
@@ -379,7 +466,7 @@ mod tests {
     }
 
     impl Dialer for OneAnswer {
-        fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, String>> + Send + '_>> {
+        fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, DialError>> + Send + '_>> {
             Box::pin(async move {
                 let (tx, mut from_worker) = mpsc::unbounded_channel::<WorkerMessage>();
                 let (to_worker, rx) = mpsc::unbounded_channel();
@@ -426,6 +513,7 @@ mod tests {
             answer: coordinator_message::Kind::Refused(Refused {
                 reason: "worker w speaks farm worker protocol 2.0, this coordinator speaks 3.0"
                     .into(),
+                retry: false,
             }),
             registered: registered.clone(),
         };
@@ -451,5 +539,54 @@ mod tests {
         let still_running =
             tokio::time::timeout(Duration::from_millis(500), run(None, config(), dialer)).await;
         assert!(still_running.is_err(), "{still_running:?}");
+    }
+
+    #[tokio::test]
+    async fn a_worker_refused_for_now_dials_again_instead_of_stopping() {
+        // Another live worker holds the name: the refusal says retry.
+        let registered = Arc::new(Mutex::new(None));
+        let dialer = OneAnswer {
+            answer: coordinator_message::Kind::Refused(Refused {
+                reason: "a worker named 'w' is connected and alive".into(),
+                retry: true,
+            }),
+            registered: registered.clone(),
+        };
+        let still_running =
+            tokio::time::timeout(Duration::from_millis(500), run(None, config(), dialer)).await;
+        assert!(still_running.is_err(), "{still_running:?}");
+        assert!(registered.lock().unwrap().is_some());
+    }
+
+    /// A dialer whose coordinator refuses the credential.
+    struct RefusesCredential;
+
+    impl Dialer for RefusesCredential {
+        fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, DialError>> + Send + '_>> {
+            Box::pin(async {
+                Err(DialError::Refused(
+                    "Unauthenticated: no credential: start the worker with --token-file".into(),
+                ))
+            })
+        }
+
+        fn describe(&self) -> String {
+            "a test coordinator".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_credential_stops_the_worker_saying_why() {
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(None, config(), RefusesCredential),
+        )
+        .await
+        .expect("the worker stops")
+        .unwrap_err();
+        assert!(
+            e.contains("refused this worker's credential") && e.contains("--token-file"),
+            "{e}"
+        );
     }
 }

@@ -11,4 +11,5 @@ pub(crate) mod serve;
 pub(crate) mod setup;
 pub(crate) mod status;
 pub(crate) mod submit;
+pub(crate) mod token;
 pub(crate) mod workers;

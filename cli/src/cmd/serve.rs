@@ -5,16 +5,21 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
+use farm_client::ConnectOptions;
+use farm_coordinator::auth::{Auth, Exposed, Protection, TokenFile, check_exposure};
 use farm_coordinator::farm::{Farm, FarmConfig};
+use farm_coordinator::server::{ServeOptions, Tls};
 use farm_image::BlobStore;
 use farm_model::Platform;
 use farm_worker::agent::{self, AgentConfig, GrpcDialer};
 use farm_worker::engine::{Engine, EngineOptions, UsernsDeleter};
 use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
+use tonic::transport::ClientTlsConfig;
 
+use crate::client::{read_for, token_from};
 use crate::common::Layout;
 use crate::local::block_on;
 
@@ -26,16 +31,64 @@ use crate::local::block_on;
 /// in the state dir: stop it at any moment and start it again on the same state dir,
 /// and queued and running builds continue. Blobs (layers, uploaded inputs, manifests)
 /// are in the shared blob store, which workers must reach too.
+///
+/// On a loopback address it needs no credentials. Anywhere else it refuses to start
+/// without TLS (--tls-cert, --tls-key) and tokens for the roles it serves
+/// (--client-tokens, --worker-tokens) unless given --insecure. Clients (the Farm API)
+/// and workers (Workers.Connect) are different roles: a client's token is refused on
+/// the workers' service and the other way round; both may use Blobs. When clients
+/// authenticate, each sees and acts on its own builds only.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
 farm coordinator --listen 127.0.0.1:7600 --state-dir /var/lib/farm --blobs file:///srv/farm/blobs\n  \
-farm coordinator --listen 0.0.0.0:7600 --state-dir /var/lib/farm --blobs s3://bucket/farm --metrics 0.0.0.0:9600\n\n\
-Blob stores: file:///PATH, s3://BUCKET/PREFIX (AWS_* environment variables), gs://BUCKET/PREFIX,\n\
-az://CONTAINER/PREFIX, memory:// (tests).")]
+farm coordinator --listen 0.0.0.0:7600 --state-dir /var/lib/farm --blobs s3://bucket/farm --metrics 0.0.0.0:9600 \\\n    \
+--tls-cert farm.crt --tls-key farm.key --client-tokens clients.tokens --worker-tokens workers.tokens\n\n\
+Token files: `NAME sha256:HEX` lines (`farm token new NAME` prints a token and its line); they\n\
+are read again when they change. Blob stores: file:///PATH, s3://BUCKET/PREFIX (AWS_* environment\n\
+variables), gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, memory:// (tests).")]
 pub(crate) struct CoordinatorArgs {
-    /// Address to serve gRPC on (clients and workers)
+    /// Address to serve gRPC on (clients, and workers unless --worker-listen)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7600")]
     pub listen: String,
+
+    /// Serve workers (Workers.Connect and Blobs) on this address instead of --listen
+    /// [default: the --listen address, one listener for both roles]
+    #[arg(long, value_name = "ADDR")]
+    pub worker_listen: Option<String>,
+
+    /// The coordinator's TLS certificate chain (PEM); with --tls-key, every listener
+    /// speaks TLS only (clients use https://)
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The key (PEM) of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require a client certificate signed by this CA (PEM) on every listener (mutual
+    /// TLS; needs --tls-cert)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Require a certificate signed by this CA (PEM) from workers on --worker-listen
+    /// only (mutual TLS for workers; needs --tls-cert and --worker-listen)
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "worker_listen"])]
+    pub worker_tls_client_ca: Option<PathBuf>,
+
+    /// Clients' tokens: `NAME sha256:HEX` lines; without it anyone who reaches the
+    /// coordinator is a client
+    #[arg(long, value_name = "FILE")]
+    pub client_tokens: Option<PathBuf>,
+
+    /// Workers' tokens: `NAME sha256:HEX` lines, NAME being the worker's --name;
+    /// without it anyone who reaches the coordinator may connect as a worker
+    #[arg(long, value_name = "FILE")]
+    pub worker_tokens: Option<PathBuf>,
+
+    /// Serve a non-loopback address without TLS or tokens anyway (anyone who reaches
+    /// it can run builds and pose as a worker)
+    #[arg(long)]
+    pub insecure: bool,
 
     /// Directory for the state database, the action cache and uploaded contexts
     #[arg(long, value_name = "DIR")]
@@ -75,9 +128,29 @@ pub(crate) struct CoordinatorArgs {
 farm setup --pool /srv/farm/pool --size 20G   # once, as root: a btrfs pool for USER\n  \
 farm worker --coordinator http://10.0.0.5:7600 --pool /srv/farm/pool --blobs file:///srv/farm/blobs --slots 4")]
 pub(crate) struct WorkerArgs {
-    /// The coordinator's address (host:port or http://host:port)
+    /// The coordinator's address (host:port, http://host:port or https://host:port)
     #[arg(long, value_name = "URL", env = "FARM_COORDINATOR")]
     pub coordinator: String,
+
+    /// A file holding this worker's token (its line, under the worker's --name, is in
+    /// the coordinator's --worker-tokens file) [env: FARM_WORKER_TOKEN holds the token
+    /// itself]
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The CA (PEM) the coordinator's certificate is signed by, for https:// [default:
+    /// the system's roots]
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// The worker's certificate (PEM), when the coordinator requires one (mutual TLS;
+    /// with --tls-key)
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The key (PEM) of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// The pool of root filesystems (btrfs recommended; see `farm setup`)
     #[arg(long, value_name = "DIR")]
@@ -109,8 +182,98 @@ pub(crate) fn coordinator_url(s: &str) -> String {
     }
 }
 
+/// The coordinator's token files, TLS settings and the CA of workers' certificates.
+type Security = (Arc<Auth>, Option<Tls>, Option<Vec<u8>>);
+
+/// The coordinator's token files and TLS settings, read and checked before it starts.
+fn coordinator_security(args: &CoordinatorArgs) -> anyhow::Result<Security> {
+    let open = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<TokenFile>> {
+        path.as_ref()
+            .map(|p| TokenFile::open(p).with_context(|| format!("{flag} {}", p.display())))
+            .transpose()
+    };
+    let auth = Auth {
+        clients: open("--client-tokens", &args.client_tokens)?,
+        workers: open("--worker-tokens", &args.worker_tokens)?,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls {
+            cert_pem: read_for("--tls-cert", cert)?,
+            key_pem: read_for("--tls-key", key)?,
+            client_ca_pem: args
+                .tls_client_ca
+                .as_ref()
+                .map(|p| read_for("--tls-client-ca", p))
+                .transpose()?,
+        }),
+        _ => None,
+    };
+    let worker_ca = args
+        .worker_tls_client_ca
+        .as_ref()
+        .map(|p| read_for("--worker-tls-client-ca", p))
+        .transpose()?;
+    Ok((Arc::new(auth), tls, worker_ca))
+}
+
 pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
+        let (auth, tls, worker_client_ca_pem) = coordinator_security(&args)?;
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let worker_listener = match &args.worker_listen {
+            Some(w) => Some(
+                tokio::net::TcpListener::bind(w)
+                    .await
+                    .with_context(|| format!("listening for workers on {w}"))?,
+            ),
+            None => None,
+        };
+        let worker_addr = worker_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
+        let mut exposed = vec![Exposed {
+            addr,
+            clients: true,
+            workers: worker_addr.is_none(),
+        }];
+        if let Some(w) = worker_addr {
+            exposed.push(Exposed {
+                addr: w,
+                clients: false,
+                workers: true,
+            });
+        }
+        let missing = check_exposure(
+            &exposed,
+            Protection {
+                tls: tls.is_some(),
+                client_tokens: auth.clients.is_some(),
+                worker_tokens: auth.workers.is_some(),
+            },
+        );
+        let insecure = !missing.is_empty();
+        if insecure && !args.insecure {
+            bail!(
+                "refusing to serve {} : anyone who reaches it could run builds and pose as a \
+                 worker. Give it TLS (--tls-cert, --tls-key) and tokens (--client-tokens, \
+                 --worker-tokens; `farm token new NAME` makes them), listen on 127.0.0.1, or \
+                 pass --insecure to serve it unprotected anyway",
+                missing.join("; ")
+            );
+        }
+        if insecure {
+            let warning = format!(
+                "INSECURE: serving {} (--insecure): anyone who reaches it can run builds on the \
+                 workers, read every build's logs and blobs, and connect as a worker",
+                missing.join("; ")
+            );
+            eprintln!("farm coordinator: WARNING: {warning}");
+            tracing::warn!("{warning}");
+        }
         let blobs = BlobStore::from_url(&args.blobs)
             .with_context(|| format!("opening the blob store {}", args.blobs))?;
         let layout = Layout::new(Some(args.state_dir.clone()), None, None);
@@ -127,10 +290,6 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
-        let addr = listener.local_addr()?;
         if let Some(m) = &args.metrics {
             let ml = tokio::net::TcpListener::bind(m)
                 .await
@@ -142,8 +301,20 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 }
             });
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let roles = |file: &Option<TokenFile>| if file.is_some() { "tokens" } else { "open" };
         eprintln!(
-            "farm coordinator: listening on {addr} (state {}, blobs {}, lease {:.1}s)",
+            "farm coordinator: listening on {scheme}://{addr}{} (clients {}, workers {}{}; state {}, blobs {}, lease {:.1}s)",
+            worker_addr
+                .map(|w| format!(", workers on {scheme}://{w}"))
+                .unwrap_or_default(),
+            roles(&auth.clients),
+            roles(&auth.workers),
+            match (&tls, &worker_client_ca_pem) {
+                (Some(t), _) if t.client_ca_pem.is_some() => ", client certificates required",
+                (_, Some(_)) => ", worker certificates required",
+                _ => "",
+            },
             args.state_dir.display(),
             args.blobs,
             lease.as_secs_f64()
@@ -157,7 +328,19 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             }
             eprintln!("farm coordinator: stopping (builds continue when it starts again)");
         };
-        farm_coordinator::server::serve(listener, farm, shutdown).await?;
+        farm_coordinator::server::serve_with(
+            listener,
+            farm,
+            ServeOptions {
+                auth,
+                tls,
+                worker_listener,
+                worker_client_ca_pem,
+                insecure,
+            },
+            shutdown,
+        )
+        .await?;
         Ok(ExitCode::SUCCESS)
     })?
 }
@@ -186,7 +369,20 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let url = coordinator_url(&args.coordinator);
-        eprintln!("farm worker {name}: {slots} slot(s), coordinator {url}");
+        let token = token_from(
+            args.token_file.as_deref(),
+            "--token-file",
+            "FARM_WORKER_TOKEN",
+        )?;
+        let tls = worker_tls(&args, &url)?;
+        eprintln!(
+            "farm worker {name}: {slots} slot(s), coordinator {url}{}",
+            if token.is_some() {
+                " (with a token)"
+            } else {
+                ""
+            }
+        );
         let run = agent::run(
             engine,
             AgentConfig {
@@ -197,7 +393,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 shares_files: false,
                 give_up_after: None,
             },
-            GrpcDialer { url },
+            GrpcDialer { url, token, tls },
         );
         tokio::select! {
             r = run => r.map_err(anyhow::Error::msg)?,
@@ -205,6 +401,23 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })?
+}
+
+/// The worker's TLS settings for `url` (None for http://).
+fn worker_tls(args: &WorkerArgs, url: &str) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let options = ConnectOptions {
+        ca_cert_pem: args
+            .ca_cert
+            .as_ref()
+            .map(|p| read_for("--ca-cert", p))
+            .transpose()?,
+        identity_pem: match (&args.tls_cert, &args.tls_key) {
+            (Some(c), Some(k)) => Some((read_for("--tls-cert", c)?, read_for("--tls-key", k)?)),
+            _ => None,
+        },
+        ..ConnectOptions::default()
+    };
+    Ok(options.tls_for(url)?)
 }
 
 async fn open_engine(args: &WorkerArgs, blobs: BlobStore) -> anyhow::Result<Arc<Engine>> {

@@ -177,7 +177,7 @@ fn run_embedded_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn submit(
-    addr: String,
+    addr: crate::client::Target,
     plan: farm_coordinator::Plan,
     context: BuildContext,
     request: SubmitRequest,

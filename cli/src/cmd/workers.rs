@@ -31,10 +31,17 @@ pub(crate) fn run(args: WorkersArgs) -> anyhow::Result<ExitCode> {
     let addr = args.coordinator.required("workers")?;
     block_on(async move {
         let mut client = connect(&addr).await?;
-        let workers = client
-            .workers()
+        let (workers, insecure) = client
+            .workers_report()
             .await
             .map_err(|s| client.error("Workers", "", s))?;
+        if insecure {
+            eprintln!(
+                "warning: the coordinator at {addr} is insecure: it serves a non-loopback \
+                 address without TLS and tokens (--insecure); anyone who reaches it can \
+                 submit builds and connect as a worker"
+            );
+        }
         if args.json {
             let all: Vec<_> = workers.iter().map(worker_json).collect();
             println!("{}", serde_json::to_string_pretty(&all)?);

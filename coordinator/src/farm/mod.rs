@@ -288,13 +288,27 @@ impl Farm {
     /// Plan a submission (its errors come back as [`FarmError::Plan`]), record it and
     /// start it. Returns the build id and the layer names in plan order.
     pub async fn submit(&self, spec: Submission) -> Result<(BuildId, Vec<String>), FarmError> {
+        self.submit_as(spec, None).await
+    }
+
+    /// [`Farm::submit`] on behalf of `owner` (an authenticated client), recorded with the
+    /// build.
+    pub async fn submit_as(
+        &self,
+        spec: Submission,
+        owner: Option<&str>,
+    ) -> Result<(BuildId, Vec<String>), FarmError> {
         let plan = self.inner.plan(&spec).await?;
         crate::build::check_source_date_epoch(&plan, &spec.environment)
             .map_err(FarmError::Invalid)?;
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
         let json = serde_json::to_string(&spec).map_err(|e| FarmError::Invalid(e.to_string()))?;
-        let id = self.inner.state.create_build(&json, &names).await?;
-        tracing::info!(build = %id, layers = names.len(), "build submitted");
+        let id = self
+            .inner
+            .state
+            .create_build_owned(&json, &names, owner)
+            .await?;
+        tracing::info!(build = %id, layers = names.len(), owner, "build submitted");
         self.spawn_driver(id.clone(), spec, Some(plan));
         Ok((id, names))
     }
@@ -395,7 +409,7 @@ impl Farm {
     /// Attach a worker through channels (the embedded worker; the gRPC service uses the
     /// same call for remote ones). `None` outside a Tokio runtime.
     pub fn connect_worker(&self) -> Option<WorkerLink> {
-        crate::grpc::workers::link(self)
+        crate::grpc::workers::link(self, None)
     }
 
     /// Register a worker that `outbox` reaches; see [`WorkerSession`].

@@ -251,9 +251,8 @@ mod tests {
     use farm_client::blobs::{
         BlobError, client, download, find_missing, upload_file, upload_missing,
     };
-    use farm_proto::v1::blobs_client::BlobsClient;
+    use tonic::transport::Server;
     use tonic::transport::server::TcpIncoming;
-    use tonic::transport::{Channel, Server};
 
     use super::*;
 
@@ -299,7 +298,7 @@ mod tests {
         }
     }
 
-    async fn connect(s: &Served) -> BlobsClient<Channel> {
+    async fn connect(s: &Served) -> farm_client::blobs::Api {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
             .unwrap()
             .connect()
@@ -324,7 +323,7 @@ mod tests {
 
     /// A raw Upload of `chunks`, announcing `digest` and `size`.
     async fn raw_upload(
-        c: &mut BlobsClient<Channel>,
+        c: &mut farm_client::blobs::Api,
         digest: &Digest,
         size: u64,
         payload: Bytes,
@@ -348,7 +347,10 @@ mod tests {
     }
 
     /// Read a blob with the raw RPC: the chunks received, then the final status.
-    async fn raw_read(c: &mut BlobsClient<Channel>, digest: &str) -> (Vec<Bytes>, Option<Status>) {
+    async fn raw_read(
+        c: &mut farm_client::blobs::Api,
+        digest: &str,
+    ) -> (Vec<Bytes>, Option<Status>) {
         let mut got = Vec::new();
         let mut stream = match c
             .read(ReadRequest {
@@ -511,7 +513,7 @@ mod tests {
     }
 
     async fn raw_upload_named(
-        c: &mut BlobsClient<Channel>,
+        c: &mut farm_client::blobs::Api,
         digest: &str,
     ) -> Result<UploadResponse, Status> {
         let msg = UploadChunk {

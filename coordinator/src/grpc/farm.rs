@@ -1,5 +1,10 @@
 //! The `Farm` gRPC service (the client API) over a [`Farm`]. It translates; the farm
 //! decides.
+//!
+//! When clients authenticate (`--client-tokens`), a build belongs to the client that
+//! submitted it: `status`, `watch`, `logs` and `cancel` of another's build answer
+//! NOT_FOUND, and `list` shows the caller's own builds. Without client tokens every
+//! caller sees every build.
 
 use std::pin::Pin;
 
@@ -14,6 +19,7 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Principal, principal};
 use crate::farm::{ContextFile, EventKind, Farm, FarmError, StoredEvent, Submission};
 use farm_model::{Compression, UnknownCompression};
 
@@ -21,11 +27,41 @@ use farm_model::{Compression, UnknownCompression};
 #[derive(Clone)]
 pub struct FarmService {
     farm: Farm,
+    insecure: bool,
 }
 
 impl FarmService {
     pub fn new(farm: Farm) -> Self {
-        FarmService { farm }
+        FarmService {
+            farm,
+            insecure: false,
+        }
+    }
+
+    /// Say in `Workers` answers that the coordinator serves a non-loopback address
+    /// without TLS and tokens (`--insecure`).
+    pub fn insecure(mut self, insecure: bool) -> Self {
+        self.insecure = insecure;
+        self
+    }
+
+    /// Whether `caller` may see build `id`: always without authentication, else only
+    /// its own builds (another's is NOT_FOUND, as if it did not exist).
+    async fn visible(&self, caller: &Option<Principal>, id: &str) -> Result<(), Status> {
+        let Some(caller) = caller else {
+            return Ok(());
+        };
+        let owner = self
+            .farm
+            .state()
+            .build_owner(id)
+            .await
+            .map_err(|e| status_of(e.into()))?;
+        if owner.as_deref() == Some(caller.name.as_str()) {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!("no build {id}")))
+        }
     }
 
     pub fn farm_server(self) -> FarmServer<Self> {
@@ -67,6 +103,7 @@ impl FarmApi for FarmService {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
+        let caller = principal(&request);
         let r = request.into_inner();
         let mut substitutions = Substitutions::default();
         for s in &r.substitutions {
@@ -108,7 +145,8 @@ impl FarmApi for FarmService {
                 "a remote submission needs its build context (the stackerfiles at least)",
             ));
         }
-        let (id, layers) = self.farm.submit(spec).await.map_err(status_of)?;
+        let owner = caller.as_ref().map(|p| p.name.as_str());
+        let (id, layers) = self.farm.submit_as(spec, owner).await.map_err(status_of)?;
         Ok(Response::new(SubmitResponse { id, layers }))
     }
 
@@ -118,7 +156,9 @@ impl FarmApi for FarmService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = principal(&request);
         let r = request.into_inner();
+        self.visible(&caller, &r.id).await?;
         let rx = self
             .farm
             .watch(&r.id, r.after_seq)
@@ -132,17 +172,19 @@ impl FarmApi for FarmService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<proto::BuildStatus>, Status> {
+        let caller = principal(&request);
         let id = request.into_inner().id;
+        self.visible(&caller, &id).await?;
         status(&self.farm, &id).await.map(Response::new)
     }
 
-    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        let rows = self
-            .farm
-            .state()
-            .list_builds()
-            .await
-            .map_err(|e| status_of(e.into()))?;
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let state = self.farm.state();
+        let rows = match principal(&request) {
+            Some(caller) => state.list_builds_of(&caller.name).await,
+            None => state.list_builds().await,
+        }
+        .map_err(|e| status_of(e.into()))?;
         let mut builds = Vec::new();
         for row in rows {
             builds.push(status(&self.farm, &row.id).await?);
@@ -154,11 +196,10 @@ impl FarmApi for FarmService {
         &self,
         request: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
-        let state = self
-            .farm
-            .cancel(&request.into_inner().id)
-            .await
-            .map_err(status_of)?;
+        let caller = principal(&request);
+        let id = request.into_inner().id;
+        self.visible(&caller, &id).await?;
+        let state = self.farm.cancel(&id).await.map_err(status_of)?;
         Ok(Response::new(CancelResponse {
             state: i32::from(state),
         }))
@@ -170,7 +211,9 @@ impl FarmApi for FarmService {
         &self,
         request: Request<LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let caller = principal(&request);
         let r = request.into_inner();
+        self.visible(&caller, &r.id).await?;
         let layer = r.layer;
         let keep = move |e: &StoredEvent| layer.is_empty() || e.layer == layer;
         let line = |e: StoredEvent| match e.kind {
@@ -218,6 +261,7 @@ impl FarmApi for FarmService {
                     connected: w.connected,
                 })
                 .collect(),
+            insecure: self.insecure,
         }))
     }
 }

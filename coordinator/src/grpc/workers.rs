@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::farm::{Farm, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession};
+use crate::farm::{
+    Farm, RegisterError, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession,
+};
 use crate::state::AssignmentId;
 
 /// The worker's end of a connection: send [`WorkerMessage`]s, receive
@@ -30,12 +32,13 @@ pub struct WorkerLink {
 }
 
 /// A new connection to `farm`, served by a task on the current Tokio runtime (`None`
-/// outside one).
-pub(crate) fn link(farm: &Farm) -> Option<WorkerLink> {
+/// outside one). `credential`: the worker name its token proves, if workers
+/// authenticate.
+pub(crate) fn link(farm: &Farm, credential: Option<String>) -> Option<WorkerLink> {
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let (wtx, wrx) = mpsc::unbounded_channel();
     let (ctx, crx) = mpsc::unbounded_channel();
-    runtime.spawn(serve(farm.clone(), wrx, ctx));
+    runtime.spawn(serve(farm.clone(), wrx, ctx, credential));
     Some(WorkerLink { tx: wtx, rx: crx })
 }
 
@@ -67,10 +70,9 @@ impl Workers for WorkerService {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let credential = crate::auth::principal(&request).map(|p| p.name);
         let mut inbound = request.into_inner();
-        let link = self
-            .farm
-            .connect_worker()
+        let link = link(&self.farm, credential)
             .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?;
         let tx = link.tx;
         tokio::spawn(async move {
@@ -115,6 +117,7 @@ async fn serve(
     farm: Farm,
     mut rx: mpsc::UnboundedReceiver<WorkerMessage>,
     tx: mpsc::UnboundedSender<CoordinatorMessage>,
+    credential: Option<String>,
 ) {
     let registration = match rx.recv().await {
         Some(WorkerMessage {
@@ -126,19 +129,44 @@ async fn serve(
         }
     };
     let name = registration.name.clone();
-    let info = match worker_info(registration) {
+    let refuse = |reason: String, retry: bool| {
+        tracing::warn!(worker = %name, "refused: {reason}");
+        let _ = tx.send(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Refused(Refused {
+                reason,
+                retry,
+            })),
+        });
+    };
+    if let Some(credential) = &credential
+        && *credential != name
+    {
+        farm.metrics()
+            .auth_failed(crate::auth::AuthFailure::WorkerName);
+        refuse(
+            format!(
+                "this worker registers as '{name}', but its token is worker '{credential}''s: \
+                 start it with --name {credential}, or give it the token listed for '{name}' in \
+                 the coordinator's --worker-tokens file"
+            ),
+            false,
+        );
+        return;
+    }
+    let mut info = match worker_info(registration) {
         Ok(info) => info,
         Err(refusal) => {
-            let reason = refusal.to_string();
-            tracing::warn!(worker = %name, "refused: {reason}");
-            let _ = tx.send(CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Refused(Refused { reason })),
-            });
+            refuse(refusal.to_string(), false);
             return;
         }
     };
+    info.name_proven = credential.is_some();
     let session = match farm.register_worker(info, Box::new(tx.clone())).await {
         Ok(session) => session,
+        Err(e @ RegisterError::NameInUse(_)) => {
+            refuse(e.to_string(), true);
+            return;
+        }
         Err(e) => {
             tracing::error!(worker = %name, "{e}; dropping the connection (the worker dials again)");
             return;
@@ -240,6 +268,7 @@ fn worker_info(registration: proto::Register) -> Result<WorkerInfo, Refusal> {
         shares_files: registration.shares_files,
         unavailable: Some(registration.unavailable).filter(|u| !u.is_empty()),
         name,
+        name_proven: false,
     })
 }
 

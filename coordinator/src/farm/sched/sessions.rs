@@ -53,6 +53,10 @@ pub(crate) struct WorkerInfo {
     pub shares_files: bool,
     /// Why it has no usable slots, if so.
     pub unavailable: Option<String>,
+    /// Its name is proven by its token (`--worker-tokens`): it replaces a session
+    /// under the same name at once (a reconnect). Without that, a live worker's name
+    /// is not taken over.
+    pub name_proven: bool,
 }
 
 /// Why a worker could not be registered: the state store failed, not the worker, so it
@@ -63,6 +67,13 @@ pub(crate) enum RegisterError {
     Record(StateError),
     #[error("reading the worker's leases: {0}")]
     Leases(StateError),
+    /// Another live worker is registered under this name (and the name is not proven
+    /// by a token): it is not taken over.
+    #[error(
+        "a worker named '{0}' is connected and alive: this one is not let in under its \
+         name (give it another --name; it is let in once the other is gone)"
+    )]
+    NameInUse(String),
 }
 
 /// A registered worker's connection; [`WorkerSession::disconnect`] (or dropping it) ends
@@ -84,6 +95,16 @@ impl Scheduler {
     ) -> Result<WorkerSession, RegisterError> {
         let name = info.name;
         let now = unix_ms();
+        if !info.name_proven {
+            let st = self.lock();
+            let lease = self.lease_ms() as i64;
+            if let Some(w) = st.workers.get(&name)
+                && !w.stale
+                && now - w.last_seen_ms <= lease
+            {
+                return Err(RegisterError::NameInUse(name));
+            }
+        }
         inner
             .state
             .upsert_worker(&name, info.slots, &info.platform.to_string(), now)
