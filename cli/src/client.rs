@@ -86,6 +86,25 @@ pub(crate) fn token_from(
     Ok(Some(token))
 }
 
+/// Warn when `token_kind` would travel in plaintext to a coordinator off this machine.
+pub(crate) fn warn_plaintext_token(addr: &str, token_kind: &str) {
+    let Some(rest) = addr.strip_prefix("http://") else {
+        return;
+    };
+    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let local = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !local {
+        eprintln!(
+            "farm: warning: sending the {token_kind} in plaintext to {addr}; use an https:// \
+             address (the coordinator's --tls-cert) so it cannot be read on the way"
+        );
+    }
+}
+
 impl CoordinatorArg {
     /// The configured address, if any (an empty FARM_COORDINATOR counts as unset).
     pub(crate) fn address(&self) -> anyhow::Result<Option<Target>> {
@@ -101,6 +120,7 @@ impl CoordinatorArg {
             .map_err(|e| anyhow!("coordinator address '{s}': {e}"))?;
         let mut options = ConnectOptions::default();
         if let Some(token) = token_from(self.token_file.as_deref(), "--token-file", "FARM_TOKEN")? {
+            warn_plaintext_token(&addr, "client token");
             options.bearer = Bearer::new(&token)
                 .map_err(|e| anyhow!("the client token (--token-file / FARM_TOKEN): {e}"))?;
         }

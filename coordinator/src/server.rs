@@ -657,6 +657,44 @@ mod tests {
         connect_worker_open(addr, token, name).await.0
     }
 
+    /// A reflection `ListServices`: Ok, or why not.
+    async fn reflection(addr: std::net::SocketAddr) -> Code {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        let mut c = ServerReflectionClient::new(channel(addr).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        match c
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+        {
+            Err(s) => s.code(),
+            Ok(r) => match r.into_inner().message().await {
+                Ok(_) => Code::Ok,
+                Err(s) => s.code(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn reflection_is_served_only_without_token_files() {
+        let open = start(ServeOptions::default()).await;
+        assert_eq!(reflection(open.addr).await, Code::Ok);
+        open.stop().await;
+        let d = tempfile::tempdir().unwrap();
+        let (auth, _) = token_files(d.path());
+        let guarded = start(ServeOptions {
+            auth,
+            ..ServeOptions::default()
+        })
+        .await;
+        assert_eq!(reflection(guarded.addr).await, Code::Unimplemented);
+        guarded.stop().await;
+    }
+
     fn failures(farm: &Farm, reason: &str) -> u64 {
         let text = farm.metrics().render();
         let key = format!("farm_auth_failures_total{{reason=\"{reason}\"}} ");

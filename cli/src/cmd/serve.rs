@@ -19,7 +19,7 @@ use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
 use tonic::transport::ClientTlsConfig;
 
-use crate::client::{read_for, token_from};
+use crate::client::{read_for, token_from, warn_plaintext_token};
 use crate::common::Layout;
 use crate::local::block_on;
 
@@ -374,6 +374,9 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             "--token-file",
             "FARM_WORKER_TOKEN",
         )?;
+        if token.is_some() {
+            warn_plaintext_token(&url, "worker token");
+        }
         let tls = worker_tls(&args, &url)?;
         eprintln!(
             "farm worker {name}: {slots} slot(s), coordinator {url}{}",
