@@ -19,7 +19,8 @@
 //! configuration); [`check_exposure`] refuses to serve a non-loopback address that way
 //! unless the operator says `--insecure`. The [`Gate`] interceptor guards each gRPC
 //! service: it answers `UNAUTHENTICATED` for a missing or unknown token and
-//! `PERMISSION_DENIED` for a token of the other role, counts refusals in the metrics
+//! `PERMISSION_DENIED` for a token of the other role (`Blobs` takes either, and is open
+//! when clients need no token), counts refusals in the metrics
 //! (`farm_auth_failures_total{reason}`), and hands the handler the caller's
 //! [`Principal`].
 
@@ -414,10 +415,11 @@ impl Auth {
             .copied()
             .filter(|r| self.file(*r).is_some())
             .collect();
-        // Blobs is open only when nobody needs a token; Farm and Workers when their
-        // own role does not.
+        // Farm and Workers are open when their own role needs no token; Blobs when
+        // clients need none (anyone may be a client then, and clients upload contexts
+        // there; workers reach the blob store directly).
         let open = match service {
-            Service::Blobs => !self.enabled(),
+            Service::Blobs => self.clients.is_none(),
             _ => guarded.is_empty(),
         };
         if open {
@@ -773,6 +775,16 @@ mod tests {
         assert_eq!(a.authenticate(Service::Workers, None).unwrap(), None);
         assert!(a.authenticate(Service::Blobs, None).is_err());
         assert!(a.authenticate(Service::Farm, None).is_err());
+        // Only workers guarded: clients (and so Blobs) are open.
+        let w = d.path().join("w");
+        std::fs::write(&w, line("w1", "wt")).unwrap();
+        let a = Auth {
+            clients: None,
+            workers: Some(TokenFile::open(&w).unwrap()),
+        };
+        assert_eq!(a.authenticate(Service::Farm, None).unwrap(), None);
+        assert_eq!(a.authenticate(Service::Blobs, None).unwrap(), None);
+        assert!(a.authenticate(Service::Workers, None).is_err());
     }
 
     #[test]

@@ -505,6 +505,99 @@ mod tests {
         running.stop().await;
     }
 
+    /// `Workers.Connect` over https to `addr` with `identity` (cert, key): the first
+    /// answer or why not.
+    async fn connect_worker_tls(
+        addr: std::net::SocketAddr,
+        ca: &Path,
+        identity: Option<&(PathBuf, PathBuf)>,
+    ) -> Result<coordinator_message::Kind, String> {
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(ca).unwrap()),
+        );
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                std::fs::read(cert).unwrap(),
+                std::fs::read(key).unwrap(),
+            ));
+        }
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+        let mut w = farm_proto::workers_client::WorkersClient::new(channel);
+        let register = WorkerMessage {
+            kind: Some(worker_message::Kind::Register(Register {
+                name: "w".into(),
+                slots: 1,
+                platform: farm_model::Platform::host().to_string(),
+                protocol_major: farm_model::PROTOCOL.major,
+                protocol_minor: farm_model::PROTOCOL.minor,
+                ..Default::default()
+            })),
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(register).unwrap();
+        let mut inbound = w
+            .connect(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let first = inbound
+            .message()
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        first.and_then(|m| m.kind).ok_or_else(|| "no answer".into())
+    }
+
+    #[tokio::test]
+    async fn workers_on_a_listener_of_their_own_with_certificates_required() {
+        let d = tempfile::tempdir().unwrap();
+        let c = certs(d.path());
+        let worker_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let workers_at = worker_listener.local_addr().unwrap();
+        let running = start(ServeOptions {
+            worker_listener: Some(worker_listener),
+            worker_client_ca_pem: Some(std::fs::read(&c.ca).unwrap()),
+            ..tls_options(&c, false)
+        })
+        .await;
+        // Clients need no certificate on theirs; workers do on theirs.
+        let ca = ConnectOptions {
+            ca_cert_pem: Some(std::fs::read(&c.ca).unwrap()),
+            ..ConnectOptions::default()
+        };
+        call_over_tls(running.addr, ca.clone()).await.unwrap();
+        assert!(connect_worker_tls(workers_at, &c.ca, None).await.is_err());
+        assert!(matches!(
+            connect_worker_tls(workers_at, &c.ca, Some(&c.client)).await,
+            Ok(coordinator_message::Kind::Registered(_))
+        ));
+        // Each listener serves its role only.
+        let e = call_over_tls(
+            workers_at,
+            ConnectOptions {
+                identity_pem: Some((
+                    std::fs::read(&c.client.0).unwrap(),
+                    std::fs::read(&c.client.1).unwrap(),
+                )),
+                ..ca
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.starts_with("Unimplemented"), "{e}");
+        let e = connect_worker_tls(running.addr, &c.ca, None)
+            .await
+            .unwrap_err();
+        assert!(e.starts_with("Unimplemented"), "{e}");
+        running.stop().await;
+    }
+
     fn token_files(dir: &Path) -> (Arc<Auth>, PathBuf) {
         let clients = dir.join("clients.tokens");
         let workers = dir.join("workers.tokens");

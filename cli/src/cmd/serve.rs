@@ -126,7 +126,8 @@ pub(crate) struct CoordinatorArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  \
 farm setup --pool /srv/farm/pool --size 20G   # once, as root: a btrfs pool for USER\n  \
-farm worker --coordinator http://10.0.0.5:7600 --pool /srv/farm/pool --blobs file:///srv/farm/blobs --slots 4")]
+farm worker --coordinator http://10.0.0.5:7600 --pool /srv/farm/pool --blobs file:///srv/farm/blobs --slots 4\n  \
+farm worker --coordinator https://farm.example:7600 --ca-cert ca.crt --token-file w1.token --name w1 --pool /srv/farm/pool --blobs s3://bucket/farm")]
 pub(crate) struct WorkerArgs {
     /// The coordinator's address (host:port, http://host:port or https://host:port)
     #[arg(long, value_name = "URL", env = "FARM_COORDINATOR")]
