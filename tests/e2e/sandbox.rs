@@ -235,13 +235,39 @@ fn a_fork_bomb_and_a_memory_hog_fail_their_layers_in_a_delegated_cgroup() {
     let Some(e) = e2e() else { return };
     let t = TestDir::new(e, "cgroup-limits", Who::User);
     let (uid, gid) = t.owner();
+    let check_args: Vec<String> = [
+        "check",
+        "--state-dir",
+        &t.state.display().to_string(),
+        "--pool",
+        &t.pool.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
     let cg = match DelegatedCgroup::create(uid, gid) {
         Ok(cg) => cg,
         Err(why) => {
+            // farm check says that builds have no limits here, and how to get them.
+            let r = t.farm_env(&check_args, &[]);
+            assert!(
+                r.stdout.contains("builds run without pids/memory limits")
+                    && r.stdout.contains("Delegate=yes"),
+                "{}",
+                r.describe()
+            );
             eprintln!("SKIPPED: no delegated cgroup v2 can be made here: {why}");
             return;
         }
     };
+    let mut check = t.command(&[], farm_bin().to_str().unwrap());
+    check.args(&check_args);
+    let out = cg.wrap(&check).output().unwrap();
+    let r = Run::from_output(check_args.clone(), out);
+    assert!(
+        r.stdout.contains("ok: delegated cgroup"),
+        "{}",
+        r.describe()
+    );
     // Bounded on purpose: without the limits both layers succeed (and the test fails)
     // instead of taking the machine.
     t.write(

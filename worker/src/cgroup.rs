@@ -44,6 +44,10 @@ pub enum CgroupError {
         missing: String,
         have: String,
     },
+    #[error("the worker runs in the root cgroup; give it a cgroup of its own")]
+    RootCgroup,
+    #[error("other processes share the cgroup {dir} (pids {pids}); start the worker alone in it")]
+    Shared { dir: PathBuf, pids: String },
     #[error("the cgroup {dir} is not writable by this user ({what})")]
     NotWritable { dir: PathBuf, what: String },
     #[error("setting up the delegated cgroup {dir}: {what}: {source}")]
@@ -102,6 +106,9 @@ pub fn detect() -> Result<PathBuf, CgroupError> {
     let mount = cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2)?;
     let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let own = own_path(&own).ok_or(CgroupError::NoPath)?;
+    if own.trim_matches('/').is_empty() {
+        return Err(CgroupError::RootCgroup);
+    }
     let mut dir = mount.join(own.trim_start_matches('/'));
     // A worker restarted in the same scope is already in D/farm-worker.
     if dir.file_name().is_some_and(|n| n == "farm-worker")
@@ -151,6 +158,21 @@ impl Delegation {
     /// memory controllers for D's children.
     pub fn enter(limits: CgroupLimits) -> Result<Delegation, CgroupError> {
         let dir = detect()?;
+        // Controllers can only be enabled for the children of a cgroup without
+        // processes: refuse before moving anything when others share it.
+        let me = std::process::id().to_string();
+        let others: Vec<String> = fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|p| *p != me)
+            .map(str::to_string)
+            .collect();
+        if !others.is_empty() {
+            return Err(CgroupError::Shared {
+                dir,
+                pids: others.join(" "),
+            });
+        }
         let setup = |what: &str| {
             let (dir, what) = (dir.clone(), what.to_string());
             move |source| CgroupError::Setup { dir, what, source }
@@ -161,7 +183,7 @@ impl Delegation {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(setup("creating farm-worker")(e)),
         }
-        fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
+        fs::write(leaf.join("cgroup.procs"), &me)
             .map_err(setup("moving the worker into farm-worker"))?;
         fs::write(dir.join("cgroup.subtree_control"), "+pids +memory").map_err(setup(
             "enabling pids and memory (other processes in the cgroup? start the worker alone in it)",
