@@ -157,7 +157,11 @@ impl Delegation {
     /// [`detect`], then move this process into `D/farm-worker` and enable the pids and
     /// memory controllers for D's children.
     pub fn enter(limits: CgroupLimits) -> Result<Delegation, CgroupError> {
-        let dir = detect()?;
+        Self::enter_dir(detect()?, limits)
+    }
+
+    /// [`enter`](Self::enter) with the delegated cgroup `dir` already found.
+    fn enter_dir(dir: PathBuf, limits: CgroupLimits) -> Result<Delegation, CgroupError> {
         // Controllers can only be enabled for the children of a cgroup without
         // processes: refuse before moving anything when others share it.
         let me = std::process::id().to_string();
@@ -317,5 +321,53 @@ mod tests {
         );
         assert_eq!(event_count("max 7\n", "max"), Some(7));
         assert_eq!(event_count("max 7\n", "oom_kill"), None);
+    }
+
+    /// The files written, on a plain directory standing in for cgroupfs.
+    #[test]
+    fn delegation_layout_limits_and_events() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().to_path_buf();
+        let limits = CgroupLimits {
+            pids_max: Some(64),
+            memory_max: Some(128 << 20),
+        };
+        fs::write(dir.join("cgroup.procs"), "1 2\n").unwrap();
+        assert!(matches!(
+            Delegation::enter_dir(dir.clone(), limits),
+            Err(CgroupError::Shared { .. })
+        ));
+        assert!(!dir.join("farm-worker").exists(), "nothing moved");
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        let del = Delegation::enter_dir(dir.clone(), limits).unwrap();
+        let read = |p: &Path| fs::read_to_string(p).unwrap();
+        assert_eq!(
+            read(&dir.join("farm-worker/cgroup.procs")),
+            std::process::id().to_string()
+        );
+        assert_eq!(read(&dir.join("cgroup.subtree_control")), "+pids +memory");
+        let cg = del.build_cgroup().unwrap();
+        assert_eq!(read(&cg.path().join("pids.max")), "64");
+        assert_eq!(
+            read(&cg.path().join("memory.max")),
+            (128u64 << 20).to_string()
+        );
+        assert_eq!(read(&cg.path().join("memory.swap.max")), "0");
+        assert_eq!(read(&cg.path().join("memory.oom.group")), "1");
+        assert_eq!(cg.limit_hit(), None);
+        fs::write(cg.path().join("pids.events"), "max 3\n").unwrap();
+        fs::write(cg.path().join("memory.events"), "oom 1\noom_kill 1\n").unwrap();
+        let hit = cg.limit_hit().unwrap();
+        assert!(
+            hit.contains("memory.max (128 MiB") && hit.contains("pids.max (64"),
+            "{hit}"
+        );
+        // cgroupfs removes its interface files with the directory; a plain one does not.
+        let path = cg.path().to_path_buf();
+        for f in fs::read_dir(&path).unwrap() {
+            fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        drop(cg);
+        assert!(!path.exists());
     }
 }

@@ -10,7 +10,7 @@ use farm_stackerfile::Network;
 use super::pipeline::Build;
 use super::{EngineError, step};
 use crate::pool::Workspace;
-use crate::sandbox::{Bind, Rootfs, SandboxSpec, ScriptStatus};
+use crate::sandbox::{Bind, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
 
 /// Lines of script output kept for the error message of a failed run.
 const TAIL_LINES: usize = 25;
@@ -102,17 +102,31 @@ impl Build<'_> {
                 events.log(name, line);
             })
             .await;
+        let hit = || cgroup.as_ref().and_then(|c| c.limit_hit());
         let status = match status {
             Ok(s) => s,
             Err(_) if cancel.is_cancelled() => return Err(EngineError::Cancelled),
-            Err(e) => return Err(e.into()),
+            Err(e @ (SandboxError::TimedOut(_) | SandboxError::Cancelled)) => {
+                return Err(e.into());
+            }
+            // An OOM kills the build's whole cgroup, the sandbox's helper and init with
+            // it: that is the build's failure, not the worker's.
+            Err(e) => match hit() {
+                Some(hit) => {
+                    return Err(EngineError::RunFailed {
+                        status: hit,
+                        tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+                    });
+                }
+                None => return Err(e.into()),
+            },
         };
         if !status.success() {
             let mut status = match status {
                 ScriptStatus::Exited(c) => format!("exit code {c}"),
                 ScriptStatus::Signaled(s) => format!("killed by signal {s}"),
             };
-            if let Some(hit) = cgroup.as_ref().and_then(|c| c.limit_hit()) {
+            if let Some(hit) = hit() {
                 status = format!("{status}; {hit}");
             }
             return Err(EngineError::RunFailed {
