@@ -42,11 +42,11 @@ impl Embedded {
     /// with `slots` build slots.
     pub(crate) async fn start(
         layout: Layout,
-        timeout: Option<Duration>,
+        options: farm_worker::engine::EngineOptions,
         slots: usize,
         registry: farm_registry::Credentials,
     ) -> anyhow::Result<Self> {
-        let local = Local::open(layout, timeout).await?;
+        let local = Local::open(layout, options).await?;
         let platform = Platform::host();
         let farm = Farm::start(FarmConfig {
             state_dir: local.layout.state_dir.clone(),

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use farm_coordinator::cache::ActionCache;
@@ -24,7 +23,7 @@ pub(crate) struct Local {
 }
 
 impl Local {
-    pub(crate) async fn open(layout: Layout, timeout: Option<Duration>) -> anyhow::Result<Local> {
+    pub(crate) async fn open(layout: Layout, options: EngineOptions) -> anyhow::Result<Local> {
         refuse_another_users(&layout.state_dir, "state dir", "--state-dir")?;
         refuse_another_users(&layout.pool, "pool", "--pool")?;
         std::fs::create_dir_all(&layout.state_dir)
@@ -40,15 +39,7 @@ impl Local {
                 .await?
                 .with_context(|| format!("opening the pool {}", layout.pool.display()))?
         };
-        let engine = Arc::new(Engine::new(
-            pool.clone(),
-            blobs.clone(),
-            userns,
-            EngineOptions {
-                timeout,
-                compression_threads: 0,
-            },
-        ));
+        let engine = Arc::new(Engine::new(pool.clone(), blobs.clone(), userns, options));
         Ok(Local {
             layout,
             blobs,

@@ -15,6 +15,7 @@ mod last_build;
 mod local;
 mod progress;
 mod remote;
+mod run_limits;
 mod states;
 #[cfg(test)]
 mod test_coordinator;

@@ -134,8 +134,13 @@ impl ServedEmbedded {
     pub(crate) async fn start(dir: &Path) -> Option<ServedEmbedded> {
         let layout =
             crate::common::Layout::new(Some(dir.join("state")), Some(dir.join("pool")), None);
-        let embedded = match crate::embedded::Embedded::start(layout, None, 2, Default::default())
-            .await
+        let embedded = match crate::embedded::Embedded::start(
+            layout,
+            crate::run_limits::RunLimitArgs::default().engine_options(),
+            2,
+            Default::default(),
+        )
+        .await
         {
             Ok(e) => e,
             Err(e) => {

@@ -3,7 +3,8 @@
 //! comments or the list-or-string spelling of a key. Its digest is the stackerfile part of
 //! the cache key (the base's key and the inputs' content digests join it at build time).
 //!
-//! Left out on purpose: `build_only` (it decides tagging, not content), `bom` (ignored),
+//! Left out on purpose: `build_only` (it decides tagging, not content), `run_timeout`
+//! (a run that finishes gives the same result however long it was allowed), `bom` (ignored),
 //! the file's location (moving a checkout must not invalidate the cache). Local paths
 //! appear as written, relative to their stackerfile; their content enters the cache key
 //! through content digests.
@@ -13,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Base, DEFAULT_PASSTHROUGH, Layer, Source};
+use crate::model::{Base, DEFAULT_PASSTHROUGH, Layer, Network, Source};
 
 /// Bumped whenever the canonical form changes meaning, so old cache keys stop matching.
 pub const CANONICAL_VERSION: u32 = 1;
@@ -45,6 +46,13 @@ pub struct CanonicalLayer {
     pub overlay_dirs: Vec<(String, String)>,
     pub os: Option<String>,
     pub arch: Option<String>,
+    /// farm's `network` key when given (absent keeps the keys of layers without it
+    /// unchanged). The worker's `--network` default is not part of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    /// farm's `nested_userns: true` (absent when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nested_userns: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +145,8 @@ impl CanonicalLayer {
                 .collect(),
             os: layer.os.clone(),
             arch: layer.arch.clone(),
+            network: layer.sandbox.network,
+            nested_userns: layer.sandbox.nested_userns,
         }
     }
 

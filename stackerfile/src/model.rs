@@ -40,6 +40,58 @@ pub struct Layer {
     pub overlay_dirs: Vec<OverlayDir>,
     pub os: Option<String>,
     pub arch: Option<String>,
+    /// farm's own keys for the build sandbox (`network`, `run_timeout`,
+    /// `nested_userns`); stacker has none of them.
+    #[serde(default)]
+    pub sandbox: LayerSandbox,
+}
+
+/// A layer's farm-only sandbox settings. Defaults keep stacker's behaviour.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerSandbox {
+    /// `network: host|none`; `None`: not said (the worker's default, host unless the
+    /// worker runs with `--network none`).
+    #[serde(default)]
+    pub network: Option<Network>,
+    /// `run_timeout`: the longest `run` may take, in seconds (an integer, or a duration
+    /// such as `90s`, `10m`, `2h`); `None`: the worker's `--run-timeout`.
+    #[serde(default)]
+    pub run_timeout: Option<u64>,
+    /// `nested_userns: true`: `run` may create user namespaces of its own (the seccomp
+    /// filter denies it otherwise).
+    #[serde(default)]
+    pub nested_userns: bool,
+}
+
+/// The network of a layer's `run`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The worker's network, as stacker does.
+    #[default]
+    Host,
+    /// A network namespace of its own with only a loopback interface (up).
+    None,
+}
+
+impl Network {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Network::Host => "host",
+            Network::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "host" => Ok(Network::Host),
+            "none" => Ok(Network::None),
+            other => Err(format!("unknown network '{other}' (host or none)")),
+        }
+    }
 }
 
 /// Default `build_env_passthrough` (stacker's): proxies, TERM, SOURCE_DATE_EPOCH.

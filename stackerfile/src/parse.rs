@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::diag::{Pos, Reporter, Severity, suggest};
-use crate::model::{Base, Bind, Import, Layer, OverlayDir, Source};
+use crate::model::{Base, Bind, Import, Layer, Network, OverlayDir, Source};
 use crate::yaml::{Kind, Node, Style};
 
 pub(crate) const LAYER_KEYS: &[&str] = &[
@@ -28,6 +28,9 @@ pub(crate) const LAYER_KEYS: &[&str] = &[
     "build_only",
     "binds",
     "overlay_dirs",
+    "network",
+    "run_timeout",
+    "nested_userns",
     "os",
     "arch",
     "bom",
@@ -236,6 +239,7 @@ impl Cx<'_, '_> {
             overlay_dirs: Vec::new(),
             os: None,
             arch: None,
+            sandbox: Default::default(),
         };
         let mut from_seen = false;
         // The legacy `import` key when it holds entries (stacker reads an empty one as
@@ -315,6 +319,11 @@ impl Cx<'_, '_> {
                     } else {
                         layer.arch = s;
                     }
+                }
+                "network" => layer.sandbox.network = self.network(key, v),
+                "run_timeout" => layer.sandbox.run_timeout = self.duration_secs(key, v),
+                "nested_userns" => {
+                    layer.sandbox.nested_userns = self.boolean(key, v).unwrap_or(false);
                 }
                 "bom" => self.warn(
                     k.at,
@@ -750,6 +759,59 @@ impl Cx<'_, '_> {
             Kind::Scalar { text, .. } => Some(text.clone()),
             _ => {
                 self.wrong_type(key, node, "a string", &format!("{key}: value"));
+                None
+            }
+        }
+    }
+
+    /// `network: host|none` (farm's key).
+    fn network(&mut self, key: &str, node: &Node) -> Option<Network> {
+        if node.is_null() {
+            return None;
+        }
+        match node.scalar().map(str::parse::<Network>) {
+            Some(Ok(n)) => Some(n),
+            _ => {
+                let shown = node
+                    .scalar()
+                    .map(|s| format!("'{s}'"))
+                    .unwrap_or_else(|| node.kind_name().into());
+                self.err(
+                    node.at,
+                    format!("'{key}' must be host or none, not {shown}"),
+                    Some(format!(
+                        "for example: {key}: none (no network but loopback during run)"
+                    )),
+                );
+                None
+            }
+        }
+    }
+
+    /// A positive duration in whole seconds: an integer (seconds) or `90s`, `10m`, `2h`,
+    /// `1h 30m`.
+    fn duration_secs(&mut self, key: &str, node: &Node) -> Option<u64> {
+        if node.is_null() {
+            return None;
+        }
+        let parsed = node.scalar().and_then(|s| {
+            let s = s.trim();
+            s.parse::<u64>()
+                .ok()
+                .or_else(|| humantime::parse_duration(s).ok().map(|d| d.as_secs()))
+        });
+        match parsed {
+            Some(secs) if secs > 0 => Some(secs),
+            _ => {
+                let shown = node
+                    .scalar()
+                    .map(|s| format!("'{s}'"))
+                    .unwrap_or_else(|| node.kind_name().into());
+                self.err(
+                    node.at,
+                    format!("'{key}' must be a positive duration, not {shown}"),
+                    Some(format!("for example: {key}: 600 (seconds), or {key}: 10m")),
+                );
                 None
             }
         }

@@ -120,6 +120,27 @@ impl Farm {
         self.workers.len() - 1
     }
 
+    /// Start worker `name` (one slot, a pool of its own) with `extra` arguments.
+    fn add_worker_with(&mut self, name: &str, extra: &[&str]) -> usize {
+        let pool = private_pool(self.t.e, &format!("farm-{name}-{}", self.test));
+        let mut cmd = self.t.command(&self.env(), farm_bin().to_str().unwrap());
+        cmd.args(["worker", "--coordinator", &format!("http://{}", self.addr)])
+            .arg("--pool")
+            .arg(&pool)
+            .args(["--blobs", &self.blobs, "--slots", "1", "--name", name])
+            .args(extra);
+        let proc = Proc::spawn(
+            &format!("worker {name}"),
+            cmd,
+            &self.t.join(&format!("{name}.log")),
+        );
+        self.workers.push(Worker {
+            proc,
+            name: name.to_string(),
+        });
+        self.workers.len() - 1
+    }
+
     /// Wait until every worker started is connected (with slots, unless it has none).
     fn wait_for_workers(&self) {
         let names: BTreeSet<&str> = self.workers.iter().map(|w| w.name.as_str()).collect();
@@ -936,4 +957,43 @@ fn a_stackerfile_url_is_submitted_with_its_text() {
         1,
         "fetched once, by the client"
     );
+}
+
+/// A worker with `--network none` and a short `--run-timeout`: a run cannot reach the
+/// coordinator's port (with `--network host` the same layer does, and fails), a run
+/// that takes too long fails its layer with the reason, and the worker builds the next
+/// submission.
+#[test]
+fn a_worker_s_network_none_and_run_timeout() {
+    let Some(mut f) = Farm::new("limits") else {
+        return;
+    };
+    f.add_worker_with("w1", &["--network", "none", "--run-timeout", "2"]);
+    f.wait_for_workers();
+    let port = f.addr.rsplit(':').next().unwrap().to_string();
+    f.t.write(
+        "stacker.yaml",
+        format!(
+            "{BASE}{}{}",
+            layer(
+                "offline",
+                &format!("\"! nc -w 2 127.0.0.1 {port} </dev/null\"")
+            ),
+            layer("long", "sleep 60"),
+        ),
+    );
+    let id = f.submit_detached();
+    let status = f.wait_finished(&id, Duration::from_secs(60));
+    assert_eq!(status["state"], "failed", "{status:#}");
+    let l = layers(&status);
+    assert_eq!(l["offline"]["state"], "built", "{status:#}");
+    assert_eq!(l["long"]["state"], "failed", "{status:#}");
+    assert!(
+        l["long"].to_string().contains("timed out after 2s"),
+        "{status:#}"
+    );
+    assert!(f.workers[0].proc.exited().is_none(), "the worker died");
+    f.t.write("stacker.yaml", format!("{BASE}{}", layer("next", "true")));
+    let id = f.submit_detached();
+    assert_succeeded(&f.wait_finished(&id, Duration::from_secs(60)));
 }

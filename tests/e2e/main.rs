@@ -8,6 +8,7 @@ mod farm;
 mod plan;
 mod procs;
 mod registry;
+mod sandbox;
 mod semantics;
 mod stacker_cli;
 mod util;

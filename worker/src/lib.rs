@@ -11,6 +11,7 @@
 //! * [`userns`]: processes in a new user namespace, and the hidden entry point the
 //!   `farm` binary wires ([`userns::run_hidden_entry_if_requested`]).
 //! * [`idmap`]: which host ids back container ids 0..65535.
+//! * [`cgroup`]: per-build pids and memory limits in a delegated cgroup v2.
 //! * [`cancel`]: [`CancelToken`], which stops a build.
 //! * [`sys`]: the only `unsafe` code (syscalls nix lacks); its xattr readers are public
 //!   for layer capture.
@@ -18,6 +19,7 @@
 pub mod agent;
 pub mod assemble;
 pub mod cancel;
+pub mod cgroup;
 pub mod engine;
 pub mod idmap;
 pub mod ops;

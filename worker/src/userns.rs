@@ -215,6 +215,17 @@ impl UsernsCommand {
         self
     }
 
+    /// Also unshare the network namespace: the child sees only its own loopback
+    /// (down until someone brings it up).
+    pub fn isolate_net(&mut self, on: bool) -> &mut Self {
+        if on {
+            self.clone_flags |= libc::CLONE_NEWNET;
+        } else {
+            self.clone_flags &= !libc::CLONE_NEWNET;
+        }
+        self
+    }
+
     fn op_request(&mut self, req: &impl Serialize) -> io::Result<()> {
         let fd = nix::sys::memfd::memfd_create(
             c"farm-userns-op",

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
@@ -128,9 +128,8 @@ pub(crate) struct BuildFlags {
     #[arg(short, long, value_name = "N")]
     pub jobs: Option<usize>,
 
-    /// Kill a layer's run after this many seconds
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub run: crate::run_limits::RunLimitArgs,
 
     /// After the build, remove least-recently-used chains until the pool is below SIZE
     /// (e.g. 20G, 500M)
@@ -208,7 +207,7 @@ pub(crate) fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode>
             no_cache: s.no_cache,
             compression: s.compression,
             jobs: None,
-            timeout: None,
+            run: Default::default(),
             pool_max_size: None,
             allow_outside_context: s.allow_outside_context,
             require_hash: s.require_hash,
@@ -363,7 +362,7 @@ async fn build(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let embedded = Embedded::start(
         layout,
-        flags.timeout.map(Duration::from_secs),
+        flags.run.engine_options_with_cgroup(),
         jobs,
         credentials.clone(),
     )

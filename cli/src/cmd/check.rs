@@ -74,6 +74,22 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
+    // Optional: per-build pids/memory limits need a delegated cgroup v2.
+    match farm_worker::cgroup::detect() {
+        Ok(dir) => println!(
+            "  ok: delegated cgroup {}: each build gets pids.max and memory.max \
+             (--pids-max, --memory-max)",
+            dir.display()
+        ),
+        Err(e) => {
+            println!("  note: builds run without pids/memory limits: {e}");
+            println!(
+                "        to get them, {}",
+                farm_worker::cgroup::HOW_TO_DELEGATE
+            );
+        }
+    }
+
     let report = Pool::check(&layout.pool);
     print!("{report}");
     if !report.is_usable() {

@@ -85,7 +85,11 @@ pub(crate) fn grab(args: GrabArgs) -> anyhow::Result<ExitCode> {
         )
     });
     block_on(async move {
-        let local = Local::open(args.state.layout(), None).await?;
+        let local = Local::open(
+            args.state.layout(),
+            crate::run_limits::RunLimitArgs::default().engine_options(),
+        )
+        .await?;
         let result = built(&local, layer)?;
         let (events, _rx) = EventSender::channel();
         let n = local.engine.grab(&result, path, &dest, &events).await?;
@@ -151,7 +155,11 @@ pub(crate) fn chroot(mut args: ChrootArgs) -> anyhow::Result<ExitCode> {
         },
     };
     block_on(async move {
-        let local = Local::open(args.state.layout(), None).await?;
+        let local = Local::open(
+            args.state.layout(),
+            crate::run_limits::RunLimitArgs::default().engine_options(),
+        )
+        .await?;
         let result = built(&local, &layer)?;
         let (events, _rx) = EventSender::channel();
         let mut env = vec![
@@ -278,7 +286,11 @@ pub(crate) struct CleanArgs {
 
 pub(crate) fn clean(args: CleanArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
-        let local = Local::open(args.state.layout(), None).await?;
+        let local = Local::open(
+            args.state.layout(),
+            crate::run_limits::RunLimitArgs::default().engine_options(),
+        )
+        .await?;
         let pool = local.pool.clone();
         // Every chain, whatever its size (gc stops at a size limit, and the empty
         // chain has size 0); a chain a running build holds is kept.

@@ -14,7 +14,7 @@ use farm_coordinator::server::{ServeOptions, Tls};
 use farm_image::BlobStore;
 use farm_model::Platform;
 use farm_worker::agent::{self, AgentConfig, GrpcDialer};
-use farm_worker::engine::{Engine, EngineOptions, UsernsDeleter};
+use farm_worker::engine::{Engine, UsernsDeleter};
 use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
 use tonic::transport::ClientTlsConfig;
@@ -169,9 +169,8 @@ pub(crate) struct WorkerArgs {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
-    /// Kill a layer's run after this many seconds
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub run: crate::run_limits::RunLimitArgs,
 }
 
 /// `host:port` or `http(s)://host:port` as a URL.
@@ -435,9 +434,6 @@ async fn open_engine(args: &WorkerArgs, blobs: BlobStore) -> anyhow::Result<Arc<
         pool,
         blobs,
         userns,
-        EngineOptions {
-            timeout: args.timeout.map(Duration::from_secs),
-            compression_threads: 0,
-        },
+        args.run.engine_options_with_cgroup(),
     )))
 }

@@ -164,11 +164,14 @@ fn digest_changes_with_anything_that_affects_the_result() {
         format!("{base}  working_dir: /srv\n"),
         format!("{base}  binds: [/src]\n"),
         base.replace("imports:", "import:"),
+        format!("{base}  network: none\n"),
+        format!("{base}  nested_userns: true\n"),
     ] {
         assert_ne!(digest(&changed), d0, "unchanged digest for:\n{changed}");
     }
-    // build_only decides tagging only
+    // build_only decides tagging only; run_timeout does not change a result.
     assert_eq!(digest(&format!("{base}  build_only: true\n")), d0);
+    assert_eq!(digest(&format!("{base}  run_timeout: 5m\n")), d0);
 }
 
 #[test]

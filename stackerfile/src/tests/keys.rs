@@ -454,3 +454,39 @@ fn an_empty_legacy_import_is_absent() {
     assert_eq!(l.imports.len(), 1);
     assert!(l.legacy_import);
 }
+
+#[test]
+fn farm_sandbox_keys() {
+    let l = only(
+        "a:\n  from: {type: scratch}\n  network: none\n  run_timeout: 10m\n  nested_userns: true\n",
+    );
+    assert_eq!(l.sandbox.network, Some(crate::Network::None));
+    assert_eq!(l.sandbox.run_timeout, Some(600));
+    assert!(l.sandbox.nested_userns);
+    let l = only("a:\n  from: {type: scratch}\n  run_timeout: 90\n  network: host\n");
+    assert_eq!(l.sandbox.run_timeout, Some(90));
+    assert_eq!(l.sandbox.network, Some(crate::Network::Host));
+    let l = only("a:\n  from: {type: scratch}\n");
+    assert_eq!(l.sandbox, crate::LayerSandbox::default());
+    for (bad, says) in [
+        ("network: internet", "'network' must be host or none"),
+        (
+            "run_timeout: 0",
+            "'run_timeout' must be a positive duration",
+        ),
+        (
+            "run_timeout: soon",
+            "'run_timeout' must be a positive duration",
+        ),
+        (
+            "nested_userns: maybe",
+            "'nested_userns' must be true or false",
+        ),
+    ] {
+        let e = super::errors(&format!("a:\n  from: {{type: scratch}}\n  {bad}\n"));
+        assert!(
+            e.diagnostics.iter().any(|d| d.message.contains(says)),
+            "{bad}: {e}"
+        );
+    }
+}

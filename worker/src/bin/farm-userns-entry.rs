@@ -27,7 +27,7 @@ enum EntryOp {
     Echo,
     Inspect(PathBuf),
     #[serde(untagged)]
-    Worker(Op),
+    Worker(Box<Op>),
 }
 
 impl NsOp for EntryOp {

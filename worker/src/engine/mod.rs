@@ -32,6 +32,7 @@ use crate::ops::{Op, RemoveArgs};
 use crate::pool::{Deleter, Pool, PoolError};
 use crate::sandbox::SandboxError;
 use crate::userns::Userns;
+use farm_stackerfile::Network;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -89,8 +90,36 @@ fn step(what: impl Into<String>) -> impl FnOnce(String) -> EngineError {
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// How long a layer's `run` may take when the layer does not say (`run_timeout`);
+    /// `None`: no limit.
     pub timeout: Option<Duration>,
+    /// The most a layer's own `run_timeout` may ask for; `None`: no ceiling.
+    pub max_timeout: Option<Duration>,
+    /// The network of `run` (a worker's `--network none` wins over a layer's
+    /// `network: host`).
+    pub network: Network,
+    /// The worker's delegated cgroup: each run gets a child with pids.max/memory.max.
+    pub cgroup: Option<crate::cgroup::Delegation>,
     pub compression_threads: usize,
+}
+
+impl EngineOptions {
+    /// The timeout of a layer's run: its own `run_timeout` (capped by
+    /// [`max_timeout`](Self::max_timeout)), else the worker's default.
+    pub fn run_timeout(&self, layer: &farm_stackerfile::LayerSandbox) -> Option<Duration> {
+        match layer.run_timeout.map(Duration::from_secs) {
+            Some(t) => Some(self.max_timeout.map_or(t, |max| t.min(max))),
+            None => self.timeout,
+        }
+    }
+
+    /// The network of a layer's run.
+    pub fn run_network(&self, layer: &farm_stackerfile::LayerSandbox) -> Network {
+        match self.network {
+            Network::None => Network::None,
+            Network::Host => layer.network.unwrap_or_default(),
+        }
+    }
 }
 
 /// Builds layers on one pool.

@@ -5,10 +5,12 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
+use farm_stackerfile::Network;
+
 use super::pipeline::Build;
 use super::{EngineError, step};
 use crate::pool::Workspace;
-use crate::sandbox::{Bind, Rootfs, SandboxSpec, ScriptStatus};
+use crate::sandbox::{Bind, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
 
 /// Lines of script output kept for the error message of a failed run.
 const TAIL_LINES: usize = 25;
@@ -36,7 +38,17 @@ impl Build<'_> {
             script.to_string(),
         );
         spec.env = job.env.clone();
-        spec.timeout = self.engine.options.timeout;
+        let options = &self.engine.options;
+        spec.timeout = options.run_timeout(&job.layer.sandbox);
+        spec.network = options.run_network(&job.layer.sandbox);
+        spec.nested_userns = job.layer.sandbox.nested_userns;
+        if job.layer.sandbox.network == Some(Network::Host) && spec.network == Network::None {
+            self.events.log(
+                self.name(),
+                "farm: this worker runs builds with --network none; the layer's \
+                 'network: host' is not granted",
+            );
+        }
         let imports_dir = if job.layer.legacy_import {
             "/stacker"
         } else {
@@ -65,10 +77,24 @@ impl Build<'_> {
     pub(super) async fn run_script(&self, spec: &SandboxSpec) -> Result<(), EngineError> {
         let (events, name, cancel) = (self.events, self.name(), self.cancel);
         let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+        // Each run in a cgroup of its own with the worker's pids/memory limits, when the
+        // worker has a delegated cgroup (removed when dropped, after the run).
+        let cgroup = match &self.engine.options.cgroup {
+            Some(d) => match d.build_cgroup() {
+                Ok(cg) => Some(cg),
+                Err(e) => {
+                    tracing::warn!(error = %e, "creating the build's cgroup; running without limits");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut spec = spec.clone();
+        spec.cgroup = cgroup.as_ref().map(|c| c.path().to_path_buf());
         let status = self
             .engine
             .userns
-            .run_sandbox(spec, Some(cancel), |line| {
+            .run_sandbox(&spec, Some(cancel), |line| {
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
                 }
@@ -76,17 +102,35 @@ impl Build<'_> {
                 events.log(name, line);
             })
             .await;
+        let hit = || cgroup.as_ref().and_then(|c| c.limit_hit());
         let status = match status {
             Ok(s) => s,
             Err(_) if cancel.is_cancelled() => return Err(EngineError::Cancelled),
-            Err(e) => return Err(e.into()),
+            Err(e @ (SandboxError::TimedOut(_) | SandboxError::Cancelled)) => {
+                return Err(e.into());
+            }
+            // An OOM kills the build's whole cgroup, the sandbox's helper and init with
+            // it: that is the build's failure, not the worker's.
+            Err(e) => match hit() {
+                Some(hit) => {
+                    return Err(EngineError::RunFailed {
+                        status: hit,
+                        tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
+                    });
+                }
+                None => return Err(e.into()),
+            },
         };
         if !status.success() {
+            let mut status = match status {
+                ScriptStatus::Exited(c) => format!("exit code {c}"),
+                ScriptStatus::Signaled(s) => format!("killed by signal {s}"),
+            };
+            if let Some(hit) = hit() {
+                status = format!("{status}; {hit}");
+            }
             return Err(EngineError::RunFailed {
-                status: match status {
-                    ScriptStatus::Exited(c) => format!("exit code {c}"),
-                    ScriptStatus::Signaled(s) => format!("killed by signal {s}"),
-                },
+                status,
                 tail: tail.into_iter().collect::<Vec<_>>().join("\n"),
             });
         }

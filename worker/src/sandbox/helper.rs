@@ -37,6 +37,15 @@ fn helper(spec: SandboxSpec) -> HelperReport {
     if let Err(e) = sys::install_terminate_handler() {
         return failed(format!("installing SIGTERM handler: {e}"), warnings);
     }
+    if let Some(cg) = &spec.cgroup {
+        // Before the fork: init, the script and all they start inherit the cgroup.
+        if let Err(e) = fs::write(cg.join("cgroup.procs"), "0") {
+            warnings.push(format!(
+                "the build runs without its pids/memory limits: joining {}: {e}",
+                cg.display()
+            ));
+        }
+    }
     let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .and_then(|a| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|b| (a, b)));
     let ((report_r, report_w), (life_r, life_w)) = match pipes {
@@ -115,7 +124,8 @@ fn init_main(spec: &SandboxSpec, report_w: OwnedFd, life_r: OwnedFd) -> ! {
     let _ = nix::sys::prctl::set_name(c"init");
 
     let mut warnings = Vec::new();
-    let setup_result = super::setup::setup(spec, &mut warnings);
+    let setup_result =
+        super::harden::network(spec).and_then(|()| super::setup::setup(spec, &mut warnings));
     for w in warnings {
         send(&mut report, &InitMsg::Warning(w));
     }

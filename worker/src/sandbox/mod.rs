@@ -48,14 +48,24 @@
 //! recursively and made read-only. If that fails, /sys is an empty read-only tmpfs and
 //! the run reports a warning.
 //!
+//! Hardening (`harden`, `seccomp`): the script runs with `PR_SET_NO_NEW_PRIVS` and a
+//! seccomp deny list (kernel modules, kexec, bpf, keyring, userfaultfd, perf, nested user
+//! namespaces unless [`SandboxSpec::nested_userns`]), both installed in its own process
+//! right before exec, after all of the setup. With [`SandboxSpec::network`] `None` the
+//! helper also unshares a network namespace (owned by the build's user namespace) and
+//! init brings its `lo` up: the build reaches nothing outside, not even the host's
+//! 127.0.0.1.
+//!
 //! Where each part lives: `run` is the worker's side (spawning the helper, streaming
 //! output, timeout, cancel, reading the result); `helper` the two processes inside
 //! the namespaces (helper and init: fork, report, reap); `setup` what init does before
 //! the script starts (mounts, /dev, /proc, pivot_root), with the skeleton of missing
 //! mountpoints in `skeleton`.
 
+mod harden;
 mod helper;
 mod run;
+mod seccomp;
 mod setup;
 mod skeleton;
 
@@ -63,6 +73,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use farm_stackerfile::Network;
 use serde::{Deserialize, Serialize};
 
 use crate::userns::UsernsError;
@@ -97,6 +108,17 @@ pub struct SandboxSpec {
     /// of no stdin and captured output.
     #[serde(default)]
     pub interactive: bool,
+    /// `Host`: the worker's network (stacker's behaviour). `None`: a network namespace
+    /// of its own with only `lo` (up).
+    #[serde(default)]
+    pub network: Network,
+    /// Let the script create user namespaces (the seccomp filter denies it otherwise).
+    #[serde(default)]
+    pub nested_userns: bool,
+    /// A cgroup v2 directory (with its limits written) that the helper joins before it
+    /// forks the sandbox: everything of the build is charged to it.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 fn default_hostname() -> String {
@@ -114,6 +136,9 @@ impl SandboxSpec {
             hostname: default_hostname(),
             timeout: None,
             interactive: false,
+            network: Network::Host,
+            nested_userns: false,
+            cgroup: None,
         }
     }
 }
@@ -178,7 +203,10 @@ pub enum SandboxError {
     Userns(#[from] UsernsError),
     #[error("sandbox setup failed: {0}")]
     Setup(String),
-    #[error("timed out after {0:?}; the build was killed")]
+    #[error(
+        "run timed out after {0:?} and was killed (a layer may set run_timeout, up to the \
+         worker's --max-run-timeout; the worker's default is --run-timeout)"
+    )]
     TimedOut(Duration),
     #[error("cancelled; the build was killed")]
     Cancelled,

@@ -417,7 +417,8 @@ pub(super) fn setup(spec: &SandboxSpec, warnings: &mut Vec<String>) -> Result<Co
         })
         .stdout(Stdio::inherit())
         .stderr(Stdio::from(out));
-    sys::install_script_pre_exec(&mut cmd);
+    let filter = super::harden::script_filter(spec, warnings)?;
+    sys::install_script_pre_exec(&mut cmd, filter);
     Ok(cmd)
 }
 

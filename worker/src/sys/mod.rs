@@ -141,12 +141,15 @@ fn userns_child_setup(p: &UsernsPreExec) -> io::Result<()> {
 }
 
 /// Installs the hook for the build script inside the sandbox: SIGKILL when init dies, a
-/// session of its own, every inherited descriptor above 2 closed at exec.
-pub(crate) fn install_script_pre_exec(cmd: &mut Command) {
-    // SAFETY: only async-signal-safe raw syscalls (prctl, setsid, close_range); the
-    // forking process (sandbox init) is single-threaded anyway.
+/// session of its own, every inherited descriptor above 2 closed at exec, then, last
+/// before exec, `PR_SET_NO_NEW_PRIVS` and the seccomp `filter` (classic BPF; see
+/// `sandbox::seccomp`) when there is one.
+pub(crate) fn install_script_pre_exec(cmd: &mut Command, filter: Option<Vec<libc::sock_filter>>) {
+    // SAFETY: only async-signal-safe raw syscalls (prctl, setsid, close_range, seccomp);
+    // the forking process (sandbox init) is single-threaded anyway. The filter vector
+    // is owned by the closure and outlives the seccomp call, which copies it.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -157,6 +160,22 @@ pub(crate) fn install_script_pre_exec(cmd: &mut Command) {
                 libc::c_uint::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
+            nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
+            if let Some(filter) = &filter {
+                let prog = libc::sock_fprog {
+                    len: filter.len() as libc::c_ushort,
+                    filter: filter.as_ptr().cast_mut(),
+                };
+                if libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0 as libc::c_uint,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -506,4 +525,47 @@ pub fn llistxattr(path: &Path) -> io::Result<Vec<String>> {
             _ => return Err(e),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Network: the loopback interface of a new network namespace
+// ---------------------------------------------------------------------------------
+
+/// `struct ifreq` with the `ifr_flags` member of its union (the union is 24 bytes on
+/// 64-bit Linux; the padding keeps the struct its full 40 bytes).
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+
+/// Brings `lo` up in the caller's network namespace (SIOCGIFFLAGS, then SIOCSIFFLAGS
+/// with IFF_UP): a new namespace's loopback starts down.
+pub(crate) fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = cvt(fd as libc::c_long)?;
+    // SAFETY: new descriptor from the kernel, solely ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut req = IfreqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    let ptr = &mut req as *mut IfreqFlags;
+    // SAFETY: `req` is a properly sized, initialised ifreq that outlives the call; the
+    // kernel writes only ifr_flags.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS, ptr) };
+    cvt(r as libc::c_long)?;
+    req.flags |= libc::IFF_UP as libc::c_short;
+    let ptr = &mut req as *mut IfreqFlags;
+    // SAFETY: as above; the kernel only reads the struct.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS, ptr) };
+    cvt(r as libc::c_long)?;
+    Ok(())
 }
