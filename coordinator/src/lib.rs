@@ -10,6 +10,7 @@
 pub mod build;
 pub mod cache;
 pub mod db;
+pub mod destinations;
 pub mod farm;
 pub mod fetch;
 pub mod grpc;

@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::farm::{ContextFile, EventKind, Farm, FarmError, StoredEvent, Submission};
+use crate::farm::{ContextFile, EventKind, Farm, FarmError, Origin, StoredEvent, Submission};
 use farm_model::{Compression, UnknownCompression};
 
 /// The client API over one farm.
@@ -100,7 +100,10 @@ impl FarmApi for FarmService {
             no_cache: r.no_cache,
             compression,
             require_hash: r.require_hash,
+            // The client's wish counts only where the coordinator's policy allows it
+            // (`RemotePolicy::outside_context`): the submission is remote.
             allow_outside_context: r.allow_outside_context,
+            origin: Origin::Remote,
             inline: r.stackerfile_texts.into_iter().collect(),
         };
         if spec.context.is_empty() && spec.inline.is_empty() {

@@ -16,6 +16,10 @@ pub enum LocalKind {
     /// The tarball of a `tar` base.
     TarBase,
     OverlayDir,
+    /// The layout of an `oci` base.
+    OciBase,
+    /// A stackerfile (a prerequisite, or one submitted).
+    Stackerfile,
 }
 
 impl std::fmt::Display for LocalKind {
@@ -24,6 +28,8 @@ impl std::fmt::Display for LocalKind {
             LocalKind::Import => "import",
             LocalKind::TarBase => "base",
             LocalKind::OverlayDir => "overlay_dirs source",
+            LocalKind::OciBase => "oci base",
+            LocalKind::Stackerfile => "stackerfile",
         })
     }
 }
@@ -55,6 +61,20 @@ pub enum InputError {
         resolved: PathBuf,
         context: PathBuf,
     },
+    #[error(
+        "{kind} '{written}': this remote submission uploaded no files, so its build reads \
+         none (submit the stackerfiles from a directory with `farm submit`, which uploads \
+         what the plan reads)"
+    )]
+    NoContext { kind: LocalKind, written: String },
+    #[error(
+        "{kind} '{written}' is outside the uploaded build context: a coordinator reads \
+         nothing of its own disk for a submitted build (upload the file with the \
+         stackerfiles, `farm submit --allow-outside-context` if it lies outside their \
+         tree; or the coordinator's operator may allow reading its disk with `farm \
+         coordinator --allow-outside-context`)"
+    )]
+    OutsideUpload { kind: LocalKind, written: String },
     #[error("import '{written}': hash mismatch: expected sha256:{expected}, got sha256:{actual}")]
     HashMismatch {
         written: String,
@@ -78,15 +98,117 @@ pub struct PinnedPath {
     pub bytes: u64,
 }
 
-/// Pin a local input: check it exists and stays inside `context` (when given), check
-/// `hash` (files), and compute its content digest.
-pub fn pin_local(
+/// Where a build's local inputs may come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalScope {
+    /// Anywhere this process can read (a local build, as stacker does; or a coordinator
+    /// whose operator allowed it).
+    Anywhere,
+    /// Inside this directory (after resolving symlinks): the stackerfiles' tree.
+    Within(PathBuf),
+    /// Inside a remote submission's uploaded context, materialised in this directory.
+    Uploaded(PathBuf),
+    /// Nowhere: a remote submission that uploaded no files reads none of this machine's.
+    Nowhere,
+}
+
+impl LocalScope {
+    /// The directory inputs must stay in (`None`: anywhere); an input is refused
+    /// outright when no local input is allowed.
+    pub fn bound(&self, kind: LocalKind, written: &str) -> Result<Option<&Path>, InputError> {
+        match self {
+            LocalScope::Anywhere => Ok(None),
+            LocalScope::Within(dir) | LocalScope::Uploaded(dir) => Ok(Some(dir)),
+            LocalScope::Nowhere => Err(InputError::NoContext {
+                kind,
+                written: written.to_string(),
+            }),
+        }
+    }
+
+    /// An error in the words of this scope: an uploaded context names no path of this
+    /// machine (the submitter knows none of them).
+    pub fn explain(&self, e: InputError) -> InputError {
+        match (self, e) {
+            (LocalScope::Uploaded(_), InputError::OutsideContext { kind, written, .. }) => {
+                InputError::OutsideUpload { kind, written }
+            }
+            (
+                LocalScope::Uploaded(root),
+                InputError::Missing {
+                    kind,
+                    written,
+                    path,
+                },
+            ) => InputError::Missing {
+                kind,
+                written,
+                path: path.strip_prefix(root).unwrap_or(&path).to_path_buf(),
+            },
+            (_, e) => e,
+        }
+    }
+
+    /// An uploaded context refuses a path that leaves it even before looking at the
+    /// disk (whether a file of this machine exists is none of the submitter's business).
+    fn leaves_upload(&self, kind: LocalKind, written: &str, path: &Path) -> Result<(), InputError> {
+        let LocalScope::Uploaded(root) = self else {
+            return Ok(());
+        };
+        let mut normal = PathBuf::new();
+        for c in path.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    normal.pop();
+                }
+                std::path::Component::CurDir => {}
+                c => normal.push(c),
+            }
+        }
+        if normal.starts_with(root) {
+            Ok(())
+        } else {
+            Err(InputError::OutsideUpload {
+                kind,
+                written: written.to_string(),
+            })
+        }
+    }
+
+    /// Check `path` against this scope; returns it resolved (read that).
+    pub fn resolve(
+        &self,
+        kind: LocalKind,
+        written: &str,
+        path: &Path,
+    ) -> Result<PathBuf, InputError> {
+        let bound = self.bound(kind, written)?;
+        self.leaves_upload(kind, written, path)?;
+        resolve_inside(kind, written, path, bound).map_err(|e| self.explain(e))
+    }
+
+    /// [`pin_local`] within this scope.
+    pub fn pin(
+        &self,
+        kind: LocalKind,
+        written: &str,
+        path: &Path,
+        expected_hash: Option<&str>,
+    ) -> Result<PinnedPath, InputError> {
+        let bound = self.bound(kind, written)?;
+        self.leaves_upload(kind, written, path)?;
+        pin_local(kind, written, path, bound, expected_hash).map_err(|e| self.explain(e))
+    }
+}
+
+/// Resolve `path` (symlinks followed) and check it stays inside `context` (when
+/// given). Returns the resolved path: read that, not `path`.
+pub fn resolve_inside(
     kind: LocalKind,
     written: &str,
     path: &Path,
     context: Option<&Path>,
-    expected_hash: Option<&str>,
-) -> Result<PinnedPath, InputError> {
+) -> Result<PathBuf, InputError> {
     let io_err = |source: io::Error| InputError::Io {
         kind,
         written: written.to_string(),
@@ -115,6 +237,25 @@ pub fn pin_local(
             });
         }
     }
+    Ok(resolved)
+}
+
+/// Pin a local input: check it exists and stays inside `context` (when given), check
+/// `hash` (files), and compute its content digest.
+pub fn pin_local(
+    kind: LocalKind,
+    written: &str,
+    path: &Path,
+    context: Option<&Path>,
+    expected_hash: Option<&str>,
+) -> Result<PinnedPath, InputError> {
+    let io_err = |source: io::Error| InputError::Io {
+        kind,
+        written: written.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let resolved = resolve_inside(kind, written, path, context)?;
     let meta = fs::metadata(&resolved).map_err(io_err)?;
     if meta.is_dir() {
         if expected_hash.is_some() {
