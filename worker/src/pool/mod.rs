@@ -273,6 +273,26 @@ const PENDING: &str = ".pending.";
 const TRASH: &str = ".trash.";
 const WS_PREFIX: &str = "ws-";
 
+/// Create (or tighten, when it is ours) one of the pool's own directories: 0700, so no
+/// other user reaches its root filesystems (which hold setuid files of their images).
+/// The root filesystems themselves keep the modes their images give them.
+fn private_dir(path: &Path) -> io::Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {
+            let m = fs::metadata(path)?;
+            if m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o077 != 0 {
+                tracing::info!(
+                    path = %path.display(),
+                    "the pool's directory was open to other users; making it 0700"
+                );
+                fs::set_permissions(path, fs::Permissions::from_mode(m.mode() & 0o7700))?;
+            }
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 fn mkdir(path: &Path) -> io::Result<()> {
     match fs::DirBuilder::new().mode(0o755).create(path) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
@@ -301,10 +321,14 @@ impl Pool {
                 {
                     return Err(not_writable(&anc, euid));
                 }
-                fs::DirBuilder::new()
-                    .mode(0o755)
-                    .recursive(true)
-                    .create(&dir)
+                if let Some(parent) = dir.parent() {
+                    fs::DirBuilder::new()
+                        .mode(0o755)
+                        .recursive(true)
+                        .create(parent)
+                        .map_err(|e| PoolError::io(&dir, "create the pool directory", parent, e))?;
+                }
+                private_dir(&dir)
                     .map_err(|e| PoolError::io(&dir, "create the pool directory", &dir, e))?;
             }
             Err(e) => {
@@ -398,9 +422,10 @@ impl Pool {
             }
             _ => {}
         }
+        private_dir(&dir).map_err(|e| PoolError::io(&dir, "make private", &dir, e))?;
         for sub in ["chains", "meta", "locks", "work"] {
             let p = dir.join(sub);
-            mkdir(&p).map_err(|e| PoolError::io(&dir, "create", &p, e))?;
+            private_dir(&p).map_err(|e| PoolError::io(&dir, "create", &p, e))?;
         }
         if recorded.is_none() {
             let bytes = serde_json::to_vec(&PoolFile {
@@ -1180,5 +1205,24 @@ mod tests {
             assert!(ChainId::parse(&bad).is_err(), "{bad}");
         }
         assert!(from_file_name(".pending.x").is_none());
+    }
+
+    #[test]
+    fn the_pools_directories_are_private_and_an_open_pool_is_tightened() {
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("new/pool");
+        Pool::open(&dir, PoolOptions::default()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for sub in ["chains", "meta", "locks", "work"] {
+            assert_eq!(mode(&dir.join(sub)), 0o700, "{sub}");
+        }
+        // A pool made before, open to everyone, is closed when it is opened.
+        for p in [dir.clone(), dir.join("chains")] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Pool::open(&dir, PoolOptions::default()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("chains")), 0o700);
     }
 }
