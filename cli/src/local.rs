@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use farm_coordinator::cache::ActionCache;
 use farm_image::BlobStore;
-use farm_worker::engine::{Engine, EngineOptions, UsernsDeleter};
+use farm_worker::engine::{BindPolicy, Engine, EngineOptions, UsernsDeleter};
 use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
 
@@ -47,6 +47,8 @@ impl Local {
             EngineOptions {
                 timeout,
                 compression_threads: 0,
+                // The local user's own builds: their binds as stacker mounts them.
+                binds: BindPolicy::Unrestricted,
             },
         ));
         Ok(Local {

@@ -383,6 +383,7 @@ async fn build(
         // from anywhere this user can. The context rule guards what a remote submission
         // sends to a coordinator (see `farm submit`).
         allow_outside_context: true,
+        origin: farm_coordinator::farm::Origin::Local,
         inline: crate::remote::inline_texts(&plan),
     };
     let (id, outcome) = embedded.run(&plan, spec).await?;
