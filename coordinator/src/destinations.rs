@@ -234,9 +234,9 @@ fn reserved_v6(ip: Ipv6Addr) -> Option<Reserved> {
     let o = ip.octets();
     let embedded = if let Some(v4) = ip.to_ipv4_mapped() {
         Some(v4)
-    } else if s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified() {
-        Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
-    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    } else if (s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified())
+        || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
         Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
     } else if s[0] == 0x2002 {
         Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
