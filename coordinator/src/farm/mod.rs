@@ -631,7 +631,7 @@ impl Inner {
         };
         let fetcher = self.fetcher.with_options(FetchOptions {
             require_hash: spec.require_hash,
-            destinations,
+            destinations: destinations.clone(),
             ..FetchOptions::default()
         })?;
         let options = BuildOptions {
@@ -643,7 +643,8 @@ impl Inner {
             platform: self.config.platform.clone(),
             fetcher,
             cancelled: cancelled.clone(),
-            registry: RegistryBases::scoped(self.config.registry.clone(), scope),
+            registry: RegistryBases::scoped(self.config.registry.clone(), scope)
+                .reaching(destinations),
         };
         let (events, rx) = EventSender::channel();
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();

@@ -12,6 +12,8 @@ use tokio::sync::OnceCell;
 
 use farm_model::{BuiltImage, Platform};
 
+use crate::destinations::Destinations;
+
 type Pulled = Result<(BuiltImage, String), String>;
 type Once<T> = Arc<OnceCell<T>>;
 
@@ -82,6 +84,9 @@ pub struct RegistryBases {
     pub credentials: Credentials,
     /// The registries the credentials are used for; others are pulled anonymously.
     pub scope: CredentialScope,
+    /// The registries' addresses that may be reached (a remote submission's: public
+    /// ones and the operator's `--allow-fetch`).
+    pub destinations: Destinations,
     resolved: Arc<Mutex<Resolved>>,
 }
 
@@ -118,8 +123,55 @@ impl RegistryBases {
         RegistryBases {
             credentials,
             scope,
+            destinations: Destinations::Any,
             resolved: Default::default(),
         }
+    }
+
+    /// The same, reaching only `destinations`.
+    pub fn reaching(self, destinations: Destinations) -> Self {
+        RegistryBases {
+            destinations,
+            ..self
+        }
+    }
+
+    /// Refuse a registry whose address is not allowed. Checked before the pull on the
+    /// addresses its name resolves to now (every one must be allowed); the registry
+    /// client resolves again when it connects, and follows token realms and redirects
+    /// itself, so this is a first line, not the fetcher's connect-time guard.
+    async fn check_destination(&self, url: &str) -> Result<(), String> {
+        let Destinations::Public(allow) = &self.destinations else {
+            return Ok(());
+        };
+        let Ok(image) = ImageRef::parse(url) else {
+            return Ok(()); // the pull reports the bad reference
+        };
+        let registry = if image.registry == farm_registry::DOCKER_HUB {
+            "registry-1.docker.io".to_string()
+        } else {
+            image.registry.clone()
+        };
+        let host = match registry.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),
+            _ => registry.clone(),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let addrs: Vec<std::net::IpAddr> = match host.parse() {
+            Ok(ip) => vec![ip],
+            Err(_) => tokio::net::lookup_host((host.as_str(), 443))
+                .await
+                .map_err(|e| format!("cannot resolve the registry {registry}: {e}"))?
+                .map(|a| a.ip())
+                .collect(),
+        };
+        for ip in addrs {
+            allow.check(&host, ip).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// The credentials for `url`'s registry: the coordinator's where its scope covers
@@ -164,6 +216,7 @@ impl RegistryBases {
         insecure: bool,
         platform: &Platform,
     ) -> Result<(BuiltImage, String), String> {
+        self.check_destination(url).await?;
         let opts = connect_options(insecure);
         let (credentials, anonymous) = self.credentials_for(url);
         let explain = |e: farm_registry::Error| match &anonymous {
@@ -250,5 +303,35 @@ mod tests {
         );
         let every = RegistryBases::new(creds.clone());
         assert_eq!(every.credentials_for("docker://alpine").0, creds);
+    }
+
+    #[tokio::test]
+    async fn a_registry_on_a_private_address_is_refused_before_the_pull() {
+        use crate::destinations::AllowList;
+        let blobs = BlobStore::in_memory();
+        let platform: Platform = "linux/amd64".parse().unwrap();
+        let guarded =
+            RegistryBases::default().reaching(Destinations::Public(Arc::new(AllowList::default())));
+        for url in [
+            "docker://127.0.0.1:1/app:1",
+            "docker://localhost:1/app:1",
+            "docker://169.254.169.254/latest:1",
+        ] {
+            let e = guarded
+                .pull(&blobs, url, true, &platform)
+                .await
+                .unwrap_err();
+            assert!(e.contains("--allow-fetch"), "{url}: {e}");
+        }
+        // Allowed: the pull is tried (and fails to connect: nothing listens on port 1).
+        let allowed =
+            RegistryBases::default().reaching(Destinations::Public(Arc::new(AllowList(vec![
+                "127.0.0.1".parse().unwrap(),
+            ]))));
+        let e = allowed
+            .pull(&blobs, "docker://127.0.0.1:1/app:1", true, &platform)
+            .await
+            .unwrap_err();
+        assert!(!e.contains("--allow-fetch"), "{e}");
     }
 }
