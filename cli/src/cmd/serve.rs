@@ -271,7 +271,9 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 async fn open_engine(args: &WorkerArgs, blobs: BlobStore) -> anyhow::Result<Arc<Engine>> {
     let userns = Userns::detect(Entry::current_exe()?)?;
     let dir = args.pool.clone();
-    let opts = PoolOptions::default().with_deleter(Arc::new(UsernsDeleter(userns.clone())));
+    let opts = PoolOptions::default()
+        .with_deleter(Arc::new(UsernsDeleter(userns.clone())))
+        .with_private_to(userns.mapping().container_root());
     let pool = tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the pool {}", args.pool.display()))?;
