@@ -296,3 +296,45 @@ async fn a_remote_bind_source_is_not_checked_on_the_coordinators_disk() {
     assert_eq!(state, BuildState::Failed);
     assert!(error.unwrap_or_default().contains("nonexistent"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_allow_outside_context_does_not_open_the_coordinators_disk() {
+    use crate::grpc::farm::FarmService;
+    use farm_proto::farm_server::Farm as _;
+    let s = Setup::new(RemotePolicy::default()).await;
+    let spec = s
+        .submission(&format!(
+            "l:\n  from:\n    type: scratch\n  import:\n    - {}\n  run: true\n",
+            s.secret_path()
+        ))
+        .await;
+    let request = farm_proto::v1::SubmitRequest {
+        stackerfiles: spec.stackerfiles.clone(),
+        context: spec
+            .context
+            .iter()
+            .map(|c| farm_proto::v1::ContextFile {
+                path: c.path.clone(),
+                digest: c.digest.clone(),
+                mode: c.mode,
+                symlink_target: String::new(),
+            })
+            .collect(),
+        allow_outside_context: true,
+        ..Default::default()
+    };
+    let id = FarmService::new(s.farm.clone())
+        .submit(tonic::Request::new(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let (state, error) = wait(&s.farm, &id).await;
+    assert_eq!(state, BuildState::Failed);
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("outside the uploaded build context"),
+        "{error}"
+    );
+    s.assert_secret_stayed_home();
+}
