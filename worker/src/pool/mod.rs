@@ -1262,7 +1262,10 @@ mod tests {
             assert_eq!(fs::metadata(&dir).unwrap().uid(), 0);
             for sub in ["chains", "work"] {
                 let m = fs::metadata(dir.join(sub)).unwrap();
-                assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (231_072, 231_072, 0o700));
+                assert_eq!(
+                    (m.uid(), m.gid(), m.mode() & 0o7777),
+                    (231_072, 231_072, 0o700)
+                );
             }
         }
     }
