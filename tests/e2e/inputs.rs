@@ -27,6 +27,11 @@ struct Remote {
 
 impl Remote {
     fn start(test: &str) -> Option<Remote> {
+        Remote::start_with(test, Vec::new())
+    }
+
+    /// With further coordinator flags.
+    fn start_with(test: &str, inputs: Vec<String>) -> Option<Remote> {
         let e = e2e()?;
         let t = TestDir::new(e, &format!("inputs-{test}"), Who::User);
         let blobs = format!("file://{}", t.join("blobs").display());
@@ -36,7 +41,7 @@ impl Remote {
             lease: Some(5.0),
             metrics: false,
             port: None,
-            inputs: Vec::new(),
+            inputs,
         };
         let cmd = t.command(&[("NO_COLOR", "1")], farm_bin().to_str().unwrap());
         let coordinator = Coordinator::start_with(&spec, cmd, &t.join("coordinator.log"));
@@ -234,4 +239,60 @@ fn a_remote_build_binds_only_what_the_worker_allows_and_read_only() {
     let run = r.client(&["submit"], &[]);
     run.assert_ok();
     assert!(shared.join("new").exists(), "written through the bind");
+}
+
+/// A remote submission's `docker` base: the coordinator's registry credentials serve
+/// only the registries its operator names; elsewhere it pulls anonymously.
+#[test]
+fn registry_credentials_serve_only_the_registries_the_operator_names() {
+    let Some(e) = e2e() else { return };
+    let (user, pass) = ("farmer", "s3cret-Pw-77");
+    let Some(registry) = crate::registry::Registry::start(Some((user, pass))) else {
+        return;
+    };
+    registry.seed(e, "busybox", "latest", false);
+    let stackerfile = format!(
+        "app:\n  from:\n    type: docker\n    url: {}\n    insecure: true\n  run: echo ok > /ok\n",
+        registry.url("busybox:latest")
+    );
+    let flags = |more: &[&str]| -> Vec<String> {
+        [
+            "--registry-username",
+            user,
+            "--registry-password",
+            pass,
+            // The registry is on loopback: a remote submission may reach it only so.
+            "--allow-fetch",
+            "127.0.0.1",
+        ]
+        .iter()
+        .chain(more)
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    let Some(mut r) = Remote::start_with("registry-anon", flags(&[])) else {
+        return;
+    };
+    r.worker(&[]);
+    r.t.write("stacker.yaml", &stackerfile);
+    let run = r.client(&["submit"], &[]);
+    run.assert_failed();
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        text.contains(&format!("--registry-credentials-for {}", registry.host())),
+        "{text}"
+    );
+    drop(r);
+
+    let host = registry.host();
+    let Some(mut r) = Remote::start_with(
+        "registry-named",
+        flags(&["--registry-credentials-for", &host]),
+    ) else {
+        return;
+    };
+    r.worker(&[]);
+    r.t.write("stacker.yaml", &stackerfile);
+    r.client(&["submit"], &[]).assert_ok();
 }
