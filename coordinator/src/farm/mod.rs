@@ -574,11 +574,14 @@ impl Inner {
         let tree = context_tree(&files)?;
         let json = serde_json::to_vec(&tree).map_err(|e| FarmError::Invalid(e.to_string()))?;
         let tree_digest = self.config.blobs.put(json.into()).await?.digest;
-        let tmp =
-            self.config
-                .state_dir
-                .join("contexts")
-                .join(format!(".tmp-{}-{}", id.hex(), unix_ms()));
+        // Unique per call: identical submissions arriving together each write their own.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.config.state_dir.join("contexts").join(format!(
+            ".tmp-{}-{}-{n}",
+            id.hex(),
+            unix_ms()
+        ));
         std::fs::create_dir_all(tmp.parent().unwrap_or(Path::new("/")))
             .map_err(|e| FarmError::Invalid(format!("creating {}: {e}", tmp.display())))?;
         self.config
