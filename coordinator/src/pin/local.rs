@@ -149,30 +149,84 @@ impl LocalScope {
         }
     }
 
-    /// An uploaded context refuses a path that leaves it even before looking at the
-    /// disk (whether a file of this machine exists is none of the submitter's business).
-    fn leaves_upload(&self, kind: LocalKind, written: &str, path: &Path) -> Result<(), InputError> {
+    /// In an uploaded context, `path` with its symlinks resolved without ever looking
+    /// outside the context: a `..` above its root or an absolute link target is refused
+    /// before anything of this machine is looked at (whether a file of this machine
+    /// exists is none of the submitter's business). Elsewhere, `path` as it is.
+    fn within_upload(
+        &self,
+        kind: LocalKind,
+        written: &str,
+        path: &Path,
+    ) -> Result<PathBuf, InputError> {
+        use std::collections::VecDeque;
+        use std::path::Component;
         let LocalScope::Uploaded(root) = self else {
-            return Ok(());
+            return Ok(path.to_path_buf());
         };
-        let mut normal = PathBuf::new();
-        for c in path.components() {
-            match c {
-                std::path::Component::ParentDir => {
-                    normal.pop();
+        let outside = || InputError::OutsideUpload {
+            kind,
+            written: written.to_string(),
+        };
+        let rel = path.strip_prefix(root).map_err(|_| outside())?;
+        let mut queue: VecDeque<PathBuf> = rel
+            .components()
+            .map(|c| PathBuf::from(c.as_os_str()))
+            .collect();
+        let mut cur = root.clone();
+        let mut hops = 0;
+        while let Some(part) = queue.pop_front() {
+            match part.components().next() {
+                None | Some(Component::CurDir) => {}
+                Some(Component::ParentDir) => {
+                    if cur == *root {
+                        return Err(outside());
+                    }
+                    cur.pop();
                 }
-                std::path::Component::CurDir => {}
-                c => normal.push(c),
+                Some(Component::Normal(name)) => {
+                    let next = cur.join(name);
+                    let meta = match fs::symlink_metadata(&next) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            return Err(InputError::Missing {
+                                kind,
+                                written: written.to_string(),
+                                path: next.strip_prefix(root).unwrap_or(&next).to_path_buf(),
+                            });
+                        }
+                        Err(source) => {
+                            return Err(InputError::Io {
+                                kind,
+                                written: written.to_string(),
+                                path: next.strip_prefix(root).unwrap_or(&next).to_path_buf(),
+                                source,
+                            });
+                        }
+                    };
+                    if !meta.file_type().is_symlink() {
+                        cur = next;
+                        continue;
+                    }
+                    hops += 1;
+                    let target = fs::read_link(&next).map_err(|source| InputError::Io {
+                        kind,
+                        written: written.to_string(),
+                        path: next.strip_prefix(root).unwrap_or(&next).to_path_buf(),
+                        source,
+                    })?;
+                    if hops > 40 || target.is_absolute() {
+                        return Err(outside());
+                    }
+                    for c in target.components().rev() {
+                        queue.push_front(PathBuf::from(c.as_os_str()));
+                    }
+                }
+                // A prefix or a root inside a relative path: not from an upload.
+                Some(_) => return Err(outside()),
             }
         }
-        if normal.starts_with(root) {
-            Ok(())
-        } else {
-            Err(InputError::OutsideUpload {
-                kind,
-                written: written.to_string(),
-            })
-        }
+        Ok(cur)
     }
 
     /// Check `path` against this scope; returns it resolved (read that).
@@ -183,8 +237,8 @@ impl LocalScope {
         path: &Path,
     ) -> Result<PathBuf, InputError> {
         let bound = self.bound(kind, written)?;
-        self.leaves_upload(kind, written, path)?;
-        resolve_inside(kind, written, path, bound).map_err(|e| self.explain(e))
+        let path = self.within_upload(kind, written, path)?;
+        resolve_inside(kind, written, &path, bound).map_err(|e| self.explain(e))
     }
 
     /// [`pin_local`] within this scope.
@@ -196,8 +250,8 @@ impl LocalScope {
         expected_hash: Option<&str>,
     ) -> Result<PinnedPath, InputError> {
         let bound = self.bound(kind, written)?;
-        self.leaves_upload(kind, written, path)?;
-        pin_local(kind, written, path, bound, expected_hash).map_err(|e| self.explain(e))
+        let path = self.within_upload(kind, written, path)?;
+        pin_local(kind, written, &path, bound, expected_hash).map_err(|e| self.explain(e))
     }
 }
 
@@ -471,6 +525,49 @@ mod tests {
             e.to_string().starts_with("overlay_dirs source 'nope':"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_upload_resolves_its_links_inside_and_never_looks_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("ctx");
+        fs::create_dir_all(root.join("dir/sub")).unwrap();
+        fs::write(root.join("dir/sub/file"), "in").unwrap();
+        fs::write(d.path().join("secret"), "out").unwrap();
+        symlink("dir/sub", root.join("rel")).unwrap();
+        symlink("../secret", root.join("up")).unwrap();
+        symlink("../nonexistent", root.join("up-missing")).unwrap();
+        symlink(d.path().join("secret"), root.join("abs")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        let scope = LocalScope::Uploaded(root.clone());
+        let pin = |rel: &str| scope.pin(LocalKind::Import, rel, &root.join(rel), None);
+        let p = pin("rel/file").unwrap();
+        assert_eq!(
+            p.resolved,
+            fs::canonicalize(root.join("dir/sub/file")).unwrap()
+        );
+        assert!(pin("dir/sub/../sub/file").is_ok());
+        // Out of the upload: the same answer whether the target exists or not.
+        for rel in [
+            "up",
+            "up-missing",
+            "abs",
+            "../secret",
+            "dir/../../secret",
+            "loop",
+        ] {
+            let e = pin(rel).unwrap_err();
+            assert!(matches!(e, InputError::OutsideUpload { .. }), "{rel}: {e}");
+        }
+        let e = pin("dir/nope").unwrap_err();
+        assert!(
+            matches!(&e, InputError::Missing { path, .. } if path == Path::new("dir/nope")),
+            "{e}"
+        );
+        let e = scope
+            .pin(LocalKind::Import, "/secret", &d.path().join("secret"), None)
+            .unwrap_err();
+        assert!(matches!(e, InputError::OutsideUpload { .. }), "{e}");
     }
 
     #[test]
