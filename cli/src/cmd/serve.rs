@@ -77,9 +77,9 @@ pub(crate) struct RemoteInputArgs {
     #[arg(long = "allow-outside-context")]
     pub allow_outside_context: bool,
 
-    /// Let downloads of remote submissions (http imports, tar base URLs) reach this
-    /// non-public network, address or host name (loopback, link-local and private
-    /// addresses are refused otherwise); repeatable
+    /// Let downloads of remote submissions (http imports, tar base URLs, registry
+    /// bases) reach this non-public network, address or host name (loopback, link-local
+    /// and private addresses are refused otherwise); repeatable
     #[arg(long = "allow-fetch", value_name = "CIDR|HOST")]
     pub allow_fetch: Vec<farm_coordinator::destinations::Allowed>,
 
