@@ -58,6 +58,9 @@ impl Embedded {
             registry,
             // This machine's own history: enough for `farm status`-style looking back.
             keep_builds: 100,
+            // Only local submissions reach the embedded farm (`Origin::Local`): this
+            // user's files, addresses and credentials, as stacker uses them.
+            remote: Default::default(),
         })
         .await
         .with_context(|| {

@@ -34,7 +34,9 @@ impl Local {
         let userns = Userns::detect(Entry::current_exe()?)?;
         let pool = {
             let dir: PathBuf = layout.pool.clone();
-            let opts = PoolOptions::default().with_deleter(Arc::new(UsernsDeleter(userns.clone())));
+            let opts = PoolOptions::default()
+                .with_deleter(Arc::new(UsernsDeleter(userns.clone())))
+                .with_private_to(userns.mapping().container_root());
             tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
                 .await?
                 .with_context(|| format!("opening the pool {}", layout.pool.display()))?

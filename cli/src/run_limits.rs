@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use farm_stackerfile::Network;
 use farm_worker::cgroup::{CgroupLimits, Delegation};
-use farm_worker::engine::EngineOptions;
+use farm_worker::engine::{BindPolicy, EngineOptions};
 
 /// Default `--run-timeout`: long enough for big compiles, short enough that a hung
 /// build gives its slot back the same day.
@@ -68,7 +68,8 @@ impl Default for RunLimitArgs {
 }
 
 impl RunLimitArgs {
-    pub(crate) fn engine_options(&self) -> EngineOptions {
+    /// The engine's options from these flags; `binds` says which host paths jobs may mount.
+    pub(crate) fn engine_options(&self, binds: BindPolicy) -> EngineOptions {
         let limit = |d: Duration| (!d.is_zero()).then_some(d);
         EngineOptions {
             timeout: limit(self.run_timeout),
@@ -76,6 +77,7 @@ impl RunLimitArgs {
             network: self.network,
             cgroup: None,
             compression_threads: 0,
+            binds,
         }
     }
 
@@ -95,8 +97,8 @@ impl RunLimitArgs {
     /// [`engine_options`](Self::engine_options) for a process that builds (`farm worker`,
     /// `farm build`): when it runs in a delegated cgroup v2 it moves into a leaf of it
     /// and each run gets the limits; otherwise it says so in the log.
-    pub(crate) fn engine_options_with_cgroup(&self) -> EngineOptions {
-        let mut options = self.engine_options();
+    pub(crate) fn engine_options_with_cgroup(&self, binds: BindPolicy) -> EngineOptions {
+        let mut options = self.engine_options(binds);
         let limits = self.cgroup_limits();
         if limits == CgroupLimits::default() {
             return options;
@@ -148,13 +150,13 @@ mod tests {
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert!(parse_duration("soon").is_err());
-        let o = RunLimitArgs::default().engine_options();
+        let o = RunLimitArgs::default().engine_options(BindPolicy::Unrestricted);
         assert_eq!(o.timeout, Some(Duration::from_secs(7200)));
         assert_eq!(o.max_timeout, Some(Duration::from_secs(86400)));
         let none = RunLimitArgs {
             run_timeout: Duration::ZERO,
             ..Default::default()
         };
-        assert_eq!(none.engine_options().timeout, None);
+        assert_eq!(none.engine_options(BindPolicy::Unrestricted).timeout, None);
     }
 }

@@ -136,7 +136,8 @@ impl ServedEmbedded {
             crate::common::Layout::new(Some(dir.join("state")), Some(dir.join("pool")), None);
         let embedded = match crate::embedded::Embedded::start(
             layout,
-            crate::run_limits::RunLimitArgs::default().engine_options(),
+            crate::run_limits::RunLimitArgs::default()
+                .engine_options(farm_worker::engine::BindPolicy::Unrestricted),
             2,
             Default::default(),
         )

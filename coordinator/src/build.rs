@@ -30,8 +30,11 @@ pub struct BuildOptions {
     pub compression: Compression,
     /// The caller's environment, for `build_env_passthrough`.
     pub caller_env: Vec<(String, String)>,
-    /// Imports must resolve inside this directory (None: anywhere).
-    pub context: Option<PathBuf>,
+    /// Where local inputs (bases, imports, overlay dirs) may come from.
+    pub context: crate::pin::local::LocalScope,
+    /// Check here that `binds` sources exist (the embedded mode, whose worker is this
+    /// machine); a remote submission's binds are the worker's to check and allow.
+    pub check_binds: bool,
     /// The platform of layers that name none.
     pub platform: Platform,
     /// Downloads http(s) imports and tarballs into the blob store.
@@ -358,7 +361,7 @@ async fn prepare(
     }
     let sources = Sources {
         blobs,
-        context: options.context.as_deref(),
+        context: &options.context,
         fetcher: &options.fetcher,
         registry: &options.registry,
     };
@@ -367,7 +370,11 @@ async fn prepare(
             dependency(plan, tag, outcomes, keys)
         })
         .await?;
-    if let Some(bind) = layer.binds.iter().find(|b| !b.source.exists()) {
+    if let Some(bind) = layer
+        .binds
+        .iter()
+        .find(|b| options.check_binds && !b.source.exists())
+    {
         return Err(PrepareError::MissingBind {
             written: bind.written.clone(),
             path: bind.source.clone(),

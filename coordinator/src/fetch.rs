@@ -30,6 +30,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::destinations::{Destinations, GuardedResolver, Refused, check_url, redirect_policy};
 use farm_image::{BlobInfo, BlobStore, Digest};
 use reqwest::header::{
     CONTENT_LENGTH, ETAG, HeaderMap, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RETRY_AFTER,
@@ -58,6 +59,9 @@ pub struct FetchOptions {
     /// Wait before the first retry; doubled for each further one (0.5 s, 1 s, 2 s, ...).
     /// Default 500 ms.
     pub backoff: Duration,
+    /// What may be reached: every address (default), or public ones and an allow-list
+    /// (remote submissions; see [`crate::destinations`]).
+    pub destinations: Destinations,
 }
 
 impl Default for FetchOptions {
@@ -67,6 +71,7 @@ impl Default for FetchOptions {
             retries: 3,
             require_hash: false,
             backoff: Duration::from_millis(500),
+            destinations: Destinations::Any,
         }
     }
 }
@@ -169,6 +174,8 @@ pub enum FetchError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{url}: {refused}")]
+    Refused { url: String, refused: Refused },
     #[error("creating the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
 }
@@ -283,12 +290,7 @@ impl Fetcher {
         )
         .await
         .map_err(db)?;
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("farm/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(options.timeout)
-            .read_timeout(options.timeout)
-            .build()
-            .map_err(FetchError::Client)?;
+        let client = client_for(&options)?;
         Ok(Fetcher {
             inner: Arc::new(Inner {
                 client,
@@ -300,19 +302,23 @@ impl Fetcher {
         })
     }
 
-    /// The blob store content goes to.
-    /// The same fetcher (client, index, store) with other options: one per build, sharing
-    /// the index opened once.
-    pub fn with_options(&self, options: FetchOptions) -> Fetcher {
-        Fetcher {
+    /// The same fetcher (index, store) with other options: one per build, sharing the
+    /// index opened once. A build limited to some destinations gets a client of its own
+    /// that enforces them.
+    pub fn with_options(&self, options: FetchOptions) -> Result<Fetcher, FetchError> {
+        let client = match (&options.destinations, &self.inner.options.destinations) {
+            (Destinations::Any, Destinations::Any) => self.inner.client.clone(),
+            _ => client_for(&options)?,
+        };
+        Ok(Fetcher {
             inner: Arc::new(Inner {
-                client: self.inner.client.clone(),
+                client,
                 blobs: self.inner.blobs.clone(),
                 pool: self.inner.pool.clone(),
                 index_path: self.inner.index_path.clone(),
                 options,
             }),
-        }
+        })
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -591,6 +597,14 @@ impl Fetcher {
                 retry_after: None,
             })
         };
+        if let Destinations::Public(allow) = &self.inner.options.destinations
+            && let Err(refused) = check_url(allow, url)
+        {
+            return fatal(FetchError::Refused {
+                url: shown.to_string(),
+                refused,
+            });
+        }
         let mut request = self.inner.client.get(url.clone());
         if let Some(entry) = conditional {
             if let Some(etag) = &entry.etag {
@@ -698,8 +712,32 @@ impl Fetcher {
     }
 }
 
+/// The HTTP client for `options`: one limited to some destinations resolves names
+/// through a [`GuardedResolver`], checks every redirect, and connects directly (a proxy
+/// would resolve names the guard never sees).
+fn client_for(options: &FetchOptions) -> Result<reqwest::Client, FetchError> {
+    let builder = reqwest::Client::builder()
+        .user_agent(concat!("farm/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(options.timeout)
+        .read_timeout(options.timeout);
+    let builder = match &options.destinations {
+        Destinations::Any => builder,
+        Destinations::Public(allow) => builder
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver(allow.clone())))
+            .redirect(redirect_policy(allow.clone())),
+    };
+    builder.build().map_err(FetchError::Client)
+}
+
 /// Sort a request error into retryable or not.
 fn classify<T>(shown: &str, e: &reqwest::Error) -> Result<T, Failure> {
+    if let Some(refused) = crate::destinations::refused_in(e) {
+        return Err(Failure::Fatal(FetchError::Refused {
+            url: shown.to_string(),
+            refused: refused.clone(),
+        }));
+    }
     let cause = cause(e);
     let kind = if e.is_builder() || e.is_redirect() {
         return Err(Failure::Fatal(FetchError::Transfer {
@@ -844,7 +882,14 @@ mod tests {
 
     impl Server {
         async fn start(handler: impl Fn(usize, &Req) -> Reply + Send + Sync + 'static) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            Self::start_on("127.0.0.1:0", handler).await
+        }
+
+        async fn start_on(
+            bind: &str,
+            handler: impl Fn(usize, &Req) -> Reply + Send + Sync + 'static,
+        ) -> Self {
+            let listener = TcpListener::bind(bind).await.unwrap();
             let addr = listener.local_addr().unwrap();
             let requests = Arc::new(AtomicUsize::new(0));
             let body_bytes = Arc::new(AtomicU64::new(0));
@@ -1011,6 +1056,7 @@ mod tests {
             retries: 3,
             require_hash: false,
             backoff: Duration::from_millis(10),
+            destinations: Destinations::Any,
         }
     }
 
@@ -1028,6 +1074,83 @@ mod tests {
     }
 
     // ---- tests -----------------------------------------------------------------------
+
+    fn public_only(allow: &[&str]) -> FetchOptions {
+        let list =
+            crate::destinations::AllowList(allow.iter().map(|a| a.parse().unwrap()).collect());
+        FetchOptions {
+            destinations: Destinations::Public(Arc::new(list)),
+            ..options()
+        }
+    }
+
+    #[tokio::test]
+    async fn loopback_is_refused_unless_allow_listed_and_nothing_is_requested() {
+        let server = Server::start(static_file(b"the coordinator's secret".to_vec())).await;
+        let (open, _d0) = fetcher(options()).await;
+        let guarded = open.with_options(public_only(&[])).unwrap();
+        for url in [
+            server.url("/f"),
+            format!("http://localhost:{}/f", server.addr.port()),
+            format!("http://[::ffff:127.0.0.1]:{}/f", server.addr.port()),
+        ] {
+            let e = guarded.fetch(&url, None).await.unwrap_err();
+            assert!(matches!(e, FetchError::Refused { .. }), "{url}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("loopback") && msg.contains("--allow-fetch"),
+                "{msg}"
+            );
+        }
+        assert_eq!(server.requests(), 0, "nothing reached the server");
+        // A hostname resolving to loopback is refused too (the resolver's check).
+        let allowed = open.with_options(public_only(&["127.0.0.1"])).unwrap();
+        let got = allowed.fetch(&server.url("/f"), None).await.unwrap();
+        assert_eq!(
+            content(&allowed, &got.digest).await,
+            b"the coordinator's secret"
+        );
+        let by_name = open.with_options(public_only(&["localhost"])).unwrap();
+        by_name
+            .fetch(&format!("http://localhost:{}/f", server.addr.port()), None)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_redirect_from_an_allowed_host_to_loopback_is_refused() {
+        let target = Server::start(static_file(b"secret".to_vec())).await;
+        let to_literal = target.url("/f");
+        let to_name = format!("http://localhost:{}/f", target.addr.port());
+        let redirect = move |n: usize, _: &Req| {
+            // The first request goes to the address, the second to a name for it.
+            let to = if n == 1 {
+                to_name.clone()
+            } else {
+                to_literal.clone()
+            };
+            Reply::Full {
+                status: 302,
+                headers: vec![("Location", to)],
+                body: Arc::new(Vec::new()),
+            }
+        };
+        // 127.0.0.2 stands for an allowed host; 127.0.0.1 is the forbidden one.
+        let front = Server::start_on("127.0.0.2:0", redirect).await;
+        let (open, _d) = fetcher(public_only(&["127.0.0.2"])).await;
+        let e = open.fetch(&front.url("/start"), None).await.unwrap_err();
+        assert!(matches!(e, FetchError::Refused { .. }), "{e}");
+        assert!(e.to_string().contains("127.0.0.1"), "{e}");
+        let e = open.fetch(&front.url("/again"), None).await.unwrap_err();
+        assert!(matches!(e, FetchError::Refused { .. }), "{e}");
+        assert!(e.to_string().contains("localhost"), "{e}");
+        assert_eq!(front.requests(), 2, "the allowed host was asked");
+        assert_eq!(target.requests(), 0, "the redirect was not followed");
+        // Without the guard the same redirect is followed (the test can fail).
+        let unguarded = open.with_options(options()).unwrap();
+        unguarded.fetch(&front.url("/start"), None).await.unwrap();
+        assert_eq!(target.requests(), 1);
+    }
 
     #[tokio::test]
     async fn download_then_conditional_not_modified() {

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod build;
 pub mod cache;
 pub mod db;
+pub mod destinations;
 pub mod farm;
 pub mod fetch;
 pub mod grpc;

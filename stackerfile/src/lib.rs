@@ -35,8 +35,8 @@ pub use inputs::{
 };
 pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize};
 pub use model::{
-    Base, Bind, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, LayerSandbox, Network,
-    OverlayDir, Passthrough, Source,
+    Base, Bind, BindAccess, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, LayerSandbox,
+    Network, OverlayDir, Passthrough, Source,
 };
 pub use oci::{oci_url_parts, split_oci_url};
 pub use plan::{Plan, PlanOptions, PlannedLayer};

@@ -239,6 +239,27 @@ pub struct Bind {
     pub written: String,
     pub source: PathBuf,
     pub dest: String,
+    /// What the entry asks for (`rw: true|false` in the map form).
+    #[serde(default, skip_serializing_if = "BindAccess::is_unspecified")]
+    pub access: BindAccess,
+}
+
+/// How a bind asks to be mounted. Unspecified is stacker's read-write on a local build;
+/// a worker serving a farm mounts it read-only unless the entry asks for `rw: true` and
+/// the worker's `--allow-bind PREFIX:rw` permits it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindAccess {
+    #[default]
+    Unspecified,
+    ReadOnly,
+    ReadWrite,
+}
+
+impl BindAccess {
+    pub fn is_unspecified(&self) -> bool {
+        *self == BindAccess::Unspecified
+    }
 }
 
 /// A directory whose contents form an extra layer at `dest`.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::diag::{Pos, Reporter, Severity, suggest};
-use crate::model::{Base, Bind, Import, Layer, Network, OverlayDir, Source};
+use crate::model::{Base, Bind, BindAccess, Import, Layer, Network, OverlayDir, Source};
 use crate::yaml::{Kind, Node, Style};
 
 pub(crate) const LAYER_KEYS: &[&str] = &[
@@ -980,6 +980,7 @@ impl Cx<'_, '_> {
         };
         let mut out = Vec::new();
         for item in items {
+            let mut access = BindAccess::Unspecified;
             let (source, dest) = match &item.kind {
                 Kind::Scalar { text, .. } => match text.split_once("->") {
                     Some((s, d)) => (s.trim().to_string(), d.trim().to_string()),
@@ -988,13 +989,20 @@ impl Cx<'_, '_> {
                 Kind::Map(_) => {
                     let s = item.get("source").and_then(|n| self.string("source", n));
                     let d = item.get("dest").and_then(|n| self.string("dest", n));
+                    if let Some(rw) = item.get("rw").and_then(|n| self.boolean("rw", n)) {
+                        access = if rw {
+                            BindAccess::ReadWrite
+                        } else {
+                            BindAccess::ReadOnly
+                        };
+                    }
                     for (k, _) in item_entries(item) {
                         let kk = k.scalar().unwrap_or("");
-                        if kk != "source" && kk != "dest" {
+                        if !matches!(kk, "source" | "dest" | "rw") {
                             self.err(
                                 k.at,
                                 format!("unknown key '{kk}' in a bind"),
-                                Some("a bind map takes 'source' and 'dest'".into()),
+                                Some("a bind map takes 'source', 'dest' and 'rw'".into()),
                             );
                         }
                     }
@@ -1031,6 +1039,7 @@ impl Cx<'_, '_> {
                 source: self.dir.join(&source),
                 written: source,
                 dest,
+                access,
             });
         }
         out

@@ -63,6 +63,9 @@ impl Farm {
             lease: Some(LEASE_S),
             metrics: true,
             port: Some(free_port()),
+            // The tests serve http inputs from loopback, which a coordinator refuses to
+            // fetch for a remote submission unless allowed.
+            inputs: vec!["--allow-fetch".into(), "127.0.0.1".into()],
         };
         let mut farm = Farm {
             t,

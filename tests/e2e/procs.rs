@@ -155,6 +155,8 @@ pub(crate) struct CoordinatorSpec {
     pub metrics: bool,
     /// The port (None: a free one).
     pub port: Option<u16>,
+    /// Further flags (what remote submissions may read, fetch and use).
+    pub inputs: Vec<String>,
 }
 
 /// A `farm coordinator` process on a local port, killed on drop.
@@ -176,6 +178,7 @@ impl Coordinator {
             lease: None,
             metrics: false,
             port: None,
+            inputs: Vec::new(),
         };
         let mut cmd = Command::new(farm_bin());
         cmd.env_remove("RUST_LOG");
@@ -199,6 +202,7 @@ impl Coordinator {
         if let Some(m) = &metrics_addr {
             cmd.args(["--metrics", m]);
         }
+        cmd.args(&spec.inputs);
         let mut proc = Proc::spawn("coordinator", cmd, log);
         let started = Instant::now();
         while std::net::TcpStream::connect(&addr).is_err() {

@@ -362,7 +362,10 @@ async fn build(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let embedded = Embedded::start(
         layout,
-        flags.run.engine_options_with_cgroup(),
+        // The local user's own builds: their binds as stacker mounts them.
+        flags
+            .run
+            .engine_options_with_cgroup(farm_worker::engine::BindPolicy::Unrestricted),
         jobs,
         credentials.clone(),
     )
@@ -382,6 +385,7 @@ async fn build(
         // from anywhere this user can. The context rule guards what a remote submission
         // sends to a coordinator (see `farm submit`).
         allow_outside_context: true,
+        origin: farm_coordinator::farm::Origin::Local,
         inline: crate::remote::inline_texts(&plan),
     };
     let (id, outcome) = embedded.run(&plan, spec).await?;

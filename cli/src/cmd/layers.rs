@@ -87,7 +87,8 @@ pub(crate) fn grab(args: GrabArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let local = Local::open(
             args.state.layout(),
-            crate::run_limits::RunLimitArgs::default().engine_options(),
+            crate::run_limits::RunLimitArgs::default()
+                .engine_options(farm_worker::engine::BindPolicy::Unrestricted),
         )
         .await?;
         let result = built(&local, layer)?;
@@ -157,7 +158,8 @@ pub(crate) fn chroot(mut args: ChrootArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let local = Local::open(
             args.state.layout(),
-            crate::run_limits::RunLimitArgs::default().engine_options(),
+            crate::run_limits::RunLimitArgs::default()
+                .engine_options(farm_worker::engine::BindPolicy::Unrestricted),
         )
         .await?;
         let result = built(&local, &layer)?;
@@ -288,7 +290,8 @@ pub(crate) fn clean(args: CleanArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let local = Local::open(
             args.state.layout(),
-            crate::run_limits::RunLimitArgs::default().engine_options(),
+            crate::run_limits::RunLimitArgs::default()
+                .engine_options(farm_worker::engine::BindPolicy::Unrestricted),
         )
         .await?;
         let pool = local.pool.clone();

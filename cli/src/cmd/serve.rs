@@ -9,12 +9,12 @@ use anyhow::{Context, bail};
 use clap::Args;
 use farm_client::ConnectOptions;
 use farm_coordinator::auth::{Auth, Exposed, Protection, TokenFile, check_exposure};
-use farm_coordinator::farm::{Farm, FarmConfig};
+use farm_coordinator::farm::{Farm, FarmConfig, OutsideContext, RemotePolicy};
 use farm_coordinator::server::{ServeOptions, Tls};
 use farm_image::BlobStore;
 use farm_model::Platform;
 use farm_worker::agent::{self, AgentConfig, GrpcDialer};
-use farm_worker::engine::{Engine, UsernsDeleter};
+use farm_worker::engine::{BindPolicy, BindPrefix, Engine, UsernsDeleter};
 use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
 use tonic::transport::ClientTlsConfig;
@@ -114,6 +114,52 @@ pub(crate) struct CoordinatorArgs {
     /// Credentials for registry bases (else the coordinator's auth files)
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
+
+    /// What remote submissions may read, fetch and use
+    #[command(flatten)]
+    pub inputs: RemoteInputArgs,
+}
+
+/// What the operator allows remote submissions beyond the files they upload. By default
+/// a remote build reads nothing of the coordinator's disk, fetches only public addresses
+/// and pulls registry bases anonymously.
+#[derive(Debug, Args)]
+pub(crate) struct RemoteInputArgs {
+    /// Let a remote submission that asks for it (`farm submit --allow-outside-context`)
+    /// read files of this machine outside its uploaded context
+    #[arg(long = "allow-outside-context")]
+    pub allow_outside_context: bool,
+
+    /// Let downloads of remote submissions (http imports, tar base URLs, registry
+    /// bases) reach this non-public network, address or host name (loopback, link-local
+    /// and private addresses are refused otherwise); repeatable
+    #[arg(long = "allow-fetch", value_name = "CIDR|HOST")]
+    pub allow_fetch: Vec<farm_coordinator::destinations::Allowed>,
+
+    /// A registry (host[:port]) the coordinator's registry credentials may be used for
+    /// on a remote submission's behalf; others are pulled anonymously; repeatable
+    #[arg(long = "registry-credentials-for", value_name = "REGISTRY", value_parser = registry_host)]
+    pub registry_credentials_for: Vec<String>,
+}
+
+impl RemoteInputArgs {
+    pub(crate) fn policy(&self) -> RemotePolicy {
+        RemotePolicy {
+            outside_context: if self.allow_outside_context {
+                OutsideContext::WhenAsked
+            } else {
+                OutsideContext::Refused
+            },
+            fetch: farm_coordinator::destinations::AllowList(self.allow_fetch.clone()),
+            registry_credentials_for: self.registry_credentials_for.clone(),
+        }
+    }
+}
+
+fn registry_host(s: &str) -> Result<String, String> {
+    farm_coordinator::pin::registry::registry_host(s).ok_or_else(|| {
+        format!("{s:?} is not a registry host (write it as in image references: ghcr.io, docker.io, localhost:5000)")
+    })
 }
 
 /// Run a worker of a build farm.
@@ -171,6 +217,19 @@ pub(crate) struct WorkerArgs {
 
     #[command(flatten)]
     pub run: crate::run_limits::RunLimitArgs,
+    /// Which host paths builds may bind-mount
+    #[command(flatten)]
+    pub binds: BindArgs,
+}
+
+/// Host paths a farm's builds may bind-mount (`binds:` in a stackerfile). By default a
+/// worker mounts none: a build is anyone's who can submit.
+#[derive(Debug, Args)]
+pub(crate) struct BindArgs {
+    /// Let `binds` mount host paths under PREFIX, read-only (`PREFIX:rw`: read-write
+    /// for entries that ask for `rw: true`); repeatable
+    #[arg(long = "allow-bind", value_name = "PREFIX[:rw]")]
+    pub allow_bind: Vec<BindPrefix>,
 }
 
 /// `host:port` or `http(s)://host:port` as a URL.
@@ -287,6 +346,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             resume: true,
             registry: args.registry.credentials()?,
             keep_builds: args.keep_builds,
+            remote: args.inputs.policy(),
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;
@@ -426,7 +486,9 @@ fn worker_tls(args: &WorkerArgs, url: &str) -> anyhow::Result<Option<ClientTlsCo
 async fn open_engine(args: &WorkerArgs, blobs: BlobStore) -> anyhow::Result<Arc<Engine>> {
     let userns = Userns::detect(Entry::current_exe()?)?;
     let dir = args.pool.clone();
-    let opts = PoolOptions::default().with_deleter(Arc::new(UsernsDeleter(userns.clone())));
+    let opts = PoolOptions::default()
+        .with_deleter(Arc::new(UsernsDeleter(userns.clone())))
+        .with_private_to(userns.mapping().container_root());
     let pool = tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the pool {}", args.pool.display()))?;
@@ -434,6 +496,7 @@ async fn open_engine(args: &WorkerArgs, blobs: BlobStore) -> anyhow::Result<Arc<
         pool,
         blobs,
         userns,
-        args.run.engine_options_with_cgroup(),
+        args.run
+            .engine_options_with_cgroup(BindPolicy::AllowList(args.binds.allow_bind.clone())),
     )))
 }

@@ -25,10 +25,13 @@ use tokio::sync::broadcast;
 
 use crate::build::{BuildOptions, Outcome, run_build};
 use crate::cache::ActionCache;
+use crate::destinations::Destinations;
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{
     DEFAULT_ANNOTATION_NAMESPACE, GitVersions, manifest_annotations_with, manifest_for,
 };
+use crate::pin::local::{LocalKind, LocalScope};
+use crate::pin::registry::{CredentialScope, RegistryBases};
 use crate::state::{BuildId, BuildState, LayerResult, StateError, StateStore, unix_ms};
 use farm_model::{BuiltImage, Compression, EventSender, Platform};
 use futures::{StreamExt, TryStreamExt};
@@ -61,6 +64,50 @@ pub struct FarmConfig {
     /// Finished builds kept in the state (their statuses, events and logs); older ones
     /// are forgotten when a build ends. The action cache and blobs are not affected.
     pub keep_builds: usize,
+    /// What the operator allows remote submissions beyond their own inputs.
+    pub remote: RemotePolicy,
+}
+
+/// Who sent a submission; decides what its build may read, fetch and use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// This machine's user, in process (`farm build`, `farm submit` with no
+    /// coordinator): stackerfile paths are this machine's, inputs are read from wherever
+    /// the stackerfiles point (unless the submission keeps them in its tree), any address
+    /// is fetched and the registry credentials serve every registry, as stacker does.
+    Local,
+    /// A client over the network: its build reads only the files it uploaded, fetches
+    /// only public addresses and pulls anonymously, except where the coordinator's
+    /// [`RemotePolicy`] allows more. What a client says about itself (its
+    /// `allow_outside_context`) widens nothing the operator did not allow.
+    #[default]
+    Remote,
+}
+
+/// What a coordinator's operator allows remote submissions (`farm coordinator` flags).
+/// The default allows nothing beyond the submission's own uploaded files, public
+/// addresses, and anonymous registry pulls.
+#[derive(Debug, Clone, Default)]
+pub struct RemotePolicy {
+    /// May a remote build read this machine's files outside its uploaded context when its
+    /// client asks (`--allow-outside-context`)?
+    pub outside_context: OutsideContext,
+    /// Non-public addresses and hosts downloads may reach (`--allow-fetch`).
+    pub fetch: crate::destinations::AllowList,
+    /// Registries the coordinator's credentials are used for
+    /// (`--registry-credentials-for`); others are pulled anonymously.
+    pub registry_credentials_for: Vec<String>,
+}
+
+/// Whether a remote build may read the coordinator's disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutsideContext {
+    /// Never: only the uploaded context.
+    #[default]
+    Refused,
+    /// When the submission asks for it (`farm submit --allow-outside-context`).
+    WhenAsked,
 }
 
 impl FarmConfig {
@@ -77,6 +124,7 @@ impl FarmConfig {
             resume: true,
             registry: Default::default(),
             keep_builds: 1000,
+            remote: RemotePolicy::default(),
         }
     }
 }
@@ -106,15 +154,20 @@ pub struct Submission {
     pub no_cache: bool,
     pub compression: Compression,
     pub require_hash: bool,
+    /// A local submission's wish to read inputs outside the stackerfiles' tree; a remote
+    /// one's counts only where the coordinator's [`RemotePolicy`] allows it.
     pub allow_outside_context: bool,
+    /// Who sent it (set by the farm's entry points, never taken from a client).
+    #[serde(default)]
+    pub origin: Origin,
     /// Texts of stackerfiles the submitter fetched itself (http(s) URLs), by path.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub inline: std::collections::BTreeMap<String, String>,
 }
 
 impl Submission {
-    /// A submission of `stackerfiles` (paths on this machine) with every option at its
-    /// default: no uploaded context, no substitutions or environment, the cache used,
+    /// A local submission of `stackerfiles` (paths on this machine) with every option at
+    /// its default: no uploaded context, no substitutions or environment, the cache used,
     /// gzip, no hash required, imports inside the stackerfiles' tree.
     pub fn new(stackerfiles: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Submission {
@@ -126,24 +179,43 @@ impl Submission {
             compression: Compression::default(),
             require_hash: false,
             allow_outside_context: false,
+            origin: Origin::Local,
             inline: Default::default(),
         }
     }
 }
 
-/// Reads submitted texts (by URL) first, then local files.
-struct SubmittedFiles(std::collections::BTreeMap<String, String>);
+/// Reads submitted texts (by URL) first, then local files the scope allows.
+struct SubmittedFiles {
+    inline: std::collections::BTreeMap<String, String>,
+    scope: LocalScope,
+}
 
 impl farm_stackerfile::FileSource for SubmittedFiles {
     fn read(&self, path: &Path) -> std::io::Result<String> {
         let key = url_or_path(path);
-        match self.0.get(&key) {
+        match self.inline.get(&key) {
             Some(text) => Ok(text.clone()),
             None if key.contains("://") => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("{key} was not fetched by the submitter"),
             )),
-            None => farm_stackerfile::LocalFiles.read(path),
+            None if self.scope == LocalScope::Anywhere => farm_stackerfile::LocalFiles.read(path),
+            None => {
+                let resolved = self
+                    .scope
+                    .resolve(LocalKind::Stackerfile, &key, path)
+                    .map_err(|e| match e {
+                        crate::pin::local::InputError::Missing { .. } => std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "not in the uploaded context",
+                        ),
+                        e => {
+                            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+                        }
+                    })?;
+                farm_stackerfile::LocalFiles.read(&resolved)
+            }
         }
     }
     fn identity(&self, path: &Path) -> PathBuf {
@@ -434,6 +506,20 @@ impl Inner {
             return Err(FarmError::Invalid("no stackerfile given".into()));
         }
         let root = self.context_root(spec).await?;
+        if spec.origin == Origin::Remote
+            && let Some(bad) = spec.stackerfiles.iter().find(|f| {
+                !f.contains("://")
+                    && !Path::new(f)
+                        .components()
+                        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+            })
+        {
+            return Err(FarmError::Invalid(format!(
+                "stackerfile {bad:?}: a remote submission names its stackerfiles by paths \
+                 relative to its uploaded context (no absolute path, no '..'); the \
+                 coordinator reads nothing of its own disk for it"
+            )));
+        }
         let files: Vec<PathBuf> = spec
             .stackerfiles
             .iter()
@@ -445,7 +531,15 @@ impl Inner {
         let mut substitutions = spec.substitutions.clone();
         substitutions.builtins = self.config.builtins.clone();
         let options = PlanOptions { substitutions };
-        let source = SubmittedFiles(spec.inline.clone());
+        let source = SubmittedFiles {
+            inline: spec.inline.clone(),
+            // Prerequisites and stackerfiles: a remote submission's come from what it
+            // uploaded; a local one reads its own files.
+            scope: match spec.origin {
+                Origin::Local => LocalScope::Anywhere,
+                Origin::Remote => self.remote_scope(spec, root.as_deref()),
+            },
+        };
         let loaded =
             tokio::task::spawn_blocking(move || Plan::load_many(&files, &options, &source))
                 .await
@@ -460,6 +554,21 @@ impl Inner {
         }
     }
 
+    /// Where a remote submission's local inputs may come from: its uploaded context
+    /// (none uploaded: nowhere), or anywhere when the operator allows it and the
+    /// submission asks.
+    fn remote_scope(&self, spec: &Submission, root: Option<&Path>) -> LocalScope {
+        match (
+            self.config.remote.outside_context,
+            spec.allow_outside_context,
+            root,
+        ) {
+            (OutsideContext::WhenAsked, true, _) => LocalScope::Anywhere,
+            (_, _, Some(root)) => LocalScope::Uploaded(root.to_path_buf()),
+            (_, _, None) => LocalScope::Nowhere,
+        }
+    }
+
     /// Where an uploaded context lives on this machine (written once per distinct
     /// context: resubmissions reuse it); `None` for the embedded mode.
     async fn context_root(&self, spec: &Submission) -> Result<Option<PathBuf>, FarmError> {
@@ -471,17 +580,22 @@ impl Inner {
         let listing = serde_json::to_vec(&files).map_err(|e| FarmError::Invalid(e.to_string()))?;
         let id = Digest::of(&listing);
         let dir = self.config.state_dir.join("contexts").join(id.hex());
+        // Resolved, so paths under it compare with what the stackerfile loader resolves.
+        let canonical = |dir: PathBuf| std::fs::canonicalize(&dir).unwrap_or(dir);
         if dir.exists() {
-            return Ok(Some(dir));
+            return Ok(Some(canonical(dir)));
         }
         let tree = context_tree(&files)?;
         let json = serde_json::to_vec(&tree).map_err(|e| FarmError::Invalid(e.to_string()))?;
         let tree_digest = self.config.blobs.put(json.into()).await?.digest;
-        let tmp =
-            self.config
-                .state_dir
-                .join("contexts")
-                .join(format!(".tmp-{}-{}", id.hex(), unix_ms()));
+        // Unique per call: identical submissions arriving together each write their own.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.config.state_dir.join("contexts").join(format!(
+            ".tmp-{}-{}-{n}",
+            id.hex(),
+            unix_ms()
+        ));
         std::fs::create_dir_all(tmp.parent().unwrap_or(Path::new("/")))
             .map_err(|e| FarmError::Invalid(format!("creating {}: {e}", tmp.display())))?;
         self.config
@@ -498,7 +612,7 @@ impl Inner {
             // Someone else wrote the same context first.
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        Ok(Some(dir))
+        Ok(Some(canonical(dir)))
     }
 
     /// Run one build to its end.
@@ -515,27 +629,39 @@ impl Inner {
             None => self.plan(&spec).await?,
         };
         let root = self.context_root(&spec).await?;
-        let context = if spec.allow_outside_context {
-            None
-        } else {
-            Some(match &root {
-                Some(root) => root.clone(),
-                None => common_dir(&plan),
-            })
+        let policy = &self.config.remote;
+        let (context, destinations, scope) = match spec.origin {
+            Origin::Local => (
+                if spec.allow_outside_context {
+                    LocalScope::Anywhere
+                } else {
+                    LocalScope::Within(root.clone().unwrap_or_else(|| common_dir(&plan)))
+                },
+                Destinations::Any,
+                CredentialScope::Every,
+            ),
+            Origin::Remote => (
+                self.remote_scope(&spec, root.as_deref()),
+                Destinations::Public(Arc::new(policy.fetch.clone())),
+                CredentialScope::Only(policy.registry_credentials_for.clone()),
+            ),
         };
         let fetcher = self.fetcher.with_options(FetchOptions {
             require_hash: spec.require_hash,
+            destinations: destinations.clone(),
             ..FetchOptions::default()
-        });
+        })?;
         let options = BuildOptions {
             no_cache: spec.no_cache,
             compression: spec.compression,
             caller_env: spec.environment.clone(),
             context,
+            check_binds: spec.origin == Origin::Local,
             platform: self.config.platform.clone(),
             fetcher,
             cancelled: cancelled.clone(),
-            registry: crate::pin::registry::RegistryBases::new(self.config.registry.clone()),
+            registry: RegistryBases::scoped(self.config.registry.clone(), scope)
+                .reaching(destinations),
         };
         let (events, rx) = EventSender::channel();
         let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();

@@ -1063,3 +1063,6 @@ async fn a_registration_with_a_bad_platform_is_refused_and_bad_chains_are_ignore
         .collect();
     assert_eq!(names, ["ok"]);
 }
+
+/// What a remote submission may read, fetch and use.
+mod remote;

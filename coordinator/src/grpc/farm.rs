@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Principal, principal};
-use crate::farm::{ContextFile, EventKind, Farm, FarmError, StoredEvent, Submission};
+use crate::farm::{ContextFile, EventKind, Farm, FarmError, Origin, StoredEvent, Submission};
 use farm_model::{Compression, UnknownCompression};
 
 /// The client API over one farm.
@@ -137,7 +137,10 @@ impl FarmApi for FarmService {
             no_cache: r.no_cache,
             compression,
             require_hash: r.require_hash,
+            // The client's wish counts only where the coordinator's policy allows it
+            // (`RemotePolicy::outside_context`): the submission is remote.
             allow_outside_context: r.allow_outside_context,
+            origin: Origin::Remote,
             inline: r.stackerfile_texts.into_iter().collect(),
         };
         if spec.context.is_empty() && spec.inline.is_empty() {

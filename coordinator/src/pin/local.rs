@@ -16,6 +16,10 @@ pub enum LocalKind {
     /// The tarball of a `tar` base.
     TarBase,
     OverlayDir,
+    /// The layout of an `oci` base.
+    OciBase,
+    /// A stackerfile (a prerequisite, or one submitted).
+    Stackerfile,
 }
 
 impl std::fmt::Display for LocalKind {
@@ -24,6 +28,8 @@ impl std::fmt::Display for LocalKind {
             LocalKind::Import => "import",
             LocalKind::TarBase => "base",
             LocalKind::OverlayDir => "overlay_dirs source",
+            LocalKind::OciBase => "oci base",
+            LocalKind::Stackerfile => "stackerfile",
         })
     }
 }
@@ -55,6 +61,20 @@ pub enum InputError {
         resolved: PathBuf,
         context: PathBuf,
     },
+    #[error(
+        "{kind} '{written}': this remote submission uploaded no files, so its build reads \
+         none (submit the stackerfiles from a directory with `farm submit`, which uploads \
+         what the plan reads)"
+    )]
+    NoContext { kind: LocalKind, written: String },
+    #[error(
+        "{kind} '{written}' is outside the uploaded build context: a coordinator reads \
+         nothing of its own disk for a submitted build (upload the file with the \
+         stackerfiles, `farm submit --allow-outside-context` if it lies outside their \
+         tree; or the coordinator's operator may allow reading its disk with `farm \
+         coordinator --allow-outside-context`)"
+    )]
+    OutsideUpload { kind: LocalKind, written: String },
     #[error("import '{written}': hash mismatch: expected sha256:{expected}, got sha256:{actual}")]
     HashMismatch {
         written: String,
@@ -78,15 +98,171 @@ pub struct PinnedPath {
     pub bytes: u64,
 }
 
-/// Pin a local input: check it exists and stays inside `context` (when given), check
-/// `hash` (files), and compute its content digest.
-pub fn pin_local(
+/// Where a build's local inputs may come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalScope {
+    /// Anywhere this process can read (a local build, as stacker does; or a coordinator
+    /// whose operator allowed it).
+    Anywhere,
+    /// Inside this directory (after resolving symlinks): the stackerfiles' tree.
+    Within(PathBuf),
+    /// Inside a remote submission's uploaded context, materialised in this directory.
+    Uploaded(PathBuf),
+    /// Nowhere: a remote submission that uploaded no files reads none of this machine's.
+    Nowhere,
+}
+
+impl LocalScope {
+    /// The directory inputs must stay in (`None`: anywhere); an input is refused
+    /// outright when no local input is allowed.
+    pub fn bound(&self, kind: LocalKind, written: &str) -> Result<Option<&Path>, InputError> {
+        match self {
+            LocalScope::Anywhere => Ok(None),
+            LocalScope::Within(dir) | LocalScope::Uploaded(dir) => Ok(Some(dir)),
+            LocalScope::Nowhere => Err(InputError::NoContext {
+                kind,
+                written: written.to_string(),
+            }),
+        }
+    }
+
+    /// An error in the words of this scope: an uploaded context names no path of this
+    /// machine (the submitter knows none of them).
+    pub fn explain(&self, e: InputError) -> InputError {
+        match (self, e) {
+            (LocalScope::Uploaded(_), InputError::OutsideContext { kind, written, .. }) => {
+                InputError::OutsideUpload { kind, written }
+            }
+            (
+                LocalScope::Uploaded(root),
+                InputError::Missing {
+                    kind,
+                    written,
+                    path,
+                },
+            ) => InputError::Missing {
+                kind,
+                written,
+                path: path.strip_prefix(root).unwrap_or(&path).to_path_buf(),
+            },
+            (_, e) => e,
+        }
+    }
+
+    /// In an uploaded context, `path` with its symlinks resolved without ever looking
+    /// outside the context: a `..` above its root or an absolute link target is refused
+    /// before anything of this machine is looked at (whether a file of this machine
+    /// exists is none of the submitter's business). Elsewhere, `path` as it is.
+    fn within_upload(
+        &self,
+        kind: LocalKind,
+        written: &str,
+        path: &Path,
+    ) -> Result<PathBuf, InputError> {
+        use std::collections::VecDeque;
+        use std::path::Component;
+        let LocalScope::Uploaded(root) = self else {
+            return Ok(path.to_path_buf());
+        };
+        let outside = || InputError::OutsideUpload {
+            kind,
+            written: written.to_string(),
+        };
+        let rel = path.strip_prefix(root).map_err(|_| outside())?;
+        let mut queue: VecDeque<PathBuf> = rel
+            .components()
+            .map(|c| PathBuf::from(c.as_os_str()))
+            .collect();
+        let mut cur = root.clone();
+        let mut hops = 0;
+        while let Some(part) = queue.pop_front() {
+            match part.components().next() {
+                None | Some(Component::CurDir) => {}
+                Some(Component::ParentDir) => {
+                    if cur == *root {
+                        return Err(outside());
+                    }
+                    cur.pop();
+                }
+                Some(Component::Normal(name)) => {
+                    let next = cur.join(name);
+                    let meta = match fs::symlink_metadata(&next) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            return Err(InputError::Missing {
+                                kind,
+                                written: written.to_string(),
+                                path: next.strip_prefix(root).unwrap_or(&next).to_path_buf(),
+                            });
+                        }
+                        Err(source) => {
+                            return Err(InputError::Io {
+                                kind,
+                                written: written.to_string(),
+                                path: next.strip_prefix(root).unwrap_or(&next).to_path_buf(),
+                                source,
+                            });
+                        }
+                    };
+                    if !meta.file_type().is_symlink() {
+                        cur = next;
+                        continue;
+                    }
+                    hops += 1;
+                    let target = fs::read_link(&next).map_err(|source| InputError::Io {
+                        kind,
+                        written: written.to_string(),
+                        path: next.strip_prefix(root).unwrap_or(&next).to_path_buf(),
+                        source,
+                    })?;
+                    if hops > 40 || target.is_absolute() {
+                        return Err(outside());
+                    }
+                    for c in target.components().rev() {
+                        queue.push_front(PathBuf::from(c.as_os_str()));
+                    }
+                }
+                // A prefix or a root inside a relative path: not from an upload.
+                Some(_) => return Err(outside()),
+            }
+        }
+        Ok(cur)
+    }
+
+    /// Check `path` against this scope; returns it resolved (read that).
+    pub fn resolve(
+        &self,
+        kind: LocalKind,
+        written: &str,
+        path: &Path,
+    ) -> Result<PathBuf, InputError> {
+        let bound = self.bound(kind, written)?;
+        let path = self.within_upload(kind, written, path)?;
+        resolve_inside(kind, written, &path, bound).map_err(|e| self.explain(e))
+    }
+
+    /// [`pin_local`] within this scope.
+    pub fn pin(
+        &self,
+        kind: LocalKind,
+        written: &str,
+        path: &Path,
+        expected_hash: Option<&str>,
+    ) -> Result<PinnedPath, InputError> {
+        let bound = self.bound(kind, written)?;
+        let path = self.within_upload(kind, written, path)?;
+        pin_local(kind, written, &path, bound, expected_hash).map_err(|e| self.explain(e))
+    }
+}
+
+/// Resolve `path` (symlinks followed) and check it stays inside `context` (when
+/// given). Returns the resolved path: read that, not `path`.
+pub fn resolve_inside(
     kind: LocalKind,
     written: &str,
     path: &Path,
     context: Option<&Path>,
-    expected_hash: Option<&str>,
-) -> Result<PinnedPath, InputError> {
+) -> Result<PathBuf, InputError> {
     let io_err = |source: io::Error| InputError::Io {
         kind,
         written: written.to_string(),
@@ -115,6 +291,25 @@ pub fn pin_local(
             });
         }
     }
+    Ok(resolved)
+}
+
+/// Pin a local input: check it exists and stays inside `context` (when given), check
+/// `hash` (files), and compute its content digest.
+pub fn pin_local(
+    kind: LocalKind,
+    written: &str,
+    path: &Path,
+    context: Option<&Path>,
+    expected_hash: Option<&str>,
+) -> Result<PinnedPath, InputError> {
+    let io_err = |source: io::Error| InputError::Io {
+        kind,
+        written: written.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let resolved = resolve_inside(kind, written, path, context)?;
     let meta = fs::metadata(&resolved).map_err(io_err)?;
     if meta.is_dir() {
         if expected_hash.is_some() {
@@ -330,6 +525,49 @@ mod tests {
             e.to_string().starts_with("overlay_dirs source 'nope':"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_upload_resolves_its_links_inside_and_never_looks_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("ctx");
+        fs::create_dir_all(root.join("dir/sub")).unwrap();
+        fs::write(root.join("dir/sub/file"), "in").unwrap();
+        fs::write(d.path().join("secret"), "out").unwrap();
+        symlink("dir/sub", root.join("rel")).unwrap();
+        symlink("../secret", root.join("up")).unwrap();
+        symlink("../nonexistent", root.join("up-missing")).unwrap();
+        symlink(d.path().join("secret"), root.join("abs")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        let scope = LocalScope::Uploaded(root.clone());
+        let pin = |rel: &str| scope.pin(LocalKind::Import, rel, &root.join(rel), None);
+        let p = pin("rel/file").unwrap();
+        assert_eq!(
+            p.resolved,
+            fs::canonicalize(root.join("dir/sub/file")).unwrap()
+        );
+        assert!(pin("dir/sub/../sub/file").is_ok());
+        // Out of the upload: the same answer whether the target exists or not.
+        for rel in [
+            "up",
+            "up-missing",
+            "abs",
+            "../secret",
+            "dir/../../secret",
+            "loop",
+        ] {
+            let e = pin(rel).unwrap_err();
+            assert!(matches!(e, InputError::OutsideUpload { .. }), "{rel}: {e}");
+        }
+        let e = pin("dir/nope").unwrap_err();
+        assert!(
+            matches!(&e, InputError::Missing { path, .. } if path == Path::new("dir/nope")),
+            "{e}"
+        );
+        let e = scope
+            .pin(LocalKind::Import, "/secret", &d.path().join("secret"), None)
+            .unwrap_err();
+        assert!(matches!(e, InputError::OutsideUpload { .. }), "{e}");
     }
 
     #[test]

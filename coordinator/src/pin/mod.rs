@@ -21,7 +21,7 @@ use farm_stackerfile::{Base, Import, Layer, OverlayDir, Source};
 
 use crate::cache::BaseKey;
 use crate::fetch::{FetchError, Fetcher};
-use local::{InputError, LocalKind, pin_local};
+use local::{InputError, LocalKind, LocalScope};
 use registry::RegistryBases;
 
 /// Why an input could not be pinned; every one is the input's fault.
@@ -50,8 +50,8 @@ pub enum PinError {
 /// Where inputs come from, for one build.
 pub struct Sources<'a> {
     pub blobs: &'a BlobStore,
-    /// Local inputs must resolve inside this directory (`None`: anywhere).
-    pub context: Option<&'a Path>,
+    /// Where local inputs may come from.
+    pub context: &'a LocalScope,
     pub fetcher: &'a Fetcher,
     pub registry: &'a RegistryBases,
 }
@@ -119,8 +119,7 @@ impl Sources<'_> {
             Base::Tar { source } => {
                 let (base, digest) = match source {
                     Source::Local { written, path } => {
-                        let pinned =
-                            pin_local(LocalKind::TarBase, written, path, self.context, None)?;
+                        let pinned = self.context.pin(LocalKind::TarBase, written, path, None)?;
                         let digest =
                             local::store_file(self.blobs, &pinned)
                                 .await
@@ -158,7 +157,18 @@ impl Sources<'_> {
                 (base, BaseKey::Tar(digest))
             }
             Base::Oci { url } => {
-                let (image, manifest) = oci::import(self.blobs, &layer.dir, url, platform)
+                let (layout, tag) =
+                    farm_stackerfile::split_oci_url(&layer.dir, url).ok_or_else(|| {
+                        PinError::Oci {
+                            url: url.clone(),
+                            source: farm_image::Error::Layout {
+                                path: layer.dir.join(url),
+                                reason: "not an OCI layout URL PATH:TAG".into(),
+                            },
+                        }
+                    })?;
+                let layout = self.context.resolve(LocalKind::OciBase, url, &layout)?;
+                let (image, manifest) = oci::import(self.blobs, &layout, &tag, platform)
                     .await
                     .map_err(|source| PinError::Oci {
                         url: url.clone(),
@@ -188,13 +198,9 @@ impl Sources<'_> {
         let written = import.source.written();
         let (source, digest, name) = match &import.source {
             Source::Local { path, .. } => {
-                let pinned = pin_local(
-                    LocalKind::Import,
-                    &written,
-                    path,
-                    self.context,
-                    import.hash.as_deref(),
-                )?;
+                let pinned =
+                    self.context
+                        .pin(LocalKind::Import, &written, path, import.hash.as_deref())?;
                 (
                     ImportSource::Local(pinned.resolved),
                     pinned.digest,
@@ -238,13 +244,9 @@ impl Sources<'_> {
     }
 
     fn overlay_dir(&self, od: &OverlayDir) -> Result<JobOverlayDir, PinError> {
-        let pinned = pin_local(
-            LocalKind::OverlayDir,
-            &od.written,
-            &od.source,
-            self.context,
-            None,
-        )?;
+        let pinned = self
+            .context
+            .pin(LocalKind::OverlayDir, &od.written, &od.source, None)?;
         if !pinned.is_dir {
             return Err(PinError::NotADirectory {
                 written: od.written.clone(),
@@ -300,9 +302,10 @@ mod tests {
             .await
             .unwrap();
         let registry = RegistryBases::default();
+        let scope = LocalScope::Within(dir.to_path_buf());
         let sources = Sources {
             blobs: &blobs,
-            context: Some(dir),
+            context: &scope,
             fetcher: &fetcher,
             registry: &registry,
         };

@@ -6,22 +6,18 @@ use std::path::Path;
 use farm_image::{BlobStore, Digest, OciLayout};
 use farm_model::{BuiltImage, LayerBlob, Platform};
 
-/// Copy the image `url` (`PATH:TAG`, see `split_oci_url`) for `platform` into `blobs`.
-/// Returns it as a built layer, and its manifest digest.
+/// Copy the image `tag` of the layout at `layout_path` (resolved and checked against
+/// the build's context by the caller) for `platform` into `blobs`. Returns it as a
+/// built layer, and its manifest digest.
 pub async fn import(
     blobs: &BlobStore,
-    dir: &Path,
-    url: &str,
+    layout_path: &Path,
+    tag: &str,
     platform: &Platform,
 ) -> Result<(BuiltImage, String), farm_image::Error> {
-    let (layout_path, tag) =
-        farm_stackerfile::split_oci_url(dir, url).ok_or_else(|| farm_image::Error::Layout {
-            path: dir.join(url),
-            reason: "not an OCI layout URL PATH:TAG".into(),
-        })?;
-    let layout = OciLayout::open(&layout_path).await?;
+    let layout = OciLayout::open(layout_path).await?;
     let (manifest_desc, manifest) = layout
-        .manifest(&tag, Some((&platform.os, &platform.arch)))
+        .manifest(tag, Some((&platform.os, &platform.arch)))
         .await?;
     let config = layout.config(&manifest).await?;
     let mut layers = Vec::new();
@@ -40,7 +36,7 @@ pub async fn import(
     layout.blobs().copy_to(&config_digest, blobs).await?;
     let image = BuiltImage::new(config_digest.to_string(), manifest.config().size(), layers)
         .map_err(|e| farm_image::Error::Layout {
-            path: layout_path.clone(),
+            path: layout_path.to_path_buf(),
             reason: format!("the image's config has a bad diff_id: {e}"),
         })?;
     Ok((image, manifest_desc.digest().to_string()))

@@ -288,6 +288,24 @@ fn binds_in_all_three_forms() {
 }
 
 #[test]
+fn a_bind_map_may_ask_for_read_write_or_read_only() {
+    use crate::BindAccess;
+    let l = only(
+        "a:\n  from: {type: scratch}\n  binds:\n    - /src\n    \
+         - {source: /cache, dest: /c, rw: true}\n    - {source: /ro, rw: false}\n",
+    );
+    let access: Vec<BindAccess> = l.binds.iter().map(|b| b.access).collect();
+    assert_eq!(
+        access,
+        [
+            BindAccess::Unspecified,
+            BindAccess::ReadWrite,
+            BindAccess::ReadOnly
+        ]
+    );
+}
+
+#[test]
 fn overlay_dirs_default_dest() {
     let l = only(
         "a:\n  from: {type: scratch}\n  overlay_dirs:\n    - source: files\n    \

@@ -10,6 +10,7 @@
 //! * `workspaces`: scratch directories in the pool.
 //! * `tools`: `farm grab` and `farm chroot` on a built layer.
 
+mod binds;
 mod chains;
 mod inputs;
 mod op_calls;
@@ -25,6 +26,8 @@ use std::time::Duration;
 
 use farm_image::BlobStore;
 use farm_model::{BuiltImage, EventSender, FailureKind, Job, LayerFailure};
+
+pub use binds::{BindPolicy, BindPrefix};
 
 use crate::assemble;
 use crate::cancel::CancelToken;
@@ -101,6 +104,8 @@ pub struct EngineOptions {
     /// The worker's delegated cgroup: each run gets a child with pids.max/memory.max.
     pub cgroup: Option<crate::cgroup::Delegation>,
     pub compression_threads: usize,
+    /// Which host paths jobs' `binds` may mount.
+    pub binds: BindPolicy,
 }
 
 impl EngineOptions {

@@ -64,11 +64,7 @@ impl Build<'_> {
             }
         }
         for b in &job.layer.binds {
-            spec.binds.push(Bind {
-                source: b.source.clone(),
-                dest: PathBuf::from(&b.dest),
-                readonly: false,
-            });
+            spec.binds.push(self.engine.options.binds.mount(b)?);
         }
         Ok(spec)
     }

@@ -144,6 +144,11 @@ pub struct PoolOptions {
     pub deleter: Arc<dyn Deleter>,
     /// Create the pool directory (and its parents) if missing. Default true.
     pub create: bool,
+    /// The host ids of the user namespace's root, which must reach the pool's
+    /// directories (`None`: this process's). When they are not this process's (a worker
+    /// running as root maps a range of its own), the pool's own directories are given
+    /// to them (0700) and the pool root is 0711 (traversed, never listed).
+    pub private_to: Option<(u32, u32)>,
 }
 
 impl Default for PoolOptions {
@@ -152,6 +157,7 @@ impl Default for PoolOptions {
             backend: BackendChoice::Auto,
             deleter: Arc::new(StdDeleter),
             create: true,
+            private_to: None,
         }
     }
 }
@@ -172,6 +178,12 @@ impl PoolOptions {
     }
     pub fn with_deleter(mut self, deleter: Arc<dyn Deleter>) -> Self {
         self.deleter = deleter;
+        self
+    }
+
+    /// See [`PoolOptions::private_to`].
+    pub fn with_private_to(mut self, ids: (u32, u32)) -> Self {
+        self.private_to = Some(ids);
         self
     }
 }
@@ -273,6 +285,37 @@ const PENDING: &str = ".pending.";
 const TRASH: &str = ".trash.";
 const WS_PREFIX: &str = "ws-";
 
+/// Create (or tighten, when it is ours) one of the pool's own directories: 0700, so no
+/// other user reaches its root filesystems (which hold setuid files of their images).
+/// The root filesystems themselves keep the modes their images give them.
+///
+/// `owner`: ids to give it to (see [`PoolOptions::private_to`]); `traverse`: 0711
+/// instead (the pool root, when another owner must pass through it).
+fn private_dir(path: &Path, owner: Option<(u32, u32)>, traverse: bool) -> io::Result<()> {
+    let mode = if traverse { 0o711 } else { 0o700 };
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+        r => r?,
+    }
+    let m = fs::metadata(path)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let ours = m.uid() == me || owner.is_some_and(|(uid, _)| uid == m.uid());
+    if ours && m.mode() & 0o777 & !mode != 0 {
+        tracing::info!(
+            path = %path.display(),
+            "the pool's directory was open to other users; making it {mode:o}"
+        );
+        fs::set_permissions(path, fs::Permissions::from_mode(m.mode() & 0o7000 | mode))?;
+    }
+    if let Some((uid, gid)) = owner.filter(|_| !traverse)
+        && m.uid() == me
+        && uid != me
+    {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
 fn mkdir(path: &Path) -> io::Result<()> {
     match fs::DirBuilder::new().mode(0o755).create(path) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
@@ -292,6 +335,8 @@ impl Pool {
     pub fn open(dir: impl AsRef<Path>, options: PoolOptions) -> Result<Pool> {
         let dir = fsinfo::absolute(dir.as_ref());
         let euid = nix::unistd::geteuid().as_raw();
+        // Another owner of the namespace's root passes through the pool root.
+        let shared_root = options.private_to.is_some_and(|(uid, _)| uid != euid);
         match fs::metadata(&dir) {
             Ok(m) if !m.is_dir() => return Err(PoolError::NotADirectory(dir)),
             Ok(_) => {}
@@ -301,10 +346,14 @@ impl Pool {
                 {
                     return Err(not_writable(&anc, euid));
                 }
-                fs::DirBuilder::new()
-                    .mode(0o755)
-                    .recursive(true)
-                    .create(&dir)
+                if let Some(parent) = dir.parent() {
+                    fs::DirBuilder::new()
+                        .mode(0o755)
+                        .recursive(true)
+                        .create(parent)
+                        .map_err(|e| PoolError::io(&dir, "create the pool directory", parent, e))?;
+                }
+                private_dir(&dir, None, shared_root)
                     .map_err(|e| PoolError::io(&dir, "create the pool directory", &dir, e))?;
             }
             Err(e) => {
@@ -398,9 +447,12 @@ impl Pool {
             }
             _ => {}
         }
+        private_dir(&dir, None, shared_root)
+            .map_err(|e| PoolError::io(&dir, "make private", &dir, e))?;
         for sub in ["chains", "meta", "locks", "work"] {
             let p = dir.join(sub);
-            mkdir(&p).map_err(|e| PoolError::io(&dir, "create", &p, e))?;
+            private_dir(&p, options.private_to, false)
+                .map_err(|e| PoolError::io(&dir, "create", &p, e))?;
         }
         if recorded.is_none() {
             let bytes = serde_json::to_vec(&PoolFile {
@@ -1180,5 +1232,41 @@ mod tests {
             assert!(ChainId::parse(&bad).is_err(), "{bad}");
         }
         assert!(from_file_name(".pending.x").is_none());
+    }
+
+    #[test]
+    fn the_pools_directories_are_private_and_an_open_pool_is_tightened() {
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("new/pool");
+        Pool::open(&dir, PoolOptions::default()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for sub in ["chains", "meta", "locks", "work"] {
+            assert_eq!(mode(&dir.join(sub)), 0o700, "{sub}");
+        }
+        // A pool made before, open to everyone, is closed when it is opened.
+        for p in [dir.clone(), dir.join("chains")] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Pool::open(&dir, PoolOptions::default()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("chains")), 0o700);
+
+        // As root mapping another range, the namespace's root owns the directories and
+        // passes through the pool root, which nobody else may list.
+        if nix::unistd::geteuid().is_root() {
+            let dir = d.path().join("root-pool");
+            let ids = (231_072, 231_072);
+            Pool::open(&dir, PoolOptions::default().with_private_to(ids)).unwrap();
+            assert_eq!(mode(&dir), 0o711);
+            assert_eq!(fs::metadata(&dir).unwrap().uid(), 0);
+            for sub in ["chains", "work"] {
+                let m = fs::metadata(dir.join(sub)).unwrap();
+                assert_eq!(
+                    (m.uid(), m.gid(), m.mode() & 0o7777),
+                    (231_072, 231_072, 0o700)
+                );
+            }
+        }
     }
 }
