@@ -13,3 +13,4 @@ mod sandbox;
 mod semantics;
 mod stacker_cli;
 mod util;
+mod webhooks;
