@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{KeyInit, Mac};
 
@@ -25,7 +25,9 @@ fn sign(body: &str) -> String {
 }
 
 /// The status API stand-in: every request's "path body" line, answered 201.
-fn status_api() -> (String, Arc<Mutex<Vec<String>>>) {
+type Calls = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn status_api() -> (String, Calls) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let calls = Arc::new(Mutex::new(Vec::new()));
@@ -36,7 +38,9 @@ fn status_api() -> (String, Arc<Mutex<Vec<String>>>) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
             let (head, body) = read_request(&mut s);
             let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-            c.lock().unwrap().push(format!("{path} {body}"));
+            c.lock()
+                .unwrap()
+                .push((Instant::now(), format!("{path} {body}")));
             let _ = s.write_all(
                 b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
             );
@@ -247,6 +251,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     );
 
     let good = sign(&body);
+    let delivered = Instant::now();
     let (code, answer) = post(
         &hooks_addr,
         "/hooks/github",
@@ -259,7 +264,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     );
     assert_eq!(code, 202, "{answer}");
     let statuses = wait_until("the success status", Duration::from_secs(300), || {
-        let c = calls.lock().unwrap().clone();
+        let c: Vec<String> = calls.lock().unwrap().iter().map(|c| c.1.clone()).collect();
         if c.iter().any(|l| l.contains("\"success\"")) {
             Ok(c)
         } else if c
@@ -272,6 +277,15 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
         }
     });
     assert_eq!(statuses.len(), 2, "{statuses:?}");
+    {
+        // Not asserted (no timing assertions): the note's numbers.
+        let c = calls.lock().unwrap();
+        eprintln!(
+            "webhooks: delivery -> pending {:?}, delivery -> success {:?}",
+            c[0].0 - delivered,
+            c[1].0 - delivered
+        );
+    }
     assert!(statuses[0].contains("\"pending\""), "{statuses:?}");
     for s in &statuses {
         assert!(

@@ -104,13 +104,14 @@ pub async fn serve(
     axum::serve(listener, router(farm, state_dir, options)).await
 }
 
-fn answer(code: StatusCode, body: serde_json::Value) -> Response {
-    (
+fn answer(outcome: Outcome, code: StatusCode, body: serde_json::Value) -> (Outcome, Response) {
+    let response = (
         code,
         [("content-type", "application/json")],
         body.to_string(),
     )
-        .into_response()
+        .into_response();
+    (outcome, response)
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -124,6 +125,19 @@ impl Hooks {
         headers: HeaderMap,
         body: Bytes,
     ) -> Response {
+        let (outcome, response) = self.clone().decide(provider, headers, body).await;
+        self.farm
+            .metrics()
+            .webhook_delivery(provider.as_str(), outcome.as_str());
+        response
+    }
+
+    async fn decide(
+        self: Arc<Self>,
+        provider: Provider,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> (Outcome, Response) {
         let p = provider.as_str();
         let candidates: Vec<&Repo> = self
             .repos
@@ -133,6 +147,7 @@ impl Hooks {
             .collect();
         if candidates.is_empty() {
             return answer(
+                Outcome::NotConfigured,
                 StatusCode::NOT_FOUND,
                 serde_json::json!({"error": format!("no repository is configured for {p}")}),
             );
@@ -147,6 +162,7 @@ impl Hooks {
         let Some(signature) = signature else {
             tracing::warn!(provider = p, "webhook delivery without a signature refused");
             return answer(
+                Outcome::Unauthorized,
                 StatusCode::UNAUTHORIZED,
                 serde_json::json!({"error": "the delivery is not signed"}),
             );
@@ -166,6 +182,7 @@ impl Hooks {
                 "webhook delivery with a wrong signature refused"
             );
             return answer(
+                Outcome::Unauthorized,
                 StatusCode::UNAUTHORIZED,
                 serde_json::json!({"error": "the signature does not match any configured repository's secret"}),
             );
@@ -174,6 +191,7 @@ impl Hooks {
             Ok(d) => d,
             Err(e) => {
                 return answer(
+                    Outcome::Invalid,
                     StatusCode::BAD_REQUEST,
                     serde_json::json!({"error": e.to_string()}),
                 );
@@ -185,6 +203,7 @@ impl Hooks {
         };
         let not_configured = |name: &str| {
             answer(
+                Outcome::NotConfigured,
                 StatusCode::NOT_FOUND,
                 serde_json::json!({"error": format!("repository {name:?} is not configured for {p} on this coordinator")}),
             )
@@ -194,13 +213,21 @@ impl Hooks {
                 if repo.is_some() && find(&repo).is_none() {
                     return not_configured(repo.as_deref().unwrap_or(""));
                 }
-                return answer(StatusCode::OK, serde_json::json!({"ping": "ok"}));
+                return answer(
+                    Outcome::Ping,
+                    StatusCode::OK,
+                    serde_json::json!({"ping": "ok"}),
+                );
             }
             Delivery::Ignored { repo, reason } => {
                 if find(&repo).is_none() {
                     return not_configured(repo.as_deref().unwrap_or(""));
                 }
-                return answer(StatusCode::OK, serde_json::json!({"ignored": reason}));
+                return answer(
+                    Outcome::Ignored,
+                    StatusCode::OK,
+                    serde_json::json!({"ignored": reason}),
+                );
             }
             Delivery::Build(push) => push,
         };
@@ -208,7 +235,11 @@ impl Hooks {
             return not_configured(&push.repo);
         };
         if let Some(reason) = refused_by_repo(repo, &push.change) {
-            return answer(StatusCode::OK, serde_json::json!({"ignored": reason}));
+            return answer(
+                Outcome::Ignored,
+                StatusCode::OK,
+                serde_json::json!({"ignored": reason}),
+            );
         }
         let delivery = event::delivery_id(provider, &headers)
             .unwrap_or_else(|| farm_image::Digest::of(&body).hex().to_string());
@@ -222,6 +253,7 @@ impl Hooks {
             Ok(Some(builds)) => {
                 tracing::info!(provider = p, delivery, "redelivery: nothing started");
                 answer(
+                    Outcome::Redelivery,
                     StatusCode::OK,
                     serde_json::json!({"redelivery": true, "delivery": delivery, "builds": builds}),
                 )
@@ -236,11 +268,13 @@ impl Hooks {
                 let d = delivery.clone();
                 tokio::spawn(async move { hooks.work(repo, push, d).await });
                 answer(
+                    Outcome::Accepted,
                     StatusCode::ACCEPTED,
                     serde_json::json!({"accepted": true, "delivery": delivery}),
                 )
             }
             Err(e) => answer(
+                Outcome::Error,
                 StatusCode::INTERNAL_SERVER_ERROR,
                 serde_json::json!({"error": e.to_string()}),
             ),
@@ -423,6 +457,34 @@ impl Hooks {
         self.reporter
             .report(repo, sha, name, state, &why, link.as_deref())
             .await;
+    }
+}
+
+/// How a delivery was answered (`farm_webhook_deliveries_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    Redelivery,
+    Ping,
+    Ignored,
+    Unauthorized,
+    NotConfigured,
+    Invalid,
+    Error,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Redelivery => "redelivery",
+            Outcome::Ping => "ping",
+            Outcome::Ignored => "ignored",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::NotConfigured => "not_configured",
+            Outcome::Invalid => "invalid",
+            Outcome::Error => "error",
+        }
     }
 }
 

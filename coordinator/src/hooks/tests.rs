@@ -276,6 +276,14 @@ async fn refused_deliveries_start_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(builds(&e.farm).await, 0);
     assert!(e.api.states().is_empty());
+    let metrics = e.farm.metrics().render();
+    for line in [
+        "farm_webhook_deliveries_total{provider=\"github\",outcome=\"unauthorized\"} 3\n",
+        "farm_webhook_deliveries_total{provider=\"gitlab\",outcome=\"unauthorized\"} 1\n",
+        "farm_webhook_deliveries_total{provider=\"github\",outcome=\"not_configured\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     // Nothing was fetched: no bare cache exists.
     assert!(!e._d.path().join("state/webhooks/repos").exists());
 }
