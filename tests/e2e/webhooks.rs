@@ -131,6 +131,10 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
         return cannot_run("git is not installed").unwrap_or(());
     }
     let t = TestDir::new(e, "webhooks-push", Who::User);
+    let Some(registry) = crate::registry::Registry::start(None) else {
+        return;
+    };
+    let reg = registry.host();
 
     // The repository: a .farm.yaml, a stackerfile on the busybox fixture.
     let repo = t.join("srv/app");
@@ -139,7 +143,10 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     std::fs::copy(t.join("busybox.tar"), repo.join("busybox.tar")).unwrap();
     std::fs::write(
         repo.join(".farm.yaml"),
-        "version: 1\nbuilds:\n  - name: app\n    stackerfile: stacker.yaml\n    branches: [main]\n",
+        format!(
+            "version: 1\nbuilds:\n  - name: app\n    stackerfile: stacker.yaml\n    branches: [main]\n    \
+             push:\n      to: docker://{reg}/acme\n      tags: ['{{sha}}', '{{branch}}', 'pr-{{pr}}']\n"
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -183,7 +190,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
             "log_url = \"http://farm.example/builds/{{build}}\"\n\n[[repo]]\nname = \"acme/app\"\n\
              provider = \"github\"\nclone_url = \"git://127.0.0.1:{git_port}/app\"\n\
              secret_file = \"secret\"\ntoken_file = \"token\"\nstatus_api = \"http://{api_addr}\"\n\
-             branches = [\"main\"]\n"
+             branches = [\"main\"]\npush_to = [\"docker://{reg}/acme\"]\npush_insecure = true\n"
         ),
     );
     let blobs = format!("file://{}", t.join("blobs").display());
@@ -304,6 +311,22 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
         .and_then(|r| r.split('"').next())
         .unwrap()
         .to_string();
+    assert!(statuses[1].contains("tags pushed"), "{statuses:?}");
+    // Pushed under the tags of the template ('pr-{pr}' is empty for a push: skipped).
+    let inspect = |reference: String| {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false"])
+            .arg(format!("docker://{reference}"))
+            .output()
+            .unwrap();
+        out.status.success().then(|| {
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["Digest"].clone()
+        })
+    };
+    let by_sha = inspect(format!("{reg}/acme/app:{sha}")).expect("tagged with the sha");
+    let by_branch = inspect(format!("{reg}/acme/app:main")).expect("tagged with the branch");
+    assert_eq!(by_sha, by_branch);
+    assert!(inspect(format!("{reg}/acme/app:pr-")).is_none());
     let logs = client(&["logs", &id, "app"]);
     assert!(logs.contains(&format!("built-at-{sha}")), "{logs}");
 

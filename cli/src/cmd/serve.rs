@@ -383,7 +383,8 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 repos.repos.len()
             );
             let (farm, state_dir) = (farm.clone(), args.state_dir.clone());
-            let options = farm_coordinator::hooks::WebhookOptions::new(repos);
+            let mut options = farm_coordinator::hooks::WebhookOptions::new(repos);
+            options.registry = args.registry.credentials()?;
             tokio::spawn(async move {
                 if let Err(e) = farm_coordinator::hooks::serve(wl, farm, &state_dir, options).await
                 {

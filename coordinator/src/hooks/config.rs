@@ -67,6 +67,8 @@ struct RepoFormat {
     pull_requests: bool,
     #[serde(default)]
     push_to: Vec<String>,
+    #[serde(default)]
+    push_insecure: bool,
 }
 
 fn every_branch() -> Vec<String> {
@@ -93,8 +95,11 @@ pub struct Repo {
     pub tags: Vec<String>,
     /// Whether pull/merge requests build (default not).
     pub pull_requests: bool,
-    /// Registry prefixes images of this repository may be pushed to.
+    /// Registry prefixes (`docker://HOST[:PORT]/NAMESPACE`) images of this repository
+    /// may be pushed to; empty: none.
     pub push_to: Vec<String>,
+    /// Push over plain http or TLS without certificate checks.
+    pub push_insecure: bool,
 }
 
 impl std::fmt::Debug for Repo {
@@ -228,6 +233,7 @@ impl Repos {
                 tags: r.tags,
                 pull_requests: r.pull_requests,
                 push_to: r.push_to,
+                push_insecure: r.push_insecure,
             });
         }
         Ok(Repos {
@@ -299,5 +305,40 @@ mod tests {
         let r = Repos::load(&y).unwrap();
         assert_eq!(r.repos[0].provider, Provider::Gitea);
         assert_eq!(r.repos[0].status_api.as_deref(), Some("http://127.0.0.1:1"));
+    }
+}
+
+/// Is `target` (`docker://HOST/NS`) at or under one of `allowed`?
+pub(crate) fn push_allowed(allowed: &[String], target: &str) -> bool {
+    let norm = |s: &str| {
+        s.trim_start_matches("docker://")
+            .trim_end_matches('/')
+            .to_string()
+    };
+    let t = norm(target);
+    allowed.iter().map(|a| norm(a)).any(|a| {
+        !a.is_empty() && (t == a || t.strip_prefix(&a).is_some_and(|r| r.starts_with('/')))
+    })
+}
+
+#[cfg(test)]
+mod push_tests {
+    #[test]
+    fn push_prefixes_match_whole_path_components() {
+        let allowed = vec!["docker://reg.example/acme".to_string()];
+        assert!(super::push_allowed(&allowed, "docker://reg.example/acme"));
+        assert!(super::push_allowed(
+            &allowed,
+            "docker://reg.example/acme/sub"
+        ));
+        assert!(!super::push_allowed(
+            &allowed,
+            "docker://reg.example/acme-evil"
+        ));
+        assert!(!super::push_allowed(
+            &allowed,
+            "docker://other.example/acme"
+        ));
+        assert!(!super::push_allowed(&[], "docker://reg.example/acme"));
     }
 }

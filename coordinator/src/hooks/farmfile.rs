@@ -41,6 +41,62 @@ pub struct BuildSpec {
     /// Tag patterns it runs on for tag pushes; empty: every tag.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Where its images go after a successful build (never for forks' pull requests).
+    #[serde(default)]
+    pub push: Option<PushSpec>,
+}
+
+/// A push target: each image (layer) `NAME` goes to `TO/NAME:TAG` for every tag.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushSpec {
+    /// `docker://HOST[:PORT]/NAMESPACE`; must be under one of the repositories file's
+    /// `push_to` prefixes.
+    pub to: String,
+    /// Tag templates: `{sha}`, `{short_sha}`, `{branch}`, `{tag}`, `{pr}` (a template
+    /// that comes out empty for this event is skipped; `/` becomes `-`). Default
+    /// `["{sha}"]`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// What the tag templates are filled with.
+#[derive(Debug, Clone, Default)]
+pub struct TagValues {
+    pub sha: String,
+    pub branch: String,
+    pub tag: String,
+    pub pr: String,
+}
+
+impl PushSpec {
+    /// The tags for this event (templates that come out empty are dropped).
+    pub fn tags(&self, v: &TagValues) -> Vec<String> {
+        let templates: Vec<&str> = if self.tags.is_empty() {
+            vec!["{sha}"]
+        } else {
+            self.tags.iter().map(String::as_str).collect()
+        };
+        let short: String = v.sha.chars().take(12).collect();
+        let mut out: Vec<String> = Vec::new();
+        for t in templates {
+            let needs = |k: &str, val: &str| !t.contains(k) || !val.is_empty();
+            if !(needs("{branch}", &v.branch) && needs("{tag}", &v.tag) && needs("{pr}", &v.pr)) {
+                continue;
+            }
+            let tag = t
+                .replace("{sha}", &v.sha)
+                .replace("{short_sha}", &short)
+                .replace("{branch}", &v.branch)
+                .replace("{tag}", &v.tag)
+                .replace("{pr}", &v.pr)
+                .replace('/', "-");
+            if !tag.is_empty() && !out.contains(&tag) {
+                out.push(tag);
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +186,28 @@ mod tests {
             number: 1,
             fork: false
         }));
+    }
+
+    #[test]
+    fn tag_templates() {
+        let p = PushSpec {
+            to: "docker://r/ns".into(),
+            tags: vec![
+                "{sha}".into(),
+                "{branch}".into(),
+                "{tag}".into(),
+                "b-{short_sha}".into(),
+            ],
+        };
+        let v = TagValues {
+            sha: "0123456789abcdef".into(),
+            branch: "feature/x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.tags(&v),
+            ["0123456789abcdef", "feature-x", "b-0123456789ab"]
+        );
     }
 
     #[test]

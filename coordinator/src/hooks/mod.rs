@@ -48,6 +48,8 @@ pub struct WebhookOptions {
     /// The largest delivery accepted (GitHub sends at most 25 MB).
     pub max_body: usize,
     pub retry: Retry,
+    /// Credentials for pushing images (`.farm.yaml`'s `push`), the coordinator's own.
+    pub registry: farm_registry::Credentials,
 }
 
 impl WebhookOptions {
@@ -57,6 +59,7 @@ impl WebhookOptions {
             repos,
             max_body: 25 * 1024 * 1024,
             retry: Retry::default(),
+            registry: farm_registry::Credentials::anonymous(),
         }
     }
 }
@@ -66,6 +69,7 @@ struct Hooks {
     repos: Repos,
     cache_dir: PathBuf,
     reporter: Reporter,
+    registry: farm_registry::Credentials,
     /// One delivery fetched and submitted at a time: the bare caches are not shared by
     /// concurrent fetches, and a second delivery of a commit finds the first one's builds.
     work: tokio::sync::Mutex<()>,
@@ -78,6 +82,7 @@ pub fn router(farm: Farm, state_dir: &std::path::Path, options: WebhookOptions) 
         repos: options.repos,
         cache_dir: state_dir.join("webhooks").join("repos"),
         reporter: Reporter::new(options.retry),
+        registry: options.registry,
         work: tokio::sync::Mutex::new(()),
     });
     let route = |provider: Provider| {
@@ -303,7 +308,7 @@ impl Hooks {
             let sha = push.sha.clone();
             tokio::spawn(async move {
                 match result {
-                    Started::New(id) => hooks.follow(&repo, &sha, &name, &id).await,
+                    Started::New(id, push) => hooks.follow(&repo, &sha, &name, &id, push).await,
                     Started::Shared(id) => {
                         tracing::info!(build = %id, sha, "an earlier delivery of this commit started it");
                     }
@@ -359,6 +364,16 @@ impl Hooks {
             Change::Tag(t) => (String::new(), t.clone()),
             Change::PullRequest { .. } => (String::new(), String::new()),
         };
+        let values = farmfile::TagValues {
+            sha: push.sha.clone(),
+            branch: branch.clone(),
+            tag: tag.clone(),
+            pr: match push.change {
+                Change::PullRequest { number, .. } => number.to_string(),
+                _ => String::new(),
+            },
+        };
+        let fork = matches!(push.change, Change::PullRequest { fork: true, .. });
         let state = self.farm.state();
         let mut out = Vec::new();
         let mut ids = Vec::new();
@@ -368,6 +383,13 @@ impl Hooks {
                 out.push((b.name.clone(), Started::Shared(id)));
                 continue;
             }
+            let target = match push_plan(repo, b, &values, fork) {
+                Ok(t) => t,
+                Err(why) => {
+                    out.push((b.name.clone(), Started::Refused(why)));
+                    continue;
+                }
+            };
             let mut cli: Vec<(String, String)> = b
                 .substitutions
                 .iter()
@@ -402,7 +424,7 @@ impl Hooks {
                         tracing::warn!("recording webhook build {id}: {e}");
                     }
                     ids.push(id.clone());
-                    out.push((b.name.clone(), Started::New(id)));
+                    out.push((b.name.clone(), Started::New(id, target)));
                 }
                 Err(e) => out.push((b.name.clone(), Started::Refused(e.to_string()))),
             }
@@ -417,7 +439,7 @@ impl Hooks {
     }
 
     /// Report pending, wait for the build's end, report its outcome.
-    async fn follow(&self, repo: &Repo, sha: &str, name: &str, id: &str) {
+    async fn follow(&self, repo: &Repo, sha: &str, name: &str, id: &str, push: Option<PushPlan>) {
         let link = self
             .repos
             .log_url
@@ -437,9 +459,22 @@ impl Hooks {
             while events.recv().await.is_some() {}
         }
         let (state, why) = match self.farm.status(id).await {
-            Ok(Some(s)) if s.state == BuildState::Succeeded => {
-                (State::Success, format!("build {id} succeeded"))
-            }
+            Ok(Some(s)) if s.state == BuildState::Succeeded => match push {
+                None => (State::Success, format!("build {id} succeeded")),
+                Some(plan) => match self.push(&s, &plan, repo.push_insecure).await {
+                    Ok(n) => (
+                        State::Success,
+                        format!("build {id} succeeded; {n} tags pushed to {}", plan.target),
+                    ),
+                    Err(e) => (
+                        State::Failure,
+                        format!(
+                            "build {id} succeeded but pushing to {} failed: {e}",
+                            plan.target
+                        ),
+                    ),
+                },
+            },
             Ok(Some(s)) if s.state.is_finished() => (
                 State::Failure,
                 format!(
@@ -458,6 +493,89 @@ impl Hooks {
             .report(repo, sha, name, state, &why, link.as_deref())
             .await;
     }
+}
+
+impl Hooks {
+    /// Push the images (layers with a manifest) of a finished build; the tags pushed.
+    async fn push(
+        &self,
+        status: &crate::state::BuildStatus,
+        plan: &PushPlan,
+        insecure: bool,
+    ) -> Result<usize, String> {
+        let mut images = Vec::new();
+        for l in &status.layers {
+            if let Some(d) = &l.manifest_digest {
+                images.push(farm_registry::PushImage {
+                    name: l.name.clone(),
+                    manifest_digest: farm_image::Digest::parse(d).map_err(|e| e.to_string())?,
+                });
+            }
+        }
+        let opts = farm_registry::PushOptions {
+            target: plan.target.clone(),
+            tags: plan.tags.clone(),
+            connect: farm_registry::ConnectOptions {
+                insecure,
+                tls_hint: "set push_insecure = true for the repository in the repositories file"
+                    .into(),
+            },
+        };
+        // The push's future is not `Send` (its stream of uploads borrows across awaits in
+        // a way the compiler cannot prove general), so it runs on a blocking thread of
+        // this runtime.
+        let (blobs, credentials) = (self.farm.blobs().clone(), self.registry.clone());
+        let handle = tokio::runtime::Handle::current();
+        let (pushed, _) = tokio::task::spawn_blocking(move || {
+            handle.block_on(farm_registry::push(&blobs, &images, &opts, &credentials))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        for p in &pushed {
+            tracing::info!(build = %status.id, reference = %p.reference, "pushed");
+        }
+        Ok(pushed.len())
+    }
+}
+
+/// Where a build's images go, checked before it starts.
+#[derive(Debug, Clone)]
+struct PushPlan {
+    target: farm_registry::PushTarget,
+    tags: Vec<String>,
+}
+
+/// The push of build `b` for this event: `None` when it pushes nothing (none declared, or
+/// a fork's pull request); an error when the target is not allowed or a tag is invalid.
+fn push_plan(
+    repo: &Repo,
+    b: &farmfile::BuildSpec,
+    values: &farmfile::TagValues,
+    fork: bool,
+) -> Result<Option<PushPlan>, String> {
+    let Some(spec) = &b.push else {
+        return Ok(None);
+    };
+    if fork {
+        tracing::info!(repo = %repo.name, build = %b.name, "a fork's pull request: built, not pushed");
+        return Ok(None);
+    }
+    if !config::push_allowed(&repo.push_to, &spec.to) {
+        return Err(format!(
+            "push target {} is not under the repository's push_to {:?} (repositories file)",
+            spec.to, repo.push_to
+        ));
+    }
+    let target = farm_registry::PushTarget::parse(&spec.to).map_err(|e| e.to_string())?;
+    let tags = spec.tags(values);
+    if tags.is_empty() {
+        return Ok(None);
+    }
+    for t in &tags {
+        farm_registry::check_tag(t).map_err(|e| format!("tag {t:?}: {e}"))?;
+    }
+    Ok(Some(PushPlan { target, tags }))
 }
 
 /// How a delivery was answered (`farm_webhook_deliveries_total{outcome}`).
@@ -490,7 +608,7 @@ impl Outcome {
 
 /// What a delivery did for one build of `.farm.yaml`.
 enum Started {
-    New(String),
+    New(String, Option<PushPlan>),
     /// An earlier delivery of the same commit started it.
     Shared(String),
     /// The farm refused the submission (why).
