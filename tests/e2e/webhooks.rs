@@ -344,4 +344,45 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     assert_eq!(code, 200, "{answer}");
     assert!(answer.contains(&id), "{answer}");
     assert_eq!(count(), 1, "one build in all");
+
+    // A second commit whose `run` fails: pending, then failure; nothing pushed.
+    std::fs::write(
+        repo.join("stacker.yaml"),
+        "app:\n  from:\n    type: tar\n    url: busybox.tar\n  run: echo second; exit 3\n",
+    )
+    .unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "two"]);
+    let sha2 = git(&repo, &["rev-parse", "HEAD"]);
+    let body2 = body.replace(&sha, &sha2);
+    let sig2 = sign(&body2);
+    let (code, answer) = post(
+        &hooks_addr,
+        "/hooks/github",
+        &[
+            ("x-github-event", "push"),
+            ("x-github-delivery", "good-2"),
+            ("x-hub-signature-256", &sig2),
+        ],
+        &body2,
+    );
+    assert_eq!(code, 202, "{answer}");
+    let second = wait_until("the failure status", Duration::from_secs(300), || {
+        let c: Vec<String> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.1.clone())
+            .filter(|l| l.contains(&sha2))
+            .collect();
+        if c.iter().any(|l| l.contains("\"failure\"")) {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second[0].contains("\"pending\""), "{second:?}");
+    assert!(inspect(format!("{reg}/acme/app:{sha2}")).is_none());
+    // The branch tag still names the first commit's image.
+    assert_eq!(inspect(format!("{reg}/acme/app:main")), Some(by_sha));
 }

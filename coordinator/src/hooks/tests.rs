@@ -365,3 +365,73 @@ async fn a_payload_naming_another_commit_is_not_built() {
     .await;
     assert_eq!(builds(&e.farm).await, 0);
 }
+
+#[tokio::test]
+async fn a_gitlab_push_with_the_right_token_reports_to_the_gitlab_api() {
+    let e = env(0).await;
+    let body = format!(
+        r#"{{"project":{{"path_with_namespace":"grp/app"}},"ref":"refs/heads/main","after":"{}"}}"#,
+        e.sha
+    );
+    let h = vec![
+        ("x-gitlab-event", "Push Hook".to_string()),
+        ("x-gitlab-event-uuid", "u-1".to_string()),
+        ("x-gitlab-token", SECRET.to_string()),
+    ];
+    let (code, answer) = deliver(&e, "gitlab", &h, &body).await;
+    assert_eq!(code, 202, "{answer}");
+    let api = e.api.clone();
+    wait_for("the pending status", || !api.states().is_empty()).await;
+    let (path, _, status) = api.calls.lock().unwrap()[0].clone();
+    assert_eq!(
+        path,
+        format!("/api/v4/projects/grp%2Fapp/statuses/{}", e.sha)
+    );
+    assert_eq!(status["name"], "farm/app");
+    assert_eq!(status["state"], "pending");
+    // The same delivery again.
+    let (code, _) = deliver(&e, "gitlab", &h, &body).await;
+    assert_eq!(code, 200, "a redelivery");
+}
+
+#[test]
+fn forks_never_push_and_targets_stay_under_push_to() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("s"), "x").unwrap();
+    let f = d.path().join("r.toml");
+    std::fs::write(
+        &f,
+        "[[repo]]\nname = \"a/b\"\nprovider = \"github\"\nclone_url = \"file:///x\"\nsecret_file = \"s\"\npush_to = [\"docker://reg.example/acme\"]\n",
+    )
+    .unwrap();
+    let repo = Repos::load(&f).unwrap().repos.remove(0);
+    let file = |to: &str| {
+        FarmFile::parse(
+            format!("version: 1\nbuilds:\n  - name: app\n    stackerfile: s.yaml\n    push:\n      to: {to}\n      tags: ['{{branch}}']\n")
+                .as_bytes(),
+        )
+        .unwrap()
+        .builds
+        .remove(0)
+    };
+    let values = farmfile::TagValues {
+        sha: "0".repeat(40),
+        branch: "main".into(),
+        ..Default::default()
+    };
+    let ok = file("docker://reg.example/acme");
+    let plan = push_plan(&repo, &ok, &values, false).unwrap().unwrap();
+    assert_eq!(plan.tags, ["main"]);
+    assert!(
+        push_plan(&repo, &ok, &values, true).unwrap().is_none(),
+        "a fork"
+    );
+    let elsewhere = file("docker://evil.example/acme");
+    assert!(push_plan(&repo, &elsewhere, &values, false).is_err());
+    // No tag for this event: nothing pushed.
+    let pr = farmfile::TagValues {
+        sha: "0".repeat(40),
+        ..Default::default()
+    };
+    assert!(push_plan(&repo, &ok, &pr, false).unwrap().is_none());
+}
