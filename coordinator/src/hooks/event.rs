@@ -51,6 +51,10 @@ pub struct Push {
     /// The commit the payload says the ref points at (40 hex digits).
     pub sha: String,
     pub change: Change,
+    /// The files the pushed commits added, modified or removed, as the (signed) payload
+    /// lists them; `None` when it does not (pull requests, a truncated list): then
+    /// `.farm.yaml`'s path filters let every build run.
+    pub changed: Option<Vec<String>>,
 }
 
 /// What a verified delivery is.
@@ -111,6 +115,32 @@ fn sha(s: &str) -> Result<String, EventError> {
     }
 }
 
+/// Providers list at most this many commits in a push payload (GitHub: 2048, GitLab:
+/// 20); a list this long may be truncated, so it says nothing about the files.
+const COMMITS_SHOWN: usize = 20;
+
+/// The union of the payload's `commits[].added/modified/removed`, or `None` when the
+/// payload has no such list or may have cut it short.
+fn changed_files(v: &Value) -> Option<Vec<String>> {
+    let commits = v.get("commits")?.as_array()?;
+    let total = v
+        .get("total_commits_count")
+        .and_then(Value::as_u64)
+        .unwrap_or(commits.len() as u64);
+    if commits.is_empty() || commits.len() >= COMMITS_SHOWN || total as usize != commits.len() {
+        return None;
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for c in commits {
+        for k in ["added", "modified", "removed"] {
+            for f in c.get(k)?.as_array()? {
+                out.insert(f.as_str()?.to_string());
+            }
+        }
+    }
+    Some(out.into_iter().collect())
+}
+
 /// Read a verified delivery.
 pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Delivery, EventError> {
     let kind = match provider {
@@ -156,6 +186,7 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
                 git_ref: git_ref.to_string(),
                 sha: sha(after)?,
                 change,
+                changed: changed_files(&v),
             }))
         }
         (Provider::Github | Provider::Gitea, "pull_request") => {
@@ -182,6 +213,7 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
                 git_ref: format!("refs/pull/{number}/head"),
                 sha: sha(head)?,
                 change: Change::PullRequest { number, fork },
+                changed: None,
             }))
         }
         (Provider::Gitlab, "Merge Request Hook") => {
@@ -210,6 +242,7 @@ pub fn parse(provider: Provider, headers: &HeaderMap, body: &[u8]) -> Result<Del
                     number,
                     fork: source.is_none() || source != target,
                 },
+                changed: None,
             }))
         }
         (_, k) => Ok(ignored(format!("event {k:?} builds nothing"))),
@@ -243,6 +276,7 @@ mod tests {
                 git_ref: "refs/heads/main".into(),
                 sha: SHA.into(),
                 change: Change::Branch("main".into()),
+                changed: None,
             })
         );
         let body = body.replace("refs/heads/main", "refs/tags/v1");
@@ -273,6 +307,29 @@ mod tests {
                 fork: true
             }
         );
+    }
+
+    #[test]
+    fn changed_files_from_the_commits_listed() {
+        let h = headers(&[("x-github-event", "push")]);
+        let body = format!(
+            r#"{{"ref":"refs/heads/main","after":"{SHA}","repository":{{"full_name":"a/b"}},
+            "commits":[{{"added":["a/x"],"modified":["b"],"removed":[]}},{{"added":[],"modified":["b"],"removed":["c"]}}]}}"#
+        );
+        let Delivery::Build(p) = parse(Provider::Github, &h, body.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.changed, Some(vec!["a/x".into(), "b".into(), "c".into()]));
+        // GitLab says how many commits there were; a cut list says nothing.
+        let h = headers(&[("x-gitlab-event", "Push Hook")]);
+        let body = format!(
+            r#"{{"ref":"refs/heads/main","after":"{SHA}","project":{{"path_with_namespace":"g/p"}},
+            "total_commits_count":50,"commits":[{{"added":["a"],"modified":[],"removed":[]}}]}}"#
+        );
+        let Delivery::Build(p) = parse(Provider::Gitlab, &h, body.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.changed, None);
     }
 
     #[test]

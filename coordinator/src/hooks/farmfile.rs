@@ -41,6 +41,11 @@ pub struct BuildSpec {
     /// Tag patterns it runs on for tag pushes; empty: every tag.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Path patterns (`*` matches anything, `/` included): a push builds only when one
+    /// of the files its commits changed matches; empty: every push. Pull requests and
+    /// pushes whose payload lists no files (or too many commits) always build.
+    #[serde(default)]
+    pub paths: Vec<String>,
     /// Where its images go after a successful build (never for forks' pull requests).
     #[serde(default)]
     pub push: Option<PushSpec>,
@@ -152,6 +157,16 @@ impl FarmFile {
 }
 
 impl BuildSpec {
+    /// Do the changed files (when the payload lists them) pass the path filters?
+    pub fn paths_match(&self, changed: Option<&[String]>) -> bool {
+        match changed {
+            Some(files) if !self.paths.is_empty() => {
+                files.iter().any(|f| self.paths.iter().any(|p| glob(p, f)))
+            }
+            _ => true,
+        }
+    }
+
     /// Does this build run for `change`?
     pub fn runs_for(&self, change: &Change) -> bool {
         if !self.events.is_empty() && !self.events.contains(&change.event()) {
@@ -186,6 +201,19 @@ mod tests {
             number: 1,
             fork: false
         }));
+    }
+
+    #[test]
+    fn path_filters() {
+        let f = FarmFile::parse(
+            b"version: 1\nbuilds:\n  - name: app\n    stackerfile: s.yaml\n    paths: ['app/*', 'stacker.yaml']\n",
+        )
+        .unwrap();
+        let b = &f.builds[0];
+        assert!(b.paths_match(Some(&["app/src/main.c".to_string()])));
+        assert!(b.paths_match(Some(&["stacker.yaml".to_string()])));
+        assert!(!b.paths_match(Some(&["docs/readme.md".to_string()])));
+        assert!(b.paths_match(None), "unknown files: it builds");
     }
 
     #[test]

@@ -348,7 +348,7 @@ impl Hooks {
         let builds: Vec<_> = file
             .builds
             .iter()
-            .filter(|b| b.runs_for(&push.change))
+            .filter(|b| b.runs_for(&push.change) && b.paths_match(push.changed.as_deref()))
             .collect();
         if builds.is_empty() {
             tracing::info!(repo = %repo.name, sha = %push.sha, "no build of {FARM_YAML} runs for {}", push.git_ref);
