@@ -100,6 +100,13 @@ impl Reporter {
                     "description": description, "target_url": target_url}),
             ),
         };
+        // No link: the field is left out rather than sent as null.
+        let mut body = body;
+        if target_url.is_none()
+            && let Some(o) = body.as_object_mut()
+        {
+            o.remove("target_url");
+        }
         let mut pause = self.retry.first_pause;
         for attempt in 1..=self.retry.attempts.max(1) {
             let mut req = self

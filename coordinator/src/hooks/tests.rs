@@ -310,11 +310,17 @@ async fn a_signed_push_builds_once_and_a_redelivery_starts_nothing() {
     assert_eq!(code, 202, "{answer}");
     // Pending arrives after two 500s from the status API (retried).
     let api = e.api.clone();
-    wait_for("the pending status", || {
-        api.states()
-            .contains(&("farm/app".into(), "pending".into()))
+    wait_for("the pending status, tried three times", || {
+        api.states().len() >= 3
     })
     .await;
+    assert!(
+        api.states()
+            .iter()
+            .all(|s| *s == ("farm/app".to_string(), "pending".to_string())),
+        "{:?}",
+        api.states()
+    );
     assert_eq!(
         api.states().len(),
         3,
@@ -363,6 +369,18 @@ async fn a_payload_naming_another_commit_is_not_built() {
             .contains(&("farm/webhook".into(), "error".into()))
     })
     .await;
+    let (_, _, status) = api.calls.lock().unwrap()[0].clone();
+    assert!(
+        status.get("target_url").is_none(),
+        "no link, no null: {status}"
+    );
+    assert!(
+        status["description"]
+            .as_str()
+            .unwrap()
+            .contains("not the commit"),
+        "{status}"
+    );
     assert_eq!(builds(&e.farm).await, 0);
 }
 
@@ -388,6 +406,12 @@ async fn a_gitlab_push_with_the_right_token_reports_to_the_gitlab_api() {
         format!("/api/v4/projects/grp%2Fapp/statuses/{}", e.sha)
     );
     assert_eq!(status["name"], "farm/app");
+    assert_eq!(
+        status["target_url"]
+            .as_str()
+            .map(|u| u.starts_with("http://farm.example/builds/b-")),
+        Some(true)
+    );
     assert_eq!(status["state"], "pending");
     // The same delivery again.
     let (code, _) = deliver(&e, "gitlab", &h, &body).await;
