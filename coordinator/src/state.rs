@@ -86,6 +86,8 @@ CREATE TABLE IF NOT EXISTS webhook_builds (
     sha TEXT NOT NULL,
     build TEXT NOT NULL,
     build_id TEXT NOT NULL,
+    git_ref TEXT NOT NULL DEFAULT '',
+    delivery TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (repo, sha, build)
 );
 ";
@@ -1075,6 +1077,21 @@ impl StateStore {
         Ok(())
     }
 
+    /// The webhook that started build `build_id`: (repo key, sha, build name, ref,
+    /// delivery); `None` for builds no webhook started.
+    pub async fn webhook_origin(
+        &self,
+        build_id: &str,
+    ) -> Result<Option<(String, String, String, String, String)>> {
+        sqlx::query_as(
+            "SELECT repo, sha, build, git_ref, delivery FROM webhook_builds WHERE build_id = ?1",
+        )
+        .bind(build_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))
+    }
+
     /// The build already started for (`repo`, `sha`, `build`), if any.
     pub async fn webhook_build(
         &self,
@@ -1094,21 +1111,27 @@ impl StateStore {
         Ok(row.map(|r| r.0))
     }
 
-    /// Remember that (`repo`, `sha`, `build`) is built by `build_id`.
+    /// Remember that (`repo`, `sha`, `build`) is built by `build_id`, started by
+    /// `delivery` for `git_ref`.
     pub async fn set_webhook_build(
         &self,
         repo: &str,
         sha: &str,
         build: &str,
         build_id: &str,
+        git_ref: &str,
+        delivery: &str,
     ) -> Result<()> {
         sqlx::query(
-            "INSERT OR REPLACE INTO webhook_builds (repo, sha, build, build_id) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO webhook_builds (repo, sha, build, build_id, git_ref, delivery)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
         .bind(repo)
         .bind(sha)
         .bind(build)
         .bind(build_id)
+        .bind(git_ref)
+        .bind(delivery)
         .execute(&self.pool)
         .await
         .map_err(|e| self.err(e))?;

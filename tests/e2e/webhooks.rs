@@ -327,6 +327,15 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     let by_branch = inspect(format!("{reg}/acme/app:main")).expect("tagged with the branch");
     assert_eq!(by_sha, by_branch);
     assert!(inspect(format!("{reg}/acme/app:pr-")).is_none());
+    // farm status says which delivery started it.
+    let shown: serde_json::Value =
+        serde_json::from_str(&client(&["status", &id, "--json"])).unwrap();
+    assert_eq!(
+        shown["webhook"],
+        serde_json::json!({"provider": "github", "repo": "acme/app", "ref": "refs/heads/main",
+            "sha": sha, "delivery": "good-1", "build": "app"}),
+        "{shown}"
+    );
     let logs = client(&["logs", &id, "app"]);
     assert!(logs.contains(&format!("built-at-{sha}")), "{logs}");
 

@@ -420,7 +420,10 @@ impl Hooks {
             match self.farm.submit(spec).await {
                 Ok((id, _)) => {
                     tracing::info!(build = %id, repo = %repo.name, sha = %push.sha, delivery, name = %b.name, "webhook build started");
-                    if let Err(e) = state.set_webhook_build(&key, &push.sha, &b.name, &id).await {
+                    if let Err(e) = state
+                        .set_webhook_build(&key, &push.sha, &b.name, &id, &push.git_ref, delivery)
+                        .await
+                    {
                         tracing::warn!("recording webhook build {id}: {e}");
                     }
                     ids.push(id.clone());
