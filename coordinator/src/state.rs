@@ -1057,6 +1057,18 @@ impl StateStore {
         Ok(Some(serde_json::from_str(&json).unwrap_or_default()))
     }
 
+    /// Forget delivery `delivery` of `provider` (its work failed before any build
+    /// started: a redelivery tries again).
+    pub async fn forget_delivery(&self, provider: &str, delivery: &str) -> Result<()> {
+        sqlx::query("DELETE FROM webhook_deliveries WHERE provider = ?1 AND delivery = ?2")
+            .bind(provider)
+            .bind(delivery)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// The build ids started for delivery `delivery` of `provider`.
     pub async fn set_delivery_builds(
         &self,

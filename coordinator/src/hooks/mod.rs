@@ -295,6 +295,15 @@ impl Hooks {
         let started = match started {
             Ok(s) => s,
             Err(e) => {
+                // Nothing started: the provider's "redeliver" tries again.
+                if let Err(e) = self
+                    .farm
+                    .state()
+                    .forget_delivery(repo.provider.as_str(), &delivery)
+                    .await
+                {
+                    tracing::warn!("forgetting delivery {delivery}: {e}");
+                }
                 tracing::error!(repo = %repo.name, sha = %push.sha, delivery, "webhook build not started: {e}");
                 self.reporter
                     .report(&repo, &push.sha, "webhook", State::Error, &e, None)

@@ -382,6 +382,9 @@ async fn a_payload_naming_another_commit_is_not_built() {
         "{status}"
     );
     assert_eq!(builds(&e.farm).await, 0);
+    // Nothing started, so its redelivery is tried again (not answered from the record).
+    let (code, _) = deliver(&e, "github", &github("push", "d-w", &body), &body).await;
+    assert_eq!(code, 202);
 }
 
 #[tokio::test]
