@@ -58,6 +58,10 @@ impl Embedded {
             registry,
             // This machine's own history: enough for `farm status`-style looking back.
             keep_builds: 100,
+            limits: farm_coordinator::farm::Limits {
+                // The CLI read the stackerfiles first, under its own --max-stackerfile-size.
+                max_stackerfile_size: u64::MAX,
+            },
         })
         .await
         .with_context(|| {

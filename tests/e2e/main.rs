@@ -4,6 +4,7 @@ mod architecture;
 mod build;
 mod client;
 mod farm;
+mod limits;
 mod plan;
 mod procs;
 mod registry;

@@ -61,6 +61,10 @@ pub(crate) struct CoordinatorArgs {
     /// Credentials for registry bases (else the coordinator's auth files)
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
+
+    /// The largest stackerfile a submission may have (each file, e.g. 4M)
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = super::build::parse_size)]
+    pub max_stackerfile_size: u64,
 }
 
 /// Run a worker of a build farm.
@@ -124,6 +128,9 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             resume: true,
             registry: args.registry.credentials()?,
             keep_builds: args.keep_builds,
+            limits: farm_coordinator::farm::Limits {
+                max_stackerfile_size: args.max_stackerfile_size,
+            },
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;

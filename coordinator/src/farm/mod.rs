@@ -61,12 +61,31 @@ pub struct FarmConfig {
     /// Finished builds kept in the state (their statuses, events and logs); older ones
     /// are forgotten when a build ends. The action cache and blobs are not affected.
     pub keep_builds: usize,
+    /// Limits on what one submission may ask of the coordinator.
+    pub limits: Limits,
+}
+
+/// Limits on what one submission may ask of the coordinator (`farm coordinator` flags
+/// of the same names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest stackerfile read, in bytes (`--max-stackerfile-size`).
+    pub max_stackerfile_size: u64,
+}
+
+impl Default for Limits {
+    /// 1 MiB stackerfiles.
+    fn default() -> Self {
+        Limits {
+            max_stackerfile_size: farm_stackerfile::DEFAULT_MAX_STACKERFILE_SIZE,
+        }
+    }
 }
 
 impl FarmConfig {
     /// The defaults of `farm coordinator`: leases of 10 s, this machine's platform, no
     /// built-in substitutions, unfinished builds resumed, no registry credentials, the
-    /// newest 1,000 finished builds kept.
+    /// newest 1,000 finished builds kept, the default [`Limits`].
     pub fn new(state_dir: impl Into<PathBuf>, blobs: BlobStore) -> Self {
         FarmConfig {
             state_dir: state_dir.into(),
@@ -77,6 +96,7 @@ impl FarmConfig {
             resume: true,
             registry: Default::default(),
             keep_builds: 1000,
+            limits: Limits::default(),
         }
     }
 }
@@ -135,6 +155,17 @@ impl Submission {
 struct SubmittedFiles(std::collections::BTreeMap<String, String>);
 
 impl farm_stackerfile::FileSource for SubmittedFiles {
+    fn read_limited(&self, path: &Path, limit: u64) -> std::io::Result<String> {
+        match self.0.get(&url_or_path(path)) {
+            Some(text) if text.len() as u64 > limit => {
+                Err(farm_stackerfile::too_large(text.len() as u64, limit))
+            }
+            Some(text) => Ok(text.clone()),
+            None if url_or_path(path).contains("://") => self.read(path),
+            None => farm_stackerfile::LocalFiles.read_limited(path, limit),
+        }
+    }
+
     fn read(&self, path: &Path) -> std::io::Result<String> {
         let key = url_or_path(path);
         match self.0.get(&key) {
@@ -430,7 +461,10 @@ impl Inner {
             .collect();
         let mut substitutions = spec.substitutions.clone();
         substitutions.builtins = self.config.builtins.clone();
-        let options = PlanOptions { substitutions };
+        let options = PlanOptions {
+            substitutions,
+            max_file_size: self.config.limits.max_stackerfile_size,
+        };
         let source = SubmittedFiles(spec.inline.clone());
         let loaded =
             tokio::task::spawn_blocking(move || Plan::load_many(&files, &options, &source))
