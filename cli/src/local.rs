@@ -47,6 +47,7 @@ impl Local {
             EngineOptions {
                 timeout,
                 compression_threads: 0,
+                extract: Default::default(),
             },
         ));
         Ok(Local {

@@ -102,6 +102,15 @@ pub(crate) struct WorkerArgs {
     /// Kill a layer's run after this many seconds
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u64>,
+
+    /// The most one layer (or tarball base) may extract to: its uncompressed tar, and
+    /// its files at their full size (sparse files count their holes)
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = super::build::parse_size)]
+    pub max_layer_size: u64,
+
+    /// The most entries (files, directories, links) one layer may hold
+    #[arg(long, value_name = "N", default_value_t = farm_image::DEFAULT_MAX_LAYER_ENTRIES)]
+    pub max_layer_entries: u64,
 }
 
 /// `host:port` or `http(s)://host:port` as a URL.
@@ -228,6 +237,10 @@ async fn open_engine(args: &WorkerArgs, blobs: BlobStore) -> anyhow::Result<Arc<
         EngineOptions {
             timeout: args.timeout.map(Duration::from_secs),
             compression_threads: 0,
+            extract: farm_worker::ops::ExtractLimits {
+                max_bytes: args.max_layer_size,
+                max_entries: args.max_layer_entries,
+            },
         },
     )))
 }

@@ -91,6 +91,8 @@ fn step(what: impl Into<String>) -> impl FnOnce(String) -> EngineError {
 pub struct EngineOptions {
     pub timeout: Option<Duration>,
     pub compression_threads: usize,
+    /// How much one layer (a base's, a tarball base) may extract to.
+    pub extract: crate::ops::ExtractLimits,
 }
 
 /// Builds layers on one pool.
