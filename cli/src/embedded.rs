@@ -58,10 +58,9 @@ impl Embedded {
             registry,
             // This machine's own history: enough for `farm status`-style looking back.
             keep_builds: 100,
-            limits: farm_coordinator::farm::Limits {
-                // The CLI read the stackerfiles first, under its own --max-stackerfile-size.
-                max_stackerfile_size: u64::MAX,
-            },
+            // The CLI read the stackerfiles first, under its own --max-stackerfile-size,
+            // and nothing is uploaded.
+            limits: farm_coordinator::farm::Limits::none(),
         })
         .await
         .with_context(|| {

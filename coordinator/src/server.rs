@@ -43,7 +43,11 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(BlobService::new(farm.blobs().clone()).into_server())
+        .add_service(
+            BlobService::new(farm.blobs().clone())
+                .with_max_upload(farm.limits().max_upload_size)
+                .into_server(),
+        )
         .add_service(FarmService::new(farm.clone()).farm_server())
         .add_service(WorkerService::new(farm.clone()).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

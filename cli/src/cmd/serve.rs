@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use farm_coordinator::farm::{Farm, FarmConfig};
+use farm_coordinator::farm::{Farm, FarmConfig, Limits};
 use farm_image::BlobStore;
 use farm_model::Platform;
 use farm_worker::agent::{self, AgentConfig, GrpcDialer};
@@ -65,6 +65,22 @@ pub(crate) struct CoordinatorArgs {
     /// The largest stackerfile a submission may have (each file, e.g. 4M)
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = super::build::parse_size)]
     pub max_stackerfile_size: u64,
+
+    /// The most files an uploaded context may list
+    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_CONTEXT_FILES)]
+    pub max_context_files: usize,
+
+    /// The most an uploaded context may materialise to (each listed file at its size)
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = super::build::parse_size)]
+    pub max_context_size: u64,
+
+    /// The most layers one submission's plan may have
+    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_LAYERS)]
+    pub max_layers: usize,
+
+    /// The largest blob one upload may store
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = super::build::parse_size)]
+    pub max_upload_size: u64,
 }
 
 /// Run a worker of a build farm.
@@ -139,6 +155,10 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             keep_builds: args.keep_builds,
             limits: farm_coordinator::farm::Limits {
                 max_stackerfile_size: args.max_stackerfile_size,
+                max_context_files: args.max_context_files,
+                max_context_size: args.max_context_size,
+                max_layers: args.max_layers,
+                max_upload_size: args.max_upload_size,
             },
         })
         .await

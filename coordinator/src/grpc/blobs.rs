@@ -31,12 +31,24 @@ const FIND_MISSING_CONCURRENCY: usize = 16;
 #[derive(Clone, Debug)]
 pub struct BlobService {
     store: BlobStore,
+    /// The largest blob one upload may store.
+    max_upload: u64,
 }
 
 impl BlobService {
-    /// Serve `store`.
+    /// Serve `store`, with uploads of at most
+    /// [`crate::farm::Limits::DEFAULT_MAX_UPLOAD_SIZE`].
     pub fn new(store: BlobStore) -> Self {
-        BlobService { store }
+        BlobService {
+            store,
+            max_upload: crate::farm::Limits::DEFAULT_MAX_UPLOAD_SIZE,
+        }
+    }
+
+    /// Refuse uploads of blobs larger than `bytes` (`farm coordinator --max-upload-size`).
+    pub fn with_max_upload(mut self, bytes: u64) -> Self {
+        self.max_upload = bytes;
+        self
     }
 
     /// The store served.
@@ -119,6 +131,13 @@ impl Blobs for BlobService {
         })?;
         let digest = parse_digest(&first.digest)?;
         let size = first.size;
+        if size > self.max_upload {
+            return Err(Status::resource_exhausted(format!(
+                "upload of {digest}: {size} bytes is over the coordinator's upload limit of \
+                 {} bytes (raise it with `farm coordinator --max-upload-size SIZE`)",
+                self.max_upload
+            )));
+        }
         let mut existing = self
             .store
             .size(&digest)
@@ -574,6 +593,46 @@ mod tests {
                     .unwrap();
                 assert_eq!(store.get_bytes(&digest).await.unwrap(), payload);
             }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_upload_over_the_limit_is_refused_before_its_bytes_are_read() {
+        bounded(async {
+            let store = BlobStore::in_memory();
+            let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = incoming.local_addr().unwrap();
+            let service = BlobService::new(store.clone()).with_max_upload(1000);
+            let task = tokio::spawn(async move {
+                let _ = Server::builder()
+                    .add_service(service.into_server())
+                    .serve_with_incoming(incoming)
+                    .await;
+            });
+            let s = Served {
+                addr,
+                shutdown: None,
+                task,
+            };
+            let mut c = connect(&s).await;
+            let big = data(1001, 3);
+            let err = raw_upload(&mut c, &Digest::of(&big), 1001, big.clone())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                err.message().contains("--max-upload-size") && err.message().contains("1000"),
+                "{}",
+                err.message()
+            );
+            assert!(!store.exists(&Digest::of(&big)).await.unwrap());
+            // At the limit it is stored.
+            let ok = data(1000, 3);
+            raw_upload(&mut c, &Digest::of(&ok), 1000, ok.clone())
+                .await
+                .unwrap();
+            assert!(store.exists(&Digest::of(&ok)).await.unwrap());
         })
         .await;
     }
