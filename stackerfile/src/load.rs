@@ -240,9 +240,8 @@ impl Loader<'_> {
                     message: format!("{what}stackerfile {}: {e}", display.display()),
                     help: Some(format!(
                         "a stackerfile this large is likely a mistake; if it is not, raise the \
-                         limit with --max-stackerfile-size (farm plan, build and submit; for a \
-                         coordinator, its own --max-stackerfile-size), e.g. \
-                         --max-stackerfile-size {}",
+                         limit with --max-stackerfile-size {} on farm plan, build and submit \
+                         (a coordinator has its own: farm coordinator --max-stackerfile-size)",
                         suggest_limit(self.max_file_size)
                     )),
                 });

@@ -149,3 +149,54 @@ fn many_duplicate_free_keys_plan_and_a_late_duplicate_is_found() {
     );
     assert!(kib < PEAK_KIB, "farm plan peaked at {kib} KiB");
 }
+
+/// `farm coordinator ... EXTRA` (the flags go after the ones `start_with` adds).
+fn coordinator_with(dir: &Path, extra: &[&str]) -> crate::procs::Coordinator {
+    std::fs::create_dir_all(dir).unwrap();
+    let spec = crate::procs::CoordinatorSpec {
+        state_dir: dir.join("state"),
+        blobs: format!("file://{}", dir.join("blobs").display()),
+        lease: None,
+        metrics: false,
+        port: None,
+    };
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("exec \"$0\" \"$@\" {}", extra.join(" ")))
+        .arg(farm_bin())
+        .env_remove("RUST_LOG");
+    crate::procs::Coordinator::start_with(&spec, cmd, &dir.join("coordinator.log"))
+}
+
+#[test]
+fn a_coordinator_refuses_a_submission_over_its_limits_naming_its_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    // 2 KiB of stackerfile, importing three files: a context of four.
+    let mut yaml = String::from("l:\n  from: {type: scratch}\n  imports: [a, b, c]\n");
+    let _ = writeln!(yaml, "# {}", "x".repeat(2048));
+    std::fs::write(ctx.join("stacker.yaml"), &yaml).unwrap();
+    for f in ["a", "b", "c"] {
+        std::fs::write(ctx.join(f), f).unwrap();
+    }
+    for (flag, value) in [
+        ("--max-context-files", "2"),
+        ("--max-stackerfile-size", "1K"),
+    ] {
+        let state = dir.path().join(flag.trim_start_matches('-'));
+        let c = coordinator_with(&state, &[flag, value]);
+        let run = crate::util::farm(
+            &ctx,
+            &[
+                "submit",
+                "--detach",
+                "--coordinator",
+                &c.addr,
+                "stacker.yaml",
+            ],
+        );
+        assert!(!run.status.success(), "{}", run.describe());
+        run.assert_stderr_contains(&format!("farm coordinator {flag}"));
+    }
+}
