@@ -1224,6 +1224,11 @@ async fn a_context_lives_while_a_build_holds_it_and_temporary_dirs_never_stay() 
     // No live build needs it: it is gone.
     assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
 
+    // A submission whose plan fails lets go of the context it materialised.
+    let bad = context_submission(&farm, "l:\n  from: {type: nonsense}\n", 1, b"x").await;
+    assert!(matches!(farm.submit(bad).await, Err(FarmError::Plan(_))));
+    assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
+
     // A context whose file was never uploaded fails to materialise and leaves no
     // temporary directory behind.
     let mut broken = context_submission(&farm, ONE_LAYER, 0, b"").await;

@@ -326,4 +326,32 @@ mod tests {
             serde_json::from_value::<Op>(serde_json::json!({"op": "nope", "arg": {}})).is_err()
         );
     }
+
+    /// The worker's extraction limits reach the op; a request without them gets the
+    /// defaults, which name the worker's flags when they are hit.
+    #[test]
+    fn apply_layer_carries_its_limits() {
+        let json = serde_json::json!({"op": "apply-layer", "arg": {"target": "/t"}});
+        let Op::ApplyLayer(args) = serde_json::from_value(json).unwrap() else {
+            panic!("not apply-layer")
+        };
+        assert_eq!(args.limits, ExtractLimits::default());
+        let limits = ExtractLimits {
+            max_bytes: 10,
+            max_entries: 2,
+        };
+        let op = Op::ApplyLayer(ApplyArgs {
+            target: "/t".into(),
+            source_file: None,
+            limits,
+        });
+        let Op::ApplyLayer(back) =
+            serde_json::from_value(serde_json::to_value(&op).unwrap()).unwrap()
+        else {
+            panic!("not apply-layer")
+        };
+        let opts = back.limits.apply_options();
+        assert_eq!((opts.max_bytes, opts.max_entries), (10, 2));
+        assert!(opts.limits_hint.contains("farm worker --max-layer-size"));
+    }
 }
