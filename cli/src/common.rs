@@ -137,6 +137,10 @@ pub(crate) struct StackerfileArgs {
 
     #[command(flatten)]
     pub subs: SubstitutionArgs,
+
+    /// The largest stackerfile read (each file, e.g. 4M); larger ones are refused
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = crate::cmd::build::parse_size)]
+    pub max_stackerfile_size: u64,
 }
 
 /// `--substitute` and `--substitute-file`.
@@ -162,6 +166,17 @@ impl StackerfileArgs {
 
     pub(crate) fn substitutions(&self, layout: &Layout) -> anyhow::Result<Substitutions> {
         self.subs.substitutions(layout)
+    }
+
+    /// The substitutions and limits a plan of these stackerfiles uses.
+    pub(crate) fn plan_options(
+        &self,
+        layout: &Layout,
+    ) -> anyhow::Result<farm_stackerfile::PlanOptions> {
+        Ok(farm_stackerfile::PlanOptions {
+            substitutions: self.substitutions(layout)?,
+            max_file_size: self.max_stackerfile_size,
+        })
     }
 }
 

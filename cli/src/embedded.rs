@@ -61,6 +61,9 @@ impl Embedded {
             // Only local submissions reach the embedded farm (`Origin::Local`): this
             // user's files, addresses and credentials, as stacker uses them.
             remote: Default::default(),
+            // The CLI read the stackerfiles first, under its own --max-stackerfile-size,
+            // and nothing is uploaded.
+            limits: farm_coordinator::farm::Limits::none(),
         })
         .await
         .with_context(|| {

@@ -52,6 +52,17 @@ pub(crate) fn inline_texts(
 }
 
 impl FileSource for Files {
+    fn read_limited(&self, path: &Path, limit: u64) -> std::io::Result<String> {
+        if url_of(path).is_none() {
+            return LocalFiles.read_limited(path, limit);
+        }
+        let text = self.read(path)?;
+        if text.len() as u64 > limit {
+            return Err(farm_stackerfile::too_large(text.len() as u64, limit));
+        }
+        Ok(text)
+    }
+
     fn read(&self, path: &Path) -> std::io::Result<String> {
         let Some(url) = url_of(path) else {
             return LocalFiles.read(path);

@@ -78,6 +78,7 @@ impl RunLimitArgs {
             cgroup: None,
             compression_threads: 0,
             binds,
+            extract: Default::default(),
         }
     }
 

@@ -98,7 +98,9 @@ pub async fn serve_with(
         .await;
     let gate = |service| Gate::new(options.auth.clone(), farm.clone(), service);
     let blobs = InterceptedService::new(
-        BlobService::new(farm.blobs().clone()).into_server(),
+        BlobService::new(farm.blobs().clone())
+            .with_max_upload(farm.limits().max_upload_size)
+            .into_server(),
         gate(auth::Service::Blobs),
     );
     let farm_api = InterceptedService::new(

@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -33,9 +33,24 @@ use crate::tarwrite::{OPAQUE_MARKER, WHITEOUT_PREFIX, xattr_in_layer};
 const MAX_SYMLINKS: u32 = 40;
 const COPY_BUF: usize = 256 * 1024;
 
+/// The default of [`ApplyOptions::max_bytes`]: 64 GiB.
+pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
+/// The default of [`ApplyOptions::max_entries`]: one million.
+pub const DEFAULT_MAX_LAYER_ENTRIES: u64 = 1_000_000;
+
 /// How [`apply_layer`] treats a layer.
 #[derive(Clone, Debug)]
 pub struct ApplyOptions {
+    /// The most bytes one layer may extract: the uncompressed tar stream, and separately
+    /// the files' contents at their logical sizes (a sparse file counts its holes), so a
+    /// small compressed layer cannot expand without bound. Default
+    /// [`DEFAULT_MAX_LAYER_BYTES`].
+    pub max_bytes: u64,
+    /// The most entries (files, directories, links, whiteouts) one layer may hold.
+    /// Default [`DEFAULT_MAX_LAYER_ENTRIES`].
+    pub max_entries: u64,
+    /// How a user raises the limits, for the error (the worker names its flags).
+    pub limits_hint: &'static str,
     /// Interpret OCI whiteouts (`.wh.NAME` deletes NAME from lower content,
     /// `.wh..wh..opq` hides all lower content of its directory). Default true.
     pub whiteouts: bool,
@@ -56,7 +71,31 @@ impl Default for ApplyOptions {
             allow_devices: false,
             ignore_chown_errors: false,
             ignore_xattr_errors: false,
+            max_bytes: DEFAULT_MAX_LAYER_BYTES,
+            max_entries: DEFAULT_MAX_LAYER_ENTRIES,
+            limits_hint: "raise ApplyOptions::max_bytes / max_entries",
         }
+    }
+}
+
+/// Fails reads once more than `max` bytes have passed, remembering that it did.
+struct LimitReader<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+    exceeded: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R: Read> Read for LimitReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.max {
+            self.exceeded
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(io::Error::other("the layer tar is over its size limit"));
+        }
+        Ok(n)
     }
 }
 
@@ -101,7 +140,25 @@ pub fn apply_layer<R: Read + Send>(
         Mode::empty(),
     )
     .ctx(|| format!("opening target directory {}", target.display()))?;
-    let reader = HashingReader::new(decompress(input)?);
+    let exceeded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over = |e: Error| -> Error {
+        if exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+            Error::LimitExceeded {
+                what: "uncompressed size",
+                limit: opts.max_bytes,
+                hint: opts.limits_hint,
+            }
+        } else {
+            e
+        }
+    };
+    let reader = HashingReader::new(LimitReader {
+        inner: decompress(input)?,
+        read: 0,
+        // The tar's end-of-archive blocks and padding come on top of its content.
+        max: opts.max_bytes.saturating_add(1 << 20),
+        exceeded: exceeded.clone(),
+    });
     let mut archive = tar::Archive::new(reader);
     let mut ap = Applier {
         root,
@@ -114,19 +171,25 @@ pub fn apply_layer<R: Read + Send>(
         whiteouts: 0,
         opaque_dirs: 0,
         skipped: 0,
+        seen: 0,
+        content: 0,
     };
     {
-        let entries = archive.entries().ctx(|| "reading layer tar".into())?;
+        let entries = archive
+            .entries()
+            .ctx(|| "reading layer tar".into())
+            .map_err(over)?;
         for entry in entries {
-            let mut entry = entry.ctx(|| "reading layer tar".into())?;
-            ap.entry(&mut entry)?;
+            let mut entry = entry.ctx(|| "reading layer tar".into()).map_err(over)?;
+            ap.entry(&mut entry).map_err(over)?;
         }
     }
     ap.finish_dirs()?;
     let (_, diff_id, tar_size) = archive
         .into_inner()
         .drain_and_finish()
-        .ctx(|| "reading the end of the layer".into())?;
+        .ctx(|| "reading the end of the layer".into())
+        .map_err(over)?;
     Ok(ApplyStats {
         entries: ap.entries,
         whiteouts: ap.whiteouts,
@@ -254,6 +317,10 @@ struct Applier<'o> {
     whiteouts: u64,
     opaque_dirs: u64,
     skipped: u64,
+    /// Entries met (of every kind), against [`ApplyOptions::max_entries`].
+    seen: u64,
+    /// File content at logical sizes, against [`ApplyOptions::max_bytes`].
+    content: u64,
 }
 
 impl Applier<'_> {
@@ -392,7 +459,30 @@ impl Applier<'_> {
         }
     }
 
+    /// Count an entry against the limits before anything of it is written: its logical
+    /// size (for a sparse file, the size with its holes) is known from its header.
+    fn admit<R: Read>(&mut self, e: &tar::Entry<'_, R>) -> Result<()> {
+        self.seen += 1;
+        if self.seen > self.opts.max_entries {
+            return Err(Error::LimitExceeded {
+                what: "number of entries",
+                limit: self.opts.max_entries,
+                hint: self.opts.limits_hint,
+            });
+        }
+        self.content = self.content.saturating_add(e.size());
+        if self.content > self.opts.max_bytes {
+            return Err(Error::LimitExceeded {
+                what: "size of its files' contents (sparse files at their full size)",
+                limit: self.opts.max_bytes,
+                hint: self.opts.limits_hint,
+            });
+        }
+        Ok(())
+    }
+
     fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<()> {
+        self.admit(e)?;
         let raw = e.path_bytes().into_owned();
         let shown = lossy(&raw);
         let rel = normalize(&raw).map_err(|reason| Error::UnsafeEntry {
@@ -472,6 +562,7 @@ impl Applier<'_> {
                 )
                 .ctx(|| format!("creating {shown}"))?;
                 let mut file = File::from(fd);
+                let mut written: u64 = 0;
                 loop {
                     let n = match e.read(&mut self.buf) {
                         Ok(0) => break,
@@ -484,9 +575,19 @@ impl Applier<'_> {
                             });
                         }
                     };
-                    file.write_all(&self.buf[..n])
-                        .ctx(|| format!("writing {shown}"))?;
+                    written += n as u64;
+                    if self.buf[..n].iter().all(|&b| b == 0) {
+                        // Zeros (a sparse file's holes, or a file of zeros) stay holes:
+                        // a small layer cannot fill the disk with them.
+                        file.seek(io::SeekFrom::Current(n as i64))
+                            .ctx(|| format!("writing {shown}"))?;
+                    } else {
+                        file.write_all(&self.buf[..n])
+                            .ctx(|| format!("writing {shown}"))?;
+                    }
                 }
+                // A hole at the end has no write to give the file its length.
+                file.set_len(written).ctx(|| format!("writing {shown}"))?;
                 self.chown_fd(file.as_fd(), uid, gid, &shown)?;
                 rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))
                     .ctx(|| format!("chmod {shown}"))?;

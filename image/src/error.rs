@@ -58,6 +58,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A layer is larger than a limit allows (entries, bytes); nothing more of it is
+    /// extracted.
+    #[error("the layer's {what} is over the limit of {limit} ({hint})")]
+    LimitExceeded {
+        /// Which measure.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// How to raise it.
+        hint: &'static str,
+    },
     /// A tar entry tried to do something unsafe (leave the target, link outside it).
     #[error("unsafe tar entry {path:?}: {reason}")]
     UnsafeEntry {

@@ -38,7 +38,9 @@ mod tree;
 #[cfg(test)]
 mod tests;
 
-pub use apply::{ApplyOptions, ApplyStats, apply_layer};
+pub use apply::{
+    ApplyOptions, ApplyStats, DEFAULT_MAX_LAYER_BYTES, DEFAULT_MAX_LAYER_ENTRIES, apply_layer,
+};
 pub use backend::StoreOptions;
 pub use compress::{Compression, Compressor, Format, UnknownCompression, decompress, detect};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};

@@ -39,6 +39,9 @@ pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     url: String,
+    /// The directory of a `file://` store: its writes are made durable (fsync) before a
+    /// blob counts as present.
+    local: Option<Arc<std::path::Path>>,
     /// The URL as errors show it (no password).
     label: Arc<str>,
 }
@@ -68,6 +71,7 @@ impl BlobStore {
             store,
             prefix,
             url,
+            local: None,
         }
     }
 
@@ -85,7 +89,9 @@ impl BlobStore {
                 source: Box::new(source),
             })?
             .with_automatic_cleanup(true);
-        Ok(Self::from_parts(Arc::new(fs), String::new(), url))
+        let mut store = Self::from_parts(Arc::new(fs), String::new(), url);
+        store.local = Some(Arc::from(dir));
+        Ok(store)
     }
 
     /// A fresh, empty in-memory store.
@@ -184,6 +190,17 @@ impl BlobStore {
 
     /// Put bytes already known to hash to `digest`.
     async fn put_named(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        if self.local.is_some() {
+            // A local file is named only after its bytes are on disk: staged, synced,
+            // then renamed into place (see `promote`).
+            let size = data.len() as u64;
+            let staging = self.staging_path();
+            self.store
+                .put(&staging, PutPayload::from_bytes(data))
+                .await
+                .map_err(self.fail(format_args!("writing {digest}")))?;
+            return self.promote(&staging, digest, size).await;
+        }
         let path = self.blob_path(digest);
         let payload = PutPayload::from_bytes(data);
         match self
@@ -242,7 +259,29 @@ impl BlobStore {
             hasher: Some(Hasher::new()),
             expected: digest.clone(),
             url: self.label.clone(),
+            store: self.store.clone(),
+            path: self.blob_path(digest),
+            removing: None,
         })
+    }
+
+    /// Read the whole blob to check its digest; a corrupt one is removed (so that an
+    /// upload of the right bytes can take its place). Whether it was sound; `false`
+    /// also when it does not exist.
+    pub async fn verify(&self, digest: &Digest) -> Result<bool> {
+        let mut s = match self.get(digest).await {
+            Ok(s) => s,
+            Err(Error::BlobNotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        while let Some(chunk) = s.next().await {
+            match chunk {
+                Ok(_) => {}
+                Err(Error::DigestMismatch { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// Read a whole (small) blob into memory, verified.
@@ -294,12 +333,89 @@ impl BlobStore {
         self.path(&format!("{STAGING_DIR}/{a:016x}{b:016x}"))
     }
 
-    /// Give a completely uploaded, verified staging object its digest name.
-    async fn promote(&self, staging: &Path, digest: &Digest) -> Result<()> {
+    /// The local file of an object of a `file://` store.
+    fn local_file(&self, path: &Path) -> Option<std::path::PathBuf> {
+        self.local.as_ref().map(|dir| dir.join(path.as_ref()))
+    }
+
+    /// Make a local file's bytes durable (`fsync`); nothing for other stores.
+    async fn sync_file(&self, path: &Path) -> Result<()> {
+        let Some(file) = self.local_file(path) else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&file)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| Error::Io {
+                    context: format!("syncing {}", file.display()),
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| Error::Io {
+            context: "syncing a blob".into(),
+            source: io::Error::other(e),
+        })?
+    }
+
+    /// Make a local blob's name durable: `fsync` its directory and that one's parent
+    /// (which holds it when it was just created); nothing for other stores.
+    async fn sync_dirs(&self, path: &Path) -> Result<()> {
+        let Some(file) = self.local_file(path) else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            for dir in file.ancestors().skip(1).take(2) {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|source| Error::Io {
+                        context: format!("syncing directory {}", dir.display()),
+                        source,
+                    })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Io {
+            context: "syncing a blob's directory".into(),
+            source: io::Error::other(e),
+        })?
+    }
+
+    /// Give a completely uploaded, verified staging object of `size` bytes its digest
+    /// name. A blob already there is kept, unless its size shows it is torn (a write cut
+    /// short, by a crash before this store synced its writes): then it is replaced.
+    async fn promote(&self, staging: &Path, digest: &Digest, size: u64) -> Result<()> {
         let target = self.blob_path(digest);
+        if let Err(e) = self.sync_file(staging).await {
+            self.delete_quietly(staging).await;
+            return Err(e);
+        }
         match self.store.rename_if_not_exists(staging, &target).await {
-            Ok(()) => Ok(()),
+            Ok(()) => self.sync_dirs(&target).await,
             Err(object_store::Error::AlreadyExists { .. }) => {
+                match self.size(digest).await {
+                    Ok(Some(existing)) if existing != size => {
+                        warn!(
+                            store = %self.label,
+                            %digest,
+                            existing,
+                            size,
+                            "stored blob is torn (wrong size): replacing it"
+                        );
+                        let res = self
+                            .store
+                            .rename(staging, &target)
+                            .await
+                            .map_err(self.fail(format_args!("replacing torn blob {digest}")));
+                        if res.is_err() {
+                            self.delete_quietly(staging).await;
+                        }
+                        res?;
+                        return self.sync_dirs(&target).await;
+                    }
+                    _ => {}
+                }
                 debug!(%digest, "blob already present");
                 self.delete_quietly(staging).await;
                 Ok(())
@@ -345,6 +461,10 @@ pub struct BlobStream {
     hasher: Option<Hasher>,
     expected: Digest,
     url: Arc<str>,
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    /// A corrupt blob being removed, and the error to give once it is.
+    removing: Option<(futures::future::BoxFuture<'static, ()>, Error)>,
 }
 
 impl Stream for BlobStream {
@@ -352,6 +472,12 @@ impl Stream for BlobStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some((removal, _)) = this.removing.as_mut() {
+            return match removal.as_mut().poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => Poll::Ready(this.removing.take().map(|(_, e)| Err(e))),
+            };
+        }
         if this.hasher.is_none() {
             return Poll::Ready(None);
         }
@@ -380,12 +506,29 @@ impl Stream for BlobStream {
                         store = %this.url,
                         expected = %this.expected,
                         %actual,
-                        "stored blob is corrupt: its content does not hash to its name"
+                        "stored blob is corrupt: its content does not hash to its name; \
+                         removing it so that an upload can replace it"
                     );
-                    Poll::Ready(Some(Err(Error::DigestMismatch {
-                        expected: this.expected.clone(),
-                        actual,
-                    })))
+                    // Content is named by its digest, so these bytes are wrong whoever
+                    // reads them: remove them (before the error is given), and the next
+                    // upload of the blob heals the store.
+                    let (store, path, url) =
+                        (this.store.clone(), this.path.clone(), this.url.clone());
+                    let removal = async move {
+                        match store.delete(&path).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => warn!(store = %url, %path, error = %e,
+                                "could not remove a corrupt blob"),
+                        }
+                    };
+                    this.removing = Some((
+                        Box::pin(removal),
+                        Error::DigestMismatch {
+                            expected: this.expected.clone(),
+                            actual,
+                        },
+                    ));
+                    self.poll_next(cx)
                 }
             }
         }
@@ -529,7 +672,7 @@ impl BlobWriter {
                 up.finish()
                     .await
                     .map_err(store.fail(format_args!("completing the upload of {digest}")))?;
-                store.promote(&staging, &digest).await?;
+                store.promote(&staging, &digest, size).await?;
             }
         }
         Ok(BlobInfo { digest, size })
@@ -593,23 +736,68 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn create_only_never_overwrites() {
+    async fn create_only_never_overwrites_and_a_corrupt_blob_read_is_removed() {
         for (store, _dir) in stores().await {
             let d = data(100, 2);
             let digest = Digest::of(&d);
-            // Plant different bytes under the digest name, then "put" the real content:
-            // the existing object is kept (create-only), and reading detects corruption.
+            // Plant different bytes of the right size under the digest name, then "put"
+            // the real content: the existing object is kept (create-only)...
+            let evil = Bytes::from(vec![b'e'; 100]);
             store
                 .object_store()
-                .put(
-                    &store.blob_path(&digest),
-                    Bytes::from_static(b"evil").into(),
-                )
+                .put(&store.blob_path(&digest), evil.into())
                 .await
                 .unwrap();
             store.put(d.clone()).await.unwrap();
+            // ...reading detects the corruption and removes the blob...
             let err = store.get_bytes(&digest).await.unwrap_err();
             assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+            assert!(!store.exists(&digest).await.unwrap());
+            // ...so the next put heals it.
+            store.put(d.clone()).await.unwrap();
+            assert_eq!(store.get_bytes(&digest).await.unwrap(), d);
+            assert!(store.verify(&digest).await.unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_torn_local_blob_fails_its_read_is_removed_and_a_reupload_heals_it() {
+        for size in [1000, 2 * PART_SIZE + 17] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("store");
+            let store = BlobStore::from_url(&format!("file://{}", root.display())).unwrap();
+            let d = data(size, 9);
+            let digest = Digest::of(&d);
+            let file = root.join(digest.blob_path());
+            // A write cut short by a power loss: the name exists, the bytes do not.
+            let torn = || {
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                std::fs::write(&file, &d[..size / 3]).unwrap();
+            };
+            torn();
+            let err = store.get_bytes(&digest).await.unwrap_err();
+            assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+            assert!(!file.exists(), "the torn blob is removed on read");
+            // Torn again; an upload of the right bytes (one put, or a streamed
+            // multipart write) replaces it: its size shows it is torn.
+            torn();
+            if size < PART_SIZE {
+                store.put(d.clone()).await.unwrap();
+            } else {
+                let mut w = store.writer();
+                w.write(d.clone()).await.unwrap();
+                w.finish_expecting(&digest).await.unwrap();
+            }
+            assert_eq!(store.get_bytes(&digest).await.unwrap(), d);
+            // verify() reads the whole blob, and removes a corrupt one.
+            assert!(store.verify(&digest).await.unwrap());
+            torn();
+            assert!(!store.verify(&digest).await.unwrap());
+            assert!(!file.exists());
+            // No staging debris.
+            let staging = root.join(STAGING_DIR);
+            let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+            assert_eq!(left, 0);
         }
     }
 
@@ -629,22 +817,28 @@ mod tests {
             // Corrupt one byte in place.
             let mut bad = d.to_vec();
             bad[PART_SIZE + 7] ^= 0xff;
-            match &dir {
-                Some(dir) => {
-                    let p = dir.path().join("store").join(digest.blob_path());
-                    std::fs::write(&p, &bad).unwrap();
+            let corrupt = || async {
+                match &dir {
+                    Some(dir) => {
+                        let p = dir.path().join("store").join(digest.blob_path());
+                        // (Removing the blob may have removed its empty directory.)
+                        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                        std::fs::write(&p, &bad).unwrap();
+                    }
+                    None => {
+                        store
+                            .object_store()
+                            .put(&store.blob_path(&digest), Bytes::from(bad.clone()).into())
+                            .await
+                            .unwrap();
+                    }
                 }
-                None => {
-                    store
-                        .object_store()
-                        .put(&store.blob_path(&digest), Bytes::from(bad).into())
-                        .await
-                        .unwrap();
-                }
-            }
+            };
+            corrupt().await;
             let err = store.get_bytes(&digest).await.unwrap_err();
             assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
             // The blocking reader reports it as InvalidData.
+            corrupt().await;
             let mut r = store.reader(&digest).await.unwrap();
             let res = tokio::task::spawn_blocking(move || {
                 let mut v = Vec::new();

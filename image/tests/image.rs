@@ -1408,3 +1408,148 @@ fn external_tools_accept(dir: &Path, tag: &str, arch: &str, oci_image_tool: bool
         eprintln!("SKIPPED: umoci not installed");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// extraction limits
+// ---------------------------------------------------------------------------------------
+
+fn gzip(raw: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(raw).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Write `n` as the NUL-terminated octal number of a 12-byte tar field.
+fn octal12(field: &mut [u8; 12], n: u64) {
+    let s = format!("{n:011o}\0");
+    field.copy_from_slice(s.as_bytes());
+}
+
+/// A `.tar.gz` holding one GNU sparse file `big` of `logical` bytes that is all hole: its
+/// header lists no data, only a zero-length block at the end.
+fn sparse_bomb(logical: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_path("big").unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_size(0); // bytes stored in the archive
+    {
+        let gnu = h.as_gnu_mut().unwrap();
+        octal12(&mut gnu.realsize, logical);
+        octal12(&mut gnu.sparse[0].offset, logical);
+        octal12(&mut gnu.sparse[0].numbytes, 0);
+    }
+    h.set_cksum();
+    let mut raw = h.as_bytes().to_vec();
+    raw.extend_from_slice(&[0u8; 1024]); // end of archive
+    gzip(&raw)
+}
+
+fn limited(max_bytes: u64, max_entries: u64) -> ApplyOptions {
+    ApplyOptions {
+        max_bytes,
+        max_entries,
+        ..apply_opts()
+    }
+}
+
+#[test]
+fn a_sparse_bomb_is_refused_at_its_logical_size_before_anything_is_written() {
+    let bomb = sparse_bomb(1 << 30);
+    assert!(bomb.len() < 200, "{} bytes", bomb.len());
+    let dir = tempfile::tempdir().unwrap();
+    let err = apply_layer(&bomb[..], dir.path(), &limited(512 << 20, 1000)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: 536870912,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("sparse files at their full size") && msg.contains("536870912"),
+        "{msg}"
+    );
+    assert!(!dir.path().join("big").exists(), "nothing was written");
+}
+
+#[test]
+fn a_sparse_file_within_the_limits_stays_a_hole() {
+    // With the default limits (64 GiB) the 1 GiB file is extracted, but its zeros are
+    // not written: the disk holds next to nothing.
+    let bomb = sparse_bomb(1 << 30);
+    let dir = tempfile::tempdir().unwrap();
+    apply_layer(&bomb[..], dir.path(), &apply_opts()).unwrap();
+    let meta = fs::metadata(dir.path().join("big")).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+}
+
+#[test]
+fn too_many_entries_are_refused() {
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..1001 {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("f{i}"), &[][..]).unwrap();
+    }
+    let layer = gzip(&b.into_inner().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let err = apply_layer(&layer[..], dir.path(), &limited(1 << 30, 1000)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                what: "number of entries",
+                limit: 1000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(dir.path().join("f999").exists());
+    assert!(!dir.path().join("f1000").exists());
+    // At the limit it applies.
+    let dir = tempfile::tempdir().unwrap();
+    apply_layer(&layer[..], dir.path(), &limited(1 << 30, 1001)).unwrap();
+}
+
+#[test]
+fn an_uncompressed_stream_over_the_limit_is_refused() {
+    // A 4 MiB GNU long name: the tar reader buffers it before any entry is seen, so only
+    // the stream's own limit stops it.
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_path("././@LongLink").unwrap();
+    let name = vec![b'a'; 4 << 20];
+    h.set_size(name.len() as u64);
+    h.set_cksum();
+    let mut raw = h.as_bytes().to_vec();
+    raw.extend_from_slice(&name);
+    raw.extend_from_slice(&[0u8; 1024]);
+    let layer = gzip(&raw);
+    let dir = tempfile::tempdir().unwrap();
+    let err = apply_layer(&layer[..], dir.path(), &limited(1 << 20, 1000)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                what: "uncompressed size",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

@@ -65,8 +65,12 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, Clone, Default)]
 pub struct SourceMap {
     original: String,
-    /// (start in substituted text, end in substituted text, start in original, end in original)
+    /// (start in substituted text, end in substituted text, start in original, end in original),
+    /// in increasing order.
     replacements: Vec<(usize, usize, usize, usize)>,
+    /// Byte offsets where the original's lines start: built on the first lookup, one entry
+    /// per line.
+    lines: std::sync::OnceLock<Vec<usize>>,
 }
 
 impl SourceMap {
@@ -74,6 +78,7 @@ impl SourceMap {
         SourceMap {
             original,
             replacements: Vec::new(),
+            lines: std::sync::OnceLock::new(),
         }
     }
 
@@ -88,24 +93,37 @@ impl SourceMap {
 
     /// Position of a byte offset into the original text.
     pub fn pos_original(&self, offset: usize) -> Pos {
-        pos_in(&self.original, offset)
+        let text = &self.original;
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let lines = self.lines.get_or_init(|| {
+            std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        // The last line start at or before the offset (lines[0] is 0, so there is one).
+        let line = lines.partition_point(|&start| start <= offset);
+        let line_start = lines[line - 1];
+        let col = text[line_start..offset].chars().count() + 1;
+        Pos { line, col }
     }
 
     /// Position in the original text of a byte offset into the substituted text. Offsets
     /// inside a substituted value map to the start of its `${{...}}`.
     pub fn pos(&self, substituted_offset: usize) -> Pos {
-        let mut delta: isize = 0;
-        for &(ns, ne, os, oe) in &self.replacements {
-            if substituted_offset < ns {
-                break;
-            }
-            if substituted_offset < ne {
-                return pos_in(&self.original, os);
-            }
-            delta = oe as isize - ne as isize;
-        }
+        // The replacements that start at or before the offset; the last of them decides.
+        let before = self
+            .replacements
+            .partition_point(|&(ns, ..)| ns <= substituted_offset);
+        let delta: isize = match before.checked_sub(1).map(|i| self.replacements[i]) {
+            None => 0,
+            Some((_, ne, os, _)) if substituted_offset < ne => return self.pos_original(os),
+            Some((_, ne, _, oe)) => oe as isize - ne as isize,
+        };
         let orig = (substituted_offset as isize + delta).max(0) as usize;
-        pos_in(&self.original, orig.min(self.original.len()))
+        self.pos_original(orig.min(self.original.len()))
     }
 }
 
@@ -180,6 +198,15 @@ mod tests {
         // inside the value -> the placeholder's start
         assert_eq!(map.pos(8), Pos { line: 1, col: 4 });
         assert_eq!(map.pos(0), Pos { line: 1, col: 1 });
+    }
+
+    #[test]
+    fn line_index_agrees_with_a_scan() {
+        let text = "a: 1\né: ü\n\n  x: y\nlast";
+        let map = SourceMap::new(text.to_string());
+        for offset in 0..=text.len() + 2 {
+            assert_eq!(map.pos_original(offset), pos_in(text, offset), "{offset}");
+        }
     }
 
     #[test]

@@ -33,13 +33,13 @@ pub use diag::{Diagnostic, Pos, Severity};
 pub use inputs::{
     InputKind, LocalInput, common_ancestor, common_dir, is_url, local_inputs, url_of, url_or_path,
 };
-pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize};
+pub use load::{FileSource, LoadedFile, LocalFiles, PlanError, normalize, too_large};
 pub use model::{
     Base, Bind, BindAccess, DEFAULT_PASSTHROUGH, DEFAULT_PATH, Import, Layer, LayerSandbox,
     Network, OverlayDir, Passthrough, Source,
 };
 pub use oci::{oci_url_parts, split_oci_url};
-pub use plan::{Plan, PlanOptions, PlannedLayer};
+pub use plan::{DEFAULT_MAX_STACKERFILE_SIZE, Plan, PlanOptions, PlannedLayer};
 pub use subst::{SubstitutionInputError, Substitutions};
 
 /// Built-in substitution names stacker defines; farm gives them values for its layout.

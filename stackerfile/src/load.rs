@@ -14,6 +14,16 @@ use crate::yaml;
 /// coordinator can supply files from elsewhere (uploaded, fetched over http).
 pub trait FileSource {
     fn read(&self, path: &Path) -> std::io::Result<String>;
+    /// Read a file of at most `limit` bytes; a larger one is an error of kind
+    /// [`std::io::ErrorKind::FileTooLarge`]. Sources that can tell the size before
+    /// reading (the local filesystem) should, so that a huge file is never read.
+    fn read_limited(&self, path: &Path, limit: u64) -> std::io::Result<String> {
+        let text = self.read(path)?;
+        if text.len() as u64 > limit {
+            return Err(too_large(text.len() as u64, limit));
+        }
+        Ok(text)
+    }
     /// A stable identity for a path (to find the same file reached by two routes).
     fn identity(&self, path: &Path) -> PathBuf {
         normalize(path)
@@ -28,9 +38,41 @@ impl FileSource for LocalFiles {
     fn read(&self, path: &Path) -> std::io::Result<String> {
         std::fs::read_to_string(path)
     }
+    fn read_limited(&self, path: &Path, limit: u64) -> std::io::Result<String> {
+        use std::io::Read;
+        let file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        if size > limit {
+            return Err(too_large(size, limit));
+        }
+        // The file may grow while it is read: never take more than the limit and a byte.
+        let mut text = String::with_capacity(size as usize);
+        file.take(limit.saturating_add(1))
+            .read_to_string(&mut text)?;
+        if text.len() as u64 > limit {
+            return Err(too_large(text.len() as u64, limit));
+        }
+        Ok(text)
+    }
     fn identity(&self, path: &Path) -> PathBuf {
         std::fs::canonicalize(path).unwrap_or_else(|_| normalize(path))
     }
+}
+
+/// The error [`FileSource::read_limited`] gives for a file over the limit.
+pub fn too_large(size: u64, limit: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::FileTooLarge,
+        format!(
+            "{} is over the stackerfile size limit of {}",
+            human_size(size),
+            human_size(limit)
+        ),
+    )
+}
+
+fn human_size(n: u64) -> String {
+    crate::yaml::human_bytes(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// One loaded stackerfile.
@@ -72,6 +114,12 @@ fn render(diags: &[Diagnostic]) -> String {
         .join("\n")
 }
 
+/// A limit to suggest: the next power of two over four times the current one, in MiB.
+fn suggest_limit(current: u64) -> String {
+    let mib = (current.saturating_mul(4) >> 20).max(1).next_power_of_two();
+    format!("{mib}M")
+}
+
 /// Lexically normalise a path (`a/./b/../c` -> `a/c`) without touching the filesystem.
 pub fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
@@ -98,6 +146,7 @@ pub fn normalize(path: &Path) -> PathBuf {
 struct Loader<'s> {
     source: &'s dyn FileSource,
     subs: &'s Substitutions,
+    max_file_size: u64,
     loaded: Loaded,
     errors: Vec<Diagnostic>,
     /// identity -> index in loaded.files (once finished)
@@ -110,9 +159,10 @@ struct Loader<'s> {
 pub fn load(
     entry: &Path,
     subs: &Substitutions,
+    max_file_size: u64,
     source: &dyn FileSource,
 ) -> Result<Loaded, PlanError> {
-    load_many(&[entry.to_path_buf()], subs, source)
+    load_many(&[entry.to_path_buf()], subs, max_file_size, source)
 }
 
 /// Load several stackerfiles (and their prerequisites) together, as one set of layers
@@ -120,11 +170,13 @@ pub fn load(
 pub fn load_many(
     entries: &[PathBuf],
     subs: &Substitutions,
+    max_file_size: u64,
     source: &dyn FileSource,
 ) -> Result<Loaded, PlanError> {
     let mut loader = Loader {
         source,
         subs,
+        max_file_size,
         loaded: Loaded::default(),
         errors: Vec::new(),
         done: HashMap::new(),
@@ -173,8 +225,28 @@ impl Loader<'_> {
             });
             return None;
         }
-        let text = match self.source.read(path) {
+        let text = match self.source.read_limited(path, self.max_file_size) {
             Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                let (file, pos, what) = match named_by {
+                    Some((f, p)) => (f.to_path_buf(), p, "prerequisite "),
+                    None => (display.clone(), Pos::default(), ""),
+                };
+                self.errors.push(Diagnostic {
+                    severity: Severity::Error,
+                    file,
+                    pos,
+                    layer: None,
+                    message: format!("{what}stackerfile {}: {e}", display.display()),
+                    help: Some(format!(
+                        "a stackerfile this large is likely a mistake; if it is not, raise the \
+                         limit with --max-stackerfile-size {} on farm plan, build and submit \
+                         (a coordinator has its own: farm coordinator --max-stackerfile-size)",
+                        suggest_limit(self.max_file_size)
+                    )),
+                });
+                return None;
+            }
             Err(e) => {
                 let (file, pos, what) = match named_by {
                     Some((f, p)) => (f.to_path_buf(), p, "prerequisite "),
@@ -202,7 +274,7 @@ impl Loader<'_> {
         };
         self.stack.push((id.clone(), display.clone()));
 
-        let (substituted, map, problems) = substitute(&text, self.subs);
+        let (substituted, map, problems) = substitute(text, self.subs);
         let mut diags = Vec::new();
         for p in problems {
             diags.push(Diagnostic {
@@ -267,14 +339,9 @@ impl Loader<'_> {
         let root = match yaml::parse(text) {
             Ok(r) => r,
             Err(e) => {
-                let help = e.related.map(|r| {
+                let help = e.related.map(|(r, words)| {
                     let p = map.pos(r);
-                    format!(
-                        "the first one is at {}:{}:{}",
-                        display.display(),
-                        p.line,
-                        p.col
-                    )
+                    format!("{words} {}:{}:{}", display.display(), p.line, p.col)
                 });
                 diags.push(Diagnostic {
                     severity: Severity::Error,

@@ -12,10 +12,35 @@ use crate::load::{FileSource, LoadedFile, PlanError};
 use crate::model::{Base, Layer};
 use crate::subst::Substitutions;
 
+/// The default of [`PlanOptions::max_file_size`]: 1 MiB.
+pub const DEFAULT_MAX_STACKERFILE_SIZE: u64 = 1 << 20;
+
 /// What a plan needs besides the files.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PlanOptions {
     pub substitutions: Substitutions,
+    /// The largest stackerfile (each file, before substitution) read, in bytes
+    /// (`--max-stackerfile-size`).
+    pub max_file_size: u64,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            substitutions: Substitutions::default(),
+            max_file_size: DEFAULT_MAX_STACKERFILE_SIZE,
+        }
+    }
+}
+
+impl PlanOptions {
+    /// Options with these substitutions and the default limits.
+    pub fn new(substitutions: Substitutions) -> Self {
+        PlanOptions {
+            substitutions,
+            ..Default::default()
+        }
+    }
 }
 
 /// A layer in the plan.
@@ -59,7 +84,12 @@ impl Plan {
         options: &PlanOptions,
         source: &dyn FileSource,
     ) -> Result<Plan, PlanError> {
-        let loaded = crate::load::load_many(entries, &options.substitutions, source)?;
+        let loaded = crate::load::load_many(
+            entries,
+            &options.substitutions,
+            options.max_file_size,
+            source,
+        )?;
         let files = loaded.files;
         let warnings = loaded.warnings;
         let layers = loaded.layers;

@@ -107,12 +107,16 @@ pub(crate) struct SubstProblem {
 
 /// Substitute `text`. Returns the new text, a map back to the original, and problems
 /// (errors and warnings).
+/// The text is moved into the map, not copied: a large file is held twice (as written
+/// and substituted), not three times.
 pub(crate) fn substitute(
-    text: &str,
+    text: impl Into<String>,
     subs: &Substitutions,
 ) -> (String, SourceMap, Vec<SubstProblem>) {
+    let original: String = text.into();
+    let text = original.as_str();
     let mut out = String::with_capacity(text.len());
-    let mut map = SourceMap::new(text.to_string());
+    let mut replacements = Vec::new();
     let mut problems = Vec::new();
     let mut rest = 0;
     while let Some(found) = text[rest..].find("${{") {
@@ -164,11 +168,15 @@ pub(crate) fn substitute(
         let value = value.unwrap_or(&text[start..end]);
         let new_start = out.len();
         out.push_str(value);
-        map.push_replacement((new_start, out.len()), (start, end));
+        replacements.push(((new_start, out.len()), (start, end)));
         rest = end;
     }
     out.push_str(&text[rest..]);
     problems.extend(shell_style_warnings(text, subs));
+    let mut map = SourceMap::new(original);
+    for (new, orig) in replacements {
+        map.push_replacement(new, orig);
+    }
     (out, map, problems)
 }
 

@@ -6,6 +6,8 @@
 //! node keeps its position and, for scalars, the raw text and style, which also lets us
 //! read `mode: 0755` as octal the way stacker's YAML 1.1 parser does.
 
+use std::collections::HashMap;
+
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
@@ -37,9 +39,20 @@ pub(crate) struct Node {
 pub(crate) struct SyntaxError {
     pub at: Offset,
     pub message: String,
-    /// Another place the error concerns (the first of two duplicate keys).
-    pub related: Option<Offset>,
+    /// Another place the error concerns (the first of two duplicate keys, the anchor an
+    /// alias names), with the words that introduce it ("the first one is at").
+    pub related: Option<(Offset, &'static str)>,
 }
+
+/// How much YAML the aliases of one document may copy, in total, measured as the
+/// approximate memory of the copied nodes ([`NODE_COST`] per node plus the text of its
+/// scalars). Real stackerfiles reuse a script or a list through an anchor a few times,
+/// far below this; an alias bomb (each level repeating the one before) passes it after
+/// a few levels, and is refused there instead of taking the parser's memory with it.
+pub(crate) const ALIAS_BUDGET: usize = 16 << 20;
+
+/// What one node counts against [`ALIAS_BUDGET`] besides its text.
+const NODE_COST: usize = std::mem::size_of::<Node>() + 16;
 
 impl Node {
     pub(crate) fn scalar(&self) -> Option<&str> {
@@ -78,21 +91,46 @@ impl Node {
 
 /// Parse one YAML document. An empty stream gives `None`.
 pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
-    let mut builder = Builder::default();
+    parse_with_budget(text, ALIAS_BUDGET)
+}
+
+/// [`parse`] with an alias budget (tests use small ones).
+pub(crate) fn parse_with_budget(
+    text: &str,
+    alias_budget: usize,
+) -> Result<Option<Node>, SyntaxError> {
+    let mut builder = Builder {
+        offsets: CharOffsets::new(text),
+        alias_budget,
+        text,
+        stack: Vec::new(),
+        documents: Vec::new(),
+        anchors: HashMap::new(),
+        error: None,
+        second_document_at: 0,
+        aliased: 0,
+    };
     let mut parser = Parser::new_from_str(text);
-    // Byte offsets: yaml-rust2's markers count characters, so convert once.
-    let char_to_byte: Vec<usize> = text
-        .char_indices()
-        .map(|(b, _)| b)
-        .chain(std::iter::once(text.len()))
-        .collect();
-    builder.char_to_byte = char_to_byte;
-    if let Err(e) = parser.load(&mut builder, true) {
-        return Err(SyntaxError {
-            at: builder.byte(e.marker().index()),
-            message: e.info().to_string(),
-            related: None,
-        });
+    // Events one at a time (not `Parser::load`), so that the first error stops the work:
+    // after an alias bomb is refused nothing more is built.
+    loop {
+        let (ev, mark) = match parser.next_token() {
+            Ok(next) => next,
+            Err(e) => {
+                return Err(SyntaxError {
+                    at: builder.offsets.byte(e.marker().index()),
+                    message: e.info().to_string(),
+                    related: None,
+                });
+            }
+        };
+        if ev == Event::StreamEnd {
+            break;
+        }
+        builder.on_event(ev, mark);
+        if builder.error.is_some() {
+            break;
+        }
     }
     if let Some(err) = builder.error {
         return Err(err);
@@ -106,17 +144,60 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
             related: None,
         });
     }
-    Ok(builder.documents.pop())
+    Ok(builder.documents.pop().map(|(node, _)| node))
 }
 
-#[derive(Default)]
-struct Builder {
+/// Turns yaml-rust2's character indexes into byte offsets without an entry per
+/// character: ASCII text needs no table, other text keeps the byte offset of every
+/// [`CharOffsets::STRIDE`]th character and walks the few characters after it.
+struct CharOffsets<'t> {
+    text: &'t str,
+    /// Byte offset of character `i * STRIDE`; empty for ASCII text.
+    every: Vec<usize>,
+}
+
+impl<'t> CharOffsets<'t> {
+    const STRIDE: usize = 256;
+
+    fn new(text: &'t str) -> Self {
+        let every = if text.is_ascii() {
+            Vec::new()
+        } else {
+            text.char_indices()
+                .step_by(Self::STRIDE)
+                .map(|(b, _)| b)
+                .collect()
+        };
+        CharOffsets { text, every }
+    }
+
+    fn byte(&self, char_index: usize) -> Offset {
+        if self.every.is_empty() {
+            return char_index.min(self.text.len());
+        }
+        let slot = (char_index / Self::STRIDE).min(self.every.len() - 1);
+        let start = self.every[slot];
+        let skip = char_index - slot * Self::STRIDE;
+        self.text[start..]
+            .char_indices()
+            .nth(skip)
+            .map_or(self.text.len(), |(b, _)| start + b)
+    }
+}
+
+struct Builder<'t> {
+    text: &'t str,
+    offsets: CharOffsets<'t>,
     stack: Vec<Frame>,
-    documents: Vec<Node>,
-    anchors: std::collections::HashMap<usize, Node>,
+    /// Finished top-level nodes with their costs.
+    documents: Vec<(Node, usize)>,
+    /// Anchor id -> the anchored node and its cost.
+    anchors: HashMap<usize, (Node, usize)>,
     error: Option<SyntaxError>,
     second_document_at: Offset,
-    char_to_byte: Vec<usize>,
+    /// What aliases copied so far, against `alias_budget`.
+    aliased: usize,
+    alias_budget: usize,
 }
 
 enum Frame {
@@ -124,57 +205,118 @@ enum Frame {
         at: Offset,
         anchor: usize,
         items: Vec<Node>,
+        cost: usize,
     },
     Map {
         at: Offset,
         anchor: usize,
         entries: Vec<(Node, Node)>,
         pending_key: Option<Node>,
+        cost: usize,
     },
 }
 
-impl Builder {
-    fn byte(&self, char_index: usize) -> Offset {
-        self.char_to_byte
-            .get(char_index)
-            .copied()
-            .unwrap_or_else(|| self.char_to_byte.last().copied().unwrap_or(0))
-    }
-
-    fn push_node(&mut self, node: Node) {
+impl Builder<'_> {
+    /// Add a finished node (costing `cost`) to the collection being built.
+    fn push_node(&mut self, node: Node, cost: usize) {
         match self.stack.last_mut() {
             None => {
                 if self.documents.len() == 1 {
                     self.second_document_at = node.at;
                 }
-                self.documents.push(node);
+                self.documents.push((node, cost));
             }
-            Some(Frame::Seq { items, .. }) => items.push(node),
+            Some(Frame::Seq {
+                items, cost: total, ..
+            }) => {
+                *total = total.saturating_add(cost);
+                items.push(node)
+            }
             Some(Frame::Map {
                 entries,
                 pending_key,
+                cost: total,
                 ..
-            }) => match pending_key.take() {
-                None => *pending_key = Some(node),
-                Some(key) => entries.push((key, node)),
-            },
+            }) => {
+                *total = total.saturating_add(cost);
+                match pending_key.take() {
+                    None => *pending_key = Some(node),
+                    Some(key) => entries.push((key, node)),
+                }
+            }
         }
     }
 
-    fn fail(&mut self, at: Offset, message: String) {
+    fn fail(&mut self, at: Offset, message: String, related: Option<(Offset, &'static str)>) {
         if self.error.is_none() {
             self.error = Some(SyntaxError {
                 at,
                 message,
-                related: None,
+                related,
             });
         }
     }
+
+    /// The name an alias at `at` is written with (`*name`).
+    fn alias_name(&self, at: Offset) -> &str {
+        let rest = self.text.get(at..).unwrap_or("");
+        let rest = rest.strip_prefix('*').unwrap_or(rest);
+        let end = rest
+            .find(|c: char| c.is_whitespace() || ",[]{}".contains(c))
+            .unwrap_or(rest.len());
+        &rest[..end]
+    }
+
+    fn alias(&mut self, id: usize, at: Offset) {
+        let Some((node, cost)) = self.anchors.get(&id) else {
+            self.fail(at, "alias to an unknown anchor".to_string(), None);
+            return;
+        };
+        let cost = *cost;
+        self.aliased = self.aliased.saturating_add(cost);
+        if self.aliased > self.alias_budget {
+            let anchor_at = node.at;
+            let name = self.alias_name(at).to_string();
+            self.fail(
+                at,
+                format!(
+                    "alias '*{name}' makes the aliases of this file copy more than {} of \
+                     YAML (anchor '&{name}' holds about {}, copied again at every alias); \
+                     this looks like an alias bomb, so the file is refused",
+                    human_bytes(self.alias_budget),
+                    human_bytes(cost),
+                ),
+                Some((anchor_at, "the anchor is at")),
+            );
+            return;
+        }
+        let mut node = node.clone();
+        node.at = at;
+        self.push_node(node, cost);
+    }
 }
 
-impl MarkedEventReceiver for Builder {
+/// `1536` -> `1.5 KiB`.
+pub(crate) fn human_bytes(n: usize) -> String {
+    const UNITS: [&str; 4] = ["bytes", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else if v.fract() == 0.0 {
+        format!("{v} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+impl MarkedEventReceiver for Builder<'_> {
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let at = self.byte(mark.index());
+        let at = self.offsets.byte(mark.index());
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let style = match style {
@@ -184,39 +326,49 @@ impl MarkedEventReceiver for Builder {
                     | TScalarStyle::DoubleQuoted => Style::Quoted,
                     TScalarStyle::Literal | TScalarStyle::Folded => Style::Block,
                 };
+                let cost = NODE_COST + text.len();
                 let node = Node {
                     kind: Kind::Scalar { text, style },
                     at,
                 };
                 if anchor > 0 {
-                    self.anchors.insert(anchor, node.clone());
+                    self.anchors.insert(anchor, (node.clone(), cost));
                 }
-                self.push_node(node);
+                self.push_node(node, cost);
             }
             Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq {
                 at,
                 anchor,
                 items: Vec::new(),
+                cost: NODE_COST,
             }),
             Event::MappingStart(anchor, _) => self.stack.push(Frame::Map {
                 at,
                 anchor,
                 entries: Vec::new(),
                 pending_key: None,
+                cost: NODE_COST,
             }),
             Event::SequenceEnd | Event::MappingEnd => {
-                let (node, anchor) = match self.stack.pop() {
-                    Some(Frame::Seq { at, anchor, items }) => (
+                let (node, anchor, cost) = match self.stack.pop() {
+                    Some(Frame::Seq {
+                        at,
+                        anchor,
+                        items,
+                        cost,
+                    }) => (
                         Node {
                             kind: Kind::Seq(items),
                             at,
                         },
                         anchor,
+                        cost,
                     ),
                     Some(Frame::Map {
                         at,
                         anchor,
                         entries,
+                        cost,
                         ..
                     }) => match merge_and_check(entries) {
                         // A block mapping's start marker sits after its first key; the key
@@ -227,6 +379,7 @@ impl MarkedEventReceiver for Builder {
                                 kind: Kind::Map(entries),
                             },
                             anchor,
+                            cost,
                         ),
                         Err(e) => {
                             if self.error.is_none() {
@@ -238,17 +391,11 @@ impl MarkedEventReceiver for Builder {
                     None => return,
                 };
                 if anchor > 0 {
-                    self.anchors.insert(anchor, node.clone());
+                    self.anchors.insert(anchor, (node.clone(), cost));
                 }
-                self.push_node(node);
+                self.push_node(node, cost);
             }
-            Event::Alias(id) => match self.anchors.get(&id).cloned() {
-                Some(mut node) => {
-                    node.at = at;
-                    self.push_node(node)
-                }
-                None => self.fail(at, "alias to an unknown anchor".to_string()),
-            },
+            Event::Alias(id) => self.alias(id, at),
             Event::Nothing
             | Event::StreamStart
             | Event::StreamEnd
@@ -260,9 +407,12 @@ impl MarkedEventReceiver for Builder {
 
 /// Apply `<<` merge keys (explicit keys win, earlier merged maps win over later ones, as in
 /// go-yaml) and reject duplicate keys, which YAML forbids and stacker's parser reports.
+/// Linear in the entries: keys seen are kept in a hash map.
 fn merge_and_check(entries: Vec<(Node, Node)>) -> Result<Vec<(Node, Node)>, SyntaxError> {
     let mut out: Vec<(Node, Node)> = Vec::with_capacity(entries.len());
     let mut merged: Vec<(Node, Node)> = Vec::new();
+    // Scalar key -> where it first appears.
+    let mut seen: HashMap<String, Offset> = HashMap::with_capacity(entries.len());
     for (key, value) in entries {
         if matches!(&key.kind, Kind::Scalar { text, style: Style::Plain } if text == "<<") {
             let sources: Vec<Node> = match value.kind {
@@ -290,24 +440,26 @@ fn merge_and_check(entries: Vec<(Node, Node)>) -> Result<Vec<(Node, Node)>, Synt
             }
             continue;
         }
-        if let Some(k) = key.scalar()
-            && let Some((first, _)) = out.iter().find(|(o, _)| o.scalar() == Some(k))
-        {
-            return Err(SyntaxError {
-                at: key.at,
-                message: format!("duplicate key '{k}' in one mapping"),
-                related: Some(first.at),
-            });
+        if let Some(k) = key.scalar() {
+            if let Some(&first) = seen.get(k) {
+                return Err(SyntaxError {
+                    at: key.at,
+                    message: format!("duplicate key '{k}' in one mapping"),
+                    related: Some((first, "the first one is at")),
+                });
+            }
+            seen.insert(k.to_string(), key.at);
         }
         out.push((key, value));
     }
     for (key, value) in merged {
-        let present = key
-            .scalar()
-            .is_some_and(|k| out.iter().any(|(o, _)| o.scalar() == Some(k)));
-        if !present {
-            out.push((key, value));
+        if let Some(k) = key.scalar() {
+            if seen.contains_key(k) {
+                continue;
+            }
+            seen.insert(k.to_string(), key.at);
         }
+        out.push((key, value));
     }
     Ok(out)
 }
@@ -383,6 +535,101 @@ mod tests {
         let text = "a:\n  - b\n c: [\n";
         let e = parse(text).unwrap_err();
         assert!(e.at > 0 && e.at <= text.len());
+    }
+
+    /// Nine levels of nine aliases to the level before: 9^9 scalars if expanded.
+    fn billion_laughs() -> String {
+        let names = "abcdefghi";
+        let mut text = String::from("a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n");
+        for (prev, name) in names.chars().zip(names.chars().skip(1)) {
+            let items = vec![format!("*{prev}"); 9].join(",");
+            text.push_str(&format!("{name}: &{name} [{items}]\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_naming_alias_and_anchor() {
+        let text = billion_laughs();
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("alias bomb"), "{}", e.message);
+        // The error sits on the alias that crossed the budget and names it and its anchor.
+        let alias = &text[e.at..];
+        let name = &alias[1..alias.find(',').unwrap()];
+        assert!(alias.starts_with('*'), "{alias:?}");
+        assert!(e.message.contains(&format!("'*{name}'")), "{}", e.message);
+        assert!(e.message.contains(&format!("'&{name}'")), "{}", e.message);
+        let (anchor_at, words) = e.related.expect("points at the anchor");
+        assert_eq!(words, "the anchor is at");
+        assert!(
+            text[..anchor_at].ends_with(&format!("&{name} ")),
+            "{anchor_at}"
+        );
+    }
+
+    #[test]
+    fn the_budget_counts_copied_nodes_and_text() {
+        // Each alias of a 3-item list costs four nodes and its text.
+        let one = NODE_COST * 4 + 3;
+        let text = "a: &a [x, y, z]\nb: [*a, *a, *a]\n";
+        assert!(parse_with_budget(text, 3 * one).is_ok());
+        let e = parse_with_budget(text, 3 * one - 1).unwrap_err();
+        assert_eq!(&text[e.at..e.at + 2], "*a");
+        assert_eq!(
+            e.at,
+            text.rfind("*a").unwrap(),
+            "the third alias crosses it"
+        );
+        // A long scalar copied a few times is as much a bomb as many small nodes.
+        let long = "x".repeat(1 << 20);
+        let text = format!("a: &s '{long}'\nb: [{}]\n", vec!["*s"; 20].join(", "));
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.message.contains("'&s' holds about 1.0 MiB"),
+            "{}",
+            e.message
+        );
+        // Within the budget, aliases still copy their node.
+        let n = root("a: &a [x, y]\nb: *a\n");
+        assert!(matches!(&n.get("b").unwrap().kind, Kind::Seq(items) if items.len() == 2));
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_among_many() {
+        // Linear: 200,000 keys would be 2e10 comparisons for a pairwise check.
+        let mut text = String::new();
+        for i in 0..200_000 {
+            text.push_str(&format!("k{i}: v\n"));
+        }
+        assert!(parse(&text).is_ok());
+        text.push_str("k123: again\n");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("duplicate key 'k123'"), "{}", e.message);
+        let (first, _) = e.related.unwrap();
+        assert!(text[first..].starts_with("k123: v\n"));
+        // A merged key never clashes with an explicit one, nor the second merged one
+        // with the first.
+        let n = root("a: &a {x: 1}\nb: &b {x: 2, y: 2}\nc:\n  <<: [*a, *b]\n  y: 3\n");
+        let c = n.get("c").unwrap();
+        assert_eq!(c.get("x").unwrap().scalar(), Some("1"));
+        assert_eq!(c.get("y").unwrap().scalar(), Some("3"));
+    }
+
+    #[test]
+    fn char_offsets_without_a_table_per_character() {
+        let text: String = (0..2000)
+            .map(|i| if i % 7 == 0 { 'é' } else { 'a' })
+            .collect();
+        let offsets = CharOffsets::new(&text);
+        assert!(offsets.every.len() <= 2000 / CharOffsets::STRIDE + 1);
+        for (i, (b, _)) in text.char_indices().enumerate() {
+            assert_eq!(offsets.byte(i), b, "char {i}");
+        }
+        assert_eq!(offsets.byte(2000), text.len());
+        assert_eq!(offsets.byte(5000), text.len());
+        let ascii = CharOffsets::new("plain");
+        assert!(ascii.every.is_empty());
+        assert_eq!(ascii.byte(3), 3);
     }
 
     #[test]

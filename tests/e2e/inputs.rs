@@ -125,14 +125,38 @@ fn a_submission_leaves_no_secret_and_no_setuid_bit_on_the_coordinator() {
         "stacker.yaml",
         format!(
             "{BASE}app:\n  from:\n    type: built\n    tag: base\n  imports:\n    - tool\n  \
-             run: ls -ln /stacker/imports/tool; echo \"token=[${{SECRET_TOKEN:-}}]\"\n"
+             run: ls -ln /stacker/imports/tool; echo \"token=[${{SECRET_TOKEN:-}}]\"; sleep 3\n"
         ),
     );
-    let run = r.client(
-        &["submit", "--json", "-o", "oci"],
-        &[("SECRET_TOKEN", secret), ("AWS_SECRET_ACCESS_KEY", secret)],
-    );
+    // The materialised context lives only while its build does: look at it meanwhile
+    // (the run's sleep keeps the build alive).
+    let contexts = r.t.state.join("contexts");
+    let (run, materialised) = std::thread::scope(|s| {
+        let submit = s.spawn(|| {
+            r.client(
+                &["submit", "--json", "-o", "oci"],
+                &[("SECRET_TOKEN", secret), ("AWS_SECRET_ACCESS_KEY", secret)],
+            )
+        });
+        let mut seen: Vec<(PathBuf, u32)> = Vec::new();
+        while seen.is_empty() && !submit.is_finished() {
+            seen = files_below(&contexts)
+                .into_iter()
+                .filter(|f| f.ends_with("tool"))
+                .filter_map(|f| Some((f.clone(), std::fs::metadata(&f).ok()?.mode() & 0o7777)))
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        (submit.join().unwrap(), seen)
+    });
     run.assert_ok();
+    assert!(
+        !materialised.is_empty(),
+        "the context was never seen materialised"
+    );
+    for (f, mode) in &materialised {
+        assert_eq!(*mode, 0o755, "{} keeps no setuid bit", f.display());
+    }
     let id = run.json()["id"].as_str().expect("an id").to_string();
     let logs = r.client(&["logs", &id, "app"], &[]);
     logs.assert_ok();
@@ -164,15 +188,6 @@ fn a_submission_leaves_no_secret_and_no_setuid_bit_on_the_coordinator() {
             let mode = std::fs::metadata(f).unwrap().mode() & 0o7777;
             assert_eq!(mode, 0o600, "{}", f.display());
         }
-    }
-    let materialised: Vec<&PathBuf> = files
-        .iter()
-        .filter(|f| f.ends_with("tool") && f.to_string_lossy().contains("/contexts/"))
-        .collect();
-    assert!(!materialised.is_empty(), "{files:?}");
-    for f in materialised {
-        let mode = std::fs::metadata(f).unwrap().mode() & 0o7777;
-        assert_eq!(mode, 0o755, "{} keeps no setuid bit", f.display());
     }
     // The worker's pool is its own too.
     let pool_mode = std::fs::metadata(&r.pool).unwrap().mode() & 0o7777;

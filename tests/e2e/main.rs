@@ -6,6 +6,7 @@ mod build;
 mod client;
 mod farm;
 mod inputs;
+mod limits;
 mod plan;
 mod procs;
 mod registry;

@@ -705,6 +705,14 @@ pub(crate) fn user_command(
     ])
     .arg(format!("PATH={PATH_ENV}"))
     .arg(format!("HOME={}", home.display()));
+    if program == "skopeo" {
+        // skopeo looks for /run/containers/UID/auth.json when XDG_RUNTIME_DIR is unset, and
+        // once root's podman has made /run/containers (0700) that is EACCES, not "none".
+        c.arg(format!(
+            "REGISTRY_AUTH_FILE={}",
+            home.join(".config/containers/auth.json").display()
+        ));
+    }
     for (k, v) in env {
         c.arg(format!("{k}={v}"));
     }

@@ -225,9 +225,7 @@ pub(crate) fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         args.flags.pool.clone(),
         Some(args.flags.output.clone()),
     );
-    let options = PlanOptions {
-        substitutions: args.stackerfile.substitutions(&layout)?,
-    };
+    let options = args.stackerfile.plan_options(&layout)?;
     let path = args.stackerfile.path();
     let Some(plan) = plan_or_report("build", &path, &options)? else {
         return Ok(ExitCode::FAILURE);
@@ -252,9 +250,7 @@ pub(crate) fn run_recursive(args: RecursiveBuildArgs) -> anyhow::Result<ExitCode
         args.flags.pool.clone(),
         Some(args.flags.output.clone()),
     );
-    let options = PlanOptions {
-        substitutions: args.subs.substitutions(&layout)?,
-    };
+    let options = PlanOptions::new(args.subs.substitutions(&layout)?);
     let mut files = Vec::new();
     find_files(&args.dir, &args.pattern, &mut files)
         .with_context(|| format!("searching {}", args.dir.display()))?;

@@ -130,9 +130,8 @@ pub(crate) struct ChrootArgs {
 /// The layer `farm chroot` enters without a name: the stackerfile's last layer (its only
 /// one when it has one), as stacker picks.
 fn default_layer(args: &ChrootArgs) -> anyhow::Result<Option<String>> {
-    let options = farm_stackerfile::PlanOptions {
-        substitutions: args.subs.substitutions(&args.state.layout())?,
-    };
+    let options =
+        farm_stackerfile::PlanOptions::new(args.subs.substitutions(&args.state.layout())?);
     let Some(plan) = crate::common::plan_or_report("chroot", &args.stacker_file, &options)? else {
         return Ok(None);
     };

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use clap::Args;
-use farm_coordinator::{Plan, PlanOptions};
+use farm_coordinator::Plan;
 use farm_stackerfile::Base;
 
 use crate::common::{Layout, StackerfileArgs, plan_or_report};
@@ -30,9 +30,7 @@ pub(crate) struct PlanArgs {
 
 pub(crate) fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
     let layout = Layout::new(None, None, None);
-    let options = PlanOptions {
-        substitutions: args.stackerfile.substitutions(&layout)?,
-    };
+    let options = args.stackerfile.plan_options(&layout)?;
     let path = args.stackerfile.path();
     let Some(plan) = plan_or_report("plan", &path, &options)? else {
         return Ok(ExitCode::FAILURE);

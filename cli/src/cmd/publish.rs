@@ -325,9 +325,7 @@ fn stackerfile_images(args: &PublishArgs) -> anyhow::Result<Option<Vec<Wanted>>>
         (None, None) => return Ok(None),
     };
     let layout = crate::common::Layout::new(None, None, Some(args.layout.clone()));
-    let options = farm_stackerfile::PlanOptions {
-        substitutions: args.subs.substitutions(&layout)?,
-    };
+    let options = farm_stackerfile::PlanOptions::new(args.subs.substitutions(&layout)?);
     let mut wanted: Vec<Wanted> = Vec::new();
     for file in files {
         let Some(plan) = crate::common::plan_or_report("publish", &file, &options)? else {

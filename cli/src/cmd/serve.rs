@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use farm_client::ConnectOptions;
 use farm_coordinator::auth::{Auth, Exposed, Protection, TokenFile, check_exposure};
-use farm_coordinator::farm::{Farm, FarmConfig, OutsideContext, RemotePolicy};
+use farm_coordinator::farm::{Farm, FarmConfig, Limits, OutsideContext, RemotePolicy};
 use farm_coordinator::server::{ServeOptions, Tls};
 use farm_image::BlobStore;
 use farm_model::Platform;
@@ -114,6 +114,26 @@ pub(crate) struct CoordinatorArgs {
     /// Credentials for registry bases (else the coordinator's auth files)
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
+
+    /// The largest stackerfile a submission may have (each file, e.g. 4M)
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = super::build::parse_size)]
+    pub max_stackerfile_size: u64,
+
+    /// The most files an uploaded context may list
+    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_CONTEXT_FILES)]
+    pub max_context_files: usize,
+
+    /// The most an uploaded context may materialise to (each listed file at its size)
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = super::build::parse_size)]
+    pub max_context_size: u64,
+
+    /// The most layers one submission's plan may have
+    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_LAYERS)]
+    pub max_layers: usize,
+
+    /// The largest blob one upload may store
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = super::build::parse_size)]
+    pub max_upload_size: u64,
 
     /// What remote submissions may read, fetch and use
     #[command(flatten)]
@@ -227,6 +247,15 @@ pub(crate) struct WorkerArgs {
 
     #[command(flatten)]
     pub run: crate::run_limits::RunLimitArgs,
+    /// The most one layer (or tarball base) may extract to: its uncompressed tar, and
+    /// its files at their full size (sparse files count their holes)
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = super::build::parse_size)]
+    pub max_layer_size: u64,
+
+    /// The most entries (files, directories, links) one layer may hold
+    #[arg(long, value_name = "N", default_value_t = farm_image::DEFAULT_MAX_LAYER_ENTRIES)]
+    pub max_layer_entries: u64,
+
     /// Which host paths builds may bind-mount
     #[command(flatten)]
     pub binds: BindArgs,
@@ -357,6 +386,13 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             registry: args.registry.credentials()?,
             keep_builds: args.keep_builds,
             remote: args.inputs.policy(),
+            limits: farm_coordinator::farm::Limits {
+                max_stackerfile_size: args.max_stackerfile_size,
+                max_context_files: args.max_context_files,
+                max_context_size: args.max_context_size,
+                max_layers: args.max_layers,
+                max_upload_size: args.max_upload_size,
+            },
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;
@@ -523,11 +559,14 @@ async fn open_engine(args: &WorkerArgs, blobs: BlobStore) -> anyhow::Result<Arc<
     let pool = tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the pool {}", args.pool.display()))?;
-    Ok(Arc::new(Engine::new(
-        pool,
-        blobs,
-        userns,
-        args.run
-            .engine_options_with_cgroup(BindPolicy::AllowList(args.binds.allow_bind.clone())),
-    )))
+    Ok(Arc::new(Engine::new(pool, blobs, userns, {
+        let mut options = args
+            .run
+            .engine_options_with_cgroup(BindPolicy::AllowList(args.binds.allow_bind.clone()));
+        options.extract = farm_worker::ops::ExtractLimits {
+            max_bytes: args.max_layer_size,
+            max_entries: args.max_layer_entries,
+        };
+        options
+    })))
 }

@@ -107,6 +107,7 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let path = args.stackerfile.path();
     let options = PlanOptions {
         substitutions: subs,
+        max_file_size: args.stackerfile.max_stackerfile_size,
     };
     let Some(plan) = plan_or_report("submit", &path, &options)? else {
         return Ok(ExitCode::FAILURE);

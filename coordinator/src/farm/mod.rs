@@ -66,6 +66,8 @@ pub struct FarmConfig {
     pub keep_builds: usize,
     /// What the operator allows remote submissions beyond their own inputs.
     pub remote: RemotePolicy,
+    /// Limits on what one submission may ask of the coordinator.
+    pub limits: Limits,
 }
 
 /// Who sent a submission; decides what its build may read, fetch and use.
@@ -110,10 +112,65 @@ pub enum OutsideContext {
     WhenAsked,
 }
 
+/// Limits on what one submission may ask of the coordinator (`farm coordinator` flags
+/// of the same names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest stackerfile read, in bytes (`--max-stackerfile-size`).
+    pub max_stackerfile_size: u64,
+    /// The most files (and directories and symlinks) an uploaded context may list
+    /// (`--max-context-files`).
+    pub max_context_files: usize,
+    /// The most bytes an uploaded context may materialise to, every listed file counted
+    /// at its size (one blob listed under many paths counts for each)
+    /// (`--max-context-size`).
+    pub max_context_size: u64,
+    /// The most layers one submission's plan may have (`--max-layers`).
+    pub max_layers: usize,
+    /// The largest blob one `Blobs.Upload` may store (`--max-upload-size`).
+    pub max_upload_size: u64,
+}
+
+impl Limits {
+    /// The default of `--max-context-files`.
+    pub const DEFAULT_MAX_CONTEXT_FILES: usize = 100_000;
+    /// The default of `--max-context-size`: 4 GiB.
+    pub const DEFAULT_MAX_CONTEXT_SIZE: u64 = 4 << 30;
+    /// The default of `--max-layers`.
+    pub const DEFAULT_MAX_LAYERS: usize = 1000;
+    /// The default of `--max-upload-size`: 16 GiB.
+    pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 16 << 30;
+
+    /// No limits (the embedded mode, whose CLI read everything itself).
+    pub fn none() -> Self {
+        Limits {
+            max_stackerfile_size: u64::MAX,
+            max_context_files: usize::MAX,
+            max_context_size: u64::MAX,
+            max_layers: usize::MAX,
+            max_upload_size: u64::MAX,
+        }
+    }
+}
+
+impl Default for Limits {
+    /// 1 MiB stackerfiles; contexts of 100,000 files and 4 GiB; 1,000 layers; uploads of
+    /// 16 GiB.
+    fn default() -> Self {
+        Limits {
+            max_stackerfile_size: farm_stackerfile::DEFAULT_MAX_STACKERFILE_SIZE,
+            max_context_files: Self::DEFAULT_MAX_CONTEXT_FILES,
+            max_context_size: Self::DEFAULT_MAX_CONTEXT_SIZE,
+            max_layers: Self::DEFAULT_MAX_LAYERS,
+            max_upload_size: Self::DEFAULT_MAX_UPLOAD_SIZE,
+        }
+    }
+}
+
 impl FarmConfig {
     /// The defaults of `farm coordinator`: leases of 10 s, this machine's platform, no
     /// built-in substitutions, unfinished builds resumed, no registry credentials, the
-    /// newest 1,000 finished builds kept.
+    /// newest 1,000 finished builds kept, the default [`Limits`].
     pub fn new(state_dir: impl Into<PathBuf>, blobs: BlobStore) -> Self {
         FarmConfig {
             state_dir: state_dir.into(),
@@ -125,6 +182,7 @@ impl FarmConfig {
             registry: Default::default(),
             keep_builds: 1000,
             remote: RemotePolicy::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -191,31 +249,47 @@ struct SubmittedFiles {
     scope: LocalScope,
 }
 
+impl SubmittedFiles {
+    /// Where a file that was not submitted inline is read on this machine, if the scope
+    /// lets it be read at all.
+    fn local(&self, key: &str, path: &Path) -> std::io::Result<PathBuf> {
+        if key.contains("://") {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{key} was not fetched by the submitter"),
+            ));
+        }
+        if self.scope == LocalScope::Anywhere {
+            return Ok(path.to_path_buf());
+        }
+        self.scope
+            .resolve(LocalKind::Stackerfile, key, path)
+            .map_err(|e| match e {
+                crate::pin::local::InputError::Missing { .. } => {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "not in the uploaded context")
+                }
+                e => std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()),
+            })
+    }
+}
+
 impl farm_stackerfile::FileSource for SubmittedFiles {
+    fn read_limited(&self, path: &Path, limit: u64) -> std::io::Result<String> {
+        let key = url_or_path(path);
+        match self.inline.get(&key) {
+            Some(text) if text.len() as u64 > limit => {
+                Err(farm_stackerfile::too_large(text.len() as u64, limit))
+            }
+            Some(text) => Ok(text.clone()),
+            None => farm_stackerfile::LocalFiles.read_limited(&self.local(&key, path)?, limit),
+        }
+    }
+
     fn read(&self, path: &Path) -> std::io::Result<String> {
         let key = url_or_path(path);
         match self.inline.get(&key) {
             Some(text) => Ok(text.clone()),
-            None if key.contains("://") => Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{key} was not fetched by the submitter"),
-            )),
-            None if self.scope == LocalScope::Anywhere => farm_stackerfile::LocalFiles.read(path),
-            None => {
-                let resolved = self
-                    .scope
-                    .resolve(LocalKind::Stackerfile, &key, path)
-                    .map_err(|e| match e {
-                        crate::pin::local::InputError::Missing { .. } => std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "not in the uploaded context",
-                        ),
-                        e => {
-                            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
-                        }
-                    })?;
-                farm_stackerfile::LocalFiles.read(&resolved)
-            }
+            None => farm_stackerfile::LocalFiles.read(&self.local(&key, path)?),
         }
     }
     fn identity(&self, path: &Path) -> PathBuf {
@@ -254,6 +328,9 @@ struct Running {
 
 pub(crate) struct Inner {
     config: FarmConfig,
+    /// Materialised contexts (by listing digest) and how many live builds hold each; a
+    /// context no build holds is removed.
+    contexts: Mutex<HashMap<String, usize>>,
     state: StateStore,
     cache: ActionCache,
     /// Opened once: builds that start together must not race to create its index.
@@ -296,6 +373,7 @@ impl Farm {
             cache,
             fetcher,
             running: Mutex::new(HashMap::new()),
+            contexts: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
         });
         sched::Scheduler::spawn_loops(&inner);
@@ -309,6 +387,7 @@ impl Farm {
             match serde_json::from_str::<Submission>(&build.spec_json) {
                 Ok(spec) => {
                     tracing::info!(build = %build.id, "resuming build");
+                    farm.inner.hold_context(&spec);
                     farm.spawn_driver(build.id, spec, None);
                 }
                 Err(e) => {
@@ -319,7 +398,13 @@ impl Farm {
                 }
             }
         }
+        farm.inner.sweep_contexts();
         Ok(farm)
+    }
+
+    /// The limits submissions are held to.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
     }
 
     pub(crate) fn state(&self) -> &StateStore {
@@ -370,16 +455,30 @@ impl Farm {
         spec: Submission,
         owner: Option<&str>,
     ) -> Result<(BuildId, Vec<String>), FarmError> {
-        let plan = self.inner.plan(&spec).await?;
-        crate::build::check_source_date_epoch(&plan, &spec.environment)
-            .map_err(FarmError::Invalid)?;
-        let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
-        let json = serde_json::to_string(&spec).map_err(|e| FarmError::Invalid(e.to_string()))?;
-        let id = self
-            .inner
-            .state
-            .create_build_owned(&json, &names, owner)
-            .await?;
+        // The build holds its context from here; a refused submission lets go of it.
+        self.inner.hold_context(&spec);
+        let created = async {
+            let plan = self.inner.plan(&spec).await?;
+            crate::build::check_source_date_epoch(&plan, &spec.environment)
+                .map_err(FarmError::Invalid)?;
+            let names: Vec<String> = plan.layers.iter().map(|l| l.layer.name.clone()).collect();
+            let json =
+                serde_json::to_string(&spec).map_err(|e| FarmError::Invalid(e.to_string()))?;
+            let id = self
+                .inner
+                .state
+                .create_build_owned(&json, &names, owner)
+                .await?;
+            Ok::<_, FarmError>((plan, names, id))
+        }
+        .await;
+        let (plan, names, id) = match created {
+            Ok(c) => c,
+            Err(e) => {
+                self.inner.release_context(&spec);
+                return Err(e);
+            }
+        };
         tracing::info!(build = %id, layers = names.len(), owner, "build submitted");
         self.spawn_driver(id.clone(), spec, Some(plan));
         Ok((id, names))
@@ -400,6 +499,10 @@ impl Farm {
                 },
             );
         let inner = self.inner.clone();
+        let spec_for_release = Submission {
+            context: spec.context.clone(),
+            ..Submission::new(Vec::<String>::new())
+        };
         tokio::spawn(async move {
             let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
@@ -430,6 +533,7 @@ impl Farm {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            inner.release_context(&spec_for_release);
         });
     }
 
@@ -530,7 +634,10 @@ impl Inner {
             .collect();
         let mut substitutions = spec.substitutions.clone();
         substitutions.builtins = self.config.builtins.clone();
-        let options = PlanOptions { substitutions };
+        let options = PlanOptions {
+            substitutions,
+            max_file_size: self.config.limits.max_stackerfile_size,
+        };
         let source = SubmittedFiles {
             inline: spec.inline.clone(),
             // Prerequisites and stackerfiles: a remote submission's come from what it
@@ -545,6 +652,14 @@ impl Inner {
                 .await
                 .map_err(|e| FarmError::Invalid(e.to_string()))?;
         match loaded {
+            Ok(plan) if plan.layers.len() > self.config.limits.max_layers => {
+                Err(FarmError::Invalid(format!(
+                    "the plan has {} layers, over the coordinator's limit of {} (raise it \
+                     with `farm coordinator --max-layers N`)",
+                    plan.layers.len(),
+                    self.config.limits.max_layers
+                )))
+            }
             Ok(plan) => Ok(plan),
             // Paths in an uploaded context are shown as the submitter wrote them.
             Err(e) => Err(FarmError::Plan(match &root {
@@ -575,30 +690,40 @@ impl Inner {
         if spec.context.is_empty() {
             return Ok(None);
         }
-        let mut files = spec.context.clone();
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        let listing = serde_json::to_vec(&files).map_err(|e| FarmError::Invalid(e.to_string()))?;
-        let id = Digest::of(&listing);
-        let dir = self.config.state_dir.join("contexts").join(id.hex());
+        let limits = &self.config.limits;
+        if spec.context.len() > limits.max_context_files {
+            return Err(FarmError::Invalid(format!(
+                "the uploaded context lists {} files, over the coordinator's limit of {} \
+                 (submit a smaller context, or raise the limit with `farm coordinator \
+                 --max-context-files N`)",
+                spec.context.len(),
+                limits.max_context_files
+            )));
+        }
+        let id = context_id(&spec.context)?;
+        let dir = self.config.state_dir.join("contexts").join(&id);
         // Resolved, so paths under it compare with what the stackerfile loader resolves.
         let canonical = |dir: PathBuf| std::fs::canonicalize(&dir).unwrap_or(dir);
         if dir.exists() {
             return Ok(Some(canonical(dir)));
         }
+        let mut files = spec.context.clone();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
         let tree = context_tree(&files)?;
+        self.check_context_size(&files).await?;
         let json = serde_json::to_vec(&tree).map_err(|e| FarmError::Invalid(e.to_string()))?;
         let tree_digest = self.config.blobs.put(json.into()).await?.digest;
         // Unique per call: identical submissions arriving together each write their own.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = self.config.state_dir.join("contexts").join(format!(
-            ".tmp-{}-{}-{n}",
-            id.hex(),
-            unix_ms()
+            ".tmp-{id}-{}-{}",
+            unix_ms(),
+            TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(tmp.parent().unwrap_or(Path::new("/")))
             .map_err(|e| FarmError::Invalid(format!("creating {}: {e}", tmp.display())))?;
-        self.config
+        let written = self
+            .config
             .blobs
             .materialize_tree(&tree_digest, &tmp)
             .await
@@ -607,12 +732,124 @@ impl Inner {
                     "context file with digest {d} was not uploaded (upload it through Blobs first)"
                 )),
                 e => FarmError::Blobs(e),
-            })?;
+            });
+        if let Err(e) = written {
+            // Half a context is no use to anyone.
+            remove_dir_quietly(tmp).await;
+            return Err(e);
+        }
         if std::fs::rename(&tmp, &dir).is_err() {
             // Someone else wrote the same context first.
-            let _ = std::fs::remove_dir_all(&tmp);
+            remove_dir_quietly(tmp).await;
         }
         Ok(Some(canonical(dir)))
+    }
+
+    /// Refuse a context whose files add up to more than the limit, counting each listed
+    /// file at its blob's size (a blob listed under many paths is written for each).
+    async fn check_context_size(&self, files: &[ContextFile]) -> Result<(), FarmError> {
+        let max = self.config.limits.max_context_size;
+        let mut unique: Vec<String> = files
+            .iter()
+            .filter(|f| !f.digest.is_empty() && f.symlink_target.is_empty())
+            .map(|f| f.digest.clone())
+            .collect();
+        unique.sort_unstable();
+        unique.dedup();
+        let sizes: HashMap<String, u64> = futures::stream::iter(unique)
+            .map(|d| {
+                let blobs = self.config.blobs.clone();
+                async move {
+                    let digest = Digest::parse(&d).map_err(|e| {
+                        FarmError::Invalid(format!("context file digest {d:?}: {e}"))
+                    })?;
+                    match blobs.size(&digest).await? {
+                        Some(size) => Ok((d, size)),
+                        None => Err(FarmError::Invalid(format!(
+                            "context file with digest {d} was not uploaded (upload it through \
+                         Blobs first)"
+                        ))),
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        let total = files
+            .iter()
+            .filter_map(|f| sizes.get(&f.digest))
+            .fold(0u64, |a, b| a.saturating_add(*b));
+        if total > max {
+            return Err(FarmError::Invalid(format!(
+                "the uploaded context's files add up to {total} bytes, over the \
+                 coordinator's limit of {max} (submit a smaller context, or raise the limit \
+                 with `farm coordinator --max-context-size SIZE`)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A build needs its context from now on.
+    fn hold_context(&self, spec: &Submission) {
+        let Ok(id) = context_id(&spec.context) else {
+            return;
+        };
+        if spec.context.is_empty() {
+            return;
+        }
+        *self
+            .contexts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_insert(0) += 1;
+    }
+
+    /// A build no longer needs its context; the last one out removes it. The directory
+    /// is renamed away under the lock (a build arriving now writes it afresh) and
+    /// removed after.
+    fn release_context(&self, spec: &Submission) {
+        if spec.context.is_empty() {
+            return;
+        }
+        let Ok(id) = context_id(&spec.context) else {
+            return;
+        };
+        let contexts = self.config.state_dir.join("contexts");
+        let doomed = {
+            let mut held = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(n) = held.get_mut(&id) else {
+                return;
+            };
+            *n -= 1;
+            if *n > 0 {
+                return;
+            }
+            held.remove(&id);
+            let doomed = contexts.join(format!(".tmp-gone-{id}-{}", unix_ms()));
+            match std::fs::rename(contexts.join(&id), &doomed) {
+                Ok(()) => doomed,
+                Err(_) => return,
+            }
+        };
+        tokio::spawn(remove_dir_quietly(doomed));
+    }
+
+    /// At start: remove what no build holds (contexts of finished builds, `.tmp-*`
+    /// directories a crash left behind).
+    fn sweep_contexts(&self) {
+        let dir = self.config.state_dir.join("contexts");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let held = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !held.contains_key(&name) {
+                tracing::debug!(context = %name, "removing a context no build holds");
+                tokio::spawn(remove_dir_quietly(entry.path()));
+            }
+        }
     }
 
     /// Run one build to its end.
@@ -832,6 +1069,27 @@ pub async fn store_manifest(
         blobs.put(bytes.into()).await?;
     }
     Ok(digest.to_string())
+}
+
+/// The identity of an uploaded context (its directory's name under `contexts/`): the
+/// digest of its listing, in path order.
+fn context_id(context: &[ContextFile]) -> Result<String, FarmError> {
+    let mut files: Vec<&ContextFile> = context.iter().collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let listing = serde_json::to_vec(&files).map_err(|e| FarmError::Invalid(e.to_string()))?;
+    Ok(Digest::of(&listing).hex().to_string())
+}
+
+/// Remove a directory tree, logging (not failing) when that does not work.
+async fn remove_dir_quietly(dir: PathBuf) {
+    let shown = dir.display().to_string();
+    let res = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(Err(e)) => tracing::warn!(dir = %shown, "removing a context: {e}"),
+        Err(e) => tracing::warn!(dir = %shown, "removing a context: {e}"),
+    }
 }
 
 /// The tree of an uploaded context: directories (sent, or implied by a path under

@@ -1064,5 +1064,207 @@ async fn a_registration_with_a_bad_platform_is_refused_and_bad_chains_are_ignore
     assert_eq!(names, ["ok"]);
 }
 
+// ---------------------------------------------------------------------------------------
+// limits and the lifetime of materialised contexts
+// ---------------------------------------------------------------------------------------
+
+async fn start_limited(dir: &Path, limits: Limits) -> Farm {
+    Farm::start(FarmConfig {
+        lease: Duration::from_millis(2000),
+        platform: "linux/amd64".parse().unwrap(),
+        limits,
+        ..FarmConfig::new(
+            dir.join("state"),
+            BlobStore::local(&dir.join("blobs")).unwrap(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// A submission whose context is `stacker.yaml` (of `yaml`) and `extra` files, each a copy
+/// of `content`.
+async fn context_submission(farm: &Farm, yaml: &str, extra: usize, content: &[u8]) -> Submission {
+    let put = |b: Vec<u8>| async move {
+        farm.blobs()
+            .put(bytes::Bytes::from(b))
+            .await
+            .unwrap()
+            .digest
+            .to_string()
+    };
+    let mut context = vec![ContextFile {
+        path: "stacker.yaml".into(),
+        digest: put(yaml.as_bytes().to_vec()).await,
+        mode: 0o644,
+        symlink_target: String::new(),
+    }];
+    let digest = put(content.to_vec()).await;
+    for i in 0..extra {
+        context.push(ContextFile {
+            path: format!("data/f{i}"),
+            digest: digest.clone(),
+            mode: 0o644,
+            symlink_target: String::new(),
+        });
+    }
+    Submission {
+        context,
+        ..Submission::new(["stacker.yaml"])
+    }
+}
+
+/// The names under `contexts/` in the state dir, once removals spawned in the background
+/// had a moment (bounded) to finish.
+async fn contexts_left(dir: &Path, expect_empty: bool) -> Vec<String> {
+    let contexts = dir.join("state").join("contexts");
+    let list = || -> Vec<String> {
+        std::fs::read_dir(&contexts)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for _ in 0..100 {
+        let left = list();
+        if !expect_empty || left.is_empty() {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    list()
+}
+
+const ONE_LAYER: &str = "l:\n  from: {type: scratch}\n  run: echo hi\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_context_over_its_limits_is_refused_saying_which() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start_limited(
+        d.path(),
+        Limits {
+            max_context_files: 4,
+            max_context_size: 1000,
+            ..Limits::default()
+        },
+    )
+    .await;
+    // Five files: one too many.
+    let spec = context_submission(&farm, ONE_LAYER, 4, b"x").await;
+    match farm.submit(spec).await {
+        Err(FarmError::Invalid(m)) => assert!(
+            m.contains("lists 5 files") && m.contains("--max-context-files"),
+            "{m}"
+        ),
+        other => panic!("{:?}", other.map(|(id, _)| id)),
+    }
+    // One 400-byte blob under three paths is 1,200 bytes to write: over 1,000.
+    let spec = context_submission(&farm, ONE_LAYER, 3, &[7u8; 400]).await;
+    match farm.submit(spec).await {
+        Err(FarmError::Invalid(m)) => {
+            assert!(m.contains("--max-context-size"), "{m}")
+        }
+        other => panic!("{:?}", other.map(|(id, _)| id)),
+    }
+    // Nothing was written for either.
+    assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
+    // Within both limits it is accepted.
+    let _w = fake_worker(&farm, "w", 1, QUICK, vec![]);
+    let spec = context_submission(&farm, ONE_LAYER, 2, &[7u8; 400]).await;
+    let (id, _) = farm.submit(spec).await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_over_the_layer_limit_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start_limited(
+        d.path(),
+        Limits {
+            max_layers: 2,
+            ..Limits::default()
+        },
+    )
+    .await;
+    match farm.submit(fan_out(d.path(), 3, "limit")).await {
+        Err(FarmError::Invalid(m)) => {
+            assert!(m.contains("3 layers") && m.contains("--max-layers"), "{m}")
+        }
+        other => panic!("{:?}", other.map(|(id, _)| id)),
+    }
+    let _w = fake_worker(&farm, "w", 2, QUICK, vec![]);
+    let (id, _) = farm.submit(fan_out(d.path(), 2, "limit")).await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_lives_while_a_build_holds_it_and_temporary_dirs_never_stay() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    // A worker that holds its layers until told: both builds are live together.
+    let slow = Script {
+        delay: Duration::from_millis(700),
+        ..QUICK
+    };
+    let _w = fake_worker(&farm, "w", 2, slow, vec![]);
+    let a = context_submission(&farm, ONE_LAYER, 1, b"shared").await;
+    let b = Submission {
+        no_cache: true,
+        ..a.clone()
+    };
+    let (first, _) = farm.submit(a).await.unwrap();
+    let (second, _) = farm.submit(b).await.unwrap();
+    let held = contexts_left(d.path(), false).await;
+    assert_eq!(held.len(), 1, "one context for both: {held:?}");
+    assert!(!held[0].starts_with(".tmp"), "{held:?}");
+    assert_eq!(wait(&farm, &first).await.0, BuildState::Succeeded);
+    assert_eq!(wait(&farm, &second).await.0, BuildState::Succeeded);
+    // No live build needs it: it is gone.
+    assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
+
+    // A submission whose plan fails lets go of the context it materialised.
+    let bad = context_submission(&farm, "l:\n  from: {type: nonsense}\n", 1, b"x").await;
+    assert!(matches!(farm.submit(bad).await, Err(FarmError::Plan(_))));
+    assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
+
+    // A context whose file was never uploaded fails to materialise and leaves no
+    // temporary directory behind.
+    let mut broken = context_submission(&farm, ONE_LAYER, 0, b"").await;
+    broken.context.push(ContextFile {
+        path: "missing".into(),
+        digest: Digest::of(b"never uploaded").to_string(),
+        mode: 0o644,
+        symlink_target: String::new(),
+    });
+    match farm.submit(broken).await {
+        Err(FarmError::Invalid(m)) => assert!(m.contains("was not uploaded"), "{m}"),
+        other => panic!("{:?}", other.map(|(id, _)| id)),
+    }
+    assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
+    // Nor does one that fails half-way through being written (a path that is both a
+    // file and a directory).
+    let mut clash = context_submission(&farm, ONE_LAYER, 1, b"x").await;
+    let mut under = clash.context[1].clone();
+    under.path = "data/f0/under".into();
+    clash.context.push(under);
+    let err = farm.submit(clash).await.map(|(id, _)| id).unwrap_err();
+    assert!(matches!(err, FarmError::Blobs(_)), "{err}");
+    assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_removes_contexts_no_build_holds() {
+    let d = tempfile::tempdir().unwrap();
+    let contexts = d.path().join("state").join("contexts");
+    for name in [".tmp-abc-1-0", "0123abcd"] {
+        std::fs::create_dir_all(contexts.join(name).join("sub")).unwrap();
+        std::fs::write(contexts.join(name).join("sub/file"), b"x").unwrap();
+    }
+    let _farm = start(d.path(), 1000).await;
+    assert_eq!(contexts_left(d.path(), true).await, Vec::<String>::new());
+}
+
 /// What a remote submission may read, fetch and use.
 mod remote;

@@ -31,12 +31,24 @@ const FIND_MISSING_CONCURRENCY: usize = 16;
 #[derive(Clone, Debug)]
 pub struct BlobService {
     store: BlobStore,
+    /// The largest blob one upload may store.
+    max_upload: u64,
 }
 
 impl BlobService {
-    /// Serve `store`.
+    /// Serve `store`, with uploads of at most
+    /// [`crate::farm::Limits::DEFAULT_MAX_UPLOAD_SIZE`].
     pub fn new(store: BlobStore) -> Self {
-        BlobService { store }
+        BlobService {
+            store,
+            max_upload: crate::farm::Limits::DEFAULT_MAX_UPLOAD_SIZE,
+        }
+    }
+
+    /// Refuse uploads of blobs larger than `bytes` (`farm coordinator --max-upload-size`).
+    pub fn with_max_upload(mut self, bytes: u64) -> Self {
+        self.max_upload = bytes;
+        self
     }
 
     /// The store served.
@@ -119,11 +131,32 @@ impl Blobs for BlobService {
         })?;
         let digest = parse_digest(&first.digest)?;
         let size = first.size;
-        let existing = self
+        if size > self.max_upload {
+            return Err(Status::resource_exhausted(format!(
+                "upload of {digest}: {size} bytes is over the coordinator's upload limit of \
+                 {} bytes (raise it with `farm coordinator --max-upload-size SIZE`)",
+                self.max_upload
+            )));
+        }
+        let mut existing = self
             .store
             .size(&digest)
             .await
             .map_err(|e| internal(format_args!("checking {digest}"), e))?;
+        if existing.is_some_and(|e| e != size) {
+            // Either the announced size is wrong or the stored blob is torn (a write cut
+            // short by a crash): reading it tells, and removes a torn one, which this
+            // upload then replaces.
+            let sound = self
+                .store
+                .verify(&digest)
+                .await
+                .map_err(|e| internal(format_args!("checking {digest}"), e))?;
+            if !sound {
+                warn!(%digest, "upload: the stored blob was corrupt and is replaced");
+                existing = None;
+            }
+        }
         if let Some(existing) = existing {
             if existing != size {
                 return Err(Status::invalid_argument(format!(
@@ -527,6 +560,86 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_torn_blob_is_replaced_by_an_upload_of_the_right_bytes() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::local(dir.path()).unwrap();
+            let s = serve(store.clone()).await;
+            let mut c = connect(&s).await;
+            for payload in [data(10_000, 7), data(9 << 20, 8)] {
+                let digest = Digest::of(&payload);
+                let n = payload.len() as u64;
+                // A blob torn by a crash: its name, a third of its bytes.
+                let file = dir.path().join(digest.blob_path());
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                std::fs::write(&file, &payload[..payload.len() / 3]).unwrap();
+                let answer = raw_upload(&mut c, &digest, n, payload.clone())
+                    .await
+                    .unwrap();
+                assert!(!answer.already_present);
+                assert_eq!(store.get_bytes(&digest).await.unwrap(), payload);
+                // A torn blob read through the service ends in DATA_LOSS and is removed,
+                // so that the client's next upload heals the store.
+                std::fs::write(&file, &payload[..payload.len() / 3]).unwrap();
+                let (_, status) = raw_read(&mut c, &digest.to_string()).await;
+                assert_eq!(status.unwrap().code(), tonic::Code::DataLoss);
+                assert!(!file.exists());
+                assert_eq!(
+                    find_missing(&mut c, std::slice::from_ref(&digest))
+                        .await
+                        .unwrap(),
+                    vec![digest.clone()]
+                );
+                raw_upload(&mut c, &digest, n, payload.clone())
+                    .await
+                    .unwrap();
+                assert_eq!(store.get_bytes(&digest).await.unwrap(), payload);
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_upload_over_the_limit_is_refused_before_its_bytes_are_read() {
+        bounded(async {
+            let store = BlobStore::in_memory();
+            let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = incoming.local_addr().unwrap();
+            let service = BlobService::new(store.clone()).with_max_upload(1000);
+            let task = tokio::spawn(async move {
+                let _ = Server::builder()
+                    .add_service(service.into_server())
+                    .serve_with_incoming(incoming)
+                    .await;
+            });
+            let s = Served {
+                addr,
+                shutdown: None,
+                task,
+            };
+            let mut c = connect(&s).await;
+            let big = data(1001, 3);
+            let err = raw_upload(&mut c, &Digest::of(&big), 1001, big.clone())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                err.message().contains("--max-upload-size") && err.message().contains("1000"),
+                "{}",
+                err.message()
+            );
+            assert!(!store.exists(&Digest::of(&big)).await.unwrap());
+            // At the limit it is stored.
+            let ok = data(1000, 3);
+            raw_upload(&mut c, &Digest::of(&ok), 1000, ok.clone())
+                .await
+                .unwrap();
+            assert!(store.exists(&Digest::of(&ok)).await.unwrap());
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn uploading_an_existing_blob_reports_already_present() {
         bounded(async {
             let store = BlobStore::in_memory();
@@ -605,17 +718,22 @@ mod tests {
                 assert!(status.message().contains(&digest.to_string()));
                 let got: usize = chunks.iter().map(Bytes::len).sum();
                 assert!(got < n, "all {n} bytes were sent before the error");
+                // The corrupt blob is gone: an upload can heal it.
+                assert!(!file.exists());
 
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                std::fs::write(&file, &bad).unwrap();
                 let local = BlobStore::in_memory();
                 let err = download(&mut c, &digest, &local).await.unwrap_err();
                 assert_eq!(err.code(), Some(tonic::Code::DataLoss));
                 assert!(!local.exists(&digest).await.unwrap());
 
                 // Truncation is corruption too.
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
                 std::fs::write(&file, &payload[..n - 1]).unwrap();
                 let (_, status) = raw_read(&mut c, &digest.to_string()).await;
                 assert_eq!(status.unwrap().code(), tonic::Code::DataLoss);
-                std::fs::remove_file(&file).unwrap();
+                assert!(!file.exists());
             }
         })
         .await;

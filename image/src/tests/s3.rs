@@ -191,11 +191,17 @@ async fn s3_corrupted_object_fails_verification() {
         // Flip one byte of the stored object behind the store's back.
         let mut bad = d.to_vec();
         bad[size / 2] ^= 0x5a;
-        store
-            .object_store()
-            .put(&store.blob_path(&info.digest), Bytes::from(bad).into())
-            .await
-            .unwrap();
+        let corrupt = || async {
+            store
+                .object_store()
+                .put(
+                    &store.blob_path(&info.digest),
+                    Bytes::from(bad.clone()).into(),
+                )
+                .await
+                .unwrap();
+        };
+        corrupt().await;
         let err = store.get_bytes(&info.digest).await.unwrap_err();
         match &err {
             Error::DigestMismatch { expected, actual } => {
@@ -205,7 +211,10 @@ async fn s3_corrupted_object_fails_verification() {
             other => panic!("expected a digest mismatch, got {other}"),
         }
         assert!(err.to_string().contains(&info.digest.to_string()), "{err}");
+        // The corrupt object is removed, so that an upload can heal it.
+        assert!(!store.exists(&info.digest).await.unwrap());
         // The blocking reader reports it as InvalidData.
+        corrupt().await;
         let mut r = store.reader(&info.digest).await.unwrap();
         let res = tokio::task::spawn_blocking(move || {
             let mut v = Vec::new();
@@ -215,6 +224,7 @@ async fn s3_corrupted_object_fails_verification() {
         .unwrap();
         assert_eq!(res.unwrap_err().kind(), io::ErrorKind::InvalidData);
         // copy_to refuses to spread it.
+        corrupt().await;
         let local = BlobStore::in_memory();
         assert!(store.copy_to(&info.digest, &local).await.is_err());
         assert!(!local.exists(&info.digest).await.unwrap());

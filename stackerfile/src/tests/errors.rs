@@ -581,3 +581,57 @@ fn errors_are_collected_not_just_the_first() {
     );
     assert_eq!(e.diagnostics.len(), 3, "{e}");
 }
+
+#[test]
+fn a_stackerfile_over_the_size_limit_is_refused_and_says_how_to_raise_it() {
+    use crate::{Plan, PlanOptions};
+    let big = format!(
+        "a:\n  from: {{type: scratch}}\n  run: |\n{}",
+        "    echo x\n".repeat(200)
+    );
+    let files = super::MemFiles::with(&[
+        ("stacker.yaml", "config: {prerequisites: [big.yaml]}\n"),
+        ("big.yaml", &big),
+    ]);
+    let options = PlanOptions {
+        max_file_size: 1024,
+        ..PlanOptions::default()
+    };
+    let e = Plan::load("stacker.yaml".as_ref(), &options, &files).unwrap_err();
+    assert_eq!(e.diagnostics.len(), 1, "{e}");
+    let d = &e.diagnostics[0];
+    // Reported where the prerequisite is named, naming the file, its size and the limit.
+    assert_eq!(d.file, PathBuf::from("stacker.yaml"));
+    assert_eq!((d.pos.line, d.pos.col), (1, 26), "{d}");
+    assert!(
+        d.message.contains(
+            "prerequisite stackerfile big.yaml: 2.2 KiB is over the stackerfile size limit of 1 KiB"
+        ),
+        "{d}"
+    );
+    assert!(
+        d.help
+            .as_deref()
+            .unwrap()
+            .contains("--max-stackerfile-size"),
+        "{d}"
+    );
+    // Raised, it plans; the default (1 MiB) holds it too.
+    let options = PlanOptions {
+        max_file_size: 4096,
+        ..PlanOptions::default()
+    };
+    assert!(Plan::load("stacker.yaml".as_ref(), &options, &files).is_ok());
+    assert!(Plan::load("stacker.yaml".as_ref(), &PlanOptions::default(), &files).is_ok());
+}
+
+#[test]
+fn the_local_files_source_refuses_a_large_file_without_reading_it() {
+    use crate::{FileSource, LocalFiles};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.yaml");
+    std::fs::write(&path, "x".repeat(5000)).unwrap();
+    let e = LocalFiles.read_limited(&path, 4999).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::FileTooLarge);
+    assert_eq!(LocalFiles.read_limited(&path, 5000).unwrap().len(), 5000);
+}

@@ -39,9 +39,7 @@ pub(crate) fn plan_files(files: &[(&str, &str)], subs: Substitutions) -> Result<
     let entry = files[0].0;
     Plan::load(
         Path::new(entry),
-        &PlanOptions {
-            substitutions: subs,
-        },
+        &PlanOptions::new(subs),
         &MemFiles::with(files),
     )
 }

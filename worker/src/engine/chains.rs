@@ -140,6 +140,7 @@ impl Engine {
                 let op = Op::ApplyLayer(ApplyArgs {
                     target: pending.rootfs().to_path_buf(),
                     source_file: Some(file.to_path_buf()),
+                    limits: self.options.extract,
                 });
                 let what = format!("unpacking stacker://.../{path}");
                 let applied: Applied = self.op_json(&op, None, &what).await?;
@@ -159,6 +160,7 @@ impl Engine {
         let op = Op::ApplyLayer(ApplyArgs {
             target: target.to_path_buf(),
             source_file: None,
+            limits: self.options.extract,
         });
         let what = format!("applying a layer to {}", target.display());
         self.op_json(&op, Some(Box::new(reader)), &what).await

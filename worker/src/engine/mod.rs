@@ -106,6 +106,8 @@ pub struct EngineOptions {
     pub compression_threads: usize,
     /// Which host paths jobs' `binds` may mount.
     pub binds: BindPolicy,
+    /// How much one layer (a base's, a tarball base) may extract to.
+    pub extract: crate::ops::ExtractLimits,
 }
 
 impl EngineOptions {

@@ -84,6 +84,40 @@ pub struct ApplyArgs {
     /// Read the layer from this file (as container root) instead of stdin.
     #[serde(default)]
     pub source_file: Option<PathBuf>,
+    /// The most bytes (tar stream, and file contents at logical size) and entries the
+    /// layer may extract to.
+    #[serde(default)]
+    pub limits: ExtractLimits,
+}
+
+/// How much one layer may extract to (`farm worker --max-layer-size`,
+/// `--max-layer-entries`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtractLimits {
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
+impl Default for ExtractLimits {
+    /// farm-image's defaults: 64 GiB, one million entries.
+    fn default() -> Self {
+        ExtractLimits {
+            max_bytes: farm_image::DEFAULT_MAX_LAYER_BYTES,
+            max_entries: farm_image::DEFAULT_MAX_LAYER_ENTRIES,
+        }
+    }
+}
+
+impl ExtractLimits {
+    fn apply_options(&self) -> ApplyOptions {
+        ApplyOptions {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+            limits_hint: "raise it with `farm worker --max-layer-size SIZE` or \
+                          `--max-layer-entries N`",
+            ..ApplyOptions::default()
+        }
+    }
 }
 
 /// What [`Op::ApplyLayer`] prints.
@@ -188,11 +222,11 @@ fn apply(args: ApplyArgs) -> Result<(), OpError> {
     let stats = match &args.source_file {
         Some(f) => {
             let file = BufReader::with_capacity(1 << 20, fs::File::open(f)?);
-            apply_layer(file, &args.target, &ApplyOptions::default())?
+            apply_layer(file, &args.target, &args.limits.apply_options())?
         }
         None => {
             let stdin = BufReader::with_capacity(1 << 20, io::stdin());
-            apply_layer(stdin, &args.target, &ApplyOptions::default())?
+            apply_layer(stdin, &args.target, &args.limits.apply_options())?
         }
     };
     print_json(&Applied {
@@ -291,5 +325,33 @@ mod tests {
         assert!(
             serde_json::from_value::<Op>(serde_json::json!({"op": "nope", "arg": {}})).is_err()
         );
+    }
+
+    /// The worker's extraction limits reach the op; a request without them gets the
+    /// defaults, which name the worker's flags when they are hit.
+    #[test]
+    fn apply_layer_carries_its_limits() {
+        let json = serde_json::json!({"op": "apply-layer", "arg": {"target": "/t"}});
+        let Op::ApplyLayer(args) = serde_json::from_value(json).unwrap() else {
+            panic!("not apply-layer")
+        };
+        assert_eq!(args.limits, ExtractLimits::default());
+        let limits = ExtractLimits {
+            max_bytes: 10,
+            max_entries: 2,
+        };
+        let op = Op::ApplyLayer(ApplyArgs {
+            target: "/t".into(),
+            source_file: None,
+            limits,
+        });
+        let Op::ApplyLayer(back) =
+            serde_json::from_value(serde_json::to_value(&op).unwrap()).unwrap()
+        else {
+            panic!("not apply-layer")
+        };
+        let opts = back.limits.apply_options();
+        assert_eq!((opts.max_bytes, opts.max_entries), (10, 2));
+        assert!(opts.limits_hint.contains("farm worker --max-layer-size"));
     }
 }
