@@ -68,6 +68,16 @@ pub(crate) fn status_json(s: &BuildStatus) -> Value {
     if !s.error.is_empty() {
         v["error"] = s.error.clone().into();
     }
+    if let Some(w) = &s.webhook {
+        v["webhook"] = json!({
+            "provider": w.provider,
+            "repo": w.repo,
+            "ref": w.git_ref,
+            "sha": w.sha,
+            "delivery": w.delivery,
+            "build": w.build,
+        });
+    }
     v
 }
 
@@ -169,6 +179,13 @@ pub(crate) fn status_table(s: &BuildStatus) -> String {
     }
     if !s.error.is_empty() {
         let _ = writeln!(out, "error: {}", s.error);
+    }
+    if let Some(w) = &s.webhook {
+        let _ = writeln!(
+            out,
+            "webhook: {} {} {} at {} ({}, delivery {})",
+            w.provider, w.repo, w.git_ref, w.sha, w.build, w.delivery
+        );
     }
     out.push('\n');
     let rows: Vec<Vec<String>> = s
@@ -373,6 +390,7 @@ mod tests {
             layers: vec![cached, built, running, failed],
             error: String::new(),
             created_unix_ms: 1,
+            webhook: None,
         };
         let v = status_json(&s);
         assert_eq!(

@@ -27,6 +27,8 @@ pub struct Metrics {
     /// Refused calls, by [`AuthFailure`] (in the order of `AuthFailure::ALL`).
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     durations: Mutex<Histogram>,
+    /// CI webhook deliveries by (provider, outcome).
+    webhook_deliveries: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +66,15 @@ impl Metrics {
         if let Some(i) = AuthFailure::ALL.iter().position(|r| *r == reason) {
             self.auth_failures[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+    /// A CI webhook delivery of `provider` was answered with `outcome`.
+    pub fn webhook_delivery(&self, provider: &'static str, outcome: &'static str) {
+        *self
+            .webhook_deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((provider, outcome))
+            .or_default() += 1;
     }
     pub fn layer_built(&self, d: Duration) {
         let s = d.as_secs_f64();
@@ -139,6 +150,21 @@ impl Metrics {
                 "farm_auth_failures_total{{reason=\"{}\"}} {}",
                 reason.as_str(),
                 self.auth_failures[i].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP farm_webhook_deliveries_total CI webhook deliveries, by provider and outcome.\n# TYPE farm_webhook_deliveries_total counter"
+        );
+        for ((provider, outcome), n) in self
+            .webhook_deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "farm_webhook_deliveries_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {n}"
             );
         }
         let h = self.durations.lock().unwrap_or_else(|p| p.into_inner());

@@ -72,6 +72,24 @@ CREATE TABLE IF NOT EXISTS workers (
     platform TEXT NOT NULL,
     last_seen_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    provider TEXT NOT NULL,
+    delivery TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    sha TEXT NOT NULL,
+    builds TEXT NOT NULL DEFAULT '[]',
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (provider, delivery)
+);
+CREATE TABLE IF NOT EXISTS webhook_builds (
+    repo TEXT NOT NULL,
+    sha TEXT NOT NULL,
+    build TEXT NOT NULL,
+    build_id TEXT NOT NULL,
+    git_ref TEXT NOT NULL DEFAULT '',
+    delivery TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (repo, sha, build)
+);
 ";
 
 /// A build's id: `b-<unix_ms>-<random hex>` (sorts by creation time).
@@ -999,6 +1017,138 @@ fn layer_updated(done: &sqlx::sqlite::SqliteQueryResult, build: &str, idx: u32) 
         });
     }
     Ok(())
+}
+
+// ---- webhook deliveries (issue 15) ----
+
+impl StateStore {
+    /// Record webhook delivery `delivery` of `provider`. `None` when it is new; else the
+    /// build ids recorded for it before (a redelivery, which starts nothing).
+    pub async fn record_delivery(
+        &self,
+        provider: &str,
+        delivery: &str,
+        repo: &str,
+        sha: &str,
+    ) -> Result<Option<Vec<BuildId>>> {
+        let done = sqlx::query(
+            "INSERT OR IGNORE INTO webhook_deliveries (provider, delivery, repo, sha, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(provider)
+        .bind(delivery)
+        .bind(repo)
+        .bind(sha)
+        .bind(unix_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 1 {
+            return Ok(None);
+        }
+        let (json,): (String,) = sqlx::query_as(
+            "SELECT builds FROM webhook_deliveries WHERE provider = ?1 AND delivery = ?2",
+        )
+        .bind(provider)
+        .bind(delivery)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(Some(serde_json::from_str(&json).unwrap_or_default()))
+    }
+
+    /// Forget delivery `delivery` of `provider` (its work failed before any build
+    /// started: a redelivery tries again).
+    pub async fn forget_delivery(&self, provider: &str, delivery: &str) -> Result<()> {
+        sqlx::query("DELETE FROM webhook_deliveries WHERE provider = ?1 AND delivery = ?2")
+            .bind(provider)
+            .bind(delivery)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The build ids started for delivery `delivery` of `provider`.
+    pub async fn set_delivery_builds(
+        &self,
+        provider: &str,
+        delivery: &str,
+        builds: &[BuildId],
+    ) -> Result<()> {
+        let json = serde_json::to_string(builds).unwrap_or_else(|_| "[]".into());
+        sqlx::query(
+            "UPDATE webhook_deliveries SET builds = ?3 WHERE provider = ?1 AND delivery = ?2",
+        )
+        .bind(provider)
+        .bind(delivery)
+        .bind(json)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The webhook that started build `build_id`: (repo key, sha, build name, ref,
+    /// delivery); `None` for builds no webhook started.
+    pub async fn webhook_origin(
+        &self,
+        build_id: &str,
+    ) -> Result<Option<(String, String, String, String, String)>> {
+        sqlx::query_as(
+            "SELECT repo, sha, build, git_ref, delivery FROM webhook_builds WHERE build_id = ?1",
+        )
+        .bind(build_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))
+    }
+
+    /// The build already started for (`repo`, `sha`, `build`), if any.
+    pub async fn webhook_build(
+        &self,
+        repo: &str,
+        sha: &str,
+        build: &str,
+    ) -> Result<Option<BuildId>> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT build_id FROM webhook_builds WHERE repo = ?1 AND sha = ?2 AND build = ?3",
+        )
+        .bind(repo)
+        .bind(sha)
+        .bind(build)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Remember that (`repo`, `sha`, `build`) is built by `build_id`, started by
+    /// `delivery` for `git_ref`.
+    pub async fn set_webhook_build(
+        &self,
+        repo: &str,
+        sha: &str,
+        build: &str,
+        build_id: &str,
+        git_ref: &str,
+        delivery: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO webhook_builds (repo, sha, build, build_id, git_ref, delivery)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(repo)
+        .bind(sha)
+        .bind(build)
+        .bind(build_id)
+        .bind(git_ref)
+        .bind(delivery)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -14,3 +14,4 @@ mod sandbox;
 mod semantics;
 mod stacker_cli;
 mod util;
+mod webhooks;

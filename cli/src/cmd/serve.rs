@@ -138,6 +138,16 @@ pub(crate) struct CoordinatorArgs {
     /// What remote submissions may read, fetch and use
     #[command(flatten)]
     pub inputs: RemoteInputArgs,
+
+    /// Serve CI webhooks (POST /hooks/github, /hooks/gitlab, /hooks/gitea) at http://ADDR
+    /// for the repositories of --repos
+    #[arg(long, value_name = "ADDR", requires = "repos")]
+    pub webhooks: Option<String>,
+
+    /// The repositories webhooks build (TOML, or YAML when it ends in .yaml): see the
+    /// README's "CI webhooks"
+    #[arg(long, value_name = "FILE", requires = "webhooks")]
+    pub repos: Option<PathBuf>,
 }
 
 /// What the operator allows remote submissions beyond the files they upload. By default
@@ -394,6 +404,27 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             tokio::spawn(async move {
                 if let Err(e) = farm_coordinator::server::serve_metrics(ml, farm).await {
                     tracing::error!("metrics server: {e}");
+                }
+            });
+        }
+        if let (Some(addr), Some(file)) = (&args.webhooks, &args.repos) {
+            let repos = farm_coordinator::hooks::config::Repos::load(file)
+                .with_context(|| format!("--repos {}", file.display()))?;
+            let wl = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for webhooks on {addr} (--webhooks)"))?;
+            eprintln!(
+                "farm coordinator: webhooks on http://{} for {} repositories",
+                wl.local_addr().map_or(addr.clone(), |a| a.to_string()),
+                repos.repos.len()
+            );
+            let (farm, state_dir) = (farm.clone(), args.state_dir.clone());
+            let mut options = farm_coordinator::hooks::WebhookOptions::new(repos);
+            options.registry = args.registry.credentials()?;
+            tokio::spawn(async move {
+                if let Err(e) = farm_coordinator::hooks::serve(wl, farm, &state_dir, options).await
+                {
+                    tracing::error!("webhook server: {e}");
                 }
             });
         }

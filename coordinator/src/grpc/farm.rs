@@ -275,7 +275,23 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
         return Err(Status::not_found(format!("no build {id}")));
     };
     let layers = state.layers(id).await.map_err(|e| status_of(e.into()))?;
+    let webhook = state
+        .webhook_origin(id)
+        .await
+        .map_err(|e| status_of(e.into()))?
+        .map(|(key, sha, name, git_ref, delivery)| {
+            let (provider, repo) = key.split_once(':').unwrap_or(("", key.as_str()));
+            proto::WebhookOrigin {
+                provider: provider.to_string(),
+                repo: repo.to_string(),
+                git_ref,
+                sha,
+                delivery,
+                build: name,
+            }
+        });
     Ok(proto::BuildStatus {
+        webhook,
         id: build.id,
         state: i32::from(build.state),
         error: build.error.unwrap_or_default(),

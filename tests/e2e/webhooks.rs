@@ -1,0 +1,397 @@
+//! CI webhooks end to end: a repository served by `git daemon` on 127.0.0.1, a real
+//! `farm coordinator --webhooks` and `farm worker`, a signed GitHub push delivery; the
+//! build runs the commit's stackerfile and a status API stand-in (GitHub cannot run
+//! here: a small HTTP server on 127.0.0.1 that records calls) sees pending, then success
+//! with the link to the build. A delivery with a bad signature starts nothing.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{KeyInit, Mac};
+
+use crate::procs::*;
+use crate::util::*;
+
+const SECRET: &str = "webhook-secret-for-the-test";
+
+fn sign(body: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The status API stand-in: every request's "path body" line, answered 201.
+type Calls = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn status_api() -> (String, Calls) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let c = calls.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let (head, body) = read_request(&mut s);
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            c.lock()
+                .unwrap()
+                .push((Instant::now(), format!("{path} {body}")));
+            let _ = s.write_all(
+                b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+            );
+        }
+    });
+    (addr, calls)
+}
+
+/// An HTTP/1.1 request's head and body (by content-length).
+fn read_request(s: &mut std::net::TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    let _ = s.read_exact(&mut body);
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// POST `body` to `http://addr/path` with `headers`; the status code and body.
+fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string(),
+    )
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
+    let Some(e) = e2e() else {
+        return;
+    };
+    if which("git").is_none() {
+        return cannot_run("git is not installed").unwrap_or(());
+    }
+    let t = TestDir::new(e, "webhooks-push", Who::User);
+    let Some(registry) = crate::registry::Registry::start(None) else {
+        return;
+    };
+    let reg = registry.host();
+
+    // The repository: a .farm.yaml, a stackerfile on the busybox fixture.
+    let repo = t.join("srv/app");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "--quiet"]);
+    std::fs::copy(t.join("busybox.tar"), repo.join("busybox.tar")).unwrap();
+    std::fs::write(
+        repo.join(".farm.yaml"),
+        format!(
+            "version: 1\nbuilds:\n  - name: app\n    stackerfile: stacker.yaml\n    branches: [main]\n    \
+             push:\n      to: docker://{reg}/acme\n      tags: ['{{sha}}', '{{branch}}', 'pr-{{pr}}']\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("stacker.yaml"),
+        "app:\n  from:\n    type: tar\n    url: busybox.tar\n  run: echo built-at-${{FARM_GIT_SHA}}\n",
+    )
+    .unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "--quiet", "-m", "one"]);
+    let sha = git(&repo, &["rev-parse", "HEAD"]);
+
+    // Served by git daemon on loopback (as root; the repository is root's).
+    let git_port = free_port();
+    let mut daemon = Command::new("git");
+    daemon
+        .args([
+            "-c",
+            "safe.directory=*",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+        ])
+        .arg("--listen=127.0.0.1")
+        .arg(format!("--port={git_port}"))
+        .arg(format!("--base-path={}", t.join("srv").display()))
+        .arg(t.join("srv"));
+    let _daemon = Proc::spawn("git daemon", daemon, &t.join("git-daemon.log"));
+    wait_until("git daemon listens", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", git_port))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+
+    let (api_addr, calls) = status_api();
+    t.write("hooks/secret", SECRET);
+    t.write("hooks/token", "status-token");
+    let hooks_addr = format!("127.0.0.1:{}", free_port());
+    let repos = t.write(
+        "hooks/repos.toml",
+        format!(
+            "log_url = \"http://farm.example/builds/{{build}}\"\n\n[[repo]]\nname = \"acme/app\"\n\
+             provider = \"github\"\nclone_url = \"git://127.0.0.1:{git_port}/app\"\n\
+             secret_file = \"secret\"\ntoken_file = \"token\"\nstatus_api = \"http://{api_addr}\"\n\
+             branches = [\"main\"]\npush_to = [\"docker://{reg}/acme\"]\npush_insecure = true\n"
+        ),
+    );
+    let blobs = format!("file://{}", t.join("blobs").display());
+    let spec = CoordinatorSpec {
+        state_dir: t.state.clone(),
+        blobs: blobs.clone(),
+        lease: Some(5.0),
+        metrics: false,
+        port: None,
+        inputs: vec![
+            "--webhooks".into(),
+            hooks_addr.clone(),
+            "--repos".into(),
+            repos.display().to_string(),
+        ],
+    };
+    let cmd = t.command(&[("NO_COLOR", "1")], farm_bin().to_str().unwrap());
+    let coordinator = Coordinator::start_with(&spec, cmd, &t.join("coordinator.log"));
+    let pool = private_pool(e, "webhooks-push");
+    let mut wcmd = t.command(&[("NO_COLOR", "1")], farm_bin().to_str().unwrap());
+    wcmd.args([
+        "worker",
+        "--coordinator",
+        &format!("http://{}", coordinator.addr),
+    ])
+    .arg("--pool")
+    .arg(&pool)
+    .args(["--blobs", &blobs, "--slots", "1", "--name", "w"]);
+    let _worker = Proc::spawn("worker w", wcmd, &t.join("worker.log"));
+    let client = |args: &[&str]| {
+        let out = t
+            .command(&[("NO_COLOR", "1")], farm_bin().to_str().unwrap())
+            .args(args)
+            .args(["--coordinator", &coordinator.addr])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("the webhook listener", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&hooks_addr)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+
+    let body = format!(
+        r#"{{"ref":"refs/heads/main","after":"{sha}","repository":{{"full_name":"acme/app"}}}}"#
+    );
+    // A bad signature: refused, nothing fetched or built.
+    let bad = sign(&body.replace("main", "evil"));
+    let (code, _) = post(
+        &hooks_addr,
+        "/hooks/github",
+        &[
+            ("x-github-event", "push"),
+            ("x-github-delivery", "bad-1"),
+            ("x-hub-signature-256", &bad),
+        ],
+        &body,
+    );
+    assert_eq!(code, 401);
+    let count = || {
+        let listed = client(&["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&listed)
+            .unwrap_or_else(|e| panic!("farm status --json: {e}: {listed}"))
+            .as_array()
+            .map_or(usize::MAX, Vec::len)
+    };
+    assert_eq!(count(), 0, "no build after a refused delivery");
+
+    let good = sign(&body);
+    let delivered = Instant::now();
+    let (code, answer) = post(
+        &hooks_addr,
+        "/hooks/github",
+        &[
+            ("x-github-event", "push"),
+            ("x-github-delivery", "good-1"),
+            ("x-hub-signature-256", &good),
+        ],
+        &body,
+    );
+    assert_eq!(code, 202, "{answer}");
+    let statuses = wait_until("the success status", Duration::from_secs(300), || {
+        let c: Vec<String> = calls.lock().unwrap().iter().map(|c| c.1.clone()).collect();
+        if c.iter().any(|l| l.contains("\"success\"")) {
+            Ok(c)
+        } else if c
+            .iter()
+            .any(|l| l.contains("\"failure\"") || l.contains("\"error\""))
+        {
+            panic!("the build failed: {c:?}\n{}", coordinator.proc.output())
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    {
+        // Not asserted (no timing assertions): the note's numbers.
+        let c = calls.lock().unwrap();
+        eprintln!(
+            "webhooks: delivery -> pending {:?}, delivery -> success {:?}",
+            c[0].0 - delivered,
+            c[1].0 - delivered
+        );
+    }
+    assert!(statuses[0].contains("\"pending\""), "{statuses:?}");
+    for s in &statuses {
+        assert!(
+            s.starts_with(&format!("/repos/acme/app/statuses/{sha} ")),
+            "{s}"
+        );
+        assert!(s.contains("\"context\":\"farm/app\""), "{s}");
+        assert!(s.contains("http://farm.example/builds/b-"), "{s}");
+    }
+    let id = statuses[1]
+        .split("http://farm.example/builds/")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    assert!(statuses[1].contains("tags pushed"), "{statuses:?}");
+    // Pushed under the tags of the template ('pr-{pr}' is empty for a push: skipped).
+    let inspect = |reference: String| {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false"])
+            .arg(format!("docker://{reference}"))
+            .output()
+            .unwrap();
+        out.status.success().then(|| {
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["Digest"].clone()
+        })
+    };
+    let by_sha = inspect(format!("{reg}/acme/app:{sha}")).expect("tagged with the sha");
+    let by_branch = inspect(format!("{reg}/acme/app:main")).expect("tagged with the branch");
+    assert_eq!(by_sha, by_branch);
+    assert!(inspect(format!("{reg}/acme/app:pr-")).is_none());
+    // farm status says which delivery started it.
+    let shown: serde_json::Value =
+        serde_json::from_str(&client(&["status", &id, "--json"])).unwrap();
+    assert_eq!(
+        shown["webhook"],
+        serde_json::json!({"provider": "github", "repo": "acme/app", "ref": "refs/heads/main",
+            "sha": sha, "delivery": "good-1", "build": "app"}),
+        "{shown}"
+    );
+    let logs = client(&["logs", &id, "app"]);
+    assert!(logs.contains(&format!("built-at-{sha}")), "{logs}");
+
+    // The same delivery again starts nothing.
+    let (code, answer) = post(
+        &hooks_addr,
+        "/hooks/github",
+        &[
+            ("x-github-event", "push"),
+            ("x-github-delivery", "good-1"),
+            ("x-hub-signature-256", &good),
+        ],
+        &body,
+    );
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.contains(&id), "{answer}");
+    assert_eq!(count(), 1, "one build in all");
+
+    // A second commit whose `run` fails: pending, then failure; nothing pushed.
+    std::fs::write(
+        repo.join("stacker.yaml"),
+        "app:\n  from:\n    type: tar\n    url: busybox.tar\n  run: echo second; exit 3\n",
+    )
+    .unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "two"]);
+    let sha2 = git(&repo, &["rev-parse", "HEAD"]);
+    let body2 = body.replace(&sha, &sha2);
+    let sig2 = sign(&body2);
+    let (code, answer) = post(
+        &hooks_addr,
+        "/hooks/github",
+        &[
+            ("x-github-event", "push"),
+            ("x-github-delivery", "good-2"),
+            ("x-hub-signature-256", &sig2),
+        ],
+        &body2,
+    );
+    assert_eq!(code, 202, "{answer}");
+    let second = wait_until("the failure status", Duration::from_secs(300), || {
+        let c: Vec<String> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.1.clone())
+            .filter(|l| l.contains(&sha2))
+            .collect();
+        if c.iter().any(|l| l.contains("\"failure\"")) {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second[0].contains("\"pending\""), "{second:?}");
+    assert!(inspect(format!("{reg}/acme/app:{sha2}")).is_none());
+    // The branch tag still names the first commit's image.
+    assert_eq!(inspect(format!("{reg}/acme/app:main")), Some(by_sha));
+}
