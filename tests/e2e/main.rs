@@ -5,6 +5,7 @@ mod auth;
 mod build;
 mod client;
 mod farm;
+mod images;
 mod kubernetes;
 mod plan;
 mod procs;

@@ -714,6 +714,78 @@ mod tests {
         assert!(registered.lock().unwrap().is_some());
     }
 
+    /// A coordinator that accepts the registration and records what the worker sends.
+    struct Recording {
+        seen: Arc<Mutex<Vec<worker_message::Kind>>>,
+    }
+
+    impl Dialer for Recording {
+        fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, DialError>> + Send + '_>> {
+            Box::pin(async move {
+                let (tx, mut from_worker) = mpsc::unbounded_channel::<WorkerMessage>();
+                let (to_worker, rx) = mpsc::unbounded_channel();
+                let seen = self.seen.clone();
+                tokio::spawn(async move {
+                    while let Some(m) = from_worker.recv().await {
+                        if let Some(worker_message::Kind::Register(_)) = &m.kind {
+                            let _ = to_worker.send(CoordinatorMessage {
+                                kind: Some(coordinator_message::Kind::Registered(Registered {
+                                    heartbeat_ms: 50,
+                                })),
+                            });
+                        }
+                        seen.lock().unwrap().extend(m.kind);
+                    }
+                });
+                Ok(Connection {
+                    tx,
+                    rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+                })
+            })
+        }
+
+        fn describe(&self) -> String {
+            "a test coordinator".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drained_worker_tells_the_coordinator_and_stops_when_nothing_runs() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(AgentStatus::default());
+        let (drain, rx) = tokio::sync::watch::channel(false);
+        let agent = tokio::spawn(run_with(
+            None,
+            config(),
+            Recording { seen: seen.clone() },
+            Control {
+                status: status.clone(),
+                drain: Some((rx, Duration::from_secs(60))),
+            },
+        ));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !status.registered() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the worker registers");
+        assert!(!status.draining());
+        drain.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), agent)
+            .await
+            .expect("a drained worker with nothing to finish stops at once")
+            .unwrap()
+            .unwrap();
+        assert!(status.draining());
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|k| matches!(k, worker_message::Kind::Drain(d) if d.hand_back.is_empty())),
+            "{seen:?}"
+        );
+    }
+
     /// A dialer whose coordinator refuses the credential.
     struct RefusesCredential;
 
