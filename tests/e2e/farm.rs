@@ -1119,3 +1119,74 @@ fn a_worker_on_a_pool_that_is_not_btrfs_is_not_ready_and_says_why() {
         "{metrics}"
     );
 }
+
+/// Issue 14: a user whose subordinate ids are split over two lines of /etc/subuid and
+/// /etc/subgid (as the farm image's user `farm:1:999` + `farm:1001:64535`) builds, with
+/// the ranges mapped in file order through the real newuidmap/newgidmap: chown to 999,
+/// 1000 and 65534 (nobody) works in the build, which it would not for an unmapped id.
+#[test]
+fn a_user_with_split_subordinate_ranges_builds_with_nobody_mapped() {
+    let Some(e) = e2e() else {
+        return;
+    };
+    if !is_root() {
+        let _: Option<()> = cannot_run("the split-range test creates a user (root only)");
+        return;
+    }
+    const USER: &str = "farm-e2e-split";
+    let (uid, gid, home) = with_setup_lock(|| {
+        let u = ensure_user(USER);
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let mut kept: String = text
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{USER}:")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            kept.push_str(&format!("{USER}:3000000:999\n{USER}:3001000:64535\n"));
+            std::fs::write(file, kept).unwrap();
+        }
+        u
+    });
+    let dir = home.join("split-ranges");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&e.rootfs_tar, dir.join("base.tar")).unwrap();
+    std::fs::write(
+        dir.join("stacker.yaml"),
+        "t:\n  from:\n    type: tar\n    url: base.tar\n  run: |\n    cat /proc/self/uid_map /proc/self/gid_map\n    \
+         touch /a /b /c\n    chown 999:999 /a\n    chown 1000:1000 /b\n    chown 65534:65534 /c\n    ls -ln /a /b /c\n",
+    )
+    .unwrap();
+    chown_tree(&dir, uid, gid);
+    let mut cmd = user_command(
+        USER,
+        &home,
+        &[("NO_COLOR", "1")],
+        farm_bin().to_str().unwrap(),
+    );
+    cmd.current_dir(&dir)
+        .args(["build", "-o", "oci", "--state-dir", "state"]);
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let maps: Vec<Vec<String>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("t | "))
+        .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter(|f| f.len() == 3 && f.iter().all(|x| x.parse::<u64>().is_ok()))
+        .collect();
+    let want = |own: u32| {
+        vec![
+            vec!["0".to_string(), own.to_string(), "1".into()],
+            vec!["1".into(), "3000000".into(), "999".into()],
+            vec!["1000".into(), "3001000".into(), "64535".into()],
+        ]
+    };
+    assert_eq!(maps, [want(uid), want(gid)].concat(), "{text}");
+    assert!(text.contains("65534    65534"), "{text}");
+}
