@@ -997,6 +997,29 @@ fn sigterm_with_a_connected_worker_exits_in_under_5s_and_the_worker_reconnects()
     );
     let id = f.submit_detached();
     f.wait_running(&id, "slow");
+    // The worker's metrics: its slot is busy, and its base chains were looked up in the
+    // pool (found, or extracted: the pool may be kept from an earlier run).
+    let metrics = http_get(&probes, "/metrics");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    assert_eq!(
+        (
+            value("farm_worker_running"),
+            value("farm_worker_slots"),
+            value("farm_worker_registered")
+        ),
+        (1, 1, 1),
+        "{metrics}"
+    );
+    assert!(
+        value("farm_worker_chain_hits_total") + value("farm_worker_chain_misses_total") > 0,
+        "{metrics}"
+    );
     let _follower = f.client_spawn(&["logs", &id, "slow", "--follow"], "follow");
 
     let c = f.coordinator.as_mut().unwrap();

@@ -299,6 +299,7 @@ pub async fn run_with(
                             }
                             let token = engine.job_cancel_token();
                             running.insert(a.id.clone(), token.clone());
+                            status.running.store(running.len(), Ordering::Relaxed);
                             tokio::spawn(build(engine, a.id, a.job_json, token, shared.clone(), done_tx.clone()));
                         }
                         Some(coordinator_message::Kind::Cancel(id)) => {

@@ -543,6 +543,11 @@ impl WorkerProbe {
                 (v.blocks_available() * f, v.blocks() * f)
             })
             .unwrap_or_default();
+        let (hits, misses) = self
+            .engine
+            .as_ref()
+            .map(|e| e.chain_stats())
+            .unwrap_or_default();
         let b = |x: bool| u8::from(x);
         [
             (
@@ -574,6 +579,18 @@ impl WorkerProbe {
                 "gauge",
                 "1 when /readyz answers 200",
                 b(self.not_ready().is_none()).into(),
+            ),
+            (
+                "farm_worker_chain_hits_total",
+                "counter",
+                "Base layers found already extracted in the pool",
+                hits,
+            ),
+            (
+                "farm_worker_chain_misses_total",
+                "counter",
+                "Base layers extracted into the pool",
+                misses,
             ),
             (
                 "farm_worker_pool_chains",
