@@ -23,7 +23,8 @@ pub(crate) struct RunLimitArgs {
         visible_alias = "timeout",
         value_name = "DURATION",
         default_value = DEFAULT_RUN_TIMEOUT,
-        value_parser = parse_duration
+        value_parser = parse_duration,
+        env = "FARM_RUN_TIMEOUT"
     )]
     pub run_timeout: Duration,
 
@@ -32,23 +33,29 @@ pub(crate) struct RunLimitArgs {
         long,
         value_name = "DURATION",
         default_value = DEFAULT_MAX_RUN_TIMEOUT,
-        value_parser = parse_duration
+        value_parser = parse_duration,
+        env = "FARM_MAX_RUN_TIMEOUT"
     )]
     pub max_run_timeout: Duration,
 
     /// The network of run: host (the worker's, as stacker does) or none (a network
     /// namespace with only loopback; wins over a layer's network: host)
-    #[arg(long, value_name = "MODE", default_value = "host")]
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "host",
+        env = "FARM_NETWORK"
+    )]
     pub network: Network,
 
     /// pids.max of each build, when the worker runs in a delegated cgroup v2 (see
     /// `farm check`); 0: no limit
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_PIDS_MAX)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PIDS_MAX, env = "FARM_PIDS_MAX")]
     pub pids_max: u64,
 
     /// memory.max of each build (e.g. 8G), when the worker runs in a delegated cgroup
     /// v2; 0: no limit [default: 3/4 of the machine's memory]
-    #[arg(long, value_name = "SIZE", value_parser = crate::cmd::build::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::cmd::build::parse_size, env = "FARM_MEMORY_MAX")]
     pub memory_max: Option<u64>,
 }
 

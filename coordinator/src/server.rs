@@ -109,8 +109,14 @@ pub async fn serve_with(
             .farm_server(),
         gate(auth::Service::Farm),
     );
+    // Both servers stop on the one shutdown; workers' streams end at once then (with
+    // UNAVAILABLE: the worker dials again, finding the next coordinator), and whatever
+    // else is still open (watchers, log followers) gets SHUTDOWN_GRACE.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let workers = InterceptedService::new(
-        WorkerService::new(farm.clone()).into_server(),
+        WorkerService::new(farm.clone())
+            .until(stopped.clone())
+            .into_server(),
         gate(auth::Service::Workers),
     );
     let reflection = if options.auth.enabled() {
@@ -146,8 +152,6 @@ pub async fn serve_with(
         .add_optional_service(reflection)
         .add_service(blobs.clone())
         .add_service(farm_api);
-    // Both servers stop on the one shutdown.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -157,58 +161,87 @@ pub async fn serve_with(
         let _ = stop.send(true);
         Ok::<(), ServerError>(())
     };
-    match options.worker_listener {
-        None => {
-            let serving = async {
-                clients
-                    .add_service(workers)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), clients_done)
-                    .await
-                    .map_err(ServerError::from)
-            };
-            tokio::try_join!(serving, signal)?;
+    // Graceful shutdown waits for every open call; a stream that does not end by
+    // itself (a `farm submit` watching) is cut SHUTDOWN_GRACE after the signal, so a
+    // stop (SIGTERM in a pod) takes bounded time. Clients reconnect.
+    let mut hard_stop = stopped.clone();
+    let bounded = async move {
+        let _ = hard_stop.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::info!("calls still open {SHUTDOWN_GRACE:?} after the stop: closing them");
+    };
+    let serve = async move {
+        match options.worker_listener {
+            None => {
+                let serving = async {
+                    clients
+                        .add_service(workers)
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            clients_done,
+                        )
+                        .await
+                        .map_err(ServerError::from)
+                };
+                tokio::try_join!(serving, signal)?;
+            }
+            Some(worker_listener) => {
+                let worker_ca = options.worker_client_ca_pem.as_deref().or(client_ca);
+                let for_workers = builder(worker_ca)?
+                    .add_service(health_service)
+                    .add_service(blobs)
+                    .add_service(workers);
+                let for_workers = async {
+                    for_workers
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(worker_listener),
+                            stopping(stopped),
+                        )
+                        .await
+                        .map_err(ServerError::from)
+                };
+                let for_clients = async {
+                    clients
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            clients_done,
+                        )
+                        .await
+                        .map_err(ServerError::from)
+                };
+                tokio::try_join!(for_clients, for_workers, signal)?;
+            }
         }
-        Some(worker_listener) => {
-            let worker_ca = options.worker_client_ca_pem.as_deref().or(client_ca);
-            let for_workers = builder(worker_ca)?
-                .add_service(health_service)
-                .add_service(blobs)
-                .add_service(workers);
-            let for_workers = async {
-                for_workers
-                    .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(worker_listener),
-                        stopping(stopped),
-                    )
-                    .await
-                    .map_err(ServerError::from)
-            };
-            let for_clients = async {
-                clients
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), clients_done)
-                    .await
-                    .map_err(ServerError::from)
-            };
-            tokio::try_join!(for_clients, for_workers, signal)?;
-        }
+        Ok::<(), ServerError>(())
+    };
+    tokio::select! {
+        r = serve => r,
+        () = bounded => Ok(()),
     }
-    Ok(())
 }
+
+/// How long calls still open at a shutdown may take to end before they are cut.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Serve `GET /metrics` (Prometheus text format) on `listener`.
 pub async fn serve_metrics(listener: TcpListener, farm: Farm) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let farm = farm.clone();
-            async move {
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    farm.metrics().render(),
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let farm = farm.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        farm.metrics().render(),
+                    )
+                }
+            }),
+        )
+        // The probes of a pod: the process answers; it serves (the metrics listener
+        // starts once the state store is open).
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(|| async { "ready\n" }));
     axum::serve(listener, app).await
 }
 

@@ -831,6 +831,33 @@ impl StateStore {
         }
     }
 
+    /// A worker gave lease `id` back before it finished (it is stopping): the lease
+    /// ends and the layer's attempt is taken back (a drained worker is no failure).
+    /// Returns `false` if the lease had already been released.
+    pub async fn hand_back(&self, id: AssignmentId) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let done =
+            sqlx::query("UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 1 {
+            sqlx::query(
+                "UPDATE layers SET attempts = attempts - 1, state = ?2, worker = NULL
+                 WHERE attempts > 0 AND (build_id, idx) =
+                   (SELECT build_id, idx FROM assignments WHERE id = ?1)",
+            )
+            .bind(id.0)
+            .bind(LayerState::Waiting.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     // ---- events and logs ----
 
     /// Append an event to a build's stream; returns its sequence number (1, 2, ... per
@@ -1380,6 +1407,21 @@ mod tests {
         assert_eq!(lease.expires_ms, 19_000);
         assert!(s.assignment(a1).await.unwrap().unwrap().1);
         assert_eq!(s.assignment(AssignmentId(999)).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_lease_handed_back_takes_its_attempt_back() {
+        let (_d, s) = store().await;
+        let id = s.create_build("{}", &names(&["a"])).await.unwrap();
+        let a = s.assign(&id, 0, "w1", 1000, 0).await.unwrap();
+        assert_eq!(s.layers(&id).await.unwrap()[0].attempts, 1);
+        assert!(s.hand_back(a).await.unwrap());
+        let l = &s.layers(&id).await.unwrap()[0];
+        assert_eq!((l.attempts, l.state), (0, LayerState::Waiting));
+        assert!(s.active_lease(&id, 0).await.unwrap().is_none());
+        // A second hand-back (or one after the result) changes nothing.
+        assert!(!s.hand_back(a).await.unwrap());
+        assert_eq!(s.layers(&id).await.unwrap()[0].attempts, 0);
     }
 
     #[tokio::test]

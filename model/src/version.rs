@@ -11,8 +11,9 @@ pub struct ProtocolVersion {
 }
 
 /// What this build of farm speaks. Major 1 was the unversioned protocol (a worker that
-/// sends no version says 0.0); 2 brought typed failures and the versioned `Register`.
-pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 2, minor: 0 };
+/// sends no version says 0.0); 2 brought typed failures and the versioned `Register`;
+/// 2.1 the worker's `Drain` (stop taking work, hand layers back).
+pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 2, minor: 1 };
 
 impl ProtocolVersion {
     /// Whether a peer speaking `other` can work with this side.

@@ -87,6 +87,30 @@ impl Proc {
         self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 
+    /// SIGTERM to the process itself (what a pod's stop sends).
+    pub(crate) fn term(&self) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// Waits for it to end, at most `limit`; `None` if it still runs.
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if started.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `kill -9` of the process itself (not its group: what it started must die
     /// with it by itself), and reap it.
     pub(crate) fn kill9(&mut self) {
@@ -246,6 +270,13 @@ impl Coordinator {
 
 /// GET `path` from `addr` over plain HTTP/1.1; the body of a 200 answer.
 pub(crate) fn http_get(addr: &str, path: &str) -> String {
+    let (code, body) = http_status(addr, path);
+    assert_eq!(code, 200, "GET http://{addr}{path}: {body}");
+    body
+}
+
+/// GET `path` from `addr` over plain HTTP/1.1: the status code and the body.
+pub(crate) fn http_status(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
@@ -258,18 +289,20 @@ pub(crate) fn http_get(addr: &str, path: &str) -> String {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("GET http://{addr}{path}: no header end in {response:?}"));
-    assert!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "GET http://{addr}{path}: {head}"
-    );
-    if head
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("GET http://{addr}{path}: no status in {head:?}"));
+    let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
         dechunk(body)
     } else {
         body.to_string()
-    }
+    };
+    (code, body)
 }
 
 fn dechunk(mut body: &str) -> String {

@@ -6,9 +6,10 @@
 //! keep running, their results are kept until the coordinator acknowledges them, and
 //! the worker dials again with backoff, telling the new connection what it still runs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,12 +89,85 @@ impl Shared {
     }
 }
 
+/// What a running agent shows its process (the worker's probes and metrics).
+#[derive(Debug, Default)]
+pub struct AgentStatus {
+    registered: AtomicBool,
+    draining: AtomicBool,
+    running: AtomicUsize,
+}
+
+impl AgentStatus {
+    /// The coordinator accepted the registration and the stream is up.
+    pub fn registered(&self) -> bool {
+        self.registered.load(Ordering::Relaxed)
+    }
+    /// A stop began: no new work is taken.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+    /// Assignments being built.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+}
+
+/// How a running agent is observed and stopped.
+#[derive(Debug, Default)]
+pub struct Control {
+    pub status: Arc<AgentStatus>,
+    /// When this becomes true the worker drains: it takes no new work, lets what runs
+    /// finish for at most the duration, then hands the rest back and returns.
+    pub drain: Option<(tokio::sync::watch::Receiver<bool>, Duration)>,
+}
+
+/// How long a drained worker waits for the coordinator to acknowledge its last
+/// results and hand-backs before it returns.
+const DRAIN_FLUSH: Duration = Duration::from_secs(2);
+
 /// Run the worker until the dialer gives up (or forever).
 pub async fn run(
     engine: Option<Arc<Engine>>,
     config: AgentConfig,
     dialer: impl Dialer,
 ) -> Result<(), String> {
+    run_with(engine, config, dialer, Control::default()).await
+}
+
+/// Waits until `rx` holds true (forever without one).
+async fn drain_requested(rx: &mut Option<(tokio::sync::watch::Receiver<bool>, Duration)>) {
+    match rx {
+        Some((rx, _)) => {
+            if rx.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn drain_message(hand_back: Vec<String>) -> WorkerMessage {
+    WorkerMessage {
+        kind: Some(worker_message::Kind::Drain(pb::Drain { hand_back })),
+    }
+}
+
+/// [`run`], observed through `control.status` and drained through `control.drain`
+/// (then it returns `Ok` once nothing runs).
+pub async fn run_with(
+    engine: Option<Arc<Engine>>,
+    config: AgentConfig,
+    dialer: impl Dialer,
+    control: Control,
+) -> Result<(), String> {
+    let Control { status, drain } = control;
+    let mut drain = drain;
+    let drain_timeout = drain.as_ref().map(|(_, t)| *t).unwrap_or_default();
+    // Set when a drain began: running layers must end by then.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    // Set once layers were handed back (or all finished): results are flushed until then.
+    let mut flush_until: Option<tokio::time::Instant> = None;
+    let mut handed_back: HashSet<String> = HashSet::new();
     let shared = Arc::new(Shared {
         tx: Mutex::new(None),
     });
@@ -108,6 +182,28 @@ pub async fn run(
         // process is ending) is only stopped at a point where it waits, and while the
         // runtime shuts down its channels close and its timers fire at once.
         tokio::task::yield_now().await;
+        status.running.store(running.len(), Ordering::Relaxed);
+        if deadline.is_none()
+            && let Some((rx, timeout)) = &drain
+            && *rx.borrow()
+        {
+            // Asked to drain while away from the coordinator.
+            status.draining.store(true, Ordering::Relaxed);
+            deadline = Some(tokio::time::Instant::now() + *timeout);
+        }
+        if deadline.is_some() && running.is_empty() {
+            // Drained (the coordinator is away: unacknowledged results are lost with the
+            // worker, and their layers move when the leases run out).
+            return Ok(());
+        }
+        if let Some(d) = deadline
+            && tokio::time::Instant::now() >= d
+        {
+            for token in running.values() {
+                token.cancel();
+            }
+            return Ok(());
+        }
         let conn = match dialer.dial().await {
             Ok(c) => c,
             Err(DialError::Refused(why)) => {
@@ -169,6 +265,10 @@ pub async fn run(
             });
         }
         *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        if deadline.is_some() {
+            // Still draining after a reconnect: say so again.
+            let _ = tx.send(drain_message(Vec::new()));
+        }
         tracing::info!(coordinator = %dialer.describe(), "connected");
         let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -178,6 +278,7 @@ pub async fn run(
                     let Some(msg) = msg else { break };
                     match msg.kind {
                         Some(coordinator_message::Kind::Registered(r)) => {
+                            status.registered.store(true, Ordering::Relaxed);
                             let every = Duration::from_millis(r.heartbeat_ms.max(50));
                             heartbeat = tokio::time::interval(every);
                             heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,8 +292,14 @@ pub async fn run(
                             if running.contains_key(&a.id) {
                                 continue;
                             }
+                            if deadline.is_some() {
+                                // Sent before the coordinator saw the drain: given back.
+                                let _ = tx.send(drain_message(vec![a.id]));
+                                continue;
+                            }
                             let token = engine.job_cancel_token();
                             running.insert(a.id.clone(), token.clone());
+                            status.running.store(running.len(), Ordering::Relaxed);
                             tokio::spawn(build(engine, a.id, a.job_json, token, shared.clone(), done_tx.clone()));
                         }
                         Some(coordinator_message::Kind::Cancel(id)) => {
@@ -203,6 +310,10 @@ pub async fn run(
                         }
                         Some(coordinator_message::Kind::Ack(ack)) => {
                             unacked.remove(&ack.assignment);
+                            if deadline.is_some() && running.is_empty() && unacked.is_empty() {
+                                tracing::info!("drained: every result is acknowledged");
+                                return Ok(());
+                            }
                         }
                         // A refusal that may pass (another live worker holds the name):
                         // dial again later.
@@ -221,8 +332,45 @@ pub async fn run(
                 }
                 Some(result) = done_rx.recv() => {
                     running.remove(&result.assignment);
+                    status.running.store(running.len(), Ordering::Relaxed);
+                    if handed_back.contains(&result.assignment) {
+                        continue;
+                    }
                     unacked.insert(result.assignment.clone(), result.clone());
                     let _ = tx.send(WorkerMessage { kind: Some(worker_message::Kind::Result(result)) });
+                    if deadline.is_some() && running.is_empty() {
+                        flush_until.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_FLUSH);
+                    }
+                }
+                () = drain_requested(&mut drain), if deadline.is_none() => {
+                    tracing::info!(running = running.len(), timeout = ?drain_timeout, "draining: no new work; running layers get the drain timeout to finish");
+                    status.draining.store(true, Ordering::Relaxed);
+                    deadline = Some(tokio::time::Instant::now() + drain_timeout);
+                    let _ = tx.send(drain_message(Vec::new()));
+                    if running.is_empty() && unacked.is_empty() {
+                        return Ok(());
+                    }
+                    if running.is_empty() {
+                        flush_until = Some(tokio::time::Instant::now() + DRAIN_FLUSH);
+                    }
+                }
+                () = sleep_until_opt(deadline), if flush_until.is_none() && !running.is_empty() => {
+                    let ids: Vec<String> = running.keys().cloned().collect();
+                    tracing::warn!(layers = ids.len(), "drain timeout: handing the running layers back to the coordinator");
+                    for token in running.values() {
+                        token.cancel();
+                    }
+                    handed_back.extend(ids.iter().cloned());
+                    running.clear();
+                    status.running.store(0, Ordering::Relaxed);
+                    let _ = tx.send(drain_message(ids));
+                    flush_until = Some(tokio::time::Instant::now() + DRAIN_FLUSH);
+                }
+                () = sleep_until_opt(flush_until) => {
+                    if !unacked.is_empty() {
+                        tracing::warn!(results = unacked.len(), "drained, but the coordinator did not acknowledge every result; their layers move when the leases run out");
+                    }
+                    return Ok(());
                 }
                 _ = heartbeat.tick() => {
                     let hb = WorkerMessage { kind: Some(worker_message::Kind::Heartbeat(Heartbeat {
@@ -236,6 +384,7 @@ pub async fn run(
             }
         }
         *shared.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        status.registered.store(false, Ordering::Relaxed);
         tracing::warn!(coordinator = %dialer.describe(), "disconnected; dialling again");
         down_since = Some(Instant::now());
         // A connection that ends at once (a coordinator that takes the call and drops
@@ -257,6 +406,14 @@ fn drain_done(
     while let Ok(result) = done_rx.try_recv() {
         running.remove(&result.assignment);
         unacked.insert(result.assignment.clone(), result);
+    }
+}
+
+/// Sleeps until `at` (forever without one).
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -556,6 +713,78 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(500), run(None, config(), dialer)).await;
         assert!(still_running.is_err(), "{still_running:?}");
         assert!(registered.lock().unwrap().is_some());
+    }
+
+    /// A coordinator that accepts the registration and records what the worker sends.
+    struct Recording {
+        seen: Arc<Mutex<Vec<worker_message::Kind>>>,
+    }
+
+    impl Dialer for Recording {
+        fn dial(&self) -> Pin<Box<dyn Future<Output = Result<Connection, DialError>> + Send + '_>> {
+            Box::pin(async move {
+                let (tx, mut from_worker) = mpsc::unbounded_channel::<WorkerMessage>();
+                let (to_worker, rx) = mpsc::unbounded_channel();
+                let seen = self.seen.clone();
+                tokio::spawn(async move {
+                    while let Some(m) = from_worker.recv().await {
+                        if let Some(worker_message::Kind::Register(_)) = &m.kind {
+                            let _ = to_worker.send(CoordinatorMessage {
+                                kind: Some(coordinator_message::Kind::Registered(Registered {
+                                    heartbeat_ms: 50,
+                                })),
+                            });
+                        }
+                        seen.lock().unwrap().extend(m.kind);
+                    }
+                });
+                Ok(Connection {
+                    tx,
+                    rx: Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+                })
+            })
+        }
+
+        fn describe(&self) -> String {
+            "a test coordinator".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drained_worker_tells_the_coordinator_and_stops_when_nothing_runs() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(AgentStatus::default());
+        let (drain, rx) = tokio::sync::watch::channel(false);
+        let agent = tokio::spawn(run_with(
+            None,
+            config(),
+            Recording { seen: seen.clone() },
+            Control {
+                status: status.clone(),
+                drain: Some((rx, Duration::from_secs(60))),
+            },
+        ));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !status.registered() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the worker registers");
+        assert!(!status.draining());
+        drain.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), agent)
+            .await
+            .expect("a drained worker with nothing to finish stops at once")
+            .unwrap()
+            .unwrap();
+        assert!(status.draining());
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|k| matches!(k, worker_message::Kind::Drain(d) if d.hand_back.is_empty())),
+            "{seen:?}"
+        );
     }
 
     /// A dialer whose coordinator refuses the credential.

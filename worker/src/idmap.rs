@@ -1,8 +1,11 @@
 //! Which host ids the container's ids 0..65535 map to, and how the maps get written.
 //!
 //! * As an ordinary user: container 0 is the worker's own uid/gid, container
-//!   1..=65535 are the first 65535 ids of its /etc/subuid (/etc/subgid) range; written
-//!   by the setuid helpers `newuidmap`/`newgidmap` (package uidmap).
+//!   1..=65535 are the first 65535 ids of its /etc/subuid (/etc/subgid) ranges, in the
+//!   order the file lists them (several ranges are fine: `farm:1:999` and
+//!   `farm:1001:64535` fit a 65,536-id pod user namespace; at least 65534 ids are
+//!   needed, so that `nobody` is mapped); written by the setuid helpers
+//!   `newuidmap`/`newgidmap` (package uidmap), one argument triple per range.
 //! * As real root: container 0..=65535 map to 65536 ids of /etc/subuid's entry for root
 //!   if there is one, else to the first block of 65536 at or above 100000 that no
 //!   /etc/subuid (/etc/subgid) entry uses; written directly to /proc/PID/{u,g}id_map.
@@ -24,6 +27,13 @@ use serde::{Deserialize, Serialize};
 
 /// Number of container ids mapped (container ids 0..=65535).
 pub const CONTAINER_IDS: u32 = 65536;
+
+/// The fewest subordinate ids an ordinary user needs (all its ranges together):
+/// container 1..=65534, so that `nobody`/`nogroup` (65534) is mapped. 65534 is what fits
+/// beside the user's own id inside a 65,536-id user namespace (a Kubernetes pod with
+/// `hostUsers: false`), e.g. `farm:1:999` and `farm:1001:64535` for uid 1000; with
+/// 65535 or more, container 65535 is mapped too.
+pub const MIN_SUBORDINATE_IDS: u32 = CONTAINER_IDS - 2;
 
 /// One line of a uid_map/gid_map: `count` ids starting at `container` map to `host`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +64,7 @@ pub struct IdMapping {
 #[derive(Debug, thiserror::Error)]
 pub enum IdMapError {
     #[error(
-        "user {user} has no subordinate {kind} range of at least {needed} ids in {file}: run \
+        "user {user} has no subordinate {kind} ranges of at least {needed} ids (together) in {file}: run \
          'farm setup --user {user} --pool DIR' as root (or add {user} to /etc/subuid and \
          /etc/subgid)"
     )]
@@ -179,40 +189,19 @@ impl IdMapping {
                 writer: MapWriter::Direct,
             });
         }
-        let needed = CONTAINER_IDS - 1;
         let missing = |kind, file: &str| IdMapError::NoSubordinateIds {
             user: name.to_string(),
             kind,
             file: file.into(),
-            needed,
+            needed: MIN_SUBORDINATE_IDS,
         };
-        let u = owned(&subuid, uid, needed).ok_or_else(|| missing("uid", "/etc/subuid"))?;
-        let g = owned(&subgid, uid, needed).ok_or_else(|| missing("gid", "/etc/subgid"))?;
+        let uids = subordinate_ranges(&subuid, name, uid, uid)
+            .ok_or_else(|| missing("uid", "/etc/subuid"))?;
+        let gids = subordinate_ranges(&subgid, name, uid, gid)
+            .ok_or_else(|| missing("gid", "/etc/subgid"))?;
         Ok(IdMapping {
-            uids: vec![
-                IdRange {
-                    container: 0,
-                    host: uid,
-                    count: 1,
-                },
-                IdRange {
-                    container: 1,
-                    host: u,
-                    count: needed,
-                },
-            ],
-            gids: vec![
-                IdRange {
-                    container: 0,
-                    host: gid,
-                    count: 1,
-                },
-                IdRange {
-                    container: 1,
-                    host: g,
-                    count: needed,
-                },
-            ],
+            uids,
+            gids,
             writer: MapWriter::NewIdMap,
         })
     }
@@ -317,6 +306,58 @@ impl fmt::Display for IdMapping {
     }
 }
 
+/// Container root is the user's own id (`own`); container 1.. are the user's
+/// subordinate ranges in the order the file lists them, up to 65535 ids (split ranges
+/// are fine). `None` when they hold fewer than [`MIN_SUBORDINATE_IDS`]. A range that
+/// contains `own` is split around it (a user's id never maps twice).
+fn subordinate_ranges(
+    entries: &[SubEntry],
+    name: &str,
+    uid: u32,
+    own: u32,
+) -> Option<Vec<IdRange>> {
+    let mine = entries
+        .iter()
+        .filter(|e| e.owner == name || e.owner == uid.to_string());
+    let mut pieces: Vec<(u32, u32)> = Vec::new();
+    for e in mine {
+        let (start, end) = (u64::from(e.start), u64::from(e.start) + u64::from(e.count));
+        let mut push = |s: u64, e: u64| {
+            if e > s {
+                pieces.push((s as u32, (e - s).min(u64::from(u32::MAX)) as u32));
+            }
+        };
+        let own = u64::from(own);
+        if own >= start && own < end {
+            push(start, own);
+            push(own + 1, end);
+        } else {
+            push(start, end);
+        }
+    }
+    let mut ranges = vec![IdRange {
+        container: 0,
+        host: own,
+        count: 1,
+    }];
+    let mut next = 1u32;
+    for (host, count) in pieces {
+        let room = CONTAINER_IDS - next;
+        if room == 0 {
+            break;
+        }
+        let count = count.min(room);
+        ranges.push(IdRange {
+            container: next,
+            host,
+            count,
+        });
+        next += count;
+    }
+    // `next - 1` subordinate ids are mapped.
+    (next > MIN_SUBORDINATE_IDS).then_some(ranges)
+}
+
 fn lookup(ranges: &[IdRange], id: u32) -> Option<u32> {
     ranges
         .iter()
@@ -395,6 +436,63 @@ mod tests {
         assert!(matches!(
             err,
             IdMapError::NoSubordinateIds { kind: "gid", .. }
+        ));
+    }
+
+    #[test]
+    fn split_ranges_fill_the_namespace_in_file_order() {
+        // The farm image: uid 1000 inside a pod's 65,536-id user namespace.
+        let m = IdMapping::from_subid_files(
+            1000,
+            1000,
+            "farm",
+            "farm:1:999\nfarm:1001:64535\n",
+            "farm:1:999\nfarm:1001:64535\n",
+        )
+        .unwrap();
+        assert_eq!(
+            IdMapping::map_args(&m.uids),
+            ["0", "1000", "1", "1", "1", "999", "1000", "1001", "64535"]
+        );
+        assert_eq!(m.host_uid(0), Some(1000));
+        assert_eq!(m.host_uid(999), Some(999));
+        assert_eq!(m.host_uid(1000), Some(1001));
+        assert_eq!(m.host_gid(65534), Some(65535), "nobody is mapped");
+        assert_eq!(m.host_uid(65535), None);
+        // More than enough, over several lines: the first 65535 ids, in file order.
+        let m = IdMapping::from_subid_files(
+            1000,
+            1000,
+            "alice",
+            "alice:200000:100\nbob:1:5\nalice:300000:100000\n",
+            "alice:100000:65536\n",
+        )
+        .unwrap();
+        assert_eq!(
+            IdMapping::map_args(&m.uids),
+            [
+                "0", "1000", "1", "1", "200000", "100", "101", "300000", "65435"
+            ]
+        );
+        // A range holding the user's own id is split around it.
+        let m = IdMapping::from_subid_files(1000, 1000, "farm", "farm:1:65535\n", "farm:1:65535\n")
+            .unwrap();
+        assert_eq!(
+            IdMapping::map_args(&m.uids),
+            ["0", "1000", "1", "1", "1", "999", "1000", "1001", "64535"]
+        );
+        // Together too few (65533): refused, naming the fix.
+        let err = IdMapping::from_subid_files(
+            1000,
+            1000,
+            "farm",
+            "farm:1:999\nfarm:1001:64534\n",
+            "farm:1:65535\n",
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            IdMapError::NoSubordinateIds { kind: "uid", .. }
         ));
     }
 

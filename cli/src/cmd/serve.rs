@@ -13,7 +13,7 @@ use farm_coordinator::farm::{Farm, FarmConfig, Limits, OutsideContext, RemotePol
 use farm_coordinator::server::{ServeOptions, Tls};
 use farm_image::BlobStore;
 use farm_model::Platform;
-use farm_worker::agent::{self, AgentConfig, GrpcDialer};
+use farm_worker::agent::{self, AgentConfig, AgentStatus, Control, GrpcDialer};
 use farm_worker::engine::{BindPolicy, BindPrefix, Engine, UsernsDeleter};
 use farm_worker::pool::{Pool, PoolOptions};
 use farm_worker::{Entry, Userns};
@@ -48,67 +48,87 @@ are read again when they change. Blob stores: file:///PATH, s3://BUCKET/PREFIX (
 variables), gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, memory:// (tests).")]
 pub(crate) struct CoordinatorArgs {
     /// Address to serve gRPC on (clients, and workers unless --worker-listen)
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7600")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7600",
+        env = "FARM_LISTEN"
+    )]
     pub listen: String,
 
     /// Serve workers (Workers.Connect and Blobs) on this address instead of --listen
     /// [default: the --listen address, one listener for both roles]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "FARM_WORKER_LISTEN")]
     pub worker_listen: Option<String>,
 
     /// The coordinator's TLS certificate chain (PEM); with --tls-key, every listener
     /// speaks TLS only (clients use https://)
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", requires = "tls_key", env = "FARM_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// The key (PEM) of --tls-cert
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "FARM_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// Require a client certificate signed by this CA (PEM) on every listener (mutual
     /// TLS; needs --tls-cert)
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        env = "FARM_TLS_CLIENT_CA"
+    )]
     pub tls_client_ca: Option<PathBuf>,
 
     /// Require a certificate signed by this CA (PEM) from workers on --worker-listen
     /// only (mutual TLS for workers; needs --tls-cert and --worker-listen)
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "worker_listen"])]
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "worker_listen"], env = "FARM_WORKER_TLS_CLIENT_CA")]
     pub worker_tls_client_ca: Option<PathBuf>,
 
     /// Clients' tokens: `NAME sha256:HEX` lines; without it anyone who reaches the
     /// coordinator is a client
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "FARM_CLIENT_TOKENS")]
     pub client_tokens: Option<PathBuf>,
 
     /// Workers' tokens: `NAME sha256:HEX` lines, NAME being the worker's --name;
     /// without it anyone who reaches the coordinator may connect as a worker
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "FARM_WORKER_TOKENS")]
     pub worker_tokens: Option<PathBuf>,
 
     /// Serve a non-loopback address without TLS or tokens anyway (anyone who reaches
     /// it can run builds and pose as a worker)
-    #[arg(long)]
+    #[arg(long, env = "FARM_INSECURE")]
     pub insecure: bool,
 
     /// Directory for the state database, the action cache and uploaded contexts
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "FARM_STATE_DIR")]
     pub state_dir: PathBuf,
 
     /// The shared blob store (workers must use the same one)
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "FARM_BLOBS")]
     pub blobs: String,
 
     /// A worker that sends no heartbeat for this long loses its layers to another worker
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10.0,
+        env = "FARM_LEASE_TIMEOUT"
+    )]
     pub lease_timeout: f64,
 
     /// Serve Prometheus metrics at http://ADDR/metrics
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "FARM_METRICS")]
     pub metrics: Option<String>,
 
     /// Finished builds whose status, events and logs are kept (older ones are forgotten;
     /// cached layers stay)
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        env = "FARM_KEEP_BUILDS"
+    )]
     pub keep_builds: usize,
 
     /// Credentials for registry bases (else the coordinator's auth files)
@@ -116,23 +136,23 @@ pub(crate) struct CoordinatorArgs {
     pub registry: super::publish::RegistryArgs,
 
     /// The largest stackerfile a submission may have (each file, e.g. 4M)
-    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = super::build::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = super::build::parse_size, env = "FARM_MAX_STACKERFILE_SIZE")]
     pub max_stackerfile_size: u64,
 
     /// The most files an uploaded context may list
-    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_CONTEXT_FILES)]
+    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_CONTEXT_FILES, env = "FARM_MAX_CONTEXT_FILES")]
     pub max_context_files: usize,
 
     /// The most an uploaded context may materialise to (each listed file at its size)
-    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = super::build::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = super::build::parse_size, env = "FARM_MAX_CONTEXT_SIZE")]
     pub max_context_size: u64,
 
     /// The most layers one submission's plan may have
-    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_LAYERS)]
+    #[arg(long, value_name = "N", default_value_t = Limits::DEFAULT_MAX_LAYERS, env = "FARM_MAX_LAYERS")]
     pub max_layers: usize,
 
     /// The largest blob one upload may store
-    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = super::build::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = super::build::parse_size, env = "FARM_MAX_UPLOAD_SIZE")]
     pub max_upload_size: u64,
 
     /// What remote submissions may read, fetch and use
@@ -141,12 +161,12 @@ pub(crate) struct CoordinatorArgs {
 
     /// Serve CI webhooks (POST /hooks/github, /hooks/gitlab, /hooks/gitea) at http://ADDR
     /// for the repositories of --repos
-    #[arg(long, value_name = "ADDR", requires = "repos")]
+    #[arg(long, value_name = "ADDR", requires = "repos", env = "FARM_WEBHOOKS")]
     pub webhooks: Option<String>,
 
     /// The repositories webhooks build (TOML, or YAML when it ends in .yaml): see the
     /// README's "CI webhooks"
-    #[arg(long, value_name = "FILE", requires = "webhooks")]
+    #[arg(long, value_name = "FILE", requires = "webhooks", env = "FARM_REPOS")]
     pub repos: Option<PathBuf>,
 }
 
@@ -157,18 +177,26 @@ pub(crate) struct CoordinatorArgs {
 pub(crate) struct RemoteInputArgs {
     /// Let a remote submission that asks for it (`farm submit --allow-outside-context`)
     /// read files of this machine outside its uploaded context
-    #[arg(long = "allow-outside-context")]
+    #[arg(long = "allow-outside-context", env = "FARM_ALLOW_OUTSIDE_CONTEXT")]
     pub allow_outside_context: bool,
 
     /// Let downloads of remote submissions (http imports, tar base URLs, registry
     /// bases) reach this non-public network, address or host name (loopback, link-local
     /// and private addresses are refused otherwise); repeatable
-    #[arg(long = "allow-fetch", value_name = "CIDR|HOST")]
+    #[arg(
+        long = "allow-fetch",
+        value_name = "CIDR|HOST",
+        env = "FARM_ALLOW_FETCH",
+        value_delimiter = ','
+    )]
     pub allow_fetch: Vec<farm_coordinator::destinations::Allowed>,
 
     /// A registry (host[:port]) the coordinator's registry credentials may be used for
     /// on a remote submission's behalf; others are pulled anonymously; repeatable
-    #[arg(long = "registry-credentials-for", value_name = "REGISTRY", value_parser = registry_host)]
+    #[arg(long = "registry-credentials-for", value_name = "REGISTRY", value_parser = registry_host,
+        env = "FARM_REGISTRY_CREDENTIALS_FOR",
+        value_delimiter = ','
+    )]
     pub registry_credentials_for: Vec<String>,
 }
 
@@ -212,49 +240,72 @@ pub(crate) struct WorkerArgs {
     /// A file holding this worker's token (its line, under the worker's --name, is in
     /// the coordinator's --worker-tokens file) [env: FARM_WORKER_TOKEN holds the token
     /// itself]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "FARM_WORKER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
     /// The CA (PEM) the coordinator's certificate is signed by, for https:// [default:
     /// the system's roots]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "FARM_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 
     /// The worker's certificate (PEM), when the coordinator requires one (mutual TLS;
     /// with --tls-key)
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", requires = "tls_key", env = "FARM_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// The key (PEM) of --tls-cert
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "FARM_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// The pool of root filesystems (btrfs recommended; see `farm setup`)
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "FARM_POOL")]
     pub pool: PathBuf,
 
     /// The shared blob store (the coordinator's)
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "FARM_BLOBS")]
     pub blobs: String,
 
     /// Layers to build at the same time [default: number of cores]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "FARM_SLOTS")]
     pub slots: Option<u32>,
 
     /// The worker's name [default: the host name]
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "FARM_WORKER_NAME")]
     pub name: Option<String>,
 
     #[command(flatten)]
     pub run: crate::run_limits::RunLimitArgs,
     /// The most one layer (or tarball base) may extract to: its uncompressed tar, and
     /// its files at their full size (sparse files count their holes)
-    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = super::build::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = super::build::parse_size, env = "FARM_MAX_LAYER_SIZE")]
     pub max_layer_size: u64,
 
     /// The most entries (files, directories, links) one layer may hold
-    #[arg(long, value_name = "N", default_value_t = farm_image::DEFAULT_MAX_LAYER_ENTRIES)]
+    #[arg(long, value_name = "N", default_value_t = farm_image::DEFAULT_MAX_LAYER_ENTRIES, env = "FARM_MAX_LAYER_ENTRIES")]
     pub max_layer_entries: u64,
+
+    // ---- running in a pod (issue 14): probes, metrics, draining ----
+    /// Serve Prometheus metrics at http://ADDR/metrics, and the probes /healthz (the
+    /// process answers) and /readyz (registered with the coordinator and the pool
+    /// usable; the reason when not)
+    #[arg(
+        long,
+        visible_alias = "metrics-listen",
+        value_name = "ADDR",
+        env = "FARM_METRICS"
+    )]
+    pub metrics: Option<String>,
+
+    /// On SIGTERM, take no new work and let running layers finish for at most this
+    /// long; then hand the rest back to the coordinator (built elsewhere, not counted as
+    /// a failed attempt) and exit. Keep it below the pod's terminationGracePeriodSeconds
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 60,
+        env = "FARM_DRAIN_TIMEOUT"
+    )]
+    pub drain_timeout: u64,
 
     /// Which host paths builds may bind-mount
     #[command(flatten)]
@@ -267,7 +318,12 @@ pub(crate) struct WorkerArgs {
 pub(crate) struct BindArgs {
     /// Let `binds` mount host paths under PREFIX, read-only (`PREFIX:rw`: read-write
     /// for entries that ask for `rw: true`); repeatable
-    #[arg(long = "allow-bind", value_name = "PREFIX[:rw]")]
+    #[arg(
+        long = "allow-bind",
+        value_name = "PREFIX[:rw]",
+        env = "FARM_ALLOW_BIND",
+        value_delimiter = ','
+    )]
     pub allow_bind: Vec<BindPrefix>,
 }
 
@@ -513,7 +569,34 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 ""
             }
         );
-        let run = agent::run(
+        // Probes, metrics and draining (issue 14).
+        let pool_problem = unavailable.clone().or_else(|| {
+            let problem = Pool::check(&args.pool).worker_problem();
+            if let Some(p) = &problem {
+                eprintln!("farm worker: not ready: {p}");
+            }
+            problem
+        });
+        let status = Arc::new(AgentStatus::default());
+        if let Some(m) = &args.metrics {
+            let listener = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("listening for metrics on {m} (--metrics)"))?;
+            let probe = WorkerProbe {
+                status: status.clone(),
+                slots,
+                pool_problem,
+                engine: engine.clone(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = serve_worker_metrics(listener, probe).await {
+                    tracing::error!("metrics server: {e}");
+                }
+            });
+        }
+        let (drain, drain_rx) = tokio::sync::watch::channel(false);
+        let drain_timeout = Duration::from_secs(args.drain_timeout);
+        let run = agent::run_with(
             engine,
             AgentConfig {
                 name,
@@ -524,13 +607,202 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 give_up_after: None,
             },
             GrpcDialer { url, token, tls },
+            Control {
+                status,
+                drain: Some((drain_rx, drain_timeout)),
+            },
         );
-        tokio::select! {
-            r = run => r.map_err(anyhow::Error::msg)?,
-            _ = tokio::signal::ctrl_c() => eprintln!("farm worker: stopping"),
+        tokio::pin!(run);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        loop {
+            tokio::select! {
+                r = &mut run => {
+                    r.map_err(anyhow::Error::msg)?;
+                    eprintln!("farm worker: drained, stopping");
+                    break;
+                }
+                _ = term.recv() => {
+                    eprintln!(
+                        "farm worker: SIGTERM: draining (no new work; running layers get {}s, \
+                         then go back to the coordinator)",
+                        drain_timeout.as_secs()
+                    );
+                    let _ = drain.send(true);
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("farm worker: stopping");
+                    break;
+                }
+            }
         }
         Ok(ExitCode::SUCCESS)
     })?
+}
+
+/// What the worker's metrics listener reads.
+struct WorkerProbe {
+    status: Arc<AgentStatus>,
+    slots: u32,
+    /// Why the pool is not fit (see `Report::worker_problem`), found at start.
+    pool_problem: Option<String>,
+    engine: Option<Arc<Engine>>,
+}
+
+impl WorkerProbe {
+    /// `None` when ready, else why not.
+    fn not_ready(&self) -> Option<String> {
+        if let Some(p) = &self.pool_problem {
+            return Some(p.clone());
+        }
+        if self.status.draining() {
+            return Some("draining: the worker is stopping".into());
+        }
+        if !self.status.registered() {
+            return Some("not registered with the coordinator (yet)".into());
+        }
+        None
+    }
+
+    /// Prometheus text format.
+    fn render(&self) -> String {
+        let (chains, chain_bytes) = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.pool().list().ok())
+            .map(|l| (l.len(), l.iter().filter_map(|c| c.size_bytes).sum::<u64>()))
+            .unwrap_or_default();
+        let (free, total) = self
+            .engine
+            .as_ref()
+            .and_then(|e| nix::sys::statvfs::statvfs(e.pool().dir()).ok())
+            .map(|v| {
+                #[allow(clippy::unnecessary_cast)] // c_ulong is u64 on x86_64 only
+                let f = v.fragment_size() as u64;
+                (v.blocks_available() * f, v.blocks() * f)
+            })
+            .unwrap_or_default();
+        let (hits, misses) = self
+            .engine
+            .as_ref()
+            .map(|e| e.chain_stats())
+            .unwrap_or_default();
+        let b = |x: bool| u8::from(x);
+        [
+            (
+                "farm_worker_slots",
+                "gauge",
+                "Layers this worker builds at once",
+                self.slots as u64,
+            ),
+            (
+                "farm_worker_running",
+                "gauge",
+                "Layers being built",
+                self.status.running() as u64,
+            ),
+            (
+                "farm_worker_registered",
+                "gauge",
+                "1 while registered with the coordinator",
+                b(self.status.registered()).into(),
+            ),
+            (
+                "farm_worker_draining",
+                "gauge",
+                "1 once a stop began",
+                b(self.status.draining()).into(),
+            ),
+            (
+                "farm_worker_ready",
+                "gauge",
+                "1 when /readyz answers 200",
+                b(self.not_ready().is_none()).into(),
+            ),
+            (
+                "farm_worker_chain_hits_total",
+                "counter",
+                "Base layers found already extracted in the pool",
+                hits,
+            ),
+            (
+                "farm_worker_chain_misses_total",
+                "counter",
+                "Base layers extracted into the pool",
+                misses,
+            ),
+            (
+                "farm_worker_pool_chains",
+                "gauge",
+                "Chains (extracted layer stacks) in the pool",
+                chains as u64,
+            ),
+            (
+                "farm_worker_pool_chain_bytes",
+                "gauge",
+                "Known size of the pool's chains",
+                chain_bytes,
+            ),
+            (
+                "farm_worker_pool_free_bytes",
+                "gauge",
+                "Free space of the pool's filesystem",
+                free,
+            ),
+            (
+                "farm_worker_pool_size_bytes",
+                "gauge",
+                "Size of the pool's filesystem",
+                total,
+            ),
+        ]
+        .iter()
+        .map(|(name, kind, help, v)| {
+            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
+        })
+        .collect()
+    }
+}
+
+/// `/metrics`, `/healthz` (the process answers) and `/readyz` (200, or 503 with the
+/// reason) of a worker.
+async fn serve_worker_metrics(
+    listener: tokio::net::TcpListener,
+    probe: WorkerProbe,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    let probe = Arc::new(probe);
+    let (p1, p2) = (probe.clone(), probe);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let p = p1.clone();
+                async move {
+                    let text = tokio::task::spawn_blocking(move || p.render())
+                        .await
+                        .unwrap_or_default();
+                    ([("content-type", "text/plain; version=0.0.4")], text)
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let p = p2.clone();
+                async move {
+                    match p.not_ready() {
+                        None => (StatusCode::OK, "ready\n".to_string()),
+                        Some(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).await
 }
 
 /// The worker's TLS settings for `url` (None for http://).

@@ -46,11 +46,23 @@ pub(crate) fn link(farm: &Farm, credential: Option<String>) -> Option<WorkerLink
 #[derive(Clone)]
 pub struct WorkerService {
     farm: Farm,
+    /// Becomes true when the coordinator stops: every worker's stream then ends.
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl WorkerService {
     pub fn new(farm: Farm) -> Self {
-        WorkerService { farm }
+        WorkerService {
+            farm,
+            stopping: None,
+        }
+    }
+
+    /// End every worker's stream with `UNAVAILABLE` once `stopping` becomes true (the
+    /// worker dials again; its builds go on meanwhile).
+    pub fn until(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     pub fn into_server(self) -> WorkersServer<Self> {
@@ -84,7 +96,26 @@ impl Workers for WorkerService {
             // Dropping `tx` tells the farm the worker is gone.
         });
         let outbound = UnboundedReceiverStream::new(link.rx).map(Ok);
-        Ok(Response::new(Box::pin(outbound)))
+        let Some(mut stopping) = self.stopping.clone() else {
+            return Ok(Response::new(Box::pin(outbound)));
+        };
+        let at_end = stopping.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        // Only a stream cut by the stop says so (a refusal ends it by itself).
+        let goodbye = futures::stream::once(async move { *at_end.borrow() }).filter_map(
+            |stopped| async move {
+                stopped.then(|| {
+                    Err(Status::unavailable(
+                        "the coordinator is stopping: dial again (running builds go on)",
+                    ))
+                })
+            },
+        );
+        Ok(Response::new(Box::pin(
+            outbound.take_until(stopped).chain(goodbye),
+        )))
     }
 }
 
@@ -192,6 +223,14 @@ async fn serve(
                     })),
                 });
                 on_result(&session, &name, result).await;
+            }
+            Some(worker_message::Kind::Drain(drain)) => {
+                let ids = drain
+                    .hand_back
+                    .iter()
+                    .filter_map(|a| assignment_id(&name, a))
+                    .collect();
+                session.drain(ids).await;
             }
             Some(worker_message::Kind::Register(_)) | None => {}
         }

@@ -43,6 +43,7 @@ impl Engine {
                 self.blocking(move |pool| pool.begin_chain(&id, Some(&parent)))
                     .await?
             };
+            self.count(&begin);
             chain = match begin {
                 Begin::Exists(h) => h,
                 Begin::Create(pending) => {
@@ -80,6 +81,15 @@ impl Engine {
         Ok(chain)
     }
 
+    /// Counts a base chain found in the pool, or to be made (the worker's metrics).
+    fn count(&self, begin: &Begin) {
+        let counter = match begin {
+            Begin::Exists(_) => &self.chain_hits,
+            Begin::Create(_) => &self.chain_misses,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A tarball base as a chain of its own (keyed by the tarball's digest).
     pub(super) async fn tar_chain(
         &self,
@@ -93,6 +103,7 @@ impl Engine {
             self.blocking(move |pool| pool.begin_chain(&id, None))
                 .await?
         };
+        self.count(&begin);
         match begin {
             Begin::Exists(h) => Ok(h),
             Begin::Create(pending) => {
@@ -126,6 +137,7 @@ impl Engine {
             self.blocking(move |pool| pool.begin_chain(&id, None))
                 .await?
         };
+        self.count(&begin);
         match begin {
             Begin::Exists(h) => Ok(h),
             Begin::Create(pending) => {

@@ -136,6 +136,9 @@ pub struct Engine {
     userns: Userns,
     options: EngineOptions,
     cancel: CancelToken,
+    /// Base layers found in the pool / extracted into it (the worker's metrics).
+    chain_hits: std::sync::atomic::AtomicU64,
+    chain_misses: std::sync::atomic::AtomicU64,
 }
 
 /// Deletes trees inside the user namespace (files of other container users cannot be
@@ -180,7 +183,19 @@ impl Engine {
             userns,
             options,
             cancel: CancelToken::new(),
+            chain_hits: Default::default(),
+            chain_misses: Default::default(),
         }
+    }
+
+    /// How many base layers builds found already extracted in the pool (hits) and how
+    /// many had to be extracted (misses), since the engine started.
+    pub fn chain_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.chain_hits.load(Relaxed),
+            self.chain_misses.load(Relaxed),
+        )
     }
 
     pub fn pool(&self) -> &Pool {

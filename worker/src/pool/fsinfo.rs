@@ -287,6 +287,40 @@ impl Report {
     fn push(&mut self, severity: Severity, message: String) {
         self.findings.push(Finding { severity, message });
     }
+
+    /// Why a worker on this pool is not ready, with the fix: an error, or a pool that is
+    /// not btrfs mounted with `user_subvol_rm_allowed` (a worker in a pod needs both:
+    /// snapshots instead of copies, and deleting its subvolumes unprivileged). `None`
+    /// when it is.
+    pub fn worker_problem(&self) -> Option<String> {
+        let errors: Vec<&str> = self
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.message.as_str())
+            .collect();
+        if !errors.is_empty() {
+            return Some(errors.join("; "));
+        }
+        let dir = self.dir.display();
+        match (&self.fs, &self.mount) {
+            (Some(fs), _) if !fs.is_btrfs() => Some(format!(
+                "the pool {dir} is on {}, not btrfs: give the worker a btrfs volume mounted \
+                 with -o {USER_SUBVOL_RM_ALLOWED} (a StorageClass with that mount option, or \
+                 a node path); elsewhere {HOW_TO_GET_BTRFS}",
+                fs.name
+            )),
+            (Some(_), Some(m)) if !m.has_option(USER_SUBVOL_RM_ALLOWED) => Some(format!(
+                "the pool {dir} is btrfs mounted without {USER_SUBVOL_RM_ALLOWED} (at {}): \
+                 add the mount option (the StorageClass's mountOptions, or `mount -o \
+                 remount,{USER_SUBVOL_RM_ALLOWED} {}`)",
+                m.mount_point.display(),
+                m.mount_point.display()
+            )),
+            (None, _) => Some(format!("the filesystem of the pool {dir} is unknown")),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Report {
@@ -486,6 +520,57 @@ mod tests {
         assert!(m[0].has_option(USER_SUBVOL_RM_ALLOWED));
         assert!(m[0].has_option("noatime"));
         assert!(!m[1].has_option(USER_SUBVOL_RM_ALLOWED));
+    }
+
+    #[test]
+    fn a_worker_is_ready_only_on_btrfs_with_user_subvol_rm_allowed() {
+        let mounts = parse_mountinfo(
+            "36 35 98:0 / /pool rw - btrfs /dev/loop0 rw,user_subvol_rm_allowed\n\
+             37 35 98:1 / /plain rw - btrfs /dev/loop1 rw,space_cache=v2\n",
+        );
+        let report = |magic: i64, name: &str, mount: Option<&MountInfo>| Report {
+            dir: PathBuf::from("/pool/p"),
+            examined: Some(PathBuf::from("/pool/p")),
+            fs: Some(FsKind {
+                magic,
+                name: name.into(),
+            }),
+            mount: mount.cloned(),
+            free_bytes: None,
+            total_bytes: None,
+            writable: true,
+            owner_uid: Some(1000),
+            backend: None,
+            findings: Vec::new(),
+        };
+        #[allow(clippy::unnecessary_cast)]
+        let btrfs = statfs::BTRFS_SUPER_MAGIC.0 as i64;
+        assert_eq!(
+            report(btrfs, "btrfs", Some(&mounts[0])).worker_problem(),
+            None
+        );
+        let why = report(btrfs, "btrfs", Some(&mounts[1]))
+            .worker_problem()
+            .unwrap();
+        assert!(
+            why.contains("without user_subvol_rm_allowed")
+                && why.contains("mount -o remount,user_subvol_rm_allowed /plain"),
+            "{why}"
+        );
+        let why = report(0xEF53, "ext4", None).worker_problem().unwrap();
+        assert!(
+            why.contains("on ext4, not btrfs") && why.contains("StorageClass"),
+            "{why}"
+        );
+        let mut r = report(btrfs, "btrfs", Some(&mounts[0]));
+        r.push(
+            Severity::Error,
+            "/pool/p is not writable by uid 1000".into(),
+        );
+        assert_eq!(
+            r.worker_problem().as_deref(),
+            Some("/pool/p is not writable by uid 1000")
+        );
     }
 
     #[test]

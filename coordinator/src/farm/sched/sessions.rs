@@ -356,6 +356,60 @@ impl WorkerSession {
         }
     }
 
+    /// The worker is stopping: it gets no new work, and the assignments it hands back
+    /// (ones it holds) go back to the queue, their attempt taken back: a drained
+    /// worker is not a failed build.
+    pub(crate) async fn drain(&self, hand_back: Vec<AssignmentId>) {
+        let (inner, sched) = (&self.inner, self.sched());
+        {
+            let mut st = sched.lock();
+            if let Some(w) = st
+                .workers
+                .get_mut(&self.name)
+                .filter(|w| w.session == self.session)
+                && w.unavailable.is_none()
+            {
+                tracing::info!(worker = %self.name, "worker is draining: no new work for it");
+                w.unavailable = Some("draining (the worker is stopping)".into());
+            }
+        }
+        for id in hand_back {
+            if !self.holds(id).await {
+                tracing::warn!(worker = %self.name, assignment = %id, "ignoring the hand-back of an assignment this worker does not hold");
+                continue;
+            }
+            match inner.state.hand_back(id).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(assignment = %id, "recording a hand-back: {e}; the layer moves when its lease runs out");
+                    continue;
+                }
+            }
+            let active = {
+                let mut st = sched.lock();
+                if let Some(w) = st.workers.get_mut(&self.name) {
+                    w.running.remove(&id);
+                }
+                let a = st.active.remove(&id);
+                inner.metrics.set_running(st.active.len());
+                a
+            };
+            if let Some(super::Active { task, .. }) = active {
+                task.events.log(
+                    &task.job.layer.name,
+                    format!(
+                        "farm: worker {} is stopping and handed the layer back; building it \
+                         elsewhere (not counted as a failed attempt)",
+                        self.name
+                    ),
+                );
+                sched.lock().queue.push_front(task);
+            }
+        }
+        sched.wake.notify_one();
+    }
+
     /// The worker's connection ended.
     pub(crate) fn disconnect(self) {
         drop(self);
