@@ -269,7 +269,7 @@ impl Client {
         if let Some(tls) = options.tls_for(addr)? {
             endpoint = endpoint.tls_config(tls).map_err(|e| ConnectError::Tls {
                 addr: addr.to_string(),
-                reason: error_chain(&e),
+                reason: farm_model::error_chain(&e),
             })?;
         }
         let connected =
@@ -281,7 +281,7 @@ impl Client {
         };
         let channel = match connected {
             Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
+            Ok(Err(e)) => return Err(unreachable(farm_model::error_chain(&e))),
             Err(_) => return Err(unreachable("timed out".to_string())),
         };
         let transport = transport(channel, options.bearer.clone());
@@ -439,22 +439,6 @@ fn retryable(code: tonic::Code) -> bool {
             | tonic::Code::DeadlineExceeded
             | tonic::Code::Internal
     )
-}
-
-/// An error and its sources, `: `-joined (without repeating a source the message
-/// already contains).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

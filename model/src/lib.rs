@@ -10,6 +10,7 @@
 //! and the wire schema (`farm-proto`) only: never on the coordinator or the worker.
 
 mod chain;
+mod error_text;
 mod event;
 mod failure;
 mod image;
@@ -19,6 +20,7 @@ mod state;
 mod version;
 
 pub use chain::{ChainId, InvalidChainId, chain_id};
+pub use error_text::error_chain;
 pub use event::{Event, EventSender};
 pub use failure::{FailureKind, LayerFailure, LayerOutcome};
 pub use farm_image::{Compression, UnknownCompression};

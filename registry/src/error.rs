@@ -128,20 +128,6 @@ pub(crate) struct Ctx<'a> {
     pub tls_hint: &'a str,
 }
 
-/// The messages of an error and all its sources, joined.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let m = s.to_string();
-        if !parts.iter().any(|p| p.contains(&m)) {
-            parts.push(m);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
-}
-
 fn looks_tls(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     [
@@ -160,7 +146,7 @@ fn looks_tls(text: &str) -> bool {
 /// Is this a failure to connect at all (refused, DNS, timeout), as opposed to TLS?
 pub(crate) fn is_tls_failure(e: &OciDistributionError) -> bool {
     match e {
-        OciDistributionError::RequestError(r) => looks_tls(&chain(r)),
+        OciDistributionError::RequestError(r) => looks_tls(&farm_model::error_chain(r)),
         _ => false,
     }
 }
@@ -193,7 +179,7 @@ impl Ctx<'_> {
         };
         match e {
             E::RequestError(r) => {
-                let text = chain(&r);
+                let text = farm_model::error_chain(&r);
                 if let Some(status) = r.status() {
                     // An HTTP status turned into an error (e.g. by a HEAD).
                     return match status.as_u16() {
@@ -273,12 +259,12 @@ impl Ctx<'_> {
                 // A blob stream's error: our store, or the download breaking off.
                 Error::Registry {
                     registry: self.registry.to_string(),
-                    detail: chain(&io),
+                    detail: farm_model::error_chain(&io),
                 }
             }
             other => Error::Registry {
                 registry: self.registry.to_string(),
-                detail: chain(&other),
+                detail: farm_model::error_chain(&other),
             },
         }
     }

@@ -446,9 +446,9 @@ impl Dialer for GrpcDialer {
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(10));
             if let Some(tls) = &self.tls {
-                endpoint = endpoint
-                    .tls_config(tls.clone())
-                    .map_err(|e| DialError::Refused(format!("TLS settings: {}", chain(&e))))?;
+                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| {
+                    DialError::Refused(format!("TLS settings: {}", farm_model::error_chain(&e)))
+                })?;
             }
             let authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
                 match &self.token {
@@ -459,7 +459,10 @@ impl Dialer for GrpcDialer {
                     })?),
                     None => None,
                 };
-            let channel = endpoint.connect().await.map_err(|e| chain(&e))?;
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| farm_model::error_chain(&e))?;
             let mut client = farm_proto::workers_client::WorkersClient::with_interceptor(
                 channel,
                 move |mut request: tonic::Request<()>| {
@@ -498,21 +501,6 @@ impl Dialer for GrpcDialer {
     fn describe(&self) -> String {
         self.url.clone()
     }
-}
-
-/// An error and its sources, `: `-joined (a TLS failure is in the sources).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// The chains of the pool, oldest first (so the newly added ones are at the end).
