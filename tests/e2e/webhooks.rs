@@ -190,7 +190,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
             "log_url = \"http://farm.example/builds/{{build}}\"\n\n[[repo]]\nname = \"acme/app\"\n\
              provider = \"github\"\nclone_url = \"git://127.0.0.1:{git_port}/app\"\n\
              secret_file = \"secret\"\ntoken_file = \"token\"\nstatus_api = \"http://{api_addr}\"\n\
-             branches = [\"main\"]\npush_to = [\"docker://{reg}/acme\"]\npush_insecure = true\n"
+             branches = [\"main\"]\npull_requests = true\npush_to = [\"docker://{reg}/acme\"]\npush_insecure = true\n"
         ),
     );
     let blobs = format!("file://{}", t.join("blobs").display());
@@ -394,4 +394,108 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     assert!(inspect(format!("{reg}/acme/app:{sha2}")).is_none());
     // The branch tag still names the first commit's image.
     assert_eq!(inspect(format!("{reg}/acme/app:main")), Some(by_sha));
+
+    // Deliver `body` (signed) as `event` with delivery id `id`; wait for the final status
+    // of `sha`; its build id and the status line.
+    let deliver = |event: &str, id: &str, body: &str, sha: &str| {
+        let sig = sign(body);
+        let (code, answer) = post(
+            &hooks_addr,
+            "/hooks/github",
+            &[
+                ("x-github-event", event),
+                ("x-github-delivery", id),
+                ("x-hub-signature-256", &sig),
+            ],
+            body,
+        );
+        assert_eq!(code, 202, "{answer}");
+        let done = wait_until("the final status", Duration::from_secs(300), || {
+            let c: Vec<String> = calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|c| c.1.clone())
+                .filter(|l| l.contains(sha))
+                .collect();
+            match c.iter().find(|l| !l.contains("\"pending\"")) {
+                Some(l) if l.contains("\"success\"") => Ok(l.clone()),
+                Some(l) => panic!("{id}: {l}\n{}", coordinator.proc.output()),
+                None => Err(format!("{c:?}")),
+            }
+        });
+        let build = done
+            .split("http://farm.example/builds/")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap()
+            .to_string();
+        (build, done)
+    };
+    let stackerfile = |word: &str| {
+        format!(
+            "app:\n  from:\n    type: tar\n    url: busybox.tar\n  run: echo {word} > /image-is; echo built-{word}\n"
+        )
+    };
+
+    // A third commit, then a fourth that changes the image: a delivery for the third
+    // (older than the branch's tip now) builds the third commit's files, not the tip's.
+    std::fs::write(repo.join("stacker.yaml"), stackerfile("old")).unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "three"]);
+    let sha3 = git(&repo, &["rev-parse", "HEAD"]);
+    std::fs::write(repo.join("stacker.yaml"), stackerfile("new")).unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "four"]);
+    let sha4 = git(&repo, &["rev-parse", "HEAD"]);
+    let (old_build, _) = deliver("push", "good-3", &body.replace(&sha, &sha3), &sha3);
+    let logs = client(&["logs", &old_build, "app"]);
+    assert!(logs.contains("built-old"), "{logs}");
+    assert!(!logs.contains("built-new"), "{logs}");
+    let old_image = inspect(format!("{reg}/acme/app:{sha3}")).expect("the old commit's image");
+    let (new_build, _) = deliver("push", "good-4", &body.replace(&sha, &sha4), &sha4);
+    assert_ne!(old_build, new_build);
+    let logs = client(&["logs", &new_build, "app"]);
+    assert!(logs.contains("built-new"), "{logs}");
+    let new_image = inspect(format!("{reg}/acme/app:{sha4}")).expect("the new commit's image");
+    assert_ne!(old_image, new_image, "two commits, two images");
+    assert_eq!(inspect(format!("{reg}/acme/app:{sha3}")), Some(old_image));
+
+    // A pull request from a fork (its head in another repository): built, nothing pushed.
+    let tags = || {
+        let out = Command::new("skopeo")
+            .args(["list-tags", "--tls-verify=false"])
+            .arg(format!("docker://{reg}/acme/app"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut tags: Vec<String> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()["Tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        tags.sort();
+        tags
+    };
+    let before = tags();
+    git(&repo, &["checkout", "--quiet", "-b", "fork-work"]);
+    std::fs::write(repo.join("stacker.yaml"), stackerfile("fork")).unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "from a fork"]);
+    let fork_sha = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["update-ref", "refs/pull/7/head", &fork_sha]);
+    git(&repo, &["checkout", "--quiet", "main"]);
+    let pr = format!(
+        r#"{{"action":"opened","number":7,"pull_request":{{"number":7,"head":{{"sha":"{fork_sha}","repo":{{"full_name":"someone/app"}}}}}},"repository":{{"full_name":"acme/app"}}}}"#
+    );
+    let (fork_build, done) = deliver("pull_request", "pr-7", &pr, &fork_sha);
+    assert!(!done.contains("tags pushed"), "{done}");
+    let logs = client(&["logs", &fork_build, "app"]);
+    assert!(logs.contains("built-fork"), "{logs}");
+    assert_eq!(tags(), before, "a fork's pull request pushes no tag");
+    assert!(inspect(format!("{reg}/acme/app:pr-7")).is_none());
+    assert!(inspect(format!("{reg}/acme/app:{fork_sha}")).is_none());
 }
