@@ -2,7 +2,10 @@
 //! `farm coordinator --webhooks` and `farm worker`, a signed GitHub push delivery; the
 //! build runs the commit's stackerfile and a status API stand-in (GitHub cannot run
 //! here: a small HTTP server on 127.0.0.1 that records calls) sees pending, then success
-//! with the link to the build. A delivery with a bad signature starts nothing.
+//! with the link to the build. A delivery with a bad signature starts nothing. A
+//! delivery for a commit the branch has moved past builds that commit's files; a fork's
+//! pull request builds and pushes nothing. The time from the 202 answer to the pending
+//! status and to the worker starting the first layer is printed (not asserted).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -98,6 +101,16 @@ fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, S
         code,
         out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string(),
     )
+}
+
+/// The UTC time of day (seconds) of a log line that starts with an RFC 3339 timestamp
+/// (`2026-01-02T03:04:05.678901Z ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let time = time.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -272,6 +285,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
         ],
         &body,
     );
+    let (accepted, accepted_wall) = (Instant::now(), std::time::SystemTime::now());
     assert_eq!(code, 202, "{answer}");
     let statuses = wait_until("the success status", Duration::from_secs(300), || {
         let c: Vec<String> = calls.lock().unwrap().iter().map(|c| c.1.clone()).collect();
@@ -294,6 +308,26 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
             "webhooks: delivery -> pending {:?}, delivery -> success {:?}",
             c[0].0 - delivered,
             c[1].0 - delivered
+        );
+        // From the 202 answer: to the pending status, and to the worker starting the
+        // first layer (its log line "building", by its UTC timestamp).
+        let worker_log = std::fs::read_to_string(t.join("worker.log")).unwrap_or_default();
+        let first_layer = worker_log
+            .lines()
+            .find(|l| l.contains(": building"))
+            .and_then(log_time);
+        let accepted_at = accepted_wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            % 86_400.0;
+        eprintln!(
+            "webhooks: 202 -> pending status {:?}, 202 -> first layer building {}",
+            c[0].0 - accepted,
+            first_layer.map_or("(not in the worker's log)".to_string(), |at| format!(
+                "{:.3}s",
+                at - accepted_at
+            )),
         );
     }
     assert!(statuses[0].contains("\"pending\""), "{statuses:?}");
