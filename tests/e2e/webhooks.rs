@@ -431,7 +431,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
 
     // Deliver `body` (signed) as `event` with delivery id `id`; wait for the final status
     // of `sha`; its build id and the status line.
-    let deliver = |event: &str, id: &str, body: &str, sha: &str| {
+    let send = |event: &str, id: &str, body: &str| {
         let sig = sign(body);
         let (code, answer) = post(
             &hooks_addr,
@@ -444,6 +444,8 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
             body,
         );
         assert_eq!(code, 202, "{answer}");
+    };
+    let finished = |id: &str, sha: &str| {
         let done = wait_until("the final status", Duration::from_secs(300), || {
             let c: Vec<String> = calls
                 .lock()
@@ -465,6 +467,10 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
             .unwrap()
             .to_string();
         (build, done)
+    };
+    let deliver = |event: &str, id: &str, body: &str, sha: &str| {
+        send(event, id, body);
+        finished(id, sha)
     };
     let stackerfile = |word: &str| {
         format!(
@@ -517,7 +523,11 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     };
     let before = tags();
     git(&repo, &["checkout", "--quiet", "-b", "fork-work"]);
-    std::fs::write(repo.join("stacker.yaml"), stackerfile("fork")).unwrap();
+    std::fs::write(
+        repo.join("stacker.yaml"),
+        stackerfile("fork").replace("\n  run: ", "\n  run: sleep 5; "),
+    )
+    .unwrap();
     git(&repo, &["commit", "--quiet", "-am", "from a fork"]);
     let fork_sha = git(&repo, &["rev-parse", "HEAD"]);
     git(&repo, &["update-ref", "refs/pull/7/head", &fork_sha]);
@@ -525,7 +535,37 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     let pr = format!(
         r#"{{"action":"opened","number":7,"pull_request":{{"number":7,"head":{{"sha":"{fork_sha}","repo":{{"full_name":"someone/app"}}}}}},"repository":{{"full_name":"acme/app"}}}}"#
     );
-    let (fork_build, done) = deliver("pull_request", "pr-7", &pr, &fork_sha);
+    send("pull_request", "pr-7", &pr);
+    // While its layer runs (it sleeps), `farm workers` says which delivery started it.
+    let running = wait_until(
+        "the layer in farm workers",
+        Duration::from_secs(120),
+        || {
+            let listed = client(&["workers", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&listed)
+                .unwrap_or_else(|e| panic!("farm workers --json: {e}: {listed}"));
+            v.as_array()
+                .and_then(|w| w.iter().find(|w| w["name"] == "w"))
+                .and_then(|w| w["webhooks"].as_array())
+                .and_then(|h| h.first().cloned())
+                .ok_or(listed)
+        },
+    );
+    assert_eq!(running["layer"], "app", "{running}");
+    assert_eq!(running["provider"], "github", "{running}");
+    assert_eq!(running["repo"], "acme/app", "{running}");
+    assert_eq!(running["ref"], "refs/pull/7/head", "{running}");
+    assert_eq!(running["sha"], fork_sha.as_str(), "{running}");
+    assert_eq!(running["delivery"], "pr-7", "{running}");
+    let table = client(&["workers"]);
+    assert!(
+        table.contains(&format!(
+            "from webhook github acme/app refs/pull/7/head at {fork_sha} (delivery pr-7)"
+        )),
+        "{table}"
+    );
+    let (fork_build, done) = finished("pr-7", &fork_sha);
+    assert_eq!(running["build"], fork_build.as_str(), "{running}");
     assert!(!done.contains("tags pushed"), "{done}");
     let logs = client(&["logs", &fork_build, "app"]);
     assert!(logs.contains("built-fork"), "{logs}");
