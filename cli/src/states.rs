@@ -83,7 +83,8 @@ pub(crate) fn status_json(s: &BuildStatus) -> Value {
 
 /// One worker of the workers JSON: `{"name", "slots", "running", "last_seen"}` (RFC 3339,
 /// UTC, milliseconds; null when never seen), plus `"platform"`, `"connected"` and
-/// `"unavailable"` when set.
+/// `"unavailable"` when set, and `"webhooks"`: the running layers whose build came from
+/// a webhook delivery (`{"build", "layer", "provider", "repo", "ref", "sha", "delivery"}`).
 pub(crate) fn worker_json(w: &WorkerInfo) -> Value {
     let last_seen = if w.last_seen_unix_ms > 0 {
         Value::String(rfc3339_ms(w.last_seen_unix_ms))
@@ -102,6 +103,25 @@ pub(crate) fn worker_json(w: &WorkerInfo) -> Value {
     v["connected"] = w.connected.into();
     if !w.unavailable.is_empty() {
         v["unavailable"] = w.unavailable.clone().into();
+    }
+    let webhooks: Vec<Value> = w
+        .running_layers
+        .iter()
+        .filter_map(|r| {
+            let h = r.webhook.as_ref()?;
+            Some(json!({
+                "build": r.build,
+                "layer": r.layer,
+                "provider": h.provider,
+                "repo": h.repo,
+                "ref": h.git_ref,
+                "sha": h.sha,
+                "delivery": h.delivery,
+            }))
+        })
+        .collect();
+    if !webhooks.is_empty() {
+        v["webhooks"] = webhooks.into();
     }
     v
 }
@@ -271,10 +291,23 @@ pub(crate) fn workers_table(workers: &[WorkerInfo]) -> String {
             ]
         })
         .collect();
-    table(
+    let mut out = table(
         &["NAME", "PLATFORM", "BUSY/SLOTS", "LAST SEEN", "STATE"],
         &rows,
-    )
+    );
+    // The running layers that a webhook delivery started, below the table.
+    for w in workers {
+        for r in &w.running_layers {
+            if let Some(h) = &r.webhook {
+                let _ = writeln!(
+                    out,
+                    "{}: {}/{} from webhook {} {} {} at {} (delivery {})",
+                    w.name, r.build, r.layer, h.provider, h.repo, h.git_ref, h.sha, h.delivery
+                );
+            }
+        }
+    }
+    out
 }
 
 /// A build event as the progress display's event; `None` for events it does not show
@@ -326,7 +359,7 @@ pub(crate) fn progress_event(ev: &BuildEvent) -> Option<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use farm_proto::v1::BuildState;
+    use farm_proto::v1::{BuildState, RunningLayer, WebhookOrigin};
 
     fn layer(name: &str, state: LayerState) -> LayerStatus {
         LayerStatus {
@@ -436,6 +469,7 @@ mod tests {
             platform: "linux/amd64".into(),
             unavailable: String::new(),
             connected: true,
+            running_layers: Vec::new(),
         };
         assert_eq!(
             worker_json(&w),
@@ -453,6 +487,49 @@ mod tests {
             json!({"name": "w2", "slots": 0, "running": [], "last_seen": null,
                    "connected": false, "unavailable": "pool is not writable"})
         );
+    }
+
+    #[test]
+    fn workers_show_the_webhook_of_running_layers() {
+        let w = WorkerInfo {
+            name: "w1".into(),
+            slots: 2,
+            running: vec!["b-1/app".into(), "b-2/lib".into()],
+            connected: true,
+            running_layers: vec![
+                RunningLayer {
+                    build: "b-1".into(),
+                    layer: "app".into(),
+                    webhook: Some(WebhookOrigin {
+                        provider: "github".into(),
+                        repo: "acme/app".into(),
+                        git_ref: "refs/heads/main".into(),
+                        sha: "abc".into(),
+                        delivery: "d-1".into(),
+                        build: "app".into(),
+                    }),
+                },
+                RunningLayer {
+                    build: "b-2".into(),
+                    layer: "lib".into(),
+                    webhook: None,
+                },
+            ],
+            ..WorkerInfo::default()
+        };
+        assert_eq!(
+            worker_json(&w)["webhooks"],
+            json!([{"build": "b-1", "layer": "app", "provider": "github", "repo": "acme/app",
+                    "ref": "refs/heads/main", "sha": "abc", "delivery": "d-1"}])
+        );
+        let table = workers_table(&[w]);
+        assert!(
+            table.contains(
+                "w1: b-1/app from webhook github acme/app refs/heads/main at abc (delivery d-1)"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("b-2/lib from"), "{table}");
     }
 
     #[test]

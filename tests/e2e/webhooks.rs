@@ -2,7 +2,10 @@
 //! `farm coordinator --webhooks` and `farm worker`, a signed GitHub push delivery; the
 //! build runs the commit's stackerfile and a status API stand-in (GitHub cannot run
 //! here: a small HTTP server on 127.0.0.1 that records calls) sees pending, then success
-//! with the link to the build. A delivery with a bad signature starts nothing.
+//! with the link to the build. A delivery with a bad signature starts nothing. A
+//! delivery for a commit the branch has moved past builds that commit's files; a fork's
+//! pull request builds and pushes nothing. The time from the 202 answer to the pending
+//! status and to the worker starting the first layer is printed (not asserted).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -100,6 +103,16 @@ fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, S
     )
 }
 
+/// The UTC time of day (seconds) of a log line that starts with an RFC 3339 timestamp
+/// (`2026-01-02T03:04:05.678901Z ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let time = time.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .current_dir(dir)
@@ -190,7 +203,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
             "log_url = \"http://farm.example/builds/{{build}}\"\n\n[[repo]]\nname = \"acme/app\"\n\
              provider = \"github\"\nclone_url = \"git://127.0.0.1:{git_port}/app\"\n\
              secret_file = \"secret\"\ntoken_file = \"token\"\nstatus_api = \"http://{api_addr}\"\n\
-             branches = [\"main\"]\npush_to = [\"docker://{reg}/acme\"]\npush_insecure = true\n"
+             branches = [\"main\"]\npull_requests = true\npush_to = [\"docker://{reg}/acme\"]\npush_insecure = true\n"
         ),
     );
     let blobs = format!("file://{}", t.join("blobs").display());
@@ -272,6 +285,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
         ],
         &body,
     );
+    let (accepted, accepted_wall) = (Instant::now(), std::time::SystemTime::now());
     assert_eq!(code, 202, "{answer}");
     let statuses = wait_until("the success status", Duration::from_secs(300), || {
         let c: Vec<String> = calls.lock().unwrap().iter().map(|c| c.1.clone()).collect();
@@ -294,6 +308,26 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
             "webhooks: delivery -> pending {:?}, delivery -> success {:?}",
             c[0].0 - delivered,
             c[1].0 - delivered
+        );
+        // From the 202 answer: to the pending status, and to the worker starting the
+        // first layer (its log line "building", by its UTC timestamp).
+        let worker_log = std::fs::read_to_string(t.join("worker.log")).unwrap_or_default();
+        let first_layer = worker_log
+            .lines()
+            .find(|l| l.contains(": building"))
+            .and_then(log_time);
+        let accepted_at = accepted_wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            % 86_400.0;
+        eprintln!(
+            "webhooks: 202 -> pending status {:?}, 202 -> first layer building {}",
+            c[0].0 - accepted,
+            first_layer.map_or("(not in the worker's log)".to_string(), |at| format!(
+                "{:.3}s",
+                at - accepted_at
+            )),
         );
     }
     assert!(statuses[0].contains("\"pending\""), "{statuses:?}");
@@ -394,4 +428,148 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     assert!(inspect(format!("{reg}/acme/app:{sha2}")).is_none());
     // The branch tag still names the first commit's image.
     assert_eq!(inspect(format!("{reg}/acme/app:main")), Some(by_sha));
+
+    // Deliver `body` (signed) as `event` with delivery id `id`; wait for the final status
+    // of `sha`; its build id and the status line.
+    let send = |event: &str, id: &str, body: &str| {
+        let sig = sign(body);
+        let (code, answer) = post(
+            &hooks_addr,
+            "/hooks/github",
+            &[
+                ("x-github-event", event),
+                ("x-github-delivery", id),
+                ("x-hub-signature-256", &sig),
+            ],
+            body,
+        );
+        assert_eq!(code, 202, "{answer}");
+    };
+    let finished = |id: &str, sha: &str| {
+        let done = wait_until("the final status", Duration::from_secs(300), || {
+            let c: Vec<String> = calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|c| c.1.clone())
+                .filter(|l| l.contains(sha))
+                .collect();
+            match c.iter().find(|l| !l.contains("\"pending\"")) {
+                Some(l) if l.contains("\"success\"") => Ok(l.clone()),
+                Some(l) => panic!("{id}: {l}\n{}", coordinator.proc.output()),
+                None => Err(format!("{c:?}")),
+            }
+        });
+        let build = done
+            .split("http://farm.example/builds/")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap()
+            .to_string();
+        (build, done)
+    };
+    let deliver = |event: &str, id: &str, body: &str, sha: &str| {
+        send(event, id, body);
+        finished(id, sha)
+    };
+    let stackerfile = |word: &str| {
+        format!(
+            "app:\n  from:\n    type: tar\n    url: busybox.tar\n  run: echo {word} > /image-is; echo built-{word}\n"
+        )
+    };
+
+    // A third commit, then a fourth that changes the image: a delivery for the third
+    // (older than the branch's tip now) builds the third commit's files, not the tip's.
+    std::fs::write(repo.join("stacker.yaml"), stackerfile("old")).unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "three"]);
+    let sha3 = git(&repo, &["rev-parse", "HEAD"]);
+    std::fs::write(repo.join("stacker.yaml"), stackerfile("new")).unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "four"]);
+    let sha4 = git(&repo, &["rev-parse", "HEAD"]);
+    let (old_build, _) = deliver("push", "good-3", &body.replace(&sha, &sha3), &sha3);
+    let logs = client(&["logs", &old_build, "app"]);
+    assert!(logs.contains("built-old"), "{logs}");
+    assert!(!logs.contains("built-new"), "{logs}");
+    let old_image = inspect(format!("{reg}/acme/app:{sha3}")).expect("the old commit's image");
+    let (new_build, _) = deliver("push", "good-4", &body.replace(&sha, &sha4), &sha4);
+    assert_ne!(old_build, new_build);
+    let logs = client(&["logs", &new_build, "app"]);
+    assert!(logs.contains("built-new"), "{logs}");
+    let new_image = inspect(format!("{reg}/acme/app:{sha4}")).expect("the new commit's image");
+    assert_ne!(old_image, new_image, "two commits, two images");
+    assert_eq!(inspect(format!("{reg}/acme/app:{sha3}")), Some(old_image));
+
+    // A pull request from a fork (its head in another repository): built, nothing pushed.
+    let tags = || {
+        let out = Command::new("skopeo")
+            .args(["list-tags", "--tls-verify=false"])
+            .arg(format!("docker://{reg}/acme/app"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut tags: Vec<String> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()["Tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        tags.sort();
+        tags
+    };
+    let before = tags();
+    git(&repo, &["checkout", "--quiet", "-b", "fork-work"]);
+    std::fs::write(
+        repo.join("stacker.yaml"),
+        stackerfile("fork").replace("\n  run: ", "\n  run: sleep 5; "),
+    )
+    .unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "from a fork"]);
+    let fork_sha = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["update-ref", "refs/pull/7/head", &fork_sha]);
+    git(&repo, &["checkout", "--quiet", "main"]);
+    let pr = format!(
+        r#"{{"action":"opened","number":7,"pull_request":{{"number":7,"head":{{"sha":"{fork_sha}","repo":{{"full_name":"someone/app"}}}}}},"repository":{{"full_name":"acme/app"}}}}"#
+    );
+    send("pull_request", "pr-7", &pr);
+    // While its layer runs (it sleeps), `farm workers` says which delivery started it.
+    let running = wait_until(
+        "the layer in farm workers",
+        Duration::from_secs(120),
+        || {
+            let listed = client(&["workers", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&listed)
+                .unwrap_or_else(|e| panic!("farm workers --json: {e}: {listed}"));
+            v.as_array()
+                .and_then(|w| w.iter().find(|w| w["name"] == "w"))
+                .and_then(|w| w["webhooks"].as_array())
+                .and_then(|h| h.first().cloned())
+                .ok_or(listed)
+        },
+    );
+    assert_eq!(running["layer"], "app", "{running}");
+    assert_eq!(running["provider"], "github", "{running}");
+    assert_eq!(running["repo"], "acme/app", "{running}");
+    assert_eq!(running["ref"], "refs/pull/7/head", "{running}");
+    assert_eq!(running["sha"], fork_sha.as_str(), "{running}");
+    assert_eq!(running["delivery"], "pr-7", "{running}");
+    let table = client(&["workers"]);
+    assert!(
+        table.contains(&format!(
+            "from webhook github acme/app refs/pull/7/head at {fork_sha} (delivery pr-7)"
+        )),
+        "{table}"
+    );
+    let (fork_build, done) = finished("pr-7", &fork_sha);
+    assert_eq!(running["build"], fork_build.as_str(), "{running}");
+    assert!(!done.contains("tags pushed"), "{done}");
+    let logs = client(&["logs", &fork_build, "app"]);
+    assert!(logs.contains("built-fork"), "{logs}");
+    assert_eq!(tags(), before, "a fork's pull request pushes no tag");
+    assert!(inspect(format!("{reg}/acme/app:pr-7")).is_none());
+    assert!(inspect(format!("{reg}/acme/app:{fork_sha}")).is_none());
 }

@@ -6,6 +6,7 @@
 //! NOT_FOUND, and `list` shows the caller's own builds. Without client tokens every
 //! caller sees every build.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 
 use farm_proto::farm_server::{Farm as FarmApi, FarmServer};
@@ -251,19 +252,40 @@ impl FarmApi for FarmService {
         _: Request<WorkersRequest>,
     ) -> Result<Response<WorkersResponse>, Status> {
         let workers = self.farm.workers().await.map_err(status_of)?;
+        // Which delivery started each running layer's build (looked up once a build).
+        let mut origins: HashMap<String, Option<proto::WebhookOrigin>> = HashMap::new();
+        let mut out = Vec::with_capacity(workers.len());
+        for w in workers {
+            let mut running_layers = Vec::with_capacity(w.running.len());
+            for r in &w.running {
+                let (build, layer) = r.split_once('/').unwrap_or((r.as_str(), ""));
+                let webhook = match origins.get(build) {
+                    Some(o) => o.clone(),
+                    None => {
+                        let o = webhook_origin(&self.farm, build).await?;
+                        origins.insert(build.to_string(), o.clone());
+                        o
+                    }
+                };
+                running_layers.push(proto::RunningLayer {
+                    build: build.to_string(),
+                    layer: layer.to_string(),
+                    webhook,
+                });
+            }
+            out.push(WorkerInfo {
+                name: w.name,
+                slots: w.slots,
+                running: w.running,
+                last_seen_unix_ms: w.last_seen_ms,
+                platform: w.platform,
+                unavailable: w.unavailable.unwrap_or_default(),
+                connected: w.connected,
+                running_layers,
+            });
+        }
         Ok(Response::new(WorkersResponse {
-            workers: workers
-                .into_iter()
-                .map(|w| WorkerInfo {
-                    name: w.name,
-                    slots: w.slots,
-                    running: w.running,
-                    last_seen_unix_ms: w.last_seen_ms,
-                    platform: w.platform,
-                    unavailable: w.unavailable.unwrap_or_default(),
-                    connected: w.connected,
-                })
-                .collect(),
+            workers: out,
             insecure: self.insecure,
         }))
     }
@@ -275,21 +297,7 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
         return Err(Status::not_found(format!("no build {id}")));
     };
     let layers = state.layers(id).await.map_err(|e| status_of(e.into()))?;
-    let webhook = state
-        .webhook_origin(id)
-        .await
-        .map_err(|e| status_of(e.into()))?
-        .map(|(key, sha, name, git_ref, delivery)| {
-            let (provider, repo) = key.split_once(':').unwrap_or(("", key.as_str()));
-            proto::WebhookOrigin {
-                provider: provider.to_string(),
-                repo: repo.to_string(),
-                git_ref,
-                sha,
-                delivery,
-                build: name,
-            }
-        });
+    let webhook = webhook_origin(farm, id).await?;
     Ok(proto::BuildStatus {
         webhook,
         id: build.id,
@@ -310,4 +318,24 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
             })
             .collect(),
     })
+}
+
+/// The webhook delivery that started build `id`, if one did.
+async fn webhook_origin(farm: &Farm, id: &str) -> Result<Option<proto::WebhookOrigin>, Status> {
+    Ok(farm
+        .state()
+        .webhook_origin(id)
+        .await
+        .map_err(|e| status_of(e.into()))?
+        .map(|(key, sha, name, git_ref, delivery)| {
+            let (provider, repo) = key.split_once(':').unwrap_or(("", key.as_str()));
+            proto::WebhookOrigin {
+                provider: provider.to_string(),
+                repo: repo.to_string(),
+                git_ref,
+                sha,
+                delivery,
+                build: name,
+            }
+        }))
 }

@@ -27,7 +27,9 @@ pub const MAX_FILES: usize = 100_000;
 pub enum CheckoutError {
     #[error("git {what}: {message}")]
     Git { what: String, message: String },
-    #[error("the fetched {git_ref} is {got}, not the commit {want} the delivery names")]
+    #[error(
+        "the fetched {git_ref} is {got}, not the commit {want} the delivery names, and the server does not serve that commit by its id (a git server needs protocol v2 or uploadpack.allowReachableSHA1InWant)"
+    )]
     WrongCommit {
         git_ref: String,
         got: String,
@@ -67,7 +69,10 @@ impl Cache {
         Ok(Cache { dir })
     }
 
-    /// Fetch exactly `git_ref` at depth 1 and check that it is `sha`.
+    /// Fetch exactly `git_ref` at depth 1 and check that it is `sha`. When the ref has
+    /// moved on since the delivery (a later push, a redelivery of an old one), the commit
+    /// `sha` itself is fetched at depth 1 (git's protocol v2 serves any reachable commit),
+    /// so a delivery always builds the files of the commit it names, never the ref's tip.
     pub async fn fetch(&self, repo: &Repo, git_ref: &str, sha: &str) -> Result<(), CheckoutError> {
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(token) = &repo.token
@@ -82,7 +87,30 @@ impl Cache {
                 format!("Authorization: Basic {basic}"),
             ));
         }
-        let target = format!("+{git_ref}:refs/farm/fetched");
+        let got = self.fetch_one(repo, git_ref, &env).await?;
+        if got == sha {
+            return Ok(());
+        }
+        tracing::info!(repo = %repo.name, git_ref, tip = %got, sha, "the ref has moved on: fetching the delivery's commit itself");
+        match self.fetch_one(repo, sha, &env).await {
+            Ok(fetched) if fetched == sha => Ok(()),
+            Ok(_) | Err(CheckoutError::Git { .. }) => Err(CheckoutError::WrongCommit {
+                git_ref: git_ref.into(),
+                got,
+                want: sha.into(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetch `what` (a ref or a commit) at depth 1 into `refs/farm/fetched`; the commit.
+    async fn fetch_one(
+        &self,
+        repo: &Repo,
+        what: &str,
+        env: &[(String, String)],
+    ) -> Result<String, CheckoutError> {
+        let target = format!("+{what}:refs/farm/fetched");
         git(
             &self.dir,
             &[
@@ -95,8 +123,8 @@ impl Cache {
                 &repo.clone_url,
                 &target,
             ],
-            &env,
-            &format!("fetch of {git_ref} from {}", repo.clone_url),
+            env,
+            &format!("fetch of {what} from {}", repo.clone_url),
         )
         .await?;
         let got = git(
@@ -106,15 +134,7 @@ impl Cache {
             "rev-parse",
         )
         .await?;
-        let got = String::from_utf8_lossy(&got).trim().to_string();
-        if got != sha {
-            return Err(CheckoutError::WrongCommit {
-                git_ref: git_ref.into(),
-                got,
-                want: sha.into(),
-            });
-        }
-        Ok(())
+        Ok(String::from_utf8_lossy(&got).trim().to_string())
     }
 
     /// The content of `path` at `sha`; `None` when it has no such file.
