@@ -486,11 +486,15 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     std::fs::write(repo.join("stacker.yaml"), stackerfile("new")).unwrap();
     git(&repo, &["commit", "--quiet", "-am", "four"]);
     let sha4 = git(&repo, &["rev-parse", "HEAD"]);
+    let main_before = inspect(format!("{reg}/acme/app:main"));
     let (old_build, _) = deliver("push", "good-3", &body.replace(&sha, &sha3), &sha3);
     let logs = client(&["logs", &old_build, "app"]);
     assert!(logs.contains("built-old"), "{logs}");
     assert!(!logs.contains("built-new"), "{logs}");
     let old_image = inspect(format!("{reg}/acme/app:{sha3}")).expect("the old commit's image");
+    // The branch has moved past the third commit: its late delivery pushes the commit's
+    // own tag, not `main`.
+    assert_eq!(inspect(format!("{reg}/acme/app:main")), main_before);
     let (new_build, _) = deliver("push", "good-4", &body.replace(&sha, &sha4), &sha4);
     assert_ne!(old_build, new_build);
     let logs = client(&["logs", &new_build, "app"]);
@@ -498,6 +502,7 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     let new_image = inspect(format!("{reg}/acme/app:{sha4}")).expect("the new commit's image");
     assert_ne!(old_image, new_image, "two commits, two images");
     assert_eq!(inspect(format!("{reg}/acme/app:{sha3}")), Some(old_image));
+    assert_eq!(inspect(format!("{reg}/acme/app:main")), Some(new_image));
 
     // A pull request from a fork (its head in another repository): built, nothing pushed.
     let tags = || {

@@ -48,6 +48,16 @@ pub struct Cache {
     dir: PathBuf,
 }
 
+/// Where the delivery's ref stood when its commit was fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefTip {
+    /// The ref still names the delivery's commit.
+    AtCommit,
+    /// The ref has moved past it (a later push, a redelivery of an old one): its moving
+    /// names (the branch, the pull request) belong to a newer commit.
+    MovedOn,
+}
+
 impl Cache {
     /// The cache of `repo` under `root` (created when missing).
     pub async fn open(root: &Path, repo: &Repo) -> Result<Cache, CheckoutError> {
@@ -73,7 +83,12 @@ impl Cache {
     /// moved on since the delivery (a later push, a redelivery of an old one), the commit
     /// `sha` itself is fetched at depth 1 (git's protocol v2 serves any reachable commit),
     /// so a delivery always builds the files of the commit it names, never the ref's tip.
-    pub async fn fetch(&self, repo: &Repo, git_ref: &str, sha: &str) -> Result<(), CheckoutError> {
+    pub async fn fetch(
+        &self,
+        repo: &Repo,
+        git_ref: &str,
+        sha: &str,
+    ) -> Result<RefTip, CheckoutError> {
         let mut env: Vec<(String, String)> = Vec::new();
         if let Some(token) = &repo.token
             && (repo.clone_url.starts_with("https://") || repo.clone_url.starts_with("http://"))
@@ -89,11 +104,11 @@ impl Cache {
         }
         let got = self.fetch_one(repo, git_ref, &env).await?;
         if got == sha {
-            return Ok(());
+            return Ok(RefTip::AtCommit);
         }
         tracing::info!(repo = %repo.name, git_ref, tip = %got, sha, "the ref has moved on: fetching the delivery's commit itself");
         match self.fetch_one(repo, sha, &env).await {
-            Ok(fetched) if fetched == sha => Ok(()),
+            Ok(fetched) if fetched == sha => Ok(RefTip::MovedOn),
             Ok(_) | Err(CheckoutError::Git { .. }) => Err(CheckoutError::WrongCommit {
                 git_ref: git_ref.into(),
                 got,

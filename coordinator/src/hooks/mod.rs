@@ -342,7 +342,7 @@ impl Hooks {
         let cache = Cache::open(&self.cache_dir, repo)
             .await
             .map_err(|e| e.to_string())?;
-        cache
+        let tip = cache
             .fetch(repo, &push.git_ref, &push.sha)
             .await
             .map_err(|e| e.to_string())?;
@@ -373,7 +373,7 @@ impl Hooks {
             Change::Tag(t) => (String::new(), t.clone()),
             Change::PullRequest { .. } => (String::new(), String::new()),
         };
-        let values = farmfile::TagValues {
+        let mut values = farmfile::TagValues {
             sha: push.sha.clone(),
             branch: branch.clone(),
             tag: tag.clone(),
@@ -382,6 +382,13 @@ impl Hooks {
                 _ => String::new(),
             },
         };
+        if tip == checkout::RefTip::MovedOn {
+            // A late delivery must not move the branch's (or pull request's) tag back to
+            // an older image: only the commit's own tags ({sha}, {short_sha}, {tag}).
+            tracing::info!(repo = %repo.name, sha = %push.sha, git_ref = %push.git_ref, "the ref has moved past this commit: its branch and pull-request tags are not pushed");
+            values.branch.clear();
+            values.pr.clear();
+        }
         let fork = matches!(push.change, Change::PullRequest { fork: true, .. });
         let state = self.farm.state();
         let mut out = Vec::new();
