@@ -271,7 +271,16 @@ impl StateStore {
                 path: shown.clone(),
                 source,
             })?;
-        Ok(StateStore { pool, path: shown })
+        let store = StateStore { pool, path: shown };
+        // A webhook delivery answered 202 whose builds never started (the coordinator
+        // stopped between the answer and the submit) would answer every redelivery with
+        // "nothing to do": forget it, so the forge's "Redeliver" starts it. One that
+        // matched no build is forgotten too, harmlessly: its redelivery matches none again.
+        sqlx::query("DELETE FROM webhook_deliveries WHERE builds = '[]'")
+            .execute(&store.pool)
+            .await
+            .map_err(|e| store.err(e))?;
+        Ok(store)
     }
 
     fn err(&self, source: sqlx::Error) -> StateError {
@@ -1190,6 +1199,39 @@ mod tests {
 
     fn names(n: &[&str]) -> Vec<String> {
         n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_started_no_build_is_forgotten_at_the_next_start() {
+        let (d, s) = store().await;
+        assert_eq!(
+            s.record_delivery("github", "d1", "r", "a").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            s.record_delivery("github", "d2", "r", "b").await.unwrap(),
+            None
+        );
+        let started: Vec<BuildId> = vec!["b1".into()];
+        s.set_delivery_builds("github", "d2", &started)
+            .await
+            .unwrap();
+        // Until the coordinator stops, both are redeliveries.
+        assert_eq!(
+            s.record_delivery("github", "d1", "r", "a").await.unwrap(),
+            Some(vec![])
+        );
+        drop(s);
+        let s = StateStore::open(&d.path().join("state.db")).await.unwrap();
+        // d1 had started nothing (stopped between its 202 and its submit): new again.
+        assert_eq!(
+            s.record_delivery("github", "d1", "r", "a").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            s.record_delivery("github", "d2", "r", "b").await.unwrap(),
+            Some(started)
+        );
     }
 
     #[tokio::test]
