@@ -577,4 +577,22 @@ fn a_signed_github_push_builds_the_commit_and_reports_its_status() {
     assert_eq!(tags(), before, "a fork's pull request pushes no tag");
     assert!(inspect(format!("{reg}/acme/app:pr-7")).is_none());
     assert!(inspect(format!("{reg}/acme/app:{fork_sha}")).is_none());
+
+    // A pull request of the repository itself at a commit a branch push already built:
+    // it shares that build, and its own tag (pr-8) is pushed when the build is done.
+    git(&repo, &["update-ref", "refs/pull/8/head", &sha4]);
+    let pr8 = format!(
+        r#"{{"action":"opened","number":8,"pull_request":{{"number":8,"head":{{"sha":"{sha4}","repo":{{"full_name":"acme/app"}}}}}},"repository":{{"full_name":"acme/app"}}}}"#
+    );
+    let builds_before = count();
+    send("pull_request", "pr-8", &pr8);
+    let pr8_image = wait_until("pr-8 pushed", Duration::from_secs(120), || {
+        inspect(format!("{reg}/acme/app:pr-8")).ok_or_else(|| "not yet".to_string())
+    });
+    assert_eq!(Some(pr8_image), inspect(format!("{reg}/acme/app:{sha4}")));
+    assert_eq!(
+        count(),
+        builds_before,
+        "the pull request shared the push's build"
+    );
 }

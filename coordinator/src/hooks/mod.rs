@@ -318,8 +318,9 @@ impl Hooks {
             tokio::spawn(async move {
                 match result {
                     Started::New(id, push) => hooks.follow(&repo, &sha, &name, &id, push).await,
-                    Started::Shared(id) => {
+                    Started::Shared(id, push) => {
                         tracing::info!(build = %id, sha, "an earlier delivery of this commit started it");
+                        hooks.follow(&repo, &sha, &name, &id, push).await
                     }
                     Started::Refused(why) => {
                         hooks
@@ -394,11 +395,6 @@ impl Hooks {
         let mut out = Vec::new();
         let mut ids = Vec::new();
         for b in builds {
-            if let Ok(Some(id)) = state.webhook_build(&key, &push.sha, &b.name).await {
-                ids.push(id.clone());
-                out.push((b.name.clone(), Started::Shared(id)));
-                continue;
-            }
             let target = match push_plan(repo, b, &values, fork) {
                 Ok(t) => t,
                 Err(why) => {
@@ -406,6 +402,13 @@ impl Hooks {
                     continue;
                 }
             };
+            if let Ok(Some(id)) = state.webhook_build(&key, &push.sha, &b.name).await {
+                // The commit is built once; this delivery's own tags (a tag or a pull
+                // request at a commit a branch push already built) follow that build.
+                ids.push(id.clone());
+                out.push((b.name.clone(), Started::Shared(id, target)));
+                continue;
+            }
             let mut cli: Vec<(String, String)> = b
                 .substitutions
                 .iter()
@@ -628,8 +631,8 @@ impl Outcome {
 /// What a delivery did for one build of `.farm.yaml`.
 enum Started {
     New(String, Option<PushPlan>),
-    /// An earlier delivery of the same commit started it.
-    Shared(String),
+    /// An earlier delivery of the same commit started it; this delivery's push follows it.
+    Shared(String, Option<PushPlan>),
     /// The farm refused the submission (why).
     Refused(String),
 }
