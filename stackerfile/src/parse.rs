@@ -772,10 +772,7 @@ impl Cx<'_, '_> {
         match node.scalar().map(str::parse::<Network>) {
             Some(Ok(n)) => Some(n),
             _ => {
-                let shown = node
-                    .scalar()
-                    .map(|s| format!("'{s}'"))
-                    .unwrap_or_else(|| node.kind_name().into());
+                let shown = node.shown();
                 self.err(
                     node.at,
                     format!("'{key}' must be host or none, not {shown}"),
@@ -803,10 +800,7 @@ impl Cx<'_, '_> {
         match parsed {
             Some(secs) if secs > 0 => Some(secs),
             _ => {
-                let shown = node
-                    .scalar()
-                    .map(|s| format!("'{s}'"))
-                    .unwrap_or_else(|| node.kind_name().into());
+                let shown = node.shown();
                 self.err(
                     node.at,
                     format!("'{key}' must be a positive duration, not {shown}"),
@@ -823,10 +817,7 @@ impl Cx<'_, '_> {
             Some("false" | "no" | "off") => Some(false),
             _ if node.is_null() => None,
             _ => {
-                let shown = node
-                    .scalar()
-                    .map(|s| format!("'{s}'"))
-                    .unwrap_or_else(|| node.kind_name().into());
+                let shown = node.shown();
                 self.err(
                     node.at,
                     format!("'{key}' must be true or false, not {shown}"),

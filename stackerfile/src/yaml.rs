@@ -68,6 +68,13 @@ impl Node {
             if text.is_empty() || text == "~" || text.eq_ignore_ascii_case("null"))
     }
 
+    /// The node as an error message shows it: a scalar quoted, else its kind.
+    pub(crate) fn shown(&self) -> String {
+        self.scalar()
+            .map(|s| format!("'{s}'"))
+            .unwrap_or_else(|| self.kind_name().into())
+    }
+
     pub(crate) fn kind_name(&self) -> &'static str {
         match &self.kind {
             Kind::Scalar { .. } if self.is_null() => "null",

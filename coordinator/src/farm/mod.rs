@@ -387,8 +387,8 @@ impl Farm {
             match serde_json::from_str::<Submission>(&build.spec_json) {
                 Ok(spec) => {
                     tracing::info!(build = %build.id, "resuming build");
-                    farm.inner.hold_context(&spec);
-                    farm.spawn_driver(build.id, spec, None);
+                    let held = farm.inner.hold_context(&spec);
+                    farm.spawn_driver(build.id, spec, None, held);
                 }
                 Err(e) => {
                     farm.inner
@@ -456,7 +456,7 @@ impl Farm {
         owner: Option<&str>,
     ) -> Result<(BuildId, Vec<String>), FarmError> {
         // The build holds its context from here; a refused submission lets go of it.
-        self.inner.hold_context(&spec);
+        let held = self.inner.hold_context(&spec);
         let created = async {
             let plan = self.inner.plan(&spec).await?;
             crate::build::check_source_date_epoch(&plan, &spec.environment)
@@ -475,16 +475,23 @@ impl Farm {
         let (plan, names, id) = match created {
             Ok(c) => c,
             Err(e) => {
-                self.inner.release_context(&spec);
+                self.inner.release_context(held);
                 return Err(e);
             }
         };
         tracing::info!(build = %id, layers = names.len(), owner, "build submitted");
-        self.spawn_driver(id.clone(), spec, Some(plan));
+        self.spawn_driver(id.clone(), spec, Some(plan), held);
         Ok((id, names))
     }
 
-    fn spawn_driver(&self, id: BuildId, spec: Submission, plan: Option<Plan>) {
+    /// Drive build `id`; `held` is the context it holds (let go when the build ends).
+    fn spawn_driver(
+        &self,
+        id: BuildId,
+        spec: Submission,
+        plan: Option<Plan>,
+        held: Option<String>,
+    ) {
         let cancelled = Arc::new(AtomicBool::new(false));
         let (events, _) = broadcast::channel(4096);
         self.inner
@@ -499,10 +506,6 @@ impl Farm {
                 },
             );
         let inner = self.inner.clone();
-        let spec_for_release = Submission {
-            context: spec.context.clone(),
-            ..Submission::new(Vec::<String>::new())
-        };
         tokio::spawn(async move {
             let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
@@ -533,7 +536,7 @@ impl Farm {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            inner.release_context(&spec_for_release);
+            inner.release_context(held);
         });
     }
 
@@ -789,30 +792,27 @@ impl Inner {
         Ok(())
     }
 
-    /// A build needs its context from now on.
-    fn hold_context(&self, spec: &Submission) {
-        let Ok(id) = context_id(&spec.context) else {
-            return;
-        };
+    /// A build needs its context from now on: the id of the context held (`None`: the
+    /// submission uploaded none).
+    fn hold_context(&self, spec: &Submission) -> Option<String> {
         if spec.context.is_empty() {
-            return;
+            return None;
         }
+        let id = context_id(&spec.context).ok()?;
         *self
             .contexts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(id)
+            .entry(id.clone())
             .or_insert(0) += 1;
+        Some(id)
     }
 
     /// A build no longer needs its context; the last one out removes it. The directory
     /// is renamed away under the lock (a build arriving now writes it afresh) and
     /// removed after.
-    fn release_context(&self, spec: &Submission) {
-        if spec.context.is_empty() {
-            return;
-        }
-        let Ok(id) = context_id(&spec.context) else {
+    fn release_context(&self, held: Option<String>) {
+        let Some(id) = held else {
             return;
         };
         let contexts = self.config.state_dir.join("contexts");
