@@ -1057,6 +1057,27 @@ fn layer_updated(done: &sqlx::sqlite::SqliteQueryResult, build: &str, idx: u32) 
 
 // ---- webhook deliveries (issue 15) ----
 
+/// The webhook delivery that started a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookOrigin {
+    /// `PROVIDER:OWNER/NAME`, as the webhook listener keys repositories.
+    pub repo_key: String,
+    pub sha: String,
+    /// The build's name in the repository's `.farm.yaml`.
+    pub build: String,
+    pub git_ref: String,
+    pub delivery: String,
+}
+
+impl WebhookOrigin {
+    /// The provider and the repository of [`repo_key`](Self::repo_key).
+    pub fn provider_and_repo(&self) -> (&str, &str) {
+        self.repo_key
+            .split_once(':')
+            .unwrap_or(("", self.repo_key.as_str()))
+    }
+}
+
 impl StateStore {
     /// Record webhook delivery `delivery` of `provider`. `None` when it is new; else the
     /// build ids recorded for it before (a redelivery, which starts nothing).
@@ -1127,17 +1148,23 @@ impl StateStore {
 
     /// The webhook that started build `build_id`: (repo key, sha, build name, ref,
     /// delivery); `None` for builds no webhook started.
-    pub async fn webhook_origin(
-        &self,
-        build_id: &str,
-    ) -> Result<Option<(String, String, String, String, String)>> {
-        sqlx::query_as(
+    pub async fn webhook_origin(&self, build_id: &str) -> Result<Option<WebhookOrigin>> {
+        let row: Option<(String, String, String, String, String)> = sqlx::query_as(
             "SELECT repo, sha, build, git_ref, delivery FROM webhook_builds WHERE build_id = ?1",
         )
         .bind(build_id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(|e| self.err(e))
+        .map_err(|e| self.err(e))?;
+        Ok(
+            row.map(|(repo_key, sha, build, git_ref, delivery)| WebhookOrigin {
+                repo_key,
+                sha,
+                build,
+                git_ref,
+                delivery,
+            }),
+        )
     }
 
     /// The build already started for (`repo`, `sha`, `build`), if any.

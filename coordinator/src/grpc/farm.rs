@@ -327,15 +327,15 @@ async fn webhook_origin(farm: &Farm, id: &str) -> Result<Option<proto::WebhookOr
         .webhook_origin(id)
         .await
         .map_err(|e| status_of(e.into()))?
-        .map(|(key, sha, name, git_ref, delivery)| {
-            let (provider, repo) = key.split_once(':').unwrap_or(("", key.as_str()));
+        .map(|o| {
+            let (provider, repo) = o.provider_and_repo();
             proto::WebhookOrigin {
                 provider: provider.to_string(),
                 repo: repo.to_string(),
-                git_ref,
-                sha,
-                delivery,
-                build: name,
+                git_ref: o.git_ref.clone(),
+                sha: o.sha.clone(),
+                delivery: o.delivery.clone(),
+                build: o.build.clone(),
             }
         }))
 }

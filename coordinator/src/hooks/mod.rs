@@ -638,6 +638,7 @@ enum Started {
 }
 
 fn repo_key(repo: &Repo) -> String {
+    // Read back by `state::WebhookOrigin::provider_and_repo`.
     format!("{}:{}", repo.provider.as_str(), repo.name)
 }
 
