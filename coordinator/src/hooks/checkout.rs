@@ -152,20 +152,32 @@ impl Cache {
         Ok(String::from_utf8_lossy(&got).trim().to_string())
     }
 
-    /// The content of `path` at `sha`; `None` when it has no such file.
-    pub async fn read(&self, sha: &str, path: &str) -> Result<Option<Vec<u8>>, CheckoutError> {
-        match git(
-            &self.dir,
-            &["cat-file", "blob", &format!("{sha}:{path}")],
-            &[],
-            "cat-file",
-        )
-        .await
-        {
-            Ok(b) => Ok(Some(b)),
-            Err(CheckoutError::Git { .. }) => Ok(None),
-            Err(e) => Err(e),
+    /// The content of `path` at `sha`, refused when over `max` bytes (sized before it is
+    /// read: the repository's content is not the coordinator's to trust); `None` when it
+    /// has no such file.
+    pub async fn read(
+        &self,
+        sha: &str,
+        path: &str,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, CheckoutError> {
+        let object = format!("{sha}:{path}");
+        let size = match git(&self.dir, &["cat-file", "-s", &object], &[], "cat-file").await {
+            Ok(b) => String::from_utf8_lossy(&b)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(u64::MAX),
+            Err(CheckoutError::Git { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if size > max as u64 {
+            return Err(CheckoutError::Limit(format!(
+                "{path} at {sha} is {size} bytes, over the limit of {max}"
+            )));
         }
+        git(&self.dir, &["cat-file", "blob", &object], &[], "cat-file")
+            .await
+            .map(Some)
     }
 
     /// Every file of commit `sha`, put into `blobs`, as a submission's context.

@@ -348,7 +348,7 @@ impl Hooks {
             .await
             .map_err(|e| e.to_string())?;
         let Some(text) = cache
-            .read(&push.sha, FARM_YAML)
+            .read(&push.sha, FARM_YAML, farmfile::MAX_FARM_YAML)
             .await
             .map_err(|e| e.to_string())?
         else {

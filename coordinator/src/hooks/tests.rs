@@ -462,3 +462,32 @@ fn forks_never_push_and_targets_stay_under_push_to() {
     };
     assert!(push_plan(&repo, &ok, &pr, false).unwrap().is_none());
 }
+
+#[tokio::test]
+async fn an_oversized_farm_yaml_is_refused_before_it_is_read() {
+    let e = env(0).await;
+    let repo = e._d.path().join("repo");
+    let mut big = std::fs::read_to_string(repo.join(".farm.yaml")).unwrap();
+    big.push_str(&format!("# {}\n", "x".repeat(farmfile::MAX_FARM_YAML)));
+    std::fs::write(repo.join(".farm.yaml"), big).unwrap();
+    git(&repo, &["commit", "--quiet", "-am", "big"]);
+    let sha = git(&repo, &["rev-parse", "HEAD"]);
+    let body = push_body("acme/app", "refs/heads/main", &sha);
+    let (code, _) = deliver(&e, "github", &github("push", "d-big", &body), &body).await;
+    assert_eq!(code, 202);
+    let api = e.api.clone();
+    wait_for("the error status", || {
+        api.states()
+            .contains(&("farm/webhook".into(), "error".into()))
+    })
+    .await;
+    let (_, _, status) = api.calls.lock().unwrap()[0].clone();
+    assert!(
+        status["description"]
+            .as_str()
+            .unwrap()
+            .contains("over the limit"),
+        "{status}"
+    );
+    assert_eq!(builds(&e.farm).await, 0);
+}
