@@ -1268,3 +1268,43 @@ async fn a_start_removes_contexts_no_build_holds() {
 
 /// What a remote submission may read, fetch and use.
 mod remote;
+
+/// A worker may hand back only what it holds: a rogue's `Drain` naming another worker's
+/// assignment moves nothing (the layer is not queued again, nor its attempt taken back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_handing_back_another_workers_assignment_moves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let honest = fake_worker(
+        &farm,
+        "honest",
+        1,
+        Script {
+            delay: Duration::from_millis(800),
+            ..QUICK
+        },
+        vec![],
+    );
+    let rogue = rogue(&farm, "rogue").await;
+    let (id, _) = farm.submit(fan_out(d.path(), 1, "held")).await.unwrap();
+    for _ in 0..100 {
+        if !honest.assigned.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let theirs = honest.assigned.lock().unwrap()[0].0.clone();
+    rogue
+        .tx
+        .send(WorkerMessage {
+            kind: Some(worker_message::Kind::Drain(farm_proto::v1::Drain {
+                hand_back: vec![theirs],
+            })),
+        })
+        .unwrap();
+    let (state, error) = wait(&farm, &id).await;
+    assert_eq!(state, BuildState::Succeeded, "{error:?}");
+    assert_eq!(honest.assigned.lock().unwrap().len(), 1, "assigned once");
+    let status = farm.status(&id).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].worker.as_deref(), Some("honest"));
+}
