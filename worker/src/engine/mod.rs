@@ -108,6 +108,8 @@ pub struct EngineOptions {
     pub binds: BindPolicy,
     /// How much one layer (a base's, a tarball base) may extract to.
     pub extract: crate::ops::ExtractLimits,
+    /// The processes and /proc runs see (`--sandbox-proc`).
+    pub sandbox_proc: crate::sandbox::SandboxProc,
 }
 
 impl EngineOptions {

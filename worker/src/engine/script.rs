@@ -42,6 +42,7 @@ impl Build<'_> {
         spec.timeout = options.run_timeout(&job.layer.sandbox);
         spec.network = options.run_network(&job.layer.sandbox);
         spec.nested_userns = job.layer.sandbox.nested_userns;
+        spec.proc = options.sandbox_proc;
         if job.layer.sandbox.network == Some(Network::Host) && spec.network == Network::None {
             self.events.log(
                 self.name(),

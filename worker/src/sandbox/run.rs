@@ -46,6 +46,7 @@ impl Userns {
         let started = Instant::now();
         let mut cmd = self.op_command(&Op::Sandbox(spec.clone()))?;
         cmd.isolate_pid_uts_ipc(true)
+            .isolate_pid(spec.proc == super::SandboxProc::Fresh)
             .isolate_net(spec.network == farm_stackerfile::Network::None)
             .env_clear()
             .stdin(Stdio::null())
