@@ -10,6 +10,7 @@ mod inputs;
 mod kubernetes;
 mod limits;
 mod plan;
+mod pods;
 mod procs;
 mod registry;
 mod sandbox;
