@@ -95,6 +95,28 @@ fn check_image(layout: &Path, d: &Path) {
             m.mode()
         );
     }
+    // Nothing else setuid or setgid: the worker's pod lets setuid programs gain
+    // DAC_OVERRIDE and SYS_ADMIN (for newuidmap/newgidmap).
+    let mut set_id = Vec::new();
+    let mut stack = vec![rootfs.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && m.mode() & 0o6000 != 0 {
+                set_id.push(
+                    e.path()
+                        .strip_prefix(&rootfs)
+                        .unwrap()
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    set_id.sort();
+    assert_eq!(set_id, ["usr/bin/newgidmap", "usr/bin/newuidmap"]);
     assert!(rootfs.join("usr/bin/btrfs").exists() && rootfs.join("etc/ssl/certs").is_dir());
     let farm = std::fs::metadata(rootfs.join("usr/local/bin/farm")).unwrap();
     assert!(farm.mode() & 0o111 != 0);

@@ -22,10 +22,11 @@
 //!   the image, which has no curl), the nodeSelector, the service account and Kubernetes'
 //!   other kinds (PDB, NetworkPolicy, Namespace) are dropped: the test asks /readyz
 //!   itself;
-//! - the worker containers run `privileged: true`: podman ignores `procMount`, so an
-//!   unprivileged container's /proc is masked, and the default sandbox needs a fresh
-//!   procfs (the rootless overlay's `FARM_SANDBOX_PROC=host` is tested by the worker's
-//!   sandbox tests).
+//! - the hostpath overlay's worker containers run `privileged: true`: podman ignores
+//!   `procMount`, so an unprivileged container's /proc is masked, and the default
+//!   sandbox needs a fresh procfs. At the end a worker of the rootless overlay runs
+//!   unprivileged (its /proc masked, capabilities as rendered) and builds with its
+//!   `FARM_SANDBOX_PROC=host`.
 //!
 //! The S3 server (moto, from /opt/farm-ci/venv) runs on the host, listening on the
 //! podman network's gateway address only (pods reach it there; nothing outside the
@@ -37,7 +38,9 @@
 //! TLS with tokens and S3 blobs; the init container makes the pool the farm user's; the
 //! workers build in their containers with newuidmap and the image's split subordinate
 //! ranges; a killed worker pod's layer is built elsewhere; a stopped pod (SIGTERM, as the
-//! kubelet sends) drains: its running layer finishes and the worker exits 0. What it
+//! kubelet sends) drains: its running layer finishes and the worker exits 0; the
+//! rootless overlay's worker, not privileged, builds (newuidmap works with the rendered
+//! capabilities, and the run sees the container's processes). What it
 //! does not prove: the cluster's securityContext semantics (podman runs these pods
 //! privileged, ignores procMount, hostUsers, fsGroup and the seccomp/AppArmor fields as
 //! Kubernetes applies them), scheduling, Services, NetworkPolicies, PDBs, probes as the
@@ -294,7 +297,29 @@ struct Rendered {
     objects: Vec<Value>,
 }
 
+/// `kubectl kustomize DIR/OVERLAY`.
+fn render(dir: &Path, overlay: &str) -> Rendered {
+    let rendered = output_ok(
+        Command::new(KUBECTL)
+            .arg("kustomize")
+            .arg(dir.join(overlay)),
+    );
+    Rendered {
+        objects: serde_yaml::Deserializer::from_str(&rendered)
+            .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+            .collect(),
+    }
+}
+
 impl Rendered {
+    /// The (first) object of `kind`.
+    fn find(&self, kind: &str) -> &Value {
+        self.objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} rendered"))
+    }
+
     fn get(&self, kind: &str, name: &str) -> &Value {
         self.objects
             .iter()
@@ -464,6 +489,19 @@ fn pod_from_template(r: &Rendered, template: &Value, plan: &PodPlan) -> Value {
             .unwrap()
         })
         .collect();
+    let mut volumes = volumes;
+    // A StatefulSet's volumeClaimTemplates (the pool without the hostpath overlay).
+    for (name, dir) in &plan.volume_dirs {
+        if !volumes.iter().any(|v| v["name"] == name.as_str()) {
+            volumes.push(
+                serde_yaml::from_str(&format!(
+                    "name: {name}\nhostPath:\n  path: {}\n  type: Directory\n",
+                    dir.display()
+                ))
+                .unwrap(),
+            );
+        }
+    }
     spec_map.insert("volumes".into(), Value::Sequence(volumes));
     let mut metadata = Mapping::new();
     metadata.insert("name".into(), plan.name.into());
@@ -804,24 +842,9 @@ fn the_manifests_run_under_podman_kube_play() {
         ),
     )
     .unwrap();
-    let rendered = output_ok(
-        Command::new(KUBECTL)
-            .arg("kustomize")
-            .arg(kube.join("overlays/hostpath-pool")),
-    );
-    let r = Rendered {
-        objects: serde_yaml::Deserializer::from_str(&rendered)
-            .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
-            .collect(),
-    };
-    let find = |kind: &str| -> &Value {
-        r.objects
-            .iter()
-            .find(|o| o["kind"] == kind)
-            .unwrap_or_else(|| panic!("no {kind} rendered"))
-    };
-    let deployment = find("Deployment").clone();
-    let statefulset = find("StatefulSet").clone();
+    let r = render(&kube, "overlays/hostpath-pool");
+    let deployment = r.find("Deployment").clone();
+    let statefulset = r.find("StatefulSet").clone();
     assert_eq!(
         statefulset["spec"]["replicas"].as_u64(),
         Some(WORKERS.len() as u64)
@@ -907,9 +930,12 @@ fn the_manifests_run_under_podman_kube_play() {
     // The workers, each on its own btrfs pool.
     let worker_template = &statefulset["spec"]["template"];
     let mut worker_metrics = BTreeMap::new();
+    let mut pools = BTreeMap::new();
     for w in WORKERS {
         let mut dirs = secret_dirs(&r, worker_template, &secret_root);
-        dirs.insert("pool".into(), make_pool(&mut c, d, w));
+        let pool = make_pool(&mut c, d, w);
+        pools.insert(w, pool.clone());
+        dirs.insert("pool".into(), pool);
         let metrics = free_port();
         worker_metrics.insert(w, metrics);
         let pod = pod_from_template(
@@ -1093,6 +1119,59 @@ fn the_manifests_run_under_podman_kube_play() {
         "{status:#}"
     );
     assert_drained(&podman, &stopped, &worker_logs(&stopped));
+
+    // 3. The rootless overlay: a worker pod that is not privileged, so its /proc is
+    //    masked (podman's default, a Kubernetes pod's without a user namespace) and a
+    //    fresh procfs cannot be mounted; the overlay's FARM_SANDBOX_PROC=host builds
+    //    there, in the container's pid namespace (pid 1 is the worker, `farm`).
+    for w in WORKERS {
+        podman.ok(&["pod", "rm", "-f", "-t", "0", w]);
+    }
+    let rootless = render(&kube, "overlays/rootless");
+    let template = &rootless.find("StatefulSet")["spec"]["template"];
+    let w = WORKERS[0];
+    let mut dirs = secret_dirs(&rootless, template, &d.join("secrets-rootless"));
+    dirs.insert("pool".into(), pools[w].clone());
+    let pod = pod_from_template(
+        &rootless,
+        template,
+        &PodPlan {
+            name: w,
+            publish: BTreeMap::from([(9601, worker_metrics[w])]),
+            host_aliases: Some((coord_ip.clone(), "farm-coordinator.farm.svc")),
+            volume_dirs: dirs,
+            privileged: false,
+        },
+    );
+    let yaml = d.join(format!("{w}-rootless.yaml"));
+    std::fs::write(&yaml, serde_yaml::to_string(&pod).unwrap()).unwrap();
+    podman.ok(&["kube", "play", yaml.to_str().unwrap()]);
+    wait_ready(w, worker_metrics[w], Duration::from_secs(120), || {
+        worker_logs(w)
+    });
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::fs::write(
+        work.join("rootless.yaml"),
+        format!(
+            "config:\n  prerequisites:\n    - base.yaml\nrootless:\n  from:\n    type: built\n    \
+             tag: busybox\n  run: echo pid1=$(cat /proc/1/comm) {stamp} > /rootless; cat /rootless\n"
+        ),
+    )
+    .unwrap();
+    let id = client.submit("rootless.yaml");
+    let status = client.wait_finished(&id, Duration::from_secs(120));
+    assert_succeeded(&status);
+    assert_eq!(layers(&status)["rootless"]["worker"], w, "{status:#}");
+    let log = client.run(&["logs", &id, "rootless"]);
+    assert!(
+        text(&log.stdout).contains(&format!("pid1=farm {stamp}")),
+        "the run did not see the worker as pid 1:\n{}{}",
+        text(&log.stdout),
+        text(&log.stderr)
+    );
 
     eprintln!(
         "podman kube play -> first built layer: {first_layer:.1?}; image farm: layers \
