@@ -778,7 +778,9 @@ fn the_manifests_run_under_podman_kube_play() {
         moto: None,
     };
 
-    // The image, into podman's storage.
+    // The image, into podman's storage (an earlier run's copy removed first, so that
+    // none is left behind untagged).
+    let _ = podman.run(&["rmi", "-f", IMAGE]);
     c.image = true;
     let layer_sizes = with_farm_image(|layout| {
         output_ok(Command::new("skopeo").args([
