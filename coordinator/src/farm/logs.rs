@@ -122,6 +122,26 @@ impl LogFiles {
         }
     }
 
+    /// Remove every build log file whose build is not in `known`.
+    pub(crate) fn sweep(&self, known: &std::collections::HashSet<String>) -> io::Result<()> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(build) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+                continue;
+            };
+            if !known.contains(build) {
+                self.remove(build)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write `lines` of `layer`, sent for assignment `source`, to the build's file; the
     /// events to publish, one per chunk (without their text: a watcher reads it back
     /// when it sends the chunk, so a watcher that lags holds no output). Lines past the
@@ -302,6 +322,13 @@ mod tests {
         files.remove("b-1").unwrap();
         assert!(!dir.path().join("logs/b-1.log").exists());
         files.remove("b-1").unwrap();
+        // A sweep keeps the known builds' files only.
+        for b in ["b-2", "b-3"] {
+            files.append(b, "a", 1, vec!["x".into()]).await.unwrap();
+        }
+        files.sweep(&["b-3".to_string()].into()).unwrap();
+        assert!(!dir.path().join("logs/b-2.log").exists());
+        assert!(dir.path().join("logs/b-3.log").exists());
     }
 
     #[tokio::test]

@@ -547,8 +547,11 @@ impl Farm {
                     .await;
             }
             inner.metrics.build_finished();
-            if let Err(e) = inner.state.prune_finished(inner.config.keep_builds).await {
-                tracing::warn!("forgetting old builds: {e}");
+            match inner.state.prune_finished(inner.config.keep_builds).await {
+                Ok(0) => {}
+                // The log files of the builds forgotten go with them.
+                Ok(_) => inner.sweep_logs().await,
+                Err(e) => tracing::warn!("forgetting old builds: {e}"),
             }
             inner
                 .running
@@ -1068,6 +1071,21 @@ impl Inner {
             for (n, e) in events.into_iter().enumerate() {
                 let _ = sender.send(Arc::new((first + n as u64, e)));
             }
+        }
+    }
+
+    /// Remove the log files of builds the state no longer has (forgotten, or gone
+    /// with a state reset); logged, never fatal.
+    async fn sweep_logs(&self) {
+        match self.state.list_builds().await {
+            Ok(builds) => {
+                let known: std::collections::HashSet<String> =
+                    builds.into_iter().map(|b| b.id).collect();
+                if let Err(e) = self.logs.sweep(&known) {
+                    tracing::warn!("removing the log files of forgotten builds: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("listing builds to remove forgotten logs: {e}"),
         }
     }
 
