@@ -518,6 +518,9 @@ fn chain_ids(engine: &Engine) -> Vec<String> {
         .collect()
 }
 
+/// A batch of log lines is sent once it holds about this many bytes (or 500 lines).
+const LOG_BATCH_BYTES: usize = 1 << 20;
+
 /// What one layer's output may send: the worker's cap, or the coordinator's when lower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct LogCap {
@@ -632,14 +635,17 @@ async fn build(
             };
             while let Some(first) = rx.recv().await {
                 let mut lines = Vec::new();
+                let mut bytes = 0;
                 let mut next = Some(first);
                 while let Some(e) = next.take() {
                     if let Event::Log { line, .. } = e
                         && capped.admit(&line)
                     {
+                        bytes += line.len();
                         lines.push(line);
                     }
-                    if lines.len() < 500 {
+                    // Batches of at most 500 lines or about 1 MiB.
+                    if lines.len() < 500 && bytes < LOG_BATCH_BYTES {
                         next = rx.try_recv().ok();
                     }
                 }

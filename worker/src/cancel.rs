@@ -91,3 +91,21 @@ impl CancelToken {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_is_busy_while_a_guard_lives() {
+        let job = CancelToken::new().child();
+        assert!(!job.is_busy());
+        let sandbox = job.busy();
+        let export = job.clone().busy();
+        assert!(job.is_busy());
+        drop(sandbox);
+        assert!(job.is_busy());
+        drop(export);
+        assert!(!job.is_busy());
+    }
+}

@@ -22,7 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::events::{EventKind, StoredEvent};
 
-/// The most bytes of output one chunk (one event) holds; a longer line is cut to this.
+/// The most bytes of output one chunk (one event) holds, about; a line longer than this
+/// is cut to it (the worker splits lines at this length already).
 pub(crate) const CHUNK_BYTES: usize = 64 << 10;
 
 /// The default of `--max-layer-log`: 64 MiB of output per layer (per attempt).
@@ -164,8 +165,8 @@ impl LogFiles {
         let mut dropped = false;
         for line in lines.iter().flat_map(|l| l.split('\n')) {
             let mut line = line.to_string();
-            if line.len() >= CHUNK_BYTES {
-                let mut end = CHUNK_BYTES - 1;
+            if line.len() > CHUNK_BYTES {
+                let mut end = CHUNK_BYTES;
                 while !line.is_char_boundary(end) {
                     end -= 1;
                 }
@@ -239,7 +240,10 @@ impl LogFiles {
             ));
             offset += buf.len() as u64;
         }
-        file.flush().await?;
+        if let Err(e) = file.flush().await {
+            log.len = None;
+            return Err(e);
+        }
         log.len = Some(offset);
         Ok(events)
     }
@@ -249,7 +253,8 @@ impl LogFiles {
         if !chunk.text.is_empty() || chunk.lines == 0 {
             return Ok(chunk.text.clone());
         }
-        let len = (chunk.len as usize).min(CHUNK_BYTES + MARKER_SLACK as usize);
+        // A chunk is at most one line of CHUNK_BYTES and its newline, or the marker.
+        let len = (chunk.len as usize).min(CHUNK_BYTES + MARKER_SLACK as usize + 1);
         let mut file = tokio::fs::File::open(self.path(build)).await?;
         file.seek(io::SeekFrom::Start(chunk.offset)).await?;
         let mut buf = vec![0u8; len];

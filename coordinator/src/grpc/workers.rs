@@ -34,7 +34,12 @@ pub struct WorkerLink {
 /// Messages from one worker read ahead of the one being handled. A worker's stream is
 /// read no faster than its messages are handled (its log lines stored): past this, the
 /// worker's sends wait (HTTP/2 flow control), and the coordinator's memory stays put.
-const INBOUND_BUFFER: usize = 16;
+const INBOUND_BUFFER: usize = 4;
+
+/// The largest message a worker may send (a registration with the most chains kept is
+/// about 7 MiB; log batches are about 1 MiB): with [`INBOUND_BUFFER`], what one worker
+/// can make the coordinator hold.
+pub(crate) const MAX_WORKER_MESSAGE: usize = 16 << 20;
 
 /// The most chains one registration or heartbeat may report; more are ignored (and
 /// logged): a pool that large is better known from results.
@@ -85,7 +90,7 @@ impl WorkerService {
 
     pub fn into_server(self) -> WorkersServer<Self> {
         WorkersServer::new(self)
-            .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+            .max_decoding_message_size(MAX_WORKER_MESSAGE)
             .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
     }
 }
