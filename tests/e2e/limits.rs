@@ -461,3 +461,25 @@ fn a_tar_bomb_base_fails_its_layer_and_the_worker_stays_healthy() {
     assert_eq!(status["state"], "succeeded", "{status}");
     assert!(f.worker.output().contains("connected"));
 }
+
+/// A `run` that sleeps silently longer than the coordinator's progress timeout keeps its
+/// layer: the worker's heartbeats say its sandbox runs (without that, the layer would be
+/// taken back at the timeout, three times, and fail).
+#[test]
+fn a_silent_sleep_keeps_its_layer_past_the_progress_timeout() {
+    let Some(f) = LogFarm::start(
+        "silent",
+        &["--lease-timeout", "3", "--progress-timeout", "4s"],
+        &[],
+    ) else {
+        return;
+    };
+    let (id, status) = f.build(
+        "base:\n  from:\n    type: tar\n    url: busybox.tar\n\
+         quiet:\n  from:\n    type: built\n    tag: base\n  run: sleep 12\n",
+    );
+    assert_eq!(status["state"], "succeeded", "{status}");
+    let logs = f.client(&["logs", &id]);
+    assert!(logs.status.success(), "{}", logs.describe());
+    assert!(!logs.stdout.contains("made no progress"), "{}", logs.stdout);
+}

@@ -41,6 +41,9 @@ const INBOUND_BUFFER: usize = 4;
 /// can make the coordinator hold.
 pub(crate) const MAX_WORKER_MESSAGE: usize = 16 << 20;
 
+/// How often a stream of log batches renews its worker's leases (see `serve`).
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The most chains one registration or heartbeat may report; more are ignored (and
 /// logged): a pool that large is better known from results.
 pub(crate) const MAX_REPORTED_CHAINS: usize = 100_000;
@@ -242,6 +245,8 @@ async fn serve(
             return;
         }
     };
+    // When this worker's leases were last renewed by a message other than a heartbeat.
+    let mut renewed = std::time::Instant::now();
     while let Some(msg) = rx.recv().await {
         match msg.kind {
             Some(worker_message::Kind::Heartbeat(hb)) => {
@@ -256,6 +261,13 @@ async fn serve(
             Some(worker_message::Kind::Logs(batch)) => {
                 if let Some(id) = assignment_id(&name, &batch.assignment) {
                     session.logs(id, batch.lines).await;
+                }
+                // A worker whose output is read no faster than it is stored has its
+                // heartbeats queued behind that output: its messages are its heartbeat
+                // meanwhile (at most once a second), or its leases would run out.
+                if renewed.elapsed() >= RENEW_EVERY {
+                    renewed = std::time::Instant::now();
+                    session.heartbeat(HashSet::new()).await;
                 }
             }
             Some(worker_message::Kind::Result(result)) => {
