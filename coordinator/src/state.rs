@@ -17,6 +17,8 @@ use std::str::FromStr;
 use serde::Serialize;
 use sqlx::sqlite::SqlitePool;
 
+mod pages;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS builds (
     id TEXT PRIMARY KEY,

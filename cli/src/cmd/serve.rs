@@ -155,6 +155,16 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = super::build::parse_size, env = "FARM_MAX_UPLOAD_SIZE")]
     pub max_upload_size: u64,
 
+    /// The most output one layer keeps (each attempt); the rest is dropped with one
+    /// marker line, and workers are told to stop sending
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = super::build::parse_size, env = "FARM_MAX_LAYER_LOG")]
+    pub max_layer_log: u64,
+
+    /// A layer whose worker shows no progress (no output, no running sandbox) for this
+    /// long is built elsewhere, heartbeats or not: seconds or 30m, 1h (0: never)
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = crate::run_limits::parse_duration, env = "FARM_PROGRESS_TIMEOUT")]
+    pub progress_timeout: Duration,
+
     /// What remote submissions may read, fetch and use
     #[command(flatten)]
     pub inputs: RemoteInputArgs,
@@ -283,6 +293,11 @@ pub(crate) struct WorkerArgs {
     /// The most entries (files, directories, links) one layer may hold
     #[arg(long, value_name = "N", default_value_t = farm_image::DEFAULT_MAX_LAYER_ENTRIES, env = "FARM_MAX_LAYER_ENTRIES")]
     pub max_layer_entries: u64,
+
+    /// The most output of one layer this worker sends (the coordinator's cap, when
+    /// lower, wins); the rest is dropped with one marker line
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = super::build::parse_size, env = "FARM_MAX_LAYER_LOG")]
+    pub max_layer_log: u64,
 
     // ---- running in a pod (issue 14): probes, metrics, draining ----
     /// Serve Prometheus metrics at http://ADDR/metrics, and the probes /healthz (the
@@ -449,6 +464,8 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 max_layers: args.max_layers,
                 max_upload_size: args.max_upload_size,
             },
+            max_layer_log: args.max_layer_log,
+            progress_timeout: args.progress_timeout,
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;
@@ -605,6 +622,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 unavailable,
                 shares_files: false,
                 give_up_after: None,
+                max_layer_log: args.max_layer_log,
             },
             GrpcDialer { url, token, tls },
             Control {

@@ -8,6 +8,7 @@
 //! ([`Farm::connect_worker`]).
 
 mod events;
+mod logs;
 mod sched;
 #[cfg(test)]
 mod tests;
@@ -38,6 +39,7 @@ use futures::{StreamExt, TryStreamExt};
 
 pub use crate::grpc::workers::WorkerLink;
 pub use events::{EventKind, StoredEvent};
+pub use logs::{DEFAULT_MAX_LAYER_LOG, LogChunk};
 pub use sched::WorkerView;
 pub(crate) use sched::{
     RegisterError, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession,
@@ -68,6 +70,18 @@ pub struct FarmConfig {
     pub remote: RemotePolicy,
     /// Limits on what one submission may ask of the coordinator.
     pub limits: Limits,
+    /// The most output one layer (one attempt) keeps, in bytes (`--max-layer-log`);
+    /// the rest is dropped with a marker line.
+    pub max_layer_log: u64,
+    /// A layer whose worker reports no progress (no output, no running sandbox) for this
+    /// long goes to another worker, though the worker sends heartbeats
+    /// (`--progress-timeout`).
+    pub progress_timeout: Duration,
+}
+
+impl FarmConfig {
+    /// The default of `--progress-timeout`: 30 minutes.
+    pub const DEFAULT_PROGRESS_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 }
 
 /// Who sent a submission; decides what its build may read, fetch and use.
@@ -183,6 +197,8 @@ impl FarmConfig {
             keep_builds: 1000,
             remote: RemotePolicy::default(),
             limits: Limits::default(),
+            max_layer_log: DEFAULT_MAX_LAYER_LOG,
+            progress_timeout: Self::DEFAULT_PROGRESS_TIMEOUT,
         }
     }
 }
@@ -336,6 +352,8 @@ pub(crate) struct Inner {
     /// Opened once: builds that start together must not race to create its index.
     fetcher: Fetcher,
     running: Mutex<HashMap<BuildId, Running>>,
+    /// Builds' log output, in files beside the state.
+    logs: logs::LogFiles,
     sched: sched::Scheduler,
     metrics: crate::metrics::Metrics,
 }
@@ -368,6 +386,7 @@ impl Farm {
         let prior_leases = config.resume && state.renew_all(unix_ms()).await? > 0;
         let inner = Arc::new(Inner {
             sched: sched::Scheduler::new(config.lease, prior_leases),
+            logs: logs::LogFiles::new(&config.state_dir, config.max_layer_log),
             config,
             state,
             cache,
@@ -528,14 +547,18 @@ impl Farm {
                     .await;
             }
             inner.metrics.build_finished();
-            if let Err(e) = inner.state.prune_finished(inner.config.keep_builds).await {
-                tracing::warn!("forgetting old builds: {e}");
+            match inner.state.prune_finished(inner.config.keep_builds).await {
+                Ok(0) => {}
+                // The log files of the builds forgotten go with them.
+                Ok(_) => inner.sweep_logs().await,
+                Err(e) => tracing::warn!("forgetting old builds: {e}"),
             }
             inner
                 .running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            inner.logs.close(&id);
             inner.release_context(held);
         });
     }
@@ -573,16 +596,29 @@ impl Farm {
         events::watch(self.inner.clone(), id, after_seq).await
     }
 
-    /// Build `id`'s stored events after `after_seq` (what [`Farm::watch`] replays first).
+    /// Build `id`'s stored events after `after_seq` (what [`Farm::watch`] replays
+    /// first), a few at a time through the receiver, chunks of output with their text.
     pub async fn stored_events(
         &self,
         id: &str,
         after_seq: u64,
-    ) -> Result<Vec<(u64, StoredEvent)>, FarmError> {
+    ) -> Result<tokio::sync::mpsc::Receiver<(u64, StoredEvent)>, FarmError> {
         if self.inner.state.build(id).await?.is_none() {
             return Err(FarmError::NotFound(id.to_string()));
         }
-        Ok(events::stored(&self.inner, id, after_seq).await?)
+        Ok(events::stored(self.inner.clone(), id, after_seq))
+    }
+
+    /// Remove build `id`'s log file (`<state dir>/logs/<id>.log`), for garbage
+    /// collection of a build that is forgotten. Its stored events then name output
+    /// that is gone, which readers skip. A build without a file is fine.
+    pub fn remove_logs(&self, id: &str) -> std::io::Result<()> {
+        self.inner.logs.remove(id)
+    }
+
+    /// The cap on one layer's output told to workers with each assignment.
+    pub(crate) fn max_layer_log(&self) -> u64 {
+        self.inner.logs.max_layer_log()
     }
 
     /// Attach a worker through channels (the embedded worker; the gRPC service uses the
@@ -1035,6 +1071,21 @@ impl Inner {
             for (n, e) in events.into_iter().enumerate() {
                 let _ = sender.send(Arc::new((first + n as u64, e)));
             }
+        }
+    }
+
+    /// Remove the log files of builds the state no longer has (forgotten, or gone
+    /// with a state reset); logged, never fatal.
+    async fn sweep_logs(&self) {
+        match self.state.list_builds().await {
+            Ok(builds) => {
+                let known: std::collections::HashSet<String> =
+                    builds.into_iter().map(|b| b.id).collect();
+                if let Err(e) = self.logs.sweep(&known) {
+                    tracing::warn!("removing the log files of forgotten builds: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("listing builds to remove forgotten logs: {e}"),
         }
     }
 

@@ -116,6 +116,9 @@ impl Build<'_> {
         let labels = self
             .generate_labels(&stack, run_upper.as_deref(), &sources)
             .await?;
+        // Exporting prints nothing for a while: the job is busy (progress for the
+        // coordinator's --progress-timeout).
+        let busy = self.cancel.busy();
         match &run_upper {
             Some(upper) => {
                 self.capture_run(&mut stack, upper, tar_base_pending)
@@ -124,6 +127,7 @@ impl Build<'_> {
             None if tar_base_pending => self.tar_base_layer(&mut stack).await?,
             None => {}
         }
+        drop(busy);
         tracing::debug!(layer = self.name(), chain = %stack.chain.id(), "built");
         self.image_config(stack, base_config.as_ref(), &labels)
             .await

@@ -88,6 +88,8 @@ impl Build<'_> {
         };
         let mut spec = spec.clone();
         spec.cgroup = cgroup.as_ref().map(|c| c.path().to_path_buf());
+        // A running sandbox is progress, printing or not (`sleep 3600` is not stuck).
+        let _busy = cancel.busy();
         let status = self
             .engine
             .userns
