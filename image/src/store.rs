@@ -402,59 +402,69 @@ impl BlobStore {
             self.delete_quietly(staging).await;
             return Err(e);
         }
-        match self.store.rename_if_not_exists(staging, &target).await {
-            Ok(()) => self.sync_dirs(&target).await,
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                match self.size(digest).await {
-                    Ok(Some(existing)) if existing != size => {
-                        warn!(
-                            store = %self.label,
-                            %digest,
-                            existing,
-                            size,
-                            "stored blob is torn (wrong size): replacing it"
-                        );
-                        let res = self
-                            .store
-                            .rename(staging, &target)
-                            .await
-                            .map_err(self.fail(format_args!("replacing torn blob {digest}")));
-                        if res.is_err() {
-                            self.delete_quietly(staging).await;
+        // Twice at most: a collector may remove the blob between our look and our name.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.store.rename_if_not_exists(staging, &target).await {
+                Ok(()) => return self.sync_dirs(&target).await,
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    // Written again: young again (first: a collector looks at the age after
+                    // it takes a blob away, and puts back one that is young), so a collector
+                    // in another process, which spares blobs younger than its grace
+                    // period, spares it too.
+                    self.touch(&target).await;
+                    match self.size(digest).await {
+                        Ok(None) if attempts < 3 => {
+                            debug!(%digest, "blob removed meanwhile: naming the upload");
+                            continue;
                         }
-                        res?;
-                        return self.sync_dirs(&target).await;
+                        Ok(Some(existing)) if existing != size => {
+                            warn!(
+                                store = %self.label,
+                                %digest,
+                                existing,
+                                size,
+                                "stored blob is torn (wrong size): replacing it"
+                            );
+                            let res =
+                                self.store.rename(staging, &target).await.map_err(
+                                    self.fail(format_args!("replacing torn blob {digest}")),
+                                );
+                            if res.is_err() {
+                                self.delete_quietly(staging).await;
+                            }
+                            res?;
+                            return self.sync_dirs(&target).await;
+                        }
+                        _ => {}
                     }
-                    _ => {}
+                    debug!(%digest, "blob already present");
+                    self.delete_quietly(staging).await;
+                    return Ok(());
                 }
-                debug!(%digest, "blob already present");
-                self.delete_quietly(staging).await;
-                // Written again: young again, so a collector in another process (which
-                // spares blobs younger than its grace period) spares it too.
-                self.touch(&target).await;
-                Ok(())
-            }
-            Err(
-                object_store::Error::NotImplemented { .. }
-                | object_store::Error::NotSupported { .. },
-            ) => {
-                // No atomic create-only copy here (e.g. S3 without a copy-if-not-exists
-                // configuration): the content is addressed by its digest, so a copy that
-                // races another writer of the same blob writes identical bytes.
-                let res = if self.exists(digest).await? {
-                    Ok(())
-                } else {
-                    self.store
-                        .copy(staging, &target)
-                        .await
-                        .map_err(self.fail(format_args!("naming the upload of {digest}")))
-                };
-                self.delete_quietly(staging).await;
-                res
-            }
-            Err(e) => {
-                self.delete_quietly(staging).await;
-                Err(self.fail(format_args!("naming the upload of {digest}"))(e))
+                Err(
+                    object_store::Error::NotImplemented { .. }
+                    | object_store::Error::NotSupported { .. },
+                ) => {
+                    // No atomic create-only copy here (e.g. S3 without a copy-if-not-exists
+                    // configuration): the content is addressed by its digest, so a copy that
+                    // races another writer of the same blob writes identical bytes.
+                    let res = if self.exists(digest).await? {
+                        Ok(())
+                    } else {
+                        self.store
+                            .copy(staging, &target)
+                            .await
+                            .map_err(self.fail(format_args!("naming the upload of {digest}")))
+                    };
+                    self.delete_quietly(staging).await;
+                    return res;
+                }
+                Err(e) => {
+                    self.delete_quietly(staging).await;
+                    return Err(self.fail(format_args!("naming the upload of {digest}"))(e));
+                }
             }
         }
     }

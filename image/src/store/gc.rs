@@ -178,12 +178,20 @@ impl BlobStore {
             return Ok(None);
         }
         let path = self.blob_path(digest);
+        if let Some(file) = self.local_file(&path) {
+            return self.delete_local_if_older(digest, file, cutoff).await;
+        }
         let meta = match self.store.head(&path).await {
             Ok(m) => m,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.fail(format_args!("checking {digest}"))(e)),
         };
-        if SystemTime::from(meta.last_modified) >= cutoff {
+        // A remote store cannot take a blob away and look at it atomically: a writer
+        // that finds the blob present between this look and the delete loses it, which
+        // is why a collector runs with a grace period and in the process its builds
+        // use (whose uses it sees).
+        if SystemTime::from(meta.last_modified) >= cutoff || self.recent.used_since(digest, cutoff)
+        {
             return Ok(None);
         }
         match self.store.delete(&path).await {
@@ -191,6 +199,58 @@ impl BlobStore {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.fail(format_args!("deleting {digest}"))(e)),
         }
+    }
+
+    /// [`Self::delete_if_older`] for a `file://` store, without a race against a writer:
+    /// the blob is first renamed away (atomic), then its age is read; a young one is put
+    /// back (unless a writer named a new copy meanwhile). A writer that finds the blob
+    /// present makes it young before it looks again, and names its own copy when the
+    /// blob is gone (see `promote`).
+    async fn delete_local_if_older(
+        &self,
+        digest: &Digest,
+        file: std::path::PathBuf,
+        cutoff: SystemTime,
+    ) -> Result<Option<u64>> {
+        // Beside the blob: same directory, so it never empties (an empty one may be
+        // removed by a concurrent delete's clean-up), and not a digest, so never listed.
+        let unique = self.staging_path();
+        let trash = file.with_file_name(format!(".gc-{}", unique.filename().unwrap_or("trash")));
+        let recent = self.recent.clone();
+        let d = digest.clone();
+        let res = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
+            match std::fs::rename(&file, &trash) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let meta = std::fs::metadata(&trash)?;
+            if meta.modified()? >= cutoff || recent.used_since(&d, cutoff) {
+                // Young after all: back under its name, unless a writer named a copy.
+                match std::fs::hard_link(&trash, &file) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        std::fs::rename(&trash, &file)?;
+                        tracing::debug!(error = %e, "put a young blob back by renaming it");
+                        return Ok(None);
+                    }
+                }
+                std::fs::remove_file(&trash)?;
+                return Ok(None);
+            }
+            std::fs::remove_file(&trash)?;
+            Ok(Some(meta.len()))
+        })
+        .await
+        .map_err(|e| Error::Io {
+            context: format!("deleting {digest}"),
+            source: std::io::Error::other(e),
+        })?;
+        res.map_err(|source| Error::Io {
+            context: format!("deleting {digest}"),
+            source,
+        })
     }
 
     /// Remove staging objects (uploads a crash or a lost connection left unnamed) last
