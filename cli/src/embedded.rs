@@ -64,6 +64,8 @@ impl Embedded {
             // The CLI read the stackerfiles first, under its own --max-stackerfile-size,
             // and nothing is uploaded.
             limits: farm_coordinator::farm::Limits::none(),
+            // A short-lived process: `farm gc` collects the embedded state.
+            gc: farm_coordinator::gc::GcConfig::off(),
         })
         .await
         .with_context(|| {

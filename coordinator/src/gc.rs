@@ -25,6 +25,7 @@
 //! batch in memory, and scheduling goes on meanwhile.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use farm_image::{BlobStore, Digest, ListedBlob};
@@ -395,6 +396,78 @@ async fn sweep(
     // Between batches: let the scheduler's tasks run.
     tokio::task::yield_now().await;
     Ok(())
+}
+
+/// Garbage collection metrics (rendered with the coordinator's others).
+#[derive(Debug, Default)]
+pub struct GcCounters {
+    runs: AtomicU64,
+    failures: AtomicU64,
+    blobs: AtomicU64,
+    bytes: AtomicU64,
+    cache_evicted: AtomicU64,
+}
+
+impl GcCounters {
+    /// A collection ended with `report` (dry runs count nothing).
+    pub fn collected(&self, report: &GcReport) {
+        if report.dry_run {
+            return;
+        }
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.blobs.fetch_add(
+            report.blobs_removed + report.staging_removed,
+            Ordering::Relaxed,
+        );
+        self.bytes.fetch_add(
+            report.bytes_removed + report.staging_bytes,
+            Ordering::Relaxed,
+        );
+        self.cache_evicted
+            .fetch_add(report.cache_evicted, Ordering::Relaxed);
+    }
+
+    /// A collection failed.
+    pub fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        for (name, help, v) in [
+            (
+                "farm_gc_runs_total",
+                "Garbage collections that completed.",
+                &self.runs,
+            ),
+            (
+                "farm_gc_failures_total",
+                "Garbage collections that failed.",
+                &self.failures,
+            ),
+            (
+                "farm_gc_blobs_removed_total",
+                "Blobs (and stale uploads) garbage collection removed.",
+                &self.blobs,
+            ),
+            (
+                "farm_gc_bytes_removed_total",
+                "Bytes of the blobs garbage collection removed.",
+                &self.bytes,
+            ),
+            (
+                "farm_gc_cache_evicted_total",
+                "Action cache entries evicted by age or size.",
+                &self.cache_evicted,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,9 @@ pub(crate) struct CoordinatorArgs {
     )]
     pub keep_builds: usize,
 
+    #[command(flatten)]
+    pub gc: crate::gc_args::CoordinatorGcArgs,
+
     /// Credentials for registry bases (else the coordinator's auth files)
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
@@ -449,6 +452,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 max_layers: args.max_layers,
                 max_upload_size: args.max_upload_size,
             },
+            gc: args.gc.config(),
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;

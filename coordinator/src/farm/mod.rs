@@ -7,6 +7,7 @@
 //! process, with one embedded worker speaking the same worker protocol over channels
 //! ([`Farm::connect_worker`]).
 
+mod collect;
 mod events;
 mod sched;
 #[cfg(test)]
@@ -68,6 +69,8 @@ pub struct FarmConfig {
     pub remote: RemotePolicy,
     /// Limits on what one submission may ask of the coordinator.
     pub limits: Limits,
+    /// Garbage collection of the blob store and the action cache (`crate::gc`).
+    pub gc: crate::gc::GcConfig,
 }
 
 /// Who sent a submission; decides what its build may read, fetch and use.
@@ -170,7 +173,8 @@ impl Default for Limits {
 impl FarmConfig {
     /// The defaults of `farm coordinator`: leases of 10 s, this machine's platform, no
     /// built-in substitutions, unfinished builds resumed, no registry credentials, the
-    /// newest 1,000 finished builds kept, the default [`Limits`].
+    /// newest 1,000 finished builds kept, the default [`Limits`], garbage collected
+    /// every hour ([`crate::gc::GcConfig::default`]).
     pub fn new(state_dir: impl Into<PathBuf>, blobs: BlobStore) -> Self {
         FarmConfig {
             state_dir: state_dir.into(),
@@ -183,6 +187,7 @@ impl FarmConfig {
             keep_builds: 1000,
             remote: RemotePolicy::default(),
             limits: Limits::default(),
+            gc: crate::gc::GcConfig::default(),
         }
     }
 }
@@ -318,6 +323,8 @@ pub enum FarmError {
     Blobs(#[from] farm_image::Error),
     #[error("{0}")]
     Fetch(#[from] crate::fetch::FetchError),
+    #[error("garbage collection: {0}")]
+    Gc(#[from] crate::gc::GcError),
 }
 
 /// A build running in this process.
@@ -338,6 +345,8 @@ pub(crate) struct Inner {
     running: Mutex<HashMap<BuildId, Running>>,
     sched: sched::Scheduler,
     metrics: crate::metrics::Metrics,
+    /// One garbage collection at a time.
+    collecting: tokio::sync::Mutex<()>,
 }
 
 /// The coordinator's core; cheap to clone.
@@ -375,8 +384,10 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             contexts: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
+            collecting: tokio::sync::Mutex::new(()),
         });
         sched::Scheduler::spawn_loops(&inner);
+        collect::spawn_periodic(&inner);
         let farm = Farm { inner };
         let unfinished = if farm.inner.config.resume {
             farm.inner.state.unfinished_builds().await?
