@@ -264,6 +264,9 @@ pub(crate) struct WorkerArgs {
     #[arg(long, value_name = "DIR", env = "FARM_POOL")]
     pub pool: PathBuf,
 
+    #[command(flatten)]
+    pub pool_gc: crate::gc_args::PoolGcArgs,
+
     /// The shared blob store (the coordinator's)
     #[arg(long, value_name = "URL", env = "FARM_BLOBS")]
     pub blobs: String,
@@ -545,6 +548,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let slots = args
             .slots
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
+        let watermarks = args.pool_gc.watermarks()?;
         let (engine, unavailable) = match open_engine(&args, blobs).await {
             Ok(e) => (Some(e), None),
             Err(e) => {
@@ -555,6 +559,11 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 (None, Some(why))
             }
         };
+        if let (Some(engine), Some(marks)) = (&engine, watermarks) {
+            engine
+                .pool()
+                .spawn_collector(marks, crate::gc_args::POOL_CHECK_EVERY);
+        }
         let url = coordinator_url(&args.coordinator);
         let token = token_from(
             args.token_file.as_deref(),
