@@ -47,6 +47,10 @@ pub struct GcPolicy {
     /// When the blobs the action cache references add up to more than this, the least
     /// recently used entries are evicted until they fit (`--cache-max-size`).
     pub cache_max_size: Option<u64>,
+    /// Forget finished builds beyond the newest N first (their statuses, events and
+    /// logs, as `--keep-builds` does after each build), so that what only they
+    /// reference is collected too; `None` keeps every build the state holds.
+    pub keep_builds: Option<usize>,
     /// Entries evicted, layers read and blobs deleted per batch.
     pub batch: usize,
 }
@@ -68,6 +72,7 @@ impl Default for GcPolicy {
             grace: Self::DEFAULT_GRACE,
             cache_max_age: Some(Self::DEFAULT_CACHE_MAX_AGE),
             cache_max_size: None,
+            keep_builds: None,
             batch: 500,
         }
     }
@@ -108,6 +113,8 @@ impl Default for GcConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct GcReport {
     pub dry_run: bool,
+    /// Finished builds forgotten ([`GcPolicy::keep_builds`]).
+    pub builds_forgotten: u64,
     /// Action cache entries evicted (too old, over the size, or unreadable).
     pub cache_evicted: u64,
     /// Entries kept.
@@ -164,7 +171,12 @@ pub async fn collect(
     let mut referenced: HashSet<Digest> = HashSet::new();
 
     evict_and_mark_cache(cache, policy, start, dry_run, &mut referenced, &mut report).await?;
-    mark_builds(state, batch, &mut referenced).await?;
+    let forgotten = match policy.keep_builds {
+        None => HashSet::new(),
+        Some(keep) => forget_builds(state, keep, dry_run).await?,
+    };
+    report.builds_forgotten = forgotten.len() as u64;
+    mark_builds(state, batch, &forgotten, &mut referenced).await?;
 
     let mut listing = blobs.list_blobs();
     let mut doomed: Vec<ListedBlob> = Vec::with_capacity(batch);
@@ -304,18 +316,45 @@ async fn evict_and_mark_cache(
     Ok(())
 }
 
-/// Mark what the builds in the state reference: every recorded layer result and
-/// manifest, and the uploaded context files of unfinished builds.
+/// Forget finished builds beyond the newest `keep` (dry: only say which); the ids.
+async fn forget_builds(
+    state: &StateStore,
+    keep: usize,
+    dry_run: bool,
+) -> Result<HashSet<String>, GcError> {
+    // The same choice as `StateStore::prune_finished`, which does the forgetting (and
+    // whatever else forgetting a build involves).
+    let doomed: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM builds WHERE state IN (?1, ?2, ?3)
+         ORDER BY created_ms DESC, id DESC LIMIT -1 OFFSET ?4",
+    )
+    .bind(BuildState::Succeeded.as_str())
+    .bind(BuildState::Failed.as_str())
+    .bind(BuildState::Cancelled.as_str())
+    .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+    .fetch_all(state.pool())
+    .await
+    .map_err(|e| state.err(e))?;
+    if !dry_run {
+        state.prune_finished(keep).await?;
+    }
+    Ok(doomed.into_iter().map(|(id,)| id).collect())
+}
+
+/// Mark what the builds in the state reference (but those `forgotten`): every
+/// recorded layer result and manifest, and the uploaded context files of unfinished
+/// builds.
 async fn mark_builds(
     state: &StateStore,
     batch: usize,
+    forgotten: &HashSet<String>,
     referenced: &mut HashSet<Digest>,
 ) -> Result<(), GcError> {
     let limit = i64::try_from(batch).unwrap_or(i64::MAX);
     let mut after = 0i64;
     loop {
-        let rows: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT rowid, result, manifest_digest FROM layers
+        let rows: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT rowid, build_id, result, manifest_digest FROM layers
              WHERE rowid > ?1 AND (result IS NOT NULL OR manifest_digest IS NOT NULL)
              ORDER BY rowid LIMIT ?2",
         )
@@ -326,7 +365,10 @@ async fn mark_builds(
         .map_err(|e| state.err(e))?;
         let Some(last) = rows.last() else { break };
         after = last.0;
-        for (_, result, manifest) in rows {
+        for (_, build, result, manifest) in rows {
+            if forgotten.contains(&build) {
+                continue;
+            }
             if let Some(image) = result.and_then(|r| serde_json::from_str::<BuiltImage>(&r).ok()) {
                 referenced.extend(image_blobs(&image).map(|(d, _)| d));
             }

@@ -32,6 +32,12 @@ pub(crate) struct GcArgs {
     #[command(flatten)]
     pub policy: crate::gc_args::GcPolicyArgs,
 
+    /// Forget finished builds beyond the newest N first (their statuses, events and
+    /// logs), so that blobs only they reference go too [default: keep every build the
+    /// state holds: `farm build` keeps the newest 100]
+    #[arg(long, value_name = "N")]
+    pub keep_builds: Option<usize>,
+
     /// Also remove the pool's least recently used chains until it is below SIZE (e.g.
     /// 20G); a chain a running build uses is kept
     #[arg(long, value_name = "SIZE", value_parser = super::build::parse_size)]
@@ -54,7 +60,10 @@ pub(crate) fn run(args: GcArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("opening the blob store in {}", dir.display()))?;
         let cache = ActionCache::open(&dir.join("cache.db")).await?;
         let state = StateStore::open(&dir.join("state.db")).await?;
-        let policy = args.policy.policy();
+        let policy = farm_coordinator::gc::GcPolicy {
+            keep_builds: args.keep_builds,
+            ..args.policy.policy()
+        };
         let report = collect(&state, &cache, &blobs, &policy, args.dry_run)
             .await
             .with_context(|| format!("collecting garbage in {}", dir.display()))?;
@@ -118,7 +127,15 @@ fn summary(r: &GcReport, policy: &crate::gc_args::GcPolicyArgs) -> String {
     } else {
         ("evicted", "removed")
     };
-    let mut out = format!(
+    let mut out = String::new();
+    if r.builds_forgotten > 0 {
+        out += &format!(
+            "builds: {} {}\n",
+            if r.dry_run { "would forget" } else { "forgot" },
+            r.builds_forgotten
+        );
+    }
+    out += &format!(
         "action cache: {} entries kept ({} of blobs), {evict} {}\n",
         r.cache_kept,
         bytes(r.cache_bytes),

@@ -94,6 +94,8 @@ struct Graph {
     /// Blob indexes (config first) and whether the entry is past its maximum age.
     cache: Vec<(Vec<usize>, bool)>,
     builds: Vec<Build>,
+    /// `GcPolicy::keep_builds`.
+    keep_builds: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,8 +124,14 @@ fn graphs() -> impl Strategy<Value = Graph> {
             prop::collection::vec(any::<bool>(), n),
             prop::collection::vec((image, any::<bool>()), 0..6),
             prop::collection::vec(build, 0..4),
+            prop::option::of(0usize..3),
         )
-            .prop_map(|(old, cache, builds)| Graph { old, cache, builds })
+            .prop_map(|(old, cache, builds, keep_builds)| Graph {
+                old,
+                cache,
+                builds,
+                keep_builds,
+            })
     })
 }
 
@@ -135,7 +143,17 @@ impl Graph {
                 r.extend(blobs.iter().copied());
             }
         }
+        let finished = self.builds.iter().filter(|b| b.finished).count();
+        let forgotten = finished.saturating_sub(self.keep_builds.unwrap_or(usize::MAX));
+        let mut nth_finished = 0;
         for b in &self.builds {
+            if b.finished {
+                nth_finished += 1;
+                // The oldest finished builds are forgotten.
+                if nth_finished <= forgotten {
+                    continue;
+                }
+            }
             for (result, manifest) in &b.layers {
                 r.extend(result.iter().flatten().copied());
                 r.extend(manifest.iter().copied());
@@ -202,6 +220,8 @@ async fn populate(g: &Graph) -> World {
             })
             .collect();
         w.state.layer_results(&id, &results).await.unwrap();
+        // Distinct creation times: the newest builds are the ones kept.
+        tokio::time::sleep(Duration::from_millis(3)).await;
         if b.finished {
             w.state
                 .set_build_state(&id, BuildState::Succeeded)
@@ -212,9 +232,10 @@ async fn populate(g: &Graph) -> World {
     w
 }
 
-fn policy() -> GcPolicy {
+fn policy(g: &Graph) -> GcPolicy {
     GcPolicy {
         batch: 3,
+        keep_builds: g.keep_builds,
         ..GcPolicy::default()
     }
 }
@@ -237,7 +258,7 @@ async fn check(g: Graph) {
     let doomed_bytes: u64 = doomed.iter().map(|&i| w.sizes[i]).sum();
     let stale = g.cache.iter().filter(|(_, s)| *s).count() as u64;
 
-    let dry = collect(&w.state, &w.cache, &w.blobs, &policy(), true)
+    let dry = collect(&w.state, &w.cache, &w.blobs, &policy(&g), true)
         .await
         .unwrap();
     assert_eq!(dry.blobs_removed, doomed.len() as u64, "{g:?}\n{dry:?}");
@@ -248,7 +269,7 @@ async fn check(g: Graph) {
     }
     assert_eq!(w.cache.entries().await.unwrap(), g.cache.len() as u64);
 
-    let wet = collect(&w.state, &w.cache, &w.blobs, &policy(), false)
+    let wet = collect(&w.state, &w.cache, &w.blobs, &policy(&g), false)
         .await
         .unwrap();
     assert_eq!(
@@ -272,7 +293,7 @@ async fn check(g: Graph) {
         w.cache.entries().await.unwrap(),
         g.cache.len() as u64 - stale
     );
-    let again = collect(&w.state, &w.cache, &w.blobs, &policy(), false)
+    let again = collect(&w.state, &w.cache, &w.blobs, &policy(&g), false)
         .await
         .unwrap();
     assert_eq!((again.blobs_removed, again.cache_evicted), (0, 0));
