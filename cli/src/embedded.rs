@@ -66,6 +66,8 @@ impl Embedded {
             limits: farm_coordinator::farm::Limits::none(),
             max_layer_log: farm_coordinator::farm::DEFAULT_MAX_LAYER_LOG,
             progress_timeout: FarmConfig::DEFAULT_PROGRESS_TIMEOUT,
+            // A short-lived process: `farm gc` collects the embedded state.
+            gc: farm_coordinator::gc::GcConfig::off(),
         })
         .await
         .with_context(|| {

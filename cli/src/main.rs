@@ -11,6 +11,7 @@ mod cmd;
 mod common;
 mod context;
 mod embedded;
+mod gc_args;
 mod last_build;
 mod local;
 mod progress;
@@ -51,6 +52,7 @@ enum Command {
     Chroot(cmd::layers::ChrootArgs),
     Inspect(cmd::layers::InspectArgs),
     Clean(cmd::layers::CleanArgs),
+    Gc(cmd::gc::GcArgs),
     Check(cmd::check::CheckArgs),
     Setup(cmd::setup::SetupArgs),
     Submit(cmd::submit::SubmitArgs),
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
         Command::Chroot(args) => cmd::layers::chroot(args),
         Command::Inspect(args) => cmd::layers::inspect(args),
         Command::Clean(args) => cmd::layers::clean(args),
+        Command::Gc(args) => cmd::gc::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Setup(args) => cmd::setup::run(args),
         Command::Submit(args) => cmd::submit::run(args),

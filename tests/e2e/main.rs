@@ -5,6 +5,7 @@ mod auth;
 mod build;
 mod client;
 mod farm;
+mod gc;
 mod images;
 mod inputs;
 mod kubernetes;

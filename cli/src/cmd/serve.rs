@@ -131,6 +131,9 @@ pub(crate) struct CoordinatorArgs {
     )]
     pub keep_builds: usize,
 
+    #[command(flatten)]
+    pub gc: crate::gc_args::CoordinatorGcArgs,
+
     /// Credentials for registry bases (else the coordinator's auth files)
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
@@ -270,6 +273,9 @@ pub(crate) struct WorkerArgs {
     /// The pool of root filesystems (btrfs recommended; see `farm setup`)
     #[arg(long, value_name = "DIR", env = "FARM_POOL")]
     pub pool: PathBuf,
+
+    #[command(flatten)]
+    pub pool_gc: crate::gc_args::PoolGcArgs,
 
     /// The shared blob store (the coordinator's)
     #[arg(long, value_name = "URL", env = "FARM_BLOBS")]
@@ -466,6 +472,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             },
             max_layer_log: args.max_layer_log,
             progress_timeout: args.progress_timeout,
+            gc: args.gc.config(),
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;
@@ -558,6 +565,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let slots = args
             .slots
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
+        let watermarks = args.pool_gc.watermarks()?;
         let (engine, unavailable) = match open_engine(&args, blobs).await {
             Ok(e) => (Some(e), None),
             Err(e) => {
@@ -568,6 +576,11 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 (None, Some(why))
             }
         };
+        if let (Some(engine), Some(marks)) = (&engine, watermarks) {
+            engine
+                .pool()
+                .spawn_collector(marks, crate::gc_args::POOL_CHECK_EVERY);
+        }
         let url = coordinator_url(&args.coordinator);
         let token = token_from(
             args.token_file.as_deref(),

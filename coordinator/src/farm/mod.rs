@@ -7,6 +7,7 @@
 //! process, with one embedded worker speaking the same worker protocol over channels
 //! ([`Farm::connect_worker`]).
 
+mod collect;
 mod events;
 mod logs;
 mod sched;
@@ -77,6 +78,8 @@ pub struct FarmConfig {
     /// long goes to another worker, though the worker sends heartbeats
     /// (`--progress-timeout`).
     pub progress_timeout: Duration,
+    /// Garbage collection of the blob store and the action cache (`crate::gc`).
+    pub gc: crate::gc::GcConfig,
 }
 
 impl FarmConfig {
@@ -184,7 +187,8 @@ impl Default for Limits {
 impl FarmConfig {
     /// The defaults of `farm coordinator`: leases of 10 s, this machine's platform, no
     /// built-in substitutions, unfinished builds resumed, no registry credentials, the
-    /// newest 1,000 finished builds kept, the default [`Limits`].
+    /// newest 1,000 finished builds kept, the default [`Limits`], garbage collected
+    /// every hour ([`crate::gc::GcConfig::default`]).
     pub fn new(state_dir: impl Into<PathBuf>, blobs: BlobStore) -> Self {
         FarmConfig {
             state_dir: state_dir.into(),
@@ -199,6 +203,7 @@ impl FarmConfig {
             limits: Limits::default(),
             max_layer_log: DEFAULT_MAX_LAYER_LOG,
             progress_timeout: Self::DEFAULT_PROGRESS_TIMEOUT,
+            gc: crate::gc::GcConfig::default(),
         }
     }
 }
@@ -334,6 +339,8 @@ pub enum FarmError {
     Blobs(#[from] farm_image::Error),
     #[error("{0}")]
     Fetch(#[from] crate::fetch::FetchError),
+    #[error("garbage collection: {0}")]
+    Gc(#[from] crate::gc::GcError),
 }
 
 /// A build running in this process.
@@ -356,6 +363,8 @@ pub(crate) struct Inner {
     logs: logs::LogFiles,
     sched: sched::Scheduler,
     metrics: crate::metrics::Metrics,
+    /// One garbage collection at a time.
+    collecting: tokio::sync::Mutex<()>,
 }
 
 /// The coordinator's core; cheap to clone.
@@ -394,8 +403,10 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             contexts: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
+            collecting: tokio::sync::Mutex::new(()),
         });
         sched::Scheduler::spawn_loops(&inner);
+        collect::spawn_periodic(&inner);
         let farm = Farm { inner };
         let unfinished = if farm.inner.config.resume {
             farm.inner.state.unfinished_builds().await?
@@ -1076,7 +1087,7 @@ impl Inner {
 
     /// Remove the log files of builds the state no longer has (forgotten, or gone
     /// with a state reset); logged, never fatal.
-    async fn sweep_logs(&self) {
+    pub(super) async fn sweep_logs(&self) {
         match self.state.list_builds().await {
             Ok(builds) => {
                 let known: std::collections::HashSet<String> =
