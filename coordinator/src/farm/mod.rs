@@ -11,6 +11,7 @@ mod events;
 mod sched;
 #[cfg(test)]
 mod tests;
+mod traces;
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -338,6 +339,8 @@ pub(crate) struct Inner {
     running: Mutex<HashMap<BuildId, Running>>,
     sched: sched::Scheduler,
     metrics: crate::metrics::Metrics,
+    /// Each build's trace (issue 16).
+    traces: traces::BuildTraces,
 }
 
 /// The coordinator's core; cheap to clone.
@@ -375,6 +378,7 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             contexts: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
+            traces: traces::BuildTraces::default(),
         });
         sched::Scheduler::spawn_loops(&inner);
         let farm = Farm { inner };
@@ -506,10 +510,12 @@ impl Farm {
                 },
             );
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        let span = inner.traces.build_span(&id);
+        let drive = async move {
             let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
                 tracing::error!(build = %id, "build failed: {e}");
+                farm_telemetry::record_error(&tracing::Span::current(), &e.to_string());
                 if let Err(e) = inner.state.fail_build(&id, &e.to_string()).await {
                     tracing::error!(
                         build = %id,
@@ -537,7 +543,8 @@ impl Farm {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
             inner.release_context(held);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(drive, span));
     }
 
     /// Cancel a build: queued layers never start, running ones are stopped on their
@@ -865,6 +872,7 @@ impl Inner {
             Some(p) => p,
             None => self.plan(&spec).await?,
         };
+        tracing::Span::current().record("layers", plan.layers.len());
         let root = self.context_root(&spec).await?;
         let policy = &self.config.remote;
         let (context, destinations, scope) = match spec.origin {
@@ -1003,6 +1011,11 @@ impl Inner {
             s => self.state.set_build_state(id, s).await?,
         }
         tracing::info!(build = %id, state = %state, "build finished");
+        let span = tracing::Span::current();
+        span.record("state", tracing::field::display(state));
+        if let (BuildState::Failed, Some(e)) = (state, &error) {
+            farm_telemetry::record_error(&span, e);
+        }
         self.publish(id, vec![StoredEvent::finished(state, error)])
             .await;
         Ok(())

@@ -131,10 +131,12 @@ impl WorkerOutbox for mpsc::UnboundedSender<CoordinatorMessage> {
                 id,
                 job_json,
                 lease,
+                trace,
             } => coordinator_message::Kind::Assign(Assignment {
                 id: id.to_string(),
                 job_json,
                 lease_ms: lease.as_millis() as u64,
+                trace_context: trace,
             }),
             ToWorker::Cancel(id) => coordinator_message::Kind::Cancel(id.to_string()),
         };
