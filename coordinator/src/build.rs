@@ -355,8 +355,7 @@ fn layer_span(name: &str) -> tracing::Span {
         placement = Empty,
         queue_wait_ms = Empty,
         outcome = Empty,
-        otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
     )
 }
 

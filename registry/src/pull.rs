@@ -159,6 +159,7 @@ fn choose(image: &ImageRef, index: &Value, platform: &Platform) -> Result<(Diges
 
 /// Resolve `url` (`docker://...`) to what its tag names now: the same reference pinned
 /// to the manifest (or index) digest. A reference with a digest is returned as it is.
+#[tracing::instrument(name = "registry resolve", skip(credentials, opts), err(Display))]
 pub async fn resolve(
     url: &str,
     credentials: &Credentials,
@@ -199,6 +200,7 @@ pub async fn pull(
 }
 
 /// [`pull`] of a parsed reference (e.g. one [`resolve`] pinned to a digest).
+#[tracing::instrument(name = "registry pull", skip_all, fields(image = %image, platform = %platform), err(Display))]
 pub async fn pull_ref(
     blobs: &BlobStore,
     image: &ImageRef,

@@ -324,6 +324,12 @@ impl Pusher<'_> {
 }
 
 /// Push `images` from `blobs` to `opts.target`, each under every tag of `opts.tags`.
+#[tracing::instrument(
+    name = "registry push",
+    skip_all,
+    fields(target = %opts.target, images = images.len(), tags = ?opts.tags),
+    err(Display)
+)]
 pub async fn push(
     blobs: &BlobStore,
     images: &[PushImage],

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{RetryPolicy, WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
@@ -132,6 +132,13 @@ impl Telemetry {
                 .with_tonic()
                 .with_endpoint(url.clone())
                 .with_timeout(EXPORT_TIMEOUT)
+                // A collector that is down stays down for a while: try a batch twice more,
+                // briefly, then count it lost (the next batch tries again).
+                .with_retry_policy(
+                    RetryPolicy::recommended()
+                        .with_max_retries(2)
+                        .with_max_delay(Duration::from_millis(400)),
+                )
                 .build()
                 .map_err(|e| bad(e.to_string()))?
         };
@@ -190,6 +197,7 @@ impl Telemetry {
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_tracked_inactivity(false)
+                .with_threads(false)
                 .with_filter(filter),
         )
     }

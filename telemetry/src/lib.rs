@@ -119,12 +119,11 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
-/// Mark `span` as failed with `message` (the text the user sees), as OpenTelemetry's
-/// span status. The span must declare the `otel.status_code` and
-/// `otel.status_message` fields (as [`tracing::field::Empty`]).
+/// Mark `span` as failed with `message` (the text the user sees): OpenTelemetry's span
+/// status ERROR with that description. The span must declare the
+/// `otel.status_description` field (as [`tracing::field::Empty`]).
 pub fn record_error(span: &tracing::Span, message: &str) {
-    span.record("otel.status_code", "ERROR");
-    span.record("otel.status_message", message);
+    span.record("otel.status_description", message);
 }
 
 #[cfg(test)]

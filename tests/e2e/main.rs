@@ -15,5 +15,6 @@ mod registry;
 mod sandbox;
 mod semantics;
 mod stacker_cli;
+mod traces;
 mod util;
 mod webhooks;

@@ -526,8 +526,7 @@ fn assignment_span(a: &pb::Assignment) -> tracing::Span {
         layer = Empty,
         cache_key = Empty,
         outcome = Empty,
-        otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
     );
     farm_telemetry::set_parent(&span, &a.trace_context);
     span

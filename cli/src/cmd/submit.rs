@@ -100,8 +100,7 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         "submit",
         coordinator = %addr,
         build.id = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-        otel.status_message = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
     );
     let result = span.in_scope(|| run_remote(addr, args));
     match &result {

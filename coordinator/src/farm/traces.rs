@@ -36,8 +36,7 @@ impl BuildTraces {
             build.id = %id,
             layers = tracing::field::Empty,
             state = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            otel.status_message = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
         );
         let cx = farm_telemetry::inject(&span);
         if !cx.is_empty() {

@@ -171,8 +171,7 @@ impl FarmApi for FarmService {
             "Submit",
             rpc.service = "farm.v1.Farm",
             otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            otel.status_message = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
         );
         farm_telemetry::set_parent(&span, &farm_telemetry::extract_metadata(request.metadata()));
         let r = request.into_inner();

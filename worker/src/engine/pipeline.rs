@@ -537,8 +537,7 @@ fn sandbox_span(what: &'static str) -> tracing::Span {
         script = what,
         start_ms = Empty,
         exit = Empty,
-        otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
     )
 }
 
