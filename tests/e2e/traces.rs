@@ -38,6 +38,8 @@ struct Got {
     /// 2 = ERROR (OTLP's `Status.code`).
     status: i32,
     status_message: String,
+    /// How long it took.
+    ms: f64,
 }
 
 /// The OTLP/gRPC receiver: keeps every span it is sent.
@@ -76,6 +78,10 @@ impl TraceService for Spans {
                             )
                         })
                         .collect(),
+                    ms: span
+                        .end_time_unix_nano
+                        .saturating_sub(span.start_time_unix_nano) as f64
+                        / 1e6,
                     status: span.status.as_ref().map_or(0, |s| s.code),
                     status_message: span.status.map(|s| s.message).unwrap_or_default(),
                 });
@@ -165,6 +171,50 @@ fn describe(spans: &[Got]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The spans as an indented tree (`--no-capture` shows it: the README's example).
+fn tree(spans: &[Got]) -> String {
+    fn below(spans: &[Got], parent: &str, depth: usize, out: &mut String) {
+        for s in spans.iter().filter(|s| s.parent == parent) {
+            let keep = [
+                "build.id",
+                "layer",
+                "cache",
+                "worker",
+                "placement",
+                "queue_wait_ms",
+                "outcome",
+                "files_sent",
+                "bytes_sent",
+                "files_skipped",
+                "extracted",
+                "reused",
+                "exit",
+                "start_ms",
+                "compression",
+                "tar_bytes",
+                "blob_bytes",
+                "state",
+            ];
+            let attrs: Vec<String> = keep
+                .iter()
+                .filter_map(|k| s.attrs.get(*k).map(|v| format!("{k}={v}")))
+                .collect();
+            out.push_str(&format!(
+                "{}{} [{}] {:.0} ms {}\n",
+                "  ".repeat(depth),
+                s.name,
+                s.service,
+                s.ms,
+                attrs.join(" ")
+            ));
+            below(spans, &s.id, depth + 1, out);
+        }
+    }
+    let mut out = String::new();
+    below(spans, "", 0, &mut out);
+    out
 }
 
 fn named<'a>(spans: &'a [Got], service: &str, name: &str) -> Vec<&'a Got> {
@@ -334,6 +384,7 @@ fn a_submitted_build_is_one_trace_from_the_client_to_the_sandbox() {
             && named(s, "farm-worker", "sandbox").len() == 1
             && named(s, "farm-worker", "assignment").len() == 2
     });
+    println!("{}", tree(&spans));
     // All three services, one trace.
     let submit = one(&spans, "farm-cli", "submit");
     assert_eq!(submit.parent, "", "the client's span is the root");
