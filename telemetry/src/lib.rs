@@ -129,6 +129,63 @@ pub fn record_error(span: &tracing::Span, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    /// Export to a port nobody listens on: spans get ids, a context carried to another
+    /// span makes it a child in the same trace, and the loss is counted.
+    #[test]
+    fn a_carried_context_continues_the_trace_and_losses_are_counted() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let telemetry = Telemetry::start(&TelemetryConfig {
+            endpoint: Some(format!("http://{closed}")),
+            service: "test".into(),
+        })
+        .unwrap();
+        assert!(telemetry.is_on());
+        let subscriber = tracing_subscriber::registry().with(telemetry.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let root = tracing::info_span!("root");
+            let carried = inject(&root);
+            assert!(carried["traceparent"].starts_with("00-"), "{carried:?}");
+            let trace = trace_id(&root).expect("a traced span has a trace id");
+            // A span elsewhere (no contextual parent), made a child through the carrier.
+            let remote = tracing::info_span!(parent: None, "remote");
+            set_parent(&remote, &carried);
+            assert_eq!(trace_id(&remote).as_deref(), Some(trace.as_str()));
+            let unrelated = tracing::info_span!(parent: None, "unrelated");
+            assert_ne!(trace_id(&unrelated).as_deref(), Some(trace.as_str()));
+        });
+        let stats = telemetry.stats().unwrap();
+        assert_eq!(stats.ended.load(std::sync::atomic::Ordering::Relaxed), 3);
+        telemetry.shutdown();
+    }
+
+    #[test]
+    fn endpoints_are_checked_and_off_without_one() {
+        let off = Telemetry::start(&TelemetryConfig::default()).unwrap();
+        // (Unless this test's environment names one.)
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+            && std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+        {
+            assert!(!off.is_on());
+        }
+        for bad in [
+            "https://collector:4317",
+            "ftp://x:1",
+            "http://exa mple:4317",
+        ] {
+            let e = Telemetry::start(&TelemetryConfig {
+                endpoint: Some(bad.into()),
+                service: "test".into(),
+            })
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains("--otlp-endpoint"), "{e}");
+        }
+    }
 
     #[test]
     fn untraced_spans_carry_nothing() {
