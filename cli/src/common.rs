@@ -47,6 +47,8 @@ pub(crate) struct GlobalArgs {
 }
 
 static GLOBAL: OnceLock<GlobalArgs> = OnceLock::new();
+/// The spans farm makes for traces only (see `farm_telemetry`), kept out of log lines.
+const NOT_LOGGED: &str = "farm_trace=off";
 static LOG_FILE: OnceLock<Arc<std::fs::File>> = OnceLock::new();
 
 fn global() -> &'static GlobalArgs {
@@ -100,6 +102,9 @@ pub(crate) fn init(
     } else {
         from_env().unwrap_or_else(|| EnvFilter::new(default))
     };
+    // Spans made for traces (target `farm_trace`) go to the OTLP exporter only: log
+    // lines look the same with tracing on or off.
+    let stderr_filter = stderr_filter.add_directive(NOT_LOGGED.parse().expect("a directive"));
     let file_layer = match &args.log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -113,7 +118,8 @@ pub(crate) fn init(
                 EnvFilter::new(DEBUG)
             } else {
                 from_env().unwrap_or_else(|| EnvFilter::new("info"))
-            };
+            }
+            .add_directive(NOT_LOGGED.parse().expect("a directive"));
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(false)

@@ -347,6 +347,7 @@ async fn cached(
 fn layer_span(name: &str) -> tracing::Span {
     use tracing::field::Empty;
     tracing::info_span!(
+        target: "farm_trace",
         "layer",
         layer = %name,
         cache_key = Empty,

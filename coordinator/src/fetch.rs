@@ -351,6 +351,7 @@ impl Fetcher {
     ) -> Result<Fetched, FetchError> {
         use tracing::field::{Empty, debug};
         let span = tracing::info_span!(
+            target: "farm_trace",
             "http fetch",
             url = %parse_url(url).map(|(_, shown)| shown).unwrap_or_default(),
             bytes = Empty,

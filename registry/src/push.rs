@@ -324,13 +324,33 @@ impl Pusher<'_> {
 }
 
 /// Push `images` from `blobs` to `opts.target`, each under every tag of `opts.tags`.
-#[tracing::instrument(
-    name = "registry push",
-    skip_all,
-    fields(target = %opts.target, images = images.len(), tags = ?opts.tags),
-    err(Display)
-)]
 pub async fn push(
+    blobs: &BlobStore,
+    images: &[PushImage],
+    opts: &PushOptions,
+    credentials: &Credentials,
+) -> Result<(Vec<Pushed>, PushStats)> {
+    // A span for traces (issue 16; not shown in logs), its error the text the user sees.
+    let span = tracing::info_span!(
+        target: "farm_trace",
+        "registry push",
+        target = %opts.target,
+        images = images.len(),
+        tags = ?opts.tags,
+        otel.status_description = tracing::field::Empty,
+    );
+    let pushed = tracing::Instrument::instrument(
+        push_untraced(blobs, images, opts, credentials),
+        span.clone(),
+    )
+    .await;
+    if let Err(e) = &pushed {
+        span.record("otel.status_description", e.to_string());
+    }
+    pushed
+}
+
+async fn push_untraced(
     blobs: &BlobStore,
     images: &[PushImage],
     opts: &PushOptions,

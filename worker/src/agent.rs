@@ -521,6 +521,7 @@ fn chain_ids(engine: &Engine) -> Vec<String> {
 fn assignment_span(a: &pb::Assignment) -> tracing::Span {
     use tracing::field::Empty;
     let span = tracing::info_span!(
+        target: "farm_trace",
         "assignment",
         assignment = %a.id,
         layer = Empty,

@@ -97,6 +97,7 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     // The root of the build's trace (issue 16): the coordinator's and the workers'
     // spans are its children.
     let span = tracing::info_span!(
+        target: "farm_trace",
         "submit",
         coordinator = %addr,
         build.id = tracing::field::Empty,
@@ -127,12 +128,12 @@ fn run_remote(addr: crate::client::Target, args: SubmitArgs) -> anyhow::Result<E
         substitutions: subs,
         max_file_size: args.stackerfile.max_stackerfile_size,
     };
-    let Some(plan) = tracing::info_span!("plan", file = %path.display())
+    let Some(plan) = tracing::info_span!(target: "farm_trace", "plan", file = %path.display())
         .in_scope(|| plan_or_report("submit", &path, &options))?
     else {
         return Ok(ExitCode::FAILURE);
     };
-    let context = tracing::info_span!("collect context").in_scope(|| {
+    let context = tracing::info_span!(target: "farm_trace", "collect context").in_scope(|| {
         collect(
             &plan,
             std::slice::from_ref(&path),
@@ -350,6 +351,7 @@ async fn submit(
 
 /// Upload the context's files that the coordinator lacks; how many were sent.
 #[tracing::instrument(
+    target = "farm_trace",
     name = "upload context",
     skip_all,
     fields(

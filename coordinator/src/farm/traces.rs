@@ -32,6 +32,7 @@ impl BuildTraces {
     /// the Submit call's `traceparent`), the root of a resumed build's trace.
     pub(super) fn build_span(&self, id: &str) -> tracing::Span {
         let span = tracing::info_span!(
+            target: "farm_trace",
             "build",
             build.id = %id,
             layers = tracing::field::Empty,

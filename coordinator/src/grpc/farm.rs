@@ -168,6 +168,7 @@ impl FarmApi for FarmService {
         let caller = principal(&request);
         // The build's span is a child of the client's (W3C `traceparent`).
         let span = tracing::info_span!(
+            target: "farm_trace",
             "Submit",
             rpc.service = "farm.v1.Farm",
             otel.kind = "server",

@@ -274,6 +274,7 @@ impl Hooks {
                 // A delivery is a trace of its own, linked to the builds it starts
                 // (issue 16).
                 let span = tracing::info_span!(
+                    target: "farm_trace",
                     parent: None,
                     "webhook delivery",
                     provider = %repo.provider.as_str(),

@@ -108,6 +108,7 @@ impl Build<'_> {
         let (mut stack, base_config) = self
             .base_chain()
             .instrument(info_span!(
+                target: "farm_trace",
                 "base chain",
                 layers = base_layers,
                 extracted = Empty,
@@ -133,7 +134,7 @@ impl Build<'_> {
             }
             Ok::<_, EngineError>(sources)
         }
-        .instrument(info_span!("imports", count = imports))
+        .instrument(info_span!(target: "farm_trace", "imports", count = imports))
         .await?;
         let sources = staged;
         let run_upper = self.run(&stack, &sources).await?;
@@ -143,19 +144,19 @@ impl Build<'_> {
         match &run_upper {
             Some(upper) => {
                 self.capture_run(&mut stack, upper, tar_base_pending)
-                    .instrument(info_span!("capture"))
+                    .instrument(info_span!(target: "farm_trace", "capture"))
                     .await?
             }
             None if tar_base_pending => {
                 self.tar_base_layer(&mut stack)
-                    .instrument(info_span!("capture"))
+                    .instrument(info_span!(target: "farm_trace", "capture"))
                     .await?
             }
             None => {}
         }
         tracing::debug!(layer = self.name(), chain = %stack.chain.id(), "built");
         self.image_config(stack, base_config.as_ref(), &labels)
-            .instrument(info_span!("image config"))
+            .instrument(info_span!(target: "farm_trace", "image config"))
             .await
     }
 
@@ -474,6 +475,7 @@ impl Build<'_> {
         exclude: &[String],
     ) -> Result<ExportedLayer, EngineError> {
         let span = info_span!(
+            target: "farm_trace",
             "export",
             compression = %self.job.compression,
             tar_bytes = Empty,
@@ -533,6 +535,7 @@ impl Build<'_> {
 /// it ended and how long the sandbox took to start.
 fn sandbox_span(what: &'static str) -> tracing::Span {
     info_span!(
+        target: "farm_trace",
         "sandbox",
         script = what,
         start_ms = Empty,
