@@ -109,10 +109,18 @@ fn main() -> ExitCode {
         Command::Coordinator(_) | Command::Worker(_) => "info",
         _ => "warn",
     };
-    if let Err(e) = common::init(cli.global, default_log) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    let service = match cli.command {
+        Command::Coordinator(_) => "farm-coordinator",
+        Command::Worker(_) => "farm-worker",
+        _ => "farm-cli",
+    };
+    let telemetry = match common::init(cli.global, default_log, service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Build(args) => cmd::build::run(args),
@@ -135,6 +143,8 @@ fn main() -> ExitCode {
         Command::Token(args) => cmd::token::run(args),
         Command::Publish(args) => cmd::publish::run(args),
     };
+    // The last spans go to the collector (within a few seconds) before the process ends.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -17,5 +17,6 @@ mod registry;
 mod sandbox;
 mod semantics;
 mod stacker_cli;
+mod traces;
 mod util;
 mod webhooks;

@@ -305,7 +305,11 @@ pub async fn run_with(
                             running.insert(a.id.clone(), token.clone());
                             status.running.store(running.len(), Ordering::Relaxed);
                             let cap = LogCap::new(config.max_layer_log, a.max_layer_log);
-                            tokio::spawn(build(engine, a.id, a.job_json, token, cap, shared.clone(), done_tx.clone()));
+                            let span = assignment_span(&a);
+                            tokio::spawn(tracing::Instrument::instrument(
+                                build(engine, a.id, a.job_json, token, cap, shared.clone(), done_tx.clone()),
+                                span,
+                            ));
                         }
                         Some(coordinator_message::Kind::Cancel(id)) => {
                             if let Some(token) = running.get(&id) {
@@ -596,6 +600,23 @@ impl Capped {
     }
 }
 
+/// The span of one assignment (issue 16): a child of the layer's span on the
+/// coordinator, whose trace context the assignment carries.
+fn assignment_span(a: &pb::Assignment) -> tracing::Span {
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        target: "farm_trace",
+        "assignment",
+        assignment = %a.id,
+        layer = Empty,
+        cache_key = Empty,
+        outcome = Empty,
+        otel.status_description = Empty,
+    );
+    farm_telemetry::set_parent(&span, &a.trace_context);
+    span
+}
+
 /// Build one assignment, forwarding its log lines (up to `cap`), then report the
 /// result.
 async fn build(
@@ -659,6 +680,9 @@ async fn build(
         })
     };
     let layer = job.layer.name.clone();
+    let span = tracing::Span::current();
+    span.record("layer", layer.as_str());
+    span.record("cache_key", job.cache_key.as_str());
     tracing::info!(%assignment, %layer, "building");
     let result = engine.build_cancellable(&job, &events, &cancel).await;
     drop(events);
@@ -684,6 +708,14 @@ async fn build(
         Err(e) => failed(assignment, &e.failure(), duration_ms),
     };
     tracing::info!(%layer, ok = msg.failure.is_none(), duration_ms, "finished");
+    match &msg.failure {
+        None => span.record("outcome", "built"),
+        Some(f) => {
+            span.record("outcome", "failed");
+            farm_telemetry::record_error(&span, &f.message);
+            &span
+        }
+    };
     let _ = done.send(msg);
 }
 

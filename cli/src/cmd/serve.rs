@@ -719,7 +719,7 @@ impl WorkerProbe {
             .map(|e| e.chain_stats())
             .unwrap_or_default();
         let b = |x: bool| u8::from(x);
-        [
+        let mut out: String = [
             (
                 "farm_worker_slots",
                 "gauge",
@@ -786,12 +786,74 @@ impl WorkerProbe {
                 "Size of the pool's filesystem",
                 total,
             ),
+            (
+                "farm_worker_pool_used_bytes",
+                "gauge",
+                "Used space of the pool's filesystem",
+                total.saturating_sub(free),
+            ),
         ]
         .iter()
         .map(|(name, kind, help, v)| {
             format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
         })
-        .collect()
+        .collect();
+        out.push_str(&self.render_timings());
+        out
+    }
+
+    /// Sandbox start times and export throughput (issue 16), as counters of their sums:
+    /// `rate(..._sum) / rate(..._count)` is the mean start time, `rate(bytes) /
+    /// rate(seconds)` the export throughput.
+    fn render_timings(&self) -> String {
+        let (starts, start_seconds) = farm_worker::sandbox::SANDBOX_STARTS.get();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (exports, tar_bytes, blob_bytes, export_seconds) = match &self.engine {
+            Some(e) => {
+                let x = e.export_stats();
+                (
+                    load(&x.count),
+                    load(&x.tar_bytes),
+                    load(&x.blob_bytes),
+                    load(&x.micros) as f64 / 1e6,
+                )
+            }
+            None => (0, 0, 0, 0.0),
+        };
+        let mut out = format!(
+            "# HELP farm_worker_sandbox_start_seconds Time from spawning a sandbox to its \
+             script's start (namespaces, id maps)\n\
+             # TYPE farm_worker_sandbox_start_seconds summary\n\
+             farm_worker_sandbox_start_seconds_sum {start_seconds}\n\
+             farm_worker_sandbox_start_seconds_count {starts}\n"
+        );
+        for (name, help, v) in [
+            (
+                "farm_worker_exports_total",
+                "Layers exported (tar, compressed, stored)",
+                exports.to_string(),
+            ),
+            (
+                "farm_worker_export_tar_bytes_total",
+                "Uncompressed tar bytes of exported layers",
+                tar_bytes.to_string(),
+            ),
+            (
+                "farm_worker_export_blob_bytes_total",
+                "Compressed blob bytes of exported layers written to the blob store",
+                blob_bytes.to_string(),
+            ),
+            (
+                "farm_worker_export_seconds_total",
+                "Time spent exporting layers (export throughput: tar bytes per second of this)",
+                export_seconds.to_string(),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
+        }
+        out
     }
 }
 

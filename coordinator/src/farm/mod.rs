@@ -13,6 +13,7 @@ mod logs;
 mod sched;
 #[cfg(test)]
 mod tests;
+mod traces;
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -365,6 +366,8 @@ pub(crate) struct Inner {
     metrics: crate::metrics::Metrics,
     /// One garbage collection at a time.
     collecting: tokio::sync::Mutex<()>,
+    /// Each build's trace (issue 16).
+    traces: traces::BuildTraces,
 }
 
 /// The coordinator's core; cheap to clone.
@@ -404,6 +407,7 @@ impl Farm {
             contexts: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
             collecting: tokio::sync::Mutex::new(()),
+            traces: traces::BuildTraces::default(),
         });
         sched::Scheduler::spawn_loops(&inner);
         collect::spawn_periodic(&inner);
@@ -536,10 +540,12 @@ impl Farm {
                 },
             );
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        let span = inner.traces.build_span(&id);
+        let drive = async move {
             let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
                 tracing::error!(build = %id, "build failed: {e}");
+                farm_telemetry::record_error(&tracing::Span::current(), &e.to_string());
                 if let Err(e) = inner.state.fail_build(&id, &e.to_string()).await {
                     tracing::error!(
                         build = %id,
@@ -571,7 +577,8 @@ impl Farm {
                 .remove(&id);
             inner.logs.close(&id);
             inner.release_context(held);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(drive, span));
     }
 
     /// Cancel a build: queued layers never start, running ones are stopped on their
@@ -912,6 +919,7 @@ impl Inner {
             Some(p) => p,
             None => self.plan(&spec).await?,
         };
+        tracing::Span::current().record("layers", plan.layers.len());
         let root = self.context_root(&spec).await?;
         let policy = &self.config.remote;
         let (context, destinations, scope) = match spec.origin {
@@ -1050,6 +1058,11 @@ impl Inner {
             s => self.state.set_build_state(id, s).await?,
         }
         tracing::info!(build = %id, state = %state, "build finished");
+        let span = tracing::Span::current();
+        span.record("state", tracing::field::display(state));
+        if let (BuildState::Failed, Some(e)) = (state, &error) {
+            farm_telemetry::record_error(&span, e);
+        }
         self.publish(id, vec![StoredEvent::finished(state, error)])
             .await;
         Ok(())

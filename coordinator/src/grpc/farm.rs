@@ -141,14 +141,13 @@ fn event(seq: u64, e: StoredEvent) -> BuildEvent {
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl FarmApi for FarmService {
-    async fn submit(
+impl FarmService {
+    /// `Submit` after its span is set up.
+    async fn submit_request(
         &self,
-        request: Request<SubmitRequest>,
+        r: SubmitRequest,
+        caller: Option<Principal>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let caller = principal(&request);
-        let r = request.into_inner();
         let mut substitutions = Substitutions::default();
         for s in &r.substitutions {
             substitutions.cli.push(
@@ -194,7 +193,38 @@ impl FarmApi for FarmService {
         }
         let owner = caller.as_ref().map(|p| p.name.as_str());
         let (id, layers) = self.farm.submit_as(spec, owner).await.map_err(status_of)?;
-        Ok(Response::new(SubmitResponse { id, layers }))
+        let trace_id = self.farm.trace_id(&id).unwrap_or_default();
+        Ok(Response::new(SubmitResponse {
+            id,
+            layers,
+            trace_id,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl FarmApi for FarmService {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let caller = principal(&request);
+        // The build's span is a child of the client's (W3C `traceparent`).
+        let span = tracing::info_span!(
+            target: "farm_trace",
+            "Submit",
+            rpc.service = "farm.v1.Farm",
+            otel.kind = "server",
+            otel.status_description = tracing::field::Empty,
+        );
+        farm_telemetry::set_parent(&span, &farm_telemetry::extract_metadata(request.metadata()));
+        let r = request.into_inner();
+        let result =
+            tracing::Instrument::instrument(self.submit_request(r, caller), span.clone()).await;
+        if let Err(status) = &result {
+            farm_telemetry::record_error(&span, status.message());
+        }
+        result
     }
 
     type WatchStream = Boxed<BuildEvent>;
@@ -331,6 +361,7 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
     let webhook = webhook_origin(farm, id).await?;
     Ok(proto::BuildStatus {
         webhook,
+        trace_id: farm.trace_id(id).unwrap_or_default(),
         id: build.id,
         state: i32::from(build.state),
         error: build.error.unwrap_or_default(),

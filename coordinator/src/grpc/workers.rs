@@ -167,11 +167,13 @@ impl WorkerOutbox for Outbox {
                 id,
                 job_json,
                 lease,
+                trace,
             } => coordinator_message::Kind::Assign(Assignment {
                 id: id.to_string(),
                 job_json,
                 lease_ms: lease.as_millis() as u64,
                 max_layer_log: self.max_layer_log,
+                trace_context: trace,
             }),
             ToWorker::Cancel(id) => coordinator_message::Kind::Cancel(id.to_string()),
         };

@@ -141,6 +141,18 @@ pub struct Engine {
     /// Base layers found in the pool / extracted into it (the worker's metrics).
     chain_hits: std::sync::atomic::AtomicU64,
     chain_misses: std::sync::atomic::AtomicU64,
+    /// Layers exported: uncompressed tar bytes and time spent (the worker's metrics).
+    exports: ExportStats,
+}
+
+/// Exports since the engine started: their count, uncompressed tar bytes, blob bytes
+/// (compressed) and time, from the first tar byte to the blob in the store.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub count: std::sync::atomic::AtomicU64,
+    pub tar_bytes: std::sync::atomic::AtomicU64,
+    pub blob_bytes: std::sync::atomic::AtomicU64,
+    pub micros: std::sync::atomic::AtomicU64,
 }
 
 /// Deletes trees inside the user namespace (files of other container users cannot be
@@ -187,6 +199,7 @@ impl Engine {
             cancel: CancelToken::new(),
             chain_hits: Default::default(),
             chain_misses: Default::default(),
+            exports: Default::default(),
         }
     }
 
@@ -198,6 +211,11 @@ impl Engine {
             self.chain_hits.load(Relaxed),
             self.chain_misses.load(Relaxed),
         )
+    }
+
+    /// The layers exported since the engine started (see [`ExportStats`]).
+    pub fn export_stats(&self) -> &ExportStats {
+        &self.exports
     }
 
     pub fn pool(&self) -> &Pool {

@@ -102,6 +102,27 @@ impl Build<'_> {
             })
             .await;
         let hit = || cgroup.as_ref().and_then(|c| c.limit_hit());
+        let span = tracing::Span::current();
+        match &status {
+            Ok(ScriptStatus::Exited(c)) => span.record("exit", *c as i64),
+            Ok(ScriptStatus::Signaled(s)) => span.record("exit", format!("signal {s}")),
+            Err(e) => span.record("exit", e.to_string()),
+        };
+        let result = self.finish_script(status, hit, tail);
+        if let Err(e) = &result {
+            farm_telemetry::record_error(&span, &e.to_string());
+        }
+        result
+    }
+
+    /// How a script ended, as the build's result.
+    fn finish_script(
+        &self,
+        status: Result<ScriptStatus, SandboxError>,
+        hit: impl Fn() -> Option<String>,
+        tail: VecDeque<String>,
+    ) -> Result<(), EngineError> {
+        let cancel = self.cancel;
         let status = match status {
             Ok(s) => s,
             Err(_) if cancel.is_cancelled() => return Err(EngineError::Cancelled),

@@ -65,6 +65,7 @@
 mod harden;
 mod helper;
 mod run;
+pub use run::{SANDBOX_STARTS, SandboxStarts};
 mod seccomp;
 mod setup;
 mod skeleton;

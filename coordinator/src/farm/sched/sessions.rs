@@ -24,6 +24,8 @@ pub(crate) enum ToWorker {
         id: AssignmentId,
         job_json: String,
         lease: Duration,
+        /// The layer span's W3C trace context (empty when not traced).
+        trace: farm_telemetry::TraceContext,
     },
     /// Stop this assignment (its build was cancelled, or its lease was lost).
     Cancel(AssignmentId),
