@@ -425,7 +425,7 @@ fn uuid_from(seed: &[u8]) -> String {
 }
 
 /// How to make an image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MakeOptions {
     /// Top-level names (`/stacker` or `stacker`) left out.
     pub exclude: Vec<String>,

@@ -351,6 +351,7 @@ pub async fn pull_ref(
                 digest: digest.to_string(),
                 size,
                 diff_id,
+                verity_root_hash: None,
             })
             .collect(),
         downloaded_blobs,

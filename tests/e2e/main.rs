@@ -8,6 +8,7 @@ mod farm;
 mod images;
 mod inputs;
 mod kubernetes;
+mod layer_types;
 mod limits;
 mod plan;
 mod procs;
