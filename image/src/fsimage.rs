@@ -461,6 +461,7 @@ pub fn make_fs_image(
         .map(|e| e.trim_start_matches('/').to_string())
         .filter(|e| !e.is_empty())
         .collect();
+    strip_overlay_xattrs(dir)?;
     let compression = match kind {
         FsKind::Squashfs => {
             let comp = if help_mentions("mksquashfs", "-help", "zstd") {
@@ -525,6 +526,36 @@ pub fn make_fs_image(
         .to_string(),
         root_hash,
     })
+}
+
+/// Remove overlayfs's bookkeeping xattrs (`*.overlay.origin`, `impure`, ...: file
+/// handles that differ from pool to pool) below `dir`, keeping what overlayfs reads
+/// back from a layer (`opaque`, `whiteout`), as stacker strips them before it makes an
+/// image.
+pub fn strip_overlay_xattrs(dir: &Path) -> Result<(), FsImageError> {
+    let m = std::fs::symlink_metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+    if m.file_type().is_symlink() {
+        return Ok(());
+    }
+    let names = crate::tarwrite::list_xattrs(dir)
+        .map_err(io_err(format!("listing xattrs of {}", dir.display())))?;
+    for name in names {
+        let keep = name.ends_with(b".overlay.opaque")
+            || name.ends_with(b".overlay.whiteout")
+            || name.ends_with(b".overlay.whiteouts");
+        if !keep && name.windows(9).any(|w| w == b".overlay.") {
+            let os = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name);
+            rustix::fs::lremovexattr(dir, os)
+                .map_err(|e| io_err(format!("removing an xattr of {}", dir.display()))(e.into()))?;
+        }
+    }
+    if m.is_dir() {
+        for e in std::fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))? {
+            let e = e.map_err(io_err(format!("reading {}", dir.display())))?;
+            strip_overlay_xattrs(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Pad the file to a whole number of 4 KiB blocks (both tools already do; verity needs it).
@@ -844,6 +875,23 @@ mod tests {
         std::fs::create_dir_all(src.join("etc")).unwrap();
         std::fs::create_dir_all(src.join("stacker")).unwrap();
         std::fs::write(src.join("etc/hello"), "hello\n").unwrap();
+        // overlayfs bookkeeping (differs from pool to pool) goes; opaque stays.
+        let etc = src.join("etc");
+        let xattrs = rustix::fs::lsetxattr(
+            &etc,
+            "user.overlay.origin",
+            b"handle",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .and_then(|()| {
+            rustix::fs::lsetxattr(
+                &etc,
+                "user.overlay.opaque",
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )
+        })
+        .is_ok();
         for kind in [FsKind::Squashfs, FsKind::Erofs] {
             let opts = MakeOptions {
                 exclude: vec!["/stacker".into()],
@@ -854,6 +902,10 @@ mod tests {
             let a = tmp.path().join(format!("{kind}.a"));
             let b = tmp.path().join(format!("{kind}.b"));
             let made = make_fs_image(kind, &src, &a, &opts).unwrap();
+            if xattrs {
+                let names = crate::tarwrite::list_xattrs(&etc).unwrap();
+                assert_eq!(names, vec![b"user.overlay.opaque".to_vec()]);
+            }
             let again = make_fs_image(kind, &src, &b, &opts).unwrap();
             assert_eq!(made, again);
             assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());

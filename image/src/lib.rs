@@ -53,7 +53,7 @@ pub use fsimage::{
     EROFS_MEDIA_TYPE, FS_TOOLS, FsImageError, FsKind, FsMediaType, LayerFormat, LayerType,
     MadeImage, MakeOptions, SQUASHFS_MEDIA_TYPE, Superblock, UnknownLayerType,
     VERITY_ROOT_HASH_ANNOTATION, append_verity, extract_fs_image, find_tool, fs_data_size,
-    make_fs_image, superblock, verify_fs_image,
+    make_fs_image, strip_overlay_xattrs, superblock, verify_fs_image,
 };
 pub use layout::{OciLayout, REF_NAME_ANNOTATION, select_platform, to_canonical_json};
 pub use rechunk::rechunk;

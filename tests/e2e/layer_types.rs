@@ -32,6 +32,8 @@ only-for-building:
     type: built
     tag: base
   build_only: true
+  build_env:
+    SOURCE_DATE_EPOCH: \"1700000000\"
   run: echo middle > /middle
 top:
   from:
