@@ -318,6 +318,39 @@ fn a_tampered_squashfs_base_is_refused() {
     };
     t.farm_env(&child_args("oci-child"), &[]).assert_ok();
 
+    // publish --layer-type squashfs: NAME-squashfs of the layout as NAME_TAG-squashfs
+    // (stacker's names in an oci: destination).
+    let published = t.join("published");
+    let publish = |types: &[&str]| {
+        let mut a: Vec<String> = ["publish", "-f"].iter().map(|s| s.to_string()).collect();
+        a.push(t.join("stacker.yaml").display().to_string());
+        a.extend(["--oci-dir".to_string(), t.out.display().to_string()]);
+        a.extend(["--url".to_string(), format!("oci:{}", published.display())]);
+        a.extend(["--tag".to_string(), "t1".to_string()]);
+        a.extend([
+            "--substitute".to_string(),
+            format!("BUSYBOX_OCI={}", e.busybox_oci.display()),
+        ]);
+        a.extend(types.iter().map(|s| s.to_string()));
+        t.farm_env(&a, &[])
+    };
+    publish(&["--layer-type", "squashfs"]).assert_ok();
+    assert_eq!(
+        Oci::new(&published)
+            .tag_names()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["base_t1-squashfs"]
+    );
+    assert_eq!(
+        Oci::new(&published).manifest_digest("base_t1-squashfs"),
+        oci.manifest_digest("base-squashfs")
+    );
+    // No tar image was built: publishing one says how to build it.
+    let r = publish(&[]);
+    assert!(!r.status.success(), "{}", r.describe());
+    r.assert_stderr_contains("no image 'base'");
+
     // Alter one byte of the squashfs layer and make every digest agree again.
     let (_, digest, _) = top_layer(&oci, "base-squashfs");
     let mut blob = oci.blob(&digest);
