@@ -275,7 +275,12 @@ async fn submit(
     }
 
     if ok && let Some(out) = &args.output {
-        match super::pull::pull(&mut client, &id, out).await {
+        let layer_type = args
+            .layer_types
+            .first()
+            .copied()
+            .unwrap_or(farm_image::LayerType::Tar);
+        match super::pull::pull_as(&mut client, &id, out, layer_type).await {
             // With --json, stdout is the status object alone.
             Ok(tags) => super::pull::print_tags(out, &tags, args.json),
             Err(e) => {
