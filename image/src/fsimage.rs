@@ -435,7 +435,16 @@ pub struct MakeOptions {
     pub uuid_seed: String,
     /// Append dm-verity data.
     pub verity: bool,
+    /// zstd level where the tool compresses with zstd ([`DEFAULT_FS_ZSTD_LEVEL`] when
+    /// `None`; stacker leaves mksquashfs at its default, 15, which is ~40x slower on a
+    /// 700 MB layer for ~13% less).
+    #[serde(default)]
+    pub zstd_level: Option<i32>,
 }
+
+/// The zstd level of squashfs/erofs layers unless `--compression zstd:LEVEL` says
+/// otherwise (the level of farm's zstd tar layers).
+pub const DEFAULT_FS_ZSTD_LEVEL: i32 = 3;
 
 /// A made image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -473,6 +482,10 @@ pub fn make_fs_image(
             cmd.arg(dir)
                 .arg(out)
                 .args(["-comp", comp, "-noappend", "-no-progress", "-quiet"]);
+            if comp == "zstd" {
+                let level = opts.zstd_level.unwrap_or(DEFAULT_FS_ZSTD_LEVEL);
+                cmd.arg("-Xcompression-level").arg(level.to_string());
+            }
             for e in &excludes {
                 cmd.arg("-e").arg(e);
             }
@@ -491,7 +504,11 @@ pub fn make_fs_image(
                 "lz4hc"
             };
             let mut cmd = tool_command("mkfs.erofs");
-            cmd.arg(format!("-z{comp}"))
+            let level = match comp {
+                "zstd" => format!(",{}", opts.zstd_level.unwrap_or(DEFAULT_FS_ZSTD_LEVEL)),
+                _ => String::new(),
+            };
+            cmd.arg(format!("-z{comp}{level}"))
                 .arg(format!(
                     "-U{}",
                     uuid_from(format!("farm erofs {}", opts.uuid_seed).as_bytes())
@@ -898,6 +915,7 @@ mod tests {
                 source_date_epoch: Some(1_700_000_000),
                 uuid_seed: "seed".into(),
                 verity: true,
+                zstd_level: None,
             };
             let a = tmp.path().join(format!("{kind}.a"));
             let b = tmp.path().join(format!("{kind}.b"));

@@ -50,10 +50,10 @@ pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use export::{ExportOptions, ExportedLayer, encode_layer, export_dir, export_tar_stream};
 pub use fsimage::{
-    EROFS_MEDIA_TYPE, FS_TOOLS, FsImageError, FsKind, FsMediaType, LayerFormat, LayerType,
-    MadeImage, MakeOptions, SQUASHFS_MEDIA_TYPE, Superblock, UnknownLayerType,
-    VERITY_ROOT_HASH_ANNOTATION, append_verity, extract_fs_image, find_tool, fs_data_size,
-    make_fs_image, strip_overlay_xattrs, superblock, verify_fs_image,
+    DEFAULT_FS_ZSTD_LEVEL, EROFS_MEDIA_TYPE, FS_TOOLS, FsImageError, FsKind, FsMediaType,
+    LayerFormat, LayerType, MadeImage, MakeOptions, SQUASHFS_MEDIA_TYPE, Superblock,
+    UnknownLayerType, VERITY_ROOT_HASH_ANNOTATION, append_verity, extract_fs_image, find_tool,
+    fs_data_size, make_fs_image, strip_overlay_xattrs, superblock, verify_fs_image,
 };
 pub use layout::{OciLayout, REF_NAME_ANNOTATION, select_platform, to_canonical_json};
 pub use rechunk::rechunk;

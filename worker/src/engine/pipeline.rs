@@ -452,6 +452,11 @@ impl Build<'_> {
             source_date_epoch: self.job.source_date_epoch,
             uuid_seed: format!("{} {what}", self.job.cache_key),
             verity: format.verity,
+            // `--compression zstd:LEVEL` sets the level of a filesystem layer too.
+            zstd_level: match self.job.compression {
+                farm_image::Compression::Zstd { level } => Some(level),
+                _ => None,
+            },
         };
         self.engine
             .export_fs_layer(kind, dir, exclude, options)
