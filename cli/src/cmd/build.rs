@@ -379,8 +379,12 @@ async fn build(
         credentials.clone(),
     )
     .await?;
-    let mut layer_types = flags.layer_types.clone();
-    layer_types.dedup();
+    let mut layer_types: Vec<farm_image::LayerType> = Vec::new();
+    for t in &flags.layer_types {
+        if !layer_types.contains(t) {
+            layer_types.push(*t);
+        }
+    }
     if layer_types.is_empty() {
         layer_types.push(farm_image::LayerType::Tar);
     }
