@@ -62,6 +62,7 @@ mod tests {
                 digest: format!("sha256:{}", "ab".repeat(32)),
                 size: 3,
                 diff_id: format!("sha256:{}", "cd".repeat(32)),
+                verity_root_hash: None,
             }],
             chain_id: farm_model::ChainId::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap(),
         }

@@ -146,6 +146,7 @@ async fn run(n: usize) {
             digest: layer.digest.to_string(),
             size: layer.size,
             diff_id: layer.digest.to_string(),
+            verity_root_hash: None,
         }],
         chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
     };

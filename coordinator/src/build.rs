@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use farm_image::{BlobStore, Compression, Digest};
+use farm_image::{BlobStore, Compression, Digest, LayerFormat};
 use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
 use farm_stackerfile::{Layer, Plan};
 use tokio::task::JoinSet;
@@ -29,6 +29,8 @@ pub trait Executor: Send + Sync + 'static {
 pub struct BuildOptions {
     pub no_cache: bool,
     pub compression: Compression,
+    /// The kind of layers to write; enters every key.
+    pub layer_format: LayerFormat,
     /// The caller's environment, for `build_env_passthrough`.
     pub caller_env: Vec<(String, String)>,
     /// Where local inputs (bases, imports, overlay dirs) may come from.
@@ -466,6 +468,7 @@ async fn prepare(
         platform: platform.to_string(),
         passthrough,
         compression: options.compression.to_string(),
+        layer_format: (!options.layer_format.is_tar()).then(|| options.layer_format.to_string()),
     }
     .key();
     Ok(Job {
@@ -479,6 +482,7 @@ async fn prepare(
             .as_deref()
             .and_then(parse_source_date_epoch),
         compression: options.compression,
+        layer_format: options.layer_format,
         platform,
     })
 }

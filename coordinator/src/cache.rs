@@ -5,7 +5,8 @@
 //! digest for `tar`, the manifest digest for `oci`/`docker`), the content digest of every
 //! import (with or without `dest`, `stacker://` included) and `overlay_dirs` entry,
 //! `SOURCE_DATE_EPOCH`, the platform, the values of passthrough variables that reach the
-//! build, and the compression (it changes blob digests). stacker misses `dest` imports and
+//! build, the compression (it changes blob digests) and the layer type (`--layer-type`,
+//! with or without verity: each type's result is cached on its own). stacker misses `dest` imports and
 //! `stacker://` contents; farm does not.
 
 use std::collections::BTreeMap;
@@ -48,6 +49,10 @@ pub struct KeyInputs {
     /// Passthrough variables that reach `run`, with their values.
     pub passthrough: BTreeMap<String, String>,
     pub compression: String,
+    /// The layer type when it is not tar (`squashfs+verity`, ...): a tar layer's key
+    /// is the one it had before layer types existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_format: Option<String>,
 }
 
 impl KeyInputs {
@@ -286,6 +291,7 @@ mod tests {
             platform: "linux/amd64".into(),
             passthrough: BTreeMap::new(),
             compression: "gzip".into(),
+            layer_format: None,
         }
     }
 
@@ -322,11 +328,28 @@ mod tests {
         let mut i = inputs();
         i.compression = "zstd".into();
         variants.push(i);
+        let mut i = inputs();
+        i.layer_format = Some("squashfs+verity".into());
+        variants.push(i);
+        let mut i = inputs();
+        i.layer_format = Some("squashfs".into());
+        variants.push(i);
+        let mut i = inputs();
+        i.layer_format = Some("erofs+verity".into());
+        variants.push(i);
         let keys: Vec<String> = variants.iter().map(KeyInputs::key).collect();
         for (n, key) in keys.iter().enumerate() {
             assert_ne!(key, &k, "variant {n}");
             assert!(!keys[..n].contains(key), "variant {n} collides");
         }
+    }
+
+    /// A tar layer's key is the one it had before layer types existed (caches stay
+    /// warm across the upgrade).
+    #[test]
+    fn a_tar_key_is_unchanged_by_layer_types() {
+        let json = serde_json::to_string(&inputs()).unwrap();
+        assert!(!json.contains("layer_format"), "{json}");
     }
 
     #[tokio::test]
@@ -341,6 +364,7 @@ mod tests {
                 digest: "sha256:dd".into(),
                 size: 5,
                 diff_id: "sha256:ee".into(),
+                verity_root_hash: None,
             }],
             chain_id: farm_model::ChainId::empty(),
         };

@@ -40,7 +40,20 @@ pub fn manifest_for(
     let layers = result
         .layers
         .iter()
-        .map(|l| descriptor(MediaType::from(l.media_type.as_str()), &l.digest, l.size))
+        .map(|l| {
+            let mut d = descriptor(MediaType::from(l.media_type.as_str()), &l.digest, l.size)?;
+            // A squashfs/erofs layer's verity root hash, where stacker puts it.
+            if let Some(h) = &l.verity_root_hash {
+                d.set_annotations(Some(
+                    [(
+                        farm_image::VERITY_ROOT_HASH_ANNOTATION.to_string(),
+                        h.clone(),
+                    )]
+                    .into(),
+                ));
+            }
+            Ok(d)
+        })
         .collect::<farm_image::Result<Vec<_>>>()?;
     let mut m = ImageManifestBuilder::default()
         .schema_version(2u32)
@@ -179,6 +192,7 @@ mod tests {
                 digest: format!("sha256:{}", "ab".repeat(32)),
                 size: 3,
                 diff_id: format!("sha256:{}", "cd".repeat(32)),
+                verity_root_hash: None,
             }],
             chain_id: farm_model::ChainId::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap(),
         }

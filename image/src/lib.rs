@@ -12,6 +12,8 @@
 //!   applying OCI whiteouts, never writing outside the target.
 //! - [`export_dir`] / [`export_tar_stream`]: the one-pass export pipeline
 //!   (tar -> diff_id -> parallel compression -> blob digest -> streaming upload).
+//! - [`LayerFormat`], [`make_fs_image`], [`verify_fs_image`], [`extract_fs_image`]:
+//!   stacker's squashfs and erofs layer types with dm-verity data (external tools).
 //! - [`OciLayout`]: OCI image layout directories (index.json, tags, platform selection)
 //!   and [`to_canonical_json`] for byte-reproducible manifests and configs.
 //! - [`rechunk`]: a byte stream regrouped into fixed-size pieces, for blob transfers.
@@ -28,6 +30,7 @@ mod compress;
 mod digest;
 mod error;
 mod export;
+mod fsimage;
 mod layout;
 mod rechunk;
 mod store;
@@ -46,6 +49,12 @@ pub use compress::{Compression, Compressor, Format, UnknownCompression, decompre
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Error, Result};
 pub use export::{ExportOptions, ExportedLayer, encode_layer, export_dir, export_tar_stream};
+pub use fsimage::{
+    DEFAULT_FS_ZSTD_LEVEL, EROFS_MEDIA_TYPE, FS_TOOLS, FsImageError, FsKind, FsMediaType,
+    LayerFormat, LayerType, MadeImage, MakeOptions, SQUASHFS_MEDIA_TYPE, Superblock,
+    UnknownLayerType, VERITY_ROOT_HASH_ANNOTATION, append_verity, extract_fs_image, find_tool,
+    fs_data_size, make_fs_image, strip_overlay_xattrs, superblock, verify_fs_image,
+};
 pub use layout::{OciLayout, REF_NAME_ANNOTATION, select_platform, to_canonical_json};
 pub use rechunk::rechunk;
 pub use store::{

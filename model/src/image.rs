@@ -15,8 +15,13 @@ pub struct LayerBlob {
     pub digest: String,
     /// The blob's size in bytes.
     pub size: u64,
-    /// sha256 of the uncompressed tar (the image config's `rootfs.diff_ids`).
+    /// sha256 of the uncompressed tar (the image config's `rootfs.diff_ids`); for a
+    /// squashfs/erofs layer the blob's own digest, as stacker writes it.
     pub diff_id: String,
+    /// The dm-verity root hash of a squashfs/erofs layer (its descriptor's
+    /// `io.stackeroci.stacker.atomfs_verity_root_hash` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity_root_hash: Option<String>,
 }
 
 impl From<&farm_image::ExportedLayer> for LayerBlob {
@@ -26,6 +31,7 @@ impl From<&farm_image::ExportedLayer> for LayerBlob {
             digest: e.digest.to_string(),
             size: e.size,
             diff_id: e.diff_id.to_string(),
+            verity_root_hash: None,
         }
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::BuiltImage;
 use crate::platform::Platform;
-use farm_image::Compression;
+use farm_image::{Compression, LayerFormat};
 
 /// The base a worker starts a layer from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +89,9 @@ pub struct Job {
     pub env: Vec<(String, String)>,
     pub source_date_epoch: Option<u64>,
     pub compression: Compression,
+    /// The kind of layer to write (`--layer-type`): tar, or a squashfs/erofs image.
+    #[serde(default, skip_serializing_if = "LayerFormat::is_tar")]
+    pub layer_format: LayerFormat,
     /// The platform the layer must be built on.
     pub platform: Platform,
 }

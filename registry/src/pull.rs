@@ -77,6 +77,8 @@ pub fn layer_media_type(media_type: &str) -> Option<&str> {
             Some("application/vnd.oci.image.layer.v1.tar")
         }
         m if m.starts_with("application/vnd.oci.image.layer.") => Some(m),
+        // stacker's squashfs/erofs layer types (`--layer-type`).
+        m if farm_image::FsMediaType::parse(m).is_some() => Some(m),
         _ => None,
     }
 }
@@ -312,7 +314,13 @@ async fn pull_untraced(
                 reason: format!("layer {n} has media type {mt:?}, which is not a filesystem layer"),
             });
         };
-        layers.push((d, size, oci_mt.to_string()));
+        // A squashfs/erofs layer's verity root hash, checked before it is unpacked.
+        let root_hash = l
+            .get("annotations")
+            .and_then(|a| a.get(farm_image::VERITY_ROOT_HASH_ANNOTATION))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        layers.push((d, size, oci_mt.to_string(), root_hash));
     }
 
     // Store the manifest too (it is small and names everything else).
@@ -325,7 +333,7 @@ async fn pull_untraced(
         })?;
 
     let mut all: Vec<(Digest, u64)> = vec![(config_digest.clone(), config_size)];
-    all.extend(layers.iter().map(|(d, s, _)| (d.clone(), *s)));
+    all.extend(layers.iter().map(|(d, s, _, _)| (d.clone(), *s)));
     all.dedup();
     // Owned items: a closure over `&(Digest, u64)` makes the future `Send` only for
     // one lifetime, which spawned callers cannot use.
@@ -379,12 +387,15 @@ async fn pull_untraced(
         layers: layers
             .into_iter()
             .zip(diff_ids)
-            .map(|((digest, size, media_type), diff_id)| LayerBlob {
-                media_type,
-                digest: digest.to_string(),
-                size,
-                diff_id,
-            })
+            .map(
+                |((digest, size, media_type, root_hash), diff_id)| LayerBlob {
+                    media_type,
+                    digest: digest.to_string(),
+                    size,
+                    diff_id,
+                    verity_root_hash: root_hash,
+                },
+            )
             .collect(),
         downloaded_blobs,
         downloaded_bytes,
@@ -517,6 +528,10 @@ mod tests {
         assert_eq!(
             layer_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
             Some("application/vnd.oci.image.layer.v1.tar+gzip")
+        );
+        assert_eq!(
+            layer_media_type("application/vnd.stacker.image.layer.squashfs+zstd+verity"),
+            Some("application/vnd.stacker.image.layer.squashfs+zstd+verity")
         );
         assert_eq!(
             layer_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),

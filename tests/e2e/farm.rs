@@ -1261,3 +1261,57 @@ fn a_user_with_split_subordinate_ranges_builds_with_nobody_mapped() {
     assert_eq!(maps, [want(uid), want(gid)].concat(), "{text}");
     assert!(text.contains("65534    65534"), "{text}");
 }
+
+/// `--layer-type squashfs` through a coordinator: the type travels to the remote
+/// worker (which makes the squashfs layers and, for the second layer, verifies and
+/// unpacks the first one's as its base), the blobs land in the shared store, and the
+/// pulled images are tagged NAME-squashfs with stacker's media type and root hash.
+#[test]
+fn a_remote_worker_builds_squashfs_layers() {
+    if ["mksquashfs", "unsquashfs", "veritysetup"]
+        .iter()
+        .any(|t| crate::util::which(t).is_none())
+    {
+        eprintln!("skipped: squashfs-tools or cryptsetup-bin missing");
+        return;
+    }
+    let Some(mut f) = Farm::new("squashfs") else {
+        return;
+    };
+    f.add_worker("w1", 1);
+    f.wait_for_workers();
+    f.t.write(
+        "stacker.yaml",
+        format!(
+            "{BASE}  run: echo one > /one\n{}",
+            layer("top", "cat /one > /two")
+        ),
+    );
+    let out = f.t.join("out");
+    let run = f.client(&[
+        "submit",
+        "--json",
+        "--layer-type",
+        "squashfs",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    run.assert_ok();
+    assert_succeeded(&run.json());
+    let oci = crate::util::Oci::new(&out);
+    assert_eq!(
+        oci.tag_names().into_iter().collect::<Vec<_>>(),
+        ["base-squashfs", "top-squashfs"]
+    );
+    let m = oci.manifest("top-squashfs");
+    let top = m["layers"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        top["mediaType"], "application/vnd.stacker.image.layer.squashfs+zstd+verity",
+        "{m:#}"
+    );
+    assert!(top["annotations"]["io.stackeroci.stacker.atomfs_verity_root_hash"].is_string());
+    // Two submissions of one type at a time: several are refused by name.
+    let run = f.client(&["submit", "--layer-type", "tar", "--layer-type", "squashfs"]);
+    assert!(!run.status.success());
+    run.assert_stderr_contains("one layer type per submission");
+}

@@ -9,6 +9,7 @@ mod gc;
 mod images;
 mod inputs;
 mod kubernetes;
+mod layer_types;
 mod limits;
 mod plan;
 mod pods;

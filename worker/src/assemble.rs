@@ -270,6 +270,7 @@ mod tests {
                 digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
                 size: 1,
                 diff_id: format!("sha256:{}", format!("{:02x}", n + 1).repeat(32)),
+                verity_root_hash: None,
             },
             what: "run".into(),
         }

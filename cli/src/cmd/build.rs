@@ -124,6 +124,15 @@ pub(crate) struct BuildFlags {
     #[arg(long, value_name = "ALGO", default_value = "gzip")]
     pub compression: Compression,
 
+    /// Layer type: tar, squashfs or erofs; repeat it for several (one image each,
+    /// tagged NAME, NAME-squashfs, NAME-erofs, as stacker tags them)
+    #[arg(long = "layer-type", value_name = "TYPE", default_value = "tar")]
+    pub layer_types: Vec<farm_image::LayerType>,
+
+    /// squashfs/erofs layers without dm-verity data (stacker's --no-verity)
+    #[arg(long)]
+    pub no_verity: bool,
+
     /// Layers to build at the same time [default: number of cores]
     #[arg(short, long, value_name = "N")]
     pub jobs: Option<usize>,
@@ -182,6 +191,8 @@ pub(crate) struct EmbeddedSubmit {
     pub output: Option<PathBuf>,
     pub no_cache: bool,
     pub compression: Compression,
+    pub layer_types: Vec<farm_image::LayerType>,
+    pub no_verity: bool,
     pub require_hash: bool,
     pub allow_outside_context: bool,
     pub json: bool,
@@ -206,6 +217,8 @@ pub(crate) fn run_embedded_submit(s: EmbeddedSubmit) -> anyhow::Result<ExitCode>
             annotations_namespace: DEFAULT_ANNOTATION_NAMESPACE.to_string(),
             no_cache: s.no_cache,
             compression: s.compression,
+            layer_types: s.layer_types,
+            no_verity: s.no_verity,
             jobs: None,
             run: Default::default(),
             pool_max_size: None,
@@ -366,57 +379,83 @@ async fn build(
         credentials.clone(),
     )
     .await?;
-    let spec = Submission {
-        stackerfiles: entries,
-        context: Vec::new(),
-        substitutions: farm_stackerfile::Substitutions {
-            builtins: Vec::new(),
-            ..substitutions
-        },
-        environment: std::env::vars().collect(),
-        no_cache: flags.no_cache,
-        compression: flags.compression,
-        require_hash: flags.require_hash,
-        // Nothing is uploaded: like stacker, a local build may read a base or an import
-        // from anywhere this user can. The context rule guards what a remote submission
-        // sends to a coordinator (see `farm submit`).
-        allow_outside_context: true,
-        origin: farm_coordinator::farm::Origin::Local,
-        inline: crate::remote::inline_texts(&plan),
-    };
-    let (id, outcome) = embedded.run(&plan, spec).await?;
-    let local = &embedded.local;
-    let built = outcome.results.clone();
-    if let Err(e) = record_results(&local.layout.state_dir, &built) {
-        tracing::warn!("remembering the built layers: {e}");
+    let mut layer_types: Vec<farm_image::LayerType> = Vec::new();
+    for t in &flags.layer_types {
+        if !layer_types.contains(t) {
+            layer_types.push(*t);
+        }
     }
+    if layer_types.is_empty() {
+        layer_types.push(farm_image::LayerType::Tar);
+    }
+    // One build per layer type (each type's layers have their own cache keys, chains
+    // and images); their images go into one layout, tagged as stacker tags them.
+    let mut images: Vec<OutputImage> = Vec::new();
+    let mut last = None;
+    for layer_type in layer_types {
+        let layer_format = farm_image::LayerFormat::new(layer_type, flags.no_verity);
+        let spec = Submission {
+            stackerfiles: entries.clone(),
+            context: Vec::new(),
+            substitutions: farm_stackerfile::Substitutions {
+                builtins: Vec::new(),
+                ..substitutions.clone()
+            },
+            environment: std::env::vars().collect(),
+            no_cache: flags.no_cache,
+            compression: flags.compression,
+            layer_format,
+            require_hash: flags.require_hash,
+            // Nothing is uploaded: like stacker, a local build may read a base or an
+            // import from anywhere this user can. The context rule guards what a remote
+            // submission sends to a coordinator (see `farm submit`).
+            allow_outside_context: true,
+            origin: farm_coordinator::farm::Origin::Local,
+            inline: crate::remote::inline_texts(&plan),
+        };
+        let (id, outcome) = embedded.run(&plan, spec).await?;
+        let built = outcome.results.clone();
+        if let Err(e) = record_results(&embedded.local.layout.state_dir, &built) {
+            tracing::warn!("remembering the built layers: {e}");
+        }
+        let succeeded = outcome.succeeded();
+        if succeeded {
+            let mut git = GitVersions::default();
+            // In the order `farm plan` shows (wave by wave, load order within a wave),
+            // as stacker writes its images in build order and its users index
+            // `manifests[N]`.
+            images.extend(
+                plan.waves
+                    .iter()
+                    .flatten()
+                    .map(|&i| (i, &plan.layers[i]))
+                    .filter(|(_, l)| !l.layer.build_only)
+                    .filter_map(|(i, l)| {
+                        built
+                            .iter()
+                            .find(|(n, _)| n == &l.layer.name)
+                            .map(|(_, result)| OutputImage {
+                                tag: layer_type.tag(&l.layer.name),
+                                result: result.clone(),
+                                annotations: manifest_annotations_with(
+                                    &plan,
+                                    i,
+                                    &flags.annotations_namespace,
+                                    &mut git,
+                                ),
+                            })
+                    }),
+            );
+        }
+        last = Some((id, outcome));
+        if !succeeded {
+            break;
+        }
+    }
+    let (id, outcome) = last.expect("at least one layer type");
+    let local = &embedded.local;
     let mut ok = outcome.succeeded();
     if ok {
-        let mut git = GitVersions::default();
-        // In the order `farm plan` shows (wave by wave, load order within a wave), as
-        // stacker writes its images in build order and its users index `manifests[N]`.
-        let images: Vec<OutputImage> = plan
-            .waves
-            .iter()
-            .flatten()
-            .map(|&i| (i, &plan.layers[i]))
-            .filter(|(_, l)| !l.layer.build_only)
-            .filter_map(|(i, l)| {
-                built
-                    .iter()
-                    .find(|(n, _)| n == &l.layer.name)
-                    .map(|(_, result)| OutputImage {
-                        tag: l.layer.name.clone(),
-                        result: result.clone(),
-                        annotations: manifest_annotations_with(
-                            &plan,
-                            i,
-                            &flags.annotations_namespace,
-                            &mut git,
-                        ),
-                    })
-            })
-            .collect();
         match write_layout(&local.blobs, &flags.output, &images).await {
             Ok(tags) => {
                 for (tag, digest) in &tags {

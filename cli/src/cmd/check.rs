@@ -90,6 +90,20 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
+    // Optional: the squashfs/erofs layer types (`--layer-type`) run external tools.
+    for (tool, package) in farm_image::FS_TOOLS {
+        match farm_image::find_tool(tool) {
+            Some(p) => println!(
+                "  ok: {tool} ({}) for --layer-type squashfs/erofs",
+                p.display()
+            ),
+            None => println!(
+                "  note: {tool} is not installed: --layer-type squashfs/erofs need it \
+                 (apt-get install {package})"
+            ),
+        }
+    }
+
     let report = Pool::check(&layout.pool);
     print!("{report}");
     if !report.is_usable() {

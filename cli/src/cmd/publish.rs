@@ -138,6 +138,15 @@ pub(crate) struct PublishArgs {
     #[arg(long)]
     pub skip_tls: bool,
 
+    /// Publish the images of these layer types (repeatable): NAME-squashfs of the
+    /// layout goes to NAME:TAG-squashfs (oci: NAME_TAG-squashfs), as stacker publishes
+    #[arg(long = "layer-type", value_name = "TYPE", default_value = "tar")]
+    pub layer_types: Vec<farm_image::LayerType>,
+
+    /// Accepted as stacker's global --no-verity (the images are already built)
+    #[arg(long)]
+    pub no_verity: bool,
+
     /// Push only this image (a tag of the layout; repeatable) [default: all]
     #[arg(long = "image", visible_alias = "layer", value_name = "NAME")]
     pub images: Vec<String>,
@@ -376,6 +385,7 @@ async fn publish_to_layout(
     images: &[(String, String)],
     tags: &[String],
     dir: &std::path::Path,
+    layer_type: farm_image::LayerType,
 ) -> anyhow::Result<()> {
     let to = if dir.join("index.json").exists() {
         OciLayout::open(dir).await
@@ -385,7 +395,7 @@ async fn publish_to_layout(
     .with_context(|| format!("opening the OCI layout {}", dir.display()))?;
     let mut tagged = Vec::new();
     for (name, _) in images {
-        let (desc, manifest) = from.manifest(name, None).await?;
+        let (desc, manifest) = from.manifest(&layer_type.tag(name), None).await?;
         let digests = std::iter::once(desc.digest().to_string())
             .chain(std::iter::once(manifest.config().digest().to_string()))
             .chain(manifest.layers().iter().map(|l| l.digest().to_string()));
@@ -452,13 +462,19 @@ pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         let wanted = match by_file {
             Some(wanted) => {
                 for w in &wanted {
-                    if !tags.contains(&w.name) {
-                        anyhow::bail!(
-                            "no image '{}' in {}: build {} before publishing it",
-                            w.name,
-                            args.layout.display(),
-                            w.file.as_deref().unwrap_or(args.layout.as_path()).display()
-                        );
+                    for t in &args.layer_types {
+                        let typed = t.tag(&w.name);
+                        if !tags.contains(&typed) {
+                            let how = match t {
+                                farm_image::LayerType::Tar => String::new(),
+                                t => format!(" with --layer-type {t}"),
+                            };
+                            anyhow::bail!(
+                                "no image '{typed}' in {}: build {}{how} before publishing it",
+                                args.layout.display(),
+                                w.file.as_deref().unwrap_or(args.layout.as_path()).display()
+                            );
+                        }
                     }
                 }
                 wanted
@@ -473,12 +489,19 @@ pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
                         );
                     }
                 }
+                // Without -f/-d the names are the layout's tags; for a squashfs/erofs
+                // type, the tags that end in `-TYPE`, named without it.
                 let wanted: Vec<Wanted> = tags
                     .iter()
                     .filter(|t| args.images.is_empty() || args.images.contains(t))
-                    .map(|t| Wanted {
-                        name: t.clone(),
-                        file: None,
+                    .filter_map(|t| {
+                        let name = match args.layer_types.as_slice() {
+                            [farm_image::LayerType::Tar] => t.clone(),
+                            types => types
+                                .iter()
+                                .find_map(|ty| t.strip_suffix(&ty.tag("")).map(str::to_string))?,
+                        };
+                        Some(Wanted { name, file: None })
                     })
                     .collect();
                 if wanted.is_empty() {
@@ -493,22 +516,35 @@ pub(crate) fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
                     Some(f) => format!("{} {}", f.display(), w.name),
                     None => w.name.clone(),
                 };
-                for tag in &dest_tags {
-                    let to = destination(&args.url, &w.name, tag);
-                    println!("would publish: {what} to {to}");
+                for t in &args.layer_types {
+                    for tag in &dest_tags {
+                        let to = destination(&args.url, &w.name, &t.tag(tag));
+                        println!("would publish: {what} to {to}");
+                    }
                 }
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let mut images = Vec::new();
-        for w in &wanted {
-            let desc = layout.resolve(&w.name).await?;
-            images.push((w.name.clone(), desc.digest().to_string()));
-        }
-        match oci_destination(&args.url) {
-            Some(dir) => publish_to_layout(&layout, &images, &dest_tags, &dir).await?,
-            None => {
-                publish_images(layout.blobs(), &images, &opts).await?;
+        // Each layer type's images: the layout's NAME-TYPE under tags TAG-TYPE.
+        for t in &args.layer_types {
+            let mut images = Vec::new();
+            for w in &wanted {
+                let Ok(desc) = layout.resolve(&t.tag(&w.name)).await else {
+                    // (without -f/-d: a name that has no image of this type)
+                    continue;
+                };
+                images.push((w.name.clone(), desc.digest().to_string()));
+            }
+            let typed_tags: Vec<String> = dest_tags.iter().map(|tag| t.tag(tag)).collect();
+            match oci_destination(&args.url) {
+                Some(dir) => publish_to_layout(&layout, &images, &typed_tags, &dir, *t).await?,
+                None => {
+                    let mut opts = opts.clone();
+                    if !matches!(t, farm_image::LayerType::Tar) {
+                        opts.tags = typed_tags;
+                    }
+                    publish_images(layout.blobs(), &images, &opts).await?;
+                }
             }
         }
         Ok(ExitCode::SUCCESS)

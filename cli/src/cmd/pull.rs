@@ -68,6 +68,16 @@ pub(crate) async fn pull(
     id: &str,
     dir: &Path,
 ) -> anyhow::Result<Vec<(String, String)>> {
+    pull_as(client, id, dir, farm_image::LayerType::Tar).await
+}
+
+/// [`pull`], tagging each image as stacker tags a `layer_type` build's (`NAME-squashfs`).
+pub(crate) async fn pull_as(
+    client: &mut Client,
+    id: &str,
+    dir: &Path,
+    layer_type: farm_image::LayerType,
+) -> anyhow::Result<Vec<(String, String)>> {
     let status = client
         .status(id)
         .await
@@ -78,7 +88,7 @@ pub(crate) async fn pull(
         .filter(|l| l.tagged && !l.manifest_digest.is_empty())
         .map(|l| {
             Digest::parse(&l.manifest_digest)
-                .map(|d| (l.name.clone(), d))
+                .map(|d| (layer_type.tag(&l.name), d))
                 .with_context(|| format!("layer {}: manifest digest", l.name))
         })
         .collect::<anyhow::Result<_>>()?;

@@ -74,6 +74,16 @@ pub(crate) struct SubmitArgs {
     #[arg(long, value_name = "ALGO", default_value = "gzip")]
     pub compression: Compression,
 
+    /// Layer type: tar, squashfs or erofs; repeat it for several (one image each,
+    /// tagged NAME, NAME-squashfs, NAME-erofs, as stacker tags them; a coordinator
+    /// takes one per submission)
+    #[arg(long = "layer-type", value_name = "TYPE", default_value = "tar")]
+    pub layer_types: Vec<farm_image::LayerType>,
+
+    /// squashfs/erofs layers without dm-verity data (stacker's --no-verity)
+    #[arg(long)]
+    pub no_verity: bool,
+
     /// Refuse http(s) imports and tarballs without a `hash:`
     #[arg(long)]
     pub require_hash: bool,
@@ -94,6 +104,12 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let Some(addr) = args.coordinator.address()? else {
         return run_embedded_submit(args);
     };
+    if args.layer_types.len() > 1 {
+        anyhow::bail!(
+            "a coordinator builds one layer type per submission: run `farm submit \
+             --layer-type TYPE` once per type (or `farm build` for several at once)"
+        );
+    }
     // The root of the build's trace (issue 16): the coordinator's and the workers'
     // spans are its children.
     let span = tracing::info_span!(
@@ -152,6 +168,11 @@ fn run_remote(addr: crate::client::Target, args: SubmitArgs) -> anyhow::Result<E
         environment,
         no_cache: args.no_cache,
         compression: args.compression.to_string(),
+        layer_type: args
+            .layer_types
+            .first()
+            .map_or_else(String::new, ToString::to_string),
+        no_verity: args.no_verity,
         require_hash: args.require_hash,
         allow_outside_context: args.allow_outside_context,
         stackerfile_texts: crate::remote::inline_texts(&plan).into_iter().collect(),
@@ -196,6 +217,8 @@ fn run_embedded_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         output: args.output,
         no_cache: args.no_cache,
         compression: args.compression,
+        layer_types: args.layer_types,
+        no_verity: args.no_verity,
         require_hash: args.require_hash,
         allow_outside_context: args.allow_outside_context,
         json: args.json,
@@ -286,7 +309,12 @@ async fn submit(
     }
 
     if ok && let Some(out) = &args.output {
-        match super::pull::pull(&mut client, &id, out).await {
+        let layer_type = args
+            .layer_types
+            .first()
+            .copied()
+            .unwrap_or(farm_image::LayerType::Tar);
+        match super::pull::pull_as(&mut client, &id, out, layer_type).await {
             // With --json, stdout is the status object alone.
             Ok(tags) => super::pull::print_tags(out, &tags, args.json),
             Err(e) => {

@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use farm_image::{BlobStore, Digest, Tree, TreeEntry};
+use farm_image::{BlobStore, Digest, LayerFormat, Tree, TreeEntry};
 use farm_stackerfile::{Plan, PlanOptions, Substitutions, common_dir, url_or_path};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -233,6 +233,9 @@ pub struct Submission {
     pub environment: Vec<(String, String)>,
     pub no_cache: bool,
     pub compression: Compression,
+    /// The kind of layers to write (`--layer-type`, `--no-verity`); tar by default.
+    #[serde(default)]
+    pub layer_format: LayerFormat,
     pub require_hash: bool,
     /// A local submission's wish to read inputs outside the stackerfiles' tree; a remote
     /// one's counts only where the coordinator's [`RemotePolicy`] allows it.
@@ -257,6 +260,7 @@ impl Submission {
             environment: Vec::new(),
             no_cache: false,
             compression: Compression::default(),
+            layer_format: LayerFormat::TAR,
             require_hash: false,
             allow_outside_context: false,
             origin: Origin::Local,
@@ -946,6 +950,7 @@ impl Inner {
         let options = BuildOptions {
             no_cache: spec.no_cache,
             compression: spec.compression,
+            layer_format: spec.layer_format,
             caller_env: spec.environment.clone(),
             context,
             check_binds: spec.origin == Origin::Local,

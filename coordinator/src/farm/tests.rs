@@ -108,6 +108,7 @@ async fn image_with(blobs: &BlobStore, seed: &str, diff_ids: Option<Vec<String>>
             digest: layer.digest.to_string(),
             size: layer.size,
             diff_id,
+            verity_root_hash: None,
         }],
     )
     .unwrap()
@@ -556,6 +557,7 @@ fn placeholder_job(name: &str) -> Job {
         env: Vec::new(),
         source_date_epoch: None,
         compression: Default::default(),
+        layer_format: Default::default(),
         platform: "linux/amd64".parse().unwrap(),
     }
 }

@@ -74,6 +74,7 @@ impl World {
                     media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
                     digest: self.digests[i].to_string(),
                     size: self.sizes[i],
+                    verity_root_hash: None,
                     diff_id: self.digests[i].to_string(),
                 })
                 .collect(),

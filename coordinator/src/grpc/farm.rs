@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Principal, principal};
 use crate::farm::{ContextFile, EventKind, Farm, FarmError, Origin, StoredEvent, Submission};
+use farm_image::{LayerFormat, LayerType};
 use farm_model::{Compression, UnknownCompression};
 
 /// The client API over one farm.
@@ -161,6 +162,16 @@ impl FarmService {
                 .parse()
                 .map_err(|e: UnknownCompression| Status::invalid_argument(e.to_string()))?
         };
+        let layer_type: LayerType = if r.layer_type.is_empty() {
+            LayerType::Tar
+        } else {
+            r.layer_type
+                .parse()
+                .map_err(|e: farm_image::UnknownLayerType| {
+                    Status::invalid_argument(e.to_string())
+                })?
+        };
+        let layer_format = LayerFormat::new(layer_type, r.no_verity);
         let mut environment: Vec<(String, String)> = r.environment.into_iter().collect();
         environment.sort();
         let spec = Submission {
@@ -179,6 +190,7 @@ impl FarmService {
             environment,
             no_cache: r.no_cache,
             compression,
+            layer_format,
             require_hash: r.require_hash,
             // The client's wish counts only where the coordinator's policy allows it
             // (`RemotePolicy::outside_context`): the submission is remote.

@@ -445,6 +445,7 @@ impl Hooks {
                 environment: Vec::new(),
                 no_cache: false,
                 compression: Default::default(),
+                layer_format: Default::default(),
                 require_hash: false,
                 allow_outside_context: false,
                 // The same policy as any remote client's submission.

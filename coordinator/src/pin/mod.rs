@@ -378,6 +378,7 @@ mod tests {
                 digest: format!("sha256:{}", layer.repeat(64)),
                 size: 1,
                 diff_id: format!("sha256:{}", layer.repeat(64)),
+                verity_root_hash: None,
             }],
             chain_id: ChainId::parse(&format!("sha256:{}", layer.repeat(64))).unwrap(),
         };

@@ -30,6 +30,10 @@ pub async fn import(
             digest: digest.to_string(),
             size: l.size(),
             diff_id: diff_ids.get(n).cloned().unwrap_or_default(),
+            verity_root_hash: l
+                .annotations()
+                .as_ref()
+                .and_then(|a| a.get(farm_image::VERITY_ROOT_HASH_ANNOTATION).cloned()),
         });
     }
     let config_digest = Digest::parse(manifest.config().digest().as_ref())?;

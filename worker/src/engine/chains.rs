@@ -65,9 +65,17 @@ impl Engine {
                         .userns
                         .mapping()
                         .make_owned_by_container_root(pending.rootfs());
+                    let mut pending = pending;
+                    // A squashfs/erofs layer (stacker's other layer types): verified
+                    // against its verity root hash, unpacked, applied.
+                    if let Some(media) = farm_image::FsMediaType::parse(&layer.media_type) {
+                        self.apply_fs_layer(layer, &media, pending.rootfs()).await?;
+                        pending.set_layer_size(layer.size);
+                        chain = self.blocking(move |_| pending.commit()).await?;
+                        continue;
+                    }
                     let digest = Digest::parse(&layer.digest)?;
                     let reader = self.blobs.reader(&digest).await?;
-                    let mut pending = pending;
                     let applied = self.apply_stream(reader, pending.rootfs()).await?;
                     warn_skipped(events, name, &applied);
                     // The blob digest was verified as it was read; the uncompressed

@@ -12,6 +12,7 @@
 
 mod binds;
 mod chains;
+mod fslayers;
 mod inputs;
 mod op_calls;
 mod pipeline;

@@ -300,15 +300,14 @@ impl Build<'_> {
     ) -> Result<(), EngineError> {
         let engine = self.engine;
         let (staged, root) = self.stage(args, &stack.chain).await?;
-        let exported = match self.export_dir(&root, false, &[]).await {
+        let exported = match self.export_layer(&root, false, &[], what).await {
             Ok(e) => e,
             Err(e) => {
                 engine.remove_workspace(staged).await;
                 return Err(e);
             }
         };
-        if exported.tar_size > EMPTY_TAR_SIZE {
-            let blob = LayerBlob::from(&exported);
+        if let Some(blob) = exported {
             let chain = engine
                 .extend_chain(&stack.chain, &blob.diff_id, &root, false)
                 .await?;
@@ -419,9 +418,7 @@ impl Build<'_> {
             stack.push(chain, blob, "tar base + run");
             return Ok(());
         }
-        let exported = self.export_dir(upper, true, &exclude).await?;
-        if exported.tar_size > EMPTY_TAR_SIZE {
-            let blob = LayerBlob::from(&exported);
+        if let Some(blob) = self.export_layer(upper, true, &exclude, "run").await? {
             let chain = engine
                 .extend_chain(&stack.chain, &blob.diff_id, upper, true)
                 .await?;
@@ -461,13 +458,48 @@ impl Build<'_> {
         rootfs: &Path,
         exclude: &[String],
     ) -> Result<(ChainHandle, LayerBlob), EngineError> {
-        let exported = self.export_dir(rootfs, false, exclude).await?;
-        let blob = LayerBlob::from(&exported);
+        let blob = match self.job.layer_format.layer_type.fs_kind() {
+            None => LayerBlob::from(&self.export_dir(rootfs, false, exclude).await?),
+            Some(_) => self
+                .export_layer(rootfs, false, exclude, "tar base")
+                .await?
+                .ok_or_else(|| step("the tar base")("it is empty".to_string()))?,
+        };
         let chain = self
             .engine
             .extend_chain_from(None, &blob.diff_id, rootfs, false)
             .await?;
         Ok((chain, blob))
+    }
+
+    /// Export `dir` (an upper dir when `overlay`) as a layer of the job's type; `None`
+    /// when it holds no change.
+    async fn export_layer(
+        &self,
+        dir: &Path,
+        overlay: bool,
+        exclude: &[String],
+        what: &str,
+    ) -> Result<Option<LayerBlob>, EngineError> {
+        let format = self.job.layer_format;
+        let Some(kind) = format.layer_type.fs_kind() else {
+            let exported = self.export_dir(dir, overlay, exclude).await?;
+            return Ok((exported.tar_size > EMPTY_TAR_SIZE).then(|| LayerBlob::from(&exported)));
+        };
+        let options = farm_image::MakeOptions {
+            exclude: Vec::new(),
+            source_date_epoch: self.job.source_date_epoch,
+            uuid_seed: format!("{} {what}", self.job.cache_key),
+            verity: format.verity,
+            // `--compression zstd:LEVEL` sets the level of a filesystem layer too.
+            zstd_level: match self.job.compression {
+                farm_image::Compression::Zstd { level } => Some(level),
+                _ => None,
+            },
+        };
+        self.engine
+            .export_fs_layer(kind, dir, exclude, options)
+            .await
     }
 
     /// Export the tar of `dir` (an upper dir when `overlay`) to the blob store in one

@@ -45,6 +45,10 @@ pub enum Op {
     ReadFile(ReadFileArgs),
     /// Prints [`UpperApplied`].
     ApplyUpper(ApplyUpperArgs),
+    /// Makes a squashfs/erofs image of a directory; prints [`farm_image::MadeImage`].
+    MakeFsImage(MakeFsArgs),
+    /// Unpacks a squashfs/erofs image into a directory.
+    ExtractFsImage(ExtractFsArgs),
 }
 
 /// Why an op failed (the hidden entry point prints it on stderr and exits 1).
@@ -56,6 +60,8 @@ pub enum OpError {
     Image(#[from] farm_image::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    FsImage(#[from] farm_image::FsImageError),
     #[error("'{0}' is a directory; name a file")]
     IsDirectory(String),
 }
@@ -73,6 +79,19 @@ impl NsOp for Op {
             Op::InspectSource(args) => inspect_source(args),
             Op::ReadFile(args) => read_file(args),
             Op::ApplyUpper(args) => upper::apply_upper(args),
+            Op::MakeFsImage(args) => print_json(&farm_image::make_fs_image(
+                args.kind,
+                &args.dir,
+                &args.out,
+                &args.options,
+            )?),
+            Op::ExtractFsImage(args) => Ok(farm_image::extract_fs_image(
+                args.kind,
+                &args.image,
+                &args.dest,
+                args.limits.max_entries,
+                "raise it with `farm worker --max-layer-entries N`",
+            )?),
         }
     }
 }
@@ -210,6 +229,29 @@ pub struct ApplyUpperArgs {
 pub struct UpperApplied {
     /// Bytes of file data applied (the new chain's size).
     pub bytes: u64,
+}
+
+/// Make a `kind` image of `dir` at `out` as container root (so the image records the
+/// container's owners), as stacker's squashfs/erofs layer types.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MakeFsArgs {
+    pub kind: farm_image::FsKind,
+    pub dir: PathBuf,
+    pub out: PathBuf,
+    pub options: FsMakeOptions,
+}
+
+/// [`farm_image::MakeOptions`] on the wire.
+pub type FsMakeOptions = farm_image::MakeOptions;
+
+/// Unpack the `kind` image at `image` into `dest` as container root (owners restored).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExtractFsArgs {
+    pub kind: farm_image::FsKind,
+    pub image: PathBuf,
+    pub dest: PathBuf,
+    #[serde(default)]
+    pub limits: ExtractLimits,
 }
 
 /// An op's result: one JSON object on stdout.

@@ -209,6 +209,7 @@ mod tests {
             env: Vec::new(),
             source_date_epoch: None,
             compression: Default::default(),
+            layer_format: Default::default(),
             platform: "linux/s390x".parse().unwrap(),
         };
         let (runs, adds) = (job(0), job(1));

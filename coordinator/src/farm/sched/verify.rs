@@ -132,6 +132,7 @@ mod tests {
                 digest: blob.digest.to_string(),
                 size: blob.size,
                 diff_id: Digest::of(format!("tar {i}").as_bytes()).to_string(),
+                verity_root_hash: None,
             });
         }
         let diff_ids =
