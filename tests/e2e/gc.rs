@@ -83,6 +83,12 @@ fn farm_gc_dry_run_then_gc_after_two_builds_one_expired() {
         r.assert_ok();
         r
     };
+    let log_files = || {
+        std::fs::read_dir(t.state.join("logs"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(log_files(), 2, "each build keeps its log in the state's logs/");
     let before = blob_files(&t.state);
     let dry = gc(&["--dry-run"]);
     assert_eq!(
@@ -100,6 +106,7 @@ fn farm_gc_dry_run_then_gc_after_two_builds_one_expired() {
     let would = number_after(&dry.stdout, "would remove");
     assert!(would > 0, "{}", dry.stdout);
     assert_eq!(blob_files(&t.state), before, "a dry run removed blobs");
+    assert_eq!(log_files(), 2, "a dry run removed logs");
 
     let wet = gc(&[]);
     assert_eq!(number_after(&wet.stdout, "evicted"), 1, "{}", wet.stdout);
@@ -112,6 +119,7 @@ fn farm_gc_dry_run_then_gc_after_two_builds_one_expired() {
     );
     let after = blob_files(&t.state);
     assert_eq!(after.len() as u64, before.len() as u64 - would);
+    assert_eq!(log_files(), 0, "the forgotten builds' logs stayed");
     // a's layer went with its entry; b's image stays (its entry references it).
     assert!(!after.contains(&hex(a_top)), "{after:?}");
     for d in b_layers.iter().chain([&b_config]) {

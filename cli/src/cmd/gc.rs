@@ -67,6 +67,11 @@ pub(crate) fn run(args: GcArgs) -> anyhow::Result<ExitCode> {
         let report = collect(&state, &cache, &blobs, &policy, args.dry_run)
             .await
             .with_context(|| format!("collecting garbage in {}", dir.display()))?;
+        if !report.dry_run && report.builds_forgotten > 0 {
+            farm_coordinator::farm::remove_forgotten_logs(dir, &state)
+                .await
+                .with_context(|| format!("removing forgotten builds' logs in {}", dir.display()))?;
+        }
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {

@@ -88,6 +88,26 @@ impl FarmConfig {
     pub const DEFAULT_PROGRESS_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 }
 
+/// Remove the log files under `state_dir` of builds `state` no longer has (for `farm
+/// gc`, which forgets builds without a running farm).
+pub async fn remove_forgotten_logs(state_dir: &Path, state: &StateStore) -> Result<(), FarmError> {
+    sweep_log_files(
+        &logs::LogFiles::new(state_dir, DEFAULT_MAX_LAYER_LOG),
+        state,
+    )
+    .await
+}
+
+async fn sweep_log_files(files: &logs::LogFiles, state: &StateStore) -> Result<(), FarmError> {
+    let known: std::collections::HashSet<String> = state
+        .list_builds()
+        .await?
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    files.sweep(&known).map_err(FarmError::Logs)
+}
+
 /// Who sent a submission; decides what its build may read, fetch and use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -346,6 +366,8 @@ pub enum FarmError {
     Fetch(#[from] crate::fetch::FetchError),
     #[error("garbage collection: {0}")]
     Gc(#[from] crate::gc::GcError),
+    #[error("build logs: {0}")]
+    Logs(#[source] std::io::Error),
 }
 
 /// A build running in this process.
@@ -1106,15 +1128,8 @@ impl Inner {
     /// Remove the log files of builds the state no longer has (forgotten, or gone
     /// with a state reset); logged, never fatal.
     pub(super) async fn sweep_logs(&self) {
-        match self.state.list_builds().await {
-            Ok(builds) => {
-                let known: std::collections::HashSet<String> =
-                    builds.into_iter().map(|b| b.id).collect();
-                if let Err(e) = self.logs.sweep(&known) {
-                    tracing::warn!("removing the log files of forgotten builds: {e}");
-                }
-            }
-            Err(e) => tracing::warn!("listing builds to remove forgotten logs: {e}"),
+        if let Err(e) = sweep_log_files(&self.logs, &self.state).await {
+            tracing::warn!("removing the log files of forgotten builds: {e}");
         }
     }
 
