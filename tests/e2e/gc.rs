@@ -61,10 +61,22 @@ fn farm_gc_dry_run_then_gc_after_two_builds_one_expired() {
     // a's cache entry was last used 60 days ago: past the default --cache-max-age (30d).
     let db = t.state.join("cache.db");
     let a_top = a_layers.last().unwrap();
-    output_ok(t.command(&[], "sqlite3").arg(&db).arg(format!(
-        "UPDATE action_cache SET last_used = last_used - 60 * 86400 \
-         WHERE value LIKE '%{a_top}%'; SELECT changes();"
-    )));
+    // (python3's sqlite3: CI installs python3, not the sqlite3 shell.)
+    let changed = output_ok(
+        t.command(&[], "python3")
+            .arg("-c")
+            .arg(
+                "import sqlite3, sys\n\
+                 db = sqlite3.connect(sys.argv[1])\n\
+                 n = db.execute(\"UPDATE action_cache SET last_used = last_used - 60 * 86400 \
+                 WHERE value LIKE ?\", ('%' + sys.argv[2] + '%',)).rowcount\n\
+                 db.commit()\n\
+                 print(n)",
+            )
+            .arg(&db)
+            .arg(a_top),
+    );
+    assert_eq!(changed.trim(), "1", "a's cache entry");
 
     // Old enough with no grace; the builds are forgotten, so only the cache keeps blobs.
     let gc = |extra: &[&str]| {

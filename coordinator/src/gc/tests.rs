@@ -470,3 +470,59 @@ async fn an_old_database_switches_to_incremental_vacuum_and_gives_pages_back() {
         .unwrap();
     assert_eq!(one("PRAGMA freelist_count").await, 0);
 }
+
+/// A coordinator collects on its own every `--gc-interval`, and its metrics say what
+/// went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_farm_collects_periodically_and_counts_it() {
+    use crate::farm::{Farm, FarmConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = BlobStore::local(&dir.path().join("blobs")).unwrap();
+    let old = blobs.put(Bytes::from_static(b"old garbage")).await.unwrap();
+    let file = dir.path().join("blobs").join(old.digest.blob_path());
+    std::fs::File::open(&file)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    let farm = Farm::start(FarmConfig {
+        gc: super::GcConfig {
+            interval: Some(Duration::from_millis(50)),
+            policy: GcPolicy::default(),
+        },
+        // Another store instance: the put above is not a use the farm saw.
+        ..FarmConfig::new(
+            dir.path().join("state"),
+            BlobStore::local(&dir.path().join("blobs")).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    let mut gone = false;
+    for _ in 0..400 {
+        if !file.exists() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        gone,
+        "the periodic collection did not remove an old unreferenced blob"
+    );
+    // The counters follow the collection that removed it (give it time to record).
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = farm.metrics().render();
+        if text.contains("farm_gc_blobs_removed_total 1\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(text.contains("farm_gc_blobs_removed_total 1\n"), "{text}");
+    assert!(
+        text.contains(&format!("farm_gc_bytes_removed_total {}\n", old.size)),
+        "{text}"
+    );
+    assert!(!text.contains("farm_gc_runs_total 0\n"), "{text}");
+    assert!(text.contains("farm_gc_failures_total 0\n"), "{text}");
+}

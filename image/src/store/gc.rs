@@ -45,7 +45,8 @@ pub struct Sweep {
 
 /// The blobs a process used lately (read, checked for, written), with the time of
 /// their last use. Bounded: uses older than the horizon are forgotten as the record
-/// grows (its size stays within about twice the distinct blobs used in one horizon).
+/// grows (its size stays within about twice the distinct blobs used in one horizon),
+/// and never more than a million are kept.
 #[derive(Debug)]
 pub struct RecentUse {
     inner: Mutex<Recent>,
@@ -59,10 +60,15 @@ struct Recent {
     horizon: u64,
     /// Prune when the record reaches this many entries.
     prune_at: usize,
+    /// Keep at most this many.
+    cap: usize,
 }
 
 /// The least [`RecentUse`] prunes at.
 const PRUNE_FLOOR: usize = 4096;
+/// The most uses [`RecentUse`] keeps (about 150 MB): beyond, the oldest are forgotten
+/// early, and a collector spares those blobs by their ages alone.
+const MAX_RECENT: usize = 1_000_000;
 
 impl Default for RecentUse {
     /// A horizon of three hours.
@@ -72,6 +78,7 @@ impl Default for RecentUse {
                 used: HashMap::new(),
                 horizon: 3 * 3600,
                 prune_at: PRUNE_FLOOR,
+                cap: MAX_RECENT,
             }),
         }
     }
@@ -94,9 +101,23 @@ impl RecentUse {
         let e = r.used.entry(digest.clone()).or_insert(at);
         *e = (*e).max(at);
         if r.used.len() >= r.prune_at {
-            let oldest = unix_secs(SystemTime::now()).saturating_sub(r.horizon);
-            r.used.retain(|_, t| *t >= oldest);
-            r.prune_at = (r.used.len() * 2).max(PRUNE_FLOOR);
+            let now = unix_secs(SystemTime::now());
+            let mut keep = r.horizon;
+            loop {
+                let oldest = now.saturating_sub(keep);
+                r.used.retain(|_, t| *t >= oldest);
+                // Past the cap, the older half goes (a collector then relies on ages);
+                // a burst within one second past it is forgotten whole.
+                if r.used.len() <= r.cap {
+                    break;
+                }
+                if keep == 0 {
+                    r.used.clear();
+                    break;
+                }
+                keep /= 2;
+            }
+            r.prune_at = (r.used.len() * 2).clamp(PRUNE_FLOOR, r.cap.max(PRUNE_FLOOR) + 1);
         }
     }
 
@@ -401,6 +422,28 @@ mod tests {
             store.sweep_staging(future, false).await.unwrap(),
             Sweep::default()
         );
+    }
+
+    #[test]
+    fn recent_uses_are_capped() {
+        let r = RecentUse::default();
+        r.inner.lock().unwrap().cap = 5000;
+        let now = SystemTime::now();
+        for i in 0..20_000u32 {
+            // Older first, a second apart in blocks of 1000.
+            let at = now - Duration::from_secs(u64::from(20 - i / 1000));
+            r.used_at(&Digest::of(&i.to_le_bytes()), at);
+            assert!(r.len() <= 5000 + 1, "{} at {i}", r.len());
+        }
+        // The newest uses are the ones kept.
+        assert!(r.used_since(
+            &Digest::of(&19_999u32.to_le_bytes()),
+            now - Duration::from_secs(2)
+        ));
+        assert!(!r.used_since(
+            &Digest::of(&0u32.to_le_bytes()),
+            now - Duration::from_secs(60)
+        ));
     }
 
     #[test]

@@ -351,3 +351,78 @@ async fn env_child() {
     assert_eq!(store.get_bytes(&info.digest).await.unwrap(), d);
     eprintln!("env_child ok");
 }
+
+/// What a garbage collector needs works on S3: the listing (blobs only, with sizes and
+/// ages), age-checked deletes, and the sweep of stale staging objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_blobs_are_listed_and_old_ones_deleted() {
+    let Some((moto, store)) = setup("s3_blobs_are_listed_and_old_ones_deleted") else {
+        return;
+    };
+    let mut want = Vec::new();
+    for n in 0..3u8 {
+        let info = store.put(data(100 + n as usize, n)).await.unwrap();
+        want.push((info.digest, info.size));
+    }
+    want.sort();
+    // Not blobs: a stray object beside them, and a staging object.
+    for (path, bytes) in [
+        ("farm/cache/blobs/sha256/not-a-digest", &b"stray"[..]),
+        ("farm/cache/.farm-staging/abandoned", &b"half an upload"[..]),
+    ] {
+        store
+            .object_store()
+            .put(
+                &object_store::path::Path::from(path),
+                Bytes::copy_from_slice(bytes).into(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut listed: Vec<(Digest, u64)> = store
+        .list_blobs()
+        .map(|b| {
+            let b = b.unwrap();
+            assert!(b.modified <= std::time::SystemTime::now() + Duration::from_secs(60));
+            (b.digest, b.size)
+        })
+        .collect()
+        .await;
+    listed.sort();
+    assert_eq!(listed, want);
+
+    // Another process's store (no uses of its own): only what is older than the cutoff.
+    let other = BlobStore::from_url_with(&url(&moto, ""), &options()).unwrap();
+    let past = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let future = std::time::SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(other.delete_if_older(&want[0].0, past).await.unwrap(), None);
+    assert_eq!(
+        other.delete_if_older(&want[0].0, future).await.unwrap(),
+        Some(want[0].1)
+    );
+    assert!(!store.exists(&want[0].0).await.unwrap());
+    assert_eq!(
+        other.delete_if_older(&want[0].0, future).await.unwrap(),
+        None
+    );
+    // The store that used a blob lately spares it.
+    store
+        .recent()
+        .used_at(&want[1].0, future + Duration::from_secs(1));
+    assert_eq!(
+        store.delete_if_older(&want[1].0, future).await.unwrap(),
+        None
+    );
+    assert!(store.exists(&want[1].0).await.unwrap());
+
+    let swept = store.sweep_staging(future, false).await.unwrap();
+    assert_eq!((swept.objects, swept.bytes), (1, 14));
+    assert!(
+        !listing(&store)
+            .await
+            .iter()
+            .any(|p| p.contains(".farm-staging")),
+        "{:?}",
+        listing(&store).await
+    );
+}
