@@ -136,8 +136,17 @@ async fn run(n: usize) {
     let d = tempfile::tempdir().unwrap();
     let blobs = BlobStore::local(&d.path().join("blobs")).unwrap();
     // One stand-in result, stored once: the scheduler does not look inside.
-    let config = blobs.put(b"{}".to_vec().into()).await.unwrap();
+    // (Results are verified: the config must be an image config naming the layer.)
     let layer = blobs.put(b"layer".to_vec().into()).await.unwrap();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer.digest.to_string()]},
+    });
+    let config = blobs
+        .put(serde_json::to_vec(&config).unwrap().into())
+        .await
+        .unwrap();
     let result = BuiltImage {
         config_digest: config.digest.to_string(),
         config_size: config.size,
@@ -150,13 +159,14 @@ async fn run(n: usize) {
         }],
         chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
     };
-    let farm = Farm::start(FarmConfig {
+    let mut config = FarmConfig {
         // The instant workers say they are linux/amd64.
         platform: "linux/amd64".parse().unwrap(),
         ..FarmConfig::new(d.path().join("state"), blobs)
-    })
-    .await
-    .unwrap();
+    };
+    // The default limit (`--max-layers`) is below this benchmark's size.
+    config.limits.max_layers = config.limits.max_layers.max(n);
+    let farm = Farm::start(config).await.unwrap();
     for w in 0..2 {
         let link = farm.connect_worker().unwrap();
         let json = serde_json::to_string(&result).unwrap();
@@ -214,6 +224,9 @@ async fn run(n: usize) {
             }
         }
         let total = t.elapsed();
+        if let Some(error) = farm.status(&id).await.unwrap().and_then(|s| s.error) {
+            println!("  the build failed: {error}");
+        }
         println!(
             "{} layers, {round}: submit (plan) {:.3}s, to the end {:.3}s, {:?}",
             layers.len(),

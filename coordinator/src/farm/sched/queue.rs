@@ -225,6 +225,8 @@ impl Scheduler {
             layer: task.job.layer.name.clone(),
             worker: worker.clone(),
         });
+        // The worker's spans of this layer are children of the layer's span.
+        let trace = farm_telemetry::inject(&task.trace.0);
         let cancelled;
         let requeue = {
             let mut st = self.lock();
@@ -241,7 +243,7 @@ impl Scheduler {
                         id,
                         job_json: json,
                         lease: self.lease,
-                        trace: farm_telemetry::inject(&task.trace.0),
+                        trace,
                     });
                     if sent.is_ok() {
                         w.running.insert(id);
