@@ -38,9 +38,17 @@ pub(crate) struct GlobalArgs {
     /// pool to DIR/roots (--roots-dir)
     #[arg(long, global = true, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+
+    /// Send traces to this OTLP/gRPC receiver (http://HOST:PORT, e.g. a collector or
+    /// Jaeger on port 4317) [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; none: no traces]
+    #[arg(long, global = true, value_name = "URL", env = "FARM_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 static GLOBAL: OnceLock<GlobalArgs> = OnceLock::new();
+/// The spans farm makes for traces only (see `farm_telemetry`), kept out of log lines.
+const NOT_LOGGED: &str = "farm_trace=off";
 static LOG_FILE: OnceLock<Arc<std::fs::File>> = OnceLock::new();
 
 fn global() -> &'static GlobalArgs {
@@ -74,7 +82,13 @@ pub(crate) fn log_line(line: &str) {
 
 /// Remember the global flags and set up logging: `--debug`, `--quiet`, else FARM_LOG,
 /// else `default`, on stderr; with `--log-file`, also to the file (at least info there).
-pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
+/// With an OTLP endpoint (`--otlp-endpoint`, or the OTEL_* environment), spans go to it
+/// as `service` (see `farm_telemetry`); the returned handle flushes them at exit.
+pub(crate) fn init(
+    args: GlobalArgs,
+    default: &str,
+    service: &str,
+) -> anyhow::Result<farm_telemetry::Telemetry> {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -88,6 +102,9 @@ pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
     } else {
         from_env().unwrap_or_else(|| EnvFilter::new(default))
     };
+    // Spans made for traces (target `farm_trace`) go to the OTLP exporter only: log
+    // lines look the same with tracing on or off.
+    let stderr_filter = stderr_filter.add_directive(NOT_LOGGED.parse().expect("a directive"));
     let file_layer = match &args.log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -101,7 +118,8 @@ pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
                 EnvFilter::new(DEBUG)
             } else {
                 from_env().unwrap_or_else(|| EnvFilter::new("info"))
-            };
+            }
+            .add_directive(NOT_LOGGED.parse().expect("a directive"));
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(false)
@@ -111,8 +129,13 @@ pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let telemetry = farm_telemetry::Telemetry::start(&farm_telemetry::TelemetryConfig {
+        endpoint: args.otlp_endpoint.clone(),
+        service: service.to_string(),
+    })?;
     let _ = GLOBAL.set(args);
     tracing_subscriber::registry()
+        .with(telemetry.layer())
         .with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -121,7 +144,7 @@ pub(crate) fn init(args: GlobalArgs, default: &str) -> anyhow::Result<()> {
         )
         .with(file_layer)
         .init();
-    Ok(())
+    Ok(telemetry)
 }
 
 /// Which stackerfile to read, and the substitutions to apply to it.

@@ -64,6 +64,10 @@ impl Embedded {
             // The CLI read the stackerfiles first, under its own --max-stackerfile-size,
             // and nothing is uploaded.
             limits: farm_coordinator::farm::Limits::none(),
+            max_layer_log: farm_coordinator::farm::DEFAULT_MAX_LAYER_LOG,
+            progress_timeout: FarmConfig::DEFAULT_PROGRESS_TIMEOUT,
+            // A short-lived process: `farm gc` collects the embedded state.
+            gc: farm_coordinator::gc::GcConfig::off(),
         })
         .await
         .with_context(|| {
@@ -81,6 +85,7 @@ impl Embedded {
                 unavailable: None,
                 shares_files: true,
                 give_up_after: None,
+                max_layer_log: farm_coordinator::farm::DEFAULT_MAX_LAYER_LOG,
             },
             LocalDialer(farm.clone()),
         ));
@@ -127,7 +132,7 @@ impl Embedded {
                 end = (state, e.error);
                 break;
             }
-            if let Some(ev) = e.to_progress() {
+            for ev in e.progress_events() {
                 tx.send(ev);
             }
         }

@@ -11,6 +11,7 @@ mod cmd;
 mod common;
 mod context;
 mod embedded;
+mod gc_args;
 mod last_build;
 mod local;
 mod progress;
@@ -51,6 +52,7 @@ enum Command {
     Chroot(cmd::layers::ChrootArgs),
     Inspect(cmd::layers::InspectArgs),
     Clean(cmd::layers::CleanArgs),
+    Gc(cmd::gc::GcArgs),
     Check(cmd::check::CheckArgs),
     Setup(cmd::setup::SetupArgs),
     Submit(cmd::submit::SubmitArgs),
@@ -107,10 +109,18 @@ fn main() -> ExitCode {
         Command::Coordinator(_) | Command::Worker(_) => "info",
         _ => "warn",
     };
-    if let Err(e) = common::init(cli.global, default_log) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    let service = match cli.command {
+        Command::Coordinator(_) => "farm-coordinator",
+        Command::Worker(_) => "farm-worker",
+        _ => "farm-cli",
+    };
+    let telemetry = match common::init(cli.global, default_log, service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Build(args) => cmd::build::run(args),
@@ -119,6 +129,7 @@ fn main() -> ExitCode {
         Command::Chroot(args) => cmd::layers::chroot(args),
         Command::Inspect(args) => cmd::layers::inspect(args),
         Command::Clean(args) => cmd::layers::clean(args),
+        Command::Gc(args) => cmd::gc::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Setup(args) => cmd::setup::run(args),
         Command::Submit(args) => cmd::submit::run(args),
@@ -132,6 +143,8 @@ fn main() -> ExitCode {
         Command::Token(args) => cmd::token::run(args),
         Command::Publish(args) => cmd::publish::run(args),
     };
+    // The last spans go to the collector (within a few seconds) before the process ends.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use clap::Args;
+use clap::builder::TypedValueParser;
 use farm_stackerfile::Network;
+use farm_worker::SandboxProc;
 use farm_worker::cgroup::{CgroupLimits, Delegation};
 use farm_worker::engine::{BindPolicy, EngineOptions};
 
@@ -57,6 +59,21 @@ pub(crate) struct RunLimitArgs {
     /// v2; 0: no limit [default: 3/4 of the machine's memory]
     #[arg(long, value_name = "SIZE", value_parser = crate::cmd::build::parse_size, env = "FARM_MEMORY_MAX")]
     pub memory_max: Option<u64>,
+
+    /// The processes and /proc of run: fresh (a pid namespace of its own, with a fresh
+    /// procfs) or host (the worker's pid namespace and its /proc bound read-only; for
+    /// containers with a masked /proc, such as pods without a user namespace, where the
+    /// kernel refuses a fresh procfs; builds then see the container's processes, see
+    /// README.md "The build sandbox")
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "fresh",
+        value_parser = clap::builder::PossibleValuesParser::new(SandboxProc::VALUES)
+            .map(|s| s.parse::<SandboxProc>().expect("a listed value")),
+        env = "FARM_SANDBOX_PROC"
+    )]
+    pub sandbox_proc: SandboxProc,
 }
 
 /// Default `--pids-max`: plenty for parallel compiles, far from a machine's limit.
@@ -70,6 +87,7 @@ impl Default for RunLimitArgs {
             network: Network::Host,
             pids_max: DEFAULT_PIDS_MAX,
             memory_max: None,
+            sandbox_proc: SandboxProc::Fresh,
         }
     }
 }
@@ -86,6 +104,7 @@ impl RunLimitArgs {
             compression_threads: 0,
             binds,
             extract: Default::default(),
+            sandbox_proc: self.sandbox_proc,
         }
     }
 
@@ -166,5 +185,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(none.engine_options(BindPolicy::Unrestricted).timeout, None);
+        assert_eq!(o.sandbox_proc, SandboxProc::Fresh);
+        assert_eq!("host".parse(), Ok(SandboxProc::Host));
+        assert!("shared".parse::<SandboxProc>().is_err());
     }
 }

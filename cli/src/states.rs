@@ -68,6 +68,10 @@ pub(crate) fn status_json(s: &BuildStatus) -> Value {
     if !s.error.is_empty() {
         v["error"] = s.error.clone().into();
     }
+    // Paste it into a tracing UI (set when the coordinator exports traces).
+    if !s.trace_id.is_empty() {
+        v["trace_id"] = s.trace_id.clone().into();
+    }
     if let Some(w) = &s.webhook {
         v["webhook"] = json!({
             "provider": w.provider,
@@ -424,6 +428,7 @@ mod tests {
             error: String::new(),
             created_unix_ms: 1,
             webhook: None,
+            trace_id: String::new(),
         };
         let v = status_json(&s);
         assert_eq!(

@@ -74,7 +74,8 @@ pub fn parse_address(s: &str) -> Result<String, AddressError> {
     Ok(format!("{scheme}://{rest}"))
 }
 
-/// Adds `authorization: Bearer TOKEN` to every call (nothing without a token).
+/// Adds `authorization: Bearer TOKEN` to every call (nothing without a token), and the
+/// caller's trace context (W3C `traceparent`) when tracing is on.
 #[derive(Debug, Clone, Default)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
@@ -107,6 +108,7 @@ impl tonic::service::Interceptor for Bearer {
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
+        farm_telemetry::inject_metadata(request.metadata_mut());
         Ok(request)
     }
 }

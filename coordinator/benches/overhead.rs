@@ -3,6 +3,11 @@
 //! once, through the real scheduler, state store and action cache.
 //!
 //! Run: `cargo bench -p farm-coordinator --bench overhead` (LAYERS=N to change the size).
+//!
+//! Traces (issue 16): the same DAG runs twice in one process on fresh farms, first with
+//! tracing off (no subscriber), then with the OTLP exporter on, exporting every span to
+//! an OTLP/gRPC receiver in this process (or to OTLP_ENDPOINT when set); TRACES=off
+//! runs the first only.
 
 use std::time::Instant;
 
@@ -23,7 +28,90 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    println!("tracing off:");
     rt.block_on(run(n));
+    if std::env::var("TRACES").is_ok_and(|v| v == "off") {
+        return;
+    }
+    let (endpoint, received) = match std::env::var("OTLP_ENDPOINT") {
+        Ok(e) => (e, None),
+        Err(_) => {
+            let (e, r) = rt.block_on(receiver::start());
+            (e, Some(r))
+        }
+    };
+    let telemetry = farm_telemetry::Telemetry::start(&farm_telemetry::TelemetryConfig {
+        endpoint: Some(endpoint.clone()),
+        service: "farm-coordinator-bench".into(),
+    })
+    .unwrap();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let subscriber = tracing_subscriber::registry().with(telemetry.layer());
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    }
+    println!("tracing on (OTLP to {endpoint}):");
+    rt.block_on(run(n));
+    let t = Instant::now();
+    let stats = telemetry.stats().unwrap();
+    let ended = stats.ended.load(std::sync::atomic::Ordering::Relaxed);
+    telemetry.shutdown();
+    println!(
+        "spans ended {ended}, received {}, flush at exit {:.3}s",
+        received.map_or("?".to_string(), |r| r
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .to_string()),
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// An OTLP/gRPC receiver that counts the spans it is sent.
+mod receiver {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+
+    #[derive(Clone, Default)]
+    struct Count(Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl TraceService for Count {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    pub(super) async fn start() -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let count = Count::default();
+        let received = count.0.clone();
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(count))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        (endpoint, received)
+    }
 }
 
 /// `n` layers in waves of 100: each layer of a wave is built from one of the previous.

@@ -13,6 +13,7 @@ use farm_image::{BlobStore, Compression, Digest, LayerFormat};
 use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
 use farm_stackerfile::{Layer, Plan};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::cache::{ActionCache, KeyInputs};
 use crate::pin::registry::RegistryBases;
@@ -218,21 +219,42 @@ pub async fn run_build<E: Executor>(
                 outcomes[i] = Some(Outcome::Skipped(because));
                 continue;
             }
-            let job = match prepare(plan, i, &outcomes, &keys, blobs, options).await {
+            // The layer's span (issue 16): pinning, the cache lookup, and on a miss the
+            // scheduler's and the worker's spans below it.
+            let span = layer_span(&name);
+            let prepared = prepare(plan, i, &outcomes, &keys, blobs, options)
+                .instrument(span.clone())
+                .await;
+            let job = match prepared {
                 Ok(job) => job,
                 Err(e) => {
                     let failure = LayerFailure::input(e.to_string());
+                    record_outcome(&span, &Err(failure.clone()));
                     events.send(Event::ended(name, failure.clone()));
                     outcomes[i] = Some(Outcome::Failed(failure));
                     continue;
                 }
             };
             keys[i] = Some(job.cache_key.clone());
+            span.record("cache_key", job.cache_key.as_str());
             let cacheable = job.cacheable() && !options.no_cache;
-            if cacheable
-                && let Some(hit) = cache.get(&job.cache_key).await?
-                && blobs_present(blobs, &hit).await?
-            {
+            let hit = if cacheable {
+                cached(cache, blobs, &job.cache_key)
+                    .instrument(span.clone())
+                    .await?
+            } else {
+                None
+            };
+            span.record(
+                "cache",
+                match (&hit, cacheable) {
+                    (Some(_), _) => "hit",
+                    (None, true) => "miss",
+                    (None, false) => "off",
+                },
+            );
+            if let Some(hit) = hit {
+                span.record("outcome", "cached");
                 events.send(Event::Cached { layer: name });
                 outcomes[i] = Some(Outcome::Built {
                     result: hit,
@@ -244,11 +266,15 @@ pub async fn run_build<E: Executor>(
             events.send(Event::Started { layer: name });
             let executor = executor.clone();
             let ev = events.clone();
-            running.spawn(async move {
-                let t = Instant::now();
-                let r = executor.execute(job, ev).await;
-                (i, t, r)
-            });
+            running.spawn(
+                async move {
+                    let t = Instant::now();
+                    let r = executor.execute(job, ev).await;
+                    record_outcome(&tracing::Span::current(), &r);
+                    (i, t, r)
+                }
+                .instrument(span),
+            );
         }
         if progressed {
             continue;
@@ -305,6 +331,48 @@ pub async fn run_build<E: Executor>(
             .map(|o| o.unwrap_or_else(|| Outcome::Skipped("not reached".into())))
             .collect(),
     })
+}
+
+/// The action cache's entry for `key`, when its blobs are all in the store.
+async fn cached(
+    cache: &ActionCache,
+    blobs: &BlobStore,
+    key: &str,
+) -> Result<Option<BuiltImage>, BuildError> {
+    Ok(match cache.get(key).await? {
+        Some(hit) if blobs_present(blobs, &hit).await? => Some(hit),
+        _ => None,
+    })
+}
+
+/// A layer's span; the scheduler records `worker`, `placement` and `queue_wait_ms`.
+fn layer_span(name: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::info_span!(
+        target: "farm_trace",
+        "layer",
+        layer = %name,
+        cache_key = Empty,
+        cache = Empty,
+        worker = Empty,
+        placement = Empty,
+        queue_wait_ms = Empty,
+        outcome = Empty,
+        otel.status_description = Empty,
+    )
+}
+
+/// How a layer ended, on its span; a failure with the text the user sees.
+fn record_outcome(span: &tracing::Span, result: &LayerOutcome) {
+    match result {
+        Ok(_) => span.record("outcome", "built"),
+        Err(f) if f.is_cancelled() => span.record("outcome", "cancelled"),
+        Err(f) => {
+            span.record("outcome", "failed");
+            farm_telemetry::record_error(span, &f.to_string());
+            span
+        }
+    };
 }
 
 pub(crate) async fn blobs_present(

@@ -105,7 +105,8 @@ impl ActionCache {
                 value TEXT NOT NULL,
                 created INTEGER NOT NULL,
                 last_used INTEGER NOT NULL
-            )",
+            );
+            CREATE INDEX IF NOT EXISTS action_cache_lru ON action_cache (last_used, key);",
         )
         .await
         .map_err(db)?;
@@ -175,6 +176,81 @@ impl ActionCache {
         Ok(n as u64)
     }
 
+    /// Entries by last use, most recent first, `limit` at a time: the page after
+    /// `after` (the last `(last_used, key)` of the previous page; `None` for the first).
+    /// Each page is one short read: writers are never held up for long.
+    pub async fn page_by_use(
+        &self,
+        after: Option<&(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<CacheEntry>, CacheError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(String, String, i64)> = match after {
+            None => {
+                sqlx::query_as(
+                    "SELECT key, value, last_used FROM action_cache
+                 ORDER BY last_used DESC, key DESC LIMIT ?1",
+                )
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+            Some((used, key)) => {
+                sqlx::query_as(
+                    "SELECT key, value, last_used FROM action_cache
+                 WHERE (last_used, key) < (?1, ?2)
+                 ORDER BY last_used DESC, key DESC LIMIT ?3",
+                )
+                .bind(used)
+                .bind(key)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, value, last_used)| CacheEntry {
+                image: serde_json::from_str(&value).ok(),
+                key,
+                last_used,
+            })
+            .collect())
+    }
+
+    /// Remove the entries `keys` in one transaction (the caller bounds how many).
+    pub async fn remove_many(&self, keys: &[String]) -> Result<(), CacheError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        for key in keys {
+            sqlx::query("DELETE FROM action_cache WHERE key = ?1")
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Give back up to `pages` free pages of the database file to the filesystem.
+    pub async fn vacuum(&self, pages: u32) -> Result<(), CacheError> {
+        crate::db::incremental_vacuum(&self.pool, pages)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Record that entry `key` was last used at `last_used` (unix seconds; tests).
+    pub async fn set_last_used(&self, key: &str, last_used: i64) -> Result<(), CacheError> {
+        sqlx::query("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")
+            .bind(key)
+            .bind(last_used)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Remove every entry (`farm clean`, `--no-cache` does not need this).
     pub async fn clear(&self) -> Result<(), CacheError> {
         sqlx::query("DELETE FROM action_cache")
@@ -185,7 +261,17 @@ impl ActionCache {
     }
 }
 
-fn now() -> i64 {
+/// An action cache entry as [`ActionCache::page_by_use`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheEntry {
+    pub key: String,
+    /// Unix seconds of its last hit (or of its creation).
+    pub last_used: i64,
+    /// `None` when the stored value is unreadable (such an entry is of no use).
+    pub image: Option<BuiltImage>,
+}
+
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

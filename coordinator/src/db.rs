@@ -34,9 +34,47 @@ pub async fn open(path: &Path, schema: &'static str) -> Result<SqlitePool, sqlx:
         .max_connections(4)
         .connect_with(connect)
         .await?;
+    incremental_auto_vacuum(&pool).await?;
     sqlx::raw_sql(schema).execute(&pool).await?;
     private_files(path)?;
     Ok(pool)
+}
+
+/// Make the database give freed pages back incrementally ([`incremental_vacuum`] after
+/// deletions) instead of keeping them forever. A database made before that setting
+/// needs one full `VACUUM` to switch (it rewrites the file: once, at the first start
+/// with this version); a new one only needs the setting before its first table.
+async fn incremental_auto_vacuum(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    const INCREMENTAL: i64 = 2;
+    let (mode,): (i64,) = sqlx::query_as("PRAGMA auto_vacuum").fetch_one(pool).await?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    // One connection for both: the mode must be set on the connection that vacuums.
+    let mut conn = pool.acquire().await?;
+    sqlx::raw_sql("PRAGMA auto_vacuum = INCREMENTAL")
+        .execute(&mut *conn)
+        .await?;
+    let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count")
+        .fetch_one(&mut *conn)
+        .await?;
+    if pages > 0 {
+        tracing::info!("switching a database to incremental vacuuming (a one-time VACUUM)");
+        sqlx::raw_sql("VACUUM").execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Give back up to `pages` free pages of the database to the filesystem (bounded, so
+/// a large deletion is returned over several calls without a long write lock).
+pub async fn incremental_vacuum(pool: &SqlitePool, pages: u32) -> Result<(), sqlx::Error> {
+    // A number formatted in: nothing to inject.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "PRAGMA incremental_vacuum({pages})"
+    )))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Create `path` mode 0600 if it is missing; make it and its `-wal`/`-shm` 0600.

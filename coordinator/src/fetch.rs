@@ -342,7 +342,38 @@ impl Fetcher {
         self.fetch_with(url, None, false).await
     }
 
+    /// [`Fetcher::fetch_untraced`] in an "http fetch" span (issue 16).
     async fn fetch_with(
+        &self,
+        url: &str,
+        expected_sha256: Option<&str>,
+        require_hash: bool,
+    ) -> Result<Fetched, FetchError> {
+        use tracing::field::{Empty, debug};
+        let span = tracing::info_span!(
+            target: "farm_trace",
+            "http fetch",
+            url = %parse_url(url).map(|(_, shown)| shown).unwrap_or_default(),
+            bytes = Empty,
+            source = Empty,
+            otel.status_description = Empty,
+        );
+        let fetched = tracing::Instrument::instrument(
+            self.fetch_untraced(url, expected_sha256, require_hash),
+            span.clone(),
+        )
+        .await;
+        match &fetched {
+            Ok(f) => {
+                span.record("bytes", f.size);
+                span.record("source", debug(f.source));
+            }
+            Err(e) => farm_telemetry::record_error(&span, &e.to_string()),
+        }
+        fetched
+    }
+
+    async fn fetch_untraced(
         &self,
         url: &str,
         expected_sha256: Option<&str>,

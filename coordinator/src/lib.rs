@@ -14,6 +14,7 @@ pub mod db;
 pub mod destinations;
 pub mod farm;
 pub mod fetch;
+pub mod gc;
 pub mod grpc;
 pub mod hooks;
 pub mod metrics;

@@ -29,6 +29,8 @@ pub struct Metrics {
     durations: Mutex<Histogram>,
     /// CI webhook deliveries by (provider, outcome).
     webhook_deliveries: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    /// Garbage collections and what they removed.
+    gc: crate::gc::GcCounters,
 }
 
 #[derive(Debug, Default)]
@@ -186,7 +188,13 @@ impl Metrics {
         );
         let _ = writeln!(out, "farm_layer_duration_seconds_sum {}", h.sum);
         let _ = writeln!(out, "farm_layer_duration_seconds_count {}", h.count);
+        self.gc.render(&mut out);
         out
+    }
+
+    /// Garbage collection counters.
+    pub fn gc(&self) -> &crate::gc::GcCounters {
+        &self.gc
     }
 }
 

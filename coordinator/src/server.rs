@@ -785,6 +785,44 @@ mod tests {
         connect_worker_open(addr, token, name).await.0
     }
 
+    #[tokio::test]
+    async fn a_worker_message_over_the_size_limit_ends_that_workers_stream_only() {
+        let running = start(ServeOptions::default()).await;
+        let (first, open) = connect_worker_open(running.addr, None, "big").await;
+        assert!(matches!(
+            first,
+            Ok(coordinator_message::Kind::Registered(_))
+        ));
+        let (tx, mut inbound) = open.unwrap();
+        // One line past the limit on what a worker may send in one message.
+        let line = "x".repeat(crate::grpc::workers::MAX_WORKER_MESSAGE + 1024);
+        tx.send(WorkerMessage {
+            kind: Some(worker_message::Kind::Logs(farm_proto::v1::LogBatch {
+                assignment: "a-1".into(),
+                lines: vec![line],
+            })),
+        })
+        .unwrap();
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), inbound.message())
+                .await
+                .expect("the stream ends within 10 s")
+            {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(s) => break Some(s.code()),
+            }
+        };
+        assert_ne!(end, Some(Code::Ok), "{end:?}");
+        // Others still connect.
+        let other = connect_worker(running.addr, None, "small").await;
+        assert!(matches!(
+            other,
+            Ok(coordinator_message::Kind::Registered(_))
+        ));
+        running.stop().await;
+    }
+
     /// A reflection `ListServices`: Ok, or why not.
     async fn reflection(addr: std::net::SocketAddr) -> Code {
         use tonic_reflection::pb::v1::ServerReflectionRequest;

@@ -17,6 +17,8 @@ use std::str::FromStr;
 use serde::Serialize;
 use sqlx::sqlite::SqlitePool;
 
+mod pages;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS builds (
     id TEXT PRIMARY KEY,
@@ -283,7 +285,12 @@ impl StateStore {
         Ok(store)
     }
 
-    fn err(&self, source: sqlx::Error) -> StateError {
+    /// The connection pool, for the garbage collector's paged reads (`crate::gc`).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub(crate) fn err(&self, source: sqlx::Error) -> StateError {
         StateError::Db {
             path: self.path.clone(),
             source,

@@ -58,7 +58,8 @@ pub use fsimage::{
 pub use layout::{OciLayout, REF_NAME_ANNOTATION, select_platform, to_canonical_json};
 pub use rechunk::rechunk;
 pub use store::{
-    BlobInfo, BlobReader, BlobStore, BlobStream, BlobWriter, MAX_CONCURRENT_PARTS, PART_SIZE,
+    BlobInfo, BlobReader, BlobStore, BlobStream, BlobWriter, ListedBlob, MAX_CONCURRENT_PARTS,
+    PART_SIZE, RecentUse, Sweep,
 };
 pub use tarwrite::{LayerTarOptions, TarStats, write_layer_tar};
 pub use tree::{Tree, TreeEntry};

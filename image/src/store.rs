@@ -33,6 +33,9 @@ pub const MAX_CONCURRENT_PARTS: usize = 4;
 
 const STAGING_DIR: &str = ".farm-staging";
 
+mod gc;
+pub use gc::{ListedBlob, RecentUse, Sweep};
+
 /// A content-addressed blob store. Cheap to clone.
 #[derive(Clone)]
 pub struct BlobStore {
@@ -44,6 +47,9 @@ pub struct BlobStore {
     local: Option<Arc<std::path::Path>>,
     /// The URL as errors show it (no password).
     label: Arc<str>,
+    /// The blobs this process used lately (shared by clones), so a garbage collector in
+    /// the same process spares a blob a build is about to reference.
+    recent: Arc<RecentUse>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -72,6 +78,7 @@ impl BlobStore {
             prefix,
             url,
             local: None,
+            recent: Arc::new(RecentUse::default()),
         }
     }
 
@@ -156,6 +163,7 @@ impl BlobStore {
 
     /// The blob's size, or `None` when it does not exist.
     pub async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.recent.used(digest);
         match self.store.head(&self.blob_path(digest)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -190,6 +198,7 @@ impl BlobStore {
 
     /// Put bytes already known to hash to `digest`.
     async fn put_named(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        self.recent.used(digest);
         if self.local.is_some() {
             // A local file is named only after its bytes are on disk: staged, synced,
             // then renamed into place (see `promote`).
@@ -247,6 +256,7 @@ impl BlobStore {
     /// consumer must treat everything it read as untrusted until the stream has ended
     /// without error.
     pub async fn get(&self, digest: &Digest) -> Result<BlobStream> {
+        self.recent.used(digest);
         let res = match self.store.get(&self.blob_path(digest)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => {
@@ -386,61 +396,75 @@ impl BlobStore {
     /// name. A blob already there is kept, unless its size shows it is torn (a write cut
     /// short, by a crash before this store synced its writes): then it is replaced.
     async fn promote(&self, staging: &Path, digest: &Digest, size: u64) -> Result<()> {
+        self.recent.used(digest);
         let target = self.blob_path(digest);
         if let Err(e) = self.sync_file(staging).await {
             self.delete_quietly(staging).await;
             return Err(e);
         }
-        match self.store.rename_if_not_exists(staging, &target).await {
-            Ok(()) => self.sync_dirs(&target).await,
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                match self.size(digest).await {
-                    Ok(Some(existing)) if existing != size => {
-                        warn!(
-                            store = %self.label,
-                            %digest,
-                            existing,
-                            size,
-                            "stored blob is torn (wrong size): replacing it"
-                        );
-                        let res = self
-                            .store
-                            .rename(staging, &target)
-                            .await
-                            .map_err(self.fail(format_args!("replacing torn blob {digest}")));
-                        if res.is_err() {
-                            self.delete_quietly(staging).await;
+        // Twice at most: a collector may remove the blob between our look and our name.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.store.rename_if_not_exists(staging, &target).await {
+                Ok(()) => return self.sync_dirs(&target).await,
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    // Written again: young again (first: a collector looks at the age after
+                    // it takes a blob away, and puts back one that is young), so a collector
+                    // in another process, which spares blobs younger than its grace
+                    // period, spares it too.
+                    self.touch(&target).await;
+                    match self.size(digest).await {
+                        Ok(None) if attempts < 3 => {
+                            debug!(%digest, "blob removed meanwhile: naming the upload");
+                            continue;
                         }
-                        res?;
-                        return self.sync_dirs(&target).await;
+                        Ok(Some(existing)) if existing != size => {
+                            warn!(
+                                store = %self.label,
+                                %digest,
+                                existing,
+                                size,
+                                "stored blob is torn (wrong size): replacing it"
+                            );
+                            let res =
+                                self.store.rename(staging, &target).await.map_err(
+                                    self.fail(format_args!("replacing torn blob {digest}")),
+                                );
+                            if res.is_err() {
+                                self.delete_quietly(staging).await;
+                            }
+                            res?;
+                            return self.sync_dirs(&target).await;
+                        }
+                        _ => {}
                     }
-                    _ => {}
+                    debug!(%digest, "blob already present");
+                    self.delete_quietly(staging).await;
+                    return Ok(());
                 }
-                debug!(%digest, "blob already present");
-                self.delete_quietly(staging).await;
-                Ok(())
-            }
-            Err(
-                object_store::Error::NotImplemented { .. }
-                | object_store::Error::NotSupported { .. },
-            ) => {
-                // No atomic create-only copy here (e.g. S3 without a copy-if-not-exists
-                // configuration): the content is addressed by its digest, so a copy that
-                // races another writer of the same blob writes identical bytes.
-                let res = if self.exists(digest).await? {
-                    Ok(())
-                } else {
-                    self.store
-                        .copy(staging, &target)
-                        .await
-                        .map_err(self.fail(format_args!("naming the upload of {digest}")))
-                };
-                self.delete_quietly(staging).await;
-                res
-            }
-            Err(e) => {
-                self.delete_quietly(staging).await;
-                Err(self.fail(format_args!("naming the upload of {digest}"))(e))
+                Err(
+                    object_store::Error::NotImplemented { .. }
+                    | object_store::Error::NotSupported { .. },
+                ) => {
+                    // No atomic create-only copy here (e.g. S3 without a copy-if-not-exists
+                    // configuration): the content is addressed by its digest, so a copy that
+                    // races another writer of the same blob writes identical bytes.
+                    let res = if self.exists(digest).await? {
+                        Ok(())
+                    } else {
+                        self.store
+                            .copy(staging, &target)
+                            .await
+                            .map_err(self.fail(format_args!("naming the upload of {digest}")))
+                    };
+                    self.delete_quietly(staging).await;
+                    return res;
+                }
+                Err(e) => {
+                    self.delete_quietly(staging).await;
+                    return Err(self.fail(format_args!("naming the upload of {digest}"))(e));
+                }
             }
         }
     }

@@ -161,6 +161,11 @@ fn choose(image: &ImageRef, index: &Value, platform: &Platform) -> Result<(Diges
 
 /// Resolve `url` (`docker://...`) to what its tag names now: the same reference pinned
 /// to the manifest (or index) digest. A reference with a digest is returned as it is.
+#[tracing::instrument(
+    target = "farm_trace",
+    name = "registry resolve",
+    skip(credentials, opts)
+)]
 pub async fn resolve(
     url: &str,
     credentials: &Credentials,
@@ -202,6 +207,34 @@ pub async fn pull(
 
 /// [`pull`] of a parsed reference (e.g. one [`resolve`] pinned to a digest).
 pub async fn pull_ref(
+    blobs: &BlobStore,
+    image: &ImageRef,
+    platform: &Platform,
+    credentials: &Credentials,
+    opts: &ConnectOptions,
+) -> Result<PulledImage> {
+    // A span for traces (issue 16; not shown in logs), its error the text the user sees.
+    let span = tracing::info_span!(
+        target: "farm_trace",
+        "registry pull",
+        image = %image,
+        platform = %platform,
+        layers = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    let pulled = tracing::Instrument::instrument(
+        pull_untraced(blobs, image, platform, credentials, opts),
+        span.clone(),
+    )
+    .await;
+    match &pulled {
+        Ok(p) => span.record("layers", p.layers.len()),
+        Err(e) => span.record("otel.status_description", e.to_string()),
+    };
+    pulled
+}
+
+async fn pull_untraced(
     blobs: &BlobStore,
     image: &ImageRef,
     platform: &Platform,

@@ -330,6 +330,32 @@ pub async fn push(
     opts: &PushOptions,
     credentials: &Credentials,
 ) -> Result<(Vec<Pushed>, PushStats)> {
+    // A span for traces (issue 16; not shown in logs), its error the text the user sees.
+    let span = tracing::info_span!(
+        target: "farm_trace",
+        "registry push",
+        target = %opts.target,
+        images = images.len(),
+        tags = ?opts.tags,
+        otel.status_description = tracing::field::Empty,
+    );
+    let pushed = tracing::Instrument::instrument(
+        push_untraced(blobs, images, opts, credentials),
+        span.clone(),
+    )
+    .await;
+    if let Err(e) = &pushed {
+        span.record("otel.status_description", e.to_string());
+    }
+    pushed
+}
+
+async fn push_untraced(
+    blobs: &BlobStore,
+    images: &[PushImage],
+    opts: &PushOptions,
+    credentials: &Credentials,
+) -> Result<(Vec<Pushed>, PushStats)> {
     let tags: Vec<String> = if opts.tags.is_empty() {
         vec!["latest".to_string()]
     } else {

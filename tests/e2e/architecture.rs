@@ -15,6 +15,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("farm-stackerfile", &[]),
     ("farm-image", &[]),
     ("farm-proto", &[]),
+    // Traces (issue 16): the OTLP exporter and trace context propagation, used by the
+    // client, the coordinator, the worker and the CLI.
+    ("farm-telemetry", &[]),
     (
         "farm-model",
         &["farm-stackerfile", "farm-image", "farm-proto"],
@@ -22,7 +25,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("farm-registry", &["farm-image", "farm-model"]),
     (
         "farm-client",
-        &["farm-proto", "farm-model", "farm-image", "farm-stackerfile"],
+        &[
+            "farm-proto",
+            "farm-model",
+            "farm-image",
+            "farm-stackerfile",
+            "farm-telemetry",
+        ],
     ),
     (
         "farm-coordinator",
@@ -32,13 +41,20 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "farm-proto",
             "farm-model",
             "farm-registry",
+            "farm-telemetry",
             // Only to test the blob service against the real client.
             "farm-client",
         ],
     ),
     (
         "farm-worker",
-        &["farm-stackerfile", "farm-image", "farm-proto", "farm-model"],
+        &[
+            "farm-stackerfile",
+            "farm-image",
+            "farm-proto",
+            "farm-model",
+            "farm-telemetry",
+        ],
     ),
     (
         "farm-cli",
@@ -51,6 +67,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "farm-client",
             "farm-coordinator",
             "farm-worker",
+            "farm-telemetry",
         ],
     ),
     // The end-to-end tests run the `farm` binary, not our libraries.

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{cannot_run, farm_bin, is_root, output_ok, which};
+use crate::util::{E2E_DIR, cannot_run, farm_bin, is_root, output_ok, which};
 
 #[test]
 fn the_farm_image_builds_validates_and_runs_as_farm_with_split_ranges() {
@@ -29,29 +29,13 @@ fn the_farm_image_builds_validates_and_runs_as_farm_with_split_ranges() {
         }
     }
     let d = tempfile::tempdir().unwrap();
-    // The build namespace's root (a subordinate id) must reach the pool inside.
-    std::fs::set_permissions(
-        d.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let out = d.path().join("image");
-    let binary = std::env::var("FARM_IMAGE_BINARY")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| farm_bin());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build.sh");
-    let started = std::time::Instant::now();
-    output_ok(
-        Command::new(&script)
-            .env("OUT", &out)
-            .env("FARM_BINARY", &binary)
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .env("NO_COLOR", "1"),
-    );
-    eprintln!("built the image in {:.0?}", started.elapsed());
-    let layout = out.join("oci");
+    with_farm_image(|layout| check_image(layout, d.path()));
+}
+
+/// The image's checks, on its layout (`tag farm`), with scratch space in `d`.
+fn check_image(layout: &Path, d: &Path) {
     // A single-image copy validates as an OCI image.
-    let single = d.path().join("single");
+    let single = d.join("single");
     output_ok(Command::new("skopeo").args([
         "copy".to_string(),
         "--quiet".into(),
@@ -86,7 +70,7 @@ fn the_farm_image_builds_validates_and_runs_as_farm_with_split_ranges() {
         sizes.iter().sum::<u64>()
     );
     // What the worker needs, in the unpacked image.
-    let bundle = d.path().join("bundle");
+    let bundle = d.join("bundle");
     output_ok(
         Command::new("umoci")
             .args(["unpack", "--image"])
@@ -111,6 +95,28 @@ fn the_farm_image_builds_validates_and_runs_as_farm_with_split_ranges() {
             m.mode()
         );
     }
+    // Nothing else setuid or setgid: the worker's pod lets setuid programs gain
+    // DAC_OVERRIDE and SYS_ADMIN (for newuidmap/newgidmap).
+    let mut set_id = Vec::new();
+    let mut stack = vec![rootfs.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && m.mode() & 0o6000 != 0 {
+                set_id.push(
+                    e.path()
+                        .strip_prefix(&rootfs)
+                        .unwrap()
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    set_id.sort();
+    assert_eq!(set_id, ["usr/bin/newgidmap", "usr/bin/newuidmap"]);
     assert!(rootfs.join("usr/bin/btrfs").exists() && rootfs.join("etc/ssl/certs").is_dir());
     let farm = std::fs::metadata(rootfs.join("usr/local/bin/farm")).unwrap();
     assert!(farm.mode() & 0o111 != 0);
@@ -125,4 +131,79 @@ fn the_farm_image_builds_validates_and_runs_as_farm_with_split_ranges() {
         config["process"]["args"][0], "/usr/local/bin/farm",
         "{config:#}"
     );
+}
+
+/// Where [`with_farm_image`] keeps the images it built (one per farm binary).
+const IMAGE_CACHE: &str = "farm-image";
+
+/// Runs `f` on the OCI layout (tag `farm`) of the farm image built by
+/// deploy/images/build.sh from the binary under test (or FARM_IMAGE_BINARY), holding a
+/// machine-wide lock: the image is built once per binary and kept under
+/// /var/tmp/farm-e2e/farm-image/KEY (the previous ones removed), so the image test and
+/// the podman test of one run build it once. The mmdebstrap root filesystem is kept
+/// beside it and reused.
+pub(crate) fn with_farm_image<T>(f: impl FnOnce(&Path) -> T) -> T {
+    use sha2::Digest as _;
+    let binary = std::env::var("FARM_IMAGE_BINARY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| farm_bin());
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images");
+    let meta = std::fs::metadata(&binary)
+        .unwrap_or_else(|e| panic!("the farm binary {}: {e}", binary.display()));
+    let mut h = sha2::Sha256::new();
+    h.update(binary.as_os_str().as_encoded_bytes());
+    h.update(meta.len().to_le_bytes());
+    h.update(meta.mtime().to_le_bytes());
+    h.update(meta.mtime_nsec().to_le_bytes());
+    for f in ["build.sh", "stacker.yaml"] {
+        h.update(std::fs::read(here.join(f)).unwrap());
+    }
+    let key = hex::encode(&h.finalize()[..8]);
+    let cache = Path::new(E2E_DIR).join(IMAGE_CACHE);
+    std::fs::create_dir_all(&cache).unwrap();
+    // The build namespace's root (a subordinate id) must reach the pool inside.
+    for d in [Path::new(E2E_DIR), &cache] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cache.join("lock"))
+        .unwrap();
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("locking the image cache: {e}"));
+    let out = cache.join(&key);
+    let layout = out.join("oci");
+    if !out.join("done").exists() {
+        for e in std::fs::read_dir(&cache).unwrap().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        std::fs::create_dir_all(&out).unwrap();
+        let rootfs_name = "rootfs-bookworm-1700000000.tar";
+        let kept = cache.join(rootfs_name);
+        if kept.exists() {
+            std::fs::hard_link(&kept, out.join(rootfs_name)).unwrap();
+        }
+        let started = std::time::Instant::now();
+        output_ok(
+            Command::new(here.join("build.sh"))
+                .env("OUT", &out)
+                .env("FARM_BINARY", &binary)
+                .env("SOURCE_DATE_EPOCH", "1700000000")
+                .env("NO_COLOR", "1"),
+        );
+        eprintln!("built the image in {:.0?}", started.elapsed());
+        if !kept.exists() {
+            let _ = std::fs::hard_link(out.join(rootfs_name), &kept);
+        }
+        // Only the layout is needed again: the build's pool and state go.
+        for d in ["pool", "state"] {
+            let _ = std::fs::remove_dir_all(out.join(d));
+        }
+        std::fs::write(out.join("done"), "").unwrap();
+    }
+    f(&layout)
 }

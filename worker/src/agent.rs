@@ -73,6 +73,10 @@ pub struct AgentConfig {
     pub shares_files: bool,
     /// Give up when the coordinator cannot be reached for this long (None: never).
     pub give_up_after: Option<Duration>,
+    /// The most output of one layer sent to the coordinator, in bytes (lines with
+    /// their newline; `--max-layer-log`); the coordinator's cap, when lower, wins. The
+    /// rest is dropped, with one marker line saying how much.
+    pub max_layer_log: u64,
 }
 
 struct Shared {
@@ -300,7 +304,12 @@ pub async fn run_with(
                             let token = engine.job_cancel_token();
                             running.insert(a.id.clone(), token.clone());
                             status.running.store(running.len(), Ordering::Relaxed);
-                            tokio::spawn(build(engine, a.id, a.job_json, token, shared.clone(), done_tx.clone()));
+                            let cap = LogCap::new(config.max_layer_log, a.max_layer_log);
+                            let span = assignment_span(&a);
+                            tokio::spawn(tracing::Instrument::instrument(
+                                build(engine, a.id, a.job_json, token, cap, shared.clone(), done_tx.clone()),
+                                span,
+                            ));
                         }
                         Some(coordinator_message::Kind::Cancel(id)) => {
                             if let Some(token) = running.get(&id) {
@@ -376,6 +385,7 @@ pub async fn run_with(
                     let hb = WorkerMessage { kind: Some(worker_message::Kind::Heartbeat(Heartbeat {
                         running: running.keys().cloned().collect(),
                         chains: Vec::new(),
+                        live: running.iter().filter(|(_, t)| t.is_busy()).map(|(id, _)| id.clone()).collect(),
                     }))};
                     if tx.send(hb).is_err() {
                         break;
@@ -512,12 +522,109 @@ fn chain_ids(engine: &Engine) -> Vec<String> {
         .collect()
 }
 
-/// Build one assignment, forwarding its log lines, then report the result.
+/// A batch of log lines is sent once it holds about this many bytes (or 500 lines).
+const LOG_BATCH_BYTES: usize = 1 << 20;
+
+/// What one layer's output may send: the worker's cap, or the coordinator's when lower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LogCap {
+    bytes: u64,
+    /// The coordinator's cap is the lower one (the marker names its flag).
+    coordinator: bool,
+}
+
+impl LogCap {
+    /// `told`: the coordinator's cap from the assignment (0: none told).
+    fn new(own: u64, told: u64) -> Self {
+        if told > 0 && told < own {
+            LogCap {
+                bytes: told,
+                coordinator: true,
+            }
+        } else {
+            LogCap {
+                bytes: own,
+                coordinator: false,
+            }
+        }
+    }
+}
+
+/// Counts a layer's output against its cap: lines are sent until it is reached, then
+/// counted and dropped; [`Capped::marker`] says what was dropped.
+struct Capped {
+    cap: LogCap,
+    sent: u64,
+    dropped_bytes: u64,
+    dropped_lines: u64,
+}
+
+impl Capped {
+    fn new(cap: LogCap) -> Self {
+        Capped {
+            cap,
+            sent: 0,
+            dropped_bytes: 0,
+            dropped_lines: 0,
+        }
+    }
+
+    /// Whether `line` goes to the coordinator.
+    fn admit(&mut self, line: &str) -> bool {
+        let size = line.len() as u64 + 1;
+        if self.dropped_lines == 0 && self.sent + size <= self.cap.bytes {
+            self.sent += size;
+            true
+        } else {
+            self.dropped_bytes += size;
+            self.dropped_lines += 1;
+            false
+        }
+    }
+
+    /// The one line that says what was dropped (none when nothing was).
+    fn marker(&self) -> Option<String> {
+        if self.dropped_lines == 0 {
+            return None;
+        }
+        let flag = if self.cap.coordinator {
+            "`farm coordinator --max-layer-log SIZE`"
+        } else {
+            "`farm worker --max-layer-log SIZE` (and the coordinator's, if lower)"
+        };
+        Some(format!(
+            "farm: output truncated: {} bytes ({} lines) past the layer's log cap of {} bytes \
+             were dropped; raise the cap with {flag}",
+            self.dropped_bytes, self.dropped_lines, self.cap.bytes
+        ))
+    }
+}
+
+/// The span of one assignment (issue 16): a child of the layer's span on the
+/// coordinator, whose trace context the assignment carries.
+fn assignment_span(a: &pb::Assignment) -> tracing::Span {
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        target: "farm_trace",
+        "assignment",
+        assignment = %a.id,
+        layer = Empty,
+        cache_key = Empty,
+        outcome = Empty,
+        otel.status_description = Empty,
+    );
+    farm_telemetry::set_parent(&span, &a.trace_context);
+    span
+}
+
+/// Build one assignment, forwarding its log lines (up to `cap`), then report the
+/// result.
 async fn build(
     engine: Arc<Engine>,
     assignment: String,
     job_json: String,
     cancel: CancelToken,
+    cap: LogCap,
     shared: Arc<Shared>,
     done: mpsc::UnboundedSender<ResultMsg>,
 ) {
@@ -537,30 +644,45 @@ async fn build(
         let shared = shared.clone();
         let assignment = assignment.clone();
         tokio::spawn(async move {
+            let mut capped = Capped::new(cap);
+            let send = |lines: Vec<String>| {
+                // Lines written while disconnected are lost; the result is not.
+                shared.send(WorkerMessage {
+                    kind: Some(worker_message::Kind::Logs(LogBatch {
+                        assignment: assignment.clone(),
+                        lines,
+                    })),
+                });
+            };
             while let Some(first) = rx.recv().await {
                 let mut lines = Vec::new();
+                let mut bytes = 0;
                 let mut next = Some(first);
                 while let Some(e) = next.take() {
-                    if let Event::Log { line, .. } = e {
+                    if let Event::Log { line, .. } = e
+                        && capped.admit(&line)
+                    {
+                        bytes += line.len();
                         lines.push(line);
                     }
-                    if lines.len() < 500 {
+                    // Batches of at most 500 lines or about 1 MiB.
+                    if lines.len() < 500 && bytes < LOG_BATCH_BYTES {
                         next = rx.try_recv().ok();
                     }
                 }
                 if !lines.is_empty() {
-                    // Lines written while disconnected are lost; the result is not.
-                    shared.send(WorkerMessage {
-                        kind: Some(worker_message::Kind::Logs(LogBatch {
-                            assignment: assignment.clone(),
-                            lines,
-                        })),
-                    });
+                    send(lines);
                 }
+            }
+            if let Some(marker) = capped.marker() {
+                send(vec![marker]);
             }
         })
     };
     let layer = job.layer.name.clone();
+    let span = tracing::Span::current();
+    span.record("layer", layer.as_str());
+    span.record("cache_key", job.cache_key.as_str());
     tracing::info!(%assignment, %layer, "building");
     let result = engine.build_cancellable(&job, &events, &cancel).await;
     drop(events);
@@ -586,6 +708,14 @@ async fn build(
         Err(e) => failed(assignment, &e.failure(), duration_ms),
     };
     tracing::info!(%layer, ok = msg.failure.is_none(), duration_ms, "finished");
+    match &msg.failure {
+        None => span.record("outcome", "built"),
+        Some(f) => {
+            span.record("outcome", "failed");
+            farm_telemetry::record_error(&span, &f.message);
+            &span
+        }
+    };
     let _ = done.send(msg);
 }
 
@@ -602,6 +732,34 @@ fn failed(assignment: String, failure: &LayerFailure, duration_ms: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_past_the_cap_is_dropped_and_one_marker_says_how_much() {
+        let mut c = Capped::new(LogCap::new(64 << 20, 10));
+        assert!(c.marker().is_none());
+        assert!(c.admit("12345")); // 6 bytes
+        assert!(!c.admit("1234")); // would make 11
+        // Nothing after the first dropped line, even a line that would fit.
+        assert!(!c.admit(""));
+        let marker = c.marker().unwrap();
+        assert!(
+            marker.contains("6 bytes (2 lines)")
+                && marker.contains("10 bytes")
+                && marker.contains("farm coordinator --max-layer-log"),
+            "{marker}"
+        );
+        // The worker's own cap when it is the lower one (or none was told).
+        assert_eq!(
+            LogCap::new(100, 0),
+            LogCap {
+                bytes: 100,
+                coordinator: false
+            }
+        );
+        let mut c = Capped::new(LogCap::new(100, 1000));
+        assert!(!c.admit(&"x".repeat(100)));
+        assert!(c.marker().unwrap().contains("farm worker --max-layer-log"));
+    }
     use farm_proto::v1::{Refused, Registered};
 
     /// A coordinator that answers the registration with `answer`, once.
@@ -648,6 +806,7 @@ mod tests {
             unavailable: None,
             shares_files: false,
             give_up_after: None,
+            max_layer_log: 64 << 20,
         }
     }
 

@@ -30,5 +30,5 @@ pub mod userns;
 
 pub use cancel::CancelToken;
 pub use idmap::{IdMapError, IdMapping};
-pub use sandbox::{Bind, Rootfs, SandboxError, SandboxSpec, ScriptStatus};
+pub use sandbox::{Bind, Rootfs, SandboxError, SandboxProc, SandboxSpec, ScriptStatus};
 pub use userns::{Entry, HIDDEN_SUBCOMMAND, NsOp, Userns, UsernsChild, UsernsCommand, UsernsError};

@@ -215,6 +215,17 @@ impl UsernsCommand {
         self
     }
 
+    /// Leave the pid namespace out of [`isolate_pid_uts_ipc`](Self::isolate_pid_uts_ipc)
+    /// (`false`) or put it back: the child stays in its parent's pid namespace.
+    pub fn isolate_pid(&mut self, on: bool) -> &mut Self {
+        if on {
+            self.clone_flags |= libc::CLONE_NEWPID;
+        } else {
+            self.clone_flags &= !libc::CLONE_NEWPID;
+        }
+        self
+    }
+
     /// Also unshare the network namespace: the child sees only its own loopback
     /// (down until someone brings it up).
     pub fn isolate_net(&mut self, on: bool) -> &mut Self {

@@ -700,6 +700,74 @@ fn bind_rootfs_changes_in_place(ctx: &Ctx) {
     );
 }
 
+sandbox_test!(host_proc_shares_the_workers_processes);
+/// `--sandbox-proc host` (the rootless overlay's workers): the run stays in the
+/// worker's pid namespace and sees its /proc, read-only; its leftovers still die with
+/// it; the worker's own /proc files stay closed to it. The default mode, for contrast,
+/// has the run's init as pid 1 in a pid namespace of its own.
+fn host_proc_shares_the_workers_processes(ctx: &Ctx) {
+    let my_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let my_ns = my_ns.to_string_lossy();
+    let my_pid1 = std::fs::read_to_string("/proc/1/comm").unwrap();
+    let script = format!(
+        "#!/bin/sh\nreadlink /proc/self/ns/pid\ncat /proc/1/comm\ncat /proc/$PPID/comm\n\
+         awk '$5 == \"/proc\" {{print substr($6,1,2)}}' /proc/self/mountinfo\n\
+         if (echo renamed > /proc/self/comm) 2>/dev/null; then echo proc-writable; else echo proc-read-only; fi\n\
+         if cat /proc/{}/environ >/dev/null 2>&1; then echo worker-environ-readable; else echo worker-environ-closed; fi\n\
+         sleep 1000 &\necho bg=$!\n",
+        std::process::id()
+    );
+    // Fresh (the default): pid 1 is the run's init, in a pid namespace of its own.
+    let fresh = ctx.run_ok(&ctx.overlay_spec("fresh", &script));
+    assert_ne!(fresh[0], my_ns, "{fresh:?}");
+    assert_eq!(
+        &fresh[1..5],
+        ["init", "init", "rw", "proc-writable"],
+        "{fresh:?}"
+    );
+
+    // As an ordinary user the build's root is the worker's own uid, yet the worker's
+    // environment (its credentials) stays closed: the build is in a user namespace
+    // the worker's is not inside of.
+    let mut spec = ctx.overlay_spec("host", &script);
+    spec.proc = farm_worker::SandboxProc::Host;
+    let out = ctx.run_ok(&spec);
+    assert_eq!(
+        out[0], my_ns,
+        "the run is in the worker's pid namespace: {out:?}"
+    );
+    assert_eq!(out[1], my_pid1.trim(), "its /proc is the worker's: {out:?}");
+    assert_eq!(
+        &out[2..6],
+        ["init", "ro", "proc-read-only", "worker-environ-closed"],
+        "{out:?}"
+    );
+    // No pid namespace kills what the run left behind: the helper did.
+    let bg: u32 = out[6].strip_prefix("bg=").unwrap().parse().unwrap();
+    let alive = std::fs::read_to_string(format!("/proc/{bg}/comm"))
+        .is_ok_and(|comm| comm.trim() == "sleep");
+    assert!(!alive, "the run's background sleep (pid {bg}) outlived it");
+
+    // A timeout too kills the whole tree.
+    let mut spec = ctx.overlay_spec(
+        "timeout",
+        "#!/bin/sh\nsleep 1000 &\necho bg=$!\nsleep 1000\n",
+    );
+    spec.proc = farm_worker::SandboxProc::Host;
+    spec.timeout = Some(Duration::from_secs(2));
+    let (r, lines) = ctx.run(&spec);
+    assert!(matches!(r, Err(SandboxError::TimedOut(_))), "{r:?}");
+    let bg: u32 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("bg="))
+        .expect("bg line")
+        .parse()
+        .unwrap();
+    let alive = std::fs::read_to_string(format!("/proc/{bg}/comm"))
+        .is_ok_and(|comm| comm.trim() == "sleep");
+    assert!(!alive, "pid {bg} survived the timeout");
+}
+
 sandbox_test!(setup_errors_are_reported);
 fn setup_errors_are_reported(ctx: &Ctx) {
     let mut spec = ctx.overlay_spec("a", "true\n");

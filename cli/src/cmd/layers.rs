@@ -38,7 +38,7 @@ pub(crate) struct StateArgs {
 }
 
 impl StateArgs {
-    fn layout(&self) -> Layout {
+    pub(crate) fn layout(&self) -> Layout {
         Layout::new(self.state_dir.clone(), self.pool.clone(), None)
     }
 }

@@ -2,6 +2,7 @@
 pub(crate) mod build;
 pub(crate) mod cancel;
 pub(crate) mod check;
+pub(crate) mod gc;
 pub(crate) mod layers;
 pub(crate) mod logs;
 pub(crate) mod plan;

@@ -131,6 +131,9 @@ pub(crate) struct CoordinatorArgs {
     )]
     pub keep_builds: usize,
 
+    #[command(flatten)]
+    pub gc: crate::gc_args::CoordinatorGcArgs,
+
     /// Credentials for registry bases (else the coordinator's auth files)
     #[command(flatten)]
     pub registry: super::publish::RegistryArgs,
@@ -154,6 +157,16 @@ pub(crate) struct CoordinatorArgs {
     /// The largest blob one upload may store
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = super::build::parse_size, env = "FARM_MAX_UPLOAD_SIZE")]
     pub max_upload_size: u64,
+
+    /// The most output one layer keeps (each attempt); the rest is dropped with one
+    /// marker line, and workers are told to stop sending
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = super::build::parse_size, env = "FARM_MAX_LAYER_LOG")]
+    pub max_layer_log: u64,
+
+    /// A layer whose worker shows no progress (no output, no running sandbox) for this
+    /// long is built elsewhere, heartbeats or not: seconds or 30m, 1h (0: never)
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = crate::run_limits::parse_duration, env = "FARM_PROGRESS_TIMEOUT")]
+    pub progress_timeout: Duration,
 
     /// What remote submissions may read, fetch and use
     #[command(flatten)]
@@ -261,6 +274,9 @@ pub(crate) struct WorkerArgs {
     #[arg(long, value_name = "DIR", env = "FARM_POOL")]
     pub pool: PathBuf,
 
+    #[command(flatten)]
+    pub pool_gc: crate::gc_args::PoolGcArgs,
+
     /// The shared blob store (the coordinator's)
     #[arg(long, value_name = "URL", env = "FARM_BLOBS")]
     pub blobs: String,
@@ -283,6 +299,11 @@ pub(crate) struct WorkerArgs {
     /// The most entries (files, directories, links) one layer may hold
     #[arg(long, value_name = "N", default_value_t = farm_image::DEFAULT_MAX_LAYER_ENTRIES, env = "FARM_MAX_LAYER_ENTRIES")]
     pub max_layer_entries: u64,
+
+    /// The most output of one layer this worker sends (the coordinator's cap, when
+    /// lower, wins); the rest is dropped with one marker line
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = super::build::parse_size, env = "FARM_MAX_LAYER_LOG")]
+    pub max_layer_log: u64,
 
     // ---- running in a pod (issue 14): probes, metrics, draining ----
     /// Serve Prometheus metrics at http://ADDR/metrics, and the probes /healthz (the
@@ -449,6 +470,9 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 max_layers: args.max_layers,
                 max_upload_size: args.max_upload_size,
             },
+            max_layer_log: args.max_layer_log,
+            progress_timeout: args.progress_timeout,
+            gc: args.gc.config(),
         })
         .await
         .with_context(|| format!("starting the coordinator on {}", args.state_dir.display()))?;
@@ -541,6 +565,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let slots = args
             .slots
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
+        let watermarks = args.pool_gc.watermarks()?;
         let (engine, unavailable) = match open_engine(&args, blobs).await {
             Ok(e) => (Some(e), None),
             Err(e) => {
@@ -551,6 +576,11 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 (None, Some(why))
             }
         };
+        if let (Some(engine), Some(marks)) = (&engine, watermarks) {
+            engine
+                .pool()
+                .spawn_collector(marks, crate::gc_args::POOL_CHECK_EVERY);
+        }
         let url = coordinator_url(&args.coordinator);
         let token = token_from(
             args.token_file.as_deref(),
@@ -605,6 +635,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 unavailable,
                 shares_files: false,
                 give_up_after: None,
+                max_layer_log: args.max_layer_log,
             },
             GrpcDialer { url, token, tls },
             Control {
@@ -688,7 +719,7 @@ impl WorkerProbe {
             .map(|e| e.chain_stats())
             .unwrap_or_default();
         let b = |x: bool| u8::from(x);
-        [
+        let mut out: String = [
             (
                 "farm_worker_slots",
                 "gauge",
@@ -755,12 +786,74 @@ impl WorkerProbe {
                 "Size of the pool's filesystem",
                 total,
             ),
+            (
+                "farm_worker_pool_used_bytes",
+                "gauge",
+                "Used space of the pool's filesystem",
+                total.saturating_sub(free),
+            ),
         ]
         .iter()
         .map(|(name, kind, help, v)| {
             format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
         })
-        .collect()
+        .collect();
+        out.push_str(&self.render_timings());
+        out
+    }
+
+    /// Sandbox start times and export throughput (issue 16), as counters of their sums:
+    /// `rate(..._sum) / rate(..._count)` is the mean start time, `rate(bytes) /
+    /// rate(seconds)` the export throughput.
+    fn render_timings(&self) -> String {
+        let (starts, start_seconds) = farm_worker::sandbox::SANDBOX_STARTS.get();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (exports, tar_bytes, blob_bytes, export_seconds) = match &self.engine {
+            Some(e) => {
+                let x = e.export_stats();
+                (
+                    load(&x.count),
+                    load(&x.tar_bytes),
+                    load(&x.blob_bytes),
+                    load(&x.micros) as f64 / 1e6,
+                )
+            }
+            None => (0, 0, 0, 0.0),
+        };
+        let mut out = format!(
+            "# HELP farm_worker_sandbox_start_seconds Time from spawning a sandbox to its \
+             script's start (namespaces, id maps)\n\
+             # TYPE farm_worker_sandbox_start_seconds summary\n\
+             farm_worker_sandbox_start_seconds_sum {start_seconds}\n\
+             farm_worker_sandbox_start_seconds_count {starts}\n"
+        );
+        for (name, help, v) in [
+            (
+                "farm_worker_exports_total",
+                "Layers exported (tar, compressed, stored)",
+                exports.to_string(),
+            ),
+            (
+                "farm_worker_export_tar_bytes_total",
+                "Uncompressed tar bytes of exported layers",
+                tar_bytes.to_string(),
+            ),
+            (
+                "farm_worker_export_blob_bytes_total",
+                "Compressed blob bytes of exported layers written to the blob store",
+                blob_bytes.to_string(),
+            ),
+            (
+                "farm_worker_export_seconds_total",
+                "Time spent exporting layers (export throughput: tar bytes per second of this)",
+                export_seconds.to_string(),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
+        }
+        out
     }
 }
 

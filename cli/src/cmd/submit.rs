@@ -104,6 +104,25 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let Some(addr) = args.coordinator.address()? else {
         return run_embedded_submit(args);
     };
+    // The root of the build's trace (issue 16): the coordinator's and the workers'
+    // spans are its children.
+    let span = tracing::info_span!(
+        target: "farm_trace",
+        "submit",
+        coordinator = %addr,
+        build.id = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    let result = span.in_scope(|| run_remote(addr, args));
+    match &result {
+        Ok(code) if *code == ExitCode::SUCCESS => {}
+        Ok(_) => farm_telemetry::record_error(&span, "the build did not succeed"),
+        Err(e) => farm_telemetry::record_error(&span, &format!("{e:#}")),
+    }
+    result
+}
+
+fn run_remote(addr: crate::client::Target, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     if args.layer_types.len() > 1 {
         anyhow::bail!(
             "a coordinator builds one layer type per submission: run `farm submit \
@@ -125,14 +144,18 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         substitutions: subs,
         max_file_size: args.stackerfile.max_stackerfile_size,
     };
-    let Some(plan) = plan_or_report("submit", &path, &options)? else {
+    let Some(plan) = tracing::info_span!(target: "farm_trace", "plan", file = %path.display())
+        .in_scope(|| plan_or_report("submit", &path, &options))?
+    else {
         return Ok(ExitCode::FAILURE);
     };
-    let context = collect(
-        &plan,
-        std::slice::from_ref(&path),
-        args.allow_outside_context,
-    )?;
+    let context = tracing::info_span!(target: "farm_trace", "collect context").in_scope(|| {
+        collect(
+            &plan,
+            std::slice::from_ref(&path),
+            args.allow_outside_context,
+        )
+    })?;
     let environment = passthrough_environment(
         &plan,
         std::env::vars_os()
@@ -154,7 +177,11 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         allow_outside_context: args.allow_outside_context,
         stackerfile_texts: crate::remote::inline_texts(&plan).into_iter().collect(),
     };
-    block_on(submit(addr, plan, context, request, args, started))?
+    let span = tracing::Span::current();
+    block_on(tracing::Instrument::instrument(
+        submit(addr, plan, context, request, args, started),
+        span,
+    ))?
 }
 
 /// The part of the caller's environment a coordinator may use: the variables some
@@ -221,9 +248,16 @@ async fn submit(
         Err(status) => return Err(client.error("Submit", "", status)),
     };
     let id = submitted.id;
+    tracing::Span::current().record("build.id", id.as_str());
+    // Pasted into a tracing UI, it shows the build across the farm.
+    let trace = farm_telemetry::trace_id(&tracing::Span::current());
     if args.detach {
         if args.json {
-            println!("{}", serde_json::json!({ "id": id }));
+            let mut out = serde_json::json!({ "id": id });
+            if let Some(trace) = &trace {
+                out["trace_id"] = trace.as_str().into();
+            }
+            println!("{out}");
         } else {
             println!("{id}");
         }
@@ -333,6 +367,9 @@ async fn submit(
         "farm submit: build {id} {state} in {:.1}s",
         started.elapsed().as_secs_f64()
     );
+    if let Some(trace) = &trace {
+        eprintln!("farm submit: trace {trace}");
+    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -341,6 +378,19 @@ async fn submit(
 }
 
 /// Upload the context's files that the coordinator lacks; how many were sent.
+#[tracing::instrument(
+    target = "farm_trace",
+    name = "upload context",
+    skip_all,
+    fields(
+        files = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+        files_sent = tracing::field::Empty,
+        bytes_sent = tracing::field::Empty,
+        files_skipped = tracing::field::Empty,
+        bytes_skipped = tracing::field::Empty,
+    )
+)]
 async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::Result<usize> {
     let blobs = context.blobs();
     let digests: Vec<Digest> = blobs.iter().map(|(_, d, _)| (*d).clone()).collect();
@@ -355,6 +405,13 @@ async fn upload_context(client: &mut Client, context: &BuildContext) -> anyhow::
         .map(|(p, d, n)| (p.to_path_buf(), (*d).clone(), *n))
         .collect();
     let bytes: u64 = to_send.iter().map(|(_, _, n)| n).sum();
+    let span = tracing::Span::current();
+    span.record("files", blobs.len());
+    span.record("bytes", total);
+    span.record("files_sent", to_send.len());
+    span.record("bytes_sent", bytes);
+    span.record("files_skipped", blobs.len() - to_send.len());
+    span.record("bytes_skipped", total - bytes);
     eprintln!(
         "farm submit: context {} ({} files, {}); uploading {} ({})",
         context.root.display(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
+use super::logs::LogChunk;
 use super::{FarmError, Inner};
 use crate::state::{BuildState, LayerState, StateError};
 use farm_model::{Event, LayerFailure};
@@ -20,6 +21,9 @@ pub enum EventKind {
     Log(String),
     /// The build finished.
     Build(BuildState),
+    /// A chunk of a layer's output: where it lies in the build's log file (the text is
+    /// read back when it is sent; see `logs`).
+    Output(LogChunk),
 }
 
 /// One event of a build, as stored and streamed.
@@ -69,7 +73,24 @@ impl StoredEvent {
 }
 
 impl StoredEvent {
-    /// The progress display's event for this one (`None` for the build's end).
+    /// The progress display's events for this one: one, one per line of a chunk of
+    /// output (as sent to a watcher, with its text), none for the build's end.
+    pub fn progress_events(&self) -> Vec<Event> {
+        match &self.kind {
+            EventKind::Output(chunk) => chunk
+                .text
+                .iter()
+                .map(|line| Event::Log {
+                    layer: self.layer.clone(),
+                    line: line.clone(),
+                })
+                .collect(),
+            _ => self.to_progress().into_iter().collect(),
+        }
+    }
+
+    /// The progress display's event for this one (`None` for the build's end and for
+    /// a chunk of output: see [`StoredEvent::progress_events`]).
     pub fn to_progress(&self) -> Option<Event> {
         let layer = self.layer.clone();
         Some(match &self.kind {
@@ -99,7 +120,9 @@ impl StoredEvent {
                 layer,
                 reason: self.error.clone().unwrap_or_default(),
             },
-            EventKind::Layer(LayerState::Waiting) | EventKind::Build(_) => return None,
+            EventKind::Layer(LayerState::Waiting) | EventKind::Build(_) | EventKind::Output(_) => {
+                return None;
+            }
             EventKind::Log(line) => Event::Log {
                 layer,
                 line: line.clone(),
@@ -204,8 +227,72 @@ pub(super) async fn record(
     }
 }
 
+/// Stored events read per query while replaying.
+const PAGE: usize = 256;
+
+/// Events a watcher's stream holds before its sender waits for it: with chunks of
+/// output at most [`super::logs::CHUNK_BYTES`] each, what one reader costs is bounded.
+const WATCH_BUFFER: usize = 16;
+
+/// Send `e` to a watcher, with the text of a chunk of output read in; false once the
+/// watcher is gone. A chunk whose file is gone (collected) is skipped, and logged.
+async fn send(
+    inner: &Inner,
+    id: &str,
+    tx: &mpsc::Sender<(u64, StoredEvent)>,
+    seq: u64,
+    mut e: StoredEvent,
+) -> bool {
+    if let EventKind::Output(chunk) = &mut e.kind
+        && chunk.text.is_empty()
+    {
+        match inner.logs.read(id, chunk).await {
+            Ok(text) => chunk.text = text,
+            Err(err) => {
+                tracing::warn!(build = %id, seq, "reading a chunk of the build's log: {err}; skipping it");
+                return !tx.is_closed();
+            }
+        }
+    }
+    tx.send((seq, e)).await.is_ok()
+}
+
+/// Send build `id`'s stored events after `*last` to `tx`, a page at a time, advancing
+/// `*last`. True when the stream is over (the build's final event was sent, or the
+/// watcher went away).
+async fn replay(
+    inner: &Inner,
+    id: &str,
+    last: &mut u64,
+    tx: &mpsc::Sender<(u64, StoredEvent)>,
+) -> Result<bool, StateError> {
+    loop {
+        let rows = inner.state.events_page(id, *last, PAGE).await?;
+        let full = rows.len() == PAGE;
+        for (seq, json) in rows {
+            *last = seq;
+            let event: StoredEvent = match serde_json::from_str(&json) {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(build = %id, seq, "skipping an unreadable stored event: {e}");
+                    continue;
+                }
+            };
+            let done = event.is_final();
+            if !send(inner, id, tx, seq, event).await || done {
+                return Ok(true);
+            }
+        }
+        if !full {
+            return Ok(false);
+        }
+    }
+}
+
 /// Events of `id` after `after`: stored ones, then live ones, ending with the build's
-/// final event.
+/// final event. The receiver holds a few events at most: a watcher that does not keep
+/// up holds up its own task only, which falls behind the live stream and catches up
+/// from the store (by sequence number).
 pub(super) async fn watch(
     inner: Arc<Inner>,
     id: &str,
@@ -216,22 +303,16 @@ pub(super) async fn watch(
     };
     // Subscribe before reading the store, so nothing falls between the two.
     let mut live = inner.subscribe(id);
-    let (tx, rx) = mpsc::channel(1024);
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
     let id = id.to_string();
     tokio::spawn(async move {
         let mut last = after;
         loop {
-            let replay = match stored(&inner, &id, last).await {
-                Ok(s) => s,
+            match replay(&inner, &id, &mut last, &tx).await {
+                Ok(true) => return,
+                Ok(false) => {}
                 Err(e) => {
                     tracing::error!(build = %id, "reading events: {e}; the watcher's stream ends here");
-                    return;
-                }
-            };
-            for (seq, event) in replay {
-                last = seq;
-                let done = event.is_final();
-                if tx.send((seq, event)).await.is_err() || done {
                     return;
                 }
             }
@@ -258,7 +339,7 @@ pub(super) async fn watch(
                     }
                     last = *seq;
                     let done = e.is_final();
-                    if tx.send((*seq, e.clone())).await.is_err() || done {
+                    if !send(&inner, &id, &tx, *seq, e.clone()).await || done {
                         return;
                     }
                     // Drain what is already queued without a store round trip.
@@ -272,7 +353,7 @@ pub(super) async fn watch(
                         }
                         last = *seq;
                         let done = e.is_final();
-                        if tx.send((*seq, e.clone())).await.is_err() || done {
+                        if !send(&inner, &id, &tx, *seq, e.clone()).await || done {
                             return;
                         }
                     }
@@ -280,22 +361,12 @@ pub(super) async fn watch(
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => {
                     // The build ended: read the rest from the store.
-                    let rest = match stored(&inner, &id, last).await {
-                        Ok(rest) => rest,
-                        Err(e) => {
-                            tracing::error!(
-                                build = %id,
-                                "reading the build's last events: {e}; the watcher's stream \
-                                 ends without them"
-                            );
-                            return;
-                        }
-                    };
-                    for (seq, event) in rest {
-                        let done = event.is_final();
-                        if tx.send((seq, event)).await.is_err() || done {
-                            return;
-                        }
+                    if let Err(e) = replay(&inner, &id, &mut last, &tx).await {
+                        tracing::error!(
+                            build = %id,
+                            "reading the build's last events: {e}; the watcher's stream \
+                             ends without them"
+                        );
                     }
                     return;
                 }
@@ -305,22 +376,20 @@ pub(super) async fn watch(
     Ok(rx)
 }
 
-/// Build `id`'s stored events after `after`. One that does not parse (written by another
-/// release of farm) is skipped, and logged.
-pub(super) async fn stored(
-    inner: &Inner,
+/// Build `id`'s stored events after `after` (with the text of its output), a few at a
+/// time through the receiver; it ends with the last stored one.
+pub(super) fn stored(
+    inner: Arc<Inner>,
     id: &str,
     after: u64,
-) -> Result<Vec<(u64, StoredEvent)>, StateError> {
-    let rows = inner.state.events_after(id, after).await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(seq, json)| match serde_json::from_str(&json) {
-            Ok(event) => Some((seq, event)),
-            Err(e) => {
-                tracing::warn!(build = %id, seq, "skipping an unreadable stored event: {e}");
-                None
-            }
-        })
-        .collect())
+) -> mpsc::Receiver<(u64, StoredEvent)> {
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let mut last = after;
+        if let Err(e) = replay(&inner, &id, &mut last, &tx).await {
+            tracing::error!(build = %id, "reading events: {e}; the reader's stream ends here");
+        }
+    });
+    rx
 }

@@ -7,10 +7,13 @@
 //! process, with one embedded worker speaking the same worker protocol over channels
 //! ([`Farm::connect_worker`]).
 
+mod collect;
 mod events;
+mod logs;
 mod sched;
 #[cfg(test)]
 mod tests;
+mod traces;
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -38,6 +41,7 @@ use futures::{StreamExt, TryStreamExt};
 
 pub use crate::grpc::workers::WorkerLink;
 pub use events::{EventKind, StoredEvent};
+pub use logs::{DEFAULT_MAX_LAYER_LOG, LogChunk};
 pub use sched::WorkerView;
 pub(crate) use sched::{
     RegisterError, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession,
@@ -68,6 +72,20 @@ pub struct FarmConfig {
     pub remote: RemotePolicy,
     /// Limits on what one submission may ask of the coordinator.
     pub limits: Limits,
+    /// The most output one layer (one attempt) keeps, in bytes (`--max-layer-log`);
+    /// the rest is dropped with a marker line.
+    pub max_layer_log: u64,
+    /// A layer whose worker reports no progress (no output, no running sandbox) for this
+    /// long goes to another worker, though the worker sends heartbeats
+    /// (`--progress-timeout`).
+    pub progress_timeout: Duration,
+    /// Garbage collection of the blob store and the action cache (`crate::gc`).
+    pub gc: crate::gc::GcConfig,
+}
+
+impl FarmConfig {
+    /// The default of `--progress-timeout`: 30 minutes.
+    pub const DEFAULT_PROGRESS_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 }
 
 /// Who sent a submission; decides what its build may read, fetch and use.
@@ -170,7 +188,8 @@ impl Default for Limits {
 impl FarmConfig {
     /// The defaults of `farm coordinator`: leases of 10 s, this machine's platform, no
     /// built-in substitutions, unfinished builds resumed, no registry credentials, the
-    /// newest 1,000 finished builds kept, the default [`Limits`].
+    /// newest 1,000 finished builds kept, the default [`Limits`], garbage collected
+    /// every hour ([`crate::gc::GcConfig::default`]).
     pub fn new(state_dir: impl Into<PathBuf>, blobs: BlobStore) -> Self {
         FarmConfig {
             state_dir: state_dir.into(),
@@ -183,6 +202,9 @@ impl FarmConfig {
             keep_builds: 1000,
             remote: RemotePolicy::default(),
             limits: Limits::default(),
+            max_layer_log: DEFAULT_MAX_LAYER_LOG,
+            progress_timeout: Self::DEFAULT_PROGRESS_TIMEOUT,
+            gc: crate::gc::GcConfig::default(),
         }
     }
 }
@@ -322,6 +344,8 @@ pub enum FarmError {
     Blobs(#[from] farm_image::Error),
     #[error("{0}")]
     Fetch(#[from] crate::fetch::FetchError),
+    #[error("garbage collection: {0}")]
+    Gc(#[from] crate::gc::GcError),
 }
 
 /// A build running in this process.
@@ -340,8 +364,14 @@ pub(crate) struct Inner {
     /// Opened once: builds that start together must not race to create its index.
     fetcher: Fetcher,
     running: Mutex<HashMap<BuildId, Running>>,
+    /// Builds' log output, in files beside the state.
+    logs: logs::LogFiles,
     sched: sched::Scheduler,
     metrics: crate::metrics::Metrics,
+    /// One garbage collection at a time.
+    collecting: tokio::sync::Mutex<()>,
+    /// Each build's trace (issue 16).
+    traces: traces::BuildTraces,
 }
 
 /// The coordinator's core; cheap to clone.
@@ -372,6 +402,7 @@ impl Farm {
         let prior_leases = config.resume && state.renew_all(unix_ms()).await? > 0;
         let inner = Arc::new(Inner {
             sched: sched::Scheduler::new(config.lease, prior_leases),
+            logs: logs::LogFiles::new(&config.state_dir, config.max_layer_log),
             config,
             state,
             cache,
@@ -379,8 +410,11 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             contexts: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::default(),
+            collecting: tokio::sync::Mutex::new(()),
+            traces: traces::BuildTraces::default(),
         });
         sched::Scheduler::spawn_loops(&inner);
+        collect::spawn_periodic(&inner);
         let farm = Farm { inner };
         let unfinished = if farm.inner.config.resume {
             farm.inner.state.unfinished_builds().await?
@@ -510,10 +544,12 @@ impl Farm {
                 },
             );
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        let span = inner.traces.build_span(&id);
+        let drive = async move {
             let result = inner.drive(&id, spec, plan, cancelled).await;
             if let Err(e) = result {
                 tracing::error!(build = %id, "build failed: {e}");
+                farm_telemetry::record_error(&tracing::Span::current(), &e.to_string());
                 if let Err(e) = inner.state.fail_build(&id, &e.to_string()).await {
                     tracing::error!(
                         build = %id,
@@ -532,16 +568,21 @@ impl Farm {
                     .await;
             }
             inner.metrics.build_finished();
-            if let Err(e) = inner.state.prune_finished(inner.config.keep_builds).await {
-                tracing::warn!("forgetting old builds: {e}");
+            match inner.state.prune_finished(inner.config.keep_builds).await {
+                Ok(0) => {}
+                // The log files of the builds forgotten go with them.
+                Ok(_) => inner.sweep_logs().await,
+                Err(e) => tracing::warn!("forgetting old builds: {e}"),
             }
             inner
                 .running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            inner.logs.close(&id);
             inner.release_context(held);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(drive, span));
     }
 
     /// Cancel a build: queued layers never start, running ones are stopped on their
@@ -577,16 +618,29 @@ impl Farm {
         events::watch(self.inner.clone(), id, after_seq).await
     }
 
-    /// Build `id`'s stored events after `after_seq` (what [`Farm::watch`] replays first).
+    /// Build `id`'s stored events after `after_seq` (what [`Farm::watch`] replays
+    /// first), a few at a time through the receiver, chunks of output with their text.
     pub async fn stored_events(
         &self,
         id: &str,
         after_seq: u64,
-    ) -> Result<Vec<(u64, StoredEvent)>, FarmError> {
+    ) -> Result<tokio::sync::mpsc::Receiver<(u64, StoredEvent)>, FarmError> {
         if self.inner.state.build(id).await?.is_none() {
             return Err(FarmError::NotFound(id.to_string()));
         }
-        Ok(events::stored(&self.inner, id, after_seq).await?)
+        Ok(events::stored(self.inner.clone(), id, after_seq))
+    }
+
+    /// Remove build `id`'s log file (`<state dir>/logs/<id>.log`), for garbage
+    /// collection of a build that is forgotten. Its stored events then name output
+    /// that is gone, which readers skip. A build without a file is fine.
+    pub fn remove_logs(&self, id: &str) -> std::io::Result<()> {
+        self.inner.logs.remove(id)
+    }
+
+    /// The cap on one layer's output told to workers with each assignment.
+    pub(crate) fn max_layer_log(&self) -> u64 {
+        self.inner.logs.max_layer_log()
     }
 
     /// Attach a worker through channels (the embedded worker; the gRPC service uses the
@@ -869,6 +923,7 @@ impl Inner {
             Some(p) => p,
             None => self.plan(&spec).await?,
         };
+        tracing::Span::current().record("layers", plan.layers.len());
         let root = self.context_root(&spec).await?;
         let policy = &self.config.remote;
         let (context, destinations, scope) = match spec.origin {
@@ -1008,6 +1063,11 @@ impl Inner {
             s => self.state.set_build_state(id, s).await?,
         }
         tracing::info!(build = %id, state = %state, "build finished");
+        let span = tracing::Span::current();
+        span.record("state", tracing::field::display(state));
+        if let (BuildState::Failed, Some(e)) = (state, &error) {
+            farm_telemetry::record_error(&span, e);
+        }
         self.publish(id, vec![StoredEvent::finished(state, error)])
             .await;
         Ok(())
@@ -1040,6 +1100,21 @@ impl Inner {
             for (n, e) in events.into_iter().enumerate() {
                 let _ = sender.send(Arc::new((first + n as u64, e)));
             }
+        }
+    }
+
+    /// Remove the log files of builds the state no longer has (forgotten, or gone
+    /// with a state reset); logged, never fatal.
+    pub(super) async fn sweep_logs(&self) {
+        match self.state.list_builds().await {
+            Ok(builds) => {
+                let known: std::collections::HashSet<String> =
+                    builds.into_iter().map(|b| b.id).collect();
+                if let Err(e) = self.logs.sweep(&known) {
+                    tracing::warn!("removing the log files of forgotten builds: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("listing builds to remove forgotten logs: {e}"),
         }
     }
 

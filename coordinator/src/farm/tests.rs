@@ -1269,6 +1269,7 @@ async fn a_start_removes_contexts_no_build_holds() {
 }
 
 /// What a remote submission may read, fetch and use.
+mod logs;
 mod remote;
 
 /// A worker may hand back only what it holds: a rogue's `Drain` naming another worker's

@@ -80,11 +80,54 @@ fn status_of(e: FarmError) -> Status {
     }
 }
 
+/// The wire events of one stored event: one, or one per line of a chunk of output.
+/// A chunk's lines but its last carry seq 0 (a watcher resumes after whole chunks: one
+/// cut in the middle is sent again from its start).
+fn events(seq: u64, e: StoredEvent) -> Vec<BuildEvent> {
+    let StoredEvent { layer, kind, .. } = &e;
+    let EventKind::Output(chunk) = kind else {
+        return vec![event(seq, e)];
+    };
+    let n = chunk.text.len();
+    chunk
+        .text
+        .iter()
+        .enumerate()
+        .map(|(i, line)| BuildEvent {
+            seq: if i + 1 == n { seq } else { 0 },
+            layer: layer.clone(),
+            kind: Some(build_event::Kind::Log(line.clone())),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The log lines of one stored event (none for other events).
+fn log_lines(e: StoredEvent) -> Vec<LogLine> {
+    match e.kind {
+        EventKind::Log(line) => vec![LogLine {
+            layer: e.layer,
+            line,
+        }],
+        EventKind::Output(chunk) => chunk
+            .text
+            .into_iter()
+            .map(|line| LogLine {
+                layer: e.layer.clone(),
+                line,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn event(seq: u64, e: StoredEvent) -> BuildEvent {
     let kind = match e.kind {
         EventKind::Layer(s) => build_event::Kind::State(i32::from(s)),
         EventKind::Log(l) => build_event::Kind::Log(l),
         EventKind::Build(s) => build_event::Kind::Build(i32::from(s)),
+        // Split by `events`.
+        EventKind::Output(_) => build_event::Kind::Log(String::new()),
     };
     BuildEvent {
         seq,
@@ -99,14 +142,13 @@ fn event(seq: u64, e: StoredEvent) -> BuildEvent {
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl FarmApi for FarmService {
-    async fn submit(
+impl FarmService {
+    /// `Submit` after its span is set up.
+    async fn submit_request(
         &self,
-        request: Request<SubmitRequest>,
+        r: SubmitRequest,
+        caller: Option<Principal>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let caller = principal(&request);
-        let r = request.into_inner();
         let mut substitutions = Substitutions::default();
         for s in &r.substitutions {
             substitutions.cli.push(
@@ -163,7 +205,38 @@ impl FarmApi for FarmService {
         }
         let owner = caller.as_ref().map(|p| p.name.as_str());
         let (id, layers) = self.farm.submit_as(spec, owner).await.map_err(status_of)?;
-        Ok(Response::new(SubmitResponse { id, layers }))
+        let trace_id = self.farm.trace_id(&id).unwrap_or_default();
+        Ok(Response::new(SubmitResponse {
+            id,
+            layers,
+            trace_id,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl FarmApi for FarmService {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let caller = principal(&request);
+        // The build's span is a child of the client's (W3C `traceparent`).
+        let span = tracing::info_span!(
+            target: "farm_trace",
+            "Submit",
+            rpc.service = "farm.v1.Farm",
+            otel.kind = "server",
+            otel.status_description = tracing::field::Empty,
+        );
+        farm_telemetry::set_parent(&span, &farm_telemetry::extract_metadata(request.metadata()));
+        let r = request.into_inner();
+        let result =
+            tracing::Instrument::instrument(self.submit_request(r, caller), span.clone()).await;
+        if let Err(status) = &result {
+            farm_telemetry::record_error(&span, status.message());
+        }
+        result
     }
 
     type WatchStream = Boxed<BuildEvent>;
@@ -180,7 +253,8 @@ impl FarmApi for FarmService {
             .watch(&r.id, r.after_seq)
             .await
             .map_err(status_of)?;
-        let stream = ReceiverStream::new(rx).map(|(seq, e)| Ok(event(seq, e)));
+        let stream = ReceiverStream::new(rx)
+            .flat_map(|(seq, e)| futures::stream::iter(events(seq, e).into_iter().map(Ok)));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -232,31 +306,18 @@ impl FarmApi for FarmService {
         self.visible(&caller, &r.id).await?;
         let layer = r.layer;
         let keep = move |e: &StoredEvent| layer.is_empty() || e.layer == layer;
-        let line = |e: StoredEvent| match e.kind {
-            EventKind::Log(line) => Some(Ok(LogLine {
-                layer: e.layer,
-                line,
-            })),
-            _ => None,
-        };
-        if r.follow {
-            let rx = self.farm.watch(&r.id, 0).await.map_err(status_of)?;
-            let stream = ReceiverStream::new(rx)
-                .filter(move |(_, e)| std::future::ready(keep(e)))
-                .filter_map(move |(_, e)| std::future::ready(line(e)));
-            return Ok(Response::new(Box::pin(stream)));
+        // Chunk by chunk from the build's log file, through a short queue: a reader
+        // costs a few chunks of memory however long the log is.
+        let rx = if r.follow {
+            self.farm.watch(&r.id, 0).await
+        } else {
+            self.farm.stored_events(&r.id, 0).await
         }
-        let lines: Vec<Result<LogLine, Status>> = self
-            .farm
-            .stored_events(&r.id, 0)
-            .await
-            .map_err(status_of)?
-            .into_iter()
-            .map(|(_, e)| e)
-            .filter(keep)
-            .filter_map(line)
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(lines))))
+        .map_err(status_of)?;
+        let stream = ReceiverStream::new(rx)
+            .filter(move |(_, e)| std::future::ready(keep(e)))
+            .flat_map(|(_, e)| futures::stream::iter(log_lines(e).into_iter().map(Ok)));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn workers(
@@ -312,6 +373,7 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
     let webhook = webhook_origin(farm, id).await?;
     Ok(proto::BuildStatus {
         webhook,
+        trace_id: farm.trace_id(id).unwrap_or_default(),
         id: build.id,
         state: i32::from(build.state),
         error: build.error.unwrap_or_default(),

@@ -31,14 +31,40 @@ pub struct WorkerLink {
     pub rx: mpsc::UnboundedReceiver<CoordinatorMessage>,
 }
 
+/// Messages from one worker read ahead of the one being handled. A worker's stream is
+/// read no faster than its messages are handled (its log lines stored): past this, the
+/// worker's sends wait (HTTP/2 flow control), and the coordinator's memory stays put.
+const INBOUND_BUFFER: usize = 4;
+
+/// The largest message a worker may send (a registration with the most chains kept is
+/// about 7 MiB; log batches are about 1 MiB): with [`INBOUND_BUFFER`], what one worker
+/// can make the coordinator hold.
+pub(crate) const MAX_WORKER_MESSAGE: usize = 16 << 20;
+
+/// How often a stream of log batches renews its worker's leases (see `serve`).
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most chains one registration or heartbeat may report; more are ignored (and
+/// logged): a pool that large is better known from results.
+pub(crate) const MAX_REPORTED_CHAINS: usize = 100_000;
+
 /// A new connection to `farm`, served by a task on the current Tokio runtime (`None`
 /// outside one). `credential`: the worker name its token proves, if workers
-/// authenticate.
+/// authenticate. (The in-process worker's sender is unbounded, as its builds are this
+/// process's; a bounded queue sits between it and the handler all the same.)
 pub(crate) fn link(farm: &Farm, credential: Option<String>) -> Option<WorkerLink> {
     let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let (wtx, wrx) = mpsc::unbounded_channel();
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<WorkerMessage>();
+    let (btx, brx) = mpsc::channel(INBOUND_BUFFER);
     let (ctx, crx) = mpsc::unbounded_channel();
-    runtime.spawn(serve(farm.clone(), wrx, ctx, credential));
+    runtime.spawn(async move {
+        while let Some(msg) = wrx.recv().await {
+            if btx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    runtime.spawn(serve(farm.clone(), brx, ctx, credential));
     Some(WorkerLink { tx: wtx, rx: crx })
 }
 
@@ -67,7 +93,7 @@ impl WorkerService {
 
     pub fn into_server(self) -> WorkersServer<Self> {
         WorkersServer::new(self)
-            .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+            .max_decoding_message_size(MAX_WORKER_MESSAGE)
             .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
     }
 }
@@ -84,18 +110,19 @@ impl Workers for WorkerService {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let credential = crate::auth::principal(&request).map(|p| p.name);
         let mut inbound = request.into_inner();
-        let link = link(&self.farm, credential)
-            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?;
-        let tx = link.tx;
+        // Bounded: a worker that sends faster than its messages are handled waits.
+        let (tx, rx) = mpsc::channel(INBOUND_BUFFER);
+        let (ctx, crx) = mpsc::unbounded_channel();
+        tokio::spawn(serve(self.farm.clone(), rx, ctx, credential));
         tokio::spawn(async move {
             while let Some(Ok(msg)) = inbound.next().await {
-                if tx.send(msg).is_err() {
+                if tx.send(msg).await.is_err() {
                     break;
                 }
             }
             // Dropping `tx` tells the farm the worker is gone.
         });
-        let outbound = UnboundedReceiverStream::new(link.rx).map(Ok);
+        let outbound = UnboundedReceiverStream::new(crx).map(Ok);
         let Some(mut stopping) = self.stopping.clone() else {
             return Ok(Response::new(Box::pin(outbound)));
         };
@@ -119,7 +146,16 @@ impl Workers for WorkerService {
     }
 }
 
-impl WorkerOutbox for mpsc::UnboundedSender<CoordinatorMessage> {
+/// The scheduler's messages to one worker's stream. What goes this way is the
+/// coordinator's own (assignments up to the worker's slots, cancels, acks), so the
+/// queue is not bounded by the worker's pace.
+struct Outbox {
+    tx: mpsc::UnboundedSender<CoordinatorMessage>,
+    /// Told with each assignment (`--max-layer-log`).
+    max_layer_log: u64,
+}
+
+impl WorkerOutbox for Outbox {
     fn send(&self, message: ToWorker) -> Result<(), WorkerGone> {
         let kind = match message {
             ToWorker::Registered { heartbeat } => {
@@ -131,14 +167,18 @@ impl WorkerOutbox for mpsc::UnboundedSender<CoordinatorMessage> {
                 id,
                 job_json,
                 lease,
+                trace,
             } => coordinator_message::Kind::Assign(Assignment {
                 id: id.to_string(),
                 job_json,
                 lease_ms: lease.as_millis() as u64,
+                max_layer_log: self.max_layer_log,
+                trace_context: trace,
             }),
             ToWorker::Cancel(id) => coordinator_message::Kind::Cancel(id.to_string()),
         };
-        mpsc::UnboundedSender::send(self, CoordinatorMessage { kind: Some(kind) })
+        self.tx
+            .send(CoordinatorMessage { kind: Some(kind) })
             .map_err(|_| WorkerGone)
     }
 }
@@ -146,7 +186,7 @@ impl WorkerOutbox for mpsc::UnboundedSender<CoordinatorMessage> {
 /// One worker's connection, from its registration until it goes away.
 async fn serve(
     farm: Farm,
-    mut rx: mpsc::UnboundedReceiver<WorkerMessage>,
+    mut rx: mpsc::Receiver<WorkerMessage>,
     tx: mpsc::UnboundedSender<CoordinatorMessage>,
     credential: Option<String>,
 ) {
@@ -192,7 +232,11 @@ async fn serve(
         }
     };
     info.name_proven = credential.is_some();
-    let session = match farm.register_worker(info, Box::new(tx.clone())).await {
+    let outbox = Outbox {
+        tx: tx.clone(),
+        max_layer_log: farm.max_layer_log(),
+    };
+    let session = match farm.register_worker(info, Box::new(outbox)).await {
         Ok(session) => session,
         Err(e @ RegisterError::NameInUse(_)) => {
             refuse(e.to_string(), true);
@@ -203,14 +247,29 @@ async fn serve(
             return;
         }
     };
+    // When this worker's leases were last renewed by a message other than a heartbeat.
+    let mut renewed = std::time::Instant::now();
     while let Some(msg) = rx.recv().await {
         match msg.kind {
             Some(worker_message::Kind::Heartbeat(hb)) => {
+                let live: Vec<AssignmentId> = hb
+                    .live
+                    .iter()
+                    .filter_map(|a| assignment_id(&name, a))
+                    .collect();
+                session.progress(&live);
                 session.heartbeat(parse_chains(&name, &hb.chains)).await;
             }
             Some(worker_message::Kind::Logs(batch)) => {
                 if let Some(id) = assignment_id(&name, &batch.assignment) {
-                    session.logs(id, batch.lines);
+                    session.logs(id, batch.lines).await;
+                }
+                // A worker whose output is read no faster than it is stored has its
+                // heartbeats queued behind that output: its messages are its heartbeat
+                // meanwhile (at most once a second), or its leases would run out.
+                if renewed.elapsed() >= RENEW_EVERY {
+                    renewed = std::time::Instant::now();
+                    session.heartbeat(HashSet::new()).await;
                 }
             }
             Some(worker_message::Kind::Result(result)) => {
@@ -322,10 +381,21 @@ fn assignment_id(worker: &str, id: &str) -> Option<AssignmentId> {
     }
 }
 
-/// The chains a worker reports; ones that are not ChainIDs are ignored (and logged).
+/// The chains a worker reports; ones that are not ChainIDs are ignored (and logged),
+/// and so is every one past [`MAX_REPORTED_CHAINS`].
 fn parse_chains(worker: &str, chains: &[String]) -> HashSet<ChainId> {
+    if chains.len() > MAX_REPORTED_CHAINS {
+        tracing::warn!(
+            %worker,
+            reported = chains.len(),
+            kept = MAX_REPORTED_CHAINS,
+            "the worker reports more chains than the coordinator keeps from one message; \
+             the rest are ignored (the coordinator learns chains from results too)"
+        );
+    }
     chains
         .iter()
+        .take(MAX_REPORTED_CHAINS)
         .filter_map(|c| match ChainId::parse(c) {
             Ok(id) => Some(id),
             Err(e) => {
@@ -334,4 +404,18 @@ fn parse_chains(worker: &str, chains: &[String]) -> HashSet<ChainId> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_of_more_chains_than_the_cap_keeps_the_cap() {
+        let chains: Vec<String> = (0..MAX_REPORTED_CHAINS + 5)
+            .map(|i| format!("sha256:{i:064x}"))
+            .collect();
+        assert_eq!(parse_chains("w", &chains).len(), MAX_REPORTED_CHAINS);
+        assert_eq!(parse_chains("w", &chains[..3]).len(), 3);
+    }
 }

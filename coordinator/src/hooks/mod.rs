@@ -271,7 +271,21 @@ impl Hooks {
                 let repo = repo.clone();
                 let hooks = self.clone();
                 let d = delivery.clone();
-                tokio::spawn(async move { hooks.work(repo, push, d).await });
+                // A delivery is a trace of its own, linked to the builds it starts
+                // (issue 16).
+                let span = tracing::info_span!(
+                    target: "farm_trace",
+                    parent: None,
+                    "webhook delivery",
+                    provider = %repo.provider.as_str(),
+                    repo = %repo.name,
+                    sha = %push.sha,
+                    delivery = %d,
+                );
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move { hooks.work(repo, push, d).await },
+                    span,
+                ));
                 answer(
                     Outcome::Accepted,
                     StatusCode::ACCEPTED,
@@ -405,6 +419,7 @@ impl Hooks {
             if let Ok(Some(id)) = state.webhook_build(&key, &push.sha, &b.name).await {
                 // The commit is built once; this delivery's own tags (a tag or a pull
                 // request at a commit a branch push already built) follow that build.
+                farm_telemetry::add_link(&tracing::Span::current(), &self.farm.trace_context(&id));
                 ids.push(id.clone());
                 out.push((b.name.clone(), Started::Shared(id, target)));
                 continue;
@@ -437,8 +452,16 @@ impl Hooks {
                 origin: Origin::Remote,
                 inline: Default::default(),
             };
-            match self.farm.submit(spec).await {
+            // The build is the root of its own trace; the delivery links to it.
+            let submitted =
+                tracing::Instrument::instrument(self.farm.submit(spec), tracing::Span::none())
+                    .await;
+            match submitted {
                 Ok((id, _)) => {
+                    farm_telemetry::add_link(
+                        &tracing::Span::current(),
+                        &self.farm.trace_context(&id),
+                    );
                     tracing::info!(build = %id, repo = %repo.name, sha = %push.sha, delivery, name = %b.name, "webhook build started");
                     if let Err(e) = state
                         .set_webhook_build(&key, &push.sha, &b.name, &id, &push.git_ref, delivery)

@@ -35,6 +35,7 @@ impl Engine {
         name: &str,
     ) -> Result<ChainHandle, EngineError> {
         let mut chain = self.empty_chain().await?;
+        let (mut extracted, mut reused) = (0usize, 0usize);
         for (n, layer) in layers.iter().enumerate() {
             let id = farm_model::chain_id(layers[..=n].iter().map(|l| l.diff_id.as_str()))?;
             let parent = chain;
@@ -45,8 +46,12 @@ impl Engine {
             };
             self.count(&begin);
             chain = match begin {
-                Begin::Exists(h) => h,
+                Begin::Exists(h) => {
+                    reused += 1;
+                    h
+                }
                 Begin::Create(pending) => {
+                    extracted += 1;
                     events.log(
                         name,
                         format!(
@@ -86,6 +91,10 @@ impl Engine {
                 }
             };
         }
+        // On the "base chain" span: how much of the base the pool already held.
+        let span = tracing::Span::current();
+        span.record("extracted", extracted);
+        span.record("reused", reused);
         Ok(chain)
     }
 

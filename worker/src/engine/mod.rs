@@ -109,6 +109,8 @@ pub struct EngineOptions {
     pub binds: BindPolicy,
     /// How much one layer (a base's, a tarball base) may extract to.
     pub extract: crate::ops::ExtractLimits,
+    /// The processes and /proc runs see (`--sandbox-proc`).
+    pub sandbox_proc: crate::sandbox::SandboxProc,
 }
 
 impl EngineOptions {
@@ -140,6 +142,18 @@ pub struct Engine {
     /// Base layers found in the pool / extracted into it (the worker's metrics).
     chain_hits: std::sync::atomic::AtomicU64,
     chain_misses: std::sync::atomic::AtomicU64,
+    /// Layers exported: uncompressed tar bytes and time spent (the worker's metrics).
+    exports: ExportStats,
+}
+
+/// Exports since the engine started: their count, uncompressed tar bytes, blob bytes
+/// (compressed) and time, from the first tar byte to the blob in the store.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub count: std::sync::atomic::AtomicU64,
+    pub tar_bytes: std::sync::atomic::AtomicU64,
+    pub blob_bytes: std::sync::atomic::AtomicU64,
+    pub micros: std::sync::atomic::AtomicU64,
 }
 
 /// Deletes trees inside the user namespace (files of other container users cannot be
@@ -186,6 +200,7 @@ impl Engine {
             cancel: CancelToken::new(),
             chain_hits: Default::default(),
             chain_misses: Default::default(),
+            exports: Default::default(),
         }
     }
 
@@ -197,6 +212,11 @@ impl Engine {
             self.chain_hits.load(Relaxed),
             self.chain_misses.load(Relaxed),
         )
+    }
+
+    /// The layers exported since the engine started (see [`ExportStats`]).
+    pub fn export_stats(&self) -> &ExportStats {
+        &self.exports
     }
 
     pub fn pool(&self) -> &Pool {

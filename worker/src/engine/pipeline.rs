@@ -17,6 +17,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+
+use tracing::field::Empty;
+use tracing::{Instrument as _, info_span};
 
 use farm_image::oci::ImageConfiguration;
 use farm_image::{Digest, ExportOptions, ExportedLayer, export_tar_stream};
@@ -96,7 +100,21 @@ impl Build<'_> {
     }
 
     async fn steps(&mut self) -> Result<BuiltImage, EngineError> {
-        let (mut stack, base_config) = self.base_chain().await?;
+        // Each step has a span (issue 16), a child of the assignment's.
+        let base_layers = match &self.job.base {
+            JobBase::Image(i) => i.layers.len(),
+            _ => 0,
+        };
+        let (mut stack, base_config) = self
+            .base_chain()
+            .instrument(info_span!(
+                target: "farm_trace",
+                "base chain",
+                layers = base_layers,
+                extracted = Empty,
+                reused = Empty
+            ))
+            .await?;
         // A tar base and its run form one layer, unless `dest` imports or
         // `overlay_dirs` must sit between them (each is its own layer below the run
         // layer): then the tarball is a layer of its own and the run a diff above.
@@ -108,24 +126,41 @@ impl Build<'_> {
             self.tar_base_layer(&mut stack).await?;
             tar_base_pending = false;
         }
-        let sources = self.locate_imports().await?;
-        for (args, what) in self.extra_layer_inputs(&sources).await? {
-            self.add_staged_layer(&mut stack, args, &what).await?;
+        let imports = self.job.imports.len() + self.job.overlay_dirs.len();
+        let staged = async {
+            let sources = self.locate_imports().await?;
+            for (args, what) in self.extra_layer_inputs(&sources).await? {
+                self.add_staged_layer(&mut stack, args, &what).await?;
+            }
+            Ok::<_, EngineError>(sources)
         }
+        .instrument(info_span!(target: "farm_trace", "imports", count = imports))
+        .await?;
+        let sources = staged;
         let run_upper = self.run(&stack, &sources).await?;
         let labels = self
             .generate_labels(&stack, run_upper.as_deref(), &sources)
             .await?;
+        // Exporting prints nothing for a while: the job is busy (progress for the
+        // coordinator's --progress-timeout).
+        let busy = self.cancel.busy();
         match &run_upper {
             Some(upper) => {
                 self.capture_run(&mut stack, upper, tar_base_pending)
+                    .instrument(info_span!(target: "farm_trace", "capture"))
                     .await?
             }
-            None if tar_base_pending => self.tar_base_layer(&mut stack).await?,
+            None if tar_base_pending => {
+                self.tar_base_layer(&mut stack)
+                    .instrument(info_span!(target: "farm_trace", "capture"))
+                    .await?
+            }
             None => {}
         }
+        drop(busy);
         tracing::debug!(layer = self.name(), chain = %stack.chain.id(), "built");
         self.image_config(stack, base_config.as_ref(), &labels)
+            .instrument(info_span!(target: "farm_trace", "image config"))
             .await
     }
 
@@ -322,7 +357,9 @@ impl Build<'_> {
             sources,
         )?;
         self.scratch.push(ws);
-        self.run_script(&spec).await?;
+        self.run_script(&spec)
+            .instrument(sandbox_span("run"))
+            .await?;
         Ok(Some(upper))
     }
 
@@ -356,7 +393,9 @@ impl Build<'_> {
         });
         self.scratch.push(ws);
         self.events.log(self.name(), "farm: generate_labels");
-        self.run_script(&spec).await?;
+        self.run_script(&spec)
+            .instrument(sandbox_span("generate_labels"))
+            .await?;
         read_labels(&labels_dir)
     }
 
@@ -471,6 +510,44 @@ impl Build<'_> {
         overlay: bool,
         exclude: &[String],
     ) -> Result<ExportedLayer, EngineError> {
+        let span = info_span!(
+            target: "farm_trace",
+            "export",
+            compression = %self.job.compression,
+            tar_bytes = Empty,
+            blob_bytes = Empty,
+            digest = Empty,
+            mb_per_s = Empty,
+        );
+        let started = std::time::Instant::now();
+        let exported = self
+            .export_dir_untimed(dir, overlay, exclude)
+            .instrument(span.clone())
+            .await?;
+        let took = started.elapsed();
+        let stats = self.engine.export_stats();
+        stats.count.fetch_add(1, Relaxed);
+        stats.tar_bytes.fetch_add(exported.tar_size, Relaxed);
+        stats.blob_bytes.fetch_add(exported.size, Relaxed);
+        stats.micros.fetch_add(took.as_micros() as u64, Relaxed);
+        span.record("tar_bytes", exported.tar_size);
+        span.record("blob_bytes", exported.size);
+        span.record("digest", tracing::field::display(&exported.digest));
+        span.record(
+            "mb_per_s",
+            exported.tar_size as f64 / 1e6 / took.as_secs_f64().max(1e-6),
+        );
+        Ok(exported)
+    }
+
+    /// [`Build::export_dir`]: tar -> diff_id -> compression -> digest, streamed into the
+    /// blob store (the upload).
+    async fn export_dir_untimed(
+        &self,
+        dir: &Path,
+        overlay: bool,
+        exclude: &[String],
+    ) -> Result<ExportedLayer, EngineError> {
         let engine = self.engine;
         let (what, mut child) = engine
             .tar_process(dir, overlay, exclude, self.job.source_date_epoch)
@@ -488,6 +565,19 @@ impl Build<'_> {
         }
         Ok(exported?)
     }
+}
+
+/// The span of one sandbox run (`run` or `generate_labels`); `run_script` records how
+/// it ended and how long the sandbox took to start.
+fn sandbox_span(what: &'static str) -> tracing::Span {
+    info_span!(
+        target: "farm_trace",
+        "sandbox",
+        script = what,
+        start_ms = Empty,
+        exit = Empty,
+        otel.status_description = Empty,
+    )
 }
 
 /// Labels written by generate_labels: one per file, named by the file, its content the

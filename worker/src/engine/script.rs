@@ -42,6 +42,7 @@ impl Build<'_> {
         spec.timeout = options.run_timeout(&job.layer.sandbox);
         spec.network = options.run_network(&job.layer.sandbox);
         spec.nested_userns = job.layer.sandbox.nested_userns;
+        spec.proc = options.sandbox_proc;
         if job.layer.sandbox.network == Some(Network::Host) && spec.network == Network::None {
             self.events.log(
                 self.name(),
@@ -87,6 +88,8 @@ impl Build<'_> {
         };
         let mut spec = spec.clone();
         spec.cgroup = cgroup.as_ref().map(|c| c.path().to_path_buf());
+        // A running sandbox is progress, printing or not (`sleep 3600` is not stuck).
+        let _busy = cancel.busy();
         let status = self
             .engine
             .userns
@@ -99,6 +102,27 @@ impl Build<'_> {
             })
             .await;
         let hit = || cgroup.as_ref().and_then(|c| c.limit_hit());
+        let span = tracing::Span::current();
+        match &status {
+            Ok(ScriptStatus::Exited(c)) => span.record("exit", *c as i64),
+            Ok(ScriptStatus::Signaled(s)) => span.record("exit", format!("signal {s}")),
+            Err(e) => span.record("exit", e.to_string()),
+        };
+        let result = self.finish_script(status, hit, tail);
+        if let Err(e) = &result {
+            farm_telemetry::record_error(&span, &e.to_string());
+        }
+        result
+    }
+
+    /// How a script ended, as the build's result.
+    fn finish_script(
+        &self,
+        status: Result<ScriptStatus, SandboxError>,
+        hit: impl Fn() -> Option<String>,
+        tail: VecDeque<String>,
+    ) -> Result<(), EngineError> {
+        let cancel = self.cancel;
         let status = match status {
             Ok(s) => s,
             Err(_) if cancel.is_cancelled() => return Err(EngineError::Cancelled),

@@ -41,6 +41,7 @@ impl Engine {
         );
         spec.env = env;
         spec.interactive = true;
+        spec.proc = self.options.sandbox_proc;
         let status = self
             .userns
             .run_sandbox(&spec, Some(&self.cancel), |_| {})

@@ -94,6 +94,7 @@ mod error;
 mod fsinfo;
 mod lock;
 mod meta;
+mod watermark;
 
 use std::fmt;
 use std::fs;
@@ -107,6 +108,7 @@ pub use backend::{Backend, BackendKind, BtrfsBackend, CopyBackend, Deleter, StdD
 pub use error::{PoolError, Result, is_no_space};
 pub use fsinfo::{Finding, FsKind, MountInfo, Report, Severity};
 pub use meta::SizeSource;
+pub use watermark::{Level, Watermarks};
 
 use lock::{Lock, Mode};
 use meta::ChainMeta;

@@ -9,7 +9,7 @@ use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HelperReport, Outcome, RESULT_PREFIX, SandboxSpec, ScriptStatus};
+use super::{HelperReport, Outcome, RESULT_PREFIX, SandboxProc, SandboxSpec, ScriptStatus};
 use crate::sys;
 
 /// Messages from init to the helper, one JSON per line.
@@ -52,6 +52,21 @@ fn helper(spec: SandboxSpec) -> HelperReport {
         Ok(p) => p,
         Err(e) => return failed(format!("pipe: {e}"), warnings),
     };
+    let host_pids = spec.proc == SandboxProc::Host;
+    // Without a pid namespace of its own nothing kills the build's leftovers when init
+    // exits: orphans come to the helper (a child subreaper), which kills them. /proc is
+    // opened now: once init has pivoted, the helper's root is the build's too.
+    let proc_dir = if host_pids {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            return failed(format!("becoming a child subreaper: {e}"), warnings);
+        }
+        match fs::File::open("/proc") {
+            Ok(f) => Some(OwnedFd::from(f)),
+            Err(e) => return failed(format!("opening /proc: {e}"), warnings),
+        }
+    } else {
+        None
+    };
     let pid = match sys::fork_single_threaded() {
         Err(e) => return failed(format!("fork: {e}"), warnings),
         Ok(sys::Forked::Child) => {
@@ -63,6 +78,11 @@ fn helper(spec: SandboxSpec) -> HelperReport {
     };
     drop(report_w);
     drop(life_r);
+    if host_pids {
+        // The helper's directory is not the worker's: pivot_root (in init) moves a root
+        // and working directory that are `/` to the build's root.
+        let _ = nix::unistd::chdir("/");
+    }
     if sys::set_init_pid(pid) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -87,6 +107,11 @@ fn helper(spec: SandboxSpec) -> HelperReport {
             other => break other,
         }
     };
+    if let Some(proc_dir) = &proc_dir
+        && let Err(e) = kill_leftovers(proc_dir)
+    {
+        warnings.push(e);
+    }
     drop(life_w);
     let outcome = match (finished, setup_error) {
         (Some(s), _) => Outcome::Finished(s),
@@ -95,6 +120,81 @@ fn helper(spec: SandboxSpec) -> HelperReport {
         (None, None) => Outcome::InitDied(format!("{wait:?}")),
     };
     HelperReport { outcome, warnings }
+}
+
+/// How long [`kill_leftovers`] keeps at it (a build forking as fast as it is killed).
+const LEFTOVER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// With the worker's pid namespace ([`SandboxProc::Host`]): SIGKILLs and reaps every
+/// process left below the helper (the build's orphans, re-parented to it as a child
+/// subreaper) until it has no child left. `proc_dir` is the worker's /proc.
+fn kill_leftovers(proc_dir: &OwnedFd) -> Result<(), String> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let me = std::process::id();
+    let deadline = std::time::Instant::now() + LEFTOVER_DEADLINE;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Err(nix::errno::Errno::ECHILD) => return Ok(()),
+            Err(nix::errno::Errno::EINTR)
+            | Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {
+                continue;
+            }
+            Err(e) => return Err(format!("waiting for the build's leftover processes: {e}")),
+            Ok(_) => {}
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "processes of the build outlived it: still killing them after {LEFTOVER_DEADLINE:?}"
+            ));
+        }
+        for pid in children(proc_dir, me) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// The pids of `pid`'s children: /proc/PID/task/PID/children, or (a kernel without
+/// it) every /proc/N/stat whose parent is `pid` (through the build's /proc: the
+/// worker's, bound there).
+fn children(proc_dir: &OwnedFd, pid: u32) -> Vec<i32> {
+    if let Some(text) = read_at(proc_dir, &format!("{pid}/task/{pid}/children")) {
+        return text
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+    }
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            read_at(proc_dir, &format!("{p}/stat")).is_some_and(|stat| {
+                // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// A file below `dir`, read whole.
+fn read_at(dir: &OwnedFd, path: &str) -> Option<String> {
+    let fd = nix::fcntl::openat(
+        dir,
+        path,
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()?;
+    let mut text = String::new();
+    io::Read::read_to_string(&mut fs::File::from(fd), &mut text).ok()?;
+    Some(text)
 }
 
 fn send(report: &mut fs::File, msg: &InitMsg) {

@@ -65,6 +65,7 @@
 mod harden;
 mod helper;
 mod run;
+pub use run::{SANDBOX_STARTS, SandboxStarts};
 mod seccomp;
 mod setup;
 mod skeleton;
@@ -119,6 +120,57 @@ pub struct SandboxSpec {
     /// forks the sandbox: everything of the build is charged to it.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The sandbox's processes and /proc: a pid namespace of its own with a fresh /proc
+    /// (the default), or the worker's pid namespace and its /proc bound read-only
+    /// ([`SandboxProc::Host`], for containers whose /proc is masked).
+    #[serde(default)]
+    pub proc: SandboxProc,
+}
+
+/// What a build sees as its processes and its /proc (`farm worker --sandbox-proc`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SandboxProc {
+    /// A new pid namespace (the run's init is pid 1) with a fresh procfs: the build sees
+    /// only its own processes, and when it ends the kernel kills all of them.
+    #[default]
+    Fresh,
+    /// The worker's pid namespace, and the worker's /proc bound recursively and
+    /// read-only: for containers where the kernel refuses a fresh procfs (a masked
+    /// /proc, no pod user namespace). The build sees (and, running as the worker's uid,
+    /// may signal) the container's processes, including other builds of this worker;
+    /// the /proc files that ptrace checks guard (environ, mem, root, fd) stay closed,
+    /// since a build's processes are in a user namespace of their own.
+    /// Leftover processes are killed by the sandbox's helper (a child subreaper) when
+    /// the run ends.
+    Host,
+}
+
+impl SandboxProc {
+    pub const VALUES: [&'static str; 2] = ["fresh", "host"];
+}
+
+impl std::fmt::Display for SandboxProc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SandboxProc::Fresh => "fresh",
+            SandboxProc::Host => "host",
+        })
+    }
+}
+
+impl std::str::FromStr for SandboxProc {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fresh" => Ok(SandboxProc::Fresh),
+            "host" => Ok(SandboxProc::Host),
+            other => Err(format!(
+                "'{other}' is not a sandbox /proc mode: fresh (a pid namespace and /proc of \
+                 the build's own) or host (the worker's, for a masked /proc)"
+            )),
+        }
+    }
 }
 
 fn default_hostname() -> String {
@@ -139,6 +191,7 @@ impl SandboxSpec {
             network: Network::Host,
             nested_userns: false,
             cgroup: None,
+            proc: SandboxProc::Fresh,
         }
     }
 }

@@ -33,6 +33,36 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Sandbox starts since the process started: how many, and their total time.
+#[derive(Debug, Default)]
+pub struct SandboxStarts {
+    count: std::sync::atomic::AtomicU64,
+    micros: std::sync::atomic::AtomicU64,
+}
+
+impl SandboxStarts {
+    fn add(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.count.fetch_add(1, Relaxed);
+        self.micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// How many sandboxes started, and their start time in total (seconds).
+    pub fn get(&self) -> (u64, f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.count.load(Relaxed),
+            self.micros.load(Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+/// Every sandbox of this process (a worker has one user namespace setup).
+pub static SANDBOX_STARTS: SandboxStarts = SandboxStarts {
+    count: std::sync::atomic::AtomicU64::new(0),
+    micros: std::sync::atomic::AtomicU64::new(0),
+};
+
 impl Userns {
     /// Runs `spec` in the sandbox; `on_line` gets each line of the script's merged
     /// stdout/stderr as it is written (without the newline; invalid UTF-8 replaced; lines
@@ -46,6 +76,7 @@ impl Userns {
         let started = Instant::now();
         let mut cmd = self.op_command(&Op::Sandbox(spec.clone()))?;
         cmd.isolate_pid_uts_ipc(true)
+            .isolate_pid(spec.proc == super::SandboxProc::Fresh)
             .isolate_net(spec.network == farm_stackerfile::Network::None)
             .env_clear()
             .stdin(Stdio::null())
@@ -55,6 +86,11 @@ impl Userns {
             cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit());
         }
         let mut child = cmd.spawn_async().await?;
+        // The sandbox's start: the helper in its namespaces, its maps written (issue 16:
+        // the worker's metrics and the "sandbox" span).
+        let start = started.elapsed();
+        SANDBOX_STARTS.add(start);
+        tracing::Span::current().record("start_ms", start.as_millis() as u64);
         let mut killer = KillOnDrop {
             pidfd: child.pidfd_clone()?,
             armed: true,

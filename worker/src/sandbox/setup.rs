@@ -1,7 +1,9 @@
 //! What init does before the script starts, in the new namespaces while the host tree
 //! is still visible: clone the host sources as detached mounts, mount the rootfs (with
 //! the skeleton of missing mountpoints), pivot_root into it, then mount /proc, /dev,
-//! /sys, /etc/resolv.conf, /stacker and the binds inside.
+//! /sys, /etc/resolv.conf, /stacker and the binds inside. /proc is a fresh procfs of
+//! the sandbox's pid namespace, or with [`SandboxProc::Host`] the worker's own /proc,
+//! bound recursively and read-only.
 
 use std::fs;
 use std::io;
@@ -13,7 +15,7 @@ use std::process::{Command, Stdio};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use super::skeleton::{build_skeleton, plan_skeleton};
-use super::{Rootfs, SCRIPT_PATH, SandboxSpec};
+use super::{Rootfs, SCRIPT_PATH, SandboxProc, SandboxSpec};
 use crate::sys;
 
 /// Device nodes bound from the host into the sandbox's /dev.
@@ -62,7 +64,29 @@ struct HostMounts {
 
 /// Clones the host sources as detached mounts while the host tree is reachable.
 fn clone_host_mounts(spec: &SandboxSpec, warnings: &mut Vec<String>) -> Result<HostMounts, String> {
-    let proc = sys::fsmount_proc().map_err(err("creating the /proc mount"))?;
+    let ro_all = sys::MOUNT_ATTR_RDONLY
+        | sys::MOUNT_ATTR_NOSUID
+        | sys::MOUNT_ATTR_NODEV
+        | sys::MOUNT_ATTR_NOEXEC;
+    let proc = match spec.proc {
+        SandboxProc::Fresh => sys::fsmount_proc().map_err(err(
+            "creating the /proc mount (where the container's /proc is masked, as in a pod \
+             without a user namespace, run the worker with --sandbox-proc host)",
+        ))?,
+        SandboxProc::Host => {
+            // Recursive: the container runtime's masks over /proc (locked beneath a user
+            // namespace) come along, and a non-recursive bind of a masked /proc is refused.
+            let fd = sys::open_tree_clone(Path::new("/proc"), true)
+                .map_err(err("binding the worker's /proc"))?;
+            if let Err(e) = sys::mount_setattr(Some(fd.as_fd()), Path::new(""), ro_all, true) {
+                warnings.push(format!(
+                    "the worker's /proc is bound read-write into the build (read-only \
+                     failed: {e})"
+                ));
+            }
+            fd
+        }
+    };
     let mut devs = Vec::new();
     for name in DEV_NODES {
         let path = Path::new("/dev").join(name);
@@ -72,10 +96,6 @@ fn clone_host_mounts(spec: &SandboxSpec, warnings: &mut Vec<String>) -> Result<H
             Err(e) => return Err(format!("cloning {}: {e}", path.display())),
         }
     }
-    let ro_all = sys::MOUNT_ATTR_RDONLY
-        | sys::MOUNT_ATTR_NOSUID
-        | sys::MOUNT_ATTR_NODEV
-        | sys::MOUNT_ATTR_NOEXEC;
     let sys_fd = sys::open_tree_clone(Path::new("/sys"), true).and_then(|fd| {
         sys::mount_setattr(Some(fd.as_fd()), Path::new(""), ro_all, true)?;
         Ok(fd)

@@ -6,6 +6,7 @@
 mod dedupe;
 mod leases;
 mod placement;
+mod progress;
 mod queue;
 mod sessions;
 mod verify;
@@ -103,6 +104,8 @@ pub(crate) struct Scheduler {
     sessions: AtomicU64,
     /// Leases survived from before a restart: a layer must first look for its own.
     prior_leases: AtomicBool,
+    /// When each active assignment last made progress (`progress`).
+    progress: Mutex<HashMap<AssignmentId, i64>>,
 }
 
 impl Scheduler {
@@ -114,6 +117,7 @@ impl Scheduler {
             wake: Arc::new(Notify::new()),
             sessions: Default::default(),
             prior_leases: AtomicBool::new(prior_leases),
+            progress: Mutex::new(HashMap::new()),
         }
     }
 
@@ -143,6 +147,7 @@ impl Scheduler {
                 tokio::time::sleep(tick).await;
                 let Some(inner) = weak.upgrade() else { return };
                 inner.sched.expire(&inner).await;
+                inner.sched.stalled(&inner).await;
             }
         });
     }

@@ -20,6 +20,8 @@ pub(super) struct Task {
     pub job: Arc<Job>,
     pub events: EventSender,
     done: oneshot::Sender<LayerOutcome>,
+    /// The layer's span (the driver's) and when the layer was queued (issue 16).
+    trace: (tracing::Span, std::time::Instant),
 }
 
 impl Task {
@@ -35,6 +37,8 @@ struct Pick {
     worker: String,
     session: u64,
     shares_files: bool,
+    /// Why placement chose it (for the layer's span).
+    why: &'static str,
 }
 
 impl Scheduler {
@@ -55,6 +59,7 @@ impl Scheduler {
             job: Arc::new(job),
             events,
             done,
+            trace: (tracing::Span::current(), std::time::Instant::now()),
         };
         let prior = if self.prior_leases.load(std::sync::atomic::Ordering::Relaxed) {
             match inner.state.active_lease(build, idx).await {
@@ -139,16 +144,23 @@ impl Scheduler {
                     break;
                 }
                 let candidates = st.workers.iter().map(|(n, w)| w.candidate(n));
-                let chosen = choose(candidates, &Need::of(&task.job)).map(str::to_string);
+                let need = Need::of(&task.job);
+                let chosen = choose(candidates, &need).map(str::to_string);
                 match chosen {
                     Some(name) => {
                         let w = st.workers.get_mut(&name).expect("chosen from the map");
                         w.reserved += 1;
+                        let why = if need.base_chain.is_some_and(|c| w.chains.contains(c)) {
+                            "holds the base chain"
+                        } else {
+                            "least loaded with a free slot"
+                        };
                         picks.push(Pick {
                             task,
                             session: w.session,
                             shares_files: w.shares_files,
                             worker: name,
+                            why,
                         });
                     }
                     None => keep.push_back(task),
@@ -171,7 +183,12 @@ impl Scheduler {
             worker,
             session,
             shares_files,
+            why,
         } = pick;
+        let (span, queued) = &task.trace;
+        span.record("worker", worker.as_str());
+        span.record("placement", why);
+        span.record("queue_wait_ms", queued.elapsed().as_millis() as u64);
         let unreserve = |st: &mut Sched| {
             if let Some(w) = st.workers.get_mut(&worker) {
                 w.reserved = w.reserved.saturating_sub(1);
@@ -224,6 +241,7 @@ impl Scheduler {
                         id,
                         job_json: json,
                         lease: self.lease,
+                        trace: farm_telemetry::inject(&task.trace.0),
                     });
                     if sent.is_ok() {
                         w.running.insert(id);

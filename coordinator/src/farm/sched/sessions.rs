@@ -24,6 +24,8 @@ pub(crate) enum ToWorker {
         id: AssignmentId,
         job_json: String,
         lease: Duration,
+        /// The layer span's W3C trace context (empty when not traced).
+        trace: farm_telemetry::TraceContext,
     },
     /// Stop this assignment (its build was cancelled, or its lease was lost).
     Cancel(AssignmentId),
@@ -214,19 +216,45 @@ impl WorkerSession {
         }
     }
 
-    /// Output lines of `assignment`, for its build's watchers.
-    pub(crate) fn logs(&self, assignment: AssignmentId, lines: Vec<String>) {
+    /// Output lines of `assignment` (if this worker runs it), into its build's log
+    /// file and to its watchers; they count as the assignment's progress. Returns once
+    /// they are written: the worker's stream is read no faster than logs are stored.
+    pub(crate) async fn logs(&self, assignment: AssignmentId, lines: Vec<String>) {
         let target = self
             .sched()
             .lock()
             .active
             .get(&assignment)
-            .map(|a| (a.task.events.clone(), a.task.job.layer.name.clone()));
-        if let Some((events, layer)) = target {
-            for line in lines {
-                events.log(&layer, line);
+            .filter(|a| a.worker == self.name)
+            .map(|a| (a.task.build.clone(), a.task.job.layer.name.clone()));
+        let Some((build, layer)) = target else {
+            return;
+        };
+        self.sched().progressed(&[assignment]);
+        match self
+            .inner
+            .logs
+            .append(&build, &layer, assignment.0 as u64, lines)
+            .await
+        {
+            Ok(events) => self.inner.publish(&build, events).await,
+            Err(e) => {
+                tracing::error!(%build, %layer, "writing the build's log: {e}; these lines are lost")
             }
         }
+    }
+
+    /// The worker reports these assignments making progress (a sandbox running, a step
+    /// under way), though they may print nothing.
+    pub(crate) fn progress(&self, live: &[AssignmentId]) {
+        let st = self.sched().lock();
+        let mine: Vec<AssignmentId> = live
+            .iter()
+            .copied()
+            .filter(|id| st.active.get(id).is_some_and(|a| a.worker == self.name))
+            .collect();
+        drop(st);
+        self.sched().progressed(&mine);
     }
 
     /// The result of `assignment`, if this session holds it (see `holds`); it
