@@ -823,6 +823,43 @@ mod tests {
         running.stop().await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_does_not_read_its_stream_is_disconnected() {
+        let running = start(ServeOptions::default()).await;
+        let (first, open) = connect_worker_open(running.addr, None, "deaf").await;
+        assert!(matches!(
+            first,
+            Ok(coordinator_message::Kind::Registered(_))
+        ));
+        let (tx, mut inbound) = open.unwrap();
+        // Results to acknowledge, sent without reading the acks: more than the stream's
+        // buffers (a few MiB) and the coordinator's queue hold. Each ack echoes its
+        // result's assignment id, 1 KiB here.
+        let sent = 10_000;
+        for i in 0..sent {
+            tx.send(WorkerMessage {
+                kind: Some(worker_message::Kind::Result(farm_proto::v1::Result {
+                    assignment: format!("a-{i:01024}"),
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+        }
+        // Give the coordinator time to handle them, then read: the stream ends (without
+        // the bound it would stay open, its acks piling up in the coordinator).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut acks = 0;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(20), inbound.message())
+            .await
+            .expect("the stream ends")
+        {
+            acks += 1;
+        }
+        assert!(acks < sent, "{acks} acks");
+        drop(tx);
+        running.stop().await;
+    }
+
     /// A reflection `ListServices`: Ok, or why not.
     async fn reflection(addr: std::net::SocketAddr) -> Code {
         use tonic_reflection::pb::v1::ServerReflectionRequest;

@@ -104,6 +104,12 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let Some(addr) = args.coordinator.address()? else {
         return run_embedded_submit(args);
     };
+    if args.layer_types.len() > 1 {
+        anyhow::bail!(
+            "a coordinator builds one layer type per submission: run `farm submit \
+             --layer-type TYPE` once per type (or `farm build` for several at once)"
+        );
+    }
     // The root of the build's trace (issue 16): the coordinator's and the workers'
     // spans are its children.
     let span = tracing::info_span!(
@@ -123,12 +129,6 @@ pub(crate) fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_remote(addr: crate::client::Target, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    if args.layer_types.len() > 1 {
-        anyhow::bail!(
-            "a coordinator builds one layer type per submission: run `farm submit \
-             --layer-type TYPE` once per type (or `farm build` for several at once)"
-        );
-    }
     let started = Instant::now();
     let layout = Layout::new(None, None, args.output.clone());
     let subs = args.stackerfile.substitutions(&layout)?;

@@ -74,8 +74,8 @@ impl World {
                     media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
                     digest: self.digests[i].to_string(),
                     size: self.sizes[i],
-                    diff_id: self.digests[i].to_string(),
                     verity_root_hash: None,
+                    diff_id: self.digests[i].to_string(),
                 })
                 .collect(),
             chain_id: ChainId::empty(),

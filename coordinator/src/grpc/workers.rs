@@ -16,7 +16,7 @@ use farm_proto::v1::{
 use farm_proto::workers_server::{Workers, WorkersServer};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::farm::{
@@ -41,6 +41,10 @@ const INBOUND_BUFFER: usize = 4;
 /// can make the coordinator hold.
 pub(crate) const MAX_WORKER_MESSAGE: usize = 16 << 20;
 
+/// Messages to one worker waiting to be sent; a worker that lets more pile up (it does
+/// not read its stream) is disconnected.
+const OUTBOUND_BUFFER: usize = 1024;
+
 /// How often a stream of log batches renews its worker's leases (see `serve`).
 const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -56,7 +60,8 @@ pub(crate) fn link(farm: &Farm, credential: Option<String>) -> Option<WorkerLink
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let (wtx, mut wrx) = mpsc::unbounded_channel::<WorkerMessage>();
     let (btx, brx) = mpsc::channel(INBOUND_BUFFER);
-    let (ctx, crx) = mpsc::unbounded_channel();
+    let (ctx, mut crx) = mpsc::channel(OUTBOUND_BUFFER);
+    let (utx, urx) = mpsc::unbounded_channel();
     runtime.spawn(async move {
         while let Some(msg) = wrx.recv().await {
             if btx.send(msg).await.is_err() {
@@ -64,8 +69,15 @@ pub(crate) fn link(farm: &Farm, credential: Option<String>) -> Option<WorkerLink
             }
         }
     });
+    runtime.spawn(async move {
+        while let Some(msg) = crx.recv().await {
+            if utx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
     runtime.spawn(serve(farm.clone(), brx, ctx, credential));
-    Some(WorkerLink { tx: wtx, rx: crx })
+    Some(WorkerLink { tx: wtx, rx: urx })
 }
 
 /// The `Workers` service over a farm.
@@ -112,7 +124,7 @@ impl Workers for WorkerService {
         let mut inbound = request.into_inner();
         // Bounded: a worker that sends faster than its messages are handled waits.
         let (tx, rx) = mpsc::channel(INBOUND_BUFFER);
-        let (ctx, crx) = mpsc::unbounded_channel();
+        let (ctx, crx) = mpsc::channel(OUTBOUND_BUFFER);
         tokio::spawn(serve(self.farm.clone(), rx, ctx, credential));
         tokio::spawn(async move {
             while let Some(Ok(msg)) = inbound.next().await {
@@ -122,7 +134,7 @@ impl Workers for WorkerService {
             }
             // Dropping `tx` tells the farm the worker is gone.
         });
-        let outbound = UnboundedReceiverStream::new(crx).map(Ok);
+        let outbound = ReceiverStream::new(crx).map(Ok);
         let Some(mut stopping) = self.stopping.clone() else {
             return Ok(Response::new(Box::pin(outbound)));
         };
@@ -146,13 +158,15 @@ impl Workers for WorkerService {
     }
 }
 
-/// The scheduler's messages to one worker's stream. What goes this way is the
-/// coordinator's own (assignments up to the worker's slots, cancels, acks), so the
-/// queue is not bounded by the worker's pace.
+/// The scheduler's messages to one worker's stream, [`OUTBOUND_BUFFER`] at most
+/// waiting: a worker that does not read them (while it sends results to acknowledge)
+/// is disconnected (`overflow`), and dials again.
 struct Outbox {
-    tx: mpsc::UnboundedSender<CoordinatorMessage>,
+    tx: mpsc::Sender<CoordinatorMessage>,
     /// Told with each assignment (`--max-layer-log`).
     max_layer_log: u64,
+    /// Notified when a message found the queue full.
+    overflow: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl WorkerOutbox for Outbox {
@@ -177,9 +191,14 @@ impl WorkerOutbox for Outbox {
             }),
             ToWorker::Cancel(id) => coordinator_message::Kind::Cancel(id.to_string()),
         };
-        self.tx
-            .send(CoordinatorMessage { kind: Some(kind) })
-            .map_err(|_| WorkerGone)
+        match self.tx.try_send(CoordinatorMessage { kind: Some(kind) }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflow.notify_one();
+                Err(WorkerGone)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(WorkerGone),
+        }
     }
 }
 
@@ -187,7 +206,7 @@ impl WorkerOutbox for Outbox {
 async fn serve(
     farm: Farm,
     mut rx: mpsc::Receiver<WorkerMessage>,
-    tx: mpsc::UnboundedSender<CoordinatorMessage>,
+    tx: mpsc::Sender<CoordinatorMessage>,
     credential: Option<String>,
 ) {
     let registration = match rx.recv().await {
@@ -202,7 +221,7 @@ async fn serve(
     let name = registration.name.clone();
     let refuse = |reason: String, retry: bool| {
         tracing::warn!(worker = %name, "refused: {reason}");
-        let _ = tx.send(CoordinatorMessage {
+        let _ = tx.try_send(CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Refused(Refused {
                 reason,
                 retry,
@@ -232,9 +251,11 @@ async fn serve(
         }
     };
     info.name_proven = credential.is_some();
+    let overflow = std::sync::Arc::new(tokio::sync::Notify::new());
     let outbox = Outbox {
         tx: tx.clone(),
         max_layer_log: farm.max_layer_log(),
+        overflow: overflow.clone(),
     };
     let session = match farm.register_worker(info, Box::new(outbox)).await {
         Ok(session) => session,
@@ -249,7 +270,21 @@ async fn serve(
     };
     // When this worker's leases were last renewed by a message other than a heartbeat.
     let mut renewed = std::time::Instant::now();
-    while let Some(msg) = rx.recv().await {
+    loop {
+        let msg = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+            () = overflow.notified() => {
+                tracing::warn!(
+                    worker = %name,
+                    "the worker does not read its stream ({OUTBOUND_BUFFER} messages wait): \
+                     dropping its connection (it dials again)"
+                );
+                break;
+            }
+        };
         match msg.kind {
             Some(worker_message::Kind::Heartbeat(hb)) => {
                 let live: Vec<AssignmentId> = hb
@@ -276,11 +311,19 @@ async fn serve(
                 // Acknowledged even when it is dropped (an assignment this worker does
                 // not hold) or refused: an honest worker resends an unacknowledged
                 // result until it is, and resending it would not change the answer.
-                let _ = tx.send(CoordinatorMessage {
+                let ack = CoordinatorMessage {
                     kind: Some(coordinator_message::Kind::Ack(ResultAck {
                         assignment: result.assignment.clone(),
                     })),
-                });
+                };
+                if tx.try_send(ack).is_err() {
+                    tracing::warn!(
+                        worker = %name,
+                        "the worker does not read its stream ({OUTBOUND_BUFFER} messages wait): \
+                         dropping its connection (it dials again)"
+                    );
+                    break;
+                }
                 on_result(&session, &name, result).await;
             }
             Some(worker_message::Kind::Drain(drain)) => {
