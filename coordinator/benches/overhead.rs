@@ -6,10 +6,10 @@
 
 use std::time::Instant;
 
-use farm_coordinator::farm::{EventKind, Farm, FarmConfig, Submission};
+use farm_coordinator::farm::{EventKind, Farm, FarmConfig, Limits, Submission};
 use farm_image::BlobStore;
 use farm_model::Job;
-use farm_model::{BuiltImage, ChainId, LayerBlob};
+use farm_model::{BuiltImage, LayerBlob};
 use farm_proto::v1::{
     Heartbeat, Register, Result as ResultMsg, WorkerMessage, coordinator_message, worker_message,
 };
@@ -47,23 +47,35 @@ fn stackerfile(n: usize) -> String {
 async fn run(n: usize) {
     let d = tempfile::tempdir().unwrap();
     let blobs = BlobStore::local(&d.path().join("blobs")).unwrap();
-    // One stand-in result, stored once: the scheduler does not look inside.
-    let config = blobs.put(b"{}".to_vec().into()).await.unwrap();
+    // One stand-in result, stored once; the scheduler checks it as any worker's (its
+    // blobs are in the store, its config names the layer's diff_id).
     let layer = blobs.put(b"layer".to_vec().into()).await.unwrap();
-    let result = BuiltImage {
-        config_digest: config.digest.to_string(),
-        config_size: config.size,
-        layers: vec![LayerBlob {
+    let diff_id = farm_image::Digest::of(b"tar").to_string();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let config = blobs
+        .put(serde_json::to_vec(&config).unwrap().into())
+        .await
+        .unwrap();
+    let result = BuiltImage::new(
+        config.digest.to_string(),
+        config.size,
+        vec![LayerBlob {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             digest: layer.digest.to_string(),
             size: layer.size,
-            diff_id: layer.digest.to_string(),
+            diff_id,
         }],
-        chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
-    };
+    )
+    .unwrap();
     let farm = Farm::start(FarmConfig {
         // The instant workers say they are linux/amd64.
         platform: "linux/amd64".parse().unwrap(),
+        // More layers than a coordinator takes by default.
+        limits: Limits::none(),
         ..FarmConfig::new(d.path().join("state"), blobs)
     })
     .await

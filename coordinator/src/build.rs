@@ -12,13 +12,16 @@ use std::time::{Duration, Instant};
 use farm_image::{BlobStore, Compression, Digest};
 use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
 use farm_stackerfile::{Layer, Plan};
+use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::task::JoinSet;
 
 use crate::cache::{ActionCache, KeyInputs};
 use crate::pin::registry::RegistryBases;
 use crate::pin::{Built, PinError, Sources};
 
-/// Builds layers: the farm's scheduler, which sends them to workers.
+/// Builds layers: the farm's scheduler, which sends them to workers. A layer it returns
+/// for a cacheable job is in the action cache already, under the job's key (the
+/// scheduler writes it there before identical layers of other builds are told).
 pub trait Executor: Send + Sync + 'static {
     fn execute(&self, job: Job, events: EventSender) -> impl Future<Output = LayerOutcome> + Send;
 }
@@ -181,75 +184,121 @@ pub async fn run_build<E: Executor>(
     let mut keys: Vec<Option<String>> = vec![None; n];
     let mut started = vec![false; n];
     let mut running: JoinSet<(usize, Instant, LayerOutcome)> = JoinSet::new();
+    // Who waits for whom: a layer is ready when its count of unfinished dependencies
+    // reaches zero; ready layers start in plan order. (Finding them by scanning the
+    // whole plan after every finished layer made a big plan quadratic.)
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut waiting_on: Vec<usize> = vec![0; n];
+    for (i, planned) in plan.layers.iter().enumerate() {
+        let mut deps = planned.depends_on.clone();
+        deps.sort_unstable();
+        deps.dedup();
+        waiting_on[i] = deps.len();
+        for d in deps {
+            dependents[d].push(i);
+        }
+    }
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&i| waiting_on[i] == 0).collect();
+    // Layer `i` has its outcome: its dependents may be ready.
+    let finished =
+        |i: usize, waiting_on: &mut Vec<usize>, ready: &mut std::collections::BTreeSet<usize>| {
+            for &j in &dependents[i] {
+                if waiting_on[j] > 0 {
+                    waiting_on[j] -= 1;
+                    if waiting_on[j] == 0 {
+                        ready.insert(j);
+                    }
+                }
+            }
+        };
 
     loop {
-        // Start every layer whose dependencies are done, in plan order.
-        let mut progressed = false;
-        for i in 0..n {
-            if started[i] {
-                continue;
-            }
-            let deps = &plan.layers[i].depends_on;
-            if deps.iter().any(|&d| outcomes[d].is_none()) {
-                continue;
-            }
-            started[i] = true;
-            progressed = true;
-            let name = plan.layers[i].layer.name.clone();
-            if options.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
-                events.send(Event::Cancelled {
-                    layer: name,
-                    reason: "the build was cancelled".into(),
-                });
-                outcomes[i] = Some(Outcome::Cancelled);
-                continue;
-            }
-            if let Some(&d) = deps
-                .iter()
-                .find(|&&d| !matches!(outcomes[d], Some(Outcome::Built { .. })))
-            {
-                let because = format!("'{}' did not build", plan.layers[d].layer.name);
-                events.send(Event::Skipped {
-                    layer: name,
-                    because: because.clone(),
-                });
-                outcomes[i] = Some(Outcome::Skipped(because));
-                continue;
-            }
-            let job = match prepare(plan, i, &outcomes, &keys, blobs, options).await {
-                Ok(job) => job,
-                Err(e) => {
-                    let failure = LayerFailure::input(e.to_string());
-                    events.send(Event::ended(name, failure.clone()));
-                    outcomes[i] = Some(Outcome::Failed(failure));
+        // Start every layer whose dependencies are done, in plan order: the ready ones
+        // are checked, then their jobs made and looked up in the action cache several
+        // at a time (they only read what is done), then started or answered in order.
+        while !ready.is_empty() {
+            let mut batch = Vec::new();
+            while let Some(i) = ready.pop_first() {
+                if started[i] {
                     continue;
                 }
-            };
-            keys[i] = Some(job.cache_key.clone());
-            let cacheable = job.cacheable() && !options.no_cache;
-            if cacheable
-                && let Some(hit) = cache.get(&job.cache_key).await?
-                && blobs_present(blobs, &hit).await?
-            {
-                events.send(Event::Cached { layer: name });
-                outcomes[i] = Some(Outcome::Built {
-                    result: hit,
-                    cached: true,
-                    duration: Duration::ZERO,
-                });
-                continue;
+                started[i] = true;
+                let name = &plan.layers[i].layer.name;
+                if options.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                    events.send(Event::Cancelled {
+                        layer: name.clone(),
+                        reason: "the build was cancelled".into(),
+                    });
+                    outcomes[i] = Some(Outcome::Cancelled);
+                    finished(i, &mut waiting_on, &mut ready);
+                    continue;
+                }
+                if let Some(&d) = plan.layers[i]
+                    .depends_on
+                    .iter()
+                    .find(|&&d| !matches!(outcomes[d], Some(Outcome::Built { .. })))
+                {
+                    let because = format!("'{}' did not build", plan.layers[d].layer.name);
+                    events.send(Event::Skipped {
+                        layer: name.clone(),
+                        because: because.clone(),
+                    });
+                    outcomes[i] = Some(Outcome::Skipped(because));
+                    finished(i, &mut waiting_on, &mut ready);
+                    continue;
+                }
+                batch.push(i);
             }
-            events.send(Event::Started { layer: name });
-            let executor = executor.clone();
-            let ev = events.clone();
-            running.spawn(async move {
-                let t = Instant::now();
-                let r = executor.execute(job, ev).await;
-                (i, t, r)
-            });
-        }
-        if progressed {
-            continue;
+            let prepared: Vec<(usize, Result<Job, PrepareError>, Option<BuiltImage>)> = {
+                let (outcomes, keys) = (&outcomes, &keys);
+                futures::stream::iter(batch)
+                    .map(|i| async move {
+                        let job = prepare(plan, i, outcomes, keys, blobs, options).await;
+                        let hit = match &job {
+                            Ok(job) if job.cacheable() && !options.no_cache => {
+                                cached(cache, blobs, &job.cache_key).await?
+                            }
+                            _ => None,
+                        };
+                        Ok::<_, BuildError>((i, job, hit))
+                    })
+                    .buffered(PREPARED_AT_ONCE)
+                    .try_collect()
+                    .await?
+            };
+            for (i, job, hit) in prepared {
+                let name = plan.layers[i].layer.name.clone();
+                let job = match job {
+                    Ok(job) => job,
+                    Err(e) => {
+                        let failure = LayerFailure::input(e.to_string());
+                        events.send(Event::ended(name, failure.clone()));
+                        outcomes[i] = Some(Outcome::Failed(failure));
+                        finished(i, &mut waiting_on, &mut ready);
+                        continue;
+                    }
+                };
+                keys[i] = Some(job.cache_key.clone());
+                if let Some(hit) = hit {
+                    events.send(Event::Cached { layer: name });
+                    outcomes[i] = Some(Outcome::Built {
+                        result: hit,
+                        cached: true,
+                        duration: Duration::ZERO,
+                    });
+                    finished(i, &mut waiting_on, &mut ready);
+                    continue;
+                }
+                events.send(Event::Started { layer: name });
+                let executor = executor.clone();
+                let ev = events.clone();
+                running.spawn(async move {
+                    let t = Instant::now();
+                    let r = executor.execute(job, ev).await;
+                    (i, t, r)
+                });
+            }
         }
         let Some(done) = running.join_next().await else {
             break;
@@ -272,11 +321,6 @@ pub async fn run_build<E: Executor>(
         match result {
             Ok(result) => {
                 let duration = t.elapsed();
-                if plan.layers[i].layer.binds.is_empty()
-                    && let Some(key) = &keys[i]
-                {
-                    cache.put(key, &result).await?;
-                }
                 events.send(Event::Built {
                     layer: name,
                     duration,
@@ -296,6 +340,7 @@ pub async fn run_build<E: Executor>(
                 });
             }
         }
+        finished(i, &mut waiting_on, &mut ready);
     }
     Ok(BuildReport {
         outcomes: outcomes
@@ -303,6 +348,21 @@ pub async fn run_build<E: Executor>(
             .map(|o| o.unwrap_or_else(|| Outcome::Skipped("not reached".into())))
             .collect(),
     })
+}
+
+/// How many ready layers are prepared and looked up in the action cache at once.
+const PREPARED_AT_ONCE: usize = 32;
+
+/// The action cache's entry for `key`, when its blobs are all in the store.
+async fn cached(
+    cache: &ActionCache,
+    blobs: &BlobStore,
+    key: &str,
+) -> Result<Option<BuiltImage>, BuildError> {
+    match cache.get(key).await? {
+        Some(hit) if blobs_present(blobs, &hit).await? => Ok(Some(hit)),
+        _ => Ok(None),
+    }
 }
 
 pub(crate) async fn blobs_present(

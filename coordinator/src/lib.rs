@@ -14,6 +14,7 @@ pub mod db;
 pub mod destinations;
 pub mod farm;
 pub mod fetch;
+mod group_commit;
 pub mod grpc;
 pub mod hooks;
 pub mod metrics;

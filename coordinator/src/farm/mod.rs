@@ -221,6 +221,14 @@ pub struct Submission {
     /// Texts of stackerfiles the submitter fetched itself (http(s) URLs), by path.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub inline: std::collections::BTreeMap<String, String>,
+    /// The build's priority in the ready queue (`farm submit --priority`): builds of a
+    /// higher priority get free slots first; equal ones share them fairly. Default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 impl Submission {
@@ -239,6 +247,7 @@ impl Submission {
             allow_outside_context: false,
             origin: Origin::Local,
             inline: Default::default(),
+            priority: 0,
         }
     }
 }
@@ -908,6 +917,7 @@ impl Inner {
             id,
             &plan,
             spec.no_cache,
+            spec.priority,
         ));
         let report = run_build(
             &plan,

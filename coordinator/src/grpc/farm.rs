@@ -143,6 +143,7 @@ impl FarmApi for FarmService {
             allow_outside_context: r.allow_outside_context,
             origin: Origin::Remote,
             inline: r.stackerfile_texts.into_iter().collect(),
+            priority: r.priority,
         };
         if spec.context.is_empty() && spec.inline.is_empty() {
             return Err(Status::invalid_argument(
@@ -184,15 +185,30 @@ impl FarmApi for FarmService {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let state = self.farm.state();
-        let rows = match principal(&request) {
-            Some(caller) => state.list_builds_of(&caller.name).await,
+        let caller = principal(&request);
+        let owner = caller.as_ref().map(|p| p.name.as_str());
+        let rows = match owner {
+            Some(owner) => state.list_builds_of(owner).await,
             None => state.list_builds().await,
         }
         .map_err(|e| status_of(e.into()))?;
-        let mut builds = Vec::new();
-        for row in rows {
-            builds.push(status(&self.farm, &row.id).await?);
-        }
+        // Every build's layers and origin in two queries, not three per build.
+        let mut layers = state
+            .layer_statuses_of_all(owner)
+            .await
+            .map_err(|e| status_of(e.into()))?;
+        let mut origins = state
+            .webhook_origins()
+            .await
+            .map_err(|e| status_of(e.into()))?;
+        let builds = rows
+            .into_iter()
+            .map(|build| {
+                let layers = layers.remove(&build.id).unwrap_or_default();
+                let webhook = origins.remove(&build.id);
+                build_status(build, layers, webhook.as_ref())
+            })
+            .collect();
         Ok(Response::new(ListResponse { builds }))
     }
 
@@ -296,10 +312,25 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
     let Some(build) = state.build(id).await.map_err(|e| status_of(e.into()))? else {
         return Err(Status::not_found(format!("no build {id}")));
     };
-    let layers = state.layers(id).await.map_err(|e| status_of(e.into()))?;
-    let webhook = webhook_origin(farm, id).await?;
-    Ok(proto::BuildStatus {
-        webhook,
+    let layers = state
+        .layer_statuses(id)
+        .await
+        .map_err(|e| status_of(e.into()))?;
+    let webhook = state
+        .webhook_origin(id)
+        .await
+        .map_err(|e| status_of(e.into()))?;
+    Ok(build_status(build, layers, webhook.as_ref()))
+}
+
+/// A build's status as the client API answers it.
+fn build_status(
+    build: crate::state::BuildRow,
+    layers: Vec<crate::state::LayerRow>,
+    webhook: Option<&crate::state::WebhookOrigin>,
+) -> proto::BuildStatus {
+    proto::BuildStatus {
+        webhook: webhook.map(origin),
         id: build.id,
         state: i32::from(build.state),
         error: build.error.unwrap_or_default(),
@@ -317,7 +348,19 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
                 error: l.error.unwrap_or_default(),
             })
             .collect(),
-    })
+    }
+}
+
+fn origin(o: &crate::state::WebhookOrigin) -> proto::WebhookOrigin {
+    let (provider, repo) = o.provider_and_repo();
+    proto::WebhookOrigin {
+        provider: provider.to_string(),
+        repo: repo.to_string(),
+        git_ref: o.git_ref.clone(),
+        sha: o.sha.clone(),
+        delivery: o.delivery.clone(),
+        build: o.build.clone(),
+    }
 }
 
 /// The webhook delivery that started build `id`, if one did.
@@ -327,15 +370,6 @@ async fn webhook_origin(farm: &Farm, id: &str) -> Result<Option<proto::WebhookOr
         .webhook_origin(id)
         .await
         .map_err(|e| status_of(e.into()))?
-        .map(|o| {
-            let (provider, repo) = o.provider_and_repo();
-            proto::WebhookOrigin {
-                provider: provider.to_string(),
-                repo: repo.to_string(),
-                git_ref: o.git_ref.clone(),
-                sha: o.sha.clone(),
-                delivery: o.delivery.clone(),
-                build: o.build.clone(),
-            }
-        }))
+        .as_ref()
+        .map(origin))
 }

@@ -435,6 +435,7 @@ impl Hooks {
                 // The same policy as any remote client's submission.
                 origin: Origin::Remote,
                 inline: Default::default(),
+                priority: 0,
             };
             match self.farm.submit(spec).await {
                 Ok((id, _)) => {

@@ -2,7 +2,6 @@
 //! a worker for each (see [`placement`](super::placement)), leases the layer to it and
 //! sends it.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use farm_model::{Event, EventSender, ImportSource, Job, LayerFailure, LayerOutcome};
@@ -16,10 +15,21 @@ use crate::state::BuildId;
 /// A layer of a build, waiting for its result.
 pub(super) struct Task {
     pub build: BuildId,
+    /// The build's priority (`farm submit --priority`): higher goes first.
+    pub priority: i32,
     pub idx: u32,
     pub job: Arc<Job>,
     pub events: EventSender,
     done: oneshot::Sender<LayerOutcome>,
+}
+
+impl super::fair::Laned for Task {
+    fn lane(&self) -> &str {
+        &self.build
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
 }
 
 impl Task {
@@ -44,6 +54,7 @@ impl Scheduler {
         &self,
         inner: &Arc<Inner>,
         build: &str,
+        priority: i32,
         idx: u32,
         job: Job,
         events: EventSender,
@@ -51,6 +62,7 @@ impl Scheduler {
         let (done, rx) = oneshot::channel();
         let task = Task {
             build: build.to_string(),
+            priority,
             idx,
             job: Arc::new(job),
             events,
@@ -130,33 +142,31 @@ impl Scheduler {
     pub(super) fn dispatch(&self, inner: &Arc<Inner>) {
         let picks = {
             let mut st = self.lock();
-            let mut picks = Vec::new();
-            let mut keep = VecDeque::new();
-            while let Some(task) = st.queue.pop_front() {
-                if st.workers.iter().all(|(n, w)| w.candidate(n).free() == 0) {
-                    keep.push_back(task);
-                    keep.extend(st.queue.drain(..));
-                    break;
-                }
-                let candidates = st.workers.iter().map(|(n, w)| w.candidate(n));
-                let chosen = choose(candidates, &Need::of(&task.job)).map(str::to_string);
-                match chosen {
-                    Some(name) => {
-                        let w = st.workers.get_mut(&name).expect("chosen from the map");
-                        w.reserved += 1;
-                        picks.push(Pick {
-                            task,
-                            session: w.session,
-                            shares_files: w.shares_files,
-                            worker: name,
-                        });
-                    }
-                    None => keep.push_back(task),
-                }
-            }
-            st.queue = keep;
-            inner.metrics.set_queue(st.queue.len());
-            picks
+            let st = &mut *st;
+            let (queue, workers) = (&mut st.queue, &mut st.workers);
+            let free: u32 = workers.iter().map(|(n, w)| w.candidate(n).free()).sum();
+            let free = std::cell::Cell::new(free);
+            let taken = queue.take_while(
+                || free.get() > 0,
+                |task| {
+                    let candidates = workers.iter().map(|(n, w)| w.candidate(n));
+                    let name = choose(candidates, &Need::of(&task.job))?.to_string();
+                    let w = workers.get_mut(&name).expect("chosen from the map");
+                    w.reserved += 1;
+                    free.set(free.get() - 1);
+                    Some((name, w.session, w.shares_files))
+                },
+            );
+            inner.metrics.set_queue(queue.len());
+            taken
+                .into_iter()
+                .map(|(task, (worker, session, shares_files))| Pick {
+                    task,
+                    worker,
+                    session,
+                    shares_files,
+                })
+                .collect::<Vec<_>>()
         };
         for pick in picks {
             let inner = inner.clone();
