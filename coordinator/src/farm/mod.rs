@@ -982,8 +982,10 @@ impl Inner {
                 })
             });
         }
+        // Many at once: a local store syncs each new manifest before naming it, and
+        // concurrent syncs share the file system's journal commits.
         let results: Vec<LayerResult> = futures::stream::iter(pending)
-            .buffer_unordered(16)
+            .buffer_unordered(64)
             .try_collect()
             .await?;
         self.state.layer_results(id, &results).await?;
