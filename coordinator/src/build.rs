@@ -380,15 +380,21 @@ pub(crate) async fn blobs_present(
     Ok(true)
 }
 
-/// The built result of layer `tag` (a dependency, so it is built) and its cache key.
+/// The built result of layer `tag` (one of `deps`, the layer's dependencies, so it is
+/// built) and its cache key. Looked up among the layer's few dependencies, not the
+/// whole plan (a search of the plan for every dependency made a big plan quadratic).
 fn dependency<'a>(
     plan: &Plan,
+    deps: &[usize],
     tag: &str,
     outcomes: &'a [Option<Outcome>],
     keys: &'a [Option<String>],
 ) -> Built<'a> {
-    let d = plan
-        .index_of(tag)
+    let d = deps
+        .iter()
+        .copied()
+        .find(|&d| plan.layers[d].layer.name == tag)
+        .or_else(|| plan.index_of(tag))
         .expect("the plan resolved every dependency");
     let Some(Outcome::Built { result, .. }) = &outcomes[d] else {
         unreachable!("dependencies are built before their dependents")
@@ -427,7 +433,7 @@ async fn prepare(
     };
     let pinned = sources
         .pin(layer, &platform, |tag| {
-            dependency(plan, tag, outcomes, keys)
+            dependency(plan, &planned.depends_on, tag, outcomes, keys)
         })
         .await?;
     if let Some(bind) = layer
