@@ -11,10 +11,10 @@
 
 use std::time::Instant;
 
-use farm_coordinator::farm::{EventKind, Farm, FarmConfig, Submission};
+use farm_coordinator::farm::{EventKind, Farm, FarmConfig, Limits, Submission};
 use farm_image::BlobStore;
 use farm_model::Job;
-use farm_model::{BuiltImage, ChainId, LayerBlob};
+use farm_model::{BuiltImage, LayerBlob};
 use farm_proto::v1::{
     Heartbeat, Register, Result as ResultMsg, WorkerMessage, coordinator_message, worker_message,
 };
@@ -147,21 +147,23 @@ async fn run(n: usize) {
         .put(serde_json::to_vec(&config).unwrap().into())
         .await
         .unwrap();
-    let result = BuiltImage {
-        config_digest: config.digest.to_string(),
-        config_size: config.size,
-        layers: vec![LayerBlob {
+    let result = BuiltImage::new(
+        config.digest.to_string(),
+        config.size,
+        vec![LayerBlob {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             digest: layer.digest.to_string(),
             size: layer.size,
             diff_id: layer.digest.to_string(),
             verity_root_hash: None,
         }],
-        chain_id: ChainId::parse(&layer.digest.to_string()).unwrap(),
-    };
+    )
+    .unwrap();
     let mut config = FarmConfig {
         // The instant workers say they are linux/amd64.
         platform: "linux/amd64".parse().unwrap(),
+        // More layers than a coordinator takes by default.
+        limits: Limits::none(),
         ..FarmConfig::new(d.path().join("state"), blobs)
     };
     // The default limit (`--max-layers`) is below this benchmark's size.

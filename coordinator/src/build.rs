@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use farm_image::{BlobStore, Compression, Digest, LayerFormat};
 use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
 use farm_stackerfile::{Layer, Plan};
+use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
@@ -19,7 +20,9 @@ use crate::cache::{ActionCache, KeyInputs};
 use crate::pin::registry::RegistryBases;
 use crate::pin::{Built, PinError, Sources};
 
-/// Builds layers: the farm's scheduler, which sends them to workers.
+/// Builds layers: the farm's scheduler, which sends them to workers. A layer it returns
+/// for a cacheable job is in the action cache already, under the job's key (the
+/// scheduler writes it there before identical layers of other builds are told).
 pub trait Executor: Send + Sync + 'static {
     fn execute(&self, job: Job, events: EventSender) -> impl Future<Output = LayerOutcome> + Send;
 }
@@ -184,100 +187,150 @@ pub async fn run_build<E: Executor>(
     let mut keys: Vec<Option<String>> = vec![None; n];
     let mut started = vec![false; n];
     let mut running: JoinSet<(usize, Instant, LayerOutcome)> = JoinSet::new();
+    // Who waits for whom: a layer is ready when its count of unfinished dependencies
+    // reaches zero; ready layers start in plan order. (Finding them by scanning the
+    // whole plan after every finished layer made a big plan quadratic.)
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut waiting_on: Vec<usize> = vec![0; n];
+    for (i, planned) in plan.layers.iter().enumerate() {
+        let mut deps = planned.depends_on.clone();
+        deps.sort_unstable();
+        deps.dedup();
+        waiting_on[i] = deps.len();
+        for d in deps {
+            dependents[d].push(i);
+        }
+    }
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&i| waiting_on[i] == 0).collect();
+    // Layer `i` has its outcome: its dependents may be ready.
+    let finished =
+        |i: usize, waiting_on: &mut Vec<usize>, ready: &mut std::collections::BTreeSet<usize>| {
+            for &j in &dependents[i] {
+                if waiting_on[j] > 0 {
+                    waiting_on[j] -= 1;
+                    if waiting_on[j] == 0 {
+                        ready.insert(j);
+                    }
+                }
+            }
+        };
 
     loop {
-        // Start every layer whose dependencies are done, in plan order.
-        let mut progressed = false;
-        for i in 0..n {
-            if started[i] {
-                continue;
-            }
-            let deps = &plan.layers[i].depends_on;
-            if deps.iter().any(|&d| outcomes[d].is_none()) {
-                continue;
-            }
-            started[i] = true;
-            progressed = true;
-            let name = plan.layers[i].layer.name.clone();
-            if options.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
-                events.send(Event::Cancelled {
-                    layer: name,
-                    reason: "the build was cancelled".into(),
-                });
-                outcomes[i] = Some(Outcome::Cancelled);
-                continue;
-            }
-            if let Some(&d) = deps
-                .iter()
-                .find(|&&d| !matches!(outcomes[d], Some(Outcome::Built { .. })))
-            {
-                let because = format!("'{}' did not build", plan.layers[d].layer.name);
-                events.send(Event::Skipped {
-                    layer: name,
-                    because: because.clone(),
-                });
-                outcomes[i] = Some(Outcome::Skipped(because));
-                continue;
-            }
-            // The layer's span (issue 16): pinning, the cache lookup, and on a miss the
-            // scheduler's and the worker's spans below it.
-            let span = layer_span(&name);
-            let prepared = prepare(plan, i, &outcomes, &keys, blobs, options)
-                .instrument(span.clone())
-                .await;
-            let job = match prepared {
-                Ok(job) => job,
-                Err(e) => {
-                    let failure = LayerFailure::input(e.to_string());
-                    record_outcome(&span, &Err(failure.clone()));
-                    events.send(Event::ended(name, failure.clone()));
-                    outcomes[i] = Some(Outcome::Failed(failure));
+        // Start every layer whose dependencies are done, in plan order: the ready ones
+        // are checked, then their jobs made and looked up in the action cache several
+        // at a time (they only read what is done), then started or answered in order.
+        while !ready.is_empty() {
+            let mut batch = Vec::new();
+            while let Some(i) = ready.pop_first() {
+                if started[i] {
                     continue;
                 }
-            };
-            keys[i] = Some(job.cache_key.clone());
-            span.record("cache_key", job.cache_key.as_str());
-            let cacheable = job.cacheable() && !options.no_cache;
-            let hit = if cacheable {
-                cached(cache, blobs, &job.cache_key)
-                    .instrument(span.clone())
-                    .await?
-            } else {
-                None
-            };
-            span.record(
-                "cache",
-                match (&hit, cacheable) {
-                    (Some(_), _) => "hit",
-                    (None, true) => "miss",
-                    (None, false) => "off",
-                },
-            );
-            if let Some(hit) = hit {
-                span.record("outcome", "cached");
-                events.send(Event::Cached { layer: name });
-                outcomes[i] = Some(Outcome::Built {
-                    result: hit,
-                    cached: true,
-                    duration: Duration::ZERO,
-                });
-                continue;
-            }
-            events.send(Event::Started { layer: name });
-            let executor = executor.clone();
-            let ev = events.clone();
-            running.spawn(
-                async move {
-                    let t = Instant::now();
-                    let r = executor.execute(job, ev).await;
-                    record_outcome(&tracing::Span::current(), &r);
-                    (i, t, r)
+                started[i] = true;
+                let name = &plan.layers[i].layer.name;
+                if options.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                    events.send(Event::Cancelled {
+                        layer: name.clone(),
+                        reason: "the build was cancelled".into(),
+                    });
+                    outcomes[i] = Some(Outcome::Cancelled);
+                    finished(i, &mut waiting_on, &mut ready);
+                    continue;
                 }
-                .instrument(span),
+                if let Some(&d) = plan.layers[i]
+                    .depends_on
+                    .iter()
+                    .find(|&&d| !matches!(outcomes[d], Some(Outcome::Built { .. })))
+                {
+                    let because = format!("'{}' did not build", plan.layers[d].layer.name);
+                    events.send(Event::Skipped {
+                        layer: name.clone(),
+                        because: because.clone(),
+                    });
+                    outcomes[i] = Some(Outcome::Skipped(because));
+                    finished(i, &mut waiting_on, &mut ready);
+                    continue;
+                }
+                batch.push(i);
+            }
+            type Prepared = (
+                usize,
+                Result<Job, PrepareError>,
+                Option<BuiltImage>,
+                tracing::Span,
             );
-        }
-        if progressed {
-            continue;
+            let prepared: Vec<Prepared> = {
+                let (outcomes, keys) = (&outcomes, &keys);
+                futures::stream::iter(batch)
+                    .map(|i| async move {
+                        // The layer's span (issue 16): pinning, the cache lookup, and on
+                        // a miss the scheduler's and the worker's spans below it.
+                        let span = layer_span(&plan.layers[i].layer.name);
+                        let job = prepare(plan, i, outcomes, keys, blobs, options)
+                            .instrument(span.clone())
+                            .await;
+                        let hit = match &job {
+                            Ok(job) if job.cacheable() && !options.no_cache => {
+                                cached(cache, blobs, &job.cache_key)
+                                    .instrument(span.clone())
+                                    .await?
+                            }
+                            _ => None,
+                        };
+                        Ok::<_, BuildError>((i, job, hit, span))
+                    })
+                    .buffered(PREPARED_AT_ONCE)
+                    .try_collect()
+                    .await?
+            };
+            for (i, job, hit, span) in prepared {
+                let name = plan.layers[i].layer.name.clone();
+                let job = match job {
+                    Ok(job) => job,
+                    Err(e) => {
+                        let failure = LayerFailure::input(e.to_string());
+                        record_outcome(&span, &Err(failure.clone()));
+                        events.send(Event::ended(name, failure.clone()));
+                        outcomes[i] = Some(Outcome::Failed(failure));
+                        finished(i, &mut waiting_on, &mut ready);
+                        continue;
+                    }
+                };
+                keys[i] = Some(job.cache_key.clone());
+                span.record("cache_key", job.cache_key.as_str());
+                let cacheable = job.cacheable() && !options.no_cache;
+                span.record(
+                    "cache",
+                    match (&hit, cacheable) {
+                        (Some(_), _) => "hit",
+                        (None, true) => "miss",
+                        (None, false) => "off",
+                    },
+                );
+                if let Some(hit) = hit {
+                    span.record("outcome", "cached");
+                    events.send(Event::Cached { layer: name });
+                    outcomes[i] = Some(Outcome::Built {
+                        result: hit,
+                        cached: true,
+                        duration: Duration::ZERO,
+                    });
+                    finished(i, &mut waiting_on, &mut ready);
+                    continue;
+                }
+                events.send(Event::Started { layer: name });
+                let executor = executor.clone();
+                let ev = events.clone();
+                running.spawn(
+                    async move {
+                        let t = Instant::now();
+                        let r = executor.execute(job, ev).await;
+                        record_outcome(&tracing::Span::current(), &r);
+                        (i, t, r)
+                    }
+                    .instrument(span),
+                );
+            }
         }
         let Some(done) = running.join_next().await else {
             break;
@@ -300,11 +353,6 @@ pub async fn run_build<E: Executor>(
         match result {
             Ok(result) => {
                 let duration = t.elapsed();
-                if plan.layers[i].layer.binds.is_empty()
-                    && let Some(key) = &keys[i]
-                {
-                    cache.put(key, &result).await?;
-                }
                 events.send(Event::Built {
                     layer: name,
                     duration,
@@ -324,6 +372,7 @@ pub async fn run_build<E: Executor>(
                 });
             }
         }
+        finished(i, &mut waiting_on, &mut ready);
     }
     Ok(BuildReport {
         outcomes: outcomes
@@ -333,16 +382,19 @@ pub async fn run_build<E: Executor>(
     })
 }
 
+/// How many ready layers are prepared and looked up in the action cache at once.
+const PREPARED_AT_ONCE: usize = 32;
+
 /// The action cache's entry for `key`, when its blobs are all in the store.
 async fn cached(
     cache: &ActionCache,
     blobs: &BlobStore,
     key: &str,
 ) -> Result<Option<BuiltImage>, BuildError> {
-    Ok(match cache.get(key).await? {
-        Some(hit) if blobs_present(blobs, &hit).await? => Some(hit),
-        _ => None,
-    })
+    match cache.get(key).await? {
+        Some(hit) if blobs_present(blobs, &hit).await? => Ok(Some(hit)),
+        _ => Ok(None),
+    }
 }
 
 /// A layer's span; the scheduler records `worker`, `placement` and `queue_wait_ms`.
@@ -390,15 +442,21 @@ pub(crate) async fn blobs_present(
     Ok(true)
 }
 
-/// The built result of layer `tag` (a dependency, so it is built) and its cache key.
+/// The built result of layer `tag` (one of `deps`, the layer's dependencies, so it is
+/// built) and its cache key. Looked up among the layer's few dependencies, not the
+/// whole plan (a search of the plan for every dependency made a big plan quadratic).
 fn dependency<'a>(
     plan: &Plan,
+    deps: &[usize],
     tag: &str,
     outcomes: &'a [Option<Outcome>],
     keys: &'a [Option<String>],
 ) -> Built<'a> {
-    let d = plan
-        .index_of(tag)
+    let d = deps
+        .iter()
+        .copied()
+        .find(|&d| plan.layers[d].layer.name == tag)
+        .or_else(|| plan.index_of(tag))
         .expect("the plan resolved every dependency");
     let Some(Outcome::Built { result, .. }) = &outcomes[d] else {
         unreachable!("dependencies are built before their dependents")
@@ -437,7 +495,7 @@ async fn prepare(
     };
     let pinned = sources
         .pin(layer, &platform, |tag| {
-            dependency(plan, tag, outcomes, keys)
+            dependency(plan, &planned.depends_on, tag, outcomes, keys)
         })
         .await?;
     if let Some(bind) = layer

@@ -89,6 +89,8 @@ pub enum CacheError {
 pub struct ActionCache {
     pool: SqlitePool,
     path: String,
+    /// Entries and their use times: written in group commits.
+    writer: crate::group_commit::GroupCommit,
 }
 
 impl ActionCache {
@@ -110,7 +112,12 @@ impl ActionCache {
         )
         .await
         .map_err(db)?;
-        Ok(ActionCache { pool, path: shown })
+        let writer = crate::group_commit::GroupCommit::start(pool.clone());
+        Ok(ActionCache {
+            pool,
+            path: shown,
+            writer,
+        })
     }
 
     fn err(&self, source: sqlx::Error) -> CacheError {
@@ -130,12 +137,21 @@ impl ActionCache {
         let Some((value,)) = row else {
             return Ok(None);
         };
-        sqlx::query("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")
-            .bind(key)
-            .bind(now())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        // When it was used last (what a collector goes by) is written behind: nobody
+        // waits for it, and a coordinator killed before it is written only loses the
+        // newer time.
+        let (key_owned, used) = (key.to_string(), now());
+        self.writer
+            .submit("recording an action cache entry's use", move |conn| {
+                Box::pin(async move {
+                    sqlx::query("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")
+                        .bind(key_owned)
+                        .bind(used)
+                        .execute(&mut *conn)
+                        .await
+                        .map(|_| ())
+                })
+            });
         serde_json::from_str(&value)
             .map(Some)
             .map_err(|source| CacheError::Corrupt {
@@ -146,17 +162,32 @@ impl ActionCache {
 
     pub async fn put(&self, key: &str, value: &BuiltImage) -> Result<(), CacheError> {
         let json = serde_json::to_string(value).expect("plain data always serialises");
-        sqlx::query(
-            "INSERT INTO action_cache (key, value, created, last_used) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value, last_used = excluded.last_used",
-        )
-        .bind(key)
-        .bind(json)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
-        Ok(())
+        let (key, path) = (key.to_string(), self.path.clone());
+        let err = move |source| CacheError::Db {
+            path: path.clone(),
+            source,
+        };
+        let failed = err.clone();
+        self.writer
+            .write(
+                move |e| failed(sqlx::Error::Protocol(e.to_string())),
+                move |conn| {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "INSERT INTO action_cache (key, value, created, last_used) VALUES (?1, ?2, ?3, ?3)
+                             ON CONFLICT(key) DO UPDATE SET value = excluded.value, last_used = excluded.last_used",
+                        )
+                        .bind(key)
+                        .bind(json)
+                        .bind(now())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(err)?;
+                        Ok(())
+                    })
+                },
+            )
+            .await
     }
 
     pub async fn remove(&self, key: &str) -> Result<(), CacheError> {

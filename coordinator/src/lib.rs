@@ -15,6 +15,7 @@ pub mod destinations;
 pub mod farm;
 pub mod fetch;
 pub mod gc;
+mod group_commit;
 pub mod grpc;
 pub mod hooks;
 pub mod metrics;

@@ -17,6 +17,7 @@ use std::str::FromStr;
 use serde::Serialize;
 use sqlx::sqlite::SqlitePool;
 
+mod listing;
 mod pages;
 
 const SCHEMA: &str = "
@@ -261,6 +262,8 @@ macro_rules! lease_select {
 pub struct StateStore {
     pool: SqlitePool,
     path: String,
+    /// Layer states and results, leases and events: written in group commits.
+    writer: crate::group_commit::GroupCommit,
 }
 
 impl StateStore {
@@ -273,7 +276,12 @@ impl StateStore {
                 path: shown.clone(),
                 source,
             })?;
-        let store = StateStore { pool, path: shown };
+        let writer = crate::group_commit::GroupCommit::start(pool.clone());
+        let store = StateStore {
+            pool,
+            path: shown,
+            writer,
+        };
         // A webhook delivery answered 202 whose builds never started (the coordinator
         // stopped between the answer and the submit) would answer every redelivery with
         // "nothing to do": forget it, so the forge's "Redeliver" starts it. One that
@@ -295,6 +303,31 @@ impl StateStore {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// Run `f` in the writer's next group commit; returns once that committed (see
+    /// `group_commit`). `f` maps its errors with the [`Db`](StateError::Db) maker it is
+    /// given.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c mut sqlx::SqliteConnection,
+            DbErr,
+        ) -> futures::future::BoxFuture<'c, Result<T>>
+        + Send
+        + 'static,
+    ) -> Result<T> {
+        let path = self.path.clone();
+        let err = DbErr(path.clone());
+        self.writer
+            .write(
+                move |e| StateError::Db {
+                    path: path.clone(),
+                    source: sqlx::Error::Protocol(e.to_string()),
+                },
+                move |conn| f(conn, err),
+            )
+            .await
     }
 
     fn word<T: FromStr<Err = UnknownWord>>(&self, s: &str) -> Result<T> {
@@ -591,34 +624,57 @@ impl StateStore {
         worker: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE layers SET state = ?3, worker = ?4, error = ?5 WHERE build_id = ?1 AND idx = ?2",
-        )
-        .bind(build)
-        .bind(i64::from(idx))
-        .bind(state.as_str())
-        .bind(worker)
-        .bind(error)
-        .execute(&self.pool)
+        let (build, worker, error) = (
+            build.to_string(),
+            worker.map(str::to_string),
+            error.map(str::to_string),
+        );
+        self.write(move |conn, err| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE layers SET state = ?3, worker = ?4, error = ?5 WHERE build_id = ?1 AND idx = ?2",
+                )
+                .bind(&build)
+                .bind(i64::from(idx))
+                .bind(state.as_str())
+                .bind(worker)
+                .bind(error)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| err.of(e))?;
+                layer_updated(&done, &build, idx)
+            })
+        })
         .await
-        .map_err(|e| self.err(e))?;
-        layer_updated(&done, build, idx)
     }
 
     /// A layer was answered from the action cache: `cached`, unless this build already
     /// recorded it built (before a coordinator restart), which it stays.
     pub async fn mark_cached(&self, build: &str, idx: u32) -> Result<()> {
-        sqlx::query(
-            "UPDATE layers SET state = ?3, error = NULL
-             WHERE build_id = ?1 AND idx = ?2 AND result IS NULL",
-        )
-        .bind(build)
-        .bind(i64::from(idx))
-        .bind(LayerState::Cached.as_str())
-        .execute(&self.pool)
+        self.mark_cached_many(build, vec![idx]).await
+    }
+
+    /// [`Self::mark_cached`] for several layers of a build, in one write.
+    pub async fn mark_cached_many(&self, build: &str, idxs: Vec<u32>) -> Result<()> {
+        let build = build.to_string();
+        self.write(move |conn, err| {
+            Box::pin(async move {
+                for idx in idxs {
+                    sqlx::query(
+                        "UPDATE layers SET state = ?3, error = NULL
+                         WHERE build_id = ?1 AND idx = ?2 AND result IS NULL",
+                    )
+                    .bind(&build)
+                    .bind(i64::from(idx))
+                    .bind(LayerState::Cached.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| err.of(e))?;
+                }
+                Ok(())
+            })
+        })
         .await
-        .map_err(|e| self.err(e))?;
-        Ok(())
     }
 
     /// Record a layer's result; its state becomes `cached` or `built`, its error clears.
@@ -646,32 +702,11 @@ impl StateStore {
 
     /// Record several layers' results in one transaction (see [`Self::layer_result`]).
     pub async fn layer_results(&self, build: &str, results: &[LayerResult]) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        for r in results {
-            let state = if r.cached {
-                LayerState::Cached
-            } else {
-                LayerState::Built
-            };
-            let done = sqlx::query(
-                "UPDATE layers SET state = ?3, result = ?4, cached = ?5, duration_ms = ?6,
-                    manifest_digest = ?7, error = NULL
-                 WHERE build_id = ?1 AND idx = ?2",
-            )
-            .bind(build)
-            .bind(i64::from(r.idx))
-            .bind(state.as_str())
-            .bind(&r.result_json)
-            .bind(r.cached)
-            .bind(i64::try_from(r.duration_ms).unwrap_or(i64::MAX))
-            .bind(&r.manifest_digest)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-            layer_updated(&done, build, r.idx)?;
-        }
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(())
+        let (build, results) = (build.to_string(), results.to_vec());
+        self.write(move |conn, err| {
+            Box::pin(async move { layer_results_in(conn, &err, &build, &results).await })
+        })
+        .await
     }
 
     /// A build's layers in plan order.
@@ -717,52 +752,59 @@ impl StateStore {
         now: i64,
     ) -> Result<AssignmentId> {
         let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX / 2);
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let done = sqlx::query(
-            "UPDATE layers SET attempts = attempts + 1, state = ?3, worker = ?4, error = NULL
-             WHERE build_id = ?1 AND idx = ?2",
-        )
-        .bind(build)
-        .bind(i64::from(idx))
-        .bind(LayerState::Running.as_str())
-        .bind(worker)
-        .execute(&mut *tx)
+        let (build, worker) = (build.to_string(), worker.to_string());
+        self.write(move |conn, err| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE layers SET attempts = attempts + 1, state = ?3, worker = ?4, error = NULL
+                     WHERE build_id = ?1 AND idx = ?2",
+                )
+                .bind(&build)
+                .bind(i64::from(idx))
+                .bind(LayerState::Running.as_str())
+                .bind(&worker)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| err.of(e))?;
+                if done.rows_affected() == 0 {
+                    return Err(StateError::NoLayer { build, idx });
+                }
+                let (id,): (i64,) = sqlx::query_as(
+                    "INSERT INTO assignments (build_id, idx, worker, lease_ms, expires_ms, released)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0) RETURNING id",
+                )
+                .bind(&build)
+                .bind(i64::from(idx))
+                .bind(&worker)
+                .bind(lease_ms)
+                .bind(now.saturating_add(lease_ms))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| err.of(e))?;
+                Ok(AssignmentId(id))
+            })
+        })
         .await
-        .map_err(|e| self.err(e))?;
-        if done.rows_affected() == 0 {
-            return Err(StateError::NoLayer {
-                build: build.to_string(),
-                idx,
-            });
-        }
-        let (id,): (i64,) = sqlx::query_as(
-            "INSERT INTO assignments (build_id, idx, worker, lease_ms, expires_ms, released)
-             VALUES (?1, ?2, ?3, ?4, ?5, 0) RETURNING id",
-        )
-        .bind(build)
-        .bind(i64::from(idx))
-        .bind(worker)
-        .bind(lease_ms)
-        .bind(now.saturating_add(lease_ms))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(AssignmentId(id))
     }
 
     /// A heartbeat from `worker`: every active lease it holds now expires at
     /// `now + its lease`. Returns how many leases were renewed.
     pub async fn renew(&self, worker: &str, now: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE assignments SET expires_ms = ?2 + lease_ms WHERE worker = ?1 AND released = 0",
-        )
-        .bind(worker)
-        .bind(now)
-        .execute(&self.pool)
+        let worker = worker.to_string();
+        self.write(move |conn, err| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE assignments SET expires_ms = ?2 + lease_ms WHERE worker = ?1 AND released = 0",
+                )
+                .bind(&worker)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| err.of(e))?;
+                Ok(done.rows_affected())
+            })
+        })
         .await
-        .map_err(|e| self.err(e))?;
-        Ok(done.rows_affected())
     }
 
     /// Every active lease now expires at `now + its lease` (a restarted coordinator gives
@@ -827,13 +869,21 @@ impl StateStore {
     /// End a lease (result in, worker lost, cancelled). Returns `false` if it had already
     /// been released, so a late result or a second expiry is noticed.
     pub async fn release(&self, id: AssignmentId) -> Result<bool> {
-        let done =
-            sqlx::query("UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0")
-                .bind(id.0)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| self.err(e))?;
-        if done.rows_affected() == 1 {
+        let released = self
+            .write(move |conn, err| {
+                Box::pin(async move {
+                    let done = sqlx::query(
+                        "UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0",
+                    )
+                    .bind(id.0)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| err.of(e))?;
+                    Ok(done.rows_affected() == 1)
+                })
+            })
+            .await?;
+        if released {
             return Ok(true);
         }
         let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM assignments WHERE id = ?1")
@@ -885,23 +935,11 @@ impl StateStore {
     /// Append several events in one transaction; returns the last one's sequence number
     /// (they are numbered consecutively).
     pub async fn append_events(&self, build: &str, jsons: &[String]) -> Result<u64> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let mut last = 0;
-        for json in jsons {
-            let (seq,): (i64,) = sqlx::query_as(
-                "INSERT INTO events (build_id, seq, json)
-                 SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM events WHERE build_id = ?1
-                 RETURNING seq",
-            )
-            .bind(build)
-            .bind(json)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-            last = seq as u64;
-        }
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(last)
+        let (build, jsons) = (build.to_string(), jsons.to_vec());
+        self.write(move |conn, err| {
+            Box::pin(async move { append_events_in(conn, &err, &build, &jsons).await })
+        })
+        .await
     }
 
     /// A build's events with a sequence number above `after`, in order.
@@ -994,13 +1032,19 @@ impl StateStore {
 
     /// A sign of life from `worker`; `false` if it never registered.
     pub async fn worker_seen(&self, name: &str, now: i64) -> Result<bool> {
-        let done = sqlx::query("UPDATE workers SET last_seen_ms = ?2 WHERE name = ?1")
-            .bind(name)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(done.rows_affected() == 1)
+        let name = name.to_string();
+        self.write(move |conn, err| {
+            Box::pin(async move {
+                let done = sqlx::query("UPDATE workers SET last_seen_ms = ?2 WHERE name = ?1")
+                    .bind(&name)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| err.of(e))?;
+                Ok(done.rows_affected() == 1)
+            })
+        })
+        .await
     }
 
     /// Every worker ever registered, by name.
@@ -1020,6 +1064,78 @@ impl StateStore {
             })
             .collect())
     }
+}
+
+/// Makes the store's [`StateError::Db`] inside a group-committed write.
+struct DbErr(String);
+
+impl DbErr {
+    fn of(&self, source: sqlx::Error) -> StateError {
+        StateError::Db {
+            path: self.0.clone(),
+            source,
+        }
+    }
+}
+
+/// [`StateStore::append_events`] on `conn`: numbered after the build's last event.
+async fn append_events_in(
+    conn: &mut sqlx::SqliteConnection,
+    err: &DbErr,
+    build: &str,
+    jsons: &[String],
+) -> Result<u64> {
+    let (last,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM events WHERE build_id = ?1")
+            .bind(build)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| err.of(e))?;
+    let mut seq = last;
+    for json in jsons {
+        seq += 1;
+        sqlx::query("INSERT INTO events (build_id, seq, json) VALUES (?1, ?2, ?3)")
+            .bind(build)
+            .bind(seq)
+            .bind(json)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| err.of(e))?;
+    }
+    Ok(seq as u64)
+}
+
+/// [`StateStore::layer_results`] on `conn`.
+async fn layer_results_in(
+    conn: &mut sqlx::SqliteConnection,
+    err: &DbErr,
+    build: &str,
+    results: &[LayerResult],
+) -> Result<()> {
+    for r in results {
+        let state = if r.cached {
+            LayerState::Cached
+        } else {
+            LayerState::Built
+        };
+        let done = sqlx::query(
+            "UPDATE layers SET state = ?3, result = ?4, cached = ?5, duration_ms = ?6,
+                manifest_digest = ?7, error = NULL
+             WHERE build_id = ?1 AND idx = ?2",
+        )
+        .bind(build)
+        .bind(i64::from(r.idx))
+        .bind(state.as_str())
+        .bind(&r.result_json)
+        .bind(r.cached)
+        .bind(i64::try_from(r.duration_ms).unwrap_or(i64::MAX))
+        .bind(&r.manifest_digest)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| err.of(e))?;
+        layer_updated(&done, build, r.idx)?;
+    }
+    Ok(())
 }
 
 fn lease_row((id, build_id, idx, worker, expires_ms, attempts): LeaseTuple) -> Lease {

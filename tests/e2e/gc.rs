@@ -100,7 +100,11 @@ fn farm_gc_dry_run_then_gc_after_two_builds_one_expired() {
             .map(|d| d.count())
             .unwrap_or(0)
     };
-    assert_eq!(log_files(), 2, "each build keeps its log in the state's logs/");
+    assert_eq!(
+        log_files(),
+        2,
+        "each build keeps its log in the state's logs/"
+    );
     let before = blob_files(&t.state);
     let dry = gc(&["--dry-run"]);
     assert_eq!(

@@ -412,6 +412,7 @@ async fn build(
             allow_outside_context: true,
             origin: farm_coordinator::farm::Origin::Local,
             inline: crate::remote::inline_texts(&plan),
+            priority: 0,
         };
         let (id, outcome) = embedded.run(&plan, spec).await?;
         let built = outcome.results.clone();

@@ -88,6 +88,17 @@ pub(crate) struct SubmitArgs {
     #[arg(long)]
     pub require_hash: bool,
 
+    /// The build's priority in the coordinator's queue: a higher one gets free worker
+    /// slots first; builds of equal priority share them fairly (default 0; may be
+    /// negative)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_hyphen_values = true
+    )]
+    pub priority: i32,
+
     /// Allow imports from outside the directory tree of the stackerfiles (the context
     /// sent then includes them)
     #[arg(long)]
@@ -176,6 +187,7 @@ fn run_remote(addr: crate::client::Target, args: SubmitArgs) -> anyhow::Result<E
         require_hash: args.require_hash,
         allow_outside_context: args.allow_outside_context,
         stackerfile_texts: crate::remote::inline_texts(&plan).into_iter().collect(),
+        priority: args.priority,
     };
     let span = tracing::Span::current();
     block_on(tracing::Instrument::instrument(

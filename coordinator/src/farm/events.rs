@@ -139,7 +139,12 @@ pub(super) async fn record(
     names: Vec<String>,
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) {
-    let idx = |layer: &str| names.iter().position(|n| n == layer).map(|i| i as u32);
+    let index: std::collections::HashMap<&str, u32> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i as u32))
+        .collect();
+    let idx = |layer: &str| index.get(layer).copied();
     // Where each layer ran (kept in the layer's row when it fails).
     let mut workers: std::collections::HashMap<String, String> = Default::default();
     while let Some(first) = rx.recv().await {
@@ -151,6 +156,8 @@ pub(super) async fn record(
             }
         }
         let mut stored = Vec::with_capacity(batch.len());
+        // Cache hits of the batch, recorded in one write.
+        let mut cached = Vec::new();
         for event in batch {
             let (e, state_change) = match event {
                 Event::Started { layer } => {
@@ -176,11 +183,7 @@ pub(super) async fn record(
                 ),
                 Event::Cached { layer } => {
                     inner.metrics.cache_hit();
-                    if let Some(i) = idx(&layer)
-                        && let Err(err) = inner.state.mark_cached(&build, i).await
-                    {
-                        tracing::error!(%build, "recording a cache hit: {err}; the layer's status shows it cached when the build ends");
-                    }
+                    cached.extend(idx(&layer));
                     (StoredEvent::layer(layer, LayerState::Cached), None)
                 }
                 Event::Built { layer, duration } => {
@@ -222,6 +225,11 @@ pub(super) async fn record(
                 }
             }
             stored.push(e);
+        }
+        if !cached.is_empty()
+            && let Err(err) = inner.state.mark_cached_many(&build, cached).await
+        {
+            tracing::error!(%build, "recording cache hits: {err}; the layers' status shows them cached when the build ends");
         }
         inner.publish(&build, stored).await;
     }

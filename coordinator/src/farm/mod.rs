@@ -266,6 +266,14 @@ pub struct Submission {
     /// Texts of stackerfiles the submitter fetched itself (http(s) URLs), by path.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub inline: std::collections::BTreeMap<String, String>,
+    /// The build's priority in the ready queue (`farm submit --priority`): builds of a
+    /// higher priority get free slots first; equal ones share them fairly. Default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 impl Submission {
@@ -285,6 +293,7 @@ impl Submission {
             allow_outside_context: false,
             origin: Origin::Local,
             inline: Default::default(),
+            priority: 0,
         }
     }
 }
@@ -990,6 +999,7 @@ impl Inner {
             id,
             &plan,
             spec.no_cache,
+            spec.priority,
         ));
         let report = run_build(
             &plan,
@@ -1054,8 +1064,10 @@ impl Inner {
                 })
             });
         }
+        // Many at once: a local store syncs each new manifest before naming it, and
+        // concurrent syncs share the file system's journal commits.
         let results: Vec<LayerResult> = futures::stream::iter(pending)
-            .buffer_unordered(16)
+            .buffer_unordered(64)
             .try_collect()
             .await?;
         self.state.layer_results(id, &results).await?;

@@ -1272,6 +1272,9 @@ async fn a_start_removes_contexts_no_build_holds() {
 mod logs;
 mod remote;
 
+/// Fair share across builds, and priorities.
+mod fair;
+
 /// A worker may hand back only what it holds: a rogue's `Drain` naming another worker's
 /// assignment moves nothing (the layer is not queued again, nor its attempt taken back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

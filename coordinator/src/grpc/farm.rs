@@ -197,6 +197,7 @@ impl FarmService {
             allow_outside_context: r.allow_outside_context,
             origin: Origin::Remote,
             inline: r.stackerfile_texts.into_iter().collect(),
+            priority: r.priority,
         };
         if spec.context.is_empty() && spec.inline.is_empty() {
             return Err(Status::invalid_argument(
@@ -270,15 +271,31 @@ impl FarmApi for FarmService {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let state = self.farm.state();
-        let rows = match principal(&request) {
-            Some(caller) => state.list_builds_of(&caller.name).await,
+        let caller = principal(&request);
+        let owner = caller.as_ref().map(|p| p.name.as_str());
+        let rows = match owner {
+            Some(owner) => state.list_builds_of(owner).await,
             None => state.list_builds().await,
         }
         .map_err(|e| status_of(e.into()))?;
-        let mut builds = Vec::new();
-        for row in rows {
-            builds.push(status(&self.farm, &row.id).await?);
-        }
+        // Every build's layers and origin in two queries, not three per build.
+        let mut layers = state
+            .layer_statuses_of_all(owner)
+            .await
+            .map_err(|e| status_of(e.into()))?;
+        let mut origins = state
+            .webhook_origins()
+            .await
+            .map_err(|e| status_of(e.into()))?;
+        let builds = rows
+            .into_iter()
+            .map(|build| {
+                let layers = layers.remove(&build.id).unwrap_or_default();
+                let webhook = origins.remove(&build.id);
+                let trace_id = self.farm.trace_id(&build.id).unwrap_or_default();
+                build_status(build, layers, webhook.as_ref(), trace_id)
+            })
+            .collect();
         Ok(Response::new(ListResponse { builds }))
     }
 
@@ -369,11 +386,28 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
     let Some(build) = state.build(id).await.map_err(|e| status_of(e.into()))? else {
         return Err(Status::not_found(format!("no build {id}")));
     };
-    let layers = state.layers(id).await.map_err(|e| status_of(e.into()))?;
-    let webhook = webhook_origin(farm, id).await?;
-    Ok(proto::BuildStatus {
-        webhook,
-        trace_id: farm.trace_id(id).unwrap_or_default(),
+    let layers = state
+        .layer_statuses(id)
+        .await
+        .map_err(|e| status_of(e.into()))?;
+    let webhook = state
+        .webhook_origin(id)
+        .await
+        .map_err(|e| status_of(e.into()))?;
+    let trace_id = farm.trace_id(id).unwrap_or_default();
+    Ok(build_status(build, layers, webhook.as_ref(), trace_id))
+}
+
+/// A build's status as the client API answers it.
+fn build_status(
+    build: crate::state::BuildRow,
+    layers: Vec<crate::state::LayerRow>,
+    webhook: Option<&crate::state::WebhookOrigin>,
+    trace_id: String,
+) -> proto::BuildStatus {
+    proto::BuildStatus {
+        webhook: webhook.map(origin),
+        trace_id,
         id: build.id,
         state: i32::from(build.state),
         error: build.error.unwrap_or_default(),
@@ -391,7 +425,19 @@ async fn status(farm: &Farm, id: &str) -> Result<proto::BuildStatus, Status> {
                 error: l.error.unwrap_or_default(),
             })
             .collect(),
-    })
+    }
+}
+
+fn origin(o: &crate::state::WebhookOrigin) -> proto::WebhookOrigin {
+    let (provider, repo) = o.provider_and_repo();
+    proto::WebhookOrigin {
+        provider: provider.to_string(),
+        repo: repo.to_string(),
+        git_ref: o.git_ref.clone(),
+        sha: o.sha.clone(),
+        delivery: o.delivery.clone(),
+        build: o.build.clone(),
+    }
 }
 
 /// The webhook delivery that started build `id`, if one did.
@@ -401,15 +447,6 @@ async fn webhook_origin(farm: &Farm, id: &str) -> Result<Option<proto::WebhookOr
         .webhook_origin(id)
         .await
         .map_err(|e| status_of(e.into()))?
-        .map(|o| {
-            let (provider, repo) = o.provider_and_repo();
-            proto::WebhookOrigin {
-                provider: provider.to_string(),
-                repo: repo.to_string(),
-                git_ref: o.git_ref.clone(),
-                sha: o.sha.clone(),
-                delivery: o.delivery.clone(),
-                build: o.build.clone(),
-            }
-        }))
+        .as_ref()
+        .map(origin))
 }

@@ -451,6 +451,7 @@ impl Hooks {
                 // The same policy as any remote client's submission.
                 origin: Origin::Remote,
                 inline: Default::default(),
+                priority: 0,
             };
             // The build is the root of its own trace; the delivery links to it.
             let submitted =

@@ -4,6 +4,7 @@
 //! Workers attach through [`sessions`]; their wire protocol lives in `grpc::workers`.
 
 mod dedupe;
+mod fair;
 mod leases;
 mod placement;
 mod progress;
@@ -11,7 +12,7 @@ mod queue;
 mod sessions;
 mod verify;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,7 +89,7 @@ impl Worker {
 /// Everything the scheduler changes under its one lock.
 #[derive(Default)]
 struct Sched {
-    queue: VecDeque<Task>,
+    queue: fair::ReadyQueue<Task>,
     workers: BTreeMap<String, Worker>,
     active: HashMap<AssignmentId, Active>,
     /// Results that arrived with no build waiting for them (the coordinator restarted
@@ -157,9 +158,7 @@ impl Scheduler {
     pub(super) fn cancel_build(&self, id: &str) {
         let (tasks, active) = {
             let mut st = self.lock();
-            let (mine, rest): (VecDeque<Task>, VecDeque<Task>) =
-                st.queue.drain(..).partition(|t| t.build == id);
-            st.queue = rest;
+            let mine = st.queue.remove_build(id);
             let ids: Vec<AssignmentId> = st
                 .active
                 .iter()
@@ -220,12 +219,21 @@ pub(crate) struct FarmExecutor {
     index: HashMap<String, u32>,
     /// The build ignores the action cache (`--no-cache`).
     no_cache: bool,
+    /// Its priority in the ready queue (`farm submit --priority`).
+    priority: i32,
 }
 
 impl FarmExecutor {
-    pub(super) fn new(inner: Arc<Inner>, build: &str, plan: &Plan, no_cache: bool) -> Self {
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        build: &str,
+        plan: &Plan,
+        no_cache: bool,
+        priority: i32,
+    ) -> Self {
         FarmExecutor {
             no_cache,
+            priority,
             inner,
             build: build.to_string(),
             index: plan
@@ -327,7 +335,9 @@ impl Executor for FarmExecutor {
             None
         };
         let started = std::time::Instant::now();
-        let result = sched.run(&self.inner, &self.build, idx, job, events).await;
+        let result = sched
+            .run(&self.inner, &self.build, self.priority, idx, job, events)
+            .await;
         self.record(idx, &result, started).await;
         if let Some(claim) = claim {
             // Into the action cache before the claim ends: a build that plans the same

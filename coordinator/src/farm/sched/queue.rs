@@ -2,7 +2,6 @@
 //! a worker for each (see [`placement`](super::placement)), leases the layer to it and
 //! sends it.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use farm_model::{Event, EventSender, ImportSource, Job, LayerFailure, LayerOutcome};
@@ -16,12 +15,23 @@ use crate::state::BuildId;
 /// A layer of a build, waiting for its result.
 pub(super) struct Task {
     pub build: BuildId,
+    /// The build's priority (`farm submit --priority`): higher goes first.
+    pub priority: i32,
     pub idx: u32,
     pub job: Arc<Job>,
     pub events: EventSender,
     done: oneshot::Sender<LayerOutcome>,
     /// The layer's span (the driver's) and when the layer was queued (issue 16).
     trace: (tracing::Span, std::time::Instant),
+}
+
+impl super::fair::Laned for Task {
+    fn lane(&self) -> &str {
+        &self.build
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
 }
 
 impl Task {
@@ -48,6 +58,7 @@ impl Scheduler {
         &self,
         inner: &Arc<Inner>,
         build: &str,
+        priority: i32,
         idx: u32,
         job: Job,
         events: EventSender,
@@ -55,6 +66,7 @@ impl Scheduler {
         let (done, rx) = oneshot::channel();
         let task = Task {
             build: build.to_string(),
+            priority,
             idx,
             job: Arc::new(job),
             events,
@@ -135,40 +147,38 @@ impl Scheduler {
     pub(super) fn dispatch(&self, inner: &Arc<Inner>) {
         let picks = {
             let mut st = self.lock();
-            let mut picks = Vec::new();
-            let mut keep = VecDeque::new();
-            while let Some(task) = st.queue.pop_front() {
-                if st.workers.iter().all(|(n, w)| w.candidate(n).free() == 0) {
-                    keep.push_back(task);
-                    keep.extend(st.queue.drain(..));
-                    break;
-                }
-                let candidates = st.workers.iter().map(|(n, w)| w.candidate(n));
-                let need = Need::of(&task.job);
-                let chosen = choose(candidates, &need).map(str::to_string);
-                match chosen {
-                    Some(name) => {
-                        let w = st.workers.get_mut(&name).expect("chosen from the map");
-                        w.reserved += 1;
-                        let why = if need.base_chain.is_some_and(|c| w.chains.contains(c)) {
-                            "holds the base chain"
-                        } else {
-                            "least loaded with a free slot"
-                        };
-                        picks.push(Pick {
-                            task,
-                            session: w.session,
-                            shares_files: w.shares_files,
-                            worker: name,
-                            why,
-                        });
-                    }
-                    None => keep.push_back(task),
-                }
-            }
-            st.queue = keep;
-            inner.metrics.set_queue(st.queue.len());
-            picks
+            let st = &mut *st;
+            let (queue, workers) = (&mut st.queue, &mut st.workers);
+            let free: u32 = workers.iter().map(|(n, w)| w.candidate(n).free()).sum();
+            let free = std::cell::Cell::new(free);
+            let taken = queue.take_while(
+                || free.get() > 0,
+                |task| {
+                    let candidates = workers.iter().map(|(n, w)| w.candidate(n));
+                    let need = Need::of(&task.job);
+                    let name = choose(candidates, &need)?.to_string();
+                    let w = workers.get_mut(&name).expect("chosen from the map");
+                    w.reserved += 1;
+                    free.set(free.get() - 1);
+                    let why = if need.base_chain.is_some_and(|c| w.chains.contains(c)) {
+                        "holds the base chain"
+                    } else {
+                        "least loaded with a free slot"
+                    };
+                    Some((name, w.session, w.shares_files, why))
+                },
+            );
+            inner.metrics.set_queue(queue.len());
+            taken
+                .into_iter()
+                .map(|(task, (worker, session, shares_files, why))| Pick {
+                    task,
+                    worker,
+                    session,
+                    shares_files,
+                    why,
+                })
+                .collect::<Vec<_>>()
         };
         for pick in picks {
             let inner = inner.clone();

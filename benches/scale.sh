@@ -1,0 +1,27 @@
+#!/bin/bash
+# The coordinator at scale (issue 17), in one command:
+#
+#   benches/scale.sh                 # 20,000 layers, 200 workers x 4 slots; prints a table
+#   LAYERS=2000 WORKERS=20 benches/scale.sh     # a quick run
+#
+# Runs `cargo bench -p farm-coordinator --bench scale` (coordinator/benches/scale.rs):
+# the real gRPC services on loopback (tonic server and clients, the state store, the
+# action cache), stand-in workers in the same process that speak the worker protocol
+# over their own connections and answer at once. With FARM_BIN unset it first builds
+# the `farm` binary (release) to time `farm submit` of the unchanged DAG; FARM_BIN=none
+# skips that.
+#
+# Settings (environment): LAYERS=20000 WAVE=500 FILES=LAYERS/50 WORKERS=200 SLOTS=4 LISTED=1000
+# FAIR_HOLD_MS=200; CARGO_TARGET_DIR as usual. Nothing fails on timing: it measures.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+cd "$HERE/.."
+TARGET=${CARGO_TARGET_DIR:-target}
+if [ -z "${FARM_BIN:-}" ]; then
+    cargo build --release -q -p farm-cli
+    export FARM_BIN="$TARGET/release/farm"
+elif [ "$FARM_BIN" = none ]; then
+    export FARM_BIN=
+fi
+echo "commit $(git rev-parse --short HEAD)$( [ -n "$(git status --porcelain -- coordinator)" ] && echo ' + uncommitted changes')" >&2
+exec cargo bench -q -p farm-coordinator --bench scale
