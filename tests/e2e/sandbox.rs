@@ -377,6 +377,7 @@ fn a_fork_bomb_and_a_memory_hog_fail_their_layers_in_a_delegated_cgroup() {
         &[("bomb", "FAILED"), ("hog", "FAILED"), ("fine", "built")],
     );
     let s = summary(&r.stderr);
+    eprintln!("bomb: {}\nhog: {}", s["bomb"], s["hog"]);
     assert!(s["bomb"].contains("pids.max"), "{}", r.describe());
     assert!(s["hog"].contains("memory limit"), "{}", r.describe());
     // Healthy afterwards: the next build in the same cgroup works.
