@@ -132,7 +132,7 @@ impl RunLimitArgs {
         }
         match Delegation::enter(limits) {
             Ok(d) => {
-                tracing::info!(cgroup = %d.dir().display(), ?limits, "builds get cgroup limits");
+                tracing::info!(cgroup = %d.backend(), ?limits, "builds get cgroup limits");
                 options.cgroup = Some(d);
             }
             Err(e) => tracing::info!(

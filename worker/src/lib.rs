@@ -11,7 +11,7 @@
 //! * [`userns`]: processes in a new user namespace, and the hidden entry point the
 //!   `farm` binary wires ([`userns::run_hidden_entry_if_requested`]).
 //! * [`idmap`]: which host ids back container ids 0..65535.
-//! * [`cgroup`]: per-build pids and memory limits in a delegated cgroup v2.
+//! * [`cgroup`]: per-build pids and memory limits in a delegated cgroup (v2, else v1).
 //! * [`cancel`]: [`CancelToken`], which stops a build.
 //! * [`sys`]: the only `unsafe` code (syscalls nix lacks); its xattr readers are public
 //!   for layer capture.

@@ -74,12 +74,11 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    // Optional: per-build pids/memory limits need a delegated cgroup v2.
+    // Optional: per-build pids/memory limits need a delegated cgroup (v2, else v1).
     match farm_worker::cgroup::detect() {
-        Ok(dir) => println!(
-            "  ok: delegated cgroup {}: each build gets pids.max and memory.max \
-             (--pids-max, --memory-max)",
-            dir.display()
+        Ok(backend) => println!(
+            "  ok: delegated {backend}: each build gets pids and memory limits \
+             (--pids-max, --memory-max)"
         ),
         Err(e) => {
             println!("  note: builds run without pids/memory limits: {e}");

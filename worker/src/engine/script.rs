@@ -87,7 +87,7 @@ impl Build<'_> {
             None => None,
         };
         let mut spec = spec.clone();
-        spec.cgroup = cgroup.as_ref().map(|c| c.path().to_path_buf());
+        spec.cgroups = cgroup.as_ref().map(|c| c.paths()).unwrap_or_default();
         // A running sandbox is progress, printing or not (`sleep 3600` is not stuck).
         let _busy = cancel.busy();
         let status = self

@@ -37,7 +37,7 @@ fn helper(spec: SandboxSpec) -> HelperReport {
     if let Err(e) = sys::install_terminate_handler() {
         return failed(format!("installing SIGTERM handler: {e}"), warnings);
     }
-    if let Some(cg) = &spec.cgroup {
+    for cg in &spec.cgroups {
         // Before the fork: init, the script and all they start inherit the cgroup.
         if let Err(e) = fs::write(cg.join("cgroup.procs"), "0") {
             warnings.push(format!(

@@ -116,10 +116,11 @@ pub struct SandboxSpec {
     /// Let the script create user namespaces (the seccomp filter denies it otherwise).
     #[serde(default)]
     pub nested_userns: bool,
-    /// A cgroup v2 directory (with its limits written) that the helper joins before it
-    /// forks the sandbox: everything of the build is charged to it.
+    /// Cgroup directories (with their limits written: one v2, or a v1 pids and a v1
+    /// memory one) that the helper joins before it forks the sandbox: everything of the
+    /// build is charged to them.
     #[serde(default)]
-    pub cgroup: Option<PathBuf>,
+    pub cgroups: Vec<PathBuf>,
     /// The sandbox's processes and /proc: a pid namespace of its own with a fresh /proc
     /// (the default), or the worker's pid namespace and its /proc bound read-only
     /// ([`SandboxProc::Host`], for containers whose /proc is masked).
@@ -190,7 +191,7 @@ impl SandboxSpec {
             interactive: false,
             network: Network::Host,
             nested_userns: false,
-            cgroup: None,
+            cgroups: Vec::new(),
             proc: SandboxProc::Fresh,
         }
     }

@@ -16,6 +16,10 @@
 //!                     memory.oom.group 1; the sandbox helper joins it before it forks
 //! ```
 //!
+//! On a hybrid host (cgroup2 without pids and memory, which are v1 hierarchies) the
+//! worker uses [`v1`] instead: its own v1 pids and memory cgroups, when its user can
+//! write them, get a `build-<id>/` child each per run. [`detect`] picks v2, else v1.
+//!
 //! Without a delegated cgroup builds run without these limits and `farm check` says
 //! how to get one.
 
@@ -23,6 +27,10 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub mod v1;
+
+pub use v1::V1Dirs;
 
 /// Per-build limits; `None` leaves the kernel's default ("max").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,6 +58,15 @@ pub enum CgroupError {
     Shared { dir: PathBuf, pids: String },
     #[error("the cgroup {dir} is not writable by this user ({what})")]
     NotWritable { dir: PathBuf, what: String },
+    #[error("no cgroup v1 hierarchy with the {controller} controller")]
+    V1NoHierarchy { controller: String },
+    #[error("the worker runs in the root cgroup v1 of {controller}; give it a cgroup of its own")]
+    V1RootCgroup { controller: String },
+    #[error("no delegated cgroup v2 ({v2}) nor v1 ({v1})")]
+    Neither {
+        v2: Box<CgroupError>,
+        v1: Box<CgroupError>,
+    },
     #[error("setting up the delegated cgroup {dir}: {what}: {source}")]
     Setup {
         dir: PathBuf,
@@ -64,7 +81,11 @@ pub const HOW_TO_DELEGATE: &str = "start the worker in a delegated cgroup v2: \
     `mkdir /sys/fs/cgroup/farm && chown USER /sys/fs/cgroup/farm \
     /sys/fs/cgroup/farm/cgroup.{procs,subtree_control,threads}` (pids and memory \
     enabled in /sys/fs/cgroup/cgroup.subtree_control) and start the worker from a shell \
-    whose pid root wrote to /sys/fs/cgroup/farm/cgroup.procs";
+    whose pid root wrote to /sys/fs/cgroup/farm/cgroup.procs; on a hybrid host (pids and \
+    memory are cgroup v1 hierarchies) as root \
+    `mkdir /sys/fs/cgroup/{pids,memory}/farm-USER && chown USER \
+    /sys/fs/cgroup/{pids,memory}/farm-USER/{.,tasks,cgroup.procs}` and start the worker \
+    from a shell whose pid root wrote to both `tasks` files";
 
 const CONTROLLERS: [&str; 2] = ["pids", "memory"];
 
@@ -100,8 +121,46 @@ fn writable(path: &Path) -> bool {
     nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
-/// The worker's own cgroup, if it is delegated (writable, pids and memory available).
-pub fn detect() -> Result<PathBuf, CgroupError> {
+/// Which delegated cgroup the worker's builds get their limits in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The worker's cgroup v2 directory.
+    V2(PathBuf),
+    /// The worker's cgroups in the v1 pids and memory hierarchies.
+    V1(V1Dirs),
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::V2(d) => write!(f, "cgroup v2 {}", d.display()),
+            Backend::V1(d) => write!(
+                f,
+                "cgroup v1 {} and {}",
+                d.pids.display(),
+                d.memory.display()
+            ),
+        }
+    }
+}
+
+/// The worker's delegated cgroup: v2 when its cgroup there is delegated with pids and
+/// memory, else its v1 pids and memory cgroups when its user can write both.
+pub fn detect() -> Result<Backend, CgroupError> {
+    let v2 = match detect_v2() {
+        Ok(dir) => return Ok(Backend::V2(dir)),
+        Err(e) => e,
+    };
+    v1::detect()
+        .map(Backend::V1)
+        .map_err(|v1| CgroupError::Neither {
+            v2: Box::new(v2),
+            v1: Box::new(v1),
+        })
+}
+
+/// The worker's own cgroup v2, if it is delegated (writable, pids and memory available).
+fn detect_v2() -> Result<PathBuf, CgroupError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mount = cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2)?;
     let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
@@ -149,15 +208,18 @@ pub fn detect() -> Result<PathBuf, CgroupError> {
 /// A delegated cgroup the worker has moved into (see the module doc).
 #[derive(Debug, Clone)]
 pub struct Delegation {
-    dir: PathBuf,
+    backend: Backend,
     limits: CgroupLimits,
 }
 
 impl Delegation {
-    /// [`detect`], then move this process into `D/farm-worker` and enable the pids and
-    /// memory controllers for D's children.
+    /// [`detect`], then (v2) move this process into `D/farm-worker` and enable the pids
+    /// and memory controllers for D's children; v1 needs no setup.
     pub fn enter(limits: CgroupLimits) -> Result<Delegation, CgroupError> {
-        Self::enter_dir(detect()?, limits)
+        match detect()? {
+            Backend::V2(dir) => Self::enter_dir(dir, limits),
+            backend @ Backend::V1(_) => Ok(Delegation { backend, limits }),
+        }
     }
 
     /// [`enter`](Self::enter) with the delegated cgroup `dir` already found.
@@ -192,11 +254,14 @@ impl Delegation {
         fs::write(dir.join("cgroup.subtree_control"), "+pids +memory").map_err(setup(
             "enabling pids and memory (other processes in the cgroup? start the worker alone in it)",
         ))?;
-        Ok(Delegation { dir, limits })
+        Ok(Delegation {
+            backend: Backend::V2(dir),
+            limits,
+        })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     pub fn limits(&self) -> CgroupLimits {
@@ -207,14 +272,27 @@ impl Delegation {
     pub fn build_cgroup(&self) -> io::Result<BuildCgroup> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("build-{}-{n}", std::process::id()));
+        let name = format!("build-{}-{n}", std::process::id());
+        let dir = match &self.backend {
+            Backend::V2(dir) => dir,
+            Backend::V1(dirs) => {
+                let (pids, memory) = v1::create_build(dirs, &name, self.limits)?;
+                return Ok(BuildCgroup {
+                    pids,
+                    memory: Some(memory),
+                    limits: self.limits,
+                });
+            }
+        };
+        let path = dir.join(name);
         fs::create_dir(&path)?;
         let cg = BuildCgroup {
-            path,
+            pids: path,
+            memory: None,
             limits: self.limits,
         };
         let write = |file: &str, value: String| {
-            fs::write(cg.path.join(file), value)
+            fs::write(cg.pids.join(file), value)
                 .map_err(|e| io::Error::new(e.kind(), format!("writing {file}: {e}")))
         };
         if let Some(p) = self.limits.pids_max {
@@ -231,32 +309,49 @@ impl Delegation {
     }
 }
 
-/// One sandbox run's cgroup; removed when dropped (it is empty once the run ended).
+/// One sandbox run's cgroup (v1: one in each hierarchy); removed when dropped.
 #[derive(Debug)]
 pub struct BuildCgroup {
-    path: PathBuf,
+    /// The v2 cgroup, or the v1 pids one.
+    pids: PathBuf,
+    /// The v1 memory cgroup (`None` with v2).
+    memory: Option<PathBuf>,
     limits: CgroupLimits,
 }
 
 impl BuildCgroup {
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The directories the sandbox helper joins (writing itself to `cgroup.procs`).
+    pub fn paths(&self) -> Vec<PathBuf> {
+        std::iter::once(self.pids.clone())
+            .chain(self.memory.clone())
+            .collect()
     }
 
     /// Which limit the run hit, from `pids.events` (`max N`) and `memory.events`
-    /// (`oom_kill N`), as a sentence for the layer's error.
+    /// (`oom_kill N`; v1: `memory.oom_control`), as a sentence for the layer's error.
     pub fn limit_hit(&self) -> Option<String> {
         let count = |file: &str, key: &str| -> u64 {
-            fs::read_to_string(self.path.join(file))
+            fs::read_to_string(self.pids.join(file))
                 .ok()
                 .and_then(|s| event_count(&s, key))
                 .unwrap_or(0)
         };
         let mut hit = Vec::new();
-        if count("memory.events", "oom_kill") > 0 || count("memory.events", "oom_group_kill") > 0 {
+        let oom = match &self.memory {
+            Some(v1) => v1::oom_killed(v1),
+            None => {
+                count("memory.events", "oom_kill") > 0
+                    || count("memory.events", "oom_group_kill") > 0
+            }
+        };
+        if oom {
+            let (file, killed) = match self.memory {
+                Some(_) => ("memory.limit_in_bytes", "a process of the build"),
+                None => ("memory.max", "the build"),
+            };
             hit.push(format!(
-                "memory.max ({} MiB: the kernel killed the build; raise it with the worker's \
-                 --memory-max)",
+                "its memory limit ({file} {} MiB: the kernel killed {killed}; raise it with \
+                 the worker's --memory-max)",
                 self.limits.memory_max.unwrap_or(0) >> 20
             ));
         }
@@ -279,17 +374,35 @@ fn event_count(events: &str, key: &str) -> Option<u64> {
 
 impl Drop for BuildCgroup {
     fn drop(&mut self) {
-        // The helper's waitpid returned only after the whole pid namespace was reaped,
-        // but the kernel may take a moment to empty the cgroup.
-        for _ in 0..50 {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
+        for path in self.paths() {
+            remove_cgroup(&path);
         }
-        tracing::warn!(cgroup = %self.path.display(), "could not remove a build's cgroup");
     }
+}
+
+/// Kill what is left in the cgroup `path`, then remove it.
+fn remove_cgroup(path: &Path) {
+    // The helper's waitpid returned only after the whole pid namespace was reaped (a
+    // process of a host-pid sandbox may be left), and the kernel may take a moment to
+    // empty the cgroup.
+    for _ in 0..50 {
+        for pid in fs::read_to_string(path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        match fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    tracing::warn!(cgroup = %path.display(), "could not remove a build's cgroup");
 }
 
 #[cfg(test)]
@@ -347,23 +460,23 @@ mod tests {
         );
         assert_eq!(read(&dir.join("cgroup.subtree_control")), "+pids +memory");
         let cg = del.build_cgroup().unwrap();
-        assert_eq!(read(&cg.path().join("pids.max")), "64");
+        assert_eq!(read(&cg.pids.join("pids.max")), "64");
         assert_eq!(
-            read(&cg.path().join("memory.max")),
+            read(&cg.pids.join("memory.max")),
             (128u64 << 20).to_string()
         );
-        assert_eq!(read(&cg.path().join("memory.swap.max")), "0");
-        assert_eq!(read(&cg.path().join("memory.oom.group")), "1");
+        assert_eq!(read(&cg.pids.join("memory.swap.max")), "0");
+        assert_eq!(read(&cg.pids.join("memory.oom.group")), "1");
         assert_eq!(cg.limit_hit(), None);
-        fs::write(cg.path().join("pids.events"), "max 3\n").unwrap();
-        fs::write(cg.path().join("memory.events"), "oom 1\noom_kill 1\n").unwrap();
+        fs::write(cg.pids.join("pids.events"), "max 3\n").unwrap();
+        fs::write(cg.pids.join("memory.events"), "oom 1\noom_kill 1\n").unwrap();
         let hit = cg.limit_hit().unwrap();
         assert!(
-            hit.contains("memory.max (128 MiB") && hit.contains("pids.max (64"),
+            hit.contains("memory limit (memory.max 128 MiB") && hit.contains("pids.max (64"),
             "{hit}"
         );
         // cgroupfs removes its interface files with the directory; a plain one does not.
-        let path = cg.path().to_path_buf();
+        let path = cg.pids.clone();
         for f in fs::read_dir(&path).unwrap() {
             fs::remove_file(f.unwrap().path()).unwrap();
         }
