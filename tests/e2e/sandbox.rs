@@ -80,10 +80,16 @@ fn network_none_cannot_reach_the_host() {
         "    if echo hi | nc -w 2 127.0.0.1 {port}; then echo reached; else echo unreachable; fi > /host\n"
     );
     // Loopback works inside: a listener in the sandbox answers a client in the sandbox.
+    // The listener's stdin stays open (a FIFO held by fd 3) until the client is done:
+    // busybox nc stops at EOF on its stdin, which raced with the client's data.
     let lo = "    ip link show lo > /lo\n    \
-        nc -l -p 5555 > /got &\n    \
+        mkfifo /hold\n    \
+        nc -l -p 5555 < /hold > /got &\n    \
+        exec 3> /hold\n    \
         for i in $(seq 1 100); do echo inside | nc 127.0.0.1 5555 && break; sleep 0.1; done\n    \
-        wait\n";
+        exec 3>&-\n    \
+        wait\n    \
+        rm /hold\n";
     t.write(
         "stacker.yaml",
         format!(
