@@ -410,6 +410,7 @@ fn worker_info(registration: proto::Register) -> Result<WorkerInfo, Refusal> {
         unavailable: Some(registration.unavailable).filter(|u| !u.is_empty()),
         name,
         name_proven: false,
+        reports_progress: theirs.reports_live(),
     })
 }
 

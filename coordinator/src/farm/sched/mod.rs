@@ -62,6 +62,8 @@ struct Worker {
     /// Picked, not yet sent (the lease is being written).
     reserved: u32,
     shares_files: bool,
+    /// See `WorkerInfo::reports_progress`.
+    reports_progress: bool,
     unavailable: Option<String>,
     last_seen_ms: i64,
     /// A lease of this worker ran out: no new work until it sends a heartbeat.

@@ -39,6 +39,12 @@ impl Scheduler {
             progress.retain(|id, _| st.active.contains_key(id));
             st.active
                 .iter()
+                // A worker from before 2.2 never says a silent run is live.
+                .filter(|(_, a)| {
+                    st.workers
+                        .get(&a.worker)
+                        .is_some_and(|w| w.reports_progress)
+                })
                 .filter_map(|(id, a)| {
                     let last = *progress.entry(*id).or_insert(now);
                     (now - last > timeout_ms).then(|| (*id, a.worker.clone()))

@@ -59,6 +59,9 @@ pub(crate) struct WorkerInfo {
     /// under the same name at once (a reconnect). Without that, a live worker's name
     /// is not taken over.
     pub name_proven: bool,
+    /// Its heartbeats name its live assignments (protocol 2.2): only then can it lose a
+    /// layer for making no progress (`--progress-timeout`).
+    pub reports_progress: bool,
 }
 
 /// Why a worker could not be registered: the state store failed, not the worker, so it
@@ -136,6 +139,7 @@ impl Scheduler {
                     running: HashSet::new(),
                     reserved: 0,
                     shares_files: info.shares_files,
+                    reports_progress: info.reports_progress,
                     unavailable: info.unavailable,
                     last_seen_ms: now,
                     stale: false,

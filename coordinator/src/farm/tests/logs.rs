@@ -21,6 +21,11 @@ async fn start_with(dir: &Path, max_layer_log: u64, progress_timeout: Duration) 
 /// A worker of one slot that sends what the test makes it send; returns its link and
 /// the first assignment it gets.
 async fn worker(farm: &Farm, name: &str) -> WorkerLink {
+    worker_speaking(farm, name, PROTOCOL.minor).await
+}
+
+/// [`worker`], speaking minor version `minor` of the worker protocol.
+async fn worker_speaking(farm: &Farm, name: &str, minor: u32) -> WorkerLink {
     let link = farm.connect_worker().unwrap();
     link.tx
         .send(WorkerMessage {
@@ -29,7 +34,7 @@ async fn worker(farm: &Farm, name: &str) -> WorkerLink {
                 slots: 1,
                 platform: "linux/amd64".into(),
                 protocol_major: PROTOCOL.major,
-                protocol_minor: PROTOCOL.minor,
+                protocol_minor: minor,
                 ..Default::default()
             })),
         })
@@ -204,6 +209,42 @@ async fn a_worker_that_heartbeats_but_makes_no_progress_loses_its_layer() {
             && l.contains("stuck")),
         "{said:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_from_before_live_reports_keeps_a_silent_layer() {
+    // Protocol 2.1 workers send no `live` list: a silent run there looks stuck, so the
+    // progress timeout must not apply to them (their lease still does).
+    let d = tempfile::tempdir().unwrap();
+    let farm = start_with(d.path(), 1 << 20, Duration::from_millis(600)).await;
+    let mut old = worker_speaking(&farm, "old", 1).await;
+    let (id, _) = farm.submit(fan_out(d.path(), 1, "old")).await.unwrap();
+    let a = assignment(&mut old).await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(3000);
+    while tokio::time::Instant::now() < until {
+        old.tx.send(heartbeat(Vec::new())).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(m) = old.rx.try_recv() {
+            assert!(
+                !matches!(m.kind, Some(coordinator_message::Kind::Cancel(_))),
+                "an old worker's silent layer was taken back: {m:?}"
+            );
+        }
+    }
+    let job: Job = serde_json::from_str(&a.job_json).unwrap();
+    let image = result_for(farm.blobs(), &job).await;
+    old.tx
+        .send(WorkerMessage {
+            kind: Some(worker_message::Kind::Result(ResultMsg {
+                assignment: a.id.clone(),
+                layer_json: serde_json::to_string(&image).unwrap(),
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    let status = farm.state().status(&id).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].worker.as_deref(), Some("old"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
