@@ -720,23 +720,7 @@ impl StateStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.err(e))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(LayerRow {
-                    build_id: r.0,
-                    idx: r.1 as u32,
-                    name: r.2,
-                    state: self.word(&r.3)?,
-                    worker: r.4,
-                    error: r.5,
-                    attempts: r.6 as u32,
-                    result_json: r.7,
-                    cached: r.8,
-                    duration_ms: r.9.map(|d| d as u64),
-                    manifest_digest: r.10,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| self.layer_row(r)).collect()
     }
 
     // ---- leases ----

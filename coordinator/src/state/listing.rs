@@ -15,7 +15,7 @@ macro_rules! status_cols {
 }
 
 impl StateStore {
-    fn layer_row(&self, r: LayerTuple) -> Result<LayerRow> {
+    pub(super) fn layer_row(&self, r: LayerTuple) -> Result<LayerRow> {
         Ok(LayerRow {
             build_id: r.0,
             idx: r.1 as u32,

@@ -211,6 +211,44 @@ async fn a_worker_that_heartbeats_but_makes_no_progress_loses_its_layer() {
     );
 }
 
+/// `worker`'s `link` sends heartbeats (naming assignment `a` live when `live`) for `ms` and is never
+/// told to stop it; then it sends `a`'s result, and the build succeeds on that worker.
+async fn heartbeat_then_finish(
+    farm: &Farm,
+    id: &str,
+    (worker, link): (&str, &mut WorkerLink),
+    a: &farm_proto::v1::Assignment,
+    live: bool,
+    ms: u64,
+) {
+    let until = tokio::time::Instant::now() + Duration::from_millis(ms);
+    while tokio::time::Instant::now() < until {
+        let names = if live { vec![a.id.clone()] } else { Vec::new() };
+        link.tx.send(heartbeat(names)).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(m) = link.rx.try_recv() {
+            assert!(
+                !matches!(m.kind, Some(coordinator_message::Kind::Cancel(_))),
+                "a layer was taken back (live reported: {live}): {m:?}"
+            );
+        }
+    }
+    let job: Job = serde_json::from_str(&a.job_json).unwrap();
+    let image = result_for(farm.blobs(), &job).await;
+    link.tx
+        .send(WorkerMessage {
+            kind: Some(worker_message::Kind::Result(ResultMsg {
+                assignment: a.id.clone(),
+                layer_json: serde_json::to_string(&image).unwrap(),
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+    assert_eq!(wait(farm, id).await.0, BuildState::Succeeded);
+    let status = farm.state().status(id).await.unwrap().unwrap();
+    assert_eq!(status.layers[0].worker.as_deref(), Some(worker));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_from_before_live_reports_keeps_a_silent_layer() {
     // Protocol 2.1 workers send no `live` list: a silent run there looks stuck, so the
@@ -220,31 +258,7 @@ async fn a_worker_from_before_live_reports_keeps_a_silent_layer() {
     let mut old = worker_speaking(&farm, "old", 1).await;
     let (id, _) = farm.submit(fan_out(d.path(), 1, "old")).await.unwrap();
     let a = assignment(&mut old).await;
-    let until = tokio::time::Instant::now() + Duration::from_millis(3000);
-    while tokio::time::Instant::now() < until {
-        old.tx.send(heartbeat(Vec::new())).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(m) = old.rx.try_recv() {
-            assert!(
-                !matches!(m.kind, Some(coordinator_message::Kind::Cancel(_))),
-                "an old worker's silent layer was taken back: {m:?}"
-            );
-        }
-    }
-    let job: Job = serde_json::from_str(&a.job_json).unwrap();
-    let image = result_for(farm.blobs(), &job).await;
-    old.tx
-        .send(WorkerMessage {
-            kind: Some(worker_message::Kind::Result(ResultMsg {
-                assignment: a.id.clone(),
-                layer_json: serde_json::to_string(&image).unwrap(),
-                ..Default::default()
-            })),
-        })
-        .unwrap();
-    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
-    let status = farm.state().status(&id).await.unwrap().unwrap();
-    assert_eq!(status.layers[0].worker.as_deref(), Some("old"));
+    heartbeat_then_finish(&farm, &id, ("old", &mut old), &a, false, 3000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,29 +269,5 @@ async fn a_layer_whose_sandbox_runs_silently_keeps_its_worker() {
     let (id, _) = farm.submit(fan_out(d.path(), 1, "busy")).await.unwrap();
     let a = assignment(&mut busy).await;
     // Three progress timeouts of heartbeats that say the layer's sandbox runs.
-    let until = tokio::time::Instant::now() + Duration::from_millis(4500);
-    while tokio::time::Instant::now() < until {
-        busy.tx.send(heartbeat(vec![a.id.clone()])).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(m) = busy.rx.try_recv() {
-            assert!(
-                !matches!(m.kind, Some(coordinator_message::Kind::Cancel(_))),
-                "a live layer was taken back: {m:?}"
-            );
-        }
-    }
-    let job: Job = serde_json::from_str(&a.job_json).unwrap();
-    let image = result_for(farm.blobs(), &job).await;
-    busy.tx
-        .send(WorkerMessage {
-            kind: Some(worker_message::Kind::Result(ResultMsg {
-                assignment: a.id.clone(),
-                layer_json: serde_json::to_string(&image).unwrap(),
-                ..Default::default()
-            })),
-        })
-        .unwrap();
-    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
-    let status = farm.state().status(&id).await.unwrap().unwrap();
-    assert_eq!(status.layers[0].worker.as_deref(), Some("busy"));
+    heartbeat_then_finish(&farm, &id, ("busy", &mut busy), &a, true, 4500).await;
 }
