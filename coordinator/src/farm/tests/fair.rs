@@ -39,6 +39,20 @@ fn position(worker: &FakeWorker, layer: &str) -> usize {
         .unwrap_or_else(|| panic!("{layer} never assigned: {layers:?}"))
 }
 
+/// A worker of one slot whose layers take `ms` each.
+fn one_slot_worker(farm: &Farm, ms: u64) -> FakeWorker {
+    fake_worker(
+        farm,
+        "one-slot",
+        1,
+        Script {
+            delay: Duration::from_millis(ms),
+            ..QUICK
+        },
+        vec![],
+    )
+}
+
 /// A one-layer build submitted while a big build holds the only slot and has many
 /// ready layers waiting starts at the next free slot (it was queued behind all of
 /// them).
@@ -46,16 +60,7 @@ fn position(worker: &FakeWorker, layer: &str) -> usize {
 async fn a_small_build_starts_before_a_big_builds_remaining_ready_layers() {
     let d = tempfile::tempdir().unwrap();
     let farm = start(d.path(), 5000).await;
-    let worker = fake_worker(
-        &farm,
-        "one-slot",
-        1,
-        Script {
-            delay: Duration::from_millis(300),
-            ..QUICK
-        },
-        vec![],
-    );
+    let worker = one_slot_worker(&farm, 300);
     let (big, _) = farm
         .submit(named_fan_out(d.path(), "big", 12))
         .await
@@ -83,16 +88,7 @@ async fn a_small_build_starts_before_a_big_builds_remaining_ready_layers() {
 async fn a_higher_priority_build_goes_first_and_equal_ones_take_turns() {
     let d = tempfile::tempdir().unwrap();
     let farm = start(d.path(), 5000).await;
-    let worker = fake_worker(
-        &farm,
-        "one-slot",
-        1,
-        Script {
-            delay: Duration::from_millis(200),
-            ..QUICK
-        },
-        vec![],
-    );
+    let worker = one_slot_worker(&farm, 200);
     let (low, _) = farm
         .submit(named_fan_out(d.path(), "low", 6))
         .await
