@@ -508,3 +508,30 @@ fn farm_sandbox_keys() {
         );
     }
 }
+
+#[test]
+fn passthrough_rules_are_anchored_alternatives_or_stackers_literal_defaults() {
+    let own = only(
+        "a:\n  from: {type: scratch}\n  build_env_passthrough:\n    - '^FOO.*'\n    - BAR\n    - 'B.Z'\n",
+    );
+    let rules = crate::Passthrough::of(&own);
+    for (name, passes) in [
+        ("FOO", true),
+        ("FOOD", true),
+        ("BAR", true),
+        ("BAZ", true),
+        ("XBAR", false),
+        ("BARX", false),
+        ("B.Z", true),
+        ("TERM", false),
+    ] {
+        assert_eq!(rules.matches(name), passes, "{name}");
+    }
+    let none = only("a:\n  from: {type: scratch}\n  build_env_passthrough: []\n");
+    assert!(!crate::Passthrough::of(&none).matches("TERM"));
+    let default = only("a:\n  from: {type: scratch}\n");
+    let rules = crate::Passthrough::of(&default);
+    assert!(rules.matches("TERM") && rules.matches("https_proxy"));
+    // Literal names, not patterns: `.` and prefixes do not match.
+    assert!(!rules.matches("TERMX") && !rules.matches("http_proxyy"));
+}
