@@ -1,17 +1,24 @@
 //! Group commit: the writes of many concurrent callers to one SQLite database share a
-//! transaction. One task per database writes; a caller hands it a closure and waits
+//! transaction. One thread per database writes; a caller hands it a closure and waits
 //! until the transaction that ran it has committed, so a write that returned `Ok` is
 //! committed exactly as before (a killed coordinator keeps it). What changes is the
 //! cost: while one transaction commits, the writes that arrive queue up and go
 //! together in the next, instead of each taking the database's write lock in turn (and
 //! sleeping in SQLite's busy handler while another connection holds it).
 //!
+//! The writer is a plain thread with its own `rusqlite` connection that runs a whole
+//! batch synchronously: a write costs its statements, not a trip to another thread and
+//! back per statement (sqlx's connections live on a thread of their own; a batch of a
+//! thousand writes through one was thousands of thread wake-ups, the coordinator's
+//! largest cost on a big build). Reads stay on the async pool.
+//!
 //! Each write runs inside a savepoint of the shared transaction: one that fails is
 //! rolled back alone and its caller gets its error; the others commit.
 
-use futures::future::BoxFuture;
-use sqlx::SqliteConnection;
-use sqlx::sqlite::SqlitePool;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 /// The most writes one transaction takes.
@@ -20,36 +27,33 @@ const MAX_BATCH: usize = 1024;
 /// A write of a caller, type-erased for the writer's queue.
 trait Op: Send {
     /// Run the write; `true` when it succeeded.
-    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool>;
+    fn run(&mut self, conn: &Connection) -> bool;
     /// The transaction ended: answer the caller.
-    fn finish(self: Box<Self>, committed: Result<(), &sqlx::Error>);
+    fn finish(self: Box<Self>, committed: Result<(), &rusqlite::Error>);
 }
 
-type WriteFn<T, E> =
-    Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, E>> + Send>;
+type WriteFn<T, E> = Box<dyn FnOnce(&Connection) -> Result<T, E> + Send>;
 
 struct Write<T, E> {
     f: Option<WriteFn<T, E>>,
     result: Option<Result<T, E>>,
     reply: oneshot::Sender<Result<T, E>>,
     /// The caller's error for a transaction that did not commit.
-    failed: Box<dyn FnOnce(&sqlx::Error) -> E + Send>,
+    failed: Box<dyn FnOnce(&rusqlite::Error) -> E + Send>,
 }
 
 impl<T: Send, E: Send> Op for Write<T, E> {
-    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
-        Box::pin(async move {
-            let Some(f) = self.f.take() else {
-                return false;
-            };
-            let r = f(conn).await;
-            let ok = r.is_ok();
-            self.result = Some(r);
-            ok
-        })
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
+        let r = f(conn);
+        let ok = r.is_ok();
+        self.result = Some(r);
+        ok
     }
 
-    fn finish(self: Box<Self>, committed: Result<(), &sqlx::Error>) {
+    fn finish(self: Box<Self>, committed: Result<(), &rusqlite::Error>) {
         let Write {
             result,
             reply,
@@ -61,10 +65,18 @@ impl<T: Send, E: Send> Op for Write<T, E> {
             (_, Some(Err(e))) => Err(e),
             (Ok(()), Some(Ok(v))) => Ok(v),
             (Err(e), _) => Err(failed(e)),
-            (Ok(()), None) => Err(failed(&sqlx::Error::WorkerCrashed)),
+            (Ok(()), None) => Err(failed(&stopped())),
         };
         let _ = reply.send(answer);
     }
+}
+
+/// The error of a write the writer never ran (it is gone: the process is stopping).
+fn stopped() -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+        Some("the state writer stopped".into()),
+    )
 }
 
 /// The writer of one database (cheap to clone).
@@ -74,32 +86,48 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Start the writer on the current Tokio runtime; it ends when the last clone is
-    /// dropped.
-    pub(crate) fn start(pool: SqlitePool) -> Self {
+    /// Open a connection to the database at `path` (made and set up by `db::open`) and
+    /// start its writer thread; the thread ends when the last clone is dropped.
+    pub(crate) fn start(path: &Path) -> Result<Self, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        // As the pool's connections (`db::open`): WAL is the file's; the rest is each
+        // connection's own.
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(pool, rx));
-        GroupCommit { tx }
+        let name = format!(
+            "farm-writer-{}",
+            path.file_stem().unwrap_or_default().to_string_lossy()
+        );
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("starting the writer thread: {e}")),
+                )
+            })?;
+        Ok(GroupCommit { tx })
     }
 
     /// Run `f` in the next transaction without waiting for it: for writes nobody is
     /// promised (a failure is logged).
-    pub(crate) fn submit<E: std::fmt::Display + Send + 'static>(
+    pub(crate) fn submit(
         &self,
         what: &'static str,
-        f: impl for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), E>>
-        + Send
-        + 'static,
+        f: impl FnOnce(&Connection) -> Result<(), rusqlite::Error> + Send + 'static,
     ) {
         let (reply, answer) = oneshot::channel::<Result<(), String>>();
         let op = Box::new(Write {
-            f: Some(Box::new(move |conn: &mut SqliteConnection| {
-                Box::pin(async move { f(conn).await.map_err(|e| e.to_string()) })
-                    as BoxFuture<'_, Result<(), String>>
+            f: Some(Box::new(move |conn: &Connection| {
+                f(conn).map_err(|e| e.to_string())
             })),
             result: None,
             reply,
-            failed: Box::new(|e: &sqlx::Error| e.to_string()),
+            failed: Box::new(|e: &rusqlite::Error| e.to_string()),
         });
         if self.tx.send(op).is_ok() {
             tokio::spawn(async move {
@@ -114,8 +142,8 @@ impl GroupCommit {
     /// `failed` makes the caller's error when the transaction itself fails.
     pub(crate) async fn write<T, E>(
         &self,
-        failed: impl Fn(&sqlx::Error) -> E + Clone + Send + 'static,
-        f: impl for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
+        failed: impl Fn(&rusqlite::Error) -> E + Clone + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     ) -> Result<T, E>
     where
         T: Send + 'static,
@@ -129,20 +157,18 @@ impl GroupCommit {
             failed: Box::new(failed.clone()),
         });
         if let Err(mpsc::error::SendError(op)) = self.tx.send(op) {
-            // The runtime is stopping: nothing was written.
-            op.finish(Err(&sqlx::Error::PoolClosed));
+            // The writer is gone: nothing was written.
+            op.finish(Err(&stopped()));
         }
         // An answer that never comes: the writer stopped with the write in hand (the
-        // runtime is going down); it may or may not have committed, and is not
+        // process is going down); it may or may not have committed, and is not
         // acknowledged.
-        answer
-            .await
-            .unwrap_or_else(|_| Err(failed(&sqlx::Error::PoolClosed)))
+        answer.await.unwrap_or_else(|_| Err(failed(&stopped())))
     }
 }
 
-async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Box<dyn Op>>) {
-    while let Some(first) = rx.recv().await {
+fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Box<dyn Op>>) {
+    while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -150,7 +176,10 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Box<dyn Op>>) 
                 Err(_) => break,
             }
         }
-        let committed = run_batch(&pool, &mut ops).await;
+        let committed = run_batch(&mut conn, &mut ops);
+        if let Err(e) = &committed {
+            tracing::error!("a group commit of {} writes failed: {e}", ops.len());
+        }
         for op in ops {
             op.finish(committed.as_ref().map(|_| ()));
         }
@@ -158,27 +187,26 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Box<dyn Op>>) 
 }
 
 /// Run `ops` in one transaction (each in a savepoint when there are several).
-async fn run_batch(pool: &SqlitePool, ops: &mut [Box<dyn Op>]) -> Result<(), sqlx::Error> {
+fn run_batch(conn: &mut Connection, ops: &mut [Box<dyn Op>]) -> Result<(), rusqlite::Error> {
     // IMMEDIATE: the write lock is taken (and waited for) at BEGIN.
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let [op] = ops {
-        if op.run(&mut tx).await {
-            tx.commit().await
+        if op.run(&tx) {
+            tx.commit()
         } else {
-            tx.rollback().await
+            tx.rollback()
         }
     } else {
+        // Prepared once (parsing them per write was a tenth of a big build's time).
+        let step = |sql: &str| tx.prepare_cached(sql).and_then(|mut q| q.execute([]));
         for op in ops.iter_mut() {
-            sqlx::raw_sql("SAVEPOINT op").execute(&mut *tx).await?;
-            let ok = op.run(&mut tx).await;
-            let end = if ok {
-                "RELEASE op"
-            } else {
-                "ROLLBACK TO op; RELEASE op"
-            };
-            sqlx::raw_sql(end).execute(&mut *tx).await?;
+            step("SAVEPOINT op")?;
+            if !op.run(&tx) {
+                step("ROLLBACK TO op")?;
+            }
+            step("RELEASE op")?;
         }
-        tx.commit().await
+        tx.commit()
     }
 }
 

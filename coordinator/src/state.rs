@@ -127,6 +127,12 @@ pub use farm_model::{BuildState, LayerState, UnknownWord};
 pub enum StateError {
     #[error("state database {path}: {source}")]
     Db { path: String, source: sqlx::Error },
+    /// A group-committed write failed (see `group_commit`).
+    #[error("state database {path}: {source}")]
+    Write {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("state database {path} is corrupt: {source}")]
     Corrupt { path: String, source: UnknownWord },
     #[error("no build {0}")]
@@ -276,7 +282,11 @@ impl StateStore {
                 path: shown.clone(),
                 source,
             })?;
-        let writer = crate::group_commit::GroupCommit::start(pool.clone());
+        let writer =
+            crate::group_commit::GroupCommit::start(path).map_err(|source| StateError::Write {
+                path: shown.clone(),
+                source,
+            })?;
         let store = StateStore {
             pool,
             path: shown,
@@ -310,23 +320,12 @@ impl StateStore {
     /// given.
     async fn write<T: Send + 'static>(
         &self,
-        f: impl for<'c> FnOnce(
-            &'c mut sqlx::SqliteConnection,
-            DbErr,
-        ) -> futures::future::BoxFuture<'c, Result<T>>
-        + Send
-        + 'static,
+        f: impl FnOnce(&rusqlite::Connection, DbErr) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let path = self.path.clone();
-        let err = DbErr(path.clone());
+        let err = DbErr(self.path.clone());
+        let failed = err.clone();
         self.writer
-            .write(
-                move |e| StateError::Db {
-                    path: path.clone(),
-                    source: sqlx::Error::Protocol(e.to_string()),
-                },
-                move |conn| f(conn, err),
-            )
+            .write(move |e| failed.of(clone_error(e)), move |conn| f(conn, err))
             .await
     }
 
@@ -630,20 +629,13 @@ impl StateStore {
             error.map(str::to_string),
         );
         self.write(move |conn, err| {
-            Box::pin(async move {
-                let done = sqlx::query(
+            let done = conn
+                .prepare_cached(
                     "UPDATE layers SET state = ?3, worker = ?4, error = ?5 WHERE build_id = ?1 AND idx = ?2",
                 )
-                .bind(&build)
-                .bind(i64::from(idx))
-                .bind(state.as_str())
-                .bind(worker)
-                .bind(error)
-                .execute(&mut *conn)
-                .await
+                .and_then(|mut q| q.execute(rusqlite::params![build, idx, state.as_str(), worker, error]))
                 .map_err(|e| err.of(e))?;
-                layer_updated(&done, &build, idx)
-            })
+            layer_updated(done, &build, idx)
         })
         .await
     }
@@ -658,21 +650,17 @@ impl StateStore {
     pub async fn mark_cached_many(&self, build: &str, idxs: Vec<u32>) -> Result<()> {
         let build = build.to_string();
         self.write(move |conn, err| {
-            Box::pin(async move {
-                for idx in idxs {
-                    sqlx::query(
-                        "UPDATE layers SET state = ?3, error = NULL
-                         WHERE build_id = ?1 AND idx = ?2 AND result IS NULL",
-                    )
-                    .bind(&build)
-                    .bind(i64::from(idx))
-                    .bind(LayerState::Cached.as_str())
-                    .execute(&mut *conn)
-                    .await
+            let mut q = conn
+                .prepare_cached(
+                    "UPDATE layers SET state = ?3, error = NULL
+                     WHERE build_id = ?1 AND idx = ?2 AND result IS NULL",
+                )
+                .map_err(|e| err.of(e))?;
+            for idx in idxs {
+                q.execute(rusqlite::params![build, idx, LayerState::Cached.as_str()])
                     .map_err(|e| err.of(e))?;
-                }
-                Ok(())
-            })
+            }
+            Ok(())
         })
         .await
     }
@@ -703,10 +691,8 @@ impl StateStore {
     /// Record several layers' results in one transaction (see [`Self::layer_result`]).
     pub async fn layer_results(&self, build: &str, results: &[LayerResult]) -> Result<()> {
         let (build, results) = (build.to_string(), results.to_vec());
-        self.write(move |conn, err| {
-            Box::pin(async move { layer_results_in(conn, &err, &build, &results).await })
-        })
-        .await
+        self.write(move |conn, err| layer_results_in(conn, &err, &build, &results))
+            .await
     }
 
     /// A build's layers in plan order.
@@ -738,35 +724,29 @@ impl StateStore {
         let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX / 2);
         let (build, worker) = (build.to_string(), worker.to_string());
         self.write(move |conn, err| {
-            Box::pin(async move {
-                let done = sqlx::query(
+            let done = conn
+                .prepare_cached(
                     "UPDATE layers SET attempts = attempts + 1, state = ?3, worker = ?4, error = NULL
                      WHERE build_id = ?1 AND idx = ?2",
                 )
-                .bind(&build)
-                .bind(i64::from(idx))
-                .bind(LayerState::Running.as_str())
-                .bind(&worker)
-                .execute(&mut *conn)
-                .await
+                .and_then(|mut q| {
+                    q.execute(rusqlite::params![build, idx, LayerState::Running.as_str(), worker])
+                })
                 .map_err(|e| err.of(e))?;
-                if done.rows_affected() == 0 {
-                    return Err(StateError::NoLayer { build, idx });
-                }
-                let (id,): (i64,) = sqlx::query_as(
+            layer_updated(done, &build, idx)?;
+            let id: i64 = conn
+                .prepare_cached(
                     "INSERT INTO assignments (build_id, idx, worker, lease_ms, expires_ms, released)
                      VALUES (?1, ?2, ?3, ?4, ?5, 0) RETURNING id",
                 )
-                .bind(&build)
-                .bind(i64::from(idx))
-                .bind(&worker)
-                .bind(lease_ms)
-                .bind(now.saturating_add(lease_ms))
-                .fetch_one(&mut *conn)
-                .await
+                .and_then(|mut q| {
+                    q.query_row(
+                        rusqlite::params![build, idx, worker, lease_ms, now.saturating_add(lease_ms)],
+                        |r| r.get(0),
+                    )
+                })
                 .map_err(|e| err.of(e))?;
-                Ok(AssignmentId(id))
-            })
+            Ok(AssignmentId(id))
         })
         .await
     }
@@ -776,17 +756,13 @@ impl StateStore {
     pub async fn renew(&self, worker: &str, now: i64) -> Result<u64> {
         let worker = worker.to_string();
         self.write(move |conn, err| {
-            Box::pin(async move {
-                let done = sqlx::query(
+            let done = conn
+                .prepare_cached(
                     "UPDATE assignments SET expires_ms = ?2 + lease_ms WHERE worker = ?1 AND released = 0",
                 )
-                .bind(&worker)
-                .bind(now)
-                .execute(&mut *conn)
-                .await
+                .and_then(|mut q| q.execute(rusqlite::params![worker, now]))
                 .map_err(|e| err.of(e))?;
-                Ok(done.rows_affected())
-            })
+            Ok(done as u64)
         })
         .await
     }
@@ -855,16 +831,13 @@ impl StateStore {
     pub async fn release(&self, id: AssignmentId) -> Result<bool> {
         let released = self
             .write(move |conn, err| {
-                Box::pin(async move {
-                    let done = sqlx::query(
+                let done = conn
+                    .prepare_cached(
                         "UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0",
                     )
-                    .bind(id.0)
-                    .execute(&mut *conn)
-                    .await
+                    .and_then(|mut q| q.execute([id.0]))
                     .map_err(|e| err.of(e))?;
-                    Ok(done.rows_affected() == 1)
-                })
+                Ok(done == 1)
             })
             .await?;
         if released {
@@ -920,10 +893,8 @@ impl StateStore {
     /// (they are numbered consecutively).
     pub async fn append_events(&self, build: &str, jsons: &[String]) -> Result<u64> {
         let (build, jsons) = (build.to_string(), jsons.to_vec());
-        self.write(move |conn, err| {
-            Box::pin(async move { append_events_in(conn, &err, &build, &jsons).await })
-        })
-        .await
+        self.write(move |conn, err| append_events_in(conn, &err, &build, &jsons))
+            .await
     }
 
     /// A build's events with a sequence number above `after`, in order.
@@ -1018,15 +989,11 @@ impl StateStore {
     pub async fn worker_seen(&self, name: &str, now: i64) -> Result<bool> {
         let name = name.to_string();
         self.write(move |conn, err| {
-            Box::pin(async move {
-                let done = sqlx::query("UPDATE workers SET last_seen_ms = ?2 WHERE name = ?1")
-                    .bind(&name)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| err.of(e))?;
-                Ok(done.rows_affected() == 1)
-            })
+            let done = conn
+                .prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE name = ?1")
+                .and_then(|mut q| q.execute(rusqlite::params![name, now]))
+                .map_err(|e| err.of(e))?;
+            Ok(done == 1)
         })
         .await
     }
@@ -1050,74 +1017,89 @@ impl StateStore {
     }
 }
 
-/// Makes the store's [`StateError::Db`] inside a group-committed write.
+/// Makes the store's [`StateError::Write`] inside a group-committed write.
+#[derive(Clone)]
 struct DbErr(String);
 
 impl DbErr {
-    fn of(&self, source: sqlx::Error) -> StateError {
-        StateError::Db {
+    fn of(&self, source: rusqlite::Error) -> StateError {
+        StateError::Write {
             path: self.0.clone(),
             source,
         }
     }
 }
 
+/// A copy of a transaction's error for each of its writers (`rusqlite::Error` is not
+/// `Clone`): its SQLite code and message, or its text.
+pub(crate) fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
 /// [`StateStore::append_events`] on `conn`: numbered after the build's last event.
-async fn append_events_in(
-    conn: &mut sqlx::SqliteConnection,
+fn append_events_in(
+    conn: &rusqlite::Connection,
     err: &DbErr,
     build: &str,
     jsons: &[String],
 ) -> Result<u64> {
-    let (last,): (i64,) =
-        sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM events WHERE build_id = ?1")
-            .bind(build)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| err.of(e))?;
+    let last: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE build_id = ?1")
+        .and_then(|mut q| q.query_row([build], |r| r.get(0)))
+        .map_err(|e| err.of(e))?;
+    let mut insert = conn
+        .prepare_cached("INSERT INTO events (build_id, seq, json) VALUES (?1, ?2, ?3)")
+        .map_err(|e| err.of(e))?;
     let mut seq = last;
     for json in jsons {
         seq += 1;
-        sqlx::query("INSERT INTO events (build_id, seq, json) VALUES (?1, ?2, ?3)")
-            .bind(build)
-            .bind(seq)
-            .bind(json)
-            .execute(&mut *conn)
-            .await
+        insert
+            .execute(rusqlite::params![build, seq, json])
             .map_err(|e| err.of(e))?;
     }
     Ok(seq as u64)
 }
 
 /// [`StateStore::layer_results`] on `conn`.
-async fn layer_results_in(
-    conn: &mut sqlx::SqliteConnection,
+fn layer_results_in(
+    conn: &rusqlite::Connection,
     err: &DbErr,
     build: &str,
     results: &[LayerResult],
 ) -> Result<()> {
+    let mut update = conn
+        .prepare_cached(
+            "UPDATE layers SET state = ?3, result = ?4, cached = ?5, duration_ms = ?6,
+                manifest_digest = ?7, error = NULL
+             WHERE build_id = ?1 AND idx = ?2",
+        )
+        .map_err(|e| err.of(e))?;
     for r in results {
         let state = if r.cached {
             LayerState::Cached
         } else {
             LayerState::Built
         };
-        let done = sqlx::query(
-            "UPDATE layers SET state = ?3, result = ?4, cached = ?5, duration_ms = ?6,
-                manifest_digest = ?7, error = NULL
-             WHERE build_id = ?1 AND idx = ?2",
-        )
-        .bind(build)
-        .bind(i64::from(r.idx))
-        .bind(state.as_str())
-        .bind(&r.result_json)
-        .bind(r.cached)
-        .bind(i64::try_from(r.duration_ms).unwrap_or(i64::MAX))
-        .bind(&r.manifest_digest)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| err.of(e))?;
-        layer_updated(&done, build, r.idx)?;
+        let done = update
+            .execute(rusqlite::params![
+                build,
+                r.idx,
+                state.as_str(),
+                r.result_json,
+                r.cached,
+                i64::try_from(r.duration_ms).unwrap_or(i64::MAX),
+                r.manifest_digest,
+            ])
+            .map_err(|e| err.of(e))?;
+        layer_updated(done, build, r.idx)?;
     }
     Ok(())
 }
@@ -1152,8 +1134,8 @@ fn random_u32() -> u32 {
 }
 
 /// `NoLayer` when an update of layer (`build`, `idx`) touched no row.
-fn layer_updated(done: &sqlx::sqlite::SqliteQueryResult, build: &str, idx: u32) -> Result<()> {
-    if done.rows_affected() == 0 {
+fn layer_updated(rows: usize, build: &str, idx: u32) -> Result<()> {
+    if rows == 0 {
         return Err(StateError::NoLayer {
             build: build.to_string(),
             idx,
