@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use farm_image::{BlobStore, Compression, Digest, LayerFormat};
 use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
 use farm_stackerfile::{Layer, Plan};
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
@@ -253,13 +253,9 @@ pub async fn run_build<E: Executor>(
                 }
                 batch.push(i);
             }
-            type Prepared = (
-                usize,
-                Result<Job, PrepareError>,
-                Option<BuiltImage>,
-                tracing::Span,
-            );
-            let prepared: Vec<Prepared> = {
+            // Jobs made several at a time (pinning may download), then the cacheable
+            // ones looked up in the action cache together.
+            let prepared: Vec<(usize, Result<Job, PrepareError>, tracing::Span)> = {
                 let (outcomes, keys) = (&outcomes, &keys);
                 futures::stream::iter(batch)
                     .map(|i| async move {
@@ -269,20 +265,30 @@ pub async fn run_build<E: Executor>(
                         let job = prepare(plan, i, outcomes, keys, blobs, options)
                             .instrument(span.clone())
                             .await;
-                        let hit = match &job {
-                            Ok(job) if job.cacheable() && !options.no_cache => {
-                                cached(cache, blobs, &job.cache_key)
-                                    .instrument(span.clone())
-                                    .await?
-                            }
-                            _ => None,
-                        };
-                        Ok::<_, BuildError>((i, job, hit, span))
+                        (i, job, span)
                     })
                     .buffered(PREPARED_AT_ONCE)
-                    .try_collect()
-                    .await?
+                    .collect()
+                    .await
             };
+            let hits = if options.no_cache {
+                Default::default()
+            } else {
+                let wanted: Vec<&str> = prepared
+                    .iter()
+                    .filter_map(|(_, job, _)| job.as_ref().ok())
+                    .filter(|job| job.cacheable())
+                    .map(|job| job.cache_key.as_str())
+                    .collect();
+                cached_many(cache, blobs, &wanted).await?
+            };
+            let prepared = prepared.into_iter().map(|(i, job, span)| {
+                let hit = job
+                    .as_ref()
+                    .ok()
+                    .and_then(|j| hits.get(&j.cache_key).cloned());
+                (i, job, hit, span)
+            });
             for (i, job, hit, span) in prepared {
                 let name = plan.layers[i].layer.name.clone();
                 let job = match job {
@@ -385,16 +391,23 @@ pub async fn run_build<E: Executor>(
 /// How many ready layers are prepared and looked up in the action cache at once.
 const PREPARED_AT_ONCE: usize = 32;
 
-/// The action cache's entry for `key`, when its blobs are all in the store.
-async fn cached(
+/// The action cache's entries for `keys` whose blobs are all in the store.
+async fn cached_many(
     cache: &ActionCache,
     blobs: &BlobStore,
-    key: &str,
-) -> Result<Option<BuiltImage>, BuildError> {
-    match cache.get(key).await? {
-        Some(hit) if blobs_present(blobs, &hit).await? => Ok(Some(hit)),
-        _ => Ok(None),
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, BuiltImage>, BuildError> {
+    let mut hits = cache.get_many(keys).await?;
+    let mut gone = Vec::new();
+    for (key, hit) in &hits {
+        if !blobs_present(blobs, hit).await? {
+            gone.push(key.clone());
+        }
     }
+    for key in gone {
+        hits.remove(&key);
+    }
+    Ok(hits)
 }
 
 /// A layer's span; the scheduler records `worker`, `placement` and `queue_wait_ms`.

@@ -76,6 +76,12 @@ impl KeyInputs {
 pub enum CacheError {
     #[error("action cache {path}: {source}")]
     Db { path: String, source: sqlx::Error },
+    /// A group-committed write failed (see `group_commit`).
+    #[error("action cache {path}: {source}")]
+    Write {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("action cache entry {key} is corrupt: {source}")]
     Corrupt {
         key: String,
@@ -112,7 +118,11 @@ impl ActionCache {
         )
         .await
         .map_err(db)?;
-        let writer = crate::group_commit::GroupCommit::start(pool.clone());
+        let writer =
+            crate::group_commit::GroupCommit::start(path).map_err(|source| CacheError::Write {
+                path: shown.clone(),
+                source,
+            })?;
         Ok(ActionCache {
             pool,
             path: shown,
@@ -143,14 +153,9 @@ impl ActionCache {
         let (key_owned, used) = (key.to_string(), now());
         self.writer
             .submit("recording an action cache entry's use", move |conn| {
-                Box::pin(async move {
-                    sqlx::query("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")
-                        .bind(key_owned)
-                        .bind(used)
-                        .execute(&mut *conn)
-                        .await
-                        .map(|_| ())
-                })
+                conn.prepare_cached("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")?
+                    .execute(rusqlite::params![key_owned, used])
+                    .map(|_| ())
             });
         serde_json::from_str(&value)
             .map(Some)
@@ -160,31 +165,66 @@ impl ActionCache {
             })
     }
 
+    /// The entries of `keys` that the cache has, in one read per 500 keys (a build's
+    /// ready layers are looked up together: one read each was a round trip to the
+    /// database's thread per layer). Their use is recorded in one write behind.
+    pub async fn get_many(
+        &self,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, BuiltImage>, CacheError> {
+        let mut found = std::collections::HashMap::new();
+        for chunk in keys.chunks(500) {
+            let list = serde_json::to_string(chunk).expect("strings always serialise");
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT key, value FROM action_cache
+                 WHERE key IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(list)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+            for (key, value) in rows {
+                let image = serde_json::from_str(&value).map_err(|source| CacheError::Corrupt {
+                    key: key.clone(),
+                    source,
+                })?;
+                found.insert(key, image);
+            }
+        }
+        if !found.is_empty() {
+            let (used, when) = (found.keys().cloned().collect::<Vec<_>>(), now());
+            self.writer
+                .submit("recording action cache entries' use", move |conn| {
+                    let mut q = conn
+                        .prepare_cached("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")?;
+                    for key in used {
+                        q.execute(rusqlite::params![key, when])?;
+                    }
+                    Ok(())
+                });
+        }
+        Ok(found)
+    }
+
     pub async fn put(&self, key: &str, value: &BuiltImage) -> Result<(), CacheError> {
         let json = serde_json::to_string(value).expect("plain data always serialises");
         let (key, path) = (key.to_string(), self.path.clone());
-        let err = move |source| CacheError::Db {
+        let err = move |source| CacheError::Write {
             path: path.clone(),
             source,
         };
         let failed = err.clone();
         self.writer
             .write(
-                move |e| failed(sqlx::Error::Protocol(e.to_string())),
+                move |e| failed(crate::state::clone_error(e)),
                 move |conn| {
-                    Box::pin(async move {
-                        sqlx::query(
-                            "INSERT INTO action_cache (key, value, created, last_used) VALUES (?1, ?2, ?3, ?3)
-                             ON CONFLICT(key) DO UPDATE SET value = excluded.value, last_used = excluded.last_used",
-                        )
-                        .bind(key)
-                        .bind(json)
-                        .bind(now())
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(err)?;
-                        Ok(())
-                    })
+                    conn.prepare_cached(
+                        "INSERT INTO action_cache (key, value, created, last_used) VALUES (?1, ?2, ?3, ?3)
+                         ON CONFLICT(key) DO UPDATE SET value = excluded.value, last_used = excluded.last_used",
+                    )
+                    .and_then(|mut q| q.execute(rusqlite::params![key, json, now()]))
+                    .map_err(err)?;
+                    Ok(())
                 },
             )
             .await
@@ -410,5 +450,52 @@ mod tests {
         assert_eq!(c.get("k").await.unwrap(), Some(value));
         c.remove("k").await.unwrap();
         assert_eq!(c.get("k").await.unwrap(), None);
+    }
+
+    /// A batch lookup answers exactly the keys the cache has (over several chunks),
+    /// and records their use.
+    #[tokio::test]
+    async fn many_keys_are_looked_up_together_and_their_use_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ActionCache::open(&d.path().join("cache.db")).await.unwrap();
+        let value = |n: u64| BuiltImage {
+            config_digest: format!("sha256:{n:02x}"),
+            config_size: n,
+            layers: vec![],
+            chain_id: farm_model::ChainId::empty(),
+        };
+        let keys: Vec<String> = (0..1200).map(|n| format!("k{n}")).collect();
+        for (n, key) in keys.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
+            c.put(key, &value(n as u64)).await.unwrap();
+        }
+        sqlx::query("UPDATE action_cache SET last_used = 1")
+            .execute(&c.pool)
+            .await
+            .unwrap();
+        let mut asked: Vec<&str> = keys.iter().map(String::as_str).collect();
+        asked.push("k0"); // asked twice
+        asked.push("missing");
+        let found = c.get_many(&asked).await.unwrap();
+        assert_eq!(found.len(), 400);
+        for (n, key) in keys.iter().enumerate() {
+            assert_eq!(
+                found.get(key),
+                (n % 3 == 0).then(|| value(n as u64)).as_ref(),
+                "{key}"
+            );
+        }
+        // The use is written behind: wait for it.
+        for _ in 0..100 {
+            let (stale,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM action_cache WHERE last_used = 1")
+                    .fetch_one(&c.pool)
+                    .await
+                    .unwrap();
+            if stale == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the entries' use was not recorded");
     }
 }
