@@ -353,38 +353,40 @@ impl StateStore {
     ) -> Result<BuildId> {
         let now = unix_ms();
         let id = format!("b-{now}-{:08x}", random_u32());
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        sqlx::query(
-            "INSERT INTO builds (id, spec, state, error, created_ms) VALUES (?1, ?2, ?3, NULL, ?4)",
-        )
-        .bind(&id)
-        .bind(spec_json)
-        .bind(BuildState::Queued.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.err(e))?;
-        if let Some(owner) = owner {
-            sqlx::query("INSERT INTO build_owners (build_id, owner) VALUES (?1, ?2)")
-                .bind(&id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-        }
-        for (idx, name) in layer_names.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO layers (build_id, idx, name, state, attempts) VALUES (?1, ?2, ?3, ?4, 0)",
+        // Through the writer: a plan of 20,000 layers is 20,000 inserts, each a round
+        // trip to the pool connection's thread.
+        let (build, spec, owner, names) = (
+            id.clone(),
+            spec_json.to_string(),
+            owner.map(str::to_string),
+            layer_names.to_vec(),
+        );
+        self.write(move |conn, err| {
+            conn.prepare_cached(
+                "INSERT INTO builds (id, spec, state, error, created_ms) VALUES (?1, ?2, ?3, NULL, ?4)",
             )
-            .bind(&id)
-            .bind(idx as i64)
-            .bind(name)
-            .bind(LayerState::Waiting.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-        }
-        tx.commit().await.map_err(|e| self.err(e))?;
+            .and_then(|mut q| {
+                q.execute(rusqlite::params![build, spec, BuildState::Queued.as_str(), now])
+            })
+            .map_err(|e| err.of(e))?;
+            if let Some(owner) = owner {
+                conn.prepare_cached("INSERT INTO build_owners (build_id, owner) VALUES (?1, ?2)")
+                    .and_then(|mut q| q.execute(rusqlite::params![build, owner]))
+                    .map_err(|e| err.of(e))?;
+            }
+            let mut insert = conn
+                .prepare_cached(
+                    "INSERT INTO layers (build_id, idx, name, state, attempts) VALUES (?1, ?2, ?3, ?4, 0)",
+                )
+                .map_err(|e| err.of(e))?;
+            for (idx, name) in names.iter().enumerate() {
+                insert
+                    .execute(rusqlite::params![build, idx as i64, name, LayerState::Waiting.as_str()])
+                    .map_err(|e| err.of(e))?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(id)
     }
 
