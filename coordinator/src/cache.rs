@@ -192,15 +192,19 @@ impl ActionCache {
             }
         }
         if !found.is_empty() {
-            let (used, when) = (found.keys().cloned().collect::<Vec<_>>(), now());
+            let used: Vec<&String> = found.keys().collect();
+            let used = serde_json::to_string(&used).expect("strings always serialise");
+            let when = now();
+            // Entries used within the last minute keep their time: a collector evicting
+            // by days loses nothing, and a resubmitted big build rewrites no pages.
             self.writer
                 .submit("recording action cache entries' use", move |conn| {
-                    let mut q = conn
-                        .prepare_cached("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")?;
-                    for key in used {
-                        q.execute(rusqlite::params![key, when])?;
-                    }
-                    Ok(())
+                    conn.prepare_cached(
+                        "UPDATE action_cache SET last_used = ?2
+                         WHERE key IN (SELECT value FROM json_each(?1)) AND last_used < ?2 - 60",
+                    )?
+                    .execute(rusqlite::params![used, when])
+                    .map(|_| ())
                 });
         }
         Ok(found)
