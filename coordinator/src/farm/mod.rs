@@ -950,6 +950,8 @@ impl Inner {
         cancelled: Arc<AtomicBool>,
     ) -> Result<(), FarmError> {
         self.state.set_build_state(id, BuildState::Running).await?;
+        // Planned again: the build is resumed after a coordinator restart.
+        let resumed = plan.is_none();
         let plan = match plan {
             Some(p) => p,
             None => self.plan(&spec).await?,
@@ -1018,13 +1020,17 @@ impl Inner {
         // their data (borrowing futures in a stream are not `Send` for spawned tasks).
         // A layer this build built before a coordinator restart is a cache hit now, but
         // it was built, by its worker, in the time recorded then.
-        let prior: HashMap<u32, (String, bool, Option<u64>)> = self
-            .state
-            .layers(id)
-            .await?
-            .into_iter()
-            .filter_map(|l| Some((l.idx, (l.result_json?, l.cached, l.duration_ms))))
-            .collect();
+        // (Only a resumed build has such layers: a fresh one is not read back.)
+        let prior: HashMap<u32, (String, bool, Option<u64>)> = if resumed {
+            self.state
+                .layers(id)
+                .await?
+                .into_iter()
+                .filter_map(|l| Some((l.idx, (l.result_json?, l.cached, l.duration_ms))))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut pending = Vec::new();
         let mut git = GitVersions::default();
         for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
