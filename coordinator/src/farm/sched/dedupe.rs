@@ -2,10 +2,10 @@
 //! build to ask claims the key, the others wait for its result. A claim that ends
 //! without a result (its build was cancelled, or stopped) passes to a waiting build.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use farm_model::{LayerFailure, LayerOutcome};
+use farm_model::{BuiltImage, LayerFailure, LayerOutcome};
 use tokio::sync::watch;
 
 use crate::state::BuildId;
@@ -16,11 +16,23 @@ struct Claimed {
     result: watch::Sender<Option<LayerOutcome>>,
 }
 
-/// The cache keys being built.
+/// The cache keys being built, and the last ones built.
 #[derive(Default)]
 pub(super) struct Inflight {
     keys: Mutex<HashMap<String, Claimed>>,
+    recent: Mutex<Recent>,
 }
+
+/// The results of the last [`RECENT`] claims that ended built, oldest first out.
+#[derive(Default)]
+struct Recent {
+    built: HashMap<String, BuiltImage>,
+    order: VecDeque<String>,
+}
+
+/// How many built keys [`Inflight::recently_built`] remembers: it answers for the
+/// moment between a build's cache lookup and its claim, not for history.
+const RECENT: usize = 4096;
 
 /// How [`Inflight::join`] ended.
 pub(super) enum Joined<'a> {
@@ -40,6 +52,32 @@ pub(super) struct Claim<'a> {
 impl Inflight {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Claimed>> {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a claim of `key` that ended lately built, if one did. A build whose cache
+    /// lookup missed and that then claimed the key asks this instead of the action
+    /// cache again: a claim of this process that ended in between put its result in
+    /// the cache first and is remembered here (a second read of the cache per built
+    /// layer was a database round trip each).
+    pub(super) fn recently_built(&self, key: &str) -> Option<BuiltImage> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.built.get(key).cloned()
+    }
+
+    fn remember(&self, key: &str, image: &BuiltImage) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent
+            .built
+            .insert(key.to_string(), image.clone())
+            .is_none()
+        {
+            recent.order.push_back(key.to_string());
+        }
+        while recent.order.len() > RECENT {
+            if let Some(old) = recent.order.pop_front() {
+                recent.built.remove(&old);
+            }
+        }
     }
 
     /// Claim `key` for `build`, or wait for the build that claimed it (`waiting` is
@@ -90,6 +128,9 @@ impl Claim<'_> {
 
     fn end(&mut self, result: Option<&LayerOutcome>) {
         let Some(key) = self.key.take() else { return };
+        if let Some(Ok(image)) = result {
+            self.inflight.remember(&key, image);
+        }
         let claimed = self.inflight.lock().remove(&key);
         if let (Some(claimed), Some(result)) = (claimed, result) {
             claimed.result.send_replace(Some(result.clone()));
@@ -195,5 +236,36 @@ mod tests {
         drop(claim);
         let (_, shared) = waiter.await.unwrap();
         assert!(shared.is_none(), "b2 claimed it after b1 stopped");
+    }
+
+    #[tokio::test]
+    async fn claims_that_built_are_remembered_a_bounded_while_and_failures_not_at_all() {
+        let inflight = Inflight::default();
+        let image = |n: u64| BuiltImage {
+            config_digest: format!("sha256:{n:064x}"),
+            config_size: n,
+            layers: vec![],
+            chain_id: farm_model::ChainId::empty(),
+        };
+        claimed(inflight.join("built", "b1", |_| ()).await).finish(&Ok(image(1)));
+        claimed(inflight.join("failed", "b1", |_| ()).await)
+            .finish(&Err(LayerFailure::new(FailureKind::RunFailed, "exit 1")));
+        drop(claimed(inflight.join("dropped", "b1", |_| ()).await));
+        assert_eq!(inflight.recently_built("built"), Some(image(1)));
+        assert_eq!(inflight.recently_built("failed"), None);
+        assert_eq!(inflight.recently_built("dropped"), None);
+        for n in 0..RECENT as u64 {
+            claimed(inflight.join(&format!("k{n}"), "b2", |_| ()).await).finish(&Ok(image(n)));
+        }
+        assert_eq!(
+            inflight.recently_built("built"),
+            None,
+            "the oldest went first"
+        );
+        assert_eq!(inflight.recently_built("k0"), Some(image(0)));
+        assert_eq!(
+            inflight.recently_built(&format!("k{}", RECENT - 1)),
+            Some(image(RECENT as u64 - 1))
+        );
     }
 }

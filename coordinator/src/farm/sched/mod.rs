@@ -271,15 +271,10 @@ impl FarmExecutor {
 }
 
 impl FarmExecutor {
-    /// The action cache's entry for `key`, when its blobs are all in the store.
-    async fn cached(&self, key: &str) -> Option<BuiltImage> {
-        let hit = match self.inner.cache.get(key).await {
-            Ok(hit) => hit?,
-            Err(e) => {
-                tracing::warn!(build = %self.build, "reading the action cache: {e}; building");
-                return None;
-            }
-        };
+    /// What a claim of `key` that ended since this build's cache lookup built, when its
+    /// blobs are all in the store (see `Inflight::recently_built`).
+    async fn built_meanwhile(&self, key: &str) -> Option<BuiltImage> {
+        let hit = self.inner.sched.inflight.recently_built(key)?;
         match crate::build::blobs_present(&self.inner.config.blobs, &hit).await {
             Ok(true) => Some(hit),
             Ok(false) => None,
@@ -319,7 +314,7 @@ impl Executor for FarmExecutor {
                     // The driver looked in the action cache before this claim: a build
                     // that finished the same layer in between left it there.
                     if !self.no_cache
-                        && let Some(hit) = self.cached(&key).await
+                        && let Some(hit) = self.built_meanwhile(&key).await
                     {
                         events.log(
                             &job.layer.name,
