@@ -193,6 +193,54 @@ impl BlobStore {
         Ok(BlobInfo { digest, size })
     }
 
+    /// Store many small blobs (manifests) at once, in order. On a `file://` store they
+    /// are written in one blocking task and made durable together: the new files are
+    /// written, the file system synced once, they are named, and synced once more, so
+    /// a thousand new blobs cost two `syncfs` instead of a thousand `fsync`s of files
+    /// and directories and five thread hand-offs each. Blobs already present are only
+    /// looked at. Other stores put them several at a time.
+    pub async fn put_many(&self, data: Vec<Bytes>) -> Result<Vec<BlobInfo>> {
+        let infos: Vec<BlobInfo> = data
+            .iter()
+            .map(|d| BlobInfo {
+                digest: Digest::of(d),
+                size: d.len() as u64,
+            })
+            .collect();
+        for info in &infos {
+            self.recent.used(&info.digest);
+        }
+        let Some(dir) = self.local.clone() else {
+            // The futures own their data (borrowing ones are not `Send` for the spawned
+            // tasks that call this).
+            let digests: Vec<Digest> = infos.iter().map(|i| i.digest.clone()).collect();
+            futures::stream::iter(data.into_iter().zip(digests))
+                .map(|(d, digest)| {
+                    let store = self.clone();
+                    async move { store.put_named(&digest, d).await }
+                })
+                .buffered(64)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<Vec<()>>>()?;
+            return Ok(infos);
+        };
+        let named: Vec<(std::path::PathBuf, Digest)> = infos
+            .iter()
+            .map(|i| {
+                (
+                    dir.join(self.blob_path(&i.digest).as_ref()),
+                    i.digest.clone(),
+                )
+            })
+            .collect();
+        let staging: Vec<std::path::PathBuf> = (0..data.len())
+            .map(|_| dir.join(self.staging_path().as_ref()))
+            .collect();
+        tokio::task::spawn_blocking(move || put_many_local(&dir, data, named, staging)).await?
+    }
+
     /// Store `data`, refusing it unless it hashes to `expected`.
     pub async fn put_verified(&self, expected: &Digest, data: Bytes) -> Result<BlobInfo> {
         let actual = Digest::of(&data);
@@ -743,6 +791,65 @@ impl BlobWriter {
     }
 }
 
+/// [`BlobStore::put_many`] on a `file://` store at `dir`: blob `i` is `data[i]`, named
+/// `named[i]`, staged at `staging[i]`.
+fn put_many_local(
+    dir: &std::path::Path,
+    data: Vec<Bytes>,
+    named: Vec<(std::path::PathBuf, Digest)>,
+    staging: Vec<std::path::PathBuf>,
+) -> Result<Vec<BlobInfo>> {
+    use crate::error::IoContext as _;
+    use std::io::Write as _;
+    let mut infos = Vec::with_capacity(data.len());
+    let mut staged = Vec::new();
+    for ((bytes, (target, digest)), stage) in data.into_iter().zip(named).zip(staging) {
+        let size = bytes.len() as u64;
+        infos.push(BlobInfo {
+            digest: digest.clone(),
+            size,
+        });
+        if std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == size) {
+            continue;
+        }
+        if let Some(parent) = stage.parent() {
+            std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::File::create_new(&stage)
+            .and_then(|mut f| f.write_all(&bytes))
+            .ctx(|| format!("writing {digest} to {}", stage.display()))?;
+        staged.push((stage, target, size));
+    }
+    if staged.is_empty() {
+        return Ok(infos);
+    }
+    let root = std::fs::File::open(dir).ctx(|| format!("opening {}", dir.display()))?;
+    // The bytes on disk before any blob is named ...
+    rustix::fs::syncfs(&root).ctx(|| format!("syncing the file system of {}", dir.display()))?;
+    for (stage, target, size) in &staged {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        }
+        match std::fs::hard_link(stage, target) {
+            Ok(()) => {}
+            // Named meanwhile; a torn one (wrong size: a write cut short by a crash) is
+            // replaced, as `promote` does.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if std::fs::metadata(target).is_ok_and(|m| m.len() != *size) {
+                    std::fs::rename(stage, target)
+                        .ctx(|| format!("replacing torn blob {}", target.display()))?;
+                    continue;
+                }
+            }
+            Err(e) => return Err(e).ctx(|| format!("naming {}", target.display())),
+        }
+        let _ = std::fs::remove_file(stage);
+    }
+    // ... and the names on disk before any is reported stored.
+    rustix::fs::syncfs(&root).ctx(|| format!("syncing the file system of {}", dir.display()))?;
+    Ok(infos)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -814,6 +921,34 @@ mod tests {
             assert_eq!(store.get_bytes(&digest).await.unwrap(), d);
             assert!(store.verify(&digest).await.unwrap());
         }
+    }
+
+    /// Many blobs at once: in order, each readable and sound; one already there is kept,
+    /// a torn one (wrong size) replaced, a repeat in the batch stored once; nothing is
+    /// left staged. The same through a store that is not local.
+    #[tokio::test]
+    async fn many_blobs_are_put_together_durably_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let local = BlobStore::local(&root).unwrap();
+        let blobs: Vec<Bytes> = (0..5u8).map(|n| data(100 + n as usize, n)).collect();
+        local.put(blobs[0].clone()).await.unwrap();
+        let torn = root.join(Digest::of(&blobs[1]).blob_path());
+        std::fs::write(&torn, &blobs[1][..10]).unwrap();
+        let mut batch = blobs.clone();
+        batch.push(blobs[2].clone());
+        for store in [local.clone(), BlobStore::in_memory()] {
+            let infos = store.put_many(batch.clone()).await.unwrap();
+            assert_eq!(infos.len(), batch.len());
+            for (info, bytes) in infos.iter().zip(&batch) {
+                assert_eq!(info.digest, Digest::of(bytes));
+                assert_eq!(info.size, bytes.len() as u64);
+                assert_eq!(&store.get_bytes(&info.digest).await.unwrap(), bytes);
+            }
+        }
+        let staged = std::fs::read_dir(root.join(STAGING_DIR)).unwrap().count();
+        assert_eq!(staged, 0, "nothing left staged");
+        assert!(local.put_many(Vec::new()).await.unwrap().is_empty());
     }
 
     #[tokio::test]
