@@ -1031,7 +1031,9 @@ impl Inner {
         } else {
             HashMap::new()
         };
-        let mut pending = Vec::new();
+        let mut results = Vec::new();
+        // Manifests of the images, stored together (see `BlobStore::put_many`).
+        let mut manifests: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut git = GitVersions::default();
         for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
             let Outcome::Built {
@@ -1042,40 +1044,46 @@ impl Inner {
             else {
                 continue;
             };
-            // Only images (not build_only layers) get a manifest: `tagged` in the status
-            // is "has a manifest digest".
-            let annotations = (!planned.layer.build_only).then(|| {
-                manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git)
-            });
-            let (blobs, result) = (self.config.blobs.clone(), result.clone());
+            let result_json =
+                serde_json::to_string(&result).map_err(|e| FarmError::Invalid(e.to_string()))?;
             let (mut cached, mut duration_ms) = (*cached, duration.as_millis() as u64);
             if let Some((json, false, Some(ms))) = prior.get(&(i as u32))
                 && cached
-                && serde_json::to_string(&result).is_ok_and(|j| &j == json)
+                && &result_json == json
             {
                 (cached, duration_ms) = (false, *ms);
             }
-            pending.push(async move {
-                let manifest_digest = match annotations {
-                    Some(a) => Some(store_manifest(&blobs, &result, &a).await?),
-                    None => None,
-                };
-                Ok::<_, FarmError>(LayerResult {
-                    idx: i as u32,
-                    result_json: serde_json::to_string(&result)
-                        .map_err(|e| FarmError::Invalid(e.to_string()))?,
-                    cached,
-                    duration_ms,
-                    manifest_digest,
-                })
+            // Only images (not build_only layers) get a manifest: `tagged` in the status
+            // is "has a manifest digest".
+            if !planned.layer.build_only {
+                let annotations =
+                    manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
+                let manifest = manifest_for(result, &annotations)?;
+                manifests.push((results.len(), farm_image::to_canonical_json(&manifest)?));
+            }
+            results.push(LayerResult {
+                idx: i as u32,
+                result_json,
+                cached,
+                duration_ms,
+                manifest_digest: None,
             });
         }
-        // Many at once: a local store syncs each new manifest before naming it, and
-        // concurrent syncs share the file system's journal commits.
-        let results: Vec<LayerResult> = futures::stream::iter(pending)
-            .buffer_unordered(64)
-            .try_collect()
-            .await?;
+        for chunk in manifests.chunks_mut(1024) {
+            let stored = self
+                .config
+                .blobs
+                .put_many(
+                    chunk
+                        .iter_mut()
+                        .map(|(_, bytes)| std::mem::take(bytes).into())
+                        .collect(),
+                )
+                .await?;
+            for ((at, _), info) in chunk.iter().zip(stored) {
+                results[*at].manifest_digest = Some(info.digest.to_string());
+            }
+        }
         self.state.layer_results(id, &results).await?;
         let (state, error) = if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
             (BuildState::Cancelled, Some("cancelled".to_string()))
