@@ -335,15 +335,20 @@ impl Executor for FarmExecutor {
         let result = sched
             .run(&self.inner, &self.build, self.priority, idx, job, events)
             .await;
-        self.record(idx, &result, started).await;
-        if let Some(claim) = claim {
+        // The build's record and the action cache (two databases) written at the same
+        // time: each is a group commit's wait, on the path to the layer's dependents.
+        let cached = async {
             // Into the action cache before the claim ends: a build that plans the same
             // layer just after must find one or the other.
-            if let Ok(layer) = &result
+            if claim.is_some()
+                && let Ok(layer) = &result
                 && let Err(e) = self.inner.cache.put(&key, layer).await
             {
                 tracing::error!(build = %self.build, "caching a result: {e}");
             }
+        };
+        tokio::join!(self.record(idx, &result, started), cached);
+        if let Some(claim) = claim {
             claim.finish(&result);
         }
         result
