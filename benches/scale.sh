@@ -19,7 +19,9 @@ cd "$HERE/.."
 TARGET=${CARGO_TARGET_DIR:-target}
 if [ -z "${FARM_BIN:-}" ]; then
     cargo build --release -q -p farm-cli
-    export FARM_BIN="$TARGET/release/farm"
+    # Absolute: cargo runs the bench in the package's directory.
+    FARM_BIN="$(cd "$TARGET/release" && pwd)/farm"
+    export FARM_BIN
 elif [ "$FARM_BIN" = none ]; then
     export FARM_BIN=
 fi
