@@ -509,28 +509,42 @@ async fn cancel_stops_running_layers_on_their_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_coordinator_finishes_the_build_with_the_reconnecting_worker() {
     let d = tempfile::tempdir().unwrap();
-    let first = start(d.path(), 1000).await;
-    let w = fake_worker(
-        &first,
-        "w",
-        1,
-        Script {
-            answer: false,
-            ..QUICK
-        },
-        vec![],
-    );
-    let (id, _) = first.submit(fan_out(d.path(), 2, "restart")).await.unwrap();
-    for _ in 0..100 {
-        if !w.layers().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (assignment, layer) = w.assigned.lock().unwrap()[0].clone();
-    // The coordinator "dies": its tasks stop with the worker's connection.
-    drop(w);
-    drop(first);
+    // The first coordinator runs on a runtime of its own, which "dies" as a killed
+    // process would: every task of it stops at once. (Dropping its handle left its
+    // build's driver running, whose lease expiry could take the layer back from the
+    // worker after the second one started: the test failed when that took a second.)
+    let first_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = d.path().to_path_buf();
+    let (id, assignment, layer) = first_rt
+        .spawn(async move {
+            let first = start(&dir, 1000).await;
+            let w = fake_worker(
+                &first,
+                "w",
+                1,
+                Script {
+                    answer: false,
+                    ..QUICK
+                },
+                vec![],
+            );
+            let (id, _) = first.submit(fan_out(&dir, 2, "restart")).await.unwrap();
+            for _ in 0..100 {
+                if !w.layers().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (assignment, layer) = w.assigned.lock().unwrap()[0].clone();
+            (id, assignment, layer)
+        })
+        .await
+        .unwrap();
+    first_rt.shutdown_background();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let second = start(d.path(), 1000).await;
