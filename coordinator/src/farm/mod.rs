@@ -1177,21 +1177,6 @@ impl Inner {
     }
 }
 
-/// Store a built layer's manifest; returns its digest.
-pub async fn store_manifest(
-    blobs: &BlobStore,
-    result: &BuiltImage,
-    annotations: &std::collections::BTreeMap<String, String>,
-) -> Result<String, FarmError> {
-    let manifest = manifest_for(result, annotations)?;
-    let bytes = farm_image::to_canonical_json(&manifest)?;
-    let digest = Digest::of(&bytes);
-    if !blobs.exists(&digest).await? {
-        blobs.put(bytes.into()).await?;
-    }
-    Ok(digest.to_string())
-}
-
 /// The identity of an uploaded context (its directory's name under `contexts/`): the
 /// digest of its listing, in path order.
 fn context_id(context: &[ContextFile]) -> Result<String, FarmError> {
