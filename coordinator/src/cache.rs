@@ -138,31 +138,7 @@ impl ActionCache {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<BuiltImage>, CacheError> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT value FROM action_cache WHERE key = ?1")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| self.err(e))?;
-        let Some((value,)) = row else {
-            return Ok(None);
-        };
-        // When it was used last (what a collector goes by) is written behind: nobody
-        // waits for it, and a coordinator killed before it is written only loses the
-        // newer time.
-        let (key_owned, used) = (key.to_string(), now());
-        self.writer
-            .submit("recording an action cache entry's use", move |conn| {
-                conn.prepare_cached("UPDATE action_cache SET last_used = ?2 WHERE key = ?1")?
-                    .execute(rusqlite::params![key_owned, used])
-                    .map(|_| ())
-            });
-        serde_json::from_str(&value)
-            .map(Some)
-            .map_err(|source| CacheError::Corrupt {
-                key: key.to_string(),
-                source,
-            })
+        Ok(self.get_many(&[key]).await?.remove(key))
     }
 
     /// The entries of `keys` that the cache has, in one read per 500 keys (a build's
@@ -195,8 +171,10 @@ impl ActionCache {
             let used: Vec<&String> = found.keys().collect();
             let used = serde_json::to_string(&used).expect("strings always serialise");
             let when = now();
-            // Entries used within the last minute keep their time: a collector evicting
-            // by days loses nothing, and a resubmitted big build rewrites no pages.
+            // Written behind: nobody waits for it, and a coordinator killed before it
+            // is written only loses the newer time. Entries used within the last minute
+            // keep theirs: a collector evicting by days loses nothing, and a
+            // resubmitted big build rewrites no pages.
             self.writer
                 .submit("recording action cache entries' use", move |conn| {
                     conn.prepare_cached(
