@@ -9,6 +9,7 @@ use std::os::unix::fs::{
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::fcntl::{Flock, FlockArg};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 /// Open (creating if missing) the database at `path` and run `schema` on it.
@@ -21,6 +22,8 @@ pub const DIR_MODE: u32 = 0o700;
 /// its `-wal` and its `-shm` are mode 0600 (SQLite gives the latter two the database's
 /// mode when it creates them).
 pub async fn open(path: &Path, schema: &'static str) -> Result<SqlitePool, sqlx::Error> {
+    // Held until the database is set up: see `setup_lock`.
+    let _setup = setup_lock(path).await?;
     private_files(path)?;
     let connect = SqliteConnectOptions::new()
         .filename(path)
@@ -38,6 +41,25 @@ pub async fn open(path: &Path, schema: &'static str) -> Result<SqlitePool, sqlx:
     sqlx::raw_sql(schema).execute(&pool).await?;
     private_files(path)?;
     Ok(pool)
+}
+
+/// Wait for, then hold, the exclusive right to set up databases in `path`'s directory.
+/// SQLite's switch of a new database to WAL does not wait out the busy timeout: two
+/// processes opening a new database at once (two `farm build`s sharing a fresh state
+/// dir) could fail with "database is locked". The lock is a `flock` of the directory:
+/// it does not touch SQLite's own (fcntl) locks on the files, and it is dropped with
+/// the process.
+async fn setup_lock(path: &Path) -> std::io::Result<Flock<std::fs::File>> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    tokio::task::spawn_blocking(move || {
+        let handle = std::fs::File::open(&dir)?;
+        Flock::lock(handle, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Make the database give freed pages back incrementally ([`incremental_vacuum`] after
@@ -79,12 +101,18 @@ pub async fn incremental_vacuum(pool: &SqlitePool, pages: u32) -> Result<(), sql
 
 /// Create `path` mode 0600 if it is missing; make it and its `-wal`/`-shm` 0600.
 fn private_files(path: &Path) -> std::io::Result<()> {
-    std::fs::OpenOptions::new()
+    // An existing database is never opened here: closing any descriptor of it would
+    // drop the fcntl locks this process's connections hold on it.
+    match std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(false)
+        .create_new(true)
         .mode(FILE_MODE)
-        .open(path)?;
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
     for file in [
         path.to_path_buf(),
         sibling(path, "-wal"),
@@ -142,5 +170,41 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two processes (here: threads with connections of their own) opening one new
+    /// database at the same moment both open it. Without the setup lock about one
+    /// attempt in fifteen failed with "database is locked".
+    #[test]
+    fn a_new_database_opened_by_two_at_once_opens_for_both() {
+        let d = tempfile::tempdir().unwrap();
+        let mut failures = Vec::new();
+        for attempt in 0..100 {
+            let path = d.path().join(format!("new-{attempt}.db"));
+            let openers: Vec<_> = (0..2)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap()
+                            .block_on(open(&path, "CREATE TABLE IF NOT EXISTS t (v TEXT);"))
+                            .map(|_| ())
+                    })
+                })
+                .collect();
+            for opener in openers {
+                if let Err(e) = opener.join().unwrap() {
+                    failures.push(format!("attempt {attempt}: {e}"));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
     }
 }
