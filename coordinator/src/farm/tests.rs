@@ -558,6 +558,36 @@ async fn a_restarted_coordinator_finishes_the_build_with_the_reconnecting_worker
     assert_ne!(w.layers()[0], layer);
 }
 
+/// Workers that connect while layers wait are given work only once the leases they
+/// held before are reconciled: a layer leased to one meanwhile looked like one it had
+/// lost in a restart, and was cancelled on it and sent elsewhere (an attempt spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_given_work_only_after_its_old_leases_are_reconciled() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 5000).await;
+    let n = 40;
+    let (id, _) = farm
+        .submit(fan_out(d.path(), n, "reconcile"))
+        .await
+        .unwrap();
+    // Every one registers while the others' registrations wake the dispatcher.
+    let workers: Vec<FakeWorker> = (0..n)
+        .map(|i| fake_worker(&farm, &format!("w{i}"), 1, QUICK, vec![]))
+        .collect();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    let cancelled: Vec<String> = workers
+        .iter()
+        .flat_map(|w| w.cancelled.lock().unwrap().clone())
+        .collect();
+    assert_eq!(
+        cancelled,
+        Vec::<String>::new(),
+        "assignments cancelled on their workers"
+    );
+    let assigned: usize = workers.iter().map(|w| w.layers().len()).sum();
+    assert_eq!(assigned, n, "each layer assigned once");
+}
+
 fn placeholder_job(name: &str) -> Job {
     let file = std::env::temp_dir().join(format!("farm-placeholder-{}.yaml", std::process::id()));
     std::fs::write(&file, format!("{name}:\n  from: {{type: scratch}}\n")).unwrap();

@@ -68,6 +68,9 @@ struct Worker {
     last_seen_ms: i64,
     /// A lease of this worker ran out: no new work until it sends a heartbeat.
     stale: bool,
+    /// Its leases from before this session are being read and reconciled: no new work
+    /// until that is done (a lease written meanwhile would look like one it lost).
+    reconciling: bool,
 }
 
 impl Worker {
@@ -78,7 +81,7 @@ impl Worker {
             chains: &self.chains,
             slots: self.slots,
             busy: self.running.len() as u32 + self.reserved,
-            accepting: self.unavailable.is_none() && !self.stale,
+            accepting: self.unavailable.is_none() && !self.stale && !self.reconciling,
         }
     }
 

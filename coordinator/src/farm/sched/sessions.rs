@@ -143,6 +143,7 @@ impl Scheduler {
                     unavailable: info.unavailable,
                     last_seen_ms: now,
                     stale: false,
+                    reconciling: true,
                 },
             );
             inner.metrics.set_workers(st.workers.len());
@@ -181,13 +182,14 @@ impl Scheduler {
         if let Some(w) = self
             .lock()
             .workers
-            .get(name)
+            .get_mut(name)
             .filter(|w| w.session == session.session)
         {
             // Work we no longer want (released while the worker was away).
             for claim in info.running.difference(&held) {
                 w.cancel(*claim);
             }
+            w.reconciling = false;
         }
         self.renew(inner, name, unix_ms()).await;
         self.wake.notify_one();
