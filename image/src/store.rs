@@ -164,6 +164,20 @@ impl BlobStore {
     /// The blob's size, or `None` when it does not exist.
     pub async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
         self.recent.used(digest);
+        if let Some(file) = self.local_file(&self.blob_path(digest)) {
+            // A stat in place: microseconds, where object_store's hand-off to a blocking
+            // thread and back cost more than the stat (the coordinator checks a few
+            // blobs for every layer it answers or verifies).
+            return match std::fs::metadata(&file) {
+                Ok(m) if m.is_file() => Ok(Some(m.len())),
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(Error::Io {
+                    context: format!("checking for {digest} ({})", file.display()),
+                    source,
+                }),
+            };
+        }
         match self.store.head(&self.blob_path(digest)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -357,6 +371,9 @@ impl BlobStore {
 
     /// Read a whole (small) blob into memory, verified.
     pub async fn get_bytes(&self, digest: &Digest) -> Result<Bytes> {
+        if let Some(bytes) = self.read_small_local(digest) {
+            return Ok(bytes);
+        }
         let mut s = self.get(digest).await?;
         let mut parts = Vec::new();
         while let Some(chunk) = s.next().await {
@@ -402,6 +419,21 @@ impl BlobStore {
         let a = h.finish();
         let b = RandomState::new().hash_one(a);
         self.path(&format!("{STAGING_DIR}/{a:016x}{b:016x}"))
+    }
+
+    /// A small blob of a `file://` store read in place when it is sound (an image config
+    /// the coordinator checks for every result; see `size`); `None` sends the caller the
+    /// usual way, which reports a missing or corrupt blob (and removes the latter).
+    fn read_small_local(&self, digest: &Digest) -> Option<Bytes> {
+        const SMALL: u64 = 256 << 10;
+        let file = self.local_file(&self.blob_path(digest))?;
+        let m = std::fs::metadata(&file).ok()?;
+        if !m.is_file() || m.len() > SMALL {
+            return None;
+        }
+        let bytes = std::fs::read(&file).ok()?;
+        self.recent.used(digest);
+        (Digest::of(&bytes) == *digest).then(|| Bytes::from(bytes))
     }
 
     /// The local file of an object of a `file://` store.
