@@ -24,6 +24,7 @@ pub struct Metrics {
     cache_hits: AtomicU64,
     retries: AtomicU64,
     builds_finished: AtomicU64,
+    watch_catch_ups: AtomicU64,
     /// Refused calls, by [`AuthFailure`] (in the order of `AuthFailure::ALL`).
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     durations: Mutex<Histogram>,
@@ -59,6 +60,13 @@ impl Metrics {
     }
     pub fn retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A watcher read a build's events back from the store (it started, or fell behind).
+    pub fn watch_catch_up(&self) {
+        self.watch_catch_ups.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn watch_catch_ups(&self) -> u64 {
+        self.watch_catch_ups.load(Ordering::Relaxed)
     }
     pub fn build_finished(&self) {
         self.builds_finished.fetch_add(1, Ordering::Relaxed);
@@ -141,6 +149,13 @@ impl Metrics {
             "counter",
             "Builds that ended.",
             g(&self.builds_finished),
+        );
+        one(
+            "farm_watch_catch_ups_total",
+            "counter",
+            "Reads of a build's events back from the store by its watchers: one when a \
+             watcher starts, more when it falls behind the live stream.",
+            g(&self.watch_catch_ups),
         );
         let _ = writeln!(
             out,

@@ -274,6 +274,7 @@ async fn replay(
     last: &mut u64,
     tx: &mpsc::Sender<(u64, StoredEvent)>,
 ) -> Result<bool, StateError> {
+    inner.metrics.watch_catch_up();
     loop {
         let rows = inner.state.events_page(id, *last, PAGE).await?;
         let full = rows.len() == PAGE;
@@ -315,14 +316,21 @@ pub(super) async fn watch(
     let id = id.to_string();
     tokio::spawn(async move {
         let mut last = after;
+        // Read the store first, and again only when the live stream has a gap (the
+        // watcher fell behind it, or events came before the subscription): a watcher
+        // that keeps up costs no store reads.
+        let mut catch_up = true;
         loop {
-            match replay(&inner, &id, &mut last, &tx).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(build = %id, "reading events: {e}; the watcher's stream ends here");
-                    return;
+            if catch_up {
+                match replay(&inner, &id, &mut last, &tx).await {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(build = %id, "reading events: {e}; the watcher's stream ends here");
+                        return;
+                    }
                 }
+                catch_up = false;
             }
             let Some(rx) = live.as_mut() else {
                 // Not running here: the stored events were all there is. A finished
@@ -333,51 +341,55 @@ pub(super) async fn watch(
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 live = inner.subscribe(&id);
+                catch_up = true;
                 continue;
             };
-            match rx.recv().await {
-                Ok(event) => {
-                    let (seq, e) = &*event;
-                    if *seq <= last {
-                        continue;
-                    }
-                    if *seq > last + 1 {
-                        // Missed some (published before the read above): re-read.
-                        continue;
-                    }
-                    last = *seq;
-                    let done = e.is_final();
-                    if !send(&inner, &id, &tx, *seq, e.clone()).await || done {
-                        return;
-                    }
-                    // Drain what is already queued without a store round trip.
-                    while let Ok(event) = rx.try_recv() {
+            let mut next = rx.recv().await;
+            loop {
+                match next {
+                    Ok(event) => {
                         let (seq, e) = &*event;
-                        if *seq <= last {
-                            continue;
-                        }
                         if *seq > last + 1 {
+                            // Missed some (published before the read, or dropped
+                            // while this watcher lagged): read them back.
+                            catch_up = true;
                             break;
                         }
-                        last = *seq;
-                        let done = e.is_final();
-                        if !send(&inner, &id, &tx, *seq, e.clone()).await || done {
-                            return;
+                        if *seq == last + 1 {
+                            last = *seq;
+                            let done = e.is_final();
+                            if !send(&inner, &id, &tx, *seq, e.clone()).await || done {
+                                return;
+                            }
                         }
                     }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => {
-                    // The build ended: read the rest from the store.
-                    if let Err(e) = replay(&inner, &id, &mut last, &tx).await {
-                        tracing::error!(
-                            build = %id,
-                            "reading the build's last events: {e}; the watcher's stream \
-                             ends without them"
-                        );
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        catch_up = true;
+                        break;
                     }
-                    return;
+                    Err(broadcast::error::RecvError::Closed) => {
+                        // The build ended: read the rest from the store.
+                        if let Err(e) = replay(&inner, &id, &mut last, &tx).await {
+                            tracing::error!(
+                                build = %id,
+                                "reading the build's last events: {e}; the watcher's stream \
+                                 ends without them"
+                            );
+                        }
+                        return;
+                    }
                 }
+                // Drain what is already queued before waiting again.
+                next = match rx.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Err(broadcast::error::RecvError::Lagged(n))
+                    }
+                    Err(broadcast::error::TryRecvError::Closed) => {
+                        Err(broadcast::error::RecvError::Closed)
+                    }
+                    Err(broadcast::error::TryRecvError::Empty) => break,
+                };
             }
         }
     });

@@ -588,6 +588,28 @@ async fn a_worker_is_given_work_only_after_its_old_leases_are_reconciled() {
     assert_eq!(assigned, n, "each layer assigned once");
 }
 
+/// A watcher that keeps up with a running build reads the store once, when it starts,
+/// not again for every live event (it did: a store read per event at 20,000 layers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_keeps_up_reads_the_store_once() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 5000).await;
+    let script = Script {
+        delay: Duration::from_millis(5),
+        ..QUICK
+    };
+    let _w = fake_worker(&farm, "w", 2, script, vec![]);
+    let (id, _) = farm.submit(fan_out(d.path(), 30, "watch")).await.unwrap();
+    let before = farm.metrics().watch_catch_ups();
+    let mut rx = farm.watch(&id, 0).await.unwrap();
+    let mut events = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+        events += 1;
+    }
+    assert!(events > 60, "{events} events");
+    assert_eq!(farm.metrics().watch_catch_ups() - before, 1);
+}
+
 fn placeholder_job(name: &str) -> Job {
     let file = std::env::temp_dir().join(format!("farm-placeholder-{}.yaml", std::process::id()));
     std::fs::write(&file, format!("{name}:\n  from: {{type: scratch}}\n")).unwrap();
