@@ -2,6 +2,7 @@
 //! words, the status and workers JSON of `farm status --json` / `farm workers --json`,
 //! the human tables, and build events turned into the progress display's events.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -238,16 +239,17 @@ pub(crate) fn list_table(builds: &[BuildStatus]) -> String {
     let rows: Vec<Vec<String>> = builds
         .iter()
         .map(|b| {
-            let count = |st: LayerState| b.layers.iter().filter(|l| l.state == st as i32).count();
+            let (counts, total) = layer_counts(b);
+            let count = |st| counts.get(&st).copied().unwrap_or(0);
             vec![
                 b.id.clone(),
                 build_word(b.state).to_string(),
                 format!(
                     "{}/{}/{}/{}",
-                    count(LayerState::LayerBuilt),
-                    count(LayerState::LayerCached),
-                    count(LayerState::LayerFailed),
-                    b.layers.len()
+                    count(farm_model::LayerState::Built),
+                    count(farm_model::LayerState::Cached),
+                    count(farm_model::LayerState::Failed),
+                    total
                 ),
                 if b.created_unix_ms > 0 {
                     rfc3339_ms(b.created_unix_ms)
@@ -268,6 +270,28 @@ pub(crate) fn list_table(builds: &[BuildStatus]) -> String {
         ],
         &rows,
     )
+}
+
+/// How many of `build`'s layers are in each state: from its counts when the coordinator
+/// sent them, else counted from its layers. The second value is the number of layers.
+fn layer_counts(build: &BuildStatus) -> (HashMap<farm_model::LayerState, u32>, u32) {
+    let mut by_state: HashMap<farm_model::LayerState, u32> = Default::default();
+    if build.layer_counts.is_empty() {
+        for l in &build.layers {
+            if let Some(state) = farm_model::LayerState::from_wire(l.state) {
+                *by_state.entry(state).or_default() += 1;
+            }
+        }
+        return (by_state, build.layers.len() as u32);
+    }
+    let mut total = 0u32;
+    for c in &build.layer_counts {
+        total = total.saturating_add(c.count);
+        if let Some(state) = farm_model::LayerState::from_wire(c.state) {
+            *by_state.entry(state).or_default() += c.count;
+        }
+    }
+    (by_state, total)
 }
 
 /// `farm workers` for a person.
@@ -429,6 +453,7 @@ mod tests {
             created_unix_ms: 1,
             webhook: None,
             trace_id: String::new(),
+            layer_counts: Vec::new(),
         };
         let v = status_json(&s);
         assert_eq!(
@@ -612,5 +637,39 @@ mod tests {
         assert_eq!(duration_text(1500), "1.5s");
         let l = list_table(std::slice::from_ref(&s));
         assert!(l.contains("b1") && l.contains("1/1/0/2"), "{l}");
+    }
+
+    /// The list table counts from a build's layer counts when the coordinator sent
+    /// them (no layers), and from its layers when it did not (an older coordinator).
+    #[test]
+    fn the_list_table_counts_from_layer_counts_or_layers() {
+        let count = |state: LayerState, count| farm_proto::v1::LayerCount {
+            state: state as i32,
+            count,
+        };
+        let counted = BuildStatus {
+            id: "b2".into(),
+            state: BuildState::Running as i32,
+            layer_counts: vec![
+                count(LayerState::LayerBuilt, 7),
+                count(LayerState::LayerCached, 3),
+                count(LayerState::LayerFailed, 1),
+                count(LayerState::LayerWaiting, 20_000),
+            ],
+            ..BuildStatus::default()
+        };
+        let l = list_table(std::slice::from_ref(&counted));
+        assert!(l.contains("7/3/1/20011"), "{l}");
+        let listed = BuildStatus {
+            id: "b3".into(),
+            state: BuildState::Running as i32,
+            layers: vec![
+                layer("a", LayerState::LayerFailed),
+                layer("b", LayerState::LayerRunning),
+            ],
+            ..BuildStatus::default()
+        };
+        let l = list_table(std::slice::from_ref(&listed));
+        assert!(l.contains("0/0/1/2"), "{l}");
     }
 }

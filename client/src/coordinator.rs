@@ -308,9 +308,12 @@ impl Client {
         Ok(self.farm.status(request).await?.into_inner())
     }
 
-    /// The status of every build the coordinator keeps.
-    pub async fn list(&mut self) -> Result<Vec<BuildStatus>, Status> {
-        Ok(self.farm.list(ListRequest {}).await?.into_inner().builds)
+    /// The status of every build the coordinator keeps. With `layer_counts_only` each
+    /// build has its layer counts by state instead of its layers (a coordinator that
+    /// does not know that request sends the layers).
+    pub async fn list(&mut self, layer_counts_only: bool) -> Result<Vec<BuildStatus>, Status> {
+        let request = ListRequest { layer_counts_only };
+        Ok(self.farm.list(request).await?.into_inner().builds)
     }
 
     /// Cancel build `id`; the coordinator's answer (the build's state).

@@ -691,7 +691,10 @@ mod tests {
                 "Status",
                 code(f.status(StatusRequest { id: id() }).await.map(|_| Code::Ok)),
             ),
-            ("List", code(f.list(ListRequest {}).await.map(|_| Code::Ok))),
+            (
+                "List",
+                code(f.list(ListRequest::default()).await.map(|_| Code::Ok)),
+            ),
             (
                 "Logs",
                 code(
@@ -993,7 +996,7 @@ mod tests {
             let t =
                 farm_client::transport(channel(running.addr).await, Bearer::new(token).unwrap());
             let mut f = farm_proto::farm_client::FarmClient::new(t);
-            f.list(ListRequest {})
+            f.list(ListRequest::default())
                 .await
                 .err()
                 .map_or(Code::Ok, |s| s.code())
@@ -1087,7 +1090,7 @@ mod tests {
         let id = running
             .farm
             .state()
-            .create_build_owned("{}", &[], Some("alice"))
+            .create_build_owned("{}", &["base".into(), "app".into()], Some("alice"))
             .await
             .unwrap();
         let client = |token: &'static str| async move {
@@ -1105,10 +1108,31 @@ mod tests {
             r.builds.into_iter().map(|b| b.id).collect::<Vec<_>>()
         };
         assert_eq!(
-            listed(alice.list(ListRequest {}).await.unwrap().into_inner()),
+            listed(
+                alice
+                    .list(ListRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+            ),
             vec![id.clone()]
         );
-        assert!(listed(bob.list(ListRequest {}).await.unwrap().into_inner()).is_empty());
+        assert!(listed(bob.list(ListRequest::default()).await.unwrap().into_inner()).is_empty());
+        // The same scope when only the layer counts are asked for.
+        let counts_only = ListRequest {
+            layer_counts_only: true,
+        };
+        let mine = alice.list(counts_only).await.unwrap().into_inner().builds;
+        assert_eq!(mine.len(), 1);
+        assert!(mine[0].layers.is_empty(), "{:?}", mine[0].layers);
+        assert_eq!(
+            mine[0].layer_counts,
+            [farm_proto::v1::LayerCount {
+                state: farm_proto::v1::LayerState::LayerWaiting as i32,
+                count: 2
+            }]
+        );
+        assert!(listed(bob.list(counts_only).await.unwrap().into_inner()).is_empty());
         assert_eq!(
             bob.status(StatusRequest { id: id.clone() })
                 .await

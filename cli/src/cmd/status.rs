@@ -47,8 +47,9 @@ pub(crate) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let mut client = connect(&addr).await?;
         let Some(id) = args.id else {
+            // The table shows counts of each build's layers: ask for only those.
             let builds = client
-                .list()
+                .list(!args.json)
                 .await
                 .map_err(|s| client.error("List", "", s))?;
             if args.json {

@@ -273,16 +273,21 @@ impl FarmApi for FarmService {
         let state = self.farm.state();
         let caller = principal(&request);
         let owner = caller.as_ref().map(|p| p.name.as_str());
+        let counts_only = request.get_ref().layer_counts_only;
         let rows = match owner {
             Some(owner) => state.list_builds_of(owner).await,
             None => state.list_builds().await,
         }
         .map_err(|e| status_of(e.into()))?;
-        // Every build's layers and origin in two queries, not three per build.
-        let mut layers = state
-            .layer_statuses_of_all(owner)
-            .await
-            .map_err(|e| status_of(e.into()))?;
+        // Every build's layers (or their counts) and origin in two queries, not three
+        // per build.
+        let (mut layers, mut counts) = if counts_only {
+            let counts = state.layer_counts_of_all(owner).await;
+            (HashMap::new(), counts.map_err(|e| status_of(e.into()))?)
+        } else {
+            let layers = state.layer_statuses_of_all(owner).await;
+            (layers.map_err(|e| status_of(e.into()))?, HashMap::new())
+        };
         let mut origins = state
             .webhook_origins()
             .await
@@ -291,9 +296,18 @@ impl FarmApi for FarmService {
             .into_iter()
             .map(|build| {
                 let layers = layers.remove(&build.id).unwrap_or_default();
+                let counts = counts.remove(&build.id).unwrap_or_default();
                 let webhook = origins.remove(&build.id);
                 let trace_id = self.farm.trace_id(&build.id).unwrap_or_default();
-                build_status(build, layers, webhook.as_ref(), trace_id)
+                let mut status = build_status(build, layers, webhook.as_ref(), trace_id);
+                status.layer_counts = counts
+                    .into_iter()
+                    .map(|(state, count)| proto::LayerCount {
+                        state: i32::from(state),
+                        count,
+                    })
+                    .collect();
+                status
             })
             .collect();
         Ok(Response::new(ListResponse { builds }))
@@ -412,6 +426,7 @@ fn build_status(
         state: i32::from(build.state),
         error: build.error.unwrap_or_default(),
         created_unix_ms: build.created_ms,
+        layer_counts: Vec::new(),
         layers: layers
             .into_iter()
             .map(|l| proto::LayerStatus {

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::{LayerRow, LayerTuple, Result, StateStore, WebhookOrigin};
+use super::{LayerRow, LayerState, LayerTuple, Result, StateStore, WebhookOrigin};
 
 /// The columns of a layer row, its result left out.
 macro_rules! status_cols {
@@ -79,6 +79,43 @@ impl StateStore {
         for r in rows {
             let row = self.layer_row(r)?;
             by_build.entry(row.build_id.clone()).or_default().push(row);
+        }
+        Ok(by_build)
+    }
+
+    /// How many layers of every build (or of `owner`'s builds) are in each state, by
+    /// build: one grouped query, nothing per layer leaves the database.
+    pub async fn layer_counts_of_all(
+        &self,
+        owner: Option<&str>,
+    ) -> Result<HashMap<String, Vec<(LayerState, u32)>>> {
+        let rows: Vec<(String, String, i64)> = match owner {
+            None => {
+                sqlx::query_as(
+                    "SELECT build_id, state, COUNT(*) FROM layers GROUP BY build_id, state",
+                )
+                .fetch_all(&self.pool)
+                .await
+            }
+            Some(owner) => {
+                sqlx::query_as(
+                    "SELECT build_id, state, COUNT(*) FROM layers WHERE build_id IN
+                       (SELECT build_id FROM build_owners WHERE owner = ?1)
+                     GROUP BY build_id, state",
+                )
+                .bind(owner)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(|e| self.err(e))?;
+        let mut by_build: HashMap<String, Vec<(LayerState, u32)>> = HashMap::new();
+        for (build, state, count) in rows {
+            let state: LayerState = self.word(&state)?;
+            by_build
+                .entry(build)
+                .or_default()
+                .push((state, u32::try_from(count).unwrap_or(u32::MAX)));
         }
         Ok(by_build)
     }
