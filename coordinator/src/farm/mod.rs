@@ -695,6 +695,10 @@ impl Farm {
     }
 }
 
+/// How many manifests the end of a build makes and stores together (a few in tests,
+/// so their builds cross batches).
+const MANIFESTS_AT_ONCE: usize = if cfg!(test) { 3 } else { 1024 };
+
 impl Inner {
     /// Parse and plan a submission as the coordinator sees it.
     async fn plan(&self, spec: &Submission) -> Result<Plan, FarmError> {
@@ -1032,56 +1036,54 @@ impl Inner {
             HashMap::new()
         };
         let mut results = Vec::new();
-        // Manifests of the images, stored together (see `BlobStore::put_many`).
+        // Manifests of the images, stored MANIFESTS_AT_ONCE at a time (see
+        // `BlobStore::put_many`) as they are made: each carries its stackerfile's text
+        // (stacker's `stacker_yaml` annotation), so all of a big build's at once would
+        // be hundreds of MB.
         let mut manifests: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut git = GitVersions::default();
+        let last = plan.layers.len().saturating_sub(1);
         for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
-            let Outcome::Built {
+            if let Outcome::Built {
                 result,
                 cached,
                 duration,
             } = outcome
-            else {
-                continue;
-            };
-            let result_json =
-                serde_json::to_string(&result).map_err(|e| FarmError::Invalid(e.to_string()))?;
-            let (mut cached, mut duration_ms) = (*cached, duration.as_millis() as u64);
-            if let Some((json, false, Some(ms))) = prior.get(&(i as u32))
-                && cached
-                && &result_json == json
             {
-                (cached, duration_ms) = (false, *ms);
+                let result_json = serde_json::to_string(&result)
+                    .map_err(|e| FarmError::Invalid(e.to_string()))?;
+                let (mut cached, mut duration_ms) = (*cached, duration.as_millis() as u64);
+                if let Some((json, false, Some(ms))) = prior.get(&(i as u32))
+                    && cached
+                    && &result_json == json
+                {
+                    (cached, duration_ms) = (false, *ms);
+                }
+                // Only images (not build_only layers) get a manifest: `tagged` in the
+                // status is "has a manifest digest".
+                if !planned.layer.build_only {
+                    let annotations =
+                        manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
+                    let manifest = manifest_for(result, &annotations)?;
+                    manifests.push((results.len(), farm_image::to_canonical_json(&manifest)?));
+                }
+                results.push(LayerResult {
+                    idx: i as u32,
+                    result_json,
+                    cached,
+                    duration_ms,
+                    manifest_digest: None,
+                });
             }
-            // Only images (not build_only layers) get a manifest: `tagged` in the status
-            // is "has a manifest digest".
-            if !planned.layer.build_only {
-                let annotations =
-                    manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
-                let manifest = manifest_for(result, &annotations)?;
-                manifests.push((results.len(), farm_image::to_canonical_json(&manifest)?));
-            }
-            results.push(LayerResult {
-                idx: i as u32,
-                result_json,
-                cached,
-                duration_ms,
-                manifest_digest: None,
-            });
-        }
-        for chunk in manifests.chunks_mut(1024) {
-            let stored = self
-                .config
-                .blobs
-                .put_many(
-                    chunk
-                        .iter_mut()
-                        .map(|(_, bytes)| std::mem::take(bytes).into())
-                        .collect(),
-                )
-                .await?;
-            for ((at, _), info) in chunk.iter().zip(stored) {
-                results[*at].manifest_digest = Some(info.digest.to_string());
+            if manifests.len() >= MANIFESTS_AT_ONCE || (i == last && !manifests.is_empty()) {
+                let bytes = manifests
+                    .iter_mut()
+                    .map(|(_, bytes)| std::mem::take(bytes).into())
+                    .collect();
+                let stored = self.config.blobs.put_many(bytes).await?;
+                for ((at, _), info) in manifests.drain(..).zip(stored) {
+                    results[at].manifest_digest = Some(info.digest.to_string());
+                }
             }
         }
         self.state.layer_results(id, &results).await?;
