@@ -696,8 +696,10 @@ impl Farm {
 }
 
 /// How many manifests the end of a build makes and stores together (a few in tests,
-/// so their builds cross batches).
+/// so their builds cross batches), and how many bytes of them at most: each carries
+/// its whole stackerfile, so one file of thousands of layers makes big ones.
 const MANIFESTS_AT_ONCE: usize = if cfg!(test) { 3 } else { 1024 };
+const MANIFEST_BYTES_AT_ONCE: usize = 16 << 20;
 
 impl Inner {
     /// Parse and plan a submission as the coordinator sees it.
@@ -1036,11 +1038,12 @@ impl Inner {
             HashMap::new()
         };
         let mut results = Vec::new();
-        // Manifests of the images, stored MANIFESTS_AT_ONCE at a time (see
-        // `BlobStore::put_many`) as they are made: each carries its stackerfile's text
-        // (stacker's `stacker_yaml` annotation), so all of a big build's at once would
-        // be hundreds of MB.
+        // Manifests of the images, stored a batch at a time (see `BlobStore::put_many`)
+        // as they are made: each carries its stackerfile's text (stacker's
+        // `stacker_yaml` annotation), so all of a big build's at once would be hundreds
+        // of MB.
         let mut manifests: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut manifest_bytes = 0;
         let mut git = GitVersions::default();
         let last = plan.layers.len().saturating_sub(1);
         for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
@@ -1065,7 +1068,9 @@ impl Inner {
                     let annotations =
                         manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
                     let manifest = manifest_for(result, &annotations)?;
-                    manifests.push((results.len(), farm_image::to_canonical_json(&manifest)?));
+                    let bytes = farm_image::to_canonical_json(&manifest)?;
+                    manifest_bytes += bytes.len();
+                    manifests.push((results.len(), bytes));
                 }
                 results.push(LayerResult {
                     idx: i as u32,
@@ -1075,7 +1080,10 @@ impl Inner {
                     manifest_digest: None,
                 });
             }
-            if manifests.len() >= MANIFESTS_AT_ONCE || (i == last && !manifests.is_empty()) {
+            let full =
+                manifests.len() >= MANIFESTS_AT_ONCE || manifest_bytes >= MANIFEST_BYTES_AT_ONCE;
+            if full || (i == last && !manifests.is_empty()) {
+                manifest_bytes = 0;
                 let bytes = manifests
                     .iter_mut()
                     .map(|(_, bytes)| std::mem::take(bytes).into())
