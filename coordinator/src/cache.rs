@@ -198,7 +198,7 @@ impl ActionCache {
         let failed = err.clone();
         self.writer
             .write(
-                move |e| failed(crate::state::clone_error(e)),
+                move |e| failed(crate::group_commit::clone_error(e)),
                 move |conn| {
                     conn.prepare_cached(
                         "INSERT INTO action_cache (key, value, created, last_used) VALUES (?1, ?2, ?3, ?3)

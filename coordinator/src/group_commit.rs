@@ -71,6 +71,20 @@ impl<T: Send, E: Send> Op for Write<T, E> {
     }
 }
 
+/// A copy of a transaction's error for each of its writers (`rusqlite::Error` is not
+/// `Clone`): its SQLite code and message, or its text.
+pub(crate) fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
 /// The error of a write the writer never ran (it is gone: the process is stopping).
 fn stopped() -> rusqlite::Error {
     rusqlite::Error::SqliteFailure(

@@ -325,7 +325,10 @@ impl StateStore {
         let err = DbErr(self.path.clone());
         let failed = err.clone();
         self.writer
-            .write(move |e| failed.of(clone_error(e)), move |conn| f(conn, err))
+            .write(
+                move |e| failed.of(crate::group_commit::clone_error(e)),
+                move |conn| f(conn, err),
+            )
             .await
     }
 
@@ -1029,20 +1032,6 @@ impl DbErr {
             path: self.0.clone(),
             source,
         }
-    }
-}
-
-/// A copy of a transaction's error for each of its writers (`rusqlite::Error` is not
-/// `Clone`): its SQLite code and message, or its text.
-pub(crate) fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
-    match e {
-        rusqlite::Error::SqliteFailure(code, message) => {
-            rusqlite::Error::SqliteFailure(*code, message.clone())
-        }
-        other => rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-            Some(other.to_string()),
-        ),
     }
 }
 
