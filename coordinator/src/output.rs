@@ -27,6 +27,15 @@ fn descriptor(media_type: MediaType, digest: &str, size: u64) -> farm_image::Res
         .build()?)
 }
 
+/// The manifest of a built layer's image as it is stored: canonical JSON (identical
+/// input, identical bytes and digest).
+pub fn manifest_bytes(
+    result: &BuiltImage,
+    annotations: &BTreeMap<String, String>,
+) -> farm_image::Result<Vec<u8>> {
+    to_canonical_json(&manifest_for(result, annotations)?)
+}
+
 /// The manifest of a built layer's image.
 pub fn manifest_for(
     result: &BuiltImage,
@@ -155,8 +164,7 @@ pub async fn write_layout(
     };
     let mut tagged = Vec::new();
     for image in images {
-        let manifest = manifest_for(&image.result, &image.annotations)?;
-        let bytes = to_canonical_json(&manifest)?;
+        let bytes = manifest_bytes(&image.result, &image.annotations)?;
         let size = bytes.len() as u64;
         let info = blobs.put(bytes.into()).await?;
         let digest = info.digest.to_string();

@@ -31,7 +31,7 @@ use crate::cache::ActionCache;
 use crate::destinations::Destinations;
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{
-    DEFAULT_ANNOTATION_NAMESPACE, GitVersions, manifest_annotations_with, manifest_for,
+    DEFAULT_ANNOTATION_NAMESPACE, GitVersions, manifest_annotations_with, manifest_bytes,
 };
 use crate::pin::local::{LocalKind, LocalScope};
 use crate::pin::registry::{CredentialScope, RegistryBases};
@@ -1043,7 +1043,7 @@ impl Inner {
         // `stacker_yaml` annotation), so all of a big build's at once would be hundreds
         // of MB.
         let mut manifests: Vec<(usize, Vec<u8>)> = Vec::new();
-        let mut manifest_bytes = 0;
+        let mut batch_bytes = 0;
         let mut git = GitVersions::default();
         let last = plan.layers.len().saturating_sub(1);
         for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
@@ -1067,9 +1067,8 @@ impl Inner {
                 if !planned.layer.build_only {
                     let annotations =
                         manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
-                    let manifest = manifest_for(result, &annotations)?;
-                    let bytes = farm_image::to_canonical_json(&manifest)?;
-                    manifest_bytes += bytes.len();
+                    let bytes = manifest_bytes(result, &annotations)?;
+                    batch_bytes += bytes.len();
                     manifests.push((results.len(), bytes));
                 }
                 results.push(LayerResult {
@@ -1081,9 +1080,9 @@ impl Inner {
                 });
             }
             let full =
-                manifests.len() >= MANIFESTS_AT_ONCE || manifest_bytes >= MANIFEST_BYTES_AT_ONCE;
+                manifests.len() >= MANIFESTS_AT_ONCE || batch_bytes >= MANIFEST_BYTES_AT_ONCE;
             if full || (i == last && !manifests.is_empty()) {
-                manifest_bytes = 0;
+                batch_bytes = 0;
                 let bytes = manifests
                     .iter_mut()
                     .map(|(_, bytes)| std::mem::take(bytes).into())
