@@ -246,9 +246,19 @@ impl BlobStore {
             let group = blobs.split_off(blobs.len().saturating_sub(STAGED_PER_TASK));
             groups.push(tokio::task::spawn_blocking(move || stage_synced(group)));
         }
+        // Every group is awaited, so a failed batch leaves no staging file behind.
         let mut staged = Vec::new();
+        let mut failure = None;
         for group in groups {
-            staged.extend(group.await??);
+            match group.await {
+                Ok(Ok(group)) => staged.extend(group),
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => failure = failure.or(Some(Error::from(e))),
+            }
+        }
+        if let Some(e) = failure {
+            unstage(&staged);
+            return Err(e);
         }
         tokio::task::spawn_blocking(move || name_staged(staged)).await??;
         Ok(infos)
@@ -824,18 +834,34 @@ fn stage_synced(group: Vec<Staged>) -> Result<Vec<Staged>> {
         if std::fs::metadata(&blob.target).is_ok_and(|m| m.is_file() && m.len() == size) {
             continue;
         }
-        if let Some(parent) = blob.stage.parent() {
-            std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
-        }
-        std::fs::File::create_new(&blob.stage)
-            .and_then(|mut f| {
-                f.write_all(&blob.bytes)?;
-                f.sync_all()
+        let written = blob
+            .stage
+            .parent()
+            .map_or(Ok(()), |parent| {
+                std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))
             })
-            .ctx(|| format!("writing {}", blob.stage.display()))?;
+            .and_then(|()| {
+                std::fs::File::create_new(&blob.stage)
+                    .and_then(|mut f| {
+                        f.write_all(&blob.bytes)?;
+                        f.sync_all()
+                    })
+                    .ctx(|| format!("writing {}", blob.stage.display()))
+            });
         staged.push(blob);
+        if let Err(e) = written {
+            unstage(&staged);
+            return Err(e);
+        }
     }
     Ok(staged)
+}
+
+/// Remove the staging files of `staged` (a batch that failed); best effort.
+fn unstage(staged: &[Staged]) {
+    for blob in staged {
+        let _ = std::fs::remove_file(&blob.stage);
+    }
 }
 
 /// Name synced staging files (create-only: one already there is kept, unless its size
@@ -843,9 +869,9 @@ fn stage_synced(group: Vec<Staged>) -> Result<Vec<Staged>> {
 fn name_staged(staged: Vec<Staged>) -> Result<()> {
     use crate::error::IoContext as _;
     let mut dirs = std::collections::BTreeSet::new();
-    for blob in &staged {
+    let name = |blob: &Staged, dirs: &mut std::collections::BTreeSet<_>| -> Result<()> {
         let Some(parent) = blob.target.parent() else {
-            continue;
+            return Ok(());
         };
         if dirs.insert(parent.to_path_buf()) {
             std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
@@ -855,14 +881,21 @@ fn name_staged(staged: Vec<Staged>) -> Result<()> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let size = blob.bytes.len() as u64;
                 if std::fs::metadata(&blob.target).is_ok_and(|m| m.len() != size) {
-                    std::fs::rename(&blob.stage, &blob.target)
-                        .ctx(|| format!("replacing torn blob {}", blob.target.display()))?;
-                    continue;
+                    return std::fs::rename(&blob.stage, &blob.target)
+                        .ctx(|| format!("replacing torn blob {}", blob.target.display()));
                 }
             }
             Err(e) => return Err(e).ctx(|| format!("naming {}", blob.target.display())),
         }
         let _ = std::fs::remove_file(&blob.stage);
+        Ok(())
+    };
+    for (i, blob) in staged.iter().enumerate() {
+        if let Err(e) = name(blob, &mut dirs) {
+            // This one and the rest were not named: leave none of them staged.
+            unstage(&staged[i..]);
+            return Err(e);
+        }
     }
     for dir in &dirs {
         std::fs::File::open(dir)
@@ -971,6 +1004,28 @@ mod tests {
         let staged = std::fs::read_dir(root.join(STAGING_DIR)).unwrap().count();
         assert_eq!(staged, 0, "nothing left staged");
         assert!(local.put_many(Vec::new()).await.unwrap().is_empty());
+    }
+
+    /// A batch that fails part way (here one blob's name is taken by a directory, so
+    /// it cannot be named) is an error and leaves nothing staged; the others can be put
+    /// again.
+    #[tokio::test]
+    async fn a_batch_that_fails_part_way_leaves_nothing_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BlobStore::local(&root).unwrap();
+        let blobs: Vec<Bytes> = (0..40u8).map(|n| data(50 + n as usize, n)).collect();
+        let blocked = root.join(Digest::of(&blobs[20]).blob_path());
+        std::fs::create_dir_all(blocked.join("in-the-way")).unwrap();
+        assert!(store.put_many(blobs.clone()).await.is_err());
+        let staged = std::fs::read_dir(root.join(STAGING_DIR)).unwrap().count();
+        assert_eq!(staged, 0, "nothing left staged");
+        let mut others = blobs.clone();
+        others.remove(20);
+        store.put_many(others.clone()).await.unwrap();
+        for b in &others {
+            assert_eq!(&store.get_bytes(&Digest::of(b)).await.unwrap(), b);
+        }
     }
 
     #[tokio::test]
