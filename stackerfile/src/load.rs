@@ -198,6 +198,10 @@ pub fn load_many(
     }
 }
 
+/// How deep prerequisites may nest (a file naming a file naming a file...): far beyond
+/// any real set of stackerfiles, and well within a 2 MiB stack (loading recurses).
+pub const MAX_PREREQUISITE_DEPTH: usize = 256;
+
 impl Loader<'_> {
     /// Load one file; `named_by` is (file, position) of the prerequisite entry naming it.
     fn load_file(&mut self, path: &Path, named_by: Option<(&Path, Pos)>) -> Option<usize> {
@@ -222,6 +226,28 @@ impl Loader<'_> {
                 layer: None,
                 message: format!("prerequisite cycle: {}", cycle.join(" -> ")),
                 help: Some("prerequisites must form a DAG; remove one of these entries".into()),
+            });
+            return None;
+        }
+        if self.stack.len() >= MAX_PREREQUISITE_DEPTH {
+            let (file, pos) = named_by.map_or((display.clone(), Pos::default()), |(f, p)| {
+                (f.to_path_buf(), p)
+            });
+            self.errors.push(Diagnostic {
+                severity: Severity::Error,
+                file,
+                pos,
+                layer: None,
+                message: format!(
+                    "prerequisites nested more than {MAX_PREREQUISITE_DEPTH} deep (from {} to {})",
+                    self.stack[0].1.display(),
+                    display.display()
+                ),
+                help: Some(
+                    "a file's prerequisites may themselves have prerequisites, but not this \
+                     deep: name the files from one list instead of each naming the next"
+                        .into(),
+                ),
             });
             return None;
         }

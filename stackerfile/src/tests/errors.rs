@@ -635,3 +635,41 @@ fn the_local_files_source_refuses_a_large_file_without_reading_it() {
     assert_eq!(e.kind(), std::io::ErrorKind::FileTooLarge);
     assert_eq!(LocalFiles.read_limited(&path, 5000).unwrap().len(), 5000);
 }
+
+/// A chain of prerequisites deeper than any real one is refused with an error naming
+/// the limit, not followed until the planning thread's stack overflows (which aborts
+/// the coordinator: a submission could list 100,000 files, each naming the next). Run
+/// on a 2 MiB stack, as the coordinator's blocking threads have.
+#[test]
+fn a_prerequisite_chain_too_deep_is_an_error_not_a_stack_overflow() {
+    let chain = |n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| {
+                let text = if i + 1 < n {
+                    format!("config:\n  prerequisites:\n    - f{}.yaml\nl{i}:\n  from: {{type: scratch}}\n", i + 1)
+                } else {
+                    format!("l{i}:\n  from: {{type: scratch}}\n")
+                };
+                (format!("f{i}.yaml"), text)
+            })
+            .collect()
+    };
+    let plan_on_small_stack = |files: Vec<(String, String)>| {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let refs: Vec<(&str, &str)> = files
+                    .iter()
+                    .map(|(p, t)| (p.as_str(), t.as_str()))
+                    .collect();
+                plan_files(&refs, Substitutions::default()).map(|p| p.layers.len())
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    };
+    let deepest = crate::load::MAX_PREREQUISITE_DEPTH;
+    assert_eq!(plan_on_small_stack(chain(deepest)).unwrap(), deepest);
+    let e = plan_on_small_stack(chain(20_000)).unwrap_err().to_string();
+    assert!(e.contains(&format!("more than {deepest} deep")), "{e}");
+}
