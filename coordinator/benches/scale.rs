@@ -45,9 +45,11 @@ fn main() {
 
 /// `layers` layers in waves of `wave`: layer j of wave k is built from layer j of wave
 /// k-1 (`built`) and imports a file of layer j+1 of wave k-1 (`stacker://`). The layers
-/// are spread over `files` stackerfiles (`s{f}.yaml`, in order), each naming the one
-/// before it as a prerequisite, so the last one is the entry. Returns the files' texts (in order)
-/// and each layer's dependencies.
+/// are spread over `files` stackerfiles (`s{f}.yaml`, in order); each names as
+/// prerequisites the files its layers depend on, and the last one, the entry, names
+/// every other (a chain of files each naming the one before would nest past the
+/// loader's depth limit). Returns the files' texts (in order) and each layer's
+/// dependencies.
 fn big_stackerfiles(
     layers: usize,
     wave: usize,
@@ -55,33 +57,50 @@ fn big_stackerfiles(
     salt: &str,
 ) -> (Vec<String>, HashMap<String, Vec<String>>) {
     let files = files.clamp(1, layers.max(1));
-    let mut texts = vec![String::new(); files];
-    for (f, text) in texts.iter_mut().enumerate().skip(1) {
-        text.push_str(&format!(
-            "config:\n  prerequisites:\n    - s{}.yaml\n",
-            f - 1
-        ));
-    }
+    let file_of = |i: usize| i * files / layers;
+    let mut bodies = vec![String::new(); files];
+    let mut prerequisites = vec![std::collections::BTreeSet::new(); files];
     let mut deps = HashMap::new();
     let name = |i: usize| format!("w{}_{}", i / wave, i % wave);
     for i in 0..layers {
         let me = name(i);
-        let y = &mut texts[i * files / layers];
+        let f = file_of(i);
         if i < wave {
-            y.push_str(&format!(
+            bodies[f].push_str(&format!(
                 "{me}:\n  from: {{type: scratch}}\n  run: echo {salt} {i}\n"
             ));
             deps.insert(me, Vec::new());
         } else {
-            let base = name(i - wave);
-            let k = i / wave - 1;
-            let other = format!("w{k}_{}", (i % wave + 1) % wave);
-            y.push_str(&format!(
-                "{me}:\n  from: {{type: built, tag: {base}}}\n  imports:\n    - stacker://{other}/out\n  run: echo {i}\n"
+            let base = i - wave;
+            let other = (i / wave - 1) * wave + (i % wave + 1) % wave;
+            for d in [base, other] {
+                if file_of(d) != f {
+                    prerequisites[f].insert(file_of(d));
+                }
+            }
+            bodies[f].push_str(&format!(
+                "{me}:\n  from: {{type: built, tag: {}}}\n  imports:\n    - stacker://{}/out\n  run: echo {i}\n",
+                name(base),
+                name(other)
             ));
-            deps.insert(me, vec![base, other]);
+            deps.insert(me, vec![name(base), name(other)]);
         }
     }
+    prerequisites[files - 1].extend(0..files - 1);
+    let texts = bodies
+        .into_iter()
+        .zip(prerequisites)
+        .map(|(body, pre)| {
+            if pre.is_empty() {
+                return body;
+            }
+            let mut text = String::from("config:\n  prerequisites:\n");
+            for f in pre {
+                text.push_str(&format!("    - s{f}.yaml\n"));
+            }
+            text + &body
+        })
+        .collect();
     (texts, deps)
 }
 
