@@ -172,11 +172,23 @@ impl Reporter<'_> {
     }
 }
 
+/// The longest word [`suggest`] looks for a near miss of: the distance costs the product
+/// of the lengths, and a typo of a longer word is unlikely.
+pub const SUGGEST_MAX_LEN: usize = 64;
+
 /// The nearest of `candidates` to `word`, when it is close enough to be a likely typo.
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let limit = (word.chars().count() / 3).max(1);
+    let len = word.chars().count();
+    if len > SUGGEST_MAX_LEN {
+        return None;
+    }
+    let limit = (len / 3).max(1);
     candidates
         .into_iter()
+        // A length that differs by more than the limit is never close enough.
+        .filter(|c| {
+            c.len().abs_diff(word.len()) <= limit * 4 && c.chars().count().abs_diff(len) <= limit
+        })
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
@@ -219,6 +231,10 @@ mod tests {
         assert_eq!(suggest("improts", ["imports", "import"]), Some("imports"));
         assert_eq!(suggest("zzzzzz", ["imports", "import"]), None);
         assert_eq!(suggest("rnu", ["run", "cmd"]), Some("run"));
+        // Too long to look for (the distance costs the product of the lengths).
+        let long = "a".repeat(SUGGEST_MAX_LEN + 1);
+        let near = format!("{long}b");
+        assert_eq!(suggest(&long, [near.as_str()]), None);
     }
 
     #[test]

@@ -178,6 +178,10 @@ impl Plan {
 
 type Dag = (Vec<Vec<usize>>, Vec<Vec<usize>>);
 
+/// How many missing layer names get a "did you mean": each suggestion compares the name
+/// with every layer.
+const MAX_SUGGESTIONS: usize = 20;
+
 /// Resolve dependency names to indexes (checking that each is visible from the file that
 /// uses it), reject cycles, and compute waves.
 fn build_dag(files: &[LoadedFile], layers: &[(usize, Layer)]) -> Result<Dag, Vec<Diagnostic>> {
@@ -188,6 +192,8 @@ fn build_dag(files: &[LoadedFile], layers: &[(usize, Layer)]) -> Result<Dag, Vec
         .collect();
     let visible = visibility(files);
     let mut errors = Vec::new();
+    // Missing names given a "did you mean" so far (see `MAX_SUGGESTIONS`).
+    let mut suggested = 0;
     let mut deps: Vec<Vec<usize>> = Vec::with_capacity(layers.len());
     for (file, layer) in layers {
         let mut mine = Vec::new();
@@ -215,7 +221,15 @@ fn build_dag(files: &[LoadedFile], layers: &[(usize, Layer)]) -> Result<Dag, Vec
                         .iter()
                         .filter(|(f, _)| visible[*file][*f])
                         .map(|(_, l)| l.name.as_str());
-                    let help = match suggest(name, candidates) {
+                    // Each suggestion scans every layer: only the first few missing names
+                    // get one (a file of thousands of them took seconds per thousand).
+                    suggested += 1;
+                    let near = if suggested <= MAX_SUGGESTIONS {
+                        suggest(name, candidates)
+                    } else {
+                        None
+                    };
+                    let help = match near {
                         Some(s) => format!("did you mean '{s}'?"),
                         None => "define that layer, or add the stackerfile that defines it to \
                                  config.prerequisites"
