@@ -153,6 +153,8 @@ struct Loader<'s> {
     done: HashMap<PathBuf, usize>,
     /// files being loaded (for cycle detection), with their display paths
     stack: Vec<(PathBuf, PathBuf)>,
+    /// [`MAX_FILES`] was reached (and said).
+    too_many_files: bool,
 }
 
 /// Load `entry` and, recursively, its prerequisites.
@@ -181,6 +183,7 @@ pub fn load_many(
         errors: Vec::new(),
         done: HashMap::new(),
         stack: Vec::new(),
+        too_many_files: false,
     };
     for entry in entries {
         loader.load_file(entry, None);
@@ -198,11 +201,68 @@ pub fn load_many(
     }
 }
 
+/// How many stackerfiles one plan may load (entries and prerequisites): planning keeps
+/// which file sees which, a table of this many squared (16 MiB here, where a context of
+/// 100,000 files would have needed 10 GB).
+pub const MAX_FILES: usize = 4096;
+
 /// How deep prerequisites may nest (a file naming a file naming a file...): far beyond
-/// any real set of stackerfiles, and well within a 2 MiB stack (loading recurses).
-pub const MAX_PREREQUISITE_DEPTH: usize = 256;
+/// any real set of stackerfiles, and within a 2 MiB stack (loading recurses) with room
+/// to spare even in a debug build (256 fitted there, 512 did not).
+pub const MAX_PREREQUISITE_DEPTH: usize = 128;
 
 impl Loader<'_> {
+    /// Whether loading `display` would pass [`MAX_FILES`] or [`MAX_PREREQUISITE_DEPTH`]
+    /// (then said in a diagnostic). Out of line: `load_file` recurses, and its frame is
+    /// what the depth limit is measured in.
+    #[inline(never)]
+    fn over_limits(&mut self, display: &Path, named_by: Option<(&Path, Pos)>) -> bool {
+        if self.done.len() + self.stack.len() >= MAX_FILES {
+            let (file, pos) = named_by.map_or((display.to_path_buf(), Pos::default()), |(f, p)| {
+                (f.to_path_buf(), p)
+            });
+            // Said once: every further file would say it again.
+            if !self.too_many_files {
+                self.too_many_files = true;
+                self.errors.push(Diagnostic {
+                    severity: Severity::Error,
+                    file,
+                    pos,
+                    layer: None,
+                    message: format!(
+                        "more than {MAX_FILES} stackerfiles to load together (at {})",
+                        display.display()
+                    ),
+                    help: Some("plan and submit fewer stackerfiles at once".into()),
+                });
+            }
+            return true;
+        }
+        if self.stack.len() >= MAX_PREREQUISITE_DEPTH {
+            let (file, pos) = named_by.map_or((display.to_path_buf(), Pos::default()), |(f, p)| {
+                (f.to_path_buf(), p)
+            });
+            self.errors.push(Diagnostic {
+                severity: Severity::Error,
+                file,
+                pos,
+                layer: None,
+                message: format!(
+                    "prerequisites nested more than {MAX_PREREQUISITE_DEPTH} deep (from {} to {})",
+                    self.stack[0].1.display(),
+                    display.display()
+                ),
+                help: Some(
+                    "a file's prerequisites may themselves have prerequisites, but not this \
+                     deep: name the files from one list instead of each naming the next"
+                        .into(),
+                ),
+            });
+            return true;
+        }
+        false
+    }
+
     /// Load one file; `named_by` is (file, position) of the prerequisite entry naming it.
     fn load_file(&mut self, path: &Path, named_by: Option<(&Path, Pos)>) -> Option<usize> {
         let display = normalize(path);
@@ -229,26 +289,7 @@ impl Loader<'_> {
             });
             return None;
         }
-        if self.stack.len() >= MAX_PREREQUISITE_DEPTH {
-            let (file, pos) = named_by.map_or((display.clone(), Pos::default()), |(f, p)| {
-                (f.to_path_buf(), p)
-            });
-            self.errors.push(Diagnostic {
-                severity: Severity::Error,
-                file,
-                pos,
-                layer: None,
-                message: format!(
-                    "prerequisites nested more than {MAX_PREREQUISITE_DEPTH} deep (from {} to {})",
-                    self.stack[0].1.display(),
-                    display.display()
-                ),
-                help: Some(
-                    "a file's prerequisites may themselves have prerequisites, but not this \
-                     deep: name the files from one list instead of each naming the next"
-                        .into(),
-                ),
-            });
+        if self.over_limits(&display, named_by) {
             return None;
         }
         let text = match self.source.read_limited(path, self.max_file_size) {

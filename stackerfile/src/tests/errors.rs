@@ -673,3 +673,55 @@ fn a_prerequisite_chain_too_deep_is_an_error_not_a_stack_overflow() {
     let e = plan_on_small_stack(chain(20_000)).unwrap_err().to_string();
     assert!(e.contains(&format!("more than {deepest} deep")), "{e}");
 }
+
+/// More stackerfiles than a plan may load together are refused once, naming the limit
+/// (planning keeps a table of which file sees which: 100,000 files, as a context may
+/// hold, would have needed 10 GB).
+#[test]
+fn too_many_stackerfiles_loaded_together_are_refused_once() {
+    let n = crate::load::MAX_FILES + 10;
+    let mut files: Vec<(String, String)> = vec![(
+        "entry.yaml".into(),
+        std::iter::once("config:\n  prerequisites:\n".to_string())
+            .chain((0..n).map(|i| format!("    - f{i}.yaml\n")))
+            .collect(),
+    )];
+    files.extend((0..n).map(|i| {
+        (
+            format!("f{i}.yaml"),
+            format!("l{i}:\n  from: {{type: scratch}}\n"),
+        )
+    }));
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    let e = plan_files(&refs, Substitutions::default()).unwrap_err();
+    let limit: Vec<_> = e
+        .diagnostics
+        .iter()
+        .filter(|d| {
+            d.message.contains(&format!(
+                "more than {} stackerfiles",
+                crate::load::MAX_FILES
+            ))
+        })
+        .collect();
+    assert_eq!(limit.len(), 1, "{e}");
+    // Just under the limit plans.
+    let m = crate::load::MAX_FILES - 1;
+    let refs: Vec<(&str, &str)> = refs[..=m].iter().map(|&(p, t)| (p, t)).collect();
+    let mut entry = String::from("config:\n  prerequisites:\n");
+    for i in 0..m {
+        entry.push_str(&format!("    - f{i}.yaml\n"));
+    }
+    let mut files = refs.clone();
+    files[0] = ("entry.yaml", entry.as_str());
+    assert_eq!(
+        plan_files(&files, Substitutions::default())
+            .unwrap()
+            .layers
+            .len(),
+        m
+    );
+}
