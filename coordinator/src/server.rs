@@ -652,6 +652,41 @@ mod tests {
         (Arc::new(a), clients)
     }
 
+    /// A plan with thousands of errors is refused with its first diagnostics and a note
+    /// of how many more there were: the whole text in the status (half a MB) made the
+    /// client's HTTP/2 stack hang up (`too_many_continuations`) and the caller saw a
+    /// protocol error instead of the diagnostics.
+    #[tokio::test]
+    async fn a_plan_with_thousands_of_errors_is_refused_with_the_first_of_them() {
+        let running = start(ServeOptions::default()).await;
+        let mut farm_api = farm_proto::farm_client::FarmClient::new(channel(running.addr).await);
+        let url = "https://example.com/broken/stacker.yaml".to_string();
+        let text: String = (0..3000)
+            .map(|i| format!("l{i}:\n  from: {{type: built, tag: missing{i}}}\n"))
+            .collect();
+        let e = farm_api
+            .submit(farm_proto::v1::SubmitRequest {
+                stackerfiles: vec![url.clone()],
+                stackerfile_texts: [(url, text)].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("missing0"), "{}", e.message());
+        assert!(
+            e.message().len() <= crate::grpc::farm::STATUS_MESSAGE_MAX + 200,
+            "{}",
+            e.message().len()
+        );
+        assert!(
+            e.message().contains("more bytes of it cut"),
+            "{}",
+            e.message()
+        );
+        running.stop().await;
+    }
+
     async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
