@@ -725,3 +725,26 @@ fn too_many_stackerfiles_loaded_together_are_refused_once() {
         m
     );
 }
+
+/// Only the first missing layer names get a "did you mean" (each suggestion compares
+/// the name with every layer; thousands of them took seconds).
+#[test]
+fn only_the_first_missing_names_get_a_suggestion() {
+    let mut text = String::new();
+    for i in 0..30 {
+        text.push_str(&format!("layer{i}:\n  from: {{type: scratch}}\n"));
+        text.push_str(&format!("use{i}:\n  from: {{type: built, tag: layr{i}}}\n"));
+    }
+    let e = errors(&text);
+    let suggested = e
+        .diagnostics
+        .iter()
+        .filter(|d| {
+            d.help
+                .as_deref()
+                .is_some_and(|h| h.starts_with("did you mean"))
+        })
+        .count();
+    assert_eq!(e.diagnostics.len(), 30, "{e}");
+    assert_eq!(suggested, 20, "{e}");
+}
