@@ -105,6 +105,12 @@ pub(crate) struct SubstProblem {
     pub warning: bool,
 }
 
+/// The most a file may grow to with its substitutions: a 1 MiB file of `${{X}}`s with a
+/// value of a few MB would otherwise become hundreds of GB in memory.
+pub const MAX_SUBSTITUTED: usize = 16 << 20;
+/// The most shell-style warnings one file gets (each finds its line from the start).
+const MAX_SHELL_WARNINGS: usize = 20;
+
 /// Substitute `text`. Returns the new text, a map back to the original, and problems
 /// (errors and warnings).
 /// The text is moved into the map, not copied: a large file is held twice (as written
@@ -166,6 +172,20 @@ pub(crate) fn substitute(
             None
         };
         let value = value.unwrap_or(&text[start..end]);
+        if out.len() + value.len() + (text.len() - end) > MAX_SUBSTITUTED {
+            problems.push(SubstProblem {
+                at: start,
+                message: format!(
+                    "with its substitutions the file grows past {} MiB (here, at '{}')",
+                    MAX_SUBSTITUTED >> 20,
+                    &text[start..end]
+                ),
+                help: Some("substitute shorter values, or fewer times".into()),
+                warning: false,
+            });
+            rest = text.len();
+            break;
+        }
         let new_start = out.len();
         out.push_str(value);
         replacements.push(((new_start, out.len()), (start, end)));
@@ -217,6 +237,9 @@ fn shell_style_warnings(text: &str, subs: &Substitutions) -> Vec<SubstProblem> {
                 Some(b'}' | b':' | b'-' | b'+' | b'?' | b'=' | b'#' | b'%' | b'/')
             );
         if closes && provided.contains(&name) {
+            if out.len() == MAX_SHELL_WARNINGS {
+                break;
+            }
             let pos = pos_in(text, i);
             out.push(SubstProblem {
                 at: i,
@@ -291,6 +314,38 @@ mod tests {
     fn default_may_contain_colons() {
         let (out, _, _) = substitute("${{URL:http://x:80/y}}", &subs(&[], &[]));
         assert_eq!(out, "http://x:80/y");
+    }
+
+    /// A file that would grow past the limit with its substitutions is an error at the
+    /// substitution that crosses it, not gigabytes of memory.
+    #[test]
+    fn substitutions_may_not_grow_a_file_past_the_limit() {
+        let big = "v".repeat(1 << 20);
+        let s = subs(&[("X", &big)], &[]);
+        let text = "a: ${{X}}\n".repeat(100);
+        let (out, _, p) = substitute(text.as_str(), &s);
+        assert!(out.len() <= MAX_SUBSTITUTED, "{}", out.len());
+        let errors: Vec<_> = p.iter().filter(|p| !p.warning).collect();
+        assert_eq!(errors.len(), 1, "{p:?}");
+        assert!(
+            errors[0].message.contains("grows past 16 MiB"),
+            "{}",
+            errors[0].message
+        );
+        assert_eq!(errors[0].at, 15 * "a: ${{X}}\n".len() + 3, "the 16th crosses it");
+        // Just under the limit is fine.
+        let text = "a: ${{X}}\n".repeat(15);
+        let (out, _, p) = substitute(text.as_str(), &s);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(out.len(), 15 * (big.len() + 4));
+    }
+
+    /// Shell-style warnings stop after a few (each one finds its line from the start).
+    #[test]
+    fn shell_style_warnings_are_bounded() {
+        let s = subs(&[("FOO", "1")], &[]);
+        let (_, _, p) = substitute("run: echo $FOO\n".repeat(1000).as_str(), &s);
+        assert_eq!(p.len(), MAX_SHELL_WARNINGS);
     }
 
     #[test]
