@@ -332,7 +332,11 @@ mod tests {
             "{}",
             errors[0].message
         );
-        assert_eq!(errors[0].at, 15 * "a: ${{X}}\n".len() + 3, "the 16th crosses it");
+        assert_eq!(
+            errors[0].at,
+            15 * "a: ${{X}}\n".len() + 3,
+            "the 16th crosses it"
+        );
         // Just under the limit is fine.
         let text = "a: ${{X}}\n".repeat(15);
         let (out, _, p) = substitute(text.as_str(), &s);
