@@ -49,14 +49,26 @@ pub async fn open(path: &Path, schema: &'static str) -> Result<SqlitePool, sqlx:
 /// dir) could fail with "database is locked". The lock is a `flock` of the directory:
 /// it does not touch SQLite's own (fcntl) locks on the files, and it is dropped with
 /// the process.
-async fn setup_lock(path: &Path) -> std::io::Result<Flock<std::fs::File>> {
+/// A file system without `flock` (some network ones) gets no lock, with a warning:
+/// only two processes creating the same database at the same moment can then fail.
+async fn setup_lock(path: &Path) -> std::io::Result<Option<Flock<std::fs::File>>> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     tokio::task::spawn_blocking(move || {
         let handle = std::fs::File::open(&dir)?;
-        Flock::lock(handle, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))
+        match Flock::lock(handle, FlockArg::LockExclusive) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP)) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "this file system cannot lock the state dir: databases are set up unlocked"
+                );
+                Ok(None)
+            }
+            Err((_, e)) => Err(std::io::Error::from(e)),
+        }
     })
     .await
     .map_err(std::io::Error::other)?
