@@ -90,8 +90,20 @@ pub fn manifest_annotations(plan: &Plan, i: usize, namespace: &str) -> BTreeMap<
 
 /// `git describe` per directory, asked once per build (a process per layer made a
 /// 2,000-layer build spend seconds here).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct GitVersions(std::collections::HashMap<std::path::PathBuf, Option<String>>);
+
+impl GitVersions {
+    /// Ask git now for every directory of `plan`'s layers (copies of the map then
+    /// answer without asking).
+    pub fn warm(&mut self, plan: &Plan) {
+        for planned in &plan.layers {
+            self.0
+                .entry(planned.layer.dir.clone())
+                .or_insert_with(|| git_describe(&planned.layer.dir));
+        }
+    }
+}
 
 /// [`manifest_annotations`], asking git once per directory through `git`.
 pub fn manifest_annotations_with(

@@ -695,11 +695,88 @@ impl Farm {
     }
 }
 
-/// How many manifests the end of a build makes and stores together (a few in tests,
-/// so their builds cross batches), and how many bytes of them at most: each carries
-/// its whole stackerfile, so one file of thousands of layers makes big ones.
+/// The layers of `plan` in chunks for the build's end: at most [`MANIFESTS_AT_ONCE`]
+/// manifests, and about [`MANIFEST_BYTES_AT_ONCE`] of them, each.
+fn manifest_chunks(plan: &Plan, outcomes: &[Outcome]) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut count, mut bytes) = (0, 0, 0);
+    for (i, (planned, outcome)) in plan.layers.iter().zip(outcomes).enumerate() {
+        if matches!(outcome, Outcome::Built { .. }) && !planned.layer.build_only {
+            count += 1;
+            // The manifest's size is about its stackerfile's, plus its descriptors.
+            bytes += plan.files[planned.file].substituted.len() + 1024;
+        }
+        if count >= MANIFESTS_AT_ONCE || bytes >= MANIFEST_BYTES_AT_ONCE {
+            chunks.push(start..i + 1);
+            (start, count, bytes) = (i + 1, 0, 0);
+        }
+    }
+    if start < plan.layers.len() {
+        chunks.push(start..plan.layers.len());
+    }
+    chunks
+}
+
+/// The results of the built layers in `range` (a restart's earlier build time kept), and
+/// the manifests of those that are images, as (index into the results, bytes).
+type ChunkResults = (Vec<LayerResult>, Vec<(usize, Vec<u8>)>);
+
+fn chunk_results(
+    plan: &Plan,
+    outcomes: &[Outcome],
+    prior: &HashMap<u32, (String, bool, Option<u64>)>,
+    git: &GitVersions,
+    range: std::ops::Range<usize>,
+) -> Result<ChunkResults, FarmError> {
+    let mut git = git.clone();
+    let mut results = Vec::new();
+    let mut manifests = Vec::new();
+    for i in range {
+        let Outcome::Built {
+            result,
+            cached,
+            duration,
+        } = &outcomes[i]
+        else {
+            continue;
+        };
+        let result_json =
+            serde_json::to_string(result).map_err(|e| FarmError::Invalid(e.to_string()))?;
+        // A layer this build built before a coordinator restart is a cache hit now, but
+        // it was built, by its worker, in the time recorded then.
+        let (mut cached, mut duration_ms) = (*cached, duration.as_millis() as u64);
+        if let Some((json, false, Some(ms))) = prior.get(&(i as u32))
+            && cached
+            && &result_json == json
+        {
+            (cached, duration_ms) = (false, *ms);
+        }
+        // Only images (not build_only layers) get a manifest: `tagged` in the status is
+        // "has a manifest digest".
+        if !plan.layers[i].layer.build_only {
+            let annotations =
+                manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
+            manifests.push((results.len(), manifest_bytes(result, &annotations)?));
+        }
+        results.push(LayerResult {
+            idx: i as u32,
+            result_json,
+            cached,
+            duration_ms,
+            manifest_digest: None,
+        });
+    }
+    Ok((results, manifests))
+}
+
+/// How many manifests the end of a build makes (on the blocking pool, two chunks at
+/// once) and stores together (a few in tests, so their builds cross chunks), and about
+/// how many bytes of them: each carries its whole stackerfile, so one file of thousands
+/// of layers makes big ones. 2 MiB kept the scale bench's peak RSS where the one-chunk-
+/// at-a-time end had it (16 MiB chunks, two in flight, added ~100 MB of allocator
+/// arenas); the time was the same.
 const MANIFESTS_AT_ONCE: usize = if cfg!(test) { 3 } else { 1024 };
-const MANIFEST_BYTES_AT_ONCE: usize = 16 << 20;
+const MANIFEST_BYTES_AT_ONCE: usize = 2 << 20;
 
 impl Inner {
     /// Parse and plan a submission as the coordinator sees it.
@@ -1037,72 +1114,55 @@ impl Inner {
         } else {
             HashMap::new()
         };
-        let mut results = Vec::new();
-        // Manifests of the images, stored a batch at a time (see `BlobStore::put_many`)
-        // as they are made: each carries its stackerfile's text (stacker's
-        // `stacker_yaml` annotation), so all of a big build's at once would be hundreds
-        // of MB.
-        let mut manifests: Vec<(usize, Vec<u8>)> = Vec::new();
-        let mut batch_bytes = 0;
+        // Every layer's result and image manifest, made on the blocking pool a chunk at
+        // a time, two chunks at once, each chunk's manifests stored as it comes (see
+        // `BlobStore::put_many`). Chunks are bounded in bytes too: each manifest carries
+        // its stackerfile's text (stacker's `stacker_yaml` annotation), so all of a big
+        // build's at once would be hundreds of MB.
+        let succeeded = report.succeeded();
         let mut git = GitVersions::default();
-        let last = plan.layers.len().saturating_sub(1);
-        for (i, (planned, outcome)) in plan.layers.iter().zip(&report.outcomes).enumerate() {
-            if let Outcome::Built {
-                result,
-                cached,
-                duration,
-            } = outcome
-            {
-                let result_json = serde_json::to_string(&result)
-                    .map_err(|e| FarmError::Invalid(e.to_string()))?;
-                let (mut cached, mut duration_ms) = (*cached, duration.as_millis() as u64);
-                if let Some((json, false, Some(ms))) = prior.get(&(i as u32))
-                    && cached
-                    && &result_json == json
-                {
-                    (cached, duration_ms) = (false, *ms);
+        git.warm(&plan);
+        let chunks = manifest_chunks(&plan, &report.outcomes);
+        let (plan, outcomes) = (Arc::new(plan), Arc::new(report.outcomes));
+        let (prior, git) = (Arc::new(prior), Arc::new(git));
+        let mut made = futures::stream::iter(chunks)
+            .map(|range| {
+                let (plan, outcomes) = (plan.clone(), outcomes.clone());
+                let (prior, git) = (prior.clone(), git.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        chunk_results(&plan, &outcomes, &prior, &git, range)
+                    })
+                    .await
+                    .map_err(|e| FarmError::Invalid(format!("making the build's manifests: {e}")))?
                 }
-                // Only images (not build_only layers) get a manifest: `tagged` in the
-                // status is "has a manifest digest".
-                if !planned.layer.build_only {
-                    let annotations =
-                        manifest_annotations_with(&plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
-                    let bytes = manifest_bytes(result, &annotations)?;
-                    batch_bytes += bytes.len();
-                    manifests.push((results.len(), bytes));
-                }
-                results.push(LayerResult {
-                    idx: i as u32,
-                    result_json,
-                    cached,
-                    duration_ms,
-                    manifest_digest: None,
-                });
-            }
-            let full =
-                manifests.len() >= MANIFESTS_AT_ONCE || batch_bytes >= MANIFEST_BYTES_AT_ONCE;
-            if full || (i == last && !manifests.is_empty()) {
-                batch_bytes = 0;
-                let bytes = manifests
-                    .iter_mut()
-                    .map(|(_, bytes)| std::mem::take(bytes).into())
-                    .collect();
+            })
+            .buffered(2);
+        let mut results = Vec::new();
+        while let Some(chunk) = made.next().await {
+            let (mut chunk, manifests) = chunk?;
+            if !manifests.is_empty() {
+                let (at, bytes): (Vec<usize>, Vec<_>) = manifests
+                    .into_iter()
+                    .map(|(at, bytes)| (at, bytes.into()))
+                    .unzip();
                 let stored = self.config.blobs.put_many(bytes).await?;
-                for ((at, _), info) in manifests.drain(..).zip(stored) {
-                    results[at].manifest_digest = Some(info.digest.to_string());
+                for (at, info) in at.into_iter().zip(stored) {
+                    chunk[at].manifest_digest = Some(info.digest.to_string());
                 }
             }
+            results.extend(chunk);
         }
         self.state.layer_results(id, &results).await?;
         let (state, error) = if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
             (BuildState::Cancelled, Some("cancelled".to_string()))
-        } else if report.succeeded() {
+        } else if succeeded {
             (BuildState::Succeeded, None)
         } else {
             let first = plan
                 .layers
                 .iter()
-                .zip(&report.outcomes)
+                .zip(outcomes.iter())
                 .find_map(|(l, o)| match o {
                     Outcome::Failed(e) => Some(format!("layer '{}': {e}", l.layer.name)),
                     _ => None,
