@@ -675,7 +675,7 @@ mod tests {
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
         assert!(e.message().contains("missing0"), "{}", e.message());
         assert!(
-            e.message().len() <= crate::grpc::farm::STATUS_MESSAGE_MAX + 200,
+            e.message().len() <= crate::grpc::STATUS_MESSAGE_MAX + 200,
             "{}",
             e.message().len()
         );
@@ -683,6 +683,34 @@ mod tests {
             e.message().contains("more bytes of it cut"),
             "{}",
             e.message()
+        );
+        running.stop().await;
+    }
+
+    /// Input echoed back in an error is bounded too, whatever refuses it: a substitution
+    /// of a MB without '=' came back whole in the status and the client's HTTP/2 hung up.
+    #[tokio::test]
+    async fn an_oversized_bad_field_is_refused_with_a_bounded_message() {
+        let running = start(ServeOptions::default()).await;
+        let mut farm_api = farm_proto::farm_client::FarmClient::new(channel(running.addr).await);
+        let e = farm_api
+            .submit(farm_proto::v1::SubmitRequest {
+                stackerfiles: vec!["s.yaml".into()],
+                substitutions: vec!["X".repeat(1 << 20)],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(
+            e.message().starts_with("--substitute 'XXX"),
+            "{}",
+            e.message()
+        );
+        assert!(
+            e.message().len() <= crate::grpc::STATUS_MESSAGE_MAX + 200,
+            "{}",
+            e.message().len()
         );
         running.stop().await;
     }

@@ -69,7 +69,7 @@ impl BlobService {
 }
 
 fn parse_digest(s: &str) -> Result<Digest, Status> {
-    Digest::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
+    Digest::parse(s).map_err(|e| super::bounded(Status::invalid_argument(e.to_string())))
 }
 
 /// A store failure that is not the client's fault.

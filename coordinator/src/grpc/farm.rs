@@ -71,37 +71,13 @@ impl FarmService {
     }
 }
 
-/// The most bytes of a message a status carries. It travels in an HTTP/2 header: a plan
-/// error of thousands of diagnostics (half a MB) made the client's HTTP/2 stack hang up
-/// on the header, so the caller saw a protocol error instead of the diagnostics.
-pub(crate) const STATUS_MESSAGE_MAX: usize = 4096;
-
-/// `message`, cut at a line end before [`STATUS_MESSAGE_MAX`] bytes, saying how much
-/// was cut.
-fn bounded(message: String) -> String {
-    if message.len() <= STATUS_MESSAGE_MAX {
-        return message;
-    }
-    let mut end = STATUS_MESSAGE_MAX;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    let end = message[..end].rfind('\n').map_or(end, |i| i + 1);
-    format!(
-        "{}... ({} more bytes of it cut; `farm plan` on the stackerfiles shows every \
-         diagnostic)",
-        &message[..end],
-        message.len() - end
-    )
-}
-
 fn status_of(e: FarmError) -> Status {
-    match e {
-        FarmError::Plan(m) => Status::invalid_argument(bounded(m)),
-        FarmError::Invalid(m) => Status::invalid_argument(bounded(m)),
+    super::bounded(match e {
+        FarmError::Plan(m) => Status::invalid_argument(m),
+        FarmError::Invalid(m) => Status::invalid_argument(m),
         FarmError::NotFound(id) => Status::not_found(format!("no build {id}")),
         e => Status::internal(e.to_string()),
-    }
+    })
 }
 
 /// The wire events of one stored event: one, or one per line of a chunk of output.
@@ -261,7 +237,7 @@ impl FarmApi for FarmService {
         if let Err(status) = &result {
             farm_telemetry::record_error(&span, status.message());
         }
-        result
+        result.map_err(super::bounded)
     }
 
     type WatchStream = Boxed<BuildEvent>;
