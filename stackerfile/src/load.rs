@@ -212,52 +212,66 @@ pub const MAX_FILES: usize = 4096;
 pub const MAX_PREREQUISITE_DEPTH: usize = 128;
 
 impl Loader<'_> {
+    /// An error about loading `display`, at the prerequisite entry that names it (or at
+    /// the file itself, for an entry point). Out of line, as `over_limits`.
+    #[inline(never)]
+    fn refuse(
+        &mut self,
+        display: &Path,
+        named_by: Option<(&Path, Pos)>,
+        message: String,
+        help: Option<String>,
+    ) {
+        let (file, pos) = named_by.map_or((display.to_path_buf(), Pos::default()), |(f, p)| {
+            (f.to_path_buf(), p)
+        });
+        self.errors.push(Diagnostic {
+            severity: Severity::Error,
+            file,
+            pos,
+            layer: None,
+            message,
+            help,
+        });
+    }
+
     /// Whether loading `display` would pass [`MAX_FILES`] or [`MAX_PREREQUISITE_DEPTH`]
     /// (then said in a diagnostic). Out of line: `load_file` recurses, and its frame is
     /// what the depth limit is measured in.
     #[inline(never)]
     fn over_limits(&mut self, display: &Path, named_by: Option<(&Path, Pos)>) -> bool {
         if self.done.len() + self.stack.len() >= MAX_FILES {
-            let (file, pos) = named_by.map_or((display.to_path_buf(), Pos::default()), |(f, p)| {
-                (f.to_path_buf(), p)
-            });
             // Said once: every further file would say it again.
             if !self.too_many_files {
                 self.too_many_files = true;
-                self.errors.push(Diagnostic {
-                    severity: Severity::Error,
-                    file,
-                    pos,
-                    layer: None,
-                    message: format!(
+                self.refuse(
+                    display,
+                    named_by,
+                    format!(
                         "more than {MAX_FILES} stackerfiles to load together (at {})",
                         display.display()
                     ),
-                    help: Some("plan and submit fewer stackerfiles at once".into()),
-                });
+                    Some("plan and submit fewer stackerfiles at once".into()),
+                );
             }
             return true;
         }
         if self.stack.len() >= MAX_PREREQUISITE_DEPTH {
-            let (file, pos) = named_by.map_or((display.to_path_buf(), Pos::default()), |(f, p)| {
-                (f.to_path_buf(), p)
-            });
-            self.errors.push(Diagnostic {
-                severity: Severity::Error,
-                file,
-                pos,
-                layer: None,
-                message: format!(
-                    "prerequisites nested more than {MAX_PREREQUISITE_DEPTH} deep (from {} to {})",
-                    self.stack[0].1.display(),
-                    display.display()
-                ),
-                help: Some(
+            let message = format!(
+                "prerequisites nested more than {MAX_PREREQUISITE_DEPTH} deep (from {} to {})",
+                self.stack[0].1.display(),
+                display.display()
+            );
+            self.refuse(
+                display,
+                named_by,
+                message,
+                Some(
                     "a file's prerequisites may themselves have prerequisites, but not this \
                      deep: name the files from one list instead of each naming the next"
                         .into(),
                 ),
-            });
+            );
             return true;
         }
         false
@@ -276,17 +290,12 @@ impl Loader<'_> {
                 .map(|(_, d)| d.display().to_string())
                 .collect();
             cycle.push(display.display().to_string());
-            let (file, pos) = named_by.map_or((display.clone(), Pos::default()), |(f, p)| {
-                (f.to_path_buf(), p)
-            });
-            self.errors.push(Diagnostic {
-                severity: Severity::Error,
-                file,
-                pos,
-                layer: None,
-                message: format!("prerequisite cycle: {}", cycle.join(" -> ")),
-                help: Some("prerequisites must form a DAG; remove one of these entries".into()),
-            });
+            self.refuse(
+                &display,
+                named_by,
+                format!("prerequisite cycle: {}", cycle.join(" -> ")),
+                Some("prerequisites must form a DAG; remove one of these entries".into()),
+            );
             return None;
         }
         if self.over_limits(&display, named_by) {
@@ -295,29 +304,30 @@ impl Loader<'_> {
         let text = match self.source.read_limited(path, self.max_file_size) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-                let (file, pos, what) = match named_by {
-                    Some((f, p)) => (f.to_path_buf(), p, "prerequisite "),
-                    None => (display.clone(), Pos::default(), ""),
+                let what = if named_by.is_some() {
+                    "prerequisite "
+                } else {
+                    ""
                 };
-                self.errors.push(Diagnostic {
-                    severity: Severity::Error,
-                    file,
-                    pos,
-                    layer: None,
-                    message: format!("{what}stackerfile {}: {e}", display.display()),
-                    help: Some(format!(
-                        "a stackerfile this large is likely a mistake; if it is not, raise the \
-                         limit with --max-stackerfile-size {} on farm plan, build and submit \
-                         (a coordinator has its own: farm coordinator --max-stackerfile-size)",
-                        suggest_limit(self.max_file_size)
-                    )),
-                });
+                let help = format!(
+                    "a stackerfile this large is likely a mistake; if it is not, raise the \
+                     limit with --max-stackerfile-size {} on farm plan, build and submit \
+                     (a coordinator has its own: farm coordinator --max-stackerfile-size)",
+                    suggest_limit(self.max_file_size)
+                );
+                self.refuse(
+                    &display,
+                    named_by,
+                    format!("{what}stackerfile {}: {e}", display.display()),
+                    Some(help),
+                );
                 return None;
             }
             Err(e) => {
-                let (file, pos, what) = match named_by {
-                    Some((f, p)) => (f.to_path_buf(), p, "prerequisite "),
-                    None => (display.clone(), Pos::default(), ""),
+                let what = if named_by.is_some() {
+                    "prerequisite "
+                } else {
+                    ""
                 };
                 let help = if e.kind() == std::io::ErrorKind::NotFound {
                     Some(match named_by {
@@ -328,14 +338,12 @@ impl Loader<'_> {
                 } else {
                     None
                 };
-                self.errors.push(Diagnostic {
-                    severity: Severity::Error,
-                    file,
-                    pos,
-                    layer: None,
-                    message: format!("cannot read {what}stackerfile {}: {e}", display.display()),
+                self.refuse(
+                    &display,
+                    named_by,
+                    format!("cannot read {what}stackerfile {}: {e}", display.display()),
                     help,
-                });
+                );
                 return None;
             }
         };
