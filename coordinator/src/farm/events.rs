@@ -379,17 +379,10 @@ pub(super) async fn watch(
                         return;
                     }
                 }
-                // Drain what is already queued before waiting again.
-                next = match rx.try_recv() {
-                    Ok(event) => Ok(event),
-                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                        Err(broadcast::error::RecvError::Lagged(n))
-                    }
-                    Err(broadcast::error::TryRecvError::Closed) => {
-                        Err(broadcast::error::RecvError::Closed)
-                    }
-                    Err(broadcast::error::TryRecvError::Empty) => break,
-                };
+                // Drain what is already queued before waiting again (a lag or the end
+                // found here shows at the next `recv`: as a gap, or as closed).
+                let Ok(event) = rx.try_recv() else { break };
+                next = Ok(event);
             }
         }
     });
