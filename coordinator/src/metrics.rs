@@ -153,8 +153,8 @@ impl Metrics {
         one(
             "farm_watch_catch_ups_total",
             "counter",
-            "Reads of a build's events back from the store by its watchers: one when a \
-             watcher starts, more when it falls behind the live stream.",
+            "Reads of a build's events back from the store: one when a watcher or a log \
+             reader starts, more when a watcher falls behind the live stream.",
             g(&self.watch_catch_ups),
         );
         let _ = writeln!(

@@ -98,9 +98,10 @@ impl GitVersions {
     /// answer without asking).
     pub fn warm(&mut self, plan: &Plan) {
         for planned in &plan.layers {
-            self.0
-                .entry(planned.layer.dir.clone())
-                .or_insert_with(|| git_describe(&planned.layer.dir));
+            let dir = &planned.layer.dir;
+            if !self.0.contains_key(dir) {
+                self.0.insert(dir.clone(), git_describe(dir));
+            }
         }
     }
 }

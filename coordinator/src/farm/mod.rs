@@ -1098,12 +1098,8 @@ impl Inner {
         let _ = recorder.await;
         let report = report.map_err(|e| FarmError::Invalid(e.to_string()))?;
 
-        // Results: manifests (with the build's annotations) into the blob store, several
-        // at a time, then every layer's result in one transaction. The futures own
-        // their data (borrowing futures in a stream are not `Send` for spawned tasks).
-        // A layer this build built before a coordinator restart is a cache hit now, but
-        // it was built, by its worker, in the time recorded then.
-        // (Only a resumed build has such layers: a fresh one is not read back.)
+        // The results this build recorded before a coordinator restart (see
+        // `chunk_results`); only a resumed build has any: a fresh one is not read back.
         let prior: HashMap<u32, (String, bool, Option<u64>)> = if resumed {
             self.state
                 .layers(id)
