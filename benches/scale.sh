@@ -12,7 +12,8 @@
 # skips that.
 #
 # Settings (environment): LAYERS=20000 WAVE=500 FILES=LAYERS/50 WORKERS=200 SLOTS=4 LISTED=1000
-# FAIR_HOLD_MS=200; CARGO_TARGET_DIR as usual. Nothing fails on timing: it measures.
+# FAIR_HOLD_MS=200, STOP_AFTER=cold|hits (to profile one phase); CARGO_TARGET_DIR as usual.
+# Nothing fails on timing: it measures.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 cd "$HERE/.."

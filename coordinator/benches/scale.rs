@@ -8,7 +8,7 @@
 //! layers are spread over, in a chain of prerequisites) WORKERS=200 SLOTS=4 LISTED=1000
 //! FAIR_HOLD_MS=200 (how long a stand-in holds each layer while fairness is measured),
 //! FARM_BIN=path of a `farm` binary (times `farm submit` of the unchanged DAG; skipped
-//! without it).
+//! without it), STOP_AFTER=cold|hits (end after that phase, to profile one phase alone).
 //!
 //! The coordinator runs in this process, so its peak RSS is the process's (VmHWM),
 //! stand-in workers and clients included (an upper bound of the coordinator's own).
@@ -443,6 +443,10 @@ async fn run() {
         "p99 < 20 ms",
     );
 
+    let stop_after = std::env::var("STOP_AFTER").unwrap_or_default();
+    if stop_after == "cold" {
+        return;
+    }
     // (2) warm: every layer a cache hit.
     let (_, answered, total, state) = submit_and_wait(&mut client, &big, false).await;
     row(
@@ -455,6 +459,9 @@ async fn run() {
         "< 1 s",
     );
 
+    if stop_after == "hits" {
+        return;
+    }
     // (3) `farm submit` of the unchanged DAG, client included.
     match std::env::var("FARM_BIN") {
         Ok(bin) if !bin.is_empty() => {
