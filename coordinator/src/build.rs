@@ -3,7 +3,7 @@
 //! their dependencies are built. A failing layer fails its dependents; independent
 //! layers finish.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use farm_image::{BlobStore, Compression, Digest, LayerFormat};
 use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
 use farm_stackerfile::{Layer, Plan};
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
@@ -338,47 +338,52 @@ pub async fn run_build<E: Executor>(
                 );
             }
         }
-        let Some(done) = running.join_next().await else {
+        let Some(first) = running.join_next().await else {
             break;
         };
-        let (i, t, result) = match done {
-            Ok(r) => r,
-            Err(e) => {
-                // A panicking executor task: find which layer it was and fail it.
-                let i = (0..n)
-                    .find(|&i| started[i] && outcomes[i].is_none())
-                    .unwrap_or(0);
-                (
-                    i,
-                    Instant::now(),
-                    Err(LayerFailure::internal(format!("internal error: {e}"))),
-                )
+        // Every layer that finished meanwhile is taken too, so their dependents are
+        // prepared and looked up in the action cache together (one at a time was a
+        // cache query per finished layer on the driver's one task).
+        let mut done = Some(first);
+        while let Some(one) = done {
+            let (i, result) = match one {
+                Ok((i, t, r)) => (i, r.map(|r| (r, t.elapsed()))),
+                Err(e) => {
+                    // A panicking executor task: find which layer it was and fail it.
+                    let i = (0..n)
+                        .find(|&i| started[i] && outcomes[i].is_none())
+                        .unwrap_or(0);
+                    (
+                        i,
+                        Err(LayerFailure::internal(format!("internal error: {e}"))),
+                    )
+                }
+            };
+            let name = plan.layers[i].layer.name.clone();
+            match result {
+                Ok((result, duration)) => {
+                    events.send(Event::Built {
+                        layer: name,
+                        duration,
+                    });
+                    outcomes[i] = Some(Outcome::Built {
+                        result,
+                        cached: false,
+                        duration,
+                    });
+                }
+                Err(failure) => {
+                    events.send(Event::ended(name, failure.clone()));
+                    outcomes[i] = Some(if failure.is_cancelled() {
+                        Outcome::Cancelled
+                    } else {
+                        Outcome::Failed(failure)
+                    });
+                }
             }
-        };
-        let name = plan.layers[i].layer.name.clone();
-        match result {
-            Ok(result) => {
-                let duration = t.elapsed();
-                events.send(Event::Built {
-                    layer: name,
-                    duration,
-                });
-                outcomes[i] = Some(Outcome::Built {
-                    result,
-                    cached: false,
-                    duration,
-                });
-            }
-            Err(failure) => {
-                events.send(Event::ended(name, failure.clone()));
-                outcomes[i] = Some(if failure.is_cancelled() {
-                    Outcome::Cancelled
-                } else {
-                    Outcome::Failed(failure)
-                });
-            }
+            finished(i, &mut waiting_on, &mut ready);
+            done = running.try_join_next();
         }
-        finished(i, &mut waiting_on, &mut ready);
     }
     Ok(BuildReport {
         outcomes: outcomes
@@ -398,17 +403,43 @@ async fn cached_many(
     keys: &[&str],
 ) -> Result<std::collections::HashMap<String, BuiltImage>, BuildError> {
     let mut hits = cache.get_many(keys).await?;
-    let mut gone = Vec::new();
-    for (key, hit) in &hits {
-        if !blobs_present(blobs, hit).await? {
-            gone.push(key.clone());
+    // Hits of one round share most of their blobs (a chain's lower layers, a base):
+    // each is checked once, several at a time (a remote store answers each in a trip).
+    let mut digests: Vec<String> = hits
+        .values()
+        .flat_map(BuiltImage::blob_digests)
+        .map(str::to_string)
+        .collect();
+    digests.sort_unstable();
+    digests.dedup();
+    let checks = digests.into_iter().map(|d| {
+        let blobs = blobs.clone();
+        async move {
+            let present = match Digest::parse(&d) {
+                Ok(digest) => blobs.exists(&digest).await?,
+                Err(_) => false,
+            };
+            Ok::<_, BuildError>((!present).then_some(d))
         }
-    }
+    });
+    let absent: HashSet<String> = futures::stream::iter(checks)
+        .buffer_unordered(BLOB_CHECKS_AT_ONCE)
+        .try_filter_map(|d| async move { Ok(d) })
+        .try_collect()
+        .await?;
+    let gone: Vec<String> = hits
+        .iter()
+        .filter(|(_, hit)| hit.blob_digests().any(|d| absent.contains(d)))
+        .map(|(key, _)| key.clone())
+        .collect();
     for key in gone {
         hits.remove(&key);
     }
     Ok(hits)
 }
+
+/// How many blobs of cache hits are looked up in the store at once.
+const BLOB_CHECKS_AT_ONCE: usize = 16;
 
 /// A layer's span; the scheduler records `worker`, `placement` and `queue_wait_ms`.
 fn layer_span(name: &str) -> tracing::Span {

@@ -342,6 +342,40 @@ async fn independent_layers_spread_over_workers_and_resubmission_dispatches_noth
     );
 }
 
+/// A cache entry is a hit only while every blob it names is in the store: one whose layer
+/// blob is gone is built again, the others of the same round stay hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_layer_whose_blob_is_gone_is_built_again() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let w = fake_worker(&farm, "w", 4, QUICK, vec![]);
+    let spec = fan_out(d.path(), 4, "gone");
+    let (id, _) = farm.submit(spec.clone()).await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    assert_eq!(w.layers().len(), 4);
+    let rows = farm.state().layers(&id).await.unwrap();
+    let built: BuiltImage = serde_json::from_str(rows[1].result_json.as_deref().unwrap()).unwrap();
+    let blobs = &farm.inner.config.blobs;
+    let digest = Digest::parse(&built.layers[0].digest).unwrap();
+    std::fs::remove_file(
+        d.path()
+            .join("blobs")
+            .join(blobs.blob_path(&digest).as_ref()),
+    )
+    .unwrap();
+
+    let (again, _) = farm.submit(spec).await.unwrap();
+    assert_eq!(wait(&farm, &again).await.0, BuildState::Succeeded);
+    assert_eq!(
+        w.layers()[4..],
+        ["l1".to_string()],
+        "only the layer whose blob is gone"
+    );
+    let status = farm.state().status(&again).await.unwrap().unwrap();
+    let cached: Vec<bool> = status.layers.iter().map(|l| l.cached).collect();
+    assert_eq!(cached, [true, false, true, true]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_base_chain_is_there_is_preferred() {
     let d = tempfile::tempdir().unwrap();
