@@ -188,7 +188,13 @@ impl ActionCache {
         Ok(found)
     }
 
-    pub async fn put(&self, key: &str, value: &BuiltImage) -> Result<(), CacheError> {
+    /// Store `value` under `key`. Queued when called (writes commit in the order they
+    /// were queued); the future answers once it committed.
+    pub fn put(
+        &self,
+        key: &str,
+        value: &BuiltImage,
+    ) -> impl Future<Output = Result<(), CacheError>> + Send + 'static + use<> {
         let json = serde_json::to_string(value).expect("plain data always serialises");
         let (key, path) = (key.to_string(), self.path.clone());
         let err = move |source| CacheError::Write {
@@ -209,7 +215,6 @@ impl ActionCache {
                     Ok(())
                 },
             )
-            .await
     }
 
     pub async fn remove(&self, key: &str) -> Result<(), CacheError> {

@@ -152,16 +152,23 @@ impl GroupCommit {
         }
     }
 
-    /// Run `f` in the next transaction and return its result once that committed.
-    /// `failed` makes the caller's error when the transaction itself fails.
-    pub(crate) async fn write<T, E>(
+    /// Run `f` in the next transaction; the future answers its result once that
+    /// committed. `failed` makes the caller's error when the transaction itself fails.
+    ///
+    /// The write is queued when this is called, not when the future is first polled:
+    /// writes commit in the order they were called (in the same transaction or a later
+    /// one), so a caller may queue a write and go on without waiting, and any write it
+    /// queues after is committed no earlier.
+    pub(crate) fn write<T, E, Failed, F>(
         &self,
-        failed: impl Fn(&rusqlite::Error) -> E + Clone + Send + 'static,
-        f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
-    ) -> Result<T, E>
+        failed: Failed,
+        f: F,
+    ) -> impl Future<Output = Result<T, E>> + Send + 'static + use<T, E, Failed, F>
     where
         T: Send + 'static,
         E: Send + 'static,
+        Failed: Fn(&rusqlite::Error) -> E + Clone + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let op = Box::new(Write {
@@ -177,7 +184,7 @@ impl GroupCommit {
         // An answer that never comes: the writer stopped with the write in hand (the
         // process is going down); it may or may not have committed, and is not
         // acknowledged.
-        answer.await.unwrap_or_else(|_| Err(failed(&stopped())))
+        async move { answer.await.unwrap_or_else(|_| Err(failed(&stopped()))) }
     }
 }
 
@@ -323,5 +330,27 @@ mod tests {
             assert_eq!(numbered, acked, "every acknowledged event is there");
             assert_eq!(store.expired(20_000).await.unwrap().len(), 200);
         });
+    }
+
+    /// A write is queued when it is called, not when its answer is first awaited: one
+    /// queued without waiting commits no later than any queued after it, so a caller
+    /// may go on before its record committed (the driver does, for built layers).
+    #[tokio::test]
+    async fn writes_commit_in_the_order_they_were_queued_even_when_not_awaited() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        crate::db::open(&path, "").await.unwrap();
+        let writer = super::GroupCommit::start(&path).unwrap();
+        let failed = |e: &rusqlite::Error| super::clone_error(e);
+        let first = writer.write(failed, |conn| {
+            conn.execute_batch("CREATE TABLE queued (n INTEGER)")?;
+            conn.execute("INSERT INTO queued (n) VALUES (1)", [])
+        });
+        // Not awaited yet: the second write must still find the first's row.
+        let second = writer.write(failed, |conn| {
+            conn.query_row("SELECT n FROM queued", [], |r| r.get::<_, i64>(0))
+        });
+        assert_eq!(second.await.unwrap(), 1);
+        assert_eq!(first.await.unwrap(), 1);
     }
 }

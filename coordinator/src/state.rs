@@ -318,18 +318,21 @@ impl StateStore {
     /// Run `f` in the writer's next group commit; returns once that committed (see
     /// `group_commit`). `f` maps its errors with the [`Db`](StateError::Db) maker it is
     /// given.
-    async fn write<T: Send + 'static>(
+    /// Queue `f` on the writer now (see `GroupCommit::write`: writes commit in the
+    /// order they were queued); the future answers once it committed.
+    fn write<T: Send + 'static, F>(
         &self,
-        f: impl FnOnce(&rusqlite::Connection, DbErr) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+        f: F,
+    ) -> impl Future<Output = Result<T>> + Send + 'static + use<T, F>
+    where
+        F: FnOnce(&rusqlite::Connection, DbErr) -> Result<T> + Send + 'static,
+    {
         let err = DbErr(self.path.clone());
         let failed = err.clone();
-        self.writer
-            .write(
-                move |e| failed.of(crate::group_commit::clone_error(e)),
-                move |conn| f(conn, err),
-            )
-            .await
+        self.writer.write(
+            move |e| failed.of(crate::group_commit::clone_error(e)),
+            move |conn| f(conn, err),
+        )
     }
 
     fn word<T: FromStr<Err = UnknownWord>>(&self, s: &str) -> Result<T> {
@@ -671,7 +674,11 @@ impl StateStore {
     }
 
     /// Record a layer's result; its state becomes `cached` or `built`, its error clears.
-    pub async fn layer_result(
+    ///
+    /// Queued when called: a write of this store queued after it (a dependent layer's
+    /// lease, the build's events) commits no earlier, so the caller need not wait for
+    /// the future before going on.
+    pub fn layer_result(
         &self,
         build: &str,
         idx: u32,
@@ -679,7 +686,7 @@ impl StateStore {
         cached: bool,
         duration_ms: u64,
         manifest_digest: Option<&str>,
-    ) -> Result<()> {
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         self.layer_results(
             build,
             &[LayerResult {
@@ -690,14 +697,16 @@ impl StateStore {
                 manifest_digest: manifest_digest.map(str::to_string),
             }],
         )
-        .await
     }
 
     /// Record several layers' results in one transaction (see [`Self::layer_result`]).
-    pub async fn layer_results(&self, build: &str, results: &[LayerResult]) -> Result<()> {
+    pub fn layer_results(
+        &self,
+        build: &str,
+        results: &[LayerResult],
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         let (build, results) = (build.to_string(), results.to_vec());
         self.write(move |conn, err| layer_results_in(conn, &err, &build, &results))
-            .await
     }
 
     /// A build's layers in plan order.

@@ -3,7 +3,7 @@
 //! without a result (its build was cancelled, or stopped) passes to a waiting build.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use farm_model::{BuiltImage, LayerFailure, LayerOutcome};
 use tokio::sync::watch;
@@ -35,17 +35,17 @@ struct Recent {
 const RECENT: usize = 4096;
 
 /// How [`Inflight::join`] ended.
-pub(super) enum Joined<'a> {
+pub(super) enum Joined {
     /// This build builds the layer, and shares the result through the claim.
-    Claimed(Claim<'a>),
+    Claimed(Claim),
     /// Another build built it (or failed to).
     Shared(LayerOutcome),
 }
 
 /// A build's claim on a cache key: [`Claim::finish`] hands the result to the builds
 /// that wait; dropping it unfinished lets one of them claim the key instead.
-pub(super) struct Claim<'a> {
-    inflight: &'a Inflight,
+pub(super) struct Claim {
+    inflight: Arc<Inflight>,
     key: Option<String>,
 }
 
@@ -83,11 +83,11 @@ impl Inflight {
     /// Claim `key` for `build`, or wait for the build that claimed it (`waiting` is
     /// told which, before each wait).
     pub(super) async fn join(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         build: &str,
         mut waiting: impl FnMut(&str),
-    ) -> Joined<'_> {
+    ) -> Joined {
         loop {
             let (owner, mut rx) = {
                 let mut keys = self.lock();
@@ -98,7 +98,7 @@ impl Inflight {
                         let owner = build.to_string();
                         keys.insert(key.to_string(), Claimed { owner, result });
                         return Joined::Claimed(Claim {
-                            inflight: self,
+                            inflight: self.clone(),
                             key: Some(key.to_string()),
                         });
                     }
@@ -120,7 +120,7 @@ impl Inflight {
     }
 }
 
-impl Claim<'_> {
+impl Claim {
     /// The layer is done: the waiting builds get `result`.
     pub(super) fn finish(mut self, result: &LayerOutcome) {
         self.end(Some(result));
@@ -138,7 +138,7 @@ impl Claim<'_> {
     }
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         self.end(None);
     }
@@ -151,7 +151,7 @@ mod tests {
     use super::*;
     use farm_model::FailureKind;
 
-    fn claimed(j: Joined<'_>) -> Claim<'_> {
+    fn claimed(j: Joined) -> Claim {
         match j {
             Joined::Claimed(c) => c,
             Joined::Shared(r) => panic!("shared {r:?}, expected a claim"),
@@ -240,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn claims_that_built_are_remembered_a_bounded_while_and_failures_not_at_all() {
-        let inflight = Inflight::default();
+        let inflight = Arc::new(Inflight::default());
         let image = |n: u64| BuiltImage {
             config_digest: format!("sha256:{n:064x}"),
             config_size: n,

@@ -105,7 +105,7 @@ struct Sched {
 pub(crate) struct Scheduler {
     lease: Duration,
     st: Mutex<Sched>,
-    inflight: dedupe::Inflight,
+    inflight: Arc<dedupe::Inflight>,
     wake: Arc<Notify>,
     sessions: AtomicU64,
     /// Leases survived from before a restart: a layer must first look for its own.
@@ -119,7 +119,7 @@ impl Scheduler {
         Scheduler {
             lease,
             st: Mutex::new(Sched::default()),
-            inflight: dedupe::Inflight::default(),
+            inflight: Default::default(),
             wake: Arc::new(Notify::new()),
             sessions: Default::default(),
             prior_leases: AtomicBool::new(prior_leases),
@@ -251,25 +251,29 @@ impl FarmExecutor {
     }
 
     /// Record a built layer at once, so a status during the build (or after a
-    /// coordinator restart) shows it built, where and how long it took.
-    async fn record(&self, idx: u32, result: &LayerOutcome, started: std::time::Instant) {
-        let Ok(layer) = result else { return };
+    /// coordinator restart) shows it built, where and how long it took. The write is
+    /// queued now; the future answers when it committed.
+    fn record(
+        &self,
+        idx: u32,
+        result: &LayerOutcome,
+        started: std::time::Instant,
+    ) -> Option<impl Future<Output = Result<(), crate::state::StateError>> + Send + 'static + use<>>
+    {
+        let layer = result.as_ref().ok()?;
         let json = match serde_json::to_string(layer) {
             Ok(json) => json,
             Err(e) => {
                 tracing::error!(build = %self.build, "recording a result: {e}; its status shows it when the build ends");
-                return;
+                return None;
             }
         };
         let elapsed = started.elapsed().as_millis() as u64;
-        if let Err(e) = self
-            .inner
-            .state
-            .layer_result(&self.build, idx, &json, false, elapsed, None)
-            .await
-        {
-            tracing::error!(build = %self.build, "recording a result: {e}; its status shows it when the build ends");
-        }
+        Some(
+            self.inner
+                .state
+                .layer_result(&self.build, idx, &json, false, elapsed, None),
+        )
     }
 }
 
@@ -338,22 +342,34 @@ impl Executor for FarmExecutor {
         let result = sched
             .run(&self.inner, &self.build, self.priority, idx, job, events)
             .await;
-        // The build's record and the action cache (two databases) written at the same
-        // time: each is a group commit's wait, on the path to the layer's dependents.
-        let cached = async {
-            // Into the action cache before the claim ends: a build that plans the same
-            // layer just after must find one or the other.
-            if claim.is_some()
-                && let Ok(layer) = &result
-                && let Err(e) = self.inner.cache.put(&key, layer).await
-            {
-                tracing::error!(build = %self.build, "caching a result: {e}");
-            }
+        // The build's record and the action cache entry are queued now and the result
+        // goes back to the build at once: its dependents need not wait for two group
+        // commits. What the build does next with them (their leases, its events) is
+        // queued on the same writer after the record, so it commits no earlier: a
+        // watcher never sees a layer built that a restarted coordinator would not.
+        let recorded = self.record(idx, &result, started);
+        let cached = match (&claim, &result) {
+            (Some(_), Ok(layer)) => Some(self.inner.cache.put(&key, layer)),
+            _ => None,
         };
-        tokio::join!(self.record(idx, &result, started), cached);
-        if let Some(claim) = claim {
-            claim.finish(&result);
-        }
+        let (build, shared) = (self.build.clone(), result.clone());
+        tokio::spawn(async move {
+            if let Some(recorded) = recorded
+                && let Err(e) = recorded.await
+            {
+                tracing::error!(%build, "recording a result: {e}; its status shows it when the build ends");
+            }
+            if let Some(cached) = cached
+                && let Err(e) = cached.await
+            {
+                tracing::error!(%build, "caching a result: {e}");
+            }
+            // The claim ends once the entry is in the action cache: a build that plans
+            // the same layer just after finds one or the other.
+            if let Some(claim) = claim {
+                claim.finish(&shared);
+            }
+        });
         result
     }
 }
