@@ -100,6 +100,37 @@ struct Sched {
     /// Results that arrived with no build waiting for them (the coordinator restarted
     /// while the worker built), by (build, layer index).
     orphans: HashMap<(BuildId, u32), LayerOutcome>,
+    /// Which of `workers` hold each chain; changed only with them (`add_worker`,
+    /// `remove_worker`, `add_chains`).
+    holders: placement::Holders,
+}
+
+impl Sched {
+    /// Put a worker on the list, in place of an earlier connection of the same name.
+    fn add_worker(&mut self, name: String, worker: Worker) {
+        self.remove_worker(&name);
+        for chain in &worker.chains {
+            self.holders.add(&name, chain);
+        }
+        self.workers.insert(name, worker);
+    }
+
+    fn remove_worker(&mut self, name: &str) -> Option<Worker> {
+        let worker = self.workers.remove(name)?;
+        self.holders.remove(name, &worker.chains);
+        Some(worker)
+    }
+
+    /// Worker `name` (if on the list) holds `chains` now.
+    fn add_chains(&mut self, name: &str, chains: impl IntoIterator<Item = ChainId>) {
+        let Some(w) = self.workers.get_mut(name) else {
+            return;
+        };
+        for chain in chains {
+            self.holders.add(name, &chain);
+            w.chains.insert(chain);
+        }
+    }
 }
 
 pub(crate) struct Scheduler {

@@ -1,9 +1,11 @@
 //! Placement: which worker a layer goes to. It needs the layer's platform (unless it runs
 //! nothing) and a free slot; among those, a worker that holds the layer's base chain
-//! wins (it need not fetch and unpack the base), then the least loaded one.
+//! wins (it need not fetch and unpack the base), then the least loaded one. The holders
+//! of each chain are indexed ([`Holders`]), so a layer's base is looked up once, not
+//! asked of every worker.
 
 use std::cmp::Reverse;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use farm_model::{ChainId, Job, Platform};
 
@@ -51,6 +53,67 @@ impl<'a> Need<'a> {
             base_chain: job.base_chain(),
         }
     }
+
+    /// The same need, any worker's chains aside.
+    fn without_base(self) -> Self {
+        Need {
+            base_chain: None,
+            ..self
+        }
+    }
+}
+
+/// Which workers hold each chain.
+#[derive(Debug, Default)]
+pub(super) struct Holders(HashMap<ChainId, BTreeSet<String>>);
+
+impl Holders {
+    pub(super) fn add(&mut self, worker: &str, chain: &ChainId) {
+        match self.0.get_mut(chain) {
+            Some(names) => {
+                if !names.contains(worker) {
+                    names.insert(worker.to_string());
+                }
+            }
+            None => {
+                self.0
+                    .insert(chain.clone(), BTreeSet::from([worker.to_string()]));
+            }
+        }
+    }
+
+    /// `worker`, which held `chains`, is gone.
+    pub(super) fn remove(&mut self, worker: &str, chains: &HashSet<ChainId>) {
+        for chain in chains {
+            if let Some(names) = self.0.get_mut(chain) {
+                names.remove(worker);
+                if names.is_empty() {
+                    self.0.remove(chain);
+                }
+            }
+        }
+    }
+
+    /// The workers holding `chain`, by name.
+    pub(super) fn of(&self, chain: &ChainId) -> impl Iterator<Item = &str> {
+        self.0.get(chain).into_iter().flatten().map(String::as_str)
+    }
+}
+
+/// [`choose`] among `all` (every worker, by name), the base chain's holders (`holding`,
+/// by name, from [`Holders`]) first: a holder that fits wins, as in `choose`, without
+/// every worker's chains asked. Returns the worker and whether it holds the base chain.
+pub(super) fn choose_indexed<'a>(
+    all: impl IntoIterator<Item = Candidate<'a>>,
+    holding: impl IntoIterator<Item = Candidate<'a>>,
+    need: &Need<'_>,
+) -> Option<(&'a str, bool)> {
+    if need.base_chain.is_some()
+        && let Some(name) = choose(holding, need)
+    {
+        return Some((name, true));
+    }
+    choose(all, &need.without_base()).map(|name| (name, false))
 }
 
 /// The worker for a layer that needs `need`, `None` when no candidate fits now. Ties go
@@ -98,17 +161,7 @@ mod tests {
     }
 
     fn pick<'a>(workers: &'a [W], need: Need<'_>) -> Option<&'a str> {
-        choose(
-            workers.iter().map(|w| Candidate {
-                name: w.name,
-                platform: &w.platform,
-                chains: &w.chains,
-                slots: w.slots,
-                busy: w.busy,
-                accepting: w.accepting,
-            }),
-            &need,
-        )
+        choose(workers.iter().map(candidate), &need)
     }
 
     #[test]
@@ -219,5 +272,93 @@ mod tests {
         );
         assert!(Need::of(&adds).platform.is_none());
         assert!(Need::of(&runs).base_chain.is_none());
+    }
+    fn candidate(w: &W) -> Candidate<'_> {
+        Candidate {
+            name: w.name,
+            platform: &w.platform,
+            chains: &w.chains,
+            slots: w.slots,
+            busy: w.busy,
+            accepting: w.accepting,
+        }
+    }
+
+    /// The indexed choice is the scan's: over many pseudo-random farms (platforms, sizes,
+    /// loads, chains held, workers not accepting) and needs, `choose_indexed` with the
+    /// holders of each chain picks the worker `choose` picks over every worker.
+    #[test]
+    fn the_index_of_holders_picks_what_a_scan_of_every_worker_picks() {
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let arm64: Platform = "linux/arm64/v8".parse().unwrap();
+        let chains: Vec<ChainId> = (1..=4).map(chain).collect();
+        let names: Vec<&'static str> = (0..12)
+            .map(|i| &*Box::leak(format!("w{i:02}").into_boxed_str()))
+            .collect();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let mut with_base = 0;
+        for _ in 0..2000 {
+            let mut workers = Vec::new();
+            let mut holders = Holders::default();
+            for &name in names.iter().take(1 + next(12) as usize) {
+                let slots = 1 + next(4) as u32;
+                let mut w = worker(name, slots, next(u64::from(slots) + 1) as u32);
+                if next(2) == 0 {
+                    w.platform = arm64.clone();
+                }
+                w.accepting = next(8) != 0;
+                for c in &chains[..3] {
+                    if next(3) == 0 {
+                        w.chains.insert(c.clone());
+                        holders.add(name, c);
+                    }
+                }
+                workers.push(w);
+            }
+            let base =
+                [None, Some(&chains[0]), Some(&chains[1]), Some(&chains[3])][next(4) as usize];
+            let platform = [None, Some(&amd64), Some(&arm64)][next(3) as usize];
+            let need = Need {
+                platform,
+                base_chain: base,
+            };
+            let holding = base
+                .into_iter()
+                .flat_map(|c| holders.of(c))
+                .filter_map(|n| workers.iter().find(|w| w.name == n))
+                .map(candidate);
+            let indexed = choose_indexed(workers.iter().map(candidate), holding, &need);
+            assert_eq!(indexed.map(|(n, _)| n), pick(&workers, need));
+            if let Some((name, has_base)) = indexed {
+                let w = workers.iter().find(|w| w.name == name).unwrap();
+                assert_eq!(has_base, base.is_some_and(|b| w.chains.contains(b)));
+                with_base += usize::from(has_base);
+            }
+        }
+        assert!(
+            with_base > 100,
+            "the holders' path was taken {with_base} times"
+        );
+    }
+
+    #[test]
+    fn holders_forget_a_worker_that_left() {
+        let (a, b) = (chain(1), chain(2));
+        let mut holders = Holders::default();
+        holders.add("w1", &a);
+        holders.add("w1", &a);
+        holders.add("w2", &a);
+        holders.add("w1", &b);
+        assert_eq!(holders.of(&a).collect::<Vec<_>>(), ["w1", "w2"]);
+        holders.remove("w1", &HashSet::from([a.clone(), b.clone()]));
+        assert_eq!(holders.of(&a).collect::<Vec<_>>(), ["w2"]);
+        assert_eq!(holders.of(&b).count(), 0);
+        assert!(!holders.0.contains_key(&b), "no empty entries kept");
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use farm_model::{Event, EventSender, ImportSource, Job, LayerFailure, LayerOutcome};
 use tokio::sync::oneshot;
 
-use super::placement::{Need, choose};
+use super::placement::{Need, choose_indexed};
 use super::{Active, Sched, Scheduler, ToWorker};
 use crate::farm::Inner;
 use crate::state::BuildId;
@@ -148,19 +148,26 @@ impl Scheduler {
         let picks = {
             let mut st = self.lock();
             let st = &mut *st;
-            let (queue, workers) = (&mut st.queue, &mut st.workers);
+            let (queue, workers, holders) = (&mut st.queue, &mut st.workers, &st.holders);
             let free: u32 = workers.iter().map(|(n, w)| w.candidate(n).free()).sum();
             let free = std::cell::Cell::new(free);
             let taken = queue.take_while(
                 || free.get() > 0,
                 |task| {
-                    let candidates = workers.iter().map(|(n, w)| w.candidate(n));
                     let need = Need::of(&task.job);
-                    let name = choose(candidates, &need)?.to_string();
+                    let all = workers.iter().map(|(n, w)| w.candidate(n));
+                    let holding = need
+                        .base_chain
+                        .into_iter()
+                        .flat_map(|c| holders.of(c))
+                        .filter_map(|n| workers.get_key_value(n))
+                        .map(|(n, w)| w.candidate(n));
+                    let (name, has_base) = choose_indexed(all, holding, &need)?;
+                    let name = name.to_string();
                     let w = workers.get_mut(&name).expect("chosen from the map");
                     w.reserved += 1;
                     free.set(free.get() - 1);
-                    let why = if need.base_chain.is_some_and(|c| w.chains.contains(c)) {
+                    let why = if has_base {
                         "holds the base chain"
                     } else {
                         "least loaded with a free slot"

@@ -128,7 +128,7 @@ impl Scheduler {
         });
         {
             let mut st = self.lock();
-            st.workers.insert(
+            st.add_worker(
                 name.clone(),
                 Worker {
                     session,
@@ -218,7 +218,7 @@ impl WorkerSession {
         {
             w.last_seen_ms = now;
             w.stale = false;
-            w.chains.extend(chains);
+            st.add_chains(&self.name, chains);
         }
     }
 
@@ -300,16 +300,14 @@ impl WorkerSession {
             let mut st = sched.lock();
             if let Some(w) = st.workers.get_mut(&self.name) {
                 w.running.remove(&id);
-                if let Ok(layer) = &outcome {
-                    w.chains.insert(layer.chain_id.clone());
-                }
+            }
+            if let Ok(layer) = &outcome {
+                st.add_chains(&self.name, [layer.chain_id.clone()]);
             }
             let a = st.active.remove(&id);
             // The worker now holds the chain its base was materialised into, too.
-            if let (Some(a), Some(w)) = (&a, st.workers.get_mut(&self.name))
-                && let Some(chain) = a.task.job.base_chain()
-            {
-                w.chains.insert(chain.clone());
+            if let Some(chain) = a.as_ref().and_then(|a| a.task.job.base_chain()) {
+                st.add_chains(&self.name, [chain.clone()]);
             }
             inner.metrics.set_running(st.active.len());
             a
@@ -466,7 +464,7 @@ impl Drop for WorkerSession {
             } else {
                 tracing::warn!(worker = %self.name, "worker disconnected");
             }
-            st.workers.remove(&self.name);
+            st.remove_worker(&self.name);
         }
         self.inner.metrics.set_workers(st.workers.len());
     }
