@@ -10,6 +10,7 @@
 mod collect;
 mod events;
 mod logs;
+mod manifests;
 mod sched;
 #[cfg(test)]
 mod tests;
@@ -403,6 +404,8 @@ pub(crate) struct Inner {
     collecting: tokio::sync::Mutex<()>,
     /// Each build's trace (issue 16).
     traces: traces::BuildTraces,
+    /// Manifests made lately, for a resubmission's end (see `manifests`).
+    manifests: Arc<manifests::ManifestMemo>,
 }
 
 /// The coordinator's core; cheap to clone.
@@ -443,6 +446,7 @@ impl Farm {
             metrics: crate::metrics::Metrics::default(),
             collecting: tokio::sync::Mutex::new(()),
             traces: traces::BuildTraces::default(),
+            manifests: Default::default(),
         });
         sched::Scheduler::spawn_loops(&inner);
         collect::spawn_periodic(&inner);
@@ -717,18 +721,87 @@ fn manifest_chunks(plan: &Plan, outcomes: &[Outcome]) -> Vec<std::ops::Range<usi
     chunks
 }
 
+/// The manifest of an image layer at a build's end.
+struct EndManifest {
+    /// Where its layer is among the chunk's results.
+    at: usize,
+    /// Its layer in the plan.
+    layer: usize,
+    key: manifests::Key,
+    made: Made,
+}
+
+enum Made {
+    /// Made now.
+    Now(Vec<u8>),
+    /// Made before (the memo's), if the blob store still has it.
+    Before(Digest),
+}
+
 /// The results of the built layers in `range` (a restart's earlier build time kept), and
-/// the manifests of those that are images, as (index into the results, bytes).
-type ChunkResults = (Vec<LayerResult>, Vec<(usize, Vec<u8>)>);
+/// the manifests of those that are images.
+type ChunkResults = (Vec<LayerResult>, Vec<EndManifest>);
+
+/// What the end of a build makes its manifests from, besides the plan and outcomes.
+struct ManifestInputs {
+    git: GitVersions,
+    /// Each stackerfile's hash, for the memo's keys.
+    file_hashes: Vec<manifests::Key>,
+    memo: Arc<manifests::ManifestMemo>,
+}
+
+impl ManifestInputs {
+    /// The manifest of image layer `i`, built with `result`, recorded as `result_json`;
+    /// `git` is a copy of `self.git` (warmed: it asks nobody).
+    fn manifest(
+        &self,
+        plan: &Plan,
+        i: usize,
+        result: &BuiltImage,
+        result_json: &str,
+        git: &mut GitVersions,
+    ) -> Result<(manifests::Key, Made), FarmError> {
+        let annotations = manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, git);
+        let key = manifests::key(
+            result_json,
+            &annotations,
+            &stacker_yaml_key(),
+            &self.file_hashes[plan.layers[i].file],
+        );
+        let made = match self.memo.get(&key) {
+            Some(digest) => Made::Before(digest),
+            None => Made::Now(manifest_bytes(result, &annotations)?),
+        };
+        Ok((key, made))
+    }
+
+    /// The manifest of image layer `i` (built, in `outcomes`), made now.
+    fn remake(&self, plan: &Plan, outcomes: &[Outcome], i: usize) -> Result<Vec<u8>, FarmError> {
+        let Outcome::Built { result, .. } = &outcomes[i] else {
+            return Err(FarmError::Invalid(format!(
+                "internal error: layer {i} has a manifest but did not build"
+            )));
+        };
+        let mut git = self.git.clone();
+        let annotations =
+            manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
+        Ok(manifest_bytes(result, &annotations)?)
+    }
+}
+
+/// The annotation that carries a layer's stackerfile (see `manifest_annotations_with`).
+fn stacker_yaml_key() -> String {
+    format!("{DEFAULT_ANNOTATION_NAMESPACE}.stacker.stacker_yaml")
+}
 
 fn chunk_results(
     plan: &Plan,
     outcomes: &[Outcome],
     prior: &HashMap<u32, (String, bool, Option<u64>)>,
-    git: &GitVersions,
+    inputs: &ManifestInputs,
     range: std::ops::Range<usize>,
 ) -> Result<ChunkResults, FarmError> {
-    let mut git = git.clone();
+    let mut git = inputs.git.clone();
     let mut results = Vec::new();
     let mut manifests = Vec::new();
     for i in range {
@@ -754,9 +827,13 @@ fn chunk_results(
         // Only images (not build_only layers) get a manifest: `tagged` in the status is
         // "has a manifest digest".
         if !plan.layers[i].layer.build_only {
-            let annotations =
-                manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
-            manifests.push((results.len(), manifest_bytes(result, &annotations)?));
+            let (key, made) = inputs.manifest(plan, i, result, &result_json, &mut git)?;
+            manifests.push(EndManifest {
+                at: results.len(),
+                layer: i,
+                key,
+                made,
+            });
         }
         results.push(LayerResult {
             idx: i as u32,
@@ -1118,16 +1195,21 @@ impl Inner {
         let succeeded = report.succeeded();
         let mut git = GitVersions::default();
         git.warm(&plan);
+        let inputs = Arc::new(ManifestInputs {
+            git,
+            file_hashes: manifests::file_hashes(&plan),
+            memo: self.manifests.clone(),
+        });
         let chunks = manifest_chunks(&plan, &report.outcomes);
         let (plan, outcomes) = (Arc::new(plan), Arc::new(report.outcomes));
-        let (prior, git) = (Arc::new(prior), Arc::new(git));
+        let prior = Arc::new(prior);
         let mut made = futures::stream::iter(chunks)
             .map(|range| {
                 let (plan, outcomes) = (plan.clone(), outcomes.clone());
-                let (prior, git) = (prior.clone(), git.clone());
+                let (prior, inputs) = (prior.clone(), inputs.clone());
                 async move {
                     tokio::task::spawn_blocking(move || {
-                        chunk_results(&plan, &outcomes, &prior, &git, range)
+                        chunk_results(&plan, &outcomes, &prior, &inputs, range)
                     })
                     .await
                     .map_err(|e| FarmError::Invalid(format!("making the build's manifests: {e}")))?
@@ -1137,14 +1219,43 @@ impl Inner {
         let mut results = Vec::new();
         while let Some(chunk) = made.next().await {
             let (mut chunk, manifests) = chunk?;
-            if !manifests.is_empty() {
-                let (at, bytes): (Vec<usize>, Vec<_>) = manifests
+            // Manifests made before keep their digest while the store has them; one
+            // collected since is made again.
+            let mut now = Vec::new();
+            let mut before = Vec::new();
+            for m in manifests {
+                match m.made {
+                    Made::Now(bytes) => now.push((m.at, m.key, bytes)),
+                    Made::Before(digest) => before.push((m.at, m.layer, m.key, digest)),
+                }
+            }
+            let checked: Vec<_> =
+                futures::stream::iter(before.into_iter().map(|(at, layer, key, digest)| {
+                    let blobs = self.config.blobs.clone();
+                    async move {
+                        let present = blobs.exists(&digest).await;
+                        (at, layer, key, digest, present)
+                    }
+                }))
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for (at, layer, key, digest, present) in checked {
+                if present? {
+                    chunk[at].manifest_digest = Some(digest.to_string());
+                } else {
+                    now.push((at, key, inputs.remake(&plan, &outcomes, layer)?));
+                }
+            }
+            if !now.is_empty() {
+                let (places, bytes): (Vec<_>, Vec<_>) = now
                     .into_iter()
-                    .map(|(at, bytes)| (at, bytes.into()))
+                    .map(|(at, key, bytes)| ((at, key), bytes.into()))
                     .unzip();
                 let stored = self.config.blobs.put_many(bytes).await?;
-                for (at, info) in at.into_iter().zip(stored) {
+                for ((at, key), info) in places.into_iter().zip(stored) {
                     chunk[at].manifest_digest = Some(info.digest.to_string());
+                    self.manifests.insert(key, info.digest);
                 }
             }
             results.extend(chunk);

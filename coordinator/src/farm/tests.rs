@@ -376,6 +376,54 @@ async fn a_cached_layer_whose_blob_is_gone_is_built_again() {
     assert_eq!(cached, [true, false, true, true]);
 }
 
+/// A resubmission's manifests are the ones made before (remembered, not made again),
+/// while the store has them: one collected since is made and stored again; an edited
+/// stackerfile makes new ones carrying its new text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmission_reuses_its_manifests_and_remakes_one_collected_since() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let _w = fake_worker(&farm, "w", 4, QUICK, vec![]);
+    let spec = fan_out(d.path(), 4, "memo");
+    let digests = |id: String| {
+        let farm = farm.clone();
+        async move {
+            assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+            let status = farm.state().status(&id).await.unwrap().unwrap();
+            status
+                .layers
+                .iter()
+                .map(|l| Digest::parse(l.manifest_digest.as_deref().unwrap()).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let first = digests(farm.submit(spec.clone()).await.unwrap().0).await;
+    assert_eq!(farm.inner.manifests.len(), 4, "remembered");
+    let blobs = &farm.inner.config.blobs;
+    let path = |digest: &Digest| d.path().join("blobs").join(blobs.blob_path(digest).as_ref());
+    std::fs::remove_file(path(&first[2])).unwrap();
+
+    let second = digests(farm.submit(spec.clone()).await.unwrap().0).await;
+    assert_eq!(second, first);
+    for digest in &second {
+        assert!(blobs.exists(digest).await.unwrap(), "{digest} is in the store");
+    }
+
+    let file = d.path().join("fan-memo.yaml");
+    let edited = std::fs::read_to_string(&file).unwrap() + "# edited\n";
+    std::fs::write(&file, &edited).unwrap();
+    let third = digests(farm.submit(spec).await.unwrap().0).await;
+    for (digest, before) in third.iter().zip(&first) {
+        assert_ne!(digest, before);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&blobs.get_bytes(digest).await.unwrap()).unwrap();
+        let yaml = manifest["annotations"]["io.stackeroci.stacker.stacker_yaml"]
+            .as_str()
+            .unwrap();
+        assert!(yaml.ends_with("# edited\n"), "{yaml}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_base_chain_is_there_is_preferred() {
     let d = tempfile::tempdir().unwrap();
