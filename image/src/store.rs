@@ -434,7 +434,7 @@ impl BlobStore {
     /// A small blob of a `file://` store read in place when it is sound (an image config
     /// the coordinator checks for every result; see `size`); `None` sends the caller the
     /// usual way, which reports a missing or corrupt blob (and removes the latter).
-    fn read_small_local(&self, digest: &Digest) -> Option<Bytes> {
+    pub(crate) fn read_small_local(&self, digest: &Digest) -> Option<Bytes> {
         const SMALL: u64 = 256 << 10;
         let file = self.local_file(&self.blob_path(digest))?;
         let m = std::fs::metadata(&file).ok()?;

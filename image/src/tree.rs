@@ -174,6 +174,7 @@ impl BlobStore {
         }
         let mut links: BTreeSet<String> = BTreeSet::new();
         let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+        let mut files: Vec<(&String, PathBuf, Digest, u32)> = Vec::new();
         for entry in &tree.entries {
             let rel = match entry {
                 TreeEntry::Dir { path, .. }
@@ -201,34 +202,84 @@ impl BlobStore {
                     links.insert(rel.clone());
                 }
                 TreeEntry::File { mode, digest, .. } => {
-                    let digest = Digest::parse(digest)?;
-                    let mut stream = self.get(&digest).await?;
-                    let mut file = tokio::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&target)
-                        .await
-                        .ctx(|| format!("creating {}", target.display()))?;
-                    while let Some(chunk) = stream.next().await {
-                        file.write_all(&chunk?)
-                            .await
-                            .ctx(|| format!("writing {}", target.display()))?;
-                    }
-                    file.flush()
-                        .await
-                        .ctx(|| format!("writing {}", target.display()))?;
-                    tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode))
-                        .await
-                        .ctx(|| format!("setting the mode of {}", target.display()))?;
+                    files.push((rel, target, Digest::parse(digest)?, *mode));
                 }
             }
         }
+        // Files once every directory is there, several at a time (one after the other,
+        // each was a handful of hops to the blocking pool: a 400-file context took
+        // 0.14 s, on every submission that uploads one). Each is checked again against
+        // every link of the tree: one listed after a file could lead it elsewhere now.
+        if !single_file {
+            for (rel, ..) in &files {
+                check_relative(rel, &links)?;
+            }
+        }
+        // The futures are made first: a closure in the stream's type would make the
+        // caller's future not `Send` for every lifetime (a limit of the compiler).
+        let writes: Vec<_> = files
+            .into_iter()
+            .map(|(_, target, digest, mode)| self.write_tree_file(digest, target, mode))
+            .collect();
+        let written: Vec<Result<()>> = futures::stream::iter(writes)
+            .buffer_unordered(FILES_AT_ONCE)
+            .collect()
+            .await;
+        written.into_iter().collect::<Result<()>>()?;
         for (dir, mode) in dirs.into_iter().rev() {
             tokio::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
                 .await
                 .ctx(|| format!("setting the mode of {}", dir.display()))?;
         }
         Ok(())
+    }
+}
+
+/// How many files of a tree are written at once.
+const FILES_AT_ONCE: usize = 16;
+
+impl BlobStore {
+    /// Write blob `digest` as the new file `target` with `mode`: a small blob of a local
+    /// store in one trip to the blocking pool, others streamed (verified either way).
+    async fn write_tree_file(&self, digest: Digest, target: PathBuf, mode: u32) -> Result<()> {
+        if let Some(bytes) = self.read_small_local(&digest) {
+            return tokio::task::spawn_blocking(move || {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&target)
+                    .and_then(|mut f| f.write_all(&bytes))
+                    .ctx(|| format!("writing {}", target.display()))?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                    .ctx(|| format!("setting the mode of {}", target.display()))
+            })
+            .await
+            .map_err(|e| Error::Io {
+                context: "writing a tree's file".into(),
+                source: std::io::Error::other(e),
+            })?;
+        }
+        let mut stream = self.get(&digest).await?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&target)
+            .await
+            .ctx(|| format!("creating {}", target.display()))?;
+        while let Some(chunk) = stream.next().await {
+            file.write_all(&chunk?)
+                .await
+                .ctx(|| format!("writing {}", target.display()))?;
+        }
+        file.flush()
+            .await
+            .ctx(|| format!("writing {}", target.display()))?;
+        tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+            .await
+            .ctx(|| format!("setting the mode of {}", target.display()))
     }
 }
 
@@ -311,6 +362,44 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(std::fs::read_to_string(d.path().join("g")).unwrap(), "one");
+    }
+
+    /// A link listed after a file under it: files are written after every link is made,
+    /// so the file is checked against every link of the tree, not those before it.
+    #[tokio::test]
+    async fn a_file_under_a_link_listed_after_it_is_refused_and_not_written() {
+        let blobs = tempfile::tempdir().unwrap();
+        for store in [
+            BlobStore::in_memory(),
+            BlobStore::local(blobs.path()).unwrap(),
+        ] {
+            let content = store.put(Bytes::from_static(b"x")).await.unwrap().digest;
+            let outside = tempfile::tempdir().unwrap();
+            let entries = vec![
+                TreeEntry::File {
+                    path: "l/owned".into(),
+                    mode: 0o644,
+                    digest: content.to_string(),
+                    size: 1,
+                },
+                TreeEntry::Symlink {
+                    path: "l".into(),
+                    target: outside.path().display().to_string(),
+                },
+            ];
+            let json = serde_json::to_vec(&Tree { entries }).unwrap();
+            let digest = store.put(Bytes::from(json)).await.unwrap().digest;
+            let d = tempfile::tempdir().unwrap();
+            let err = store
+                .materialize_tree(&digest, &d.path().join("out"))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::UnsafeEntry { .. }), "{err}");
+            assert!(
+                !outside.path().join("owned").exists(),
+                "written through the link"
+            );
+        }
     }
 
     #[tokio::test]
