@@ -400,13 +400,20 @@ async fn a_resubmission_reuses_its_manifests_and_remakes_one_collected_since() {
     let first = digests(farm.submit(spec.clone()).await.unwrap().0).await;
     assert_eq!(farm.inner.manifests.len(), 4, "remembered");
     let blobs = &farm.inner.config.blobs;
-    let path = |digest: &Digest| d.path().join("blobs").join(blobs.blob_path(digest).as_ref());
+    let path = |digest: &Digest| {
+        d.path()
+            .join("blobs")
+            .join(blobs.blob_path(digest).as_ref())
+    };
     std::fs::remove_file(path(&first[2])).unwrap();
 
     let second = digests(farm.submit(spec.clone()).await.unwrap().0).await;
     assert_eq!(second, first);
     for digest in &second {
-        assert!(blobs.exists(digest).await.unwrap(), "{digest} is in the store");
+        assert!(
+            blobs.exists(digest).await.unwrap(),
+            "{digest} is in the store"
+        );
     }
 
     let file = d.path().join("fan-memo.yaml");
