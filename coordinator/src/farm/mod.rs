@@ -747,6 +747,9 @@ struct ManifestInputs {
     git: GitVersions,
     /// Each stackerfile's hash, for the memo's keys.
     file_hashes: Vec<manifests::Key>,
+    /// The annotation that carries a layer's stackerfile (see
+    /// `manifest_annotations_with`): in a key, its value counts by the file's hash.
+    yaml_annotation: String,
     memo: Arc<manifests::ManifestMemo>,
 }
 
@@ -765,7 +768,7 @@ impl ManifestInputs {
         let key = manifests::key(
             result_json,
             &annotations,
-            &stacker_yaml_key(),
+            &self.yaml_annotation,
             &self.file_hashes[plan.layers[i].file],
         );
         let made = match self.memo.get(&key) {
@@ -787,11 +790,6 @@ impl ManifestInputs {
             manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
         Ok(manifest_bytes(result, &annotations)?)
     }
-}
-
-/// The annotation that carries a layer's stackerfile (see `manifest_annotations_with`).
-fn stacker_yaml_key() -> String {
-    format!("{DEFAULT_ANNOTATION_NAMESPACE}.stacker.stacker_yaml")
 }
 
 fn chunk_results(
@@ -854,6 +852,8 @@ fn chunk_results(
 /// arenas); the time was the same.
 const MANIFESTS_AT_ONCE: usize = if cfg!(test) { 3 } else { 1024 };
 const MANIFEST_BYTES_AT_ONCE: usize = 2 << 20;
+/// How many remembered manifests are looked up in the store at once.
+const MANIFEST_CHECKS_AT_ONCE: usize = 16;
 
 impl Inner {
     /// Parse and plan a submission as the coordinator sees it.
@@ -1198,6 +1198,7 @@ impl Inner {
         let inputs = Arc::new(ManifestInputs {
             git,
             file_hashes: manifests::file_hashes(&plan),
+            yaml_annotation: format!("{DEFAULT_ANNOTATION_NAMESPACE}.stacker.stacker_yaml"),
             memo: self.manifests.clone(),
         });
         let chunks = manifest_chunks(&plan, &report.outcomes);
@@ -1237,7 +1238,7 @@ impl Inner {
                         (at, layer, key, digest, present)
                     }
                 }))
-                .buffer_unordered(16)
+                .buffer_unordered(MANIFEST_CHECKS_AT_ONCE)
                 .collect()
                 .await;
             for (at, layer, key, digest, present) in checked {
