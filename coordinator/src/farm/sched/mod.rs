@@ -121,17 +121,41 @@ impl Sched {
         Some(worker)
     }
 
-    /// Worker `name` (if on the list) holds `chains` now.
+    /// Worker `name` (if on the list) holds `chains` now. At most [`MAX_CHAINS_HELD`]
+    /// are kept per worker: its heartbeats each report up to
+    /// `grpc::workers::MAX_REPORTED_CHAINS` and are added up, so a worker reporting new
+    /// ones each time would grow the coordinator's memory without end. Ones over the
+    /// cap are not known to placement (the layer may go to another worker); nothing
+    /// else depends on them.
     fn add_chains(&mut self, name: &str, chains: impl IntoIterator<Item = ChainId>) {
         let Some(w) = self.workers.get_mut(name) else {
             return;
         };
+        let mut ignored = 0usize;
         for chain in chains {
+            if w.chains.contains(&chain) {
+                continue;
+            }
+            if w.chains.len() >= MAX_CHAINS_HELD {
+                ignored += 1;
+                continue;
+            }
             self.holders.add(name, &chain);
             w.chains.insert(chain);
         }
+        if ignored > 0 {
+            tracing::warn!(
+                worker = %name,
+                ignored,
+                "the worker holds more chains than the coordinator keeps for one worker \
+                 ({MAX_CHAINS_HELD}); placement does not know the rest"
+            );
+        }
     }
 }
+
+/// The most chains the scheduler keeps for one worker (see `Sched::add_chains`).
+const MAX_CHAINS_HELD: usize = if cfg!(test) { 8 } else { 100_000 };
 
 pub(crate) struct Scheduler {
     lease: Duration,
@@ -383,7 +407,8 @@ impl Executor for FarmExecutor {
             (Some(_), Ok(layer)) => Some(self.inner.cache.put(&key, layer)),
             _ => None,
         };
-        let (build, shared) = (self.build.clone(), result.clone());
+        let build = self.build.clone();
+        let shared = claim.as_ref().map(|_| result.clone());
         tokio::spawn(async move {
             if let Some(recorded) = recorded
                 && let Err(e) = recorded.await
@@ -397,10 +422,78 @@ impl Executor for FarmExecutor {
             }
             // The claim ends once the entry is in the action cache: a build that plans
             // the same layer just after finds one or the other.
-            if let Some(claim) = claim {
+            if let (Some(claim), Some(shared)) = (claim, shared) {
                 claim.finish(&shared);
             }
         });
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nowhere;
+
+    impl WorkerOutbox for Nowhere {
+        fn send(&self, _: ToWorker) -> Result<(), WorkerGone> {
+            Ok(())
+        }
+    }
+
+    fn chain(n: u32) -> ChainId {
+        ChainId::parse(&format!("sha256:{n:064x}")).unwrap()
+    }
+
+    fn worker(chains: impl IntoIterator<Item = ChainId>) -> Worker {
+        Worker {
+            session: 0,
+            slots: 1,
+            platform: "linux/amd64".parse().unwrap(),
+            chains: chains.into_iter().collect(),
+            outbox: Box::new(Nowhere),
+            running: HashSet::new(),
+            reserved: 0,
+            shares_files: false,
+            reports_progress: false,
+            unavailable: None,
+            last_seen_ms: 0,
+            stale: false,
+            reconciling: false,
+        }
+    }
+
+    /// Heartbeats that each report new chains add up to the cap and no further, and the
+    /// holders index follows the worker list (a reconnection replaces, a disconnection
+    /// removes).
+    #[test]
+    fn a_worker_reporting_new_chains_every_time_is_kept_to_the_cap() {
+        let mut st = Sched::default();
+        st.add_worker("w".into(), worker((0..5).map(chain)));
+        for round in 1..10 {
+            st.add_chains("w", (round * 5..round * 5 + 5).map(chain));
+        }
+        assert_eq!(st.workers["w"].chains.len(), MAX_CHAINS_HELD);
+        let indexed = (0..50)
+            .filter(|&n| st.holders.of(&chain(n)).count() == 1)
+            .count();
+        assert_eq!(
+            indexed, MAX_CHAINS_HELD,
+            "the index holds what the worker holds"
+        );
+        // Known ones are not counted again.
+        st.add_chains("w", (0..5).map(chain));
+        assert_eq!(st.workers["w"].chains.len(), MAX_CHAINS_HELD);
+
+        st.add_worker("w".into(), worker([chain(100)]));
+        assert_eq!(
+            st.holders.of(&chain(0)).count(),
+            0,
+            "the old connection's chains"
+        );
+        assert_eq!(st.holders.of(&chain(100)).collect::<Vec<_>>(), ["w"]);
+        st.remove_worker("w");
+        assert_eq!(st.holders.of(&chain(100)).count(), 0);
     }
 }
