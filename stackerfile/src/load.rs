@@ -155,7 +155,89 @@ struct Loader<'s> {
     stack: Vec<(PathBuf, PathBuf)>,
     /// [`MAX_FILES`] was reached (and said).
     too_many_files: bool,
+    /// Prerequisites read and parsed ahead, on several threads, by identity.
+    prefetched: HashMap<PathBuf, Prepared>,
+    /// Whether to prefetch (off: every file is read and parsed when it is loaded).
+    prefetch: bool,
 }
+
+/// A file substituted and parsed, with what that found.
+struct Prepared {
+    /// The path it was read by (a file reached by another spelling is read again, so
+    /// its diagnostics name the route that loads it).
+    display: PathBuf,
+    substituted: String,
+    diags: Vec<Diagnostic>,
+    parsed: ParsedFile,
+}
+
+/// Substitute and parse `text`, the file read as `display`.
+fn prepare(text: String, subs: &Substitutions, display: &Path) -> Prepared {
+    let (substituted, map, problems) = substitute(text, subs);
+    let mut diags = Vec::new();
+    for p in problems {
+        diags.push(Diagnostic {
+            severity: if p.warning {
+                Severity::Warning
+            } else {
+                Severity::Error
+            },
+            file: display.to_path_buf(),
+            pos: map.pos_original(p.at),
+            layer: None,
+            message: p.message,
+            help: p.help,
+        });
+    }
+    let dir = display.parent().map(Path::to_path_buf).unwrap_or_default();
+    let parsed = if diags.iter().any(|d| d.severity == Severity::Error) {
+        ParsedFile::default()
+    } else {
+        parse(&substituted, &map, display, &dir, &mut diags)
+    };
+    Prepared {
+        display: display.to_path_buf(),
+        substituted,
+        diags,
+        parsed,
+    }
+}
+
+fn parse(
+    text: &str,
+    map: &SourceMap,
+    display: &Path,
+    dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> ParsedFile {
+    let root = match yaml::parse(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let help = e.related.map(|(r, words)| {
+                let p = map.pos(r);
+                format!("{words} {}:{}:{}", display.display(), p.line, p.col)
+            });
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                file: display.to_path_buf(),
+                pos: map.pos(e.at),
+                layer: None,
+                message: format!("YAML: {}", e.message),
+                help,
+            });
+            return ParsedFile::default();
+        }
+    };
+    let mut rep = Reporter {
+        file: display,
+        map,
+        out: diags,
+    };
+    parse_file(root.as_ref(), dir, &mut rep)
+}
+
+/// The most threads prerequisites are parsed on at once.
+const PREFETCH_THREADS: usize = 8;
 
 /// Load `entry` and, recursively, its prerequisites.
 pub fn load(
@@ -175,6 +257,17 @@ pub fn load_many(
     max_file_size: u64,
     source: &dyn FileSource,
 ) -> Result<Loaded, PlanError> {
+    load_many_with(entries, subs, max_file_size, source, true)
+}
+
+/// [`load_many`], prerequisites read ahead and parsed on several threads or not.
+fn load_many_with(
+    entries: &[PathBuf],
+    subs: &Substitutions,
+    max_file_size: u64,
+    source: &dyn FileSource,
+    prefetch: bool,
+) -> Result<Loaded, PlanError> {
     let mut loader = Loader {
         source,
         subs,
@@ -184,6 +277,8 @@ pub fn load_many(
         done: HashMap::new(),
         stack: Vec::new(),
         too_many_files: false,
+        prefetched: HashMap::new(),
+        prefetch,
     };
     for entry in entries {
         loader.load_file(entry, None);
@@ -277,6 +372,129 @@ impl Loader<'_> {
         false
     }
 
+    /// Read `path` (shown as `display`), or say why it cannot be. Out of line, as
+    /// `over_limits`.
+    #[inline(never)]
+    fn read(
+        &mut self,
+        path: &Path,
+        display: &Path,
+        named_by: Option<(&Path, Pos)>,
+    ) -> Option<String> {
+        match self.source.read_limited(path, self.max_file_size) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                let what = if named_by.is_some() {
+                    "prerequisite "
+                } else {
+                    ""
+                };
+                let help = format!(
+                    "a stackerfile this large is likely a mistake; if it is not, raise the \
+                     limit with --max-stackerfile-size {} on farm plan, build and submit \
+                     (a coordinator has its own: farm coordinator --max-stackerfile-size)",
+                    suggest_limit(self.max_file_size)
+                );
+                self.refuse(
+                    display,
+                    named_by,
+                    format!("{what}stackerfile {}: {e}", display.display()),
+                    Some(help),
+                );
+                None
+            }
+            Err(e) => {
+                let what = if named_by.is_some() {
+                    "prerequisite "
+                } else {
+                    ""
+                };
+                let help = if e.kind() == std::io::ErrorKind::NotFound {
+                    Some(match named_by {
+                        Some(_) => "prerequisite paths are relative to the file that names them"
+                            .to_string(),
+                        None => "pass the stackerfile as an argument or with -f FILE".to_string(),
+                    })
+                } else {
+                    None
+                };
+                self.refuse(
+                    display,
+                    named_by,
+                    format!("cannot read {what}stackerfile {}: {e}", display.display()),
+                    help,
+                );
+                None
+            }
+        }
+    }
+
+    /// Read the files `prerequisites` name that are not loaded yet and substitute and
+    /// parse them on several threads, for `load_file` to take when it reaches them. At
+    /// most as many as may still be loaded ([`MAX_FILES`]); one that cannot be read is
+    /// left for `load_file`, which says why.
+    #[inline(never)]
+    fn prefetch(&mut self, prerequisites: &[crate::parse::Prerequisite]) {
+        let room =
+            MAX_FILES.saturating_sub(self.done.len() + self.stack.len() + self.prefetched.len());
+        let mut ids: Vec<(PathBuf, &Path)> = Vec::new();
+        for p in prerequisites {
+            if ids.len() >= room {
+                break;
+            }
+            let id = self.source.identity(&p.path);
+            if self.done.contains_key(&id)
+                || self.prefetched.contains_key(&id)
+                || self.stack.iter().any(|(s, _)| *s == id)
+                || ids.iter().any(|(w, _)| *w == id)
+            {
+                continue;
+            }
+            ids.push((id, &p.path));
+        }
+        // One file is parsed where it is loaded: a thread would not pay.
+        if ids.len() < 2 {
+            return;
+        }
+        let wanted: Vec<(PathBuf, PathBuf, String)> = ids
+            .into_iter()
+            .filter_map(|(id, path)| {
+                let text = self.source.read_limited(path, self.max_file_size).ok()?;
+                Some((id, normalize(path), text))
+            })
+            .collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(PREFETCH_THREADS)
+            .min(wanted.len());
+        if threads < 2 {
+            return;
+        }
+        let per_thread = wanted.len().div_ceil(threads);
+        let subs = self.subs;
+        let prepared: Vec<(PathBuf, Prepared)> = std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            let mut rest = wanted;
+            while !rest.is_empty() {
+                let chunk: Vec<_> = rest.drain(..per_thread.min(rest.len())).collect();
+                handles.push(scope.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(id, display, text)| (id, prepare(text, subs, &display)))
+                        .collect::<Vec<_>>()
+                }));
+            }
+            // A thread that panicked leaves its files to `load_file`, which parses them
+            // again (and panics there, as it would have without prefetching).
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok())
+                .flatten()
+                .collect()
+        });
+        self.prefetched.extend(prepared);
+    }
+
     /// Load one file; `named_by` is (file, position) of the prerequisite entry naming it.
     fn load_file(&mut self, path: &Path, named_by: Option<(&Path, Pos)>) -> Option<usize> {
         let display = normalize(path);
@@ -301,82 +519,33 @@ impl Loader<'_> {
         if self.over_limits(&display, named_by) {
             return None;
         }
-        let text = match self.source.read_limited(path, self.max_file_size) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-                let what = if named_by.is_some() {
-                    "prerequisite "
-                } else {
-                    ""
-                };
-                let help = format!(
-                    "a stackerfile this large is likely a mistake; if it is not, raise the \
-                     limit with --max-stackerfile-size {} on farm plan, build and submit \
-                     (a coordinator has its own: farm coordinator --max-stackerfile-size)",
-                    suggest_limit(self.max_file_size)
-                );
-                self.refuse(
-                    &display,
-                    named_by,
-                    format!("{what}stackerfile {}: {e}", display.display()),
-                    Some(help),
-                );
-                return None;
-            }
-            Err(e) => {
-                let what = if named_by.is_some() {
-                    "prerequisite "
-                } else {
-                    ""
-                };
-                let help = if e.kind() == std::io::ErrorKind::NotFound {
-                    Some(match named_by {
-                        Some(_) => "prerequisite paths are relative to the file that names them"
-                            .to_string(),
-                        None => "pass the stackerfile as an argument or with -f FILE".to_string(),
-                    })
-                } else {
-                    None
-                };
-                self.refuse(
-                    &display,
-                    named_by,
-                    format!("cannot read {what}stackerfile {}: {e}", display.display()),
-                    help,
-                );
-                return None;
-            }
+        let prepared = match self.prefetched.remove(&id) {
+            Some(p) if p.display == display => Some(p),
+            _ => None,
+        };
+        let prepared = match prepared {
+            Some(p) => p,
+            None => match self.read(path, &display, named_by) {
+                Some(text) => prepare(text, self.subs, &display),
+                None => return None,
+            },
         };
         self.stack.push((id.clone(), display.clone()));
-
-        let (substituted, map, problems) = substitute(text, self.subs);
-        let mut diags = Vec::new();
-        for p in problems {
-            diags.push(Diagnostic {
-                severity: if p.warning {
-                    Severity::Warning
-                } else {
-                    Severity::Error
-                },
-                file: display.clone(),
-                pos: map.pos_original(p.at),
-                layer: None,
-                message: p.message,
-                help: p.help,
-            });
-        }
-        let dir = display.parent().map(Path::to_path_buf).unwrap_or_default();
-        let parsed = if diags.iter().any(|d| d.severity == Severity::Error) {
-            ParsedFile::default()
-        } else {
-            self.parse(&substituted, &map, &display, &dir, &mut diags)
-        };
+        let Prepared {
+            substituted,
+            diags,
+            parsed,
+            ..
+        } = prepared;
         let failed = diags.iter().any(|d| d.severity == Severity::Error);
         for d in diags {
             match d.severity {
                 Severity::Error => self.errors.push(d),
                 Severity::Warning => self.loaded.warnings.push(d),
             }
+        }
+        if !failed && self.prefetch {
+            self.prefetch(&parsed.prerequisites);
         }
 
         let mut prereqs = Vec::new();
@@ -401,40 +570,6 @@ impl Loader<'_> {
             self.loaded.layers.push((index, layer));
         }
         Some(index)
-    }
-
-    fn parse(
-        &self,
-        text: &str,
-        map: &SourceMap,
-        display: &Path,
-        dir: &Path,
-        diags: &mut Vec<Diagnostic>,
-    ) -> ParsedFile {
-        let root = match yaml::parse(text) {
-            Ok(r) => r,
-            Err(e) => {
-                let help = e.related.map(|(r, words)| {
-                    let p = map.pos(r);
-                    format!("{words} {}:{}:{}", display.display(), p.line, p.col)
-                });
-                diags.push(Diagnostic {
-                    severity: Severity::Error,
-                    file: display.to_path_buf(),
-                    pos: map.pos(e.at),
-                    layer: None,
-                    message: format!("YAML: {}", e.message),
-                    help,
-                });
-                return ParsedFile::default();
-            }
-        };
-        let mut rep = Reporter {
-            file: display,
-            map,
-            out: diags,
-        };
-        parse_file(root.as_ref(), dir, &mut rep)
     }
 
     fn check_duplicates(&mut self) {
@@ -478,8 +613,99 @@ impl Loader<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize;
-    use std::path::{Path, PathBuf};
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Files in memory, counting reads.
+    struct Mem(HashMap<PathBuf, String>, AtomicUsize);
+
+    impl FileSource for Mem {
+        fn read(&self, path: &Path) -> std::io::Result<String> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0
+                .get(&normalize(path))
+                .cloned()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+    }
+
+    fn mem(files: &[(&str, String)]) -> Mem {
+        Mem(
+            files
+                .iter()
+                .map(|(p, t)| (PathBuf::from(p), t.clone()))
+                .collect(),
+            AtomicUsize::new(0),
+        )
+    }
+
+    /// Prerequisites read ahead and parsed on several threads load exactly as one after
+    /// the other: the same files, layers, warnings and errors in the same order, through
+    /// substitutions, shell-style warnings, a file reached by two spellings, a missing
+    /// one, one over the size limit, bad YAML and a cycle.
+    #[test]
+    fn prefetching_prerequisites_loads_what_loading_one_by_one_loads() {
+        let layer = |name: &str, extra: &str| {
+            format!("{name}:\n  from: {{type: scratch}}\n  run: echo {extra}\n")
+        };
+        let prereqs = |names: &[&str]| {
+            let mut t = String::from("config:\n  prerequisites:\n");
+            for n in names {
+                t.push_str(&format!("    - {n}\n"));
+            }
+            t
+        };
+        let mut files: Vec<(&str, String)> = vec![
+            ("b.yaml", layer("b", "$HOME ${{X}}")),
+            ("sub/c.yaml", prereqs(&["../b.yaml"]) + &layer("c", "c")),
+            (
+                "a.yaml",
+                prereqs(&["sub/c.yaml", "sub/../b.yaml"]) + &layer("a", "a"),
+            ),
+            ("bad.yaml", "x: [unclosed\n".to_string()),
+            ("big.yaml", layer("big", &"x".repeat(5000))),
+            ("cyc1.yaml", prereqs(&["cyc2.yaml"]) + &layer("y1", "1")),
+            ("cyc2.yaml", prereqs(&["cyc1.yaml"]) + &layer("y2", "2")),
+        ];
+        let many: Vec<String> = (0..20).map(|i| format!("f{i}.yaml")).collect();
+        for name in &many {
+            files.push((
+                name.as_str(),
+                layer(&format!("l{name}").replace(".yaml", ""), "${{X}}"),
+            ));
+        }
+        let mut good: Vec<&str> = vec!["a.yaml", "b.yaml", "sub/c.yaml"];
+        good.extend(many.iter().map(String::as_str));
+        let mut all = good.clone();
+        all.extend(["missing.yaml", "bad.yaml", "big.yaml", "cyc1.yaml"]);
+        let subs = Substitutions {
+            cli: vec![("X".into(), "x-value".into())],
+            ..Default::default()
+        };
+        for (entry_prereqs, fails) in [(good, false), (all, true)] {
+            let mut files = files.clone();
+            files.push(("entry.yaml", prereqs(&entry_prereqs) + &layer("e", "$USER")));
+            let (one_by_one, ahead) = (mem(&files), mem(&files));
+            let load = |source: &Mem, prefetch: bool| {
+                load_many_with(
+                    &[PathBuf::from("entry.yaml")],
+                    &subs,
+                    4096,
+                    source,
+                    prefetch,
+                )
+            };
+            let (expected, got) = (load(&one_by_one, false), load(&ahead, true));
+            assert_eq!(got.is_err(), fails);
+            assert_eq!(format!("{got:?}"), format!("{expected:?}"));
+            let (reads, reads_ahead) = (
+                one_by_one.1.load(Ordering::Relaxed),
+                ahead.1.load(Ordering::Relaxed),
+            );
+            // Ahead, the two files that cannot be loaded are tried twice: prefetching ran.
+            assert_eq!(reads_ahead, reads + if fails { 2 } else { 0 });
+        }
+    }
 
     #[test]
     fn normalize_keeps_leading_parents() {
