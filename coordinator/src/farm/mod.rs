@@ -1167,11 +1167,12 @@ impl Inner {
             &plan,
             &self.config.blobs,
             &self.cache,
-            executor,
+            executor.clone(),
             &options,
             events,
         )
         .await;
+        executor.settled().await;
         let _ = recorder.await;
         let report = report.map_err(|e| FarmError::Invalid(e.to_string()))?;
 

@@ -431,6 +431,27 @@ async fn a_resubmission_reuses_its_manifests_and_remakes_one_collected_since() {
     }
 }
 
+/// A build ends only after its built layers' action cache entries are committed (they
+/// are written while its later layers go on): a process that stops when its build ends
+/// leaves them for the next build. Another connection holds the cache's write lock for
+/// half a second, so the entries wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_ends_after_its_cache_entries_are_committed() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 2000).await;
+    let _w = fake_worker(&farm, "w", 4, QUICK, vec![]);
+    let lock = rusqlite::Connection::open(d.path().join("state").join("cache.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let held = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        lock.execute_batch("COMMIT").unwrap();
+    });
+    let (id, _) = farm.submit(fan_out(d.path(), 3, "settle")).await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+    assert_eq!(farm.inner.cache.entries().await.unwrap(), 3);
+    held.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_base_chain_is_there_is_preferred() {
     let d = tempfile::tempdir().unwrap();

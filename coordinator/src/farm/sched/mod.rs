@@ -281,6 +281,9 @@ pub(crate) struct FarmExecutor {
     no_cache: bool,
     /// Its priority in the ready queue (`farm submit --priority`).
     priority: i32,
+    /// Built layers' record and cache writes still being awaited (see `execute`); the
+    /// build ends only after them (`settled`).
+    settling: Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl FarmExecutor {
@@ -294,6 +297,7 @@ impl FarmExecutor {
         FarmExecutor {
             no_cache,
             priority,
+            settling: Mutex::default(),
             inner,
             build: build.to_string(),
             index: plan
@@ -333,6 +337,15 @@ impl FarmExecutor {
 }
 
 impl FarmExecutor {
+    /// Every built layer's record and cache entry committed (or failed, logged): a build
+    /// ends after this, so a process that stops when its build ends (`farm build`, an
+    /// embedded `farm submit`) has left its cache entries for the next.
+    pub(super) async fn settled(&self) {
+        let mut settling =
+            std::mem::take(&mut *self.settling.lock().unwrap_or_else(|p| p.into_inner()));
+        while settling.join_next().await.is_some() {}
+    }
+
     /// What a claim of `key` that ended since this build's cache lookup built, when its
     /// blobs are all in the store (see `Inflight::recently_built`).
     async fn built_meanwhile(&self, key: &str) -> Option<BuiltImage> {
@@ -409,7 +422,9 @@ impl Executor for FarmExecutor {
         };
         let build = self.build.clone();
         let shared = claim.as_ref().map(|_| result.clone());
-        tokio::spawn(async move {
+        let mut settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+        while settling.try_join_next().is_some() {}
+        settling.spawn(async move {
             if let Some(recorded) = recorded
                 && let Err(e) = recorded.await
             {
