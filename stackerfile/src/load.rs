@@ -477,12 +477,16 @@ impl Loader<'_> {
             let mut rest = wanted;
             while !rest.is_empty() {
                 let chunk: Vec<_> = rest.drain(..per_thread.min(rest.len())).collect();
-                handles.push(scope.spawn(move || {
+                let parse = move || {
                     chunk
                         .into_iter()
                         .map(|(id, display, text)| (id, prepare(text, subs, &display)))
                         .collect::<Vec<_>>()
-                }));
+                };
+                // A thread the system will not start leaves its files to `load_file`.
+                if let Ok(h) = std::thread::Builder::new().spawn_scoped(scope, parse) {
+                    handles.push(h);
+                }
             }
             // A thread that panicked leaves its files to `load_file`, which parses them
             // again (and panics there, as it would have without prefetching).
