@@ -100,6 +100,13 @@ fn main() -> ExitCode {
     // Before anything starts a thread: `farm __farm-userns` is the process that runs
     // inside a build's user namespace.
     farm_worker::userns::run_hidden_entry_if_requested();
+    // As many allocator arenas as cores (glibc's default is eight per core, and each
+    // keeps what its threads freed: a coordinator's RSS was twice its live heap),
+    // unless the caller chose with MALLOC_ARENA_MAX.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        farm_worker::sys::limit_malloc_arenas(cores);
+    }
     // TLS (https:// coordinators, `farm coordinator --tls-cert`) uses rustls with
     // aws-lc-rs, installed once for the process.
     farm_coordinator::auth::install_crypto_provider();

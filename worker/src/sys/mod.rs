@@ -34,6 +34,33 @@ fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
 }
 
 // ---------------------------------------------------------------------------------
+// The allocator (the `farm` binary's, for every role: here because this is the module
+// that may call into libc unsafely).
+// ---------------------------------------------------------------------------------
+
+/// Have glibc's allocator keep at most `arenas` arenas (its default is eight per core).
+/// Each thread that allocates gets an arena that keeps what it freed, and a coordinator
+/// has many (the runtime, the blocking pool, the state writers, planning): at 20,000
+/// layers the scale bench peaked at 430-510 MB of RSS over 163 MB of live heap, and at
+/// 253 MB with two arenas on two cores, at the same speed. `false` where the C library
+/// is not glibc, or it refused.
+pub fn limit_malloc_arenas(arenas: usize) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        let n = libc::c_int::try_from(arenas.max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt sets an allocator parameter and touches no memory of ours;
+        // M_ARENA_MAX takes any positive count and may be set while threads run (it
+        // bounds the arenas made after it).
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, n) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = arenas;
+        false
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // The fork/exec window of the user-namespace child (runs in the parent's forked copy).
 // ---------------------------------------------------------------------------------
 
@@ -568,4 +595,17 @@ pub(crate) fn loopback_up() -> io::Result<()> {
     let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS, ptr) };
     cvt(r as libc::c_long)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_env = "gnu")]
+    fn glibc_takes_an_arena_limit() {
+        assert!(super::limit_malloc_arenas(4));
+        assert!(super::limit_malloc_arenas(0), "at least one arena");
+        // Allocation goes on as before.
+        let v: Vec<u64> = (0..1_000).collect();
+        assert_eq!(v.iter().sum::<u64>(), 499_500);
+    }
 }
