@@ -26,5 +26,8 @@ if [ -z "${FARM_BIN:-}" ]; then
 elif [ "$FARM_BIN" = none ]; then
     export FARM_BIN=
 fi
+# The coordinator runs in this process: its allocator is set as the `farm` binary sets
+# it (as many glibc arenas as cores; cli/src/main.rs), unless MALLOC_ARENA_MAX is given.
+export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-$(nproc)}
 echo "commit $(git rev-parse --short HEAD)$( [ -n "$(git status --porcelain -- coordinator)" ] && echo ' + uncommitted changes')" >&2
 exec cargo bench -q -p farm-coordinator --bench scale
