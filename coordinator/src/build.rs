@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use farm_image::{BlobStore, Compression, Digest, LayerFormat};
 use farm_model::{BuiltImage, Event, EventSender, Job, LayerFailure, LayerOutcome, Platform};
 use farm_stackerfile::{Layer, Plan};
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
@@ -404,42 +404,19 @@ async fn cached_many(
 ) -> Result<std::collections::HashMap<String, BuiltImage>, BuildError> {
     let mut hits = cache.get_many(keys).await?;
     // Hits of one round share most of their blobs (a chain's lower layers, a base):
-    // each is checked once, several at a time (a remote store answers each in a trip).
-    let mut digests: Vec<String> = hits
+    // each is asked about once. A hit naming a blob that is not a digest is gone.
+    let digests: Vec<Digest> = hits
         .values()
         .flat_map(BuiltImage::blob_digests)
-        .map(str::to_string)
+        .filter_map(|d| Digest::parse(d).ok())
         .collect();
-    digests.sort_unstable();
-    digests.dedup();
-    let checks = digests.into_iter().map(|d| {
-        let blobs = blobs.clone();
-        async move {
-            let present = match Digest::parse(&d) {
-                Ok(digest) => blobs.exists(&digest).await?,
-                Err(_) => false,
-            };
-            Ok::<_, BuildError>((!present).then_some(d))
-        }
+    let absent: HashSet<Digest> = blobs.missing(digests).await?.into_iter().collect();
+    hits.retain(|_, hit| {
+        hit.blob_digests()
+            .all(|d| Digest::parse(d).is_ok_and(|d| !absent.contains(&d)))
     });
-    let absent: HashSet<String> = futures::stream::iter(checks)
-        .buffer_unordered(BLOB_CHECKS_AT_ONCE)
-        .try_filter_map(|d| async move { Ok(d) })
-        .try_collect()
-        .await?;
-    let gone: Vec<String> = hits
-        .iter()
-        .filter(|(_, hit)| hit.blob_digests().any(|d| absent.contains(d)))
-        .map(|(key, _)| key.clone())
-        .collect();
-    for key in gone {
-        hits.remove(&key);
-    }
     Ok(hits)
 }
-
-/// How many blobs of cache hits are looked up in the store at once.
-const BLOB_CHECKS_AT_ONCE: usize = 16;
 
 /// A layer's span; the scheduler records `worker`, `placement` and `queue_wait_ms`.
 fn layer_span(name: &str) -> tracing::Span {
@@ -471,19 +448,19 @@ fn record_outcome(span: &tracing::Span, result: &LayerOutcome) {
     };
 }
 
+/// Whether every blob `layer` names is in the store (one that is not a digest is not).
 pub(crate) async fn blobs_present(
     blobs: &BlobStore,
     layer: &BuiltImage,
 ) -> Result<bool, BuildError> {
-    for d in layer.blob_digests() {
-        let Ok(digest) = Digest::parse(d) else {
-            return Ok(false);
-        };
-        if !blobs.exists(&digest).await? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    let Ok(digests) = layer
+        .blob_digests()
+        .map(Digest::parse)
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return Ok(false);
+    };
+    Ok(blobs.missing(digests).await?.is_empty())
 }
 
 /// The built result of layer `tag` (one of `deps`, the layer's dependencies, so it is

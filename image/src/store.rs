@@ -36,6 +36,9 @@ const STAGING_DIR: &str = ".farm-staging";
 mod gc;
 pub use gc::{ListedBlob, RecentUse, Sweep};
 
+/// How many blobs [`BlobStore::missing`] asks about at once.
+const EXISTS_AT_ONCE: usize = 16;
+
 /// A content-addressed blob store. Cheap to clone.
 #[derive(Clone)]
 pub struct BlobStore {
@@ -159,6 +162,26 @@ impl BlobStore {
     /// Whether the blob exists.
     pub async fn exists(&self, digest: &Digest) -> Result<bool> {
         Ok(self.size(digest).await?.is_some())
+    }
+
+    /// Which of `digests` the store lacks, each asked once, in the order given. They are
+    /// asked [`EXISTS_AT_ONCE`] at a time: a remote store answers each in a round trip.
+    pub async fn missing(&self, digests: impl IntoIterator<Item = Digest>) -> Result<Vec<Digest>> {
+        let mut seen = std::collections::HashSet::new();
+        // The futures are made first: a closure in the stream's type would make the
+        // caller's future not `Send` for every lifetime (a limit of the compiler).
+        let checks: Vec<_> = digests
+            .into_iter()
+            .filter(|d| seen.insert(d.clone()))
+            .map(|d| async move { Ok::<_, Error>((!self.exists(&d).await?).then_some(d)) })
+            .collect();
+        let found: Vec<Option<Digest>> = futures::stream::iter(checks)
+            .buffered(EXISTS_AT_ONCE)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        Ok(found.into_iter().flatten().collect())
     }
 
     /// The blob's size, or `None` when it does not exist.

@@ -10,7 +10,6 @@
 //! The client side (what the CLI uses) is `farm_client::blobs`; message limits and chunk
 //! sizes on both sides are the protocol's (`farm_proto`).
 
-use std::collections::HashSet;
 use std::pin::Pin;
 
 use farm_image::{BlobStore, Digest, rechunk};
@@ -19,13 +18,10 @@ use farm_proto::v1::{
     FindMissingRequest, FindMissingResponse, ReadChunk, ReadRequest, UploadChunk, UploadResponse,
 };
 use farm_proto::{BLOB_CHUNK_SIZE, MAX_BLOB_MESSAGE_SIZE};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
-
-/// Existence checks the server runs concurrently for one `FindMissing`.
-const FIND_MISSING_CONCURRENCY: usize = 16;
 
 /// The `Blobs` gRPC service over a blob store.
 #[derive(Clone, Debug)]
@@ -86,38 +82,22 @@ impl Blobs for BlobService {
         &self,
         request: Request<FindMissingRequest>,
     ) -> Result<Response<FindMissingResponse>, Status> {
-        let mut seen = HashSet::new();
-        let mut digests = Vec::new();
-        for s in &request.get_ref().digests {
-            let d = parse_digest(s)?;
-            if seen.insert(d.clone()) {
-                digests.push(d);
-            }
-        }
-        let present: Vec<bool> = futures::stream::iter(digests.clone())
-            .map(|d| {
-                let store = self.store.clone();
-                async move {
-                    store
-                        .exists(&d)
-                        .await
-                        .map_err(|e| internal(format_args!("checking {d}"), e))
-                }
-            })
-            .buffered(FIND_MISSING_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let missing: Vec<String> = digests
+        let digests = request
+            .get_ref()
+            .digests
             .iter()
-            .zip(present)
-            .filter(|(_, present)| !present)
-            .map(|(d, _)| d.to_string())
+            .map(|s| parse_digest(s))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let asked = digests.len();
+        let missing: Vec<String> = self
+            .store
+            .missing(digests)
+            .await
+            .map_err(|e| internal(format_args!("checking {asked} blobs"), e))?
+            .iter()
+            .map(Digest::to_string)
             .collect();
-        debug!(
-            asked = digests.len(),
-            missing = missing.len(),
-            "find_missing"
-        );
+        debug!(asked, missing = missing.len(), "find_missing");
         Ok(Response::new(FindMissingResponse { missing }))
     }
 
