@@ -85,17 +85,16 @@ pub fn manifest_for(
 /// (git describe of the file's directory, when it is in a repository) and
 /// `<ns>.stacker.stacker_version`.
 pub fn manifest_annotations(plan: &Plan, i: usize, namespace: &str) -> BTreeMap<String, String> {
-    manifest_annotations_with(plan, i, namespace, &mut GitVersions::default())
+    manifest_annotations_with(plan, i, namespace, &GitVersions::default())
 }
 
 /// `git describe` per directory, asked once per build (a process per layer made a
 /// 2,000-layer build spend seconds here).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct GitVersions(std::collections::HashMap<std::path::PathBuf, Option<String>>);
 
 impl GitVersions {
-    /// Ask git now for every directory of `plan`'s layers (copies of the map then
-    /// answer without asking).
+    /// Ask git now for every directory of `plan`'s layers.
     pub fn warm(&mut self, plan: &Plan) {
         for planned in &plan.layers {
             let dir = &planned.layer.dir;
@@ -106,12 +105,13 @@ impl GitVersions {
     }
 }
 
-/// [`manifest_annotations`], asking git once per directory through `git`.
+/// [`manifest_annotations`] with git's answers from `git` (asked for every directory
+/// beforehand, [`GitVersions::warm`]; a directory it lacks is asked now).
 pub fn manifest_annotations_with(
     plan: &Plan,
     i: usize,
     namespace: &str,
-    git: &mut GitVersions,
+    git: &GitVersions,
 ) -> BTreeMap<String, String> {
     let planned = &plan.layers[i];
     let file = &plan.files[planned.file];
@@ -124,11 +124,11 @@ pub fn manifest_annotations_with(
         format!("{namespace}.stacker.stacker_version"),
         format!("farm {}", env!("CARGO_PKG_VERSION")),
     );
-    let version = git
-        .0
-        .entry(planned.layer.dir.clone())
-        .or_insert_with(|| git_describe(&planned.layer.dir));
-    if let Some(g) = version.clone() {
+    let version = match git.0.get(&planned.layer.dir) {
+        Some(known) => known.clone(),
+        None => git_describe(&planned.layer.dir),
+    };
+    if let Some(g) = version {
         a.insert(format!("{namespace}.stacker.git_version"), g);
     }
     a

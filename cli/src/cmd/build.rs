@@ -422,6 +422,7 @@ async fn build(
         let succeeded = outcome.succeeded();
         if succeeded {
             let mut git = GitVersions::default();
+            git.warm(&plan);
             // In the order `farm plan` shows (wave by wave, load order within a wave),
             // as stacker writes its images in build order and its users index
             // `manifests[N]`.
@@ -442,7 +443,7 @@ async fn build(
                                     &plan,
                                     i,
                                     &flags.annotations_namespace,
-                                    &mut git,
+                                    &git,
                                 ),
                             })
                     }),

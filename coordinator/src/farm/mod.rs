@@ -16,7 +16,7 @@ mod sched;
 mod tests;
 mod traces;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -754,17 +754,16 @@ struct ManifestInputs {
 }
 
 impl ManifestInputs {
-    /// The manifest of image layer `i`, built with `result`, recorded as `result_json`;
-    /// `git` is a copy of `self.git` (warmed: it asks nobody).
+    /// The manifest of image layer `i`, built with `result`, recorded as `result_json`.
     fn manifest(
         &self,
         plan: &Plan,
         i: usize,
         result: &BuiltImage,
         result_json: &str,
-        git: &mut GitVersions,
     ) -> Result<(manifests::Key, Made), FarmError> {
-        let annotations = manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, git);
+        let annotations =
+            manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, &self.git);
         let key = manifests::key(
             result_json,
             &annotations,
@@ -785,9 +784,8 @@ impl ManifestInputs {
                 "internal error: layer {i} has a manifest but did not build"
             )));
         };
-        let mut git = self.git.clone();
         let annotations =
-            manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, &mut git);
+            manifest_annotations_with(plan, i, DEFAULT_ANNOTATION_NAMESPACE, &self.git);
         Ok(manifest_bytes(result, &annotations)?)
     }
 }
@@ -799,7 +797,6 @@ fn chunk_results(
     inputs: &ManifestInputs,
     range: std::ops::Range<usize>,
 ) -> Result<ChunkResults, FarmError> {
-    let mut git = inputs.git.clone();
     let mut results = Vec::new();
     let mut manifests = Vec::new();
     for i in range {
@@ -825,7 +822,7 @@ fn chunk_results(
         // Only images (not build_only layers) get a manifest: `tagged` in the status is
         // "has a manifest digest".
         if !plan.layers[i].layer.build_only {
-            let (key, made) = inputs.manifest(plan, i, result, &result_json, &mut git)?;
+            let (key, made) = inputs.manifest(plan, i, result, &result_json)?;
             manifests.push(EndManifest {
                 at: results.len(),
                 layer: i,
@@ -852,8 +849,6 @@ fn chunk_results(
 /// arenas); the time was the same.
 const MANIFESTS_AT_ONCE: usize = if cfg!(test) { 3 } else { 1024 };
 const MANIFEST_BYTES_AT_ONCE: usize = 2 << 20;
-/// How many remembered manifests are looked up in the store at once.
-const MANIFEST_CHECKS_AT_ONCE: usize = 16;
 
 impl Inner {
     /// Parse and plan a submission as the coordinator sees it.
@@ -1223,30 +1218,27 @@ impl Inner {
             let (mut chunk, manifests) = chunk?;
             // Manifests made before keep their digest while the store has them; one
             // collected since is made again.
+            let remembered = manifests.iter().filter_map(|m| match &m.made {
+                Made::Before(digest) => Some(digest.clone()),
+                Made::Now(_) => None,
+            });
+            let gone: HashSet<Digest> = self
+                .config
+                .blobs
+                .missing(remembered)
+                .await?
+                .into_iter()
+                .collect();
             let mut now = Vec::new();
-            let mut before = Vec::new();
             for m in manifests {
                 match m.made {
-                    Made::Now(bytes) => now.push((m.at, m.key, bytes)),
-                    Made::Before(digest) => before.push((m.at, m.layer, m.key, digest)),
-                }
-            }
-            let checked: Vec<_> =
-                futures::stream::iter(before.into_iter().map(|(at, layer, key, digest)| {
-                    let blobs = self.config.blobs.clone();
-                    async move {
-                        let present = blobs.exists(&digest).await;
-                        (at, layer, key, digest, present)
+                    Made::Before(digest) if !gone.contains(&digest) => {
+                        chunk[m.at].manifest_digest = Some(digest.to_string());
                     }
-                }))
-                .buffer_unordered(MANIFEST_CHECKS_AT_ONCE)
-                .collect()
-                .await;
-            for (at, layer, key, digest, present) in checked {
-                if present? {
-                    chunk[at].manifest_digest = Some(digest.to_string());
-                } else {
-                    now.push((at, key, inputs.remake(&plan, &outcomes, layer)?));
+                    Made::Before(_) => {
+                        now.push((m.at, m.key, inputs.remake(&plan, &outcomes, m.layer)?));
+                    }
+                    Made::Now(bytes) => now.push((m.at, m.key, bytes)),
                 }
             }
             if !now.is_empty() {
