@@ -28,6 +28,13 @@ use farm_proto::v1::{
 };
 use farm_proto::workers_client::WorkersClient;
 
+/// A phase the bench may end after (`STOP_AFTER`), to profile it alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Cold,
+    Hits,
+}
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -459,8 +466,13 @@ async fn run() {
         "p99 < 20 ms",
     );
 
-    let stop_after = std::env::var("STOP_AFTER").unwrap_or_default();
-    if stop_after == "cold" {
+    let stop_after = match std::env::var("STOP_AFTER").as_deref() {
+        Ok("cold") => Some(Phase::Cold),
+        Ok("hits") => Some(Phase::Hits),
+        Ok(other) => panic!("STOP_AFTER={other}: cold or hits"),
+        Err(_) => None,
+    };
+    if stop_after == Some(Phase::Cold) {
         return;
     }
     // (2) warm: every layer a cache hit.
@@ -475,7 +487,7 @@ async fn run() {
         "< 1 s",
     );
 
-    if stop_after == "hits" {
+    if stop_after == Some(Phase::Hits) {
         return;
     }
     // (3) `farm submit` of the unchanged DAG, client included.

@@ -342,6 +342,13 @@ async fn independent_layers_spread_over_workers_and_resubmission_dispatches_noth
     );
 }
 
+/// Delete blob `digest` from the file store of the farm `start`ed in `dir`, as a
+/// garbage collection would.
+fn remove_blob(farm: &Farm, dir: &Path, digest: &Digest) {
+    let path = farm.inner.config.blobs.blob_path(digest);
+    std::fs::remove_file(dir.join("blobs").join(path.as_ref())).unwrap();
+}
+
 /// A cache entry is a hit only while every blob it names is in the store: one whose layer
 /// blob is gone is built again, the others of the same round stay hits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,14 +362,11 @@ async fn a_cached_layer_whose_blob_is_gone_is_built_again() {
     assert_eq!(w.layers().len(), 4);
     let rows = farm.state().layers(&id).await.unwrap();
     let built: BuiltImage = serde_json::from_str(rows[1].result_json.as_deref().unwrap()).unwrap();
-    let blobs = &farm.inner.config.blobs;
-    let digest = Digest::parse(&built.layers[0].digest).unwrap();
-    std::fs::remove_file(
-        d.path()
-            .join("blobs")
-            .join(blobs.blob_path(&digest).as_ref()),
-    )
-    .unwrap();
+    remove_blob(
+        &farm,
+        d.path(),
+        &Digest::parse(&built.layers[0].digest).unwrap(),
+    );
 
     let (again, _) = farm.submit(spec).await.unwrap();
     assert_eq!(wait(&farm, &again).await.0, BuildState::Succeeded);
@@ -399,13 +403,8 @@ async fn a_resubmission_reuses_its_manifests_and_remakes_one_collected_since() {
     };
     let first = digests(farm.submit(spec.clone()).await.unwrap().0).await;
     assert_eq!(farm.inner.manifests.len(), 4, "remembered");
+    remove_blob(&farm, d.path(), &first[2]);
     let blobs = &farm.inner.config.blobs;
-    let path = |digest: &Digest| {
-        d.path()
-            .join("blobs")
-            .join(blobs.blob_path(digest).as_ref())
-    };
-    std::fs::remove_file(path(&first[2])).unwrap();
 
     let second = digests(farm.submit(spec.clone()).await.unwrap().0).await;
     assert_eq!(second, first);
