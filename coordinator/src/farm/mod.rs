@@ -11,6 +11,7 @@ mod collect;
 mod events;
 mod logs;
 mod manifests;
+mod plans;
 mod sched;
 #[cfg(test)]
 mod tests;
@@ -406,6 +407,9 @@ pub(crate) struct Inner {
     traces: traces::BuildTraces,
     /// Manifests made lately, for a resubmission's end (see `manifests`).
     manifests: Arc<manifests::ManifestMemo>,
+    /// Plans of remote submissions lately planned, for an unchanged resubmission (see
+    /// `plans`).
+    plans: plans::PlanMemo,
 }
 
 /// The coordinator's core; cheap to clone.
@@ -447,6 +451,7 @@ impl Farm {
             collecting: tokio::sync::Mutex::new(()),
             traces: traces::BuildTraces::default(),
             manifests: Default::default(),
+            plans: Default::default(),
         });
         sched::Scheduler::spawn_loops(&inner);
         collect::spawn_periodic(&inner);
@@ -562,7 +567,7 @@ impl Farm {
         &self,
         id: BuildId,
         spec: Submission,
-        plan: Option<Plan>,
+        plan: Option<Arc<Plan>>,
         held: Option<String>,
     ) {
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -852,7 +857,7 @@ const MANIFEST_BYTES_AT_ONCE: usize = 2 << 20;
 
 impl Inner {
     /// Parse and plan a submission as the coordinator sees it.
-    async fn plan(&self, spec: &Submission) -> Result<Plan, FarmError> {
+    async fn plan(&self, spec: &Submission) -> Result<Arc<Plan>, FarmError> {
         if spec.stackerfiles.is_empty() {
             return Err(FarmError::Invalid("no stackerfile given".into()));
         }
@@ -894,6 +899,14 @@ impl Inner {
                 Origin::Remote => self.remote_scope(spec, root.as_deref()),
             },
         };
+        // Only what reads nothing but its uploaded context is remembered.
+        let memo_key = match &source.scope {
+            LocalScope::Uploaded(_) => Some(plans::key(&context_id(&spec.context)?, spec)),
+            _ => None,
+        };
+        if let Some(plan) = memo_key.as_ref().and_then(|k| self.plans.get(k)) {
+            return Ok(plan);
+        }
         let loaded =
             tokio::task::spawn_blocking(move || Plan::load_many(&files, &options, &source))
                 .await
@@ -907,7 +920,13 @@ impl Inner {
                     self.config.limits.max_layers
                 )))
             }
-            Ok(plan) => Ok(plan),
+            Ok(plan) => {
+                let plan = Arc::new(plan);
+                if let Some(key) = memo_key {
+                    self.plans.insert(key, plan.clone());
+                }
+                Ok(plan)
+            }
             // Paths in an uploaded context are shown as the submitter wrote them.
             Err(e) => Err(FarmError::Plan(match &root {
                 Some(root) => e.to_string().replace(&format!("{}/", root.display()), ""),
@@ -1101,7 +1120,7 @@ impl Inner {
         self: &Arc<Self>,
         id: &str,
         spec: Submission,
-        plan: Option<Plan>,
+        plan: Option<Arc<Plan>>,
         cancelled: Arc<AtomicBool>,
     ) -> Result<(), FarmError> {
         self.state.set_build_state(id, BuildState::Running).await?;
@@ -1198,7 +1217,7 @@ impl Inner {
             memo: self.manifests.clone(),
         });
         let chunks = manifest_chunks(&plan, &report.outcomes);
-        let (plan, outcomes) = (Arc::new(plan), Arc::new(report.outcomes));
+        let outcomes = Arc::new(report.outcomes);
         let prior = Arc::new(prior);
         let mut made = futures::stream::iter(chunks)
             .map(|range| {

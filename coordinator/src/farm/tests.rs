@@ -1489,3 +1489,50 @@ async fn a_drain_handing_back_another_workers_assignment_moves_nothing() {
     let status = farm.status(&id).await.unwrap().unwrap();
     assert_eq!(status.layers[0].worker.as_deref(), Some("honest"));
 }
+
+/// An unchanged remote resubmission gets the plan made before; one whose context
+/// changed is planned again, and a local submission (which reads files that may change
+/// on disk) is always planned again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_remote_resubmission_reuses_its_plan_and_nothing_else_does() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 1000).await;
+    let remote = |text: &'static str| {
+        let farm = farm.clone();
+        async move {
+            let digest = farm
+                .inner
+                .config
+                .blobs
+                .put(bytes::Bytes::from_static(text.as_bytes()))
+                .await
+                .unwrap()
+                .digest;
+            Submission {
+                context: vec![ContextFile {
+                    path: "stacker.yaml".into(),
+                    digest: digest.to_string(),
+                    mode: 0o644,
+                    symlink_target: String::new(),
+                }],
+                origin: Origin::Remote,
+                ..Submission::new(["stacker.yaml"])
+            }
+        }
+    };
+    let names =
+        |plan: &Plan| -> Vec<String> { plan.layers.iter().map(|l| l.layer.name.clone()).collect() };
+    let first = remote("a:\n  from: {type: scratch}\n").await;
+    let plan = farm.inner.plan(&first).await.unwrap();
+    let again = farm.inner.plan(&first.clone()).await.unwrap();
+    assert!(Arc::ptr_eq(&plan, &again), "planned again");
+    let changed = remote("b:\n  from: {type: scratch}\n").await;
+    assert_eq!(names(&farm.inner.plan(&changed).await.unwrap()), ["b"]);
+
+    let file = d.path().join("local.yaml");
+    std::fs::write(&file, "a:\n  from: {type: scratch}\n").unwrap();
+    let local = submission(&file);
+    assert_eq!(names(&farm.inner.plan(&local).await.unwrap()), ["a"]);
+    std::fs::write(&file, "c:\n  from: {type: scratch}\n").unwrap();
+    assert_eq!(names(&farm.inner.plan(&local).await.unwrap()), ["c"]);
+}
