@@ -689,7 +689,7 @@ impl StateStore {
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         self.layer_results(
             build,
-            &[LayerResult {
+            vec![LayerResult {
                 idx,
                 result_json: result_json.to_string(),
                 cached,
@@ -703,9 +703,9 @@ impl StateStore {
     pub fn layer_results(
         &self,
         build: &str,
-        results: &[LayerResult],
+        results: Vec<LayerResult>,
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
-        let (build, results) = (build.to_string(), results.to_vec());
+        let build = build.to_string();
         self.write(move |conn, err| layer_results_in(conn, &err, &build, &results))
     }
 

@@ -846,14 +846,17 @@ fn chunk_results(
     Ok((results, manifests))
 }
 
-/// How many manifests the end of a build makes (on the blocking pool, two chunks at
-/// once) and stores together (a few in tests, so their builds cross chunks), and about
-/// how many bytes of them: each carries its whole stackerfile, so one file of thousands
-/// of layers makes big ones. 2 MiB kept the scale bench's peak RSS where the one-chunk-
-/// at-a-time end had it (16 MiB chunks, two in flight, added ~100 MB of allocator
-/// arenas); the time was the same.
+/// How many manifests the end of a build makes and stores together (a few in tests, so
+/// their builds cross chunks), and about how many bytes of them: each carries its whole
+/// stackerfile, so one file of thousands of layers makes big ones. 2 MiB kept the scale
+/// bench's peak RSS where the one-chunk-at-a-time end had it (16 MiB chunks, two in
+/// flight, added ~100 MB of allocator arenas); the time was the same.
 const MANIFESTS_AT_ONCE: usize = if cfg!(test) { 3 } else { 1024 };
 const MANIFEST_BYTES_AT_ONCE: usize = 2 << 20;
+/// How many chunks are in hand at once: made on the blocking pool, stored, their rows
+/// queued; the end is mostly waiting for the store's syncs, so more than there are
+/// cores to make them.
+const MANIFEST_CHUNKS_AT_ONCE: usize = 3;
 
 impl Inner {
     /// Parse and plan a submission as the coordinator sees it.
@@ -1202,11 +1205,11 @@ impl Inner {
         } else {
             HashMap::new()
         };
-        // Every layer's result and image manifest, made on the blocking pool a chunk at
-        // a time, two chunks at once, each chunk's manifests stored as it comes (see
-        // `BlobStore::put_many`). Chunks are bounded in bytes too: each manifest carries
-        // its stackerfile's text (stacker's `stacker_yaml` annotation), so all of a big
-        // build's at once would be hundreds of MB.
+        // Every layer's result and image manifest, a chunk at a time, a few chunks at
+        // once: made on the blocking pool, the manifests stored (see
+        // `BlobStore::put_many`), the rows queued. Chunks are bounded in bytes too: each
+        // manifest carries its stackerfile's text (stacker's `stacker_yaml` annotation),
+        // so all of a big build's at once would be hundreds of MB.
         let succeeded = report.succeeded();
         let mut git = GitVersions::default();
         git.warm(&plan);
@@ -1219,61 +1222,33 @@ impl Inner {
         let chunks = manifest_chunks(&plan, &report.outcomes);
         let outcomes = Arc::new(report.outcomes);
         let prior = Arc::new(prior);
-        let mut made = futures::stream::iter(chunks)
-            .map(|range| {
-                let (plan, outcomes) = (plan.clone(), outcomes.clone());
-                let (prior, inputs) = (prior.clone(), inputs.clone());
-                async move {
+        let (plan, outcomes, prior) = (&plan, &outcomes, &prior);
+        let inputs = &inputs;
+        let mut recorded = futures::stream::iter(chunks)
+            .map(|range| async move {
+                let made = {
+                    let (plan, outcomes) = (plan.clone(), outcomes.clone());
+                    let (prior, inputs) = (prior.clone(), inputs.clone());
                     tokio::task::spawn_blocking(move || {
                         chunk_results(&plan, &outcomes, &prior, &inputs, range)
                     })
                     .await
                     .map_err(|e| FarmError::Invalid(format!("making the build's manifests: {e}")))?
-                }
+                };
+                let results = self.store_manifests(made?, plan, outcomes, inputs).await?;
+                // Queued now, awaited below: the state's writer commits a chunk's rows
+                // while the next chunks are made and stored.
+                Ok::<_, FarmError>(self.state.layer_results(id, results))
             })
-            .buffered(2);
-        let mut results = Vec::new();
-        while let Some(chunk) = made.next().await {
-            let (mut chunk, manifests) = chunk?;
-            // Manifests made before keep their digest while the store has them; one
-            // collected since is made again.
-            let remembered = manifests.iter().filter_map(|m| match &m.made {
-                Made::Before(digest) => Some(digest.clone()),
-                Made::Now(_) => None,
-            });
-            let gone: HashSet<Digest> = self
-                .config
-                .blobs
-                .missing(remembered)
-                .await?
-                .into_iter()
-                .collect();
-            let mut now = Vec::new();
-            for m in manifests {
-                match m.made {
-                    Made::Before(digest) if !gone.contains(&digest) => {
-                        chunk[m.at].manifest_digest = Some(digest.to_string());
-                    }
-                    Made::Before(_) => {
-                        now.push((m.at, m.key, inputs.remake(&plan, &outcomes, m.layer)?));
-                    }
-                    Made::Now(bytes) => now.push((m.at, m.key, bytes)),
-                }
-            }
-            if !now.is_empty() {
-                let (places, bytes): (Vec<_>, Vec<_>) = now
-                    .into_iter()
-                    .map(|(at, key, bytes)| ((at, key), bytes.into()))
-                    .unzip();
-                let stored = self.config.blobs.put_many(bytes).await?;
-                for ((at, key), info) in places.into_iter().zip(stored) {
-                    chunk[at].manifest_digest = Some(info.digest.to_string());
-                    self.manifests.insert(key, info.digest);
-                }
-            }
-            results.extend(chunk);
+            .buffer_unordered(MANIFEST_CHUNKS_AT_ONCE);
+        let mut written = Vec::new();
+        while let Some(write) = recorded.next().await {
+            written.push(write?);
         }
-        self.state.layer_results(id, &results).await?;
+        drop(recorded);
+        for write in written {
+            write.await?;
+        }
         let (state, error) = if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
             (BuildState::Cancelled, Some("cancelled".to_string()))
         } else if succeeded {
@@ -1308,6 +1283,47 @@ impl Inner {
         self.publish(id, vec![StoredEvent::finished(state, error)])
             .await;
         Ok(())
+    }
+
+    /// Store a chunk's manifests (a remembered one checked in the store, made again if
+    /// it was collected since) and return its results, each with its manifest's digest.
+    async fn store_manifests(
+        &self,
+        (mut results, manifests): ChunkResults,
+        plan: &Plan,
+        outcomes: &[Outcome],
+        inputs: &ManifestInputs,
+    ) -> Result<Vec<LayerResult>, FarmError> {
+        let blobs = &self.config.blobs;
+        let remembered = manifests.iter().filter_map(|m| match &m.made {
+            Made::Before(digest) => Some(digest.clone()),
+            Made::Now(_) => None,
+        });
+        let gone: HashSet<Digest> = blobs.missing(remembered).await?.into_iter().collect();
+        let mut now = Vec::new();
+        for m in manifests {
+            match m.made {
+                Made::Before(digest) if !gone.contains(&digest) => {
+                    results[m.at].manifest_digest = Some(digest.to_string());
+                }
+                Made::Before(_) => {
+                    now.push((m.at, m.key, inputs.remake(plan, outcomes, m.layer)?));
+                }
+                Made::Now(bytes) => now.push((m.at, m.key, bytes)),
+            }
+        }
+        if !now.is_empty() {
+            let (places, bytes): (Vec<_>, Vec<_>) = now
+                .into_iter()
+                .map(|(at, key, bytes)| ((at, key), bytes.into()))
+                .unzip();
+            let stored = blobs.put_many(bytes).await?;
+            for ((at, key), info) in places.into_iter().zip(stored) {
+                results[at].manifest_digest = Some(info.digest.to_string());
+                self.manifests.insert(key, info.digest);
+            }
+        }
+        Ok(results)
     }
 
     /// Store events and send them to live watchers.

@@ -220,7 +220,7 @@ async fn populate(g: &Graph) -> World {
                 })
             })
             .collect();
-        w.state.layer_results(&id, &results).await.unwrap();
+        w.state.layer_results(&id, results).await.unwrap();
         // Distinct creation times: the newest builds are the ones kept.
         tokio::time::sleep(Duration::from_millis(3)).await;
         if b.finished {
