@@ -159,8 +159,7 @@ impl Scheduler {
                     let holding = need
                         .base_chain
                         .into_iter()
-                        .flat_map(|c| holders.of(c))
-                        .filter_map(|n| workers.get_key_value(n))
+                        .flat_map(|c| holders.among(c, workers))
                         .map(|(n, w)| w.candidate(n));
                     let (name, has_base) = choose_indexed(all, holding, &need)?;
                     let name = name.to_string();
