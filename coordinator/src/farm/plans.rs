@@ -18,9 +18,18 @@ use super::Submission;
 /// What a plan is made of, hashed (see [`key`]).
 pub(super) type Key = [u8; 32];
 
-/// How many layers the remembered plans may have together: a plan is held in memory
-/// (about 2 KB a layer), so two of the scale bench's size.
+/// How much the remembered plans may hold together, in layers and in bytes of their
+/// stackerfiles (a plan's layers are made of that text, so it bounds them too): two of
+/// the scale bench's size, and a few submissions of big files. A plan over either alone
+/// is not kept.
 const MEMO_LAYERS: usize = if cfg!(test) { 5 } else { 40_000 };
+const MEMO_BYTES: usize = if cfg!(test) { 1000 } else { 64 << 20 };
+
+/// What a plan holds, in layers and in bytes of its stackerfiles.
+fn weight(plan: &Plan) -> (usize, usize) {
+    let bytes = plan.files.iter().map(|f| f.substituted.len()).sum();
+    (plan.layers.len(), bytes)
+}
 
 /// The plans of lately planned remote submissions, most recently used last.
 #[derive(Default)]
@@ -38,21 +47,26 @@ impl PlanMemo {
         Some(plan)
     }
 
-    /// Remember `plan`, dropping the least recently used ones beyond [`MEMO_LAYERS`]
-    /// (a plan bigger than that alone is not kept).
+    /// Remember `plan`, dropping the least recently used ones beyond [`MEMO_LAYERS`] or
+    /// [`MEMO_BYTES`].
     pub(super) fn insert(&self, key: Key, plan: Arc<Plan>) {
-        if plan.layers.len() > MEMO_LAYERS {
+        let (layers, bytes) = weight(&plan);
+        if layers > MEMO_LAYERS || bytes > MEMO_BYTES {
             return;
         }
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         plans.retain(|(k, _)| *k != key);
         plans.push_back((key, plan));
-        let mut total: usize = plans.iter().map(|(_, p)| p.layers.len()).sum();
-        while total > MEMO_LAYERS {
+        let (mut layers, mut bytes) = plans
+            .iter()
+            .map(|(_, p)| weight(p))
+            .fold((0, 0), |(l, b), (pl, pb)| (l + pl, b + pb));
+        while layers > MEMO_LAYERS || bytes > MEMO_BYTES {
             let Some((_, dropped)) = plans.pop_front() else {
                 break;
             };
-            total -= dropped.layers.len();
+            let (l, b) = weight(&dropped);
+            (layers, bytes) = (layers - l, bytes - b);
         }
     }
 }
@@ -124,6 +138,34 @@ mod tests {
             "bigger than the memo: not kept"
         );
         assert!(memo.get(&[3; 32]).is_some(), "and nothing dropped for it");
+    }
+
+    /// Few layers of big files count by their bytes: a submitter cannot make the memo
+    /// hold file after file of text.
+    #[test]
+    fn the_memo_is_bounded_by_the_bytes_of_its_files_too() {
+        let memo = PlanMemo::default();
+        let big = |name: &str| {
+            let d = tempfile::tempdir().unwrap();
+            let f = d.path().join("s.yaml");
+            // One layer, about 600 bytes of file.
+            std::fs::write(
+                &f,
+                format!(
+                    "{name}:\n  from: {{type: scratch}}\n# {}\n",
+                    "x".repeat(560)
+                ),
+            )
+            .unwrap();
+            Arc::new(Plan::load(&f, &Default::default(), &farm_stackerfile::LocalFiles).unwrap())
+        };
+        let (a, b) = (big("a"), big("b"));
+        assert_eq!(weight(&a).0, 1);
+        assert!((501..=1000).contains(&weight(&a).1), "{:?}", weight(&a));
+        memo.insert([1; 32], a);
+        memo.insert([2; 32], b);
+        assert!(memo.get(&[1; 32]).is_none(), "two files are over the bytes");
+        assert!(memo.get(&[2; 32]).is_some());
     }
 
     #[test]
