@@ -156,13 +156,7 @@ pub fn run_environment(
     layer: &Layer,
     caller_env: &[(String, String)],
 ) -> (Vec<(String, String)>, BTreeMap<String, String>) {
-    let rules = farm_stackerfile::Passthrough::of(layer);
-    let mut passthrough = BTreeMap::new();
-    for (k, v) in caller_env {
-        if rules.matches(k) {
-            passthrough.insert(k.clone(), v.clone());
-        }
-    }
+    let passthrough = passthrough(layer, caller_env);
     let mut env: BTreeMap<String, String> = passthrough.clone();
     env.entry("PATH".into())
         .or_insert_with(|| farm_stackerfile::DEFAULT_PATH.to_string());
@@ -171,6 +165,17 @@ pub fn run_environment(
     }
     env.insert("STACKER_LAYER_NAME".into(), layer.name.clone());
     (env.into_iter().collect(), passthrough)
+}
+
+/// The caller's variables that `layer` passes through to `run` (stacker's default list
+/// unless the layer gives its own regexes); they enter the layer's key.
+fn passthrough(layer: &Layer, caller_env: &[(String, String)]) -> BTreeMap<String, String> {
+    let rules = farm_stackerfile::Passthrough::of(layer);
+    caller_env
+        .iter()
+        .filter(|(k, _)| rules.matches(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Run `plan` with `executor`, reporting progress to `events`.
@@ -255,7 +260,7 @@ pub async fn run_build<E: Executor>(
             }
             // Jobs made several at a time (pinning may download), then the cacheable
             // ones looked up in the action cache together.
-            let prepared: Vec<(usize, Result<Job, PrepareError>, tracing::Span)> = {
+            let prepared: Vec<(usize, Result<Prepared, PrepareError>, tracing::Span)> = {
                 let (outcomes, keys) = (&outcomes, &keys);
                 futures::stream::iter(batch)
                     .map(|i| async move {
@@ -276,21 +281,19 @@ pub async fn run_build<E: Executor>(
             } else {
                 let wanted: Vec<&str> = prepared
                     .iter()
+                    .filter(|(i, _, _)| Job::may_cache(&plan.layers[*i].layer))
                     .filter_map(|(_, job, _)| job.as_ref().ok())
-                    .filter(|job| job.cacheable())
-                    .map(|job| job.cache_key.as_str())
+                    .map(|job| job.key.as_str())
                     .collect();
                 cached_many(cache, blobs, &wanted).await?
             };
             let prepared = prepared.into_iter().map(|(i, job, span)| {
-                let hit = job
-                    .as_ref()
-                    .ok()
-                    .and_then(|j| hits.get(&j.cache_key).cloned());
+                let hit = job.as_ref().ok().and_then(|j| hits.get(&j.key).cloned());
                 (i, job, hit, span)
             });
             for (i, job, hit, span) in prepared {
-                let name = plan.layers[i].layer.name.clone();
+                let layer = &plan.layers[i].layer;
+                let name = layer.name.clone();
                 let job = match job {
                     Ok(job) => job,
                     Err(e) => {
@@ -302,9 +305,9 @@ pub async fn run_build<E: Executor>(
                         continue;
                     }
                 };
-                keys[i] = Some(job.cache_key.clone());
-                span.record("cache_key", job.cache_key.as_str());
-                let cacheable = job.cacheable() && !options.no_cache;
+                keys[i] = Some(job.key.clone());
+                span.record("cache_key", job.key.as_str());
+                let cacheable = Job::may_cache(layer) && !options.no_cache;
                 span.record(
                     "cache",
                     match (&hit, cacheable) {
@@ -325,6 +328,7 @@ pub async fn run_build<E: Executor>(
                     continue;
                 }
                 events.send(Event::Started { layer: name });
+                let job = job.into_job(layer, options);
                 let executor = executor.clone();
                 let ev = events.clone();
                 running.spawn(
@@ -488,7 +492,37 @@ fn dependency<'a>(
     }
 }
 
-/// Layer `i`'s job: its inputs pinned, its environment, its cache key.
+/// A layer's inputs pinned and its cache key: what its cache lookup needs. Its [`Job`]
+/// (the layer and its environment copied in) is made only when it is built
+/// ([`Prepared::into_job`]): making one for every cache hit just to drop it was a tenth
+/// of the driver's time in an all-hits build.
+struct Prepared {
+    key: String,
+    pinned: crate::pin::Pinned,
+    source_date_epoch: Option<u64>,
+    platform: Platform,
+}
+
+impl Prepared {
+    /// The job of `layer`, which this prepared.
+    fn into_job(self, layer: &Layer, options: &BuildOptions) -> Job {
+        let (env, _) = run_environment(layer, &options.caller_env);
+        Job {
+            layer: layer.clone(),
+            cache_key: self.key,
+            base: self.pinned.base,
+            imports: self.pinned.imports,
+            overlay_dirs: self.pinned.overlay_dirs,
+            env,
+            source_date_epoch: self.source_date_epoch,
+            compression: options.compression,
+            layer_format: options.layer_format,
+            platform: self.platform,
+        }
+    }
+}
+
+/// Layer `i` prepared: its inputs pinned, its cache key.
 async fn prepare(
     plan: &Plan,
     i: usize,
@@ -496,7 +530,7 @@ async fn prepare(
     keys: &[Option<String>],
     blobs: &BlobStore,
     options: &BuildOptions,
-) -> Result<Job, PrepareError> {
+) -> Result<Prepared, PrepareError> {
     let planned = &plan.layers[i];
     let layer = &planned.layer;
     let platform = options
@@ -529,14 +563,14 @@ async fn prepare(
             path: bind.source.clone(),
         });
     }
-    let (env, passthrough) = run_environment(layer, &options.caller_env);
+    let passthrough = passthrough(layer, &options.caller_env);
     let source_date_epoch = passthrough
         .get("SOURCE_DATE_EPOCH")
         .or_else(|| layer.build_env.get("SOURCE_DATE_EPOCH"))
         .cloned();
     let key = KeyInputs {
         definition_digest: planned.definition_digest.clone(),
-        base: pinned.base_key,
+        base: pinned.base_key.clone(),
         imports: pinned.imports.iter().map(|i| i.digest.clone()).collect(),
         overlay_dirs: pinned
             .overlay_dirs
@@ -550,18 +584,12 @@ async fn prepare(
         layer_format: (!options.layer_format.is_tar()).then(|| options.layer_format.to_string()),
     }
     .key();
-    Ok(Job {
-        layer: layer.clone(),
-        cache_key: key,
-        base: pinned.base,
-        imports: pinned.imports,
-        overlay_dirs: pinned.overlay_dirs,
-        env,
+    Ok(Prepared {
+        key,
+        pinned,
         source_date_epoch: source_date_epoch
             .as_deref()
             .and_then(parse_source_date_epoch),
-        compression: options.compression,
-        layer_format: options.layer_format,
         platform,
     })
 }

@@ -108,6 +108,11 @@ impl Job {
 
     /// Its result may be shared and cached (a layer with binds never is).
     pub fn cacheable(&self) -> bool {
-        self.layer.binds.is_empty()
+        Self::may_cache(&self.layer)
+    }
+
+    /// Whether a job of `layer` may be shared and cached (see [`Job::cacheable`]).
+    pub fn may_cache(layer: &farm_stackerfile::Layer) -> bool {
+        layer.binds.is_empty()
     }
 }
