@@ -55,7 +55,8 @@ pub struct BuildOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Built {
-        result: BuiltImage,
+        /// Shared with the jobs of the layers built on it (see `JobBase`).
+        result: Arc<BuiltImage>,
         cached: bool,
         duration: Duration,
     },
@@ -320,7 +321,7 @@ pub async fn run_build<E: Executor>(
                     span.record("outcome", "cached");
                     events.send(Event::Cached { layer: name });
                     outcomes[i] = Some(Outcome::Built {
-                        result: hit,
+                        result: Arc::new(hit),
                         cached: true,
                         duration: Duration::ZERO,
                     });
@@ -371,7 +372,7 @@ pub async fn run_build<E: Executor>(
                         duration,
                     });
                     outcomes[i] = Some(Outcome::Built {
-                        result,
+                        result: Arc::new(result),
                         cached: false,
                         duration,
                     });

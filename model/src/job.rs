@@ -5,6 +5,7 @@
 //! in the cache key); the protocol version in `Register` says both sides read it alike.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use farm_stackerfile::Layer;
 use serde::{Deserialize, Serialize};
@@ -13,19 +14,21 @@ use crate::image::BuiltImage;
 use crate::platform::Platform;
 use farm_image::{Compression, LayerFormat};
 
-/// The base a worker starts a layer from.
+/// The base a worker starts a layer from. A built image is shared (`Arc`), not copied,
+/// from the build's results into its dependents' jobs: a deep chain's result names
+/// every layer below it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobBase {
     Scratch,
     /// An image whose blobs are in the blob store (a built layer or an OCI layout image).
-    Image(BuiltImage),
+    Image(Arc<BuiltImage>),
     /// A tarball in the blob store; its contents and the `run` changes form one layer.
     Tar {
         digest: String,
     },
     /// A tarball inside another layer's result (`stacker://LAYER/PATH`).
     TarInLayer {
-        producer: BuiltImage,
+        producer: Arc<BuiltImage>,
         path: String,
     },
 }
@@ -41,7 +44,10 @@ pub enum ImportSource {
     /// A blob in the store (an http download).
     Blob { digest: String },
     /// A path inside another layer's result (`stacker://LAYER/PATH`).
-    Layer { producer: BuiltImage, path: String },
+    Layer {
+        producer: Arc<BuiltImage>,
+        path: String,
+    },
 }
 
 /// One import, pinned.

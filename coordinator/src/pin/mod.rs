@@ -14,6 +14,7 @@ pub mod oci;
 pub mod registry;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use farm_image::BlobStore;
 use farm_model::{BuiltImage, ImportSource, JobBase, JobImport, JobOverlayDir, Platform};
@@ -59,7 +60,7 @@ pub struct Sources<'a> {
 /// A dependency of the layer, built: its image and its cache key.
 #[derive(Debug, Clone, Copy)]
 pub struct Built<'a> {
-    pub image: &'a BuiltImage,
+    pub image: &'a Arc<BuiltImage>,
     pub key: &'a str,
 }
 
@@ -112,7 +113,7 @@ impl Sources<'_> {
             Base::Built { tag } => {
                 let dep = built(tag);
                 (
-                    JobBase::Image(dep.image.clone()),
+                    JobBase::Image(Arc::clone(dep.image)),
                     BaseKey::Built(dep.key.to_string()),
                 )
             }
@@ -147,7 +148,7 @@ impl Sources<'_> {
                         let producer = built(tag);
                         (
                             JobBase::TarInLayer {
-                                producer: producer.image.clone(),
+                                producer: Arc::clone(producer.image),
                                 path: path.clone(),
                             },
                             layer_path_digest(producer, path),
@@ -174,7 +175,7 @@ impl Sources<'_> {
                         url: url.clone(),
                         source,
                     })?;
-                (JobBase::Image(image), BaseKey::Oci(manifest))
+                (JobBase::Image(Arc::new(image)), BaseKey::Oci(manifest))
             }
             Base::Docker { url, insecure } => {
                 let (image, manifest) = self
@@ -185,7 +186,7 @@ impl Sources<'_> {
                         url: url.clone(),
                         message,
                     })?;
-                (JobBase::Image(image), BaseKey::Docker(manifest))
+                (JobBase::Image(Arc::new(image)), BaseKey::Docker(manifest))
             }
         })
     }
@@ -221,7 +222,7 @@ impl Sources<'_> {
                 let producer = built(tag);
                 (
                     ImportSource::Layer {
-                        producer: producer.image.clone(),
+                        producer: Arc::clone(producer.image),
                         path: path.clone(),
                     },
                     layer_path_digest(producer, path),
@@ -382,7 +383,7 @@ mod tests {
             }],
             chain_id: ChainId::parse(&format!("sha256:{}", layer.repeat(64))).unwrap(),
         };
-        let (a, b) = (image("a"), image("b"));
+        let (a, b) = (Arc::new(image("a")), Arc::new(image("b")));
         let digest = |image, key, path| layer_path_digest(Built { image, key }, path);
         let base = digest(&a, "k1", "/out/app");
         assert_eq!(base, digest(&a, "k1", "/out/app"));
