@@ -300,6 +300,16 @@ mod tests {
         assert!(Need::of(&adds).platform.is_none());
         assert!(Need::of(&runs).base_chain.is_none());
     }
+    /// Pseudo-random numbers below `n`, the same from the same seed.
+    fn numbers(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        }
+    }
+
     fn candidate(w: &W) -> Candidate<'_> {
         Candidate {
             name: w.name,
@@ -322,13 +332,7 @@ mod tests {
         let names: Vec<&'static str> = (0..12)
             .map(|i| &*Box::leak(format!("w{i:02}").into_boxed_str()))
             .collect();
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = |n: u64| {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) % n
-        };
+        let mut next = numbers(0x9e37_79b9_7f4a_7c15);
         let mut with_base = 0;
         for _ in 0..2000 {
             let mut workers = Vec::new();
@@ -380,13 +384,7 @@ mod tests {
     #[test]
     fn holders_among_workers_walked_or_looked_up_are_the_same() {
         let c = chain(1);
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = |n: u64| {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) % n
-        };
+        let mut next = numbers(0x2545_f491_4f6c_dd1d);
         let (mut walked, mut looked_up) = (0, 0);
         for _ in 0..500 {
             let mut workers = BTreeMap::new();
