@@ -24,6 +24,8 @@ pub(super) type Key = [u8; 32];
 /// is not kept.
 const MEMO_LAYERS: usize = if cfg!(test) { 5 } else { 40_000 };
 const MEMO_BYTES: usize = if cfg!(test) { 1000 } else { 64 << 20 };
+/// And how many plans: a lookup walks them.
+const MEMO_PLANS: usize = if cfg!(test) { 3 } else { 64 };
 
 /// What a plan holds, in layers and in bytes of its stackerfiles.
 fn weight(plan: &Plan) -> (usize, usize) {
@@ -47,8 +49,8 @@ impl PlanMemo {
         Some(plan)
     }
 
-    /// Remember `plan`, dropping the least recently used ones beyond [`MEMO_LAYERS`] or
-    /// [`MEMO_BYTES`].
+    /// Remember `plan`, dropping the least recently used ones beyond [`MEMO_LAYERS`],
+    /// [`MEMO_BYTES`] or [`MEMO_PLANS`].
     pub(super) fn insert(&self, key: Key, plan: Arc<Plan>) {
         let (layers, bytes) = weight(&plan);
         if layers > MEMO_LAYERS || bytes > MEMO_BYTES {
@@ -61,7 +63,7 @@ impl PlanMemo {
             .iter()
             .map(|(_, p)| weight(p))
             .fold((0, 0), |(l, b), (pl, pb)| (l + pl, b + pb));
-        while layers > MEMO_LAYERS || bytes > MEMO_BYTES {
+        while layers > MEMO_LAYERS || bytes > MEMO_BYTES || plans.len() > MEMO_PLANS {
             let Some((_, dropped)) = plans.pop_front() else {
                 break;
             };
@@ -138,6 +140,15 @@ mod tests {
             "bigger than the memo: not kept"
         );
         assert!(memo.get(&[3; 32]).is_some(), "and nothing dropped for it");
+        // Small plans count too: at most three are kept.
+        for n in 5..9 {
+            memo.insert([n; 32], plan(1));
+        }
+        assert!(
+            memo.get(&[5; 32]).is_none(),
+            "the fourth small plan drops the first"
+        );
+        assert!((6..9).all(|n| memo.get(&[n; 32]).is_some()));
     }
 
     /// Few layers of big files count by their bytes: a submitter cannot make the memo
