@@ -525,10 +525,19 @@ fn secret_dirs(r: &Rendered, template: &Value, root: &Path) -> BTreeMap<String, 
         let dir = root.join(secret);
         std::fs::create_dir_all(&dir).unwrap();
         for (k, data) in r.data("Secret", secret) {
-            let f = dir.join(k);
-            std::fs::write(&f, data).unwrap();
-            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            // Pods that share a Secret share its directory, and a pod started earlier
+            // may be reading a file now: an unchanged one is left alone, a changed one
+            // replaced whole (a worker once read its token file truncated, as the next
+            // worker's pod was set up, and refused it as empty).
+            let f = dir.join(&k);
+            if std::fs::read(&f).is_ok_and(|old| old == data) {
+                continue;
+            }
+            let tmp = dir.join(format!(".{k}.tmp"));
+            std::fs::write(&tmp, data).unwrap();
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
                 .unwrap();
+            std::fs::rename(&tmp, &f).unwrap();
         }
         out.insert(v["name"].as_str().unwrap().to_string(), dir);
     }
