@@ -595,6 +595,24 @@ async fn prepare(
     })
 }
 
+/// A job of `layer` from scratch, nothing pinned, with a placeholder key: for tests of
+/// what comes after the driver (placement, assignments, workers).
+#[cfg(test)]
+pub(crate) fn scratch_job(layer: &Layer, platform: &str) -> Job {
+    Job {
+        layer: layer.clone(),
+        cache_key: format!("sha256:{}", "0".repeat(64)),
+        base: farm_model::JobBase::Scratch,
+        imports: Vec::new(),
+        overlay_dirs: Vec::new(),
+        env: Vec::new(),
+        source_date_epoch: None,
+        compression: Default::default(),
+        layer_format: Default::default(),
+        platform: platform.parse().expect("a platform"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -723,18 +723,7 @@ fn placeholder_job(name: &str) -> Job {
     let file = std::env::temp_dir().join(format!("farm-placeholder-{}.yaml", std::process::id()));
     std::fs::write(&file, format!("{name}:\n  from: {{type: scratch}}\n")).unwrap();
     let plan = Plan::load(&file, &Default::default(), &farm_stackerfile::LocalFiles).unwrap();
-    Job {
-        layer: plan.layers[0].layer.clone(),
-        cache_key: format!("sha256:{}", "0".repeat(64)),
-        base: farm_model::JobBase::Scratch,
-        imports: Vec::new(),
-        overlay_dirs: Vec::new(),
-        env: Vec::new(),
-        source_date_epoch: None,
-        compression: Default::default(),
-        layer_format: Default::default(),
-        platform: "linux/amd64".parse().unwrap(),
-    }
+    crate::build::scratch_job(&plan.layers[0].layer, "linux/amd64")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -280,18 +280,7 @@ mod tests {
         let plan =
             farm_stackerfile::Plan::load(&file, &Default::default(), &farm_stackerfile::LocalFiles)
                 .unwrap();
-        let job = |i: usize| Job {
-            layer: plan.layers[i].layer.clone(),
-            cache_key: String::new(),
-            base: farm_model::JobBase::Scratch,
-            imports: Vec::new(),
-            overlay_dirs: Vec::new(),
-            env: Vec::new(),
-            source_date_epoch: None,
-            compression: Default::default(),
-            layer_format: Default::default(),
-            platform: "linux/s390x".parse().unwrap(),
-        };
+        let job = |i: usize| crate::build::scratch_job(&plan.layers[i].layer, "linux/s390x");
         let (runs, adds) = (job(0), job(1));
         assert_eq!(
             Need::of(&runs).platform.map(|p| p.to_string()).as_deref(),

@@ -347,18 +347,7 @@ mod tests {
         let plan =
             farm_stackerfile::Plan::load(&file, &Default::default(), &farm_stackerfile::LocalFiles)
                 .unwrap();
-        let plain = Job {
-            layer: plan.layers[0].layer.clone(),
-            cache_key: format!("sha256:{}", "0".repeat(64)),
-            base: farm_model::JobBase::Scratch,
-            imports: Vec::new(),
-            overlay_dirs: Vec::new(),
-            env: Vec::new(),
-            source_date_epoch: None,
-            compression: Default::default(),
-            layer_format: Default::default(),
-            platform: "linux/amd64".parse().unwrap(),
-        };
+        let plain = crate::build::scratch_job(&plan.layers[0].layer, "linux/amd64");
         let import = JobImport {
             source: ImportSource::Local(input.clone()),
             written: "input".into(),
