@@ -904,7 +904,7 @@ impl Inner {
         };
         // Only what reads nothing but its uploaded context is remembered.
         let memo_key = match &source.scope {
-            LocalScope::Uploaded(_) => Some(plans::key(&context_id(&spec.context)?, spec)),
+            LocalScope::Uploaded(root) => Some(plans::key(root, spec)),
             _ => None,
         };
         if let Some(plan) = memo_key.as_ref().and_then(|k| self.plans.get(k)) {

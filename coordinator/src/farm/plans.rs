@@ -8,6 +8,8 @@
 //! (`LocalScope::Anywhere`) or a local one is never remembered: its files may change.
 
 use std::collections::VecDeque;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use farm_stackerfile::Plan;
@@ -73,17 +75,17 @@ impl PlanMemo {
     }
 }
 
-/// The key of the plan of remote submission `spec` whose uploaded context has id
-/// `context_id`: everything planning reads that may differ between submissions. Every
-/// part is length-prefixed (and every list counted), so no two different inputs feed
-/// the same bytes.
-pub(super) fn key(context_id: &str, spec: &Submission) -> Key {
+/// The key of the plan of remote submission `spec` whose uploaded context is written at
+/// `context` (`contexts/<its id>`, the id a digest of its listing): everything planning
+/// reads that may differ between submissions. Every part is length-prefixed (and every
+/// list counted), so no two different inputs feed the same bytes.
+pub(super) fn key(context: &Path, spec: &Submission) -> Key {
     let mut h = Sha256::new();
     let mut part = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);
     };
-    part(context_id.as_bytes());
+    part(context.as_os_str().as_bytes());
     part(&(spec.stackerfiles.len() as u64).to_le_bytes());
     for f in &spec.stackerfiles {
         part(f.as_bytes());
@@ -182,9 +184,9 @@ mod tests {
     #[test]
     fn every_input_of_planning_changes_the_key() {
         let base = Submission::new(["s.yaml"]);
-        let k = |s: &Submission| key("ctx", s);
+        let k = |s: &Submission| key(Path::new("ctx"), s);
         let mut seen = std::collections::HashSet::from([k(&base)]);
-        assert_ne!(key("other", &base), k(&base), "the context");
+        assert_ne!(key(Path::new("other"), &base), k(&base), "the context");
         type Change = Box<dyn Fn(&mut Submission)>;
         let variants: Vec<Change> = vec![
             Box::new(|s| s.stackerfiles.push("t.yaml".into())),
