@@ -1,7 +1,7 @@
 //! Loading a stackerfile and its prerequisites (recursively, relative to the file that
 //! names them) into one list of layers, with the file DAG checked for cycles.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
 use crate::diag::{Diagnostic, Pos, Reporter, Severity, SourceMap};
@@ -437,6 +437,9 @@ impl Loader<'_> {
     fn prefetch(&mut self, prerequisites: &[crate::parse::Prerequisite]) {
         let room =
             MAX_FILES.saturating_sub(self.done.len() + self.stack.len() + self.prefetched.len());
+        // Files being loaded (the stack) and those already wanted are skipped through a
+        // set: a file naming thousands of prerequisites compared each with every other.
+        let mut seen: HashSet<PathBuf> = self.stack.iter().map(|(s, _)| s.clone()).collect();
         let mut ids: Vec<(PathBuf, &Path)> = Vec::new();
         for p in prerequisites {
             if ids.len() >= room {
@@ -445,8 +448,7 @@ impl Loader<'_> {
             let id = self.source.identity(&p.path);
             if self.done.contains_key(&id)
                 || self.prefetched.contains_key(&id)
-                || self.stack.iter().any(|(s, _)| *s == id)
-                || ids.iter().any(|(w, _)| *w == id)
+                || !seen.insert(id.clone())
             {
                 continue;
             }
