@@ -1,8 +1,8 @@
 //! The coordinator's Prometheus metrics: queue depth, running layers, workers, cache
-//! hits and misses, retries, builds and layer durations.
+//! hits and misses, retries, builds, layer durations and dispatch waits.
 //!
 //! Written out by hand in the text exposition format: it is a handful of gauges and
-//! counters and one histogram, and the format is small and stable, so a metrics registry
+//! counters and two histograms, and the format is small and stable, so a metrics registry
 //! crate would add more than it saves.
 
 use std::fmt::Write as _;
@@ -15,7 +15,13 @@ use crate::auth::AuthFailure;
 /// Upper bounds (seconds) of the layer duration histogram.
 const BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0];
 
-#[derive(Debug, Default)]
+/// Upper bounds (seconds) of the dispatch histogram: milliseconds when slots are free
+/// (the scheduler's own cost), up to minutes when layers wait for one.
+const DISPATCH_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+];
+
+#[derive(Debug)]
 pub struct Metrics {
     queue: AtomicU64,
     running: AtomicU64,
@@ -28,17 +34,83 @@ pub struct Metrics {
     /// Refused calls, by [`AuthFailure`] (in the order of `AuthFailure::ALL`).
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     durations: Mutex<Histogram>,
+    /// Layer queued (its inputs ready) -> assignment sent to a worker.
+    dispatch: Mutex<Histogram>,
     /// CI webhook deliveries by (provider, outcome).
     webhook_deliveries: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
     /// Garbage collections and what they removed.
     gc: crate::gc::GcCounters,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Histogram {
-    counts: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    /// Observations at or under each bound (cumulative, as the format has them).
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (n, b) in self.counts.iter_mut().zip(self.bounds) {
+            if s <= *b {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += s;
+    }
+
+    /// The bound of the first bucket holding at least `q` of the observations (`None`
+    /// when there are none, or when they lie past the last bound).
+    fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let want = (q * self.count as f64).ceil().max(1.0) as u64;
+        (self.count > 0)
+            .then(|| self.bounds.iter().zip(&self.counts).find(|(_, n)| **n >= want))
+            .flatten()
+            .map(|(b, _)| *b)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, n) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            queue: AtomicU64::default(),
+            running: AtomicU64::default(),
+            workers: AtomicU64::default(),
+            started: AtomicU64::default(),
+            cache_hits: AtomicU64::default(),
+            retries: AtomicU64::default(),
+            builds_finished: AtomicU64::default(),
+            watch_catch_ups: AtomicU64::default(),
+            auth_failures: Default::default(),
+            durations: Mutex::new(Histogram::new(BUCKETS)),
+            dispatch: Mutex::new(Histogram::new(DISPATCH_BUCKETS)),
+            webhook_deliveries: Mutex::default(),
+            gc: Default::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -87,15 +159,16 @@ impl Metrics {
             .or_default() += 1;
     }
     pub fn layer_built(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let mut h = self.durations.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += s;
+        lock(&self.durations).observe(d);
+    }
+    /// A queued layer's assignment went to a worker `d` after it was queued.
+    pub fn layer_dispatched(&self, d: Duration) {
+        lock(&self.dispatch).observe(d);
+    }
+    /// The bound (seconds) of the dispatch bucket that holds the `q`-quantile: the
+    /// `q`-quantile of dispatch waits is at most this.
+    pub fn dispatch_quantile_bound(&self, q: f64) -> Option<f64> {
+        lock(&self.dispatch).quantile_bound(q)
     }
 
     /// The metrics in Prometheus' text format.
@@ -184,25 +257,17 @@ impl Metrics {
                 "farm_webhook_deliveries_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {n}"
             );
         }
-        let h = self.durations.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            out,
-            "# HELP farm_layer_duration_seconds Time to build a layer on a worker.\n# TYPE farm_layer_duration_seconds histogram"
+        lock(&self.durations).render(
+            &mut out,
+            "farm_layer_duration_seconds",
+            "Time to build a layer on a worker.",
         );
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "farm_layer_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                h.counts[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "farm_layer_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            h.count
+        lock(&self.dispatch).render(
+            &mut out,
+            "farm_dispatch_seconds",
+            "Time from a layer being queued (its inputs ready) to its assignment being sent \
+             to a worker: the wait for a free slot, placement and the lease's record.",
         );
-        let _ = writeln!(out, "farm_layer_duration_seconds_sum {}", h.sum);
-        let _ = writeln!(out, "farm_layer_duration_seconds_count {}", h.count);
         self.gc.render(&mut out);
         out
     }
@@ -211,6 +276,10 @@ impl Metrics {
     pub fn gc(&self) -> &crate::gc::GcCounters {
         &self.gc
     }
+}
+
+fn lock(h: &Mutex<Histogram>) -> std::sync::MutexGuard<'_, Histogram> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -246,5 +315,31 @@ mod tests {
             text.contains("farm_layer_duration_seconds_count 2\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn dispatch_waits_are_a_histogram_whose_quantiles_are_bucket_bounds() {
+        let m = Metrics::default();
+        assert_eq!(m.dispatch_quantile_bound(0.5), None, "nothing observed");
+        for _ in 0..98 {
+            m.layer_dispatched(Duration::from_micros(1500));
+        }
+        m.layer_dispatched(Duration::from_millis(30));
+        m.layer_dispatched(Duration::from_millis(30));
+        assert_eq!(m.dispatch_quantile_bound(0.5), Some(0.002));
+        assert_eq!(m.dispatch_quantile_bound(0.98), Some(0.002));
+        assert_eq!(m.dispatch_quantile_bound(0.99), Some(0.05));
+        m.layer_dispatched(Duration::from_secs(3600));
+        assert_eq!(m.dispatch_quantile_bound(1.0), None, "past the last bound");
+        let text = m.render();
+        for line in [
+            "farm_dispatch_seconds_bucket{le=\"0.001\"} 0\n",
+            "farm_dispatch_seconds_bucket{le=\"0.002\"} 98\n",
+            "farm_dispatch_seconds_bucket{le=\"0.05\"} 100\n",
+            "farm_dispatch_seconds_bucket{le=\"+Inf\"} 101\n",
+            "farm_dispatch_seconds_count 101\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -512,6 +512,15 @@ async fn a_silent_worker_loses_its_layer_to_another() {
     let status = farm.state().status(&id).await.unwrap().unwrap();
     assert_eq!(status.layers[0].worker.as_deref(), Some("healthy"));
     assert_eq!(silent.name, "silent");
+    // Dispatched twice, each at once: the retry's wait starts when it is queued again,
+    // not when the layer first was (the silent worker's lease was 300 ms).
+    let metrics = farm.metrics().render();
+    assert!(
+        metrics.contains("farm_dispatch_seconds_count 2\n"),
+        "{metrics}"
+    );
+    let slowest = farm.metrics().dispatch_quantile_bound(1.0).unwrap();
+    assert!(slowest <= 0.25, "slowest dispatch up to {slowest} s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,7 +109,7 @@ impl Scheduler {
                 ),
             );
             inner.metrics.retry();
-            self.lock().queue.push_front(task);
+            self.lock().queue.push_front(task.waits_again());
             self.wake.notify_one();
         } else {
             task.finish(Err(LayerFailure::new(

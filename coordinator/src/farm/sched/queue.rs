@@ -39,6 +39,13 @@ impl Task {
     pub(super) fn finish(self, result: LayerOutcome) {
         let _ = self.done.send(result);
     }
+
+    /// The layer goes back to the queue (its worker was lost or stopping): its wait
+    /// for a worker starts again.
+    pub(super) fn waits_again(mut self) -> Self {
+        self.trace.1 = std::time::Instant::now();
+        self
+    }
 }
 
 /// A queued layer and the worker picked for it.
@@ -256,6 +263,7 @@ impl Scheduler {
                         trace,
                     });
                     if sent.is_ok() {
+                        inner.metrics.layer_dispatched(queued.elapsed());
                         w.running.insert(id);
                         st.active.insert(id, Active { task, worker });
                         inner.metrics.set_running(st.active.len());

@@ -436,7 +436,7 @@ impl WorkerSession {
                         self.name
                     ),
                 );
-                sched.lock().queue.push_front(task);
+                sched.lock().queue.push_front(task.waits_again());
             }
         }
         sched.wake.notify_one();
