@@ -77,7 +77,12 @@ impl Histogram {
     fn quantile_bound(&self, q: f64) -> Option<f64> {
         let want = (q * self.count as f64).ceil().max(1.0) as u64;
         (self.count > 0)
-            .then(|| self.bounds.iter().zip(&self.counts).find(|(_, n)| **n >= want))
+            .then(|| {
+                self.bounds
+                    .iter()
+                    .zip(&self.counts)
+                    .find(|(_, n)| **n >= want)
+            })
             .flatten()
             .map(|(b, _)| *b)
     }
