@@ -313,6 +313,40 @@ fn vm_hwm_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds used so far by this process's threads, summed by thread name (busiest
+/// first): where the cores went (the runtime's workers, the databases' writers, ...).
+fn cpu_by_thread() -> String {
+    let mut by_name: HashMap<String, f64> = HashMap::new();
+    let ticks = 100.0; // USER_HZ: the unit of /proc's times on Linux
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // "pid (comm) state ...": the name may hold spaces; the times follow its ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let time = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        *by_name.entry(name).or_default() += (time(11) + time(12)) / ticks;
+    }
+    let mut v: Vec<(String, f64)> = by_name.into_iter().filter(|(_, t)| *t >= 0.01).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.iter()
+        .map(|(n, t)| format!("{n} {t:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -505,6 +539,10 @@ async fn run() {
         "p99 < 20 ms",
     );
 
+    println!(
+        "  CPU seconds by thread since the start (live threads; stand-ins' included): {}",
+        cpu_by_thread()
+    );
     let stop_after = match std::env::var("STOP_AFTER").as_deref() {
         Ok("cold") => Some(Phase::Cold),
         Ok("hits") => Some(Phase::Hits),
