@@ -9,6 +9,10 @@
 //! an OTLP/gRPC receiver in this process (or to OTLP_ENDPOINT when set); TRACES=off
 //! runs the first only.
 
+/// The farm binary's allocator (see `cli/src/main.rs`): the bench measures what it runs.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::time::Instant;
 
 use farm_coordinator::farm::{EventKind, Farm, FarmConfig, Limits, Submission};

@@ -13,6 +13,10 @@
 //! The coordinator runs in this process, so its peak RSS is the process's (VmHWM),
 //! stand-in workers and clients included (an upper bound of the coordinator's own).
 
+/// The farm binary's allocator (see `cli/src/main.rs`): the bench measures what it runs.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
