@@ -263,6 +263,17 @@ macro_rules! lease_select {
     };
 }
 
+/// How many assignment ids are reserved in the store at once (see
+/// [`StateStore::next_assignment_id`]).
+const ID_BLOCK: i64 = 4096;
+
+/// Assignment ids reserved in the store and not handed out yet: `next..end`.
+#[derive(Debug, Default)]
+struct IdBlock {
+    next: i64,
+    end: i64,
+}
+
 /// The coordinator's state; cheap to clone (a shared connection pool).
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -270,6 +281,7 @@ pub struct StateStore {
     path: String,
     /// Layer states and results, leases and events: written in group commits.
     writer: crate::group_commit::GroupCommit,
+    ids: std::sync::Arc<tokio::sync::Mutex<IdBlock>>,
 }
 
 impl StateStore {
@@ -291,6 +303,7 @@ impl StateStore {
             pool,
             path: shown,
             writer,
+            ids: Default::default(),
         };
         // A webhook delivery answered 202 whose builds never started (the coordinator
         // stopped between the answer and the submit) would answer every redelivery with
@@ -333,6 +346,19 @@ impl StateStore {
             move |e| failed.of(crate::group_commit::clone_error(e)),
             move |conn| f(conn, err),
         )
+    }
+
+    /// Hold the state writer (and the database's write lock) for `d`, as a slow disk or
+    /// a long transaction would: what waits for a commit waits that long.
+    #[cfg(test)]
+    pub(crate) fn stall_writer(
+        &self,
+        d: std::time::Duration,
+    ) -> impl Future<Output = Result<()>> + use<> {
+        self.write(move |_, _| {
+            std::thread::sleep(d);
+            Ok(())
+        })
     }
 
     fn word<T: FromStr<Err = UnknownWord>>(&self, s: &str) -> Result<T> {
@@ -726,7 +752,8 @@ impl StateStore {
     // ---- leases ----
 
     /// Lease layer `idx` of `build` to `worker` until `now + lease_ms`: the layer becomes
-    /// running on that worker and its attempts grow by one.
+    /// running on that worker and its attempts grow by one. Answers once the lease is
+    /// committed (the scheduler does not wait: see [`Self::lease`]).
     pub async fn assign(
         &self,
         build: &str,
@@ -735,6 +762,50 @@ impl StateStore {
         lease_ms: u64,
         now: i64,
     ) -> Result<AssignmentId> {
+        let id = self.next_assignment_id().await?;
+        self.lease(id, build, idx, worker, lease_ms, now).await?;
+        Ok(id)
+    }
+
+    /// A new assignment id, never handed out before, by this process or any before it
+    /// on this store, whether or not its lease was ever written: ids come from blocks
+    /// reserved in the store (`sqlite_sequence`, where AUTOINCREMENT keeps the largest
+    /// id it gave) before any id of the block is used. An assignment may so be sent
+    /// before its lease commits, and a worker naming it after a crash that lost the
+    /// lease can never be taken for another one's.
+    pub async fn next_assignment_id(&self) -> Result<AssignmentId> {
+        let mut block = self.ids.lock().await;
+        if block.next == block.end {
+            let last = self
+                .write(|conn, err| reserve_assignment_ids(conn, ID_BLOCK).map_err(|e| err.of(e)))
+                .await?;
+            *block = IdBlock {
+                next: last - ID_BLOCK + 1,
+                end: last + 1,
+            };
+        }
+        let id = block.next;
+        block.next += 1;
+        Ok(AssignmentId(id))
+    }
+
+    /// Lease layer `idx` of `build` to `worker` as assignment `id` (from
+    /// [`Self::next_assignment_id`]) until `now + lease_ms`, as [`Self::assign`].
+    ///
+    /// Queued when called: the scheduler sends the assignment without waiting for the
+    /// commit, and writes it queues after (the lease's release, the layer's result)
+    /// commit no earlier. A coordinator killed before the lease commits forgets the
+    /// assignment: the layer is queued again when the build resumes, and the worker's
+    /// result for the unknown id is dropped.
+    pub fn lease(
+        &self,
+        id: AssignmentId,
+        build: &str,
+        idx: u32,
+        worker: &str,
+        lease_ms: u64,
+        now: i64,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX / 2);
         let (build, worker) = (build.to_string(), worker.to_string());
         self.write(move |conn, err| {
@@ -748,21 +819,23 @@ impl StateStore {
                 })
                 .map_err(|e| err.of(e))?;
             layer_updated(done, &build, idx)?;
-            let id: i64 = conn
-                .prepare_cached(
-                    "INSERT INTO assignments (build_id, idx, worker, lease_ms, expires_ms, released)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 0) RETURNING id",
-                )
-                .and_then(|mut q| {
-                    q.query_row(
-                        rusqlite::params![build, idx, worker, lease_ms, now.saturating_add(lease_ms)],
-                        |r| r.get(0),
-                    )
-                })
-                .map_err(|e| err.of(e))?;
-            Ok(AssignmentId(id))
+            conn.prepare_cached(
+                "INSERT INTO assignments (id, build_id, idx, worker, lease_ms, expires_ms, released)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+            )
+            .and_then(|mut q| {
+                q.execute(rusqlite::params![
+                    id.0,
+                    build,
+                    idx,
+                    worker,
+                    lease_ms,
+                    now.saturating_add(lease_ms)
+                ])
+            })
+            .map_err(|e| err.of(e))?;
+            Ok(())
         })
-        .await
     }
 
     /// A heartbeat from `worker`: every active lease it holds now expires at
@@ -842,29 +915,35 @@ impl StateStore {
 
     /// End a lease (result in, worker lost, cancelled). Returns `false` if it had already
     /// been released, so a late result or a second expiry is noticed.
-    pub async fn release(&self, id: AssignmentId) -> Result<bool> {
-        let released = self
-            .write(move |conn, err| {
-                let done = conn
-                    .prepare_cached(
-                        "UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0",
-                    )
-                    .and_then(|mut q| q.execute([id.0]))
-                    .map_err(|e| err.of(e))?;
-                Ok(done == 1)
-            })
-            .await?;
-        if released {
-            return Ok(true);
-        }
-        let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM assignments WHERE id = ?1")
-            .bind(id.0)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        match exists {
-            Some(_) => Ok(false),
-            None => Err(StateError::NoAssignment(id)),
+    ///
+    /// Queued when called (see [`Self::lease`]): a lease queued before commits first.
+    pub fn release(
+        &self,
+        id: AssignmentId,
+    ) -> impl Future<Output = Result<bool>> + Send + 'static + use<> {
+        let released = self.write(move |conn, err| {
+            let done = conn
+                .prepare_cached(
+                    "UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0",
+                )
+                .and_then(|mut q| q.execute([id.0]))
+                .map_err(|e| err.of(e))?;
+            Ok(done == 1)
+        });
+        let store = self.clone();
+        async move {
+            if released.await? {
+                return Ok(true);
+            }
+            let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM assignments WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&store.pool)
+                .await
+                .map_err(|e| store.err(e))?;
+            match exists {
+                Some(_) => Ok(false),
+                None => Err(StateError::NoAssignment(id)),
+            }
         }
     }
 
@@ -1116,6 +1195,35 @@ fn lease_row((id, build_id, idx, worker, expires_ms, attempts): LeaseTuple) -> L
 }
 
 /// Now, in unix milliseconds.
+/// Reserve the next `n` assignment ids: returns the last of them. AUTOINCREMENT keeps the
+/// largest id it ever gave in `sqlite_sequence` and never gives one at or under it; ids
+/// inserted explicitly at or under it leave it alone. So a block reserved here is never
+/// given again, by AUTOINCREMENT or by a later reservation, even if its ids were never
+/// written.
+fn reserve_assignment_ids(conn: &rusqlite::Connection, n: i64) -> rusqlite::Result<i64> {
+    use rusqlite::OptionalExtension;
+    let bumped: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'assignments' RETURNING seq",
+        )?
+        .query_row([n], |r| r.get(0))
+        .optional()?;
+    if let Some(last) = bumped {
+        return Ok(last);
+    }
+    // No assignment yet on this store (its row appears with the first).
+    let last: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(id), 0) + ?1 FROM assignments",
+        [n],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "INSERT INTO sqlite_sequence (name, seq) VALUES ('assignments', ?1)",
+        [last],
+    )?;
+    Ok(last)
+}
+
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1446,6 +1554,48 @@ mod tests {
             s.set_build_state("b-nope", BuildState::Running).await,
             Err(StateError::NoBuild(_))
         ));
+    }
+
+    /// Ids handed out whose leases never committed (a coordinator killed first) are not
+    /// handed out again after a restart; nor are ids AUTOINCREMENT gave before ids were
+    /// reserved in blocks.
+    #[tokio::test]
+    async fn assignment_ids_are_never_given_twice_even_when_their_leases_were_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.db");
+        let mut given = Vec::new();
+        let build = {
+            let s = StateStore::open(&path).await.unwrap();
+            let build = s.create_build("{}", &names(&["a", "b"])).await.unwrap();
+            given.push(s.assign(&build, 0, "w1", 10_000, 0).await.unwrap());
+            // Sent to workers, and the process killed before their leases committed.
+            for _ in 0..3 {
+                given.push(s.next_assignment_id().await.unwrap());
+            }
+            build
+        };
+        for _ in 0..2 {
+            let s = StateStore::open(&path).await.unwrap();
+            let next = s.assign(&build, 1, "w2", 10_000, 0).await.unwrap();
+            assert!(given.iter().all(|g| g.0 < next.0), "{next} after {given:?}");
+            given.push(next);
+            given.push(s.next_assignment_id().await.unwrap());
+        }
+        // A store whose assignments AUTOINCREMENT numbered.
+        let s = StateStore::open(&d.path().join("old.db")).await.unwrap();
+        let b = s.create_build("{}", &names(&["a"])).await.unwrap();
+        for _ in 0..5 {
+            sqlx::query(
+                "INSERT INTO assignments (build_id, idx, worker, lease_ms, expires_ms, released)
+                 VALUES (?1, 0, 'w', 1, 1, 1)",
+            )
+            .bind(&b)
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        }
+        let next = s.next_assignment_id().await.unwrap();
+        assert!(next.0 > 5, "{next}");
     }
 
     #[tokio::test]

@@ -523,6 +523,52 @@ async fn a_silent_worker_loses_its_layer_to_another() {
     assert!(slowest <= 0.25, "slowest dispatch up to {slowest} s");
 }
 
+/// A layer goes to its worker without waiting for its lease to commit, and a worker's
+/// result is taken without waiting for its lease's release: a state writer stalled for
+/// seconds (a slow disk, a long transaction) delays the records, not the build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_state_writer_delays_the_records_not_the_dispatch() {
+    let d = tempfile::tempdir().unwrap();
+    let farm = start(d.path(), 60_000).await;
+    let slow = Script {
+        delay: Duration::from_millis(300),
+        heartbeats: false,
+        ..QUICK
+    };
+    let w = fake_worker(&farm, "w", 1, slow, vec![]);
+    let file = d.path().join("chain.yaml");
+    std::fs::write(
+        &file,
+        "l0:\n  from: {type: scratch}\n  run: echo 0\n\
+         l1:\n  from: {type: built, tag: l0}\n  run: echo 1\n",
+    )
+    .unwrap();
+    let (id, _) = farm.submit(submission(&file)).await.unwrap();
+    let until = |n: usize| {
+        let w = &w;
+        async move {
+            let t = tokio::time::Instant::now();
+            while w.layers().len() < n {
+                assert!(t.elapsed() < Duration::from_secs(10), "{:?}", w.layers());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            t.elapsed()
+        }
+    };
+    until(1).await;
+    // While l0 builds, the writer stalls; l0's result, and l1's assignment, come.
+    let stall = Duration::from_secs(3);
+    let stalled = farm.state().stall_writer(stall);
+    let took = until(2).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "l1 was assigned {took:?} after the writer stalled for {stall:?}"
+    );
+    assert_eq!(w.layers(), ["l0", "l1"]);
+    stalled.await.unwrap();
+    assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_lost_attempts_fail_the_layer_saying_why() {
     let d = tempfile::tempdir().unwrap();

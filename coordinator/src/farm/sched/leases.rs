@@ -23,7 +23,10 @@ impl Scheduler {
         self.lease.as_millis() as u64
     }
 
-    /// Lease layer `idx` of `build` to `worker` (counts as one attempt).
+    /// Lease layer `idx` of `build` to `worker` (counts as one attempt): the new
+    /// assignment's id, at once; its lease is committed behind it (see
+    /// `StateStore::lease`), and a failure to is logged: the layer is built either way,
+    /// but a coordinator restarted before it finishes builds it again.
     pub(super) async fn assign(
         &self,
         inner: &Inner,
@@ -31,10 +34,17 @@ impl Scheduler {
         idx: u32,
         worker: &str,
     ) -> Result<AssignmentId, StateError> {
-        inner
+        let id = inner.state.next_assignment_id().await?;
+        let recorded = inner
             .state
-            .assign(build, idx, worker, self.lease_ms(), unix_ms())
-            .await
+            .lease(id, build, idx, worker, self.lease_ms(), unix_ms());
+        let build = build.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = recorded.await {
+                tracing::error!(%build, assignment = %id, "recording the lease: {e}; the layer is built, but again if the coordinator restarts before it finishes");
+            }
+        });
+        Ok(id)
     }
 
     /// Renew `worker`'s leases. A failed write is retried by the next heartbeat; until one
@@ -45,12 +55,17 @@ impl Scheduler {
         }
     }
 
-    /// End lease `id` in the state store. A write that fails leaves the lease to run
-    /// out, and the expiry loop then retries the layer: logged, never silent.
-    pub(super) async fn release(&self, inner: &Inner, id: AssignmentId) {
-        if let Err(e) = inner.state.release(id).await {
-            tracing::error!(assignment = %id, "releasing the lease: {e}; it will expire instead");
-        }
+    /// End lease `id` in the state store: queued now, committed behind (nothing waits
+    /// for it: a worker's next message is not held up by a commit). A write that fails
+    /// leaves the lease to run out, and the expiry loop then retries the layer: logged,
+    /// never silent.
+    pub(super) fn release(&self, inner: &Inner, id: AssignmentId) {
+        let released = inner.state.release(id);
+        tokio::spawn(async move {
+            if let Err(e) = released.await {
+                tracing::error!(assignment = %id, "releasing the lease: {e}; it will expire instead");
+            }
+        });
     }
 
     /// Leases that ran out: their layers go back to the queue (or fail).
@@ -84,7 +99,7 @@ impl Scheduler {
         worker: &str,
         why: &str,
     ) {
-        self.release(inner, id).await;
+        self.release(inner, id);
         let active = {
             let mut st = self.lock();
             if let Some(w) = st.workers.get_mut(worker) {

@@ -231,7 +231,7 @@ impl Scheduler {
             Ok(j) => j,
             Err(e) => {
                 unreserve(&mut self.lock());
-                self.release(inner, id).await;
+                self.release(inner, id);
                 task.finish(Err(LayerFailure::internal(format!(
                     "sending the layer's inputs: {e}"
                 ))));
@@ -278,7 +278,7 @@ impl Scheduler {
         if let Some(task) = requeue {
             // The worker left between the pick and the send: not its fault, but the
             // lease was recorded (and counts as an attempt); release it and queue again.
-            self.release(inner, id).await;
+            self.release(inner, id);
             if cancelled {
                 task.finish(Err(LayerFailure::cancelled()));
                 return;

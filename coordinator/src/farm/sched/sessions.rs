@@ -317,7 +317,7 @@ impl WorkerSession {
             Some(a) => a.task.finish(outcome),
             None => self.result_for_nobody(id, outcome).await,
         }
-        sched.release(inner, id).await;
+        sched.release(inner, id);
         sched.wake.notify_one();
     }
 
