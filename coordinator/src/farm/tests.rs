@@ -262,6 +262,17 @@ fn fan_out(dir: &Path, n: usize, salt: &str) -> Submission {
     submission(&file)
 }
 
+/// Write `file`: two layers, `top` built on `base`, each named and running `echo` of
+/// its text.
+fn two_layers(file: &Path, base: (&str, &str), top: (&str, &str)) {
+    let yaml = format!(
+        "{}:\n  from: {{type: scratch}}\n  run: echo {}\n\
+         {}:\n  from: {{type: built, tag: {}}}\n  run: echo {}\n",
+        base.0, base.1, top.0, base.0, top.1
+    );
+    std::fs::write(file, yaml).unwrap();
+}
+
 fn submission(file: &Path) -> Submission {
     Submission {
         allow_outside_context: true,
@@ -456,12 +467,7 @@ async fn a_worker_whose_base_chain_is_there_is_preferred() {
     let d = tempfile::tempdir().unwrap();
     let farm = start(d.path(), 2000).await;
     let file = d.path().join("s.yaml");
-    std::fs::write(
-        &file,
-        "base:\n  from: {type: scratch}\n  run: echo base\n\
-         app:\n  from: {type: built, tag: base}\n  run: echo app\n",
-    )
-    .unwrap();
+    two_layers(&file, ("base", "base"), ("app", "app"));
     let a = fake_worker(&farm, "a", 1, QUICK, vec![]);
     let (id, _) = farm.submit(submission(&file)).await.unwrap();
     assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
@@ -470,12 +476,7 @@ async fn a_worker_whose_base_chain_is_there_is_preferred() {
     // the base chain, although both are idle.
     let b = fake_worker(&farm, "b", 1, QUICK, vec![]);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    std::fs::write(
-        &file,
-        "base:\n  from: {type: scratch}\n  run: echo base\n\
-         app:\n  from: {type: built, tag: base}\n  run: echo app v2\n",
-    )
-    .unwrap();
+    two_layers(&file, ("base", "base"), ("app", "app v2"));
     let (id, _) = farm.submit(submission(&file)).await.unwrap();
     assert_eq!(wait(&farm, &id).await.0, BuildState::Succeeded);
     assert_eq!(a.layers(), ["base", "app", "app"]);
@@ -537,12 +538,7 @@ async fn a_stalled_state_writer_delays_the_records_not_the_dispatch() {
     };
     let w = fake_worker(&farm, "w", 1, slow, vec![]);
     let file = d.path().join("chain.yaml");
-    std::fs::write(
-        &file,
-        "l0:\n  from: {type: scratch}\n  run: echo 0\n\
-         l1:\n  from: {type: built, tag: l0}\n  run: echo 1\n",
-    )
-    .unwrap();
+    two_layers(&file, ("l0", "0"), ("l1", "1"));
     let (id, _) = farm.submit(submission(&file)).await.unwrap();
     let until = |n: usize| {
         let w = &w;
@@ -844,12 +840,7 @@ async fn a_stackerfile_given_as_a_url_is_planned_from_the_submitted_text() {
 async fn layers_built_before_a_restart_stay_built_by_their_worker() {
     let d = tempfile::tempdir().unwrap();
     let file = d.path().join("chain.yaml");
-    std::fs::write(
-        &file,
-        "first:\n  from: {type: scratch}\n  run: echo 1\n\
-         second:\n  from: {type: built, tag: first}\n  run: echo 2\n",
-    )
-    .unwrap();
+    two_layers(&file, ("first", "1"), ("second", "2"));
     let farm = start(d.path(), 1000).await;
     let w = fake_worker(
         &farm,
