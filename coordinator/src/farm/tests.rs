@@ -524,9 +524,9 @@ async fn a_silent_worker_loses_its_layer_to_another() {
     assert!(slowest <= 0.25, "slowest dispatch up to {slowest} s");
 }
 
-/// A layer goes to its worker without waiting for its lease to commit, and a worker's
-/// result is taken without waiting for its lease's release: a state writer stalled for
-/// seconds (a slow disk, a long transaction) delays the records, not the build.
+/// A layer goes to its worker without waiting for its lease to commit: a state writer
+/// stalled for seconds (a slow disk, a long transaction) delays the records, not the
+/// build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_state_writer_delays_the_records_not_the_dispatch() {
     let d = tempfile::tempdir().unwrap();
