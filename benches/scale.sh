@@ -7,7 +7,8 @@
 # Runs `cargo bench -p farm-coordinator --bench scale` (coordinator/benches/scale.rs):
 # the real gRPC services on loopback (tonic server and clients, the state store, the
 # action cache), stand-in workers in the same process that speak the worker protocol
-# over their own connections and answer at once. With FARM_BIN unset it first builds
+# over their own connections (on a runtime of their own) and answer at once; later phases
+# hold layers, to measure dispatch latency below saturation. With FARM_BIN unset it first builds
 # the `farm` binary (release) to time `farm submit` of the unchanged DAG; FARM_BIN=none
 # skips that.
 #
@@ -26,8 +27,9 @@ if [ -z "${FARM_BIN:-}" ]; then
 elif [ "$FARM_BIN" = none ]; then
     export FARM_BIN=
 fi
-# The coordinator runs in this process: its allocator is set as the `farm` binary sets
-# it (as many glibc arenas as cores; cli/src/main.rs), unless MALLOC_ARENA_MAX is given.
+# The coordinator runs in this process, with the `farm` binary's allocator (jemalloc, set
+# in the bench) and, for what C libraries allocate, as many glibc arenas as cores
+# (cli/src/main.rs), unless MALLOC_ARENA_MAX is given.
 export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-$(nproc)}
 echo "commit $(git rev-parse --short HEAD)$( [ -n "$(git status --porcelain -- coordinator)" ] && echo ' + uncommitted changes')" >&2
 exec cargo bench -q -p farm-coordinator --bench scale
