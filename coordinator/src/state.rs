@@ -888,8 +888,11 @@ impl StateStore {
         Ok(rows.into_iter().map(lease_row).collect())
     }
 
-    /// Active leases held by `worker`.
+    /// Active leases held by `worker`, every lease queued before this call included
+    /// (leases are queued, not waited for: a reconnecting worker is reconciled with
+    /// every assignment sent to it, not only the committed ones).
     pub async fn leases_of(&self, worker: &str) -> Result<Vec<Lease>> {
+        self.write(|_, _| Ok(())).await?;
         let rows: Vec<LeaseTuple> = sqlx::query_as(lease_select!("a.worker = ?1"))
             .bind(worker)
             .fetch_all(&self.pool)
@@ -1596,6 +1599,28 @@ mod tests {
         }
         let next = s.next_assignment_id().await.unwrap();
         assert!(next.0 > 5, "{next}");
+    }
+
+    /// A worker's leases, read while some are still queued behind a slow commit, include
+    /// them: a reconnecting worker keeps every layer it was sent.
+    #[tokio::test]
+    async fn a_workers_leases_include_those_still_queued() {
+        let (_d, s) = store().await;
+        let build = s.create_build("{}", &names(&["a", "b"])).await.unwrap();
+        let first = s.assign(&build, 0, "w1", 10_000, 0).await.unwrap();
+        let stalled = s.stall_writer(std::time::Duration::from_millis(300));
+        let second = s.next_assignment_id().await.unwrap();
+        let queued = s.lease(second, &build, 1, "w1", 10_000, 0);
+        let held: Vec<AssignmentId> = s
+            .leases_of("w1")
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.assignment)
+            .collect();
+        assert_eq!(held, [first, second]);
+        stalled.await.unwrap();
+        queued.await.unwrap();
     }
 
     #[tokio::test]
