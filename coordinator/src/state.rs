@@ -840,7 +840,13 @@ impl StateStore {
 
     /// A heartbeat from `worker`: every active lease it holds now expires at
     /// `now + its lease`. Returns how many leases were renewed.
-    pub async fn renew(&self, worker: &str, now: i64) -> Result<u64> {
+    ///
+    /// Queued when called (see [`Self::lease`]).
+    pub fn renew(
+        &self,
+        worker: &str,
+        now: i64,
+    ) -> impl Future<Output = Result<u64>> + Send + 'static + use<> {
         let worker = worker.to_string();
         self.write(move |conn, err| {
             let done = conn
@@ -851,7 +857,6 @@ impl StateStore {
                 .map_err(|e| err.of(e))?;
             Ok(done as u64)
         })
-        .await
     }
 
     /// Every active lease now expires at `now + its lease` (a restarted coordinator gives
@@ -1082,7 +1087,13 @@ impl StateStore {
     }
 
     /// A sign of life from `worker`; `false` if it never registered.
-    pub async fn worker_seen(&self, name: &str, now: i64) -> Result<bool> {
+    ///
+    /// Queued when called (see [`Self::lease`]).
+    pub fn worker_seen(
+        &self,
+        name: &str,
+        now: i64,
+    ) -> impl Future<Output = Result<bool>> + Send + 'static + use<> {
         let name = name.to_string();
         self.write(move |conn, err| {
             let done = conn
@@ -1091,7 +1102,6 @@ impl StateStore {
                 .map_err(|e| err.of(e))?;
             Ok(done == 1)
         })
-        .await
     }
 
     /// Every worker ever registered, by name.

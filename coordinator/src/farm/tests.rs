@@ -524,16 +524,17 @@ async fn a_silent_worker_loses_its_layer_to_another() {
     assert!(slowest <= 0.25, "slowest dispatch up to {slowest} s");
 }
 
-/// A layer goes to its worker without waiting for its lease to commit: a state writer
+/// A layer goes to its worker without waiting for its lease to commit, and a worker's
+/// heartbeat does not hold up its result behind the renewal's commit: a state writer
 /// stalled for seconds (a slow disk, a long transaction) delays the records, not the
 /// build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_state_writer_delays_the_records_not_the_dispatch() {
     let d = tempfile::tempdir().unwrap();
     let farm = start(d.path(), 60_000).await;
+    // Its heartbeats (every 50 ms) are taken while the writer stalls, too.
     let slow = Script {
         delay: Duration::from_millis(300),
-        heartbeats: false,
         ..QUICK
     };
     let w = fake_worker(&farm, "w", 1, slow, vec![]);

@@ -293,7 +293,7 @@ async fn serve(
                     .filter_map(|a| assignment_id(&name, a))
                     .collect();
                 session.progress(&live);
-                session.heartbeat(parse_chains(&name, &hb.chains)).await;
+                session.heartbeat(parse_chains(&name, &hb.chains));
             }
             Some(worker_message::Kind::Logs(batch)) => {
                 if let Some(id) = assignment_id(&name, &batch.assignment) {
@@ -304,7 +304,7 @@ async fn serve(
                 // meanwhile (at most once a second), or its leases would run out.
                 if renewed.elapsed() >= RENEW_EVERY {
                     renewed = std::time::Instant::now();
-                    session.heartbeat(HashSet::new()).await;
+                    session.heartbeat(HashSet::new());
                 }
             }
             Some(worker_message::Kind::Result(result)) => {

@@ -47,12 +47,18 @@ impl Scheduler {
         Ok(id)
     }
 
-    /// Renew `worker`'s leases. A failed write is retried by the next heartbeat; until one
-    /// succeeds the leases may run out and their layers move to another worker.
-    pub(super) async fn renew(&self, inner: &Inner, worker: &str, now: i64) {
-        if let Err(e) = inner.state.renew(worker, now).await {
-            tracing::warn!(%worker, "renewing leases: {e}; they may run out before the next heartbeat renews them");
-        }
+    /// Renew `worker`'s leases: queued now, committed behind (a worker's heartbeat does
+    /// not hold up its next message). A failed write is retried by the next heartbeat;
+    /// until one succeeds the leases may run out and their layers move to another
+    /// worker.
+    pub(super) fn renew(&self, inner: &Inner, worker: &str, now: i64) {
+        let renewed = inner.state.renew(worker, now);
+        let worker = worker.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = renewed.await {
+                tracing::warn!(%worker, "renewing leases: {e}; they may run out before the next heartbeat renews them");
+            }
+        });
     }
 
     /// End lease `id` in the state store: queued now, committed behind (nothing waits

@@ -191,7 +191,7 @@ impl Scheduler {
             }
             w.reconciling = false;
         }
-        self.renew(inner, name, unix_ms()).await;
+        self.renew(inner, name, unix_ms());
         self.wake.notify_one();
         Ok(session)
     }
@@ -204,12 +204,17 @@ impl WorkerSession {
 
     /// The worker is alive: renew its leases, note the chains it reports, and give it
     /// work again if a lease of it ran out.
-    pub(crate) async fn heartbeat(&self, chains: HashSet<ChainId>) {
+    /// Its records are queued and committed behind: nothing here waits for a commit.
+    pub(crate) fn heartbeat(&self, chains: HashSet<ChainId>) {
         let now = unix_ms();
-        self.sched().renew(&self.inner, &self.name, now).await;
-        if let Err(e) = self.inner.state.worker_seen(&self.name, now).await {
-            tracing::warn!(worker = %self.name, "recording the heartbeat: {e}; `farm workers` shows it seen earlier");
-        }
+        self.sched().renew(&self.inner, &self.name, now);
+        let seen = self.inner.state.worker_seen(&self.name, now);
+        let worker = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = seen.await {
+                tracing::warn!(%worker, "recording the heartbeat: {e}; `farm workers` shows it seen earlier");
+            }
+        });
         let mut st = self.sched().lock();
         if let Some(w) = st
             .workers
