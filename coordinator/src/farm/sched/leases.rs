@@ -39,10 +39,8 @@ impl Scheduler {
             .state
             .lease(id, build, idx, worker, self.lease_ms(), unix_ms());
         let build = build.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = recorded.await {
-                tracing::error!(%build, assignment = %id, "recording the lease: {e}; the layer is built, but again if the coordinator restarts before it finishes");
-            }
+        super::behind(recorded, move |e| {
+            tracing::error!(%build, assignment = %id, "recording the lease: {e}; the layer is built, but again if the coordinator restarts before it finishes");
         });
         Ok(id)
     }
@@ -52,12 +50,9 @@ impl Scheduler {
     /// until one succeeds the leases may run out and their layers move to another
     /// worker.
     pub(super) fn renew(&self, inner: &Inner, worker: &str, now: i64) {
-        let renewed = inner.state.renew(worker, now);
         let worker = worker.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = renewed.await {
-                tracing::warn!(%worker, "renewing leases: {e}; they may run out before the next heartbeat renews them");
-            }
+        super::behind(inner.state.renew(&worker, now), move |e| {
+            tracing::warn!(%worker, "renewing leases: {e}; they may run out before the next heartbeat renews them");
         });
     }
 
@@ -66,11 +61,8 @@ impl Scheduler {
     /// leaves the lease to run out, and the expiry loop then retries the layer: logged,
     /// never silent.
     pub(super) fn release(&self, inner: &Inner, id: AssignmentId) {
-        let released = inner.state.release(id);
-        tokio::spawn(async move {
-            if let Err(e) = released.await {
-                tracing::error!(assignment = %id, "releasing the lease: {e}; it will expire instead");
-            }
+        super::behind(inner.state.release(id), move |e| {
+            tracing::error!(assignment = %id, "releasing the lease: {e}; it will expire instead");
         });
     }
 

@@ -27,6 +27,19 @@ use crate::state::{AssignmentId, BuildId};
 use placement::Candidate;
 use queue::Task;
 
+/// Let a queued state write commit behind the caller (its lease, release, renewal or
+/// heartbeat: nothing waits for it); `failed` logs its error.
+fn behind<T, E>(
+    write: impl Future<Output = Result<T, E>> + Send + 'static,
+    failed: impl FnOnce(E) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = write.await {
+            failed(e);
+        }
+    });
+}
+
 pub(crate) use sessions::{
     RegisterError, ToWorker, WorkerGone, WorkerInfo, WorkerOutbox, WorkerSession,
 };

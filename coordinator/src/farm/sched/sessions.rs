@@ -208,12 +208,9 @@ impl WorkerSession {
     pub(crate) fn heartbeat(&self, chains: HashSet<ChainId>) {
         let now = unix_ms();
         self.sched().renew(&self.inner, &self.name, now);
-        let seen = self.inner.state.worker_seen(&self.name, now);
         let worker = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = seen.await {
-                tracing::warn!(%worker, "recording the heartbeat: {e}; `farm workers` shows it seen earlier");
-            }
+        super::behind(self.inner.state.worker_seen(&worker, now), move |e| {
+            tracing::warn!(%worker, "recording the heartbeat: {e}; `farm workers` shows it seen earlier");
         });
         let mut st = self.sched().lock();
         if let Some(w) = st
