@@ -959,27 +959,27 @@ impl StateStore {
     /// ends and the layer's attempt is taken back (a drained worker is no failure).
     /// Returns `false` if the lease had already been released.
     pub async fn hand_back(&self, id: AssignmentId) -> Result<bool> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        let done =
-            sqlx::query("UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0")
-                .bind(id.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-        if done.rows_affected() == 1 {
-            sqlx::query(
-                "UPDATE layers SET attempts = attempts - 1, state = ?2, worker = NULL
-                 WHERE attempts > 0 AND (build_id, idx) =
-                   (SELECT build_id, idx FROM assignments WHERE id = ?1)",
-            )
-            .bind(id.0)
-            .bind(LayerState::Waiting.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-        }
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(done.rows_affected() == 1)
+        // Through the writer: a lease queued before (not yet committed) is handed back
+        // too, not missed.
+        self.write(move |conn, err| {
+            let done = conn
+                .prepare_cached(
+                    "UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0",
+                )
+                .and_then(|mut q| q.execute([id.0]))
+                .map_err(|e| err.of(e))?;
+            if done == 1 {
+                conn.prepare_cached(
+                    "UPDATE layers SET attempts = attempts - 1, state = ?2, worker = NULL
+                     WHERE attempts > 0 AND (build_id, idx) =
+                       (SELECT build_id, idx FROM assignments WHERE id = ?1)",
+                )
+                .and_then(|mut q| q.execute(rusqlite::params![id.0, LayerState::Waiting.as_str()]))
+                .map_err(|e| err.of(e))?;
+            }
+            Ok(done == 1)
+        })
+        .await
     }
 
     // ---- events and logs ----
@@ -1765,6 +1765,16 @@ mod tests {
         // A second hand-back (or one after the result) changes nothing.
         assert!(!s.hand_back(a).await.unwrap());
         assert_eq!(s.layers(&id).await.unwrap()[0].attempts, 0);
+        // A lease still queued (sent, not yet committed) is handed back too, however the
+        // hand-back and the commit interleave.
+        for _ in 0..20 {
+            let b = s.next_assignment_id().await.unwrap();
+            let queued = s.lease(b, &id, 0, "w1", 1000, 0);
+            assert!(s.hand_back(b).await.unwrap(), "{b} was not handed back");
+            queued.await.unwrap();
+            assert!(s.active_lease(&id, 0).await.unwrap().is_none());
+            assert_eq!(s.layers(&id).await.unwrap()[0].attempts, 0);
+        }
     }
 
     #[tokio::test]
