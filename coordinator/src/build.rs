@@ -150,27 +150,25 @@ pub fn check_source_date_epoch(plan: &Plan, caller_env: &[(String, String)]) -> 
     Ok(())
 }
 
-/// The environment of `run`: passthrough variables of the caller (stacker's default
-/// list unless the layer gives its own regexes), then `build_env`, then
-/// `STACKER_LAYER_NAME`. Returns the variables and the passthrough part (for the key).
+/// The environment of `run`: the caller's variables `layer` passes through (see
+/// [`passthrough`]), then `build_env`, then `STACKER_LAYER_NAME`.
 pub fn run_environment(
     layer: &Layer,
-    caller_env: &[(String, String)],
-) -> (Vec<(String, String)>, BTreeMap<String, String>) {
-    let passthrough = passthrough(layer, caller_env);
-    let mut env: BTreeMap<String, String> = passthrough.clone();
+    passthrough: BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut env = passthrough;
     env.entry("PATH".into())
         .or_insert_with(|| farm_stackerfile::DEFAULT_PATH.to_string());
     for (k, v) in &layer.build_env {
         env.insert(k.clone(), v.clone());
     }
     env.insert("STACKER_LAYER_NAME".into(), layer.name.clone());
-    (env.into_iter().collect(), passthrough)
+    env.into_iter().collect()
 }
 
 /// The caller's variables that `layer` passes through to `run` (stacker's default list
 /// unless the layer gives its own regexes); they enter the layer's key.
-fn passthrough(layer: &Layer, caller_env: &[(String, String)]) -> BTreeMap<String, String> {
+pub fn passthrough(layer: &Layer, caller_env: &[(String, String)]) -> BTreeMap<String, String> {
     let rules = farm_stackerfile::Passthrough::of(layer);
     caller_env
         .iter()
@@ -500,6 +498,8 @@ fn dependency<'a>(
 struct Prepared {
     key: String,
     pinned: crate::pin::Pinned,
+    /// The caller's variables passed through (in the key; the start of the environment).
+    passthrough: BTreeMap<String, String>,
     source_date_epoch: Option<u64>,
     platform: Platform,
 }
@@ -507,14 +507,13 @@ struct Prepared {
 impl Prepared {
     /// The job of `layer`, which this prepared.
     fn into_job(self, layer: &Layer, options: &BuildOptions) -> Job {
-        let (env, _) = run_environment(layer, &options.caller_env);
         Job {
             layer: layer.clone(),
             cache_key: self.key,
             base: self.pinned.base,
             imports: self.pinned.imports,
             overlay_dirs: self.pinned.overlay_dirs,
-            env,
+            env: run_environment(layer, self.passthrough),
             source_date_epoch: self.source_date_epoch,
             compression: options.compression,
             layer_format: options.layer_format,
@@ -569,7 +568,7 @@ async fn prepare(
         .get("SOURCE_DATE_EPOCH")
         .or_else(|| layer.build_env.get("SOURCE_DATE_EPOCH"))
         .cloned();
-    let key = KeyInputs {
+    let inputs = KeyInputs {
         definition_digest: planned.definition_digest.clone(),
         base: pinned.base_key.clone(),
         imports: pinned.imports.iter().map(|i| i.digest.clone()).collect(),
@@ -583,10 +582,10 @@ async fn prepare(
         passthrough,
         compression: options.compression.to_string(),
         layer_format: (!options.layer_format.is_tar()).then(|| options.layer_format.to_string()),
-    }
-    .key();
+    };
     Ok(Prepared {
-        key,
+        key: inputs.key(),
+        passthrough: inputs.passthrough,
         pinned,
         source_date_epoch: source_date_epoch
             .as_deref()
@@ -638,7 +637,8 @@ mod tests {
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
-        let (env, pass) = run_environment(&plan.layers[0].layer, &caller);
+        let pass = passthrough(&plan.layers[0].layer, &caller);
+        let env = run_environment(&plan.layers[0].layer, pass.clone());
         let env: BTreeMap<_, _> = env.into_iter().collect();
         assert_eq!(env["http_proxy"], "p");
         assert_eq!(env["TERM"], "xterm");
@@ -647,7 +647,8 @@ mod tests {
         assert!(env.contains_key("PATH"));
         assert!(!env.contains_key("HOME") && !env.contains_key("CI_JOB"));
         assert_eq!(pass.len(), 2);
-        let (env, _) = run_environment(&plan.layers[1].layer, &caller);
+        let layer = &plan.layers[1].layer;
+        let env = run_environment(layer, passthrough(layer, &caller));
         let env: BTreeMap<_, _> = env.into_iter().collect();
         assert_eq!(env["CI_JOB"], "7");
         assert!(!env.contains_key("XCI_JOB"), "anchored");
