@@ -112,9 +112,7 @@ impl Holders {
         let Some(names) = self.0.get(chain) else {
             return Box::new(std::iter::empty());
         };
-        // A lookup costs about log2(workers) comparisons; the walk, one per entry.
-        let lookup = (usize::BITS - workers.len().leading_zeros()) as usize;
-        if names.len().saturating_mul(lookup) < workers.len() {
+        if looks_up(names.len(), workers.len()) {
             return Box::new(names.iter().filter_map(|n| workers.get_key_value(n)));
         }
         let mut names = names.iter().peekable();
@@ -123,6 +121,13 @@ impl Holders {
             names.next_if(|n| n == name).is_some()
         }))
     }
+}
+
+/// Whether [`Holders::among`] looks `holders` up among `workers` rather than walking
+/// both: a lookup costs about log2(workers) comparisons, the walk one per worker.
+fn looks_up(holders: usize, workers: usize) -> bool {
+    let lookup = (usize::BITS - workers.leading_zeros()) as usize;
+    holders.saturating_mul(lookup) < workers
 }
 
 /// [`choose`] among `all` (every worker, by name), the base chain's holders (`holding`,
@@ -396,9 +401,7 @@ mod tests {
                 .collect();
             let got: Vec<(&String, &u64)> = holders.among(&c, &workers).collect();
             assert_eq!(got, expected);
-            let held = holders.of(&c).count();
-            let lookup = (usize::BITS - workers.len().leading_zeros()) as usize;
-            if held * lookup < workers.len() {
+            if looks_up(holders.of(&c).count(), workers.len()) {
                 looked_up += 1;
             } else {
                 walked += 1;
