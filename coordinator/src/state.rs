@@ -929,30 +929,20 @@ impl StateStore {
         &self,
         id: AssignmentId,
     ) -> impl Future<Output = Result<bool>> + Send + 'static + use<> {
-        let released = self.write(move |conn, err| {
-            let done = conn
-                .prepare_cached(
-                    "UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0",
-                )
-                .and_then(|mut q| q.execute([id.0]))
-                .map_err(|e| err.of(e))?;
-            Ok(done == 1)
-        });
-        let store = self.clone();
-        async move {
-            if released.await? {
+        self.write(move |conn, err| {
+            if released_in(conn, &err, id)? {
                 return Ok(true);
             }
-            let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM assignments WHERE id = ?1")
-                .bind(id.0)
-                .fetch_optional(&store.pool)
-                .await
-                .map_err(|e| store.err(e))?;
-            match exists {
-                Some(_) => Ok(false),
-                None => Err(StateError::NoAssignment(id)),
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM assignments WHERE id = ?1")
+                .and_then(|mut q| q.exists([id.0]))
+                .map_err(|e| err.of(e))?;
+            if exists {
+                Ok(false)
+            } else {
+                Err(StateError::NoAssignment(id))
             }
-        }
+        })
     }
 
     /// A worker gave lease `id` back before it finished (it is stopping): the lease
@@ -962,13 +952,8 @@ impl StateStore {
         // Through the writer: a lease queued before (not yet committed) is handed back
         // too, not missed.
         self.write(move |conn, err| {
-            let done = conn
-                .prepare_cached(
-                    "UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0",
-                )
-                .and_then(|mut q| q.execute([id.0]))
-                .map_err(|e| err.of(e))?;
-            if done == 1 {
+            let released = released_in(conn, &err, id)?;
+            if released {
                 conn.prepare_cached(
                     "UPDATE layers SET attempts = attempts - 1, state = ?2, worker = NULL
                      WHERE attempts > 0 AND (build_id, idx) =
@@ -977,7 +962,7 @@ impl StateStore {
                 .and_then(|mut q| q.execute(rusqlite::params![id.0, LayerState::Waiting.as_str()]))
                 .map_err(|e| err.of(e))?;
             }
-            Ok(done == 1)
+            Ok(released)
         })
         .await
     }
@@ -1134,6 +1119,15 @@ impl DbErr {
             source,
         }
     }
+}
+
+/// End lease `id` on `conn`: `false` if it had already ended (or is unknown).
+fn released_in(conn: &rusqlite::Connection, err: &DbErr, id: AssignmentId) -> Result<bool> {
+    let done = conn
+        .prepare_cached("UPDATE assignments SET released = 1 WHERE id = ?1 AND released = 0")
+        .and_then(|mut q| q.execute([id.0]))
+        .map_err(|e| err.of(e))?;
+    Ok(done == 1)
 }
 
 /// [`StateStore::append_events`] on `conn`: numbered after the build's last event.
